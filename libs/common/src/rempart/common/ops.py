@@ -1,0 +1,115 @@
+"""The ops HTTP endpoint of every service: ``/healthz``, ``/readyz`` and ``/metrics``.
+
+``/readyz`` runs the service's real checks (Redis PING, NATS connected, gRPC peers healthy),
+each with a deadline, and answers 503 naming what failed, so that a pod that lost a
+dependency leaves the load balancer instead of answering mail with errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+MAX_REQUEST_BYTES = 8192
+CHECK_TIMEOUT = 2.0
+
+
+def redis_check(redis: aioredis.Redis) -> ReadinessCheck:
+    async def check() -> None:
+        await redis.ping()
+
+    return check
+
+
+def nats_check(nc: NATS) -> ReadinessCheck:
+    async def check() -> None:
+        if not nc.is_connected:
+            raise ConnectionError("NATS not connected")
+
+    return check
+
+
+class OpsServer:
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self._checks: dict[str, ReadinessCheck] = {}
+        self._server: asyncio.Server | None = None
+        self.draining = False
+
+    def add_check(self, name: str, check: ReadinessCheck) -> None:
+        self._checks[name] = check
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def readiness(self) -> dict[str, str]:
+        """Name -> "ok" or the error; every check runs concurrently with a deadline."""
+
+        async def run(check: ReadinessCheck) -> str:
+            try:
+                await asyncio.wait_for(check(), CHECK_TIMEOUT)
+                return "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+                return f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+
+        names = list(self._checks)
+        results = await asyncio.gather(*(run(self._checks[n]) for n in names))
+        out = dict(zip(names, results, strict=True))
+        if self.draining:
+            out["draining"] = "shutting down"
+        return out
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            if len(head) > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            method, path = parts[0].decode(), parts[1].decode().split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                await self._reply(writer, 405, b"method not allowed\n", "text/plain")
+            elif path == "/healthz":
+                await self._reply(writer, 200, b"ok\n", "text/plain")
+            elif path == "/readyz":
+                results = await self.readiness()
+                ready = all(v == "ok" for v in results.values())
+                body = "".join(f"{k}: {v}\n" for k, v in results.items()).encode()
+                await self._reply(writer, 200 if ready else 503, body, "text/plain")
+            elif path == "/metrics":
+                await self._reply(writer, 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            else:
+                await self._reply(writer, 404, b"not found\n", "text/plain")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, status: int, body: bytes, ctype: str) -> None:
+        reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()

@@ -1,0 +1,56 @@
+"""Process settings read from ``REMPART_*`` environment variables.
+
+Each service subclasses :class:`ServiceSettings`, builds it once in ``main()`` and passes it
+down; nothing else reads the environment. Mail-policy settings (SPEC.md) are not here: they
+live in the versioned settings store (:mod:`rempart.common.config`) so they change at run time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SECRET_KEY = "dev-only-insecure-key-change-me"  # noqa: S105 - refused outside dev
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every Rempart service shares."""
+
+    model_config = SettingsConfigDict(env_prefix="REMPART_", extra="ignore")
+
+    environment: Literal["dev", "test", "prod"] = "dev"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    ops_host: str = "0.0.0.0"
+    ops_port: int = 0
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    hostname: str = "localhost"
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    instance: str = ""
+    shutdown_grace_seconds: float = 20.0
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_defaults(self) -> ServiceSettings:
+        # A production install must bring its own key: TOTP seeds and uploaded TLS keys are
+        # encrypted with it (DESIGN.md "Contracts").
+        if self.environment == "prod" and self.secret_key.get_secret_value() == DEV_SECRET_KEY:
+            raise ValueError("REMPART_SECRET_KEY must be set outside development")
+        return self
+
+
+class EdgeSettings(ServiceSettings):
+    """Settings shared by the services that face mail clients (smtp-edge, imap-pop)."""
+
+    policy_target: str = "127.0.0.1:50051"
+    auth_target: str = "127.0.0.1:50052"
+    grpc_timeout_seconds: float = 3.0
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    listen_host: str = "0.0.0.0"
+    proxy_protocol_cidrs: str = ""
+
+    def proxy_cidrs(self) -> list[str]:
+        return [c.strip() for c in self.proxy_protocol_cidrs.split(",") if c.strip()]

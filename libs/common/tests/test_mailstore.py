@@ -1,0 +1,51 @@
+"""The message store and mailbox index (DESIGN.md "Durability", R-OPS-3)."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
+from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore, expunge, rebuild_index
+
+
+async def test_r_ops_3_one_blob_for_many_recipients_and_idempotent_index(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    js = nats_conn.jetstream()
+    store = await MessageStore.open(js)
+    index = MailboxIndex(redis)
+    mailboxes = [f"user{i}@example.org" for i in range(100)]
+    record, seq = await store.accept(b"Subject: hi\r\n\r\nbody\r\n", mail_from="a@b.example",
+                                     local_mailboxes=mailboxes, remote_recipients=[])
+    assert seq > 0
+    first = await index.apply(record)
+    again = await index.apply(record)
+    assert first == again == {m: 1 for m in mailboxes}
+    objects = await (await js.object_store("MAILBLOBS")).list()
+    assert len(objects) == 1
+    assert await store.read_blob(record.blob) == b"Subject: hi\r\n\r\nbody\r\n"
+
+
+async def test_r_ops_3_rebuild_restores_messages_and_honours_expunge(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    js = nats_conn.jetstream()
+    store = await MessageStore.open(js)
+    index = MailboxIndex(redis)
+    for n in range(3):
+        record, _ = await store.accept(f"Subject: {n}\r\n\r\n".encode(), mail_from="",
+                                       local_mailboxes=["bob@example.org"], remote_recipients=[])
+        await index.apply(record)
+    before = await index.status("bob@example.org", INBOX)
+    messages = await index.messages("bob@example.org")
+    await expunge(store, index, "bob@example.org", INBOX, [messages[0]])
+
+    applied = await rebuild_index(js, index)
+
+    assert applied == 2  # the expunged one stays gone
+    after = await index.messages("bob@example.org")
+    assert [m.blob for m in after] == [m.blob for m in messages[1:]]
+    status = await index.status("bob@example.org", INBOX)
+    # UIDs were reassigned, so UIDVALIDITY must not go backwards (RFC 3501 2.3.1.1).
+    assert status.uidvalidity > before.uidvalidity
+    assert status.exists == 2
