@@ -119,6 +119,16 @@ MAILBOX_ALL_PATTERN = PREFIX + "mbx:*"
 INDEX_STREAM_SEQ = PREFIX + "mbx:indexed-seq"
 
 
+# Admin API sessions (R-LOG-5): the SHA-256 of the bearer token, never the token itself.
+def admin_session(token_sha256: str) -> str:
+    return f"{PREFIX}admin:session:{token_sha256}"
+
+
+# Relay (R-REL-1): POP-before-SMTP, the IPs that logged in over IMAP/POP3 recently.
+def pop_before_smtp(ip: str) -> str:
+    return f"{PREFIX}rel:pbs:{ip}"
+
+
 def mailbox_message_prefix(mailbox: str, folder: str) -> str:
     """The message keys of a folder are this prefix plus the UID (used inside Lua)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:msg:"

@@ -1,0 +1,3 @@
+from rempart.smtp_edge.server import main
+
+main()

@@ -1,0 +1,427 @@
+"""The SMTP edge's decisions: each stage asks the policy service and applies its verdict
+exactly (reply, delay, close, headers, recipient rewrite); AUTH asks the auth service; an
+accepted message is stored durably before the 250 (DESIGN.md "Durability", R-OPS-3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from aiosmtpd.proxy_protocol import ProxyData
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+from prometheus_client import Counter, Histogram
+
+from rempart.common.clients import AuthClient, PolicyClient
+from rempart.common.config import SettingsCache
+from rempart.common.events import EventBus
+from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
+from rempart.common.pb.auth.v1 import auth_pb2
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.smtp_edge import replies
+from rempart.smtp_edge.received import count_hops, has_bare_line_ending, received_header
+from rempart.smtp_edge.session import EdgeSMTP
+
+log = logging.getLogger(__name__)
+
+SESSIONS = Counter("rempart_smtp_sessions_total", "SMTP sessions opened", ["listener"])
+REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by stage and class", ["listener", "stage", "class"])
+ACCEPTED_BYTES = Counter("rempart_smtp_accepted_bytes_total", "Bytes of accepted messages", ["listener"])
+STORE_SECONDS = Histogram("rempart_smtp_store_seconds", "Time to store a message durably")
+MAX_AUTH_FAILURES = 3
+
+
+def reply_of(verdict: policy_pb2.Verdict) -> str:
+    enhanced = f" {verdict.enhanced_code}" if verdict.enhanced_code else ""
+    return f"{verdict.code}{enhanced} {verdict.text}".rstrip()
+
+
+def strip_brackets(address: str) -> str:
+    return "" if address == "<>" else address.strip("<>")
+
+
+class EdgeHandler:
+    """aiosmtpd handler hooks; one instance per listener set, shared by every session."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        policy: PolicyClient,
+        auth: AuthClient,
+        store: MessageStore,
+        index: MailboxIndex,
+        events: EventBus,
+        config: SettingsCache,
+        instance: str,
+        proxy_cidrs: list[str],
+        max_sessions: int = 2000,
+    ) -> None:
+        self.max_sessions = max_sessions
+        self.hostname = hostname
+        self.policy = policy
+        self.auth = auth
+        self.store = store
+        self.index = index
+        self.events = events
+        self.config = config
+        self.instance = instance
+        self.proxy_networks = [ipaddress.ip_network(c, strict=False) for c in proxy_cidrs]
+        self.sessions: dict[str, set[EdgeSMTP]] = {}
+        self.draining = False
+
+    # Connection registry: lets a block decided anywhere close this IP's sessions here (R-IPS-4).
+    def register(self, server: EdgeSMTP) -> None:
+        SESSIONS.labels(server.listener.name).inc()
+        self.sessions.setdefault(server.state.client_ip, set()).add(server)
+
+    def unregister(self, server: EdgeSMTP) -> None:
+        peers = self.sessions.get(server.state.client_ip)
+        if peers is not None:
+            peers.discard(server)
+            if not peers:
+                del self.sessions[server.state.client_ip]
+
+    def close_ip(self, ip: str, reply: str) -> int:
+        closed = 0
+        for server in list(self.sessions.get(ip, ())):
+            if server.transport is not None:
+                server._writer.write(reply.encode() + b"\r\n")
+                server.close_now()
+                closed += 1
+        return closed
+
+    def _facts(self, server: EdgeSMTP) -> policy_pb2.SessionFacts:
+        version, cipher = server.tls_info()
+        return policy_pb2.SessionFacts(
+            session_id=server.state.session_id,
+            client_ip=server.state.client_ip,
+            client_port=server.state.client_port,
+            protocol=server.listener.protocol,
+            helo_name=(server.session.host_name or "") if server.session is not None else "",
+            tls=bool(version),
+            tls_version=version,
+            tls_cipher=cipher,
+            authenticated_account=server.state.authenticated_account,
+            edge_instance=self.instance,
+        )
+
+    async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
+        request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
+        verdict = await self.policy.check(request)
+        if verdict.delay_ms:
+            await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
+        return verdict
+
+    def _count(self, server: EdgeSMTP, stage: str, reply: str) -> None:
+        REPLIES.labels(server.listener.name, stage, reply[:1] + "xx").inc()
+
+    async def _apply(self, server: EdgeSMTP, stage: str, verdict: policy_pb2.Verdict) -> str | None:
+        """The reply to send for a refusal, closing after it when asked; None means accepted."""
+        if verdict.action in (policy_pb2.ACTION_ACCEPT, policy_pb2.ACTION_DISCARD):
+            return None
+        reply = reply_of(verdict)
+        self._count(server, stage, reply)
+        log.info("refused", extra={"session": server.state.session_id, "client_ip": server.state.client_ip,
+                                    "stage": stage, "reply": reply, "rule": verdict.rule})
+        if verdict.action == policy_pb2.ACTION_CLOSE:
+            await server.push(reply)
+            server.close_now()
+            return None
+        return reply
+
+    # Hooks ----------------------------------------------------------------------------------
+    async def on_connect(self, server: EdgeSMTP) -> str | None:
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if sum(len(s) for s in self.sessions.values()) > self.max_sessions:
+            return replies.TOO_BUSY
+        verdict = await self._check(server, policy_pb2.STAGE_CONNECT)
+        if verdict.action == policy_pb2.ACTION_ACCEPT:
+            return None
+        self._count(server, "connect", reply_of(verdict))
+        log.info("connection refused", extra={"session": server.state.session_id,
+                                               "client_ip": server.state.client_ip, "reply": reply_of(verdict)})
+        return reply_of(verdict)
+
+    async def handle_PROXY(self, server: EdgeSMTP, session: Session, envelope: Envelope,
+                           proxy_data: ProxyData) -> bool:
+        """R-OPS-2: PROXY headers only from the configured load balancers; then the client
+        address in the header is the one every rule and log line sees."""
+        peer = ipaddress.ip_address(server.state.client_ip)
+        if not any(peer in net for net in self.proxy_networks):
+            log.warning("PROXY header from an untrusted peer", extra={"peer": server.state.client_ip})
+            return False
+        if not proxy_data.valid:
+            return False
+        if proxy_data.src_addr is not None:
+            self.unregister(server)
+            server.state.client_ip = str(proxy_data.src_addr)
+            server.state.client_port = int(proxy_data.src_port or 0)
+            self.register(server)
+        return True
+
+    async def handle_EHLO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        verdict = await self._check(server, policy_pb2.STAGE_HELO)
+        refusal = await self._apply(server, "helo", verdict)
+        if refusal is not None or server.transport is None:
+            session.host_name = None
+            return [refusal] if refusal else []
+        out = []
+        for line in responses:
+            # Extensions aiosmtpd does not list: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034).
+            if line.startswith("250 HELP"):
+                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+            else:
+                out.append(line)
+        return out
+
+    async def handle_HELO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        session.host_name = hostname
+        verdict = await self._check(server, policy_pb2.STAGE_HELO)
+        refusal = await self._apply(server, "helo", verdict)
+        if refusal is not None:
+            session.host_name = None
+            return refusal
+        return f"250 {self.hostname}"
+
+    async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if server.listener.require_starttls and not server.state.authenticated_account:
+            # Submission (R-TLS-1): mail only from authenticated clients.
+            return "530 5.7.0 Authentication required"
+        size = 0
+        for option in mail_options:
+            if option.startswith("SIZE="):
+                size = int(option[5:]) if option[5:].isdigit() else 0
+        server.state.reset_transaction()
+        verdict = await self._check(server, policy_pb2.STAGE_MAIL, mail_from=strip_brackets(address),
+                                    message_size=size)
+        refusal = await self._apply(server, "mail", verdict)
+        if refusal is not None:
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        server.state.add_headers.extend((h.name, h.value) for h in verdict.add_headers)
+        return replies.MAIL_OK
+
+    async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        verdict = await self._check(
+            server,
+            policy_pb2.STAGE_RCPT,
+            mail_from=strip_brackets(envelope.mail_from or ""),
+            recipient=address,
+            accepted_recipients=list(envelope.rcpt_tos),
+        )
+        refusal = await self._apply(server, "rcpt", verdict)
+        if refusal is not None:
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        if verdict.action == policy_pb2.ACTION_DISCARD:
+            server.state.discarded += 1
+        server.state.local_mailboxes.extend(verdict.local_mailboxes)
+        server.state.remote_recipients.extend(verdict.remote_recipients)
+        return replies.RCPT_OK
+
+    async def handle_RSET(self, server: EdgeSMTP, session: Session, envelope: Envelope) -> str:
+        server.state.reset_transaction()
+        verdict = await self._check(server, policy_pb2.STAGE_RSET, command="RSET")
+        refusal = await self._apply(server, "rset", verdict)
+        return refusal or replies.RSET_OK
+
+    async def handle_DATA(self, server: EdgeSMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        state = server.state
+        if has_bare_line_ending(data):
+            # SMTP smuggling (CVE-2023-51766 class): only <CRLF>.<CRLF> may end DATA, and a
+            # bare CR or LF is where other servers disagree about where a message ends.
+            self._count(server, "data", replies.BARE_LINE_ENDING)
+            state.reset_transaction()
+            return replies.BARE_LINE_ENDING
+        verdict = await self._check(
+            server,
+            policy_pb2.STAGE_DATA,
+            mail_from=strip_brackets(envelope.mail_from or ""),
+            accepted_recipients=list(envelope.rcpt_tos),
+            message_size=len(data),
+            hop_count=count_hops(data),
+        )
+        refusal = await self._apply(server, "data", verdict)
+        if refusal is not None:
+            state.reset_transaction()
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        queue_id = new_transaction_id()
+        if not state.local_mailboxes and not state.remote_recipients:
+            # Every recipient was discarded (R-DOM-1 discard): accept and drop, no bounce.
+            state.reset_transaction()
+            return replies.QUEUED.format(queue_id=queue_id)
+        message = self._trace_headers(server, session, envelope, queue_id, verdict) + data
+        started = time.monotonic()
+        try:
+            record, _seq = await self.store.accept(
+                message,
+                mail_from=strip_brackets(envelope.mail_from or ""),
+                local_mailboxes=state.local_mailboxes,
+                remote_recipients=state.remote_recipients,
+                client_ip=state.client_ip,
+                authenticated_account=state.authenticated_account,
+                dsn=_dsn_params(envelope),
+            )
+        except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
+            log.error("durable store failed: %s", exc, extra={"session": state.session_id})
+            state.reset_transaction()
+            self._count(server, "data", replies.STORE_TEMPFAIL)
+            return replies.STORE_TEMPFAIL
+        STORE_SECONDS.observe(time.monotonic() - started)
+        ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
+        try:
+            await self.index.apply(record)
+        except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
+            log.warning("inline indexing failed, left to the indexer: %s", exc)
+        await self.events.publish(
+            "mail", "accepted", client_ip=state.client_ip, account=state.authenticated_account,
+            session_id=state.session_id, protocol=server.listener.name, queue_id=record.transaction_id,
+            size=str(record.size), recipients=str(len(envelope.rcpt_tos)),
+        )
+        log.info("accepted", extra={"session": state.session_id, "client_ip": state.client_ip,
+                                     "queue_id": record.transaction_id, "size": record.size,
+                                     "local": len(record.local_mailboxes),
+                                     "remote": len(record.remote_recipients)})
+        state.reset_transaction()
+        reply = replies.QUEUED.format(queue_id=record.transaction_id)
+        self._count(server, "data", reply)
+        return reply
+
+    def _trace_headers(self, server: EdgeSMTP, session: Session, envelope: Envelope, queue_id: str,
+                       verdict: policy_pb2.Verdict) -> bytes:
+        tls = self.config.server.tls
+        version, cipher = server.tls_info()
+        authed = bool(server.state.authenticated_account)
+        with_kw = "ESMTP" if session.extended_smtp else "SMTP"
+        if version:
+            with_kw += "S"
+        if authed:
+            with_kw += "A"
+        out = b""
+        if server.state.local_mailboxes:
+            # R-TLS-5: Return-Path at final delivery (the relay removes it before sending on).
+            out += f"Return-Path: <{strip_brackets(envelope.mail_from or '')}>\r\n".encode(
+                "utf-8", "surrogateescape")
+        for name, value in [*server.state.add_headers, *((h.name, h.value) for h in verdict.add_headers)]:
+            out += f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+        out += received_header(
+            helo=session.host_name or "",
+            client_ip=server.state.client_ip,
+            client_rdns="",
+            hostname=self.hostname,
+            protocol=with_kw,
+            queue_id=queue_id,
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            tls_version=version,
+            tls_cipher=cipher,
+            auth_account=server.state.authenticated_account if tls.received_show_auth_user else "",
+            hide_client_ip=tls.received_hide_client_ip,
+            add_rdns=tls.received_add_rdns,
+        )
+        return out
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("session error: %s", type(error).__name__)
+        return "421 4.3.0 Internal error, closing connection"
+
+    # AUTH (RFC 4954): mechanisms implemented here so that the check is asynchronous ------------
+    async def auth_PLAIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            raw = await server.challenge_auth("")
+            if raw is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                raw = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        assert isinstance(raw, bytes)
+        parts = raw.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, "PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._authenticate(server, "LOGIN", login, password)
+
+    async def _authenticate(self, server: EdgeSMTP, mechanism: str, login_b: bytes,
+                            password_b: bytes) -> AuthResult:
+        login = login_b.decode("utf-8", "replace")[:320]
+        reply = await self.auth.authenticate(
+            auth_pb2.AuthenticateRequest(
+                login=login,
+                password=password_b.decode("utf-8", "replace"),
+                client_ip=server.state.client_ip,
+                protocol="smtp",
+                mechanism=mechanism,
+                tls=server.using_tls,
+                session_id=server.state.session_id,
+            )
+        )
+        if reply.status == auth_pb2.AUTH_STATUS_TEMPFAIL:
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
+        ok = reply.status == auth_pb2.AUTH_STATUS_OK
+        if ok:
+            server.state.authenticated_account = reply.account
+        verdict = await self._check(
+            server, policy_pb2.STAGE_AUTH, auth_success=ok, auth_login=login,
+            auth_failure="" if ok else auth_pb2.AuthStatus.Name(reply.status),
+        )
+        if verdict.action == policy_pb2.ACTION_CLOSE:
+            await self._apply(server, "auth", verdict)
+            return AuthResult(success=False, handled=True)
+        if not ok:
+            server.state.auth_failures += 1
+            if server.state.auth_failures >= MAX_AUTH_FAILURES:
+                await server.push("421 4.7.0 Too many failed authentications, closing connection")
+                server.close_now()
+                return AuthResult(success=False, handled=True)
+            # R-LOG-4: the same reply whatever the reason (unknown, locked, restricted).
+            return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
+        log.info("authenticated", extra={"session": server.state.session_id, "account": reply.account})
+        return AuthResult(success=True, auth_data=reply.account, message=replies.AUTH_OK)
+
+
+def _dsn_params(envelope: Envelope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for option in envelope.mail_options:
+        key, _, value = option.partition("=")
+        if key in ("RET", "ENVID"):
+            out[key] = value[:100]
+    return out

@@ -1,0 +1,157 @@
+"""The SMTP edge process: three listeners, the IPS close-all subscription, SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+from nats.aio.msg import Msg
+
+from rempart.common.clients import AuthClient, PolicyClient
+from rempart.common.events import IPS_BLOCKED
+from rempart.common.grpcutil import channel_check
+from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.pb.events.v1 import events_pb2
+from rempart.common.runtime import ServiceRuntime
+from rempart.common.tls import CertPair, ServerTls
+from rempart.smtp_edge import replies
+from rempart.smtp_edge.handler import EdgeHandler
+from rempart.smtp_edge.session import LISTENERS, EdgeSMTP, Listener
+from rempart.smtp_edge.settings import SmtpEdgeSettings
+
+log = logging.getLogger(__name__)
+
+# Per-session budgets against abuse (aiosmtpd answers "421 4.7.0 <CMD> sent too many times").
+COMMAND_CALL_LIMITS = {
+    "*": 100, "MAIL": 1000, "RCPT": 40000, "DATA": 1000, "RSET": 1000, "EHLO": 10, "HELO": 10,
+    "STARTTLS": 2, "AUTH": 5, "NOOP": 20, "VRFY": 5, "EXPN": 5, "HELP": 10,
+}
+
+
+class SmtpEdge:
+    def __init__(self, runtime: ServiceRuntime, settings: SmtpEdgeSettings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.policy = PolicyClient(settings.policy_target, settings.grpc_timeout_seconds)
+        self.auth = AuthClient(settings.auth_target, settings.grpc_timeout_seconds)
+        tls = runtime.config.server.tls
+        self.tls = ServerTls(
+            CertPair(settings.tls_cert_file, settings.tls_key_file),
+            min_version=tls.min_version, cipher_preset=tls.cipher_preset,
+            honor_server_order=tls.honor_server_order,
+        )
+        self.handler: EdgeHandler | None = None
+        self.servers: dict[str, asyncio.Server] = {}
+        self._reload_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        store = await MessageStore.open(self.runtime.js)
+        self.handler = EdgeHandler(
+            hostname=self.settings.hostname,
+            policy=self.policy,
+            auth=self.auth,
+            store=store,
+            index=MailboxIndex(self.runtime.redis),
+            events=self.runtime.events,
+            config=self.runtime.config,
+            instance=self.runtime.instance,
+            proxy_cidrs=self.settings.proxy_cidrs(),
+            max_sessions=self.settings.max_sessions,
+        )
+        self.runtime.ops.add_check("policy", channel_check(self.policy.channel))
+        self.runtime.ops.add_check("auth", channel_check(self.auth.channel))
+        await self.runtime.nc.subscribe(IPS_BLOCKED, cb=self._on_ip_blocked)
+        loop = asyncio.get_running_loop()
+        ports = {"smtp": self.settings.smtp_port, "submission": self.settings.submission_port,
+                 "smtps": self.settings.smtps_port}
+        for name, port in ports.items():
+            listener = LISTENERS[name]
+            self.servers[name] = await loop.create_server(
+                lambda listener=listener: self._protocol(listener),  # type: ignore[misc]
+                host=self.settings.listen_host,
+                port=port,
+                ssl=self.tls.context() if listener.implicit_tls else None,
+                ssl_handshake_timeout=30 if listener.implicit_tls else None,
+                reuse_address=True,
+            )
+        self._reload_task = asyncio.create_task(self._reload_certificates())
+        log.info("SMTP edge listening", extra={"ports": {n: self.port(n) for n in self.servers}})
+
+    def port(self, name: str) -> int:
+        return int(self.servers[name].sockets[0].getsockname()[1])
+
+    def _protocol(self, listener: Listener) -> EdgeSMTP:
+        assert self.handler is not None
+        limits = self.runtime.config.server.limits
+        smtp = EdgeSMTP(
+            self.handler,
+            listener,
+            hostname=self.settings.hostname,
+            ident="ESMTP Rempart",
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=None if listener.implicit_tls else self.tls.context(),
+            require_starttls=listener.require_starttls,
+            timeout=self.settings.command_timeout_seconds,
+            auth_require_tls=not listener.implicit_tls,
+            command_call_limit=COMMAND_CALL_LIMITS,
+            proxy_protocol_timeout=(
+                self.settings.proxy_protocol_timeout_seconds if self.settings.proxy_cidrs() else None
+            ),
+        )
+        return smtp
+
+    async def _on_ip_blocked(self, msg: Msg) -> None:
+        """R-IPS-4: optionally close every other open connection of a freshly blocked IP."""
+        if self.handler is None or not self.runtime.config.server.ips.close_all_connections:
+            return
+        try:
+            event = events_pb2.Event.FromString(msg.data)
+        except Exception:  # noqa: BLE001 - a malformed event is ignored, not fatal
+            return
+        ip = event.client_ip
+        closed = self.handler.close_ip(ip, f"421 4.0.0 Intrusion prevention active for [{ip}]")
+        if closed:
+            log.info("closed connections of a blocked IP", extra={"client_ip": ip, "closed": closed})
+
+    async def _reload_certificates(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            tls = self.runtime.config.server.tls
+            try:
+                self.tls.set_policy(tls.min_version, tls.cipher_preset, tls.honor_server_order)
+                self.tls.reload()
+            except (OSError, ssl.SSLError) as exc:
+                log.error("TLS reload failed: %s", exc)
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: stop accepting, let sessions finish within the grace period, then close."""
+        for server in self.servers.values():
+            server.close()
+        if self.handler is None:
+            return
+        self.handler.draining = True
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(self.handler.sessions.values()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        for ip in list(self.handler.sessions):
+            self.handler.close_ip(ip, replies.SHUTTING_DOWN)
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+        await self.policy.close()
+        await self.auth.close()
+
+
+async def serve(settings: SmtpEdgeSettings) -> None:
+    async with ServiceRuntime("smtp-edge", settings) as runtime:
+        edge = SmtpEdge(runtime, settings)
+        await edge.start()
+        await runtime.wait_for_shutdown()
+        await edge.drain(settings.shutdown_grace_seconds)
+
+
+def main() -> None:
+    settings = SmtpEdgeSettings()
+    asyncio.run(serve(settings))

@@ -1,0 +1,259 @@
+"""The SMTP edge driven by real clients (smtplib, raw sockets) against real Redis, NATS and gRPC.
+
+The policy and auth peers here are small in-test gRPC servicers speaking the real contracts, so
+that the edge's own behaviour (verdicts applied exactly, durable accept, attacks refused) is
+what is under test; tests/e2e runs the same paths against the real services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
+from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
+from rempart.common.runtime import ServiceRuntime
+from rempart.smtp_edge import replies
+from rempart.smtp_edge.server import SmtpEdge
+from rempart.smtp_edge.settings import SmtpEdgeSettings
+
+BLOCKED_IP = "127.0.0.9"
+PASSWORD = "correct horse 9!"
+
+
+class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
+    """Accepts mail for example.org, refuses other domains, blocks BLOCKED_IP at connect."""
+
+    def __init__(self) -> None:
+        self.stages: list[int] = []
+
+    async def Check(self, request: policy_pb2.CheckRequest, context: object) -> policy_pb2.Verdict:
+        self.stages.append(request.stage)
+        ip = request.session.client_ip
+        if request.stage == policy_pb2.STAGE_CONNECT and ip == BLOCKED_IP:
+            return policy_pb2.Verdict(action=policy_pb2.ACTION_CLOSE, code=421, enhanced_code="4.0.0",
+                                      text=f"Intrusion prevention active for [{ip}]")
+        if request.stage == policy_pb2.STAGE_RCPT:
+            if request.recipient.endswith("@example.org"):
+                return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250,
+                                          local_mailboxes=[request.recipient.lower()])
+            return policy_pb2.Verdict(action=policy_pb2.ACTION_REJECT, code=550, enhanced_code="5.7.1",
+                                      text=f"<{request.mail_from}>... we do not relay <{request.recipient}>")
+        return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250)
+
+
+class FakeAuth(auth_pb2_grpc.AuthServiceServicer):
+    async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
+        if request.login == "alice@example.org" and request.password == PASSWORD:
+            return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account="alice@example.org")
+        return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_INVALID)
+
+
+@dataclass
+class Edge:
+    edge: SmtpEdge
+    runtime: ServiceRuntime
+    policy: FakePolicy
+    grpc_server: grpc.aio.Server
+
+    def port(self, name: str) -> int:
+        return self.edge.port(name)
+
+
+@pytest.fixture
+async def edge(redis_url: str, nats_url: str, tls_files: tuple[str, str]) -> AsyncIterator[Edge]:
+    policy = FakePolicy()
+    server = grpc.aio.server()
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy, server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(FakeAuth(), server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = SmtpEdgeSettings(
+        redis_url=redis_url, nats_url=nats_url, smtp_port=0, submission_port=0, smtps_port=0, ops_port=0,
+        ops_host="127.0.0.1", listen_host="127.0.0.1", policy_target=f"127.0.0.1:{grpc_port}",
+        auth_target=f"127.0.0.1:{grpc_port}", tls_cert_file=tls_files[0], tls_key_file=tls_files[1],
+        hostname="mx.test", log_format="text", environment="test",
+    )
+    async with ServiceRuntime("smtp-edge", settings) as runtime:
+        smtp_edge = SmtpEdge(runtime, settings)
+        await smtp_edge.start()
+        yield Edge(smtp_edge, runtime, policy, server)
+        await smtp_edge.drain(1)
+    await server.stop(0)
+
+
+def client_tls(tls_files: tuple[str, str]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=tls_files[0])
+    ctx.check_hostname = False
+    return ctx
+
+
+MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: hello\r\n\r\nHi Bob.\r\n"
+
+
+async def mailbox_bodies(edge: Edge, mailbox: str) -> list[bytes]:
+    index = MailboxIndex(edge.runtime.redis)
+    store = await MessageStore.open(edge.runtime.js)
+    return [await store.read_blob(m.blob) for m in await index.messages(mailbox)]
+
+
+async def test_r_tls_1_submission_starttls_auth_plain_delivers_durably(edge: Edge, tls_files: tuple[str, str]) -> None:
+    def send() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as client:
+            client.ehlo("client.test")
+            assert not client.has_extn("auth"), "AUTH must not be offered before TLS"
+            client.starttls(context=client_tls(tls_files))
+            client.ehlo("client.test")
+            assert "PLAIN" in client.esmtp_features["auth"]
+            client.login("alice@example.org", PASSWORD)
+            client.mail("alice@example.org")
+            client.rcpt("bob@example.org")
+            return client.data(MESSAGE)
+
+    code, text = await asyncio.to_thread(send)
+    assert code == 250 and text.startswith(b"2.0.0 Ok: queued as ")
+    bodies = await mailbox_bodies(edge, "bob@example.org")
+    assert len(bodies) == 1
+    body = bodies[0]
+    assert body.startswith(b"Return-Path: <alice@example.org>\r\nReceived: from client.test (unknown [127.0.0.1])")
+    assert b"with ESMTPSA id" in body and b"(using TLSv1.3 with cipher" in body
+    assert body.endswith(MESSAGE)
+
+
+async def test_r_tls_1_submission_refuses_mail_before_tls_and_auth(edge: Edge) -> None:
+    def attempt() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as client:
+            client.ehlo("client.test")
+            return client.mail("alice@example.org")
+
+    code, text = await asyncio.to_thread(attempt)
+    assert (code, text) == (530, b"Must issue a STARTTLS command first")
+
+
+async def test_r_log_4_wrong_password_gets_535(edge: Edge, tls_files: tuple[str, str]) -> None:
+    def attempt() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as client:
+            client.starttls(context=client_tls(tls_files))
+            client.ehlo("client.test")
+            try:
+                client.login("alice@example.org", "wrong")
+            except smtplib.SMTPAuthenticationError as exc:
+                return exc.smtp_code, exc.smtp_error
+            return 0, b""
+
+    assert await asyncio.to_thread(attempt) == (535, b"5.7.8 Authentication credentials invalid")
+
+
+async def test_r_tls_1_smtps_implicit_tls(edge: Edge, tls_files: tuple[str, str]) -> None:
+    def send() -> tuple[int, bytes]:
+        with smtplib.SMTP_SSL("127.0.0.1", edge.port("smtps"), timeout=10, context=client_tls(tls_files)) as client:
+            client.login("alice@example.org", PASSWORD)
+            client.mail("alice@example.org")
+            client.rcpt("bob@example.org")
+            return client.data(MESSAGE)
+
+    code, _ = await asyncio.to_thread(send)
+    assert code == 250
+    assert len(await mailbox_bodies(edge, "bob@example.org")) == 1
+
+
+async def test_r_rel_1_mx_applies_policy_reply_exactly(edge: Edge) -> None:
+    def attempt() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            client.ehlo("client.test")
+            client.mail("someone@remote.test")
+            return client.rcpt("victim@elsewhere.test")
+
+    assert await asyncio.to_thread(attempt) == (
+        550, b"5.7.1 <someone@remote.test>... we do not relay <victim@elsewhere.test>")
+
+
+def raw_session(port: int, lines: list[bytes], source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+        sock.settimeout(10)
+        out = b""
+        for line in lines:
+            sock.sendall(line)
+            try:
+                out += sock.recv(65536)
+            except TimeoutError:
+                break
+        sock.settimeout(1)
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return out
+
+
+async def test_r_ips_4_blocked_ip_gets_421_before_any_greeting(edge: Edge) -> None:
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [b""], BLOCKED_IP)
+    assert out == b"421 4.0.0 Intrusion prevention active for [127.0.0.9]\r\n"
+
+
+async def test_smuggling_bare_lf_dot_is_refused_and_not_split(edge: Edge) -> None:
+    # CVE-2023-51766 class: "<LF>.<CRLF>" must not end DATA, and bare LF is refused with 554.
+    payload = (b"From: a@remote.test\r\n\r\nfirst\n.\r\nMAIL FROM:<x@remote.test>\r\n"
+               b"RCPT TO:<bob@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n")
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [
+        b"", b"EHLO client.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+        b"DATA\r\n", payload, b"QUIT\r\n"])
+    assert replies.BARE_LINE_ENDING.encode() in out
+    assert b"queued as" not in out
+    assert await mailbox_bodies(edge, "bob@example.org") == []
+
+
+async def test_starttls_injection_discards_pipelined_plaintext(edge: Edge, tls_files: tuple[str, str]) -> None:
+    # CVE-2011-0411 class: commands sent in the same packet as STARTTLS must never be executed.
+    def attack() -> bytes:
+        with socket.create_connection(("127.0.0.1", edge.port("smtp")), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            sock.sendall(b"EHLO client.test\r\n")
+            while not reader.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"STARTTLS\r\nRSET\r\n")
+            assert reader.readline().startswith(b"220 ")
+            tls = client_tls(tls_files).wrap_socket(sock, server_hostname="localhost")
+            tls.settimeout(1.5)
+            try:
+                return tls.recv(1024)
+            except TimeoutError:
+                return b""
+
+    assert await asyncio.to_thread(attack) == b""
+
+
+async def test_r_ops_3_policy_down_gives_4xx_never_250(edge: Edge) -> None:
+    await edge.grpc_server.stop(0)
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [b"", b"EHLO x\r\n"])
+    assert out.startswith(b"451 4.3.0 ")
+
+
+async def test_r_lim_7_oversized_message_refused(edge: Edge) -> None:
+    await edge.runtime.config.refresh(force=True)
+    limit = edge.runtime.config.server.limits.max_message_size
+
+    def send() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=30) as client:
+            client.ehlo("client.test")
+            assert int(client.esmtp_features["size"]) == limit
+            client.mail("a@remote.test")
+            client.rcpt("bob@example.org")
+            try:
+                return client.data(b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * (limit // 1000 + 10))
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error
+
+    code, _ = await asyncio.to_thread(send)
+    assert code == 552
+    assert await mailbox_bodies(edge, "bob@example.org") == []
