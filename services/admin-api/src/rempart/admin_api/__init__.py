@@ -1,0 +1,1 @@
+"""Rempart admin API: the only writer of the directory and the settings (DESIGN.md)."""

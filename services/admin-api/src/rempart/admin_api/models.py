@@ -1,0 +1,173 @@
+"""Request and response bodies of the admin API.
+
+Every client-supplied string and list has a bound. Secrets arrive as ``SecretStr`` (write-only
+in the OpenAPI document, masked in reprs); no response model has a field that could carry a
+password, a hash or a token, except :class:`LoginResponse`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from rempart.common.config import MailSettings
+
+Role = Literal["user", "domain_admin", "superadmin"]
+
+MAX_ADDRESS = 254
+MAX_DOMAIN = 253
+MAX_PASSWORD = 1024
+MAX_TEXT = 256
+MAX_ALIAS_TARGETS = 100
+MAX_LIST = 1000
+MAX_EVENTS = 500
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Problem(BaseModel):
+    """Every error: a sentence, and for validation or password-policy errors each failed rule."""
+
+    detail: str
+    violations: list[str] = Field(default_factory=list)
+
+
+# Authentication -----------------------------------------------------------------------------
+class LoginRequest(_Body):
+    email: str = Field(min_length=1, max_length=MAX_ADDRESS)
+    password: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+    totp_code: str | None = Field(default=None, max_length=16)
+
+
+class LoginResponse(BaseModel):
+    token: str = Field(description="Opaque bearer token, shown once; send as 'Authorization: Bearer <token>'.")
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the scheme name
+    expires_in: int
+    account: str
+    role: Role
+
+
+class PasswordChange(_Body):
+    """R-PWD-3: the user's own password change."""
+
+    old_password: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+    new_password: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+    confirm: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+
+
+class PasswordReset(_Body):
+    password: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+
+
+# Directory ----------------------------------------------------------------------------------
+class DomainCreate(_Body):
+    name: str = Field(min_length=1, max_length=MAX_DOMAIN)
+    description: str = Field(default="", max_length=MAX_TEXT)
+
+
+class DomainOut(BaseModel):
+    name: str
+    description: str
+    created: float
+    accounts: int
+
+
+class DomainList(BaseModel):
+    domains: list[str]
+
+
+class AccountCreate(_Body):
+    address: str = Field(min_length=1, max_length=MAX_ADDRESS, description="Full address or local part.")
+    password: SecretStr = Field(min_length=1, max_length=MAX_PASSWORD)
+    role: Role = "user"
+    display_name: str = Field(default="", max_length=MAX_TEXT)
+
+
+class AccountPatch(_Body):
+    enabled: bool | None = None
+    display_name: str | None = Field(default=None, max_length=MAX_TEXT)
+    role: Role | None = Field(default=None, description="Only a superadmin may change a role.")
+
+
+class AccountOut(BaseModel):
+    address: str
+    domain: str
+    role: Role
+    display_name: str
+    enabled: bool
+    created: float
+    aliases: list[str]
+
+
+class AccountList(BaseModel):
+    accounts: list[str]
+
+
+class Counters(BaseModel):
+    """R-LIM-3: messages sent to external recipients today (server time zone)."""
+
+    address: str
+    day: str
+    timezone: str
+    sent_external: int
+
+
+class AliasCreate(_Body):
+    alias: str = Field(min_length=3, max_length=MAX_ADDRESS)
+    targets: list[str] = Field(min_length=1, max_length=MAX_ALIAS_TARGETS)
+
+
+class AliasOut(BaseModel):
+    alias: str
+    targets: list[str]
+
+
+# Settings -----------------------------------------------------------------------------------
+class ServerSettingsOut(BaseModel):
+    version: int
+    settings: MailSettings
+
+
+class ScopedSettingsOut(BaseModel):
+    scope: str
+    version: int
+    settings: dict[str, Any] = Field(description="Only the overrides stored at this scope.")
+
+
+class SettingsVersion(BaseModel):
+    version: int
+
+
+# Events and blocks --------------------------------------------------------------------------
+class EventOut(BaseModel):
+    seq: int = Field(description="Stream sequence; pass as 'before' to page further back.")
+    id: str = ""
+    time_unix_ms: int = 0
+    area: str = ""
+    what: str = ""
+    service: str = ""
+    client_ip: str = ""
+    account: str = ""
+    protocol: str = ""
+    session_id: str = ""
+    reason: str = ""
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+    next_before: int | None = Field(description="Sequence to continue from, or null at the start.")
+
+
+class IpBlock(BaseModel):
+    ip: str
+    expires_in_seconds: int | None
+    details: dict[str, str]
+
+
+class IpBlockList(BaseModel):
+    blocks: list[IpBlock]
+    truncated: bool

@@ -1,0 +1,395 @@
+"""Domains, accounts, aliases, their scoped settings and the R-LIM-3 counters.
+
+Superadmins manage everything; a domain admin manages its own domain's accounts and aliases
+(never a superadmin account, never a role); users reach only ``/v1/me``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from fastapi import APIRouter, Body, Path, Query, Request, Response
+
+from rempart.admin_api.backend import (
+    AdminDep,
+    Backend,
+    BackendDep,
+    Principal,
+    ProblemError,
+    SuperadminDep,
+    forbidden,
+    not_found,
+    record_change,
+)
+from rempart.admin_api.models import (
+    MAX_ADDRESS,
+    MAX_DOMAIN,
+    MAX_LIST,
+    AccountCreate,
+    AccountList,
+    AccountOut,
+    AccountPatch,
+    AliasCreate,
+    AliasOut,
+    Counters,
+    DomainCreate,
+    DomainList,
+    DomainOut,
+    PasswordReset,
+    Problem,
+    ScopedSettingsOut,
+)
+from rempart.admin_api.passwords import set_password
+from rempart.common import keys
+from rempart.common.config import MailSettings, deep_merge
+from rempart.common.directory import Account, DirectoryError, normalize_address, split_address, valid_domain_name
+
+log = logging.getLogger(__name__)
+
+router = APIRouter()
+DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
+AddressPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
+SettingsBody = Annotated[dict[str, Any], Body(description="A partial settings document (only the overrides).")]
+
+_P = {"model": Problem}
+R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
+R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 422: _P, 503: _P}
+
+
+def account_out(account: Account) -> AccountOut:
+    return AccountOut(
+        address=account.address,
+        domain=account.domain,
+        role=account.role,
+        display_name=account.display_name,
+        enabled=account.enabled,
+        created=account.created,
+        aliases=account.aliases,
+    )
+
+
+async def domain_or_404(backend: Backend, principal: Principal, name: str) -> str:
+    name = normalize_address(name)
+    if not principal.can_manage_domain(name):
+        raise forbidden()
+    if name not in await backend.directory.list_domains():
+        raise not_found("Domain")
+    return name
+
+
+async def account_or_404(backend: Backend, principal: Principal, address: str) -> Account:
+    address = normalize_address(address)
+    _, _, domain = address.rpartition("@")
+    if not principal.can_manage_domain(domain):
+        raise forbidden()
+    account = await backend.directory.get_account(address)
+    if account is None:
+        raise not_found("Account")
+    if not principal.can_manage_account(account):
+        raise forbidden()
+    return account
+
+
+def settings_problem(exc: ValueError) -> ProblemError:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        violations = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()]
+    else:
+        violations = [str(exc)]
+    return ProblemError(422, "Invalid settings", violations)
+
+
+async def scoped_out(backend: Backend, scope: str) -> ScopedSettingsOut:
+    version = await backend.store.version()
+    return ScopedSettingsOut(scope=scope, version=version, settings=await backend.store.get_doc(scope))
+
+
+async def put_scoped(backend: Backend, scope: str, doc: dict[str, Any]) -> int:
+    try:
+        return await backend.store.put_doc(scope, doc)
+    except ValueError as exc:
+        raise settings_problem(exc) from None
+
+
+# Domains ------------------------------------------------------------------------------------
+@router.get("/v1/domains", operation_id="listDomains", response_model=DomainList, tags=["domains"], responses=R_READ)
+async def list_domains(principal: AdminDep, backend: BackendDep) -> DomainList:
+    domains = await backend.directory.list_domains()
+    if not principal.is_superadmin:
+        domains = [d for d in domains if d == principal.domain]
+    return DomainList(domains=domains)
+
+
+@router.post("/v1/domains", operation_id="createDomain", response_model=DomainOut, status_code=201,
+             tags=["domains"], responses=R_WRITE)
+async def create_domain(
+    body: DomainCreate, request: Request, principal: SuperadminDep, backend: BackendDep
+) -> DomainOut:
+    name = normalize_address(body.name)
+    if not valid_domain_name(name):
+        raise ProblemError(422, "Not a domain name", [f"name: not a domain name: {name}"])
+    try:
+        await backend.directory.add_domain(name, body.description)
+    except DirectoryError:
+        raise ProblemError(409, "Domain already exists") from None
+    await record_change(backend, request, principal.address, "domain_created", name, f"domain:{name}")
+    return await _domain_out(backend, name)
+
+
+async def _domain_out(backend: Backend, name: str) -> DomainOut:
+    info = await backend.redis.hgetall(keys.domain(name))
+    count = await backend.redis.scard(keys.domain_accounts(name))
+    return DomainOut(
+        name=name,
+        description=str(info.get("description", "")),
+        created=float(info.get("created", 0) or 0),
+        accounts=int(count),
+    )
+
+
+@router.get("/v1/domains/{domain}", operation_id="getDomain", response_model=DomainOut, tags=["domains"],
+            responses=R_READ)
+async def get_domain(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> DomainOut:
+    return await _domain_out(backend, await domain_or_404(backend, principal, domain))
+
+
+@router.delete("/v1/domains/{domain}", operation_id="deleteDomain", status_code=204, response_class=Response,
+               tags=["domains"], responses=R_WRITE)
+async def delete_domain(
+    domain: DomainPath, request: Request, principal: SuperadminDep, backend: BackendDep
+) -> Response:
+    name = await domain_or_404(backend, principal, domain)
+    try:
+        await backend.directory.delete_domain(name)
+    except DirectoryError:
+        raise ProblemError(409, "The domain still has accounts") from None
+    await backend.store.delete_doc(f"domain:{name}")
+    await record_change(backend, request, principal.address, "domain_deleted", name, f"domain:{name}")
+    return Response(status_code=204)
+
+
+@router.get("/v1/domains/{domain}/settings", operation_id="getDomainSettings", response_model=ScopedSettingsOut,
+            tags=["domains"], responses=R_READ)
+async def get_domain_settings(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> ScopedSettingsOut:
+    name = await domain_or_404(backend, principal, domain)
+    scope = f"domain:{name}"
+    return await scoped_out(backend, scope)
+
+
+@router.put("/v1/domains/{domain}/settings", operation_id="putDomainSettings", response_model=ScopedSettingsOut,
+            tags=["domains"], responses=R_WRITE)
+async def put_domain_settings(
+    domain: DomainPath, doc: SettingsBody, request: Request, principal: SuperadminDep, backend: BackendDep
+) -> ScopedSettingsOut:
+    # Superadmin only: a domain's hard limits (R-LIM-1) bind its own admins too.
+    name = await domain_or_404(backend, principal, domain)
+    scope = f"domain:{name}"
+    version = await put_scoped(backend, scope, doc)
+    await record_change(backend, request, principal.address, "domain_settings_changed", name, scope)
+    return ScopedSettingsOut(scope=scope, version=version, settings=doc)
+
+
+# Accounts -----------------------------------------------------------------------------------
+@router.get("/v1/domains/{domain}/accounts", operation_id="listAccounts", response_model=AccountList,
+            tags=["accounts"], responses=R_READ)
+async def list_accounts(
+    domain: DomainPath,
+    principal: AdminDep,
+    backend: BackendDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = MAX_LIST,
+) -> AccountList:
+    name = await domain_or_404(backend, principal, domain)
+    accounts = await backend.directory.list_accounts(name)
+    return AccountList(accounts=accounts[offset : offset + limit])
+
+
+@router.post("/v1/domains/{domain}/accounts", operation_id="createAccount", response_model=AccountOut,
+             status_code=201, tags=["accounts"], responses=R_WRITE)
+async def create_account(
+    domain: DomainPath, body: AccountCreate, request: Request, principal: AdminDep, backend: BackendDep
+) -> AccountOut:
+    name = await domain_or_404(backend, principal, domain)
+    if body.role != "user" and not principal.is_superadmin:
+        raise forbidden()
+    address = normalize_address(body.address if "@" in body.address else f"{body.address}@{name}")
+    try:
+        local, addr_domain = split_address(address)
+    except DirectoryError:
+        raise ProblemError(422, "Not an address", [f"address: not an address: {address}"]) from None
+    if addr_domain != name or not _valid_local_part(local):
+        raise ProblemError(422, "Not an address of this domain", [f"address: not an address in {name}"])
+    if await backend.directory.alias_targets(address) is not None:
+        raise ProblemError(409, "An alias has this address")
+    try:
+        account = await backend.directory.add_account(address, body.role, body.display_name)
+    except DirectoryError:
+        raise ProblemError(409, "Account already exists") from None
+    try:
+        await set_password(backend, address, body.password.get_secret_value())
+    except Exception:
+        # No account may exist without the password its creator chose (R-PWD-1 refused it).
+        await backend.directory.delete_account(address)
+        raise
+    await record_change(backend, request, principal.address, "account_created", address, f"account:{address}")
+    return account_out(account)
+
+
+def _valid_local_part(local: str) -> bool:
+    return 0 < len(local) <= 64 and all(c.isalnum() or c in "._+-'" for c in local) and ".." not in local
+
+
+@router.get("/v1/accounts/{address}", operation_id="getAccount", response_model=AccountOut, tags=["accounts"],
+            responses=R_READ)
+async def get_account(address: AddressPath, principal: AdminDep, backend: BackendDep) -> AccountOut:
+    return account_out(await account_or_404(backend, principal, address))
+
+
+@router.patch("/v1/accounts/{address}", operation_id="updateAccount", response_model=AccountOut, tags=["accounts"],
+              responses=R_WRITE)
+async def update_account(
+    address: AddressPath, body: AccountPatch, request: Request, principal: AdminDep, backend: BackendDep
+) -> AccountOut:
+    account = await account_or_404(backend, principal, address)
+    if body.role is not None and body.role != account.role and not principal.is_superadmin:
+        raise forbidden()
+    if account.address == principal.address and (body.enabled is False or (body.role or account.role) != account.role):
+        raise ProblemError(409, "You cannot disable or demote yourself")
+    # The shared Directory has no setters for these fields yet; same hash, same field names.
+    if body.enabled is not None:
+        await backend.directory.set_account_enabled(account.address, body.enabled)
+    if body.display_name is not None:
+        await backend.redis.hset(keys.account(account.address), "display_name", body.display_name)
+    if body.role is not None:
+        await backend.redis.hset(keys.account(account.address), "role", body.role)
+    await record_change(backend, request, principal.address, "account_updated", account.address,
+                        f"account:{account.address}")
+    updated = await backend.directory.get_account(account.address)
+    if updated is None:
+        raise not_found("Account")
+    return account_out(updated)
+
+
+@router.delete("/v1/accounts/{address}", operation_id="deleteAccount", status_code=204, response_class=Response,
+               tags=["accounts"], responses=R_WRITE)
+async def delete_account(address: AddressPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
+    account = await account_or_404(backend, principal, address)
+    if account.address == principal.address:
+        raise ProblemError(409, "You cannot delete yourself")
+    await backend.directory.delete_account(account.address)
+    await backend.store.delete_doc(f"account:{account.address}")
+    await record_change(backend, request, principal.address, "account_deleted", account.address,
+                        f"account:{account.address}")
+    return Response(status_code=204)
+
+
+@router.put("/v1/accounts/{address}/password", operation_id="resetAccountPassword", status_code=204,
+            response_class=Response, tags=["accounts"], responses=R_WRITE)
+async def reset_password(
+    address: AddressPath, body: PasswordReset, request: Request, principal: AdminDep, backend: BackendDep
+) -> Response:
+    account = await account_or_404(backend, principal, address)
+    await set_password(backend, account.address, body.password.get_secret_value())
+    await record_change(backend, request, principal.address, "password_reset", account.address,
+                        f"account:{account.address}")
+    return Response(status_code=204)
+
+
+@router.get("/v1/accounts/{address}/settings", operation_id="getAccountSettings", response_model=ScopedSettingsOut,
+            tags=["accounts"], responses=R_READ)
+async def get_account_settings(address: AddressPath, principal: AdminDep, backend: BackendDep) -> ScopedSettingsOut:
+    account = await account_or_404(backend, principal, address)
+    scope = f"account:{account.address}"
+    return await scoped_out(backend, scope)
+
+
+@router.put("/v1/accounts/{address}/settings", operation_id="putAccountSettings", response_model=ScopedSettingsOut,
+            tags=["accounts"], responses=R_WRITE)
+async def put_account_settings(
+    address: AddressPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep
+) -> ScopedSettingsOut:
+    account = await account_or_404(backend, principal, address)
+    scope = f"account:{account.address}"
+    version = await put_scoped(backend, scope, doc)
+    await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope)
+    return ScopedSettingsOut(scope=scope, version=version, settings=doc)
+
+
+@router.get("/v1/accounts/{address}/counters", operation_id="getAccountCounters", response_model=Counters,
+            tags=["accounts"], responses=R_READ)
+async def get_counters(address: AddressPath, principal: AdminDep, backend: BackendDep) -> Counters:
+    """R-LIM-3: the policy service's counter for today, in ``limits.counter_timezone``."""
+    account = await account_or_404(backend, principal, address)
+    server = MailSettings.model_validate(deep_merge(MailSettings().model_dump(), await backend.store.get_doc("server")))
+    tz_name = server.limits.counter_timezone
+    try:
+        zone: dt.tzinfo = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        tz_name, zone = "UTC", dt.UTC
+    day = dt.datetime.now(zone).strftime("%Y-%m-%d")
+    raw = await backend.redis.get(keys.sent_external(account.address, day))
+    return Counters(address=account.address, day=day, timezone=tz_name, sent_external=int(raw or 0))
+
+
+# Aliases (R-DOM-2) --------------------------------------------------------------------------
+def _alias_domain(principal: Principal, alias: str) -> tuple[str, str]:
+    alias = normalize_address(alias)
+    try:
+        _, domain = split_address(alias)
+    except DirectoryError:
+        raise ProblemError(422, "Not an address", [f"alias: not an address: {alias}"]) from None
+    if not principal.can_manage_domain(domain):
+        raise forbidden()
+    return alias, domain
+
+
+@router.post("/v1/aliases", operation_id="createAlias", response_model=AliasOut, status_code=201, tags=["aliases"],
+             responses=R_WRITE)
+async def create_alias(body: AliasCreate, request: Request, principal: AdminDep, backend: BackendDep) -> AliasOut:
+    alias, domain = _alias_domain(principal, body.alias)
+    if domain not in await backend.directory.list_domains():
+        raise not_found("Domain")
+    bad = [t for t in body.targets if len(t) > MAX_ADDRESS or "@" not in t.strip()[1:-1]]
+    if bad:
+        raise ProblemError(422, "Invalid alias targets", [f"targets: not an address: {t[:MAX_ADDRESS]}" for t in bad])
+    if await backend.directory.alias_targets(alias) is not None:
+        raise ProblemError(409, "Alias already exists")
+    try:
+        await backend.directory.add_alias(alias, body.targets)
+    except DirectoryError:
+        raise ProblemError(409, "An account has this address") from None
+    await record_change(backend, request, principal.address, "alias_created", alias, f"alias:{alias}")
+    targets = await backend.directory.alias_targets(alias)
+    return AliasOut(alias=alias, targets=targets or [])
+
+
+@router.get("/v1/aliases/{alias}", operation_id="getAlias", response_model=AliasOut, tags=["aliases"],
+            responses=R_READ)
+async def get_alias(alias: AddressPath, principal: AdminDep, backend: BackendDep) -> AliasOut:
+    alias, _ = _alias_domain(principal, alias)
+    targets = await backend.directory.alias_targets(alias)
+    if targets is None:
+        raise not_found("Alias")
+    return AliasOut(alias=alias, targets=targets)
+
+
+@router.delete("/v1/aliases/{alias}", operation_id="deleteAlias", status_code=204, response_class=Response,
+               tags=["aliases"], responses=R_WRITE)
+async def delete_alias(alias: AddressPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
+    alias, _ = _alias_domain(principal, alias)
+    targets = await backend.directory.alias_targets(alias)
+    if targets is None:
+        raise not_found("Alias")
+    # The shared Directory has no delete_alias yet: undo exactly what add_alias wrote.
+    await backend.redis.delete(keys.alias(alias))
+    for target in targets:
+        account = await backend.directory.get_account(target)
+        if account is not None and alias in account.aliases:
+            remaining = [a for a in account.aliases if a != alias]
+            await backend.redis.hset(keys.account(account.address), "aliases", json.dumps(remaining))
+    await record_change(backend, request, principal.address, "alias_deleted", alias, f"alias:{alias}")
+    return Response(status_code=204)

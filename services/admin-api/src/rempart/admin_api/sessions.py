@@ -1,0 +1,60 @@
+"""Admin API sessions: opaque random bearer tokens, stored in Redis only as their SHA-256.
+
+A stolen Redis dump therefore yields no usable token; the token is shown once, at login.
+Sessions expire after ``session_ttl_seconds`` (8 h by default) and on logout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+import redis.asyncio as aioredis
+
+from rempart.common import keys
+
+TOKEN_BYTES = 32
+MAX_TOKEN_CHARS = 128
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class SessionStore:
+    def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
+        self._redis = redis
+        self.ttl_seconds = ttl_seconds
+
+    async def create(self, account: str, account_created: float, client_ip: str) -> str:
+        """``account_created`` ties the session to this incarnation of the account: a deleted and
+        re-created address does not inherit the old sessions."""
+        token = secrets.token_urlsafe(TOKEN_BYTES)
+        key = keys.admin_session(token_digest(token))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "account": account,
+                    "account_created": repr(account_created),
+                    "client_ip": client_ip,
+                    "created": repr(time.time()),
+                },
+            )
+            pipe.expire(key, self.ttl_seconds)
+            await pipe.execute()
+        return token
+
+    async def account_for(self, token: str) -> tuple[str, float] | None:
+        """The session's account address and that account's creation time, or None."""
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            return None
+        key = keys.admin_session(token_digest(token))
+        account, created = await self._redis.hmget(key, ["account", "account_created"])
+        if not account or not created:
+            return None
+        return str(account), float(created)
+
+    async def revoke(self, token: str) -> None:
+        await self._redis.delete(keys.admin_session(token_digest(token)))

@@ -1,0 +1,20 @@
+"""The admin API's process settings (``REMPART_*``), built once in ``main()``."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from rempart.common.settings import ServiceSettings
+
+
+class AdminApiSettings(ServiceSettings):
+    ops_port: int = 9105
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    auth_target: str = "127.0.0.1:50052"
+    grpc_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    session_ttl_seconds: int = Field(default=8 * 3600, ge=60, le=7 * 24 * 3600)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # The first superadmin (deploy/helm values ``admin.bootstrap``); used only while none exists.
+    bootstrap_admin_email: str = ""
+    bootstrap_admin_password: SecretStr | None = None

@@ -1,0 +1,142 @@
+"""Fixtures: the admin API app over real Redis and NATS, and a small real-gRPC auth service.
+
+The in-test AuthService implements the auth contract just enough for the admin API: it keeps
+passwords in a dict (test only), answers OK/INVALID with the role from the Directory, and
+refuses passwords shorter than 10 characters the way the real policy names a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+
+from rempart.admin_api.app import create_app
+from rempart.admin_api.backend import Backend
+from rempart.admin_api.sessions import SessionStore
+from rempart.admin_api.settings import AdminApiSettings
+from rempart.common.clients import AuthClient
+from rempart.common.directory import Directory, normalize_address
+from rempart.common.events import EventBus
+from rempart.common.grpcutil import new_server, set_serving
+from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
+
+TOO_SHORT = "password must be at least 10 characters long"
+ADMIN = "admin@example.org"
+ADMIN_PASSWORD = "Adm1n-Secret-Pw!"
+
+
+class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.directory = Directory(redis)
+        self.passwords: dict[str, str] = {}
+        self.requests: list[auth_pb2.AuthenticateRequest] = []
+        self.seen: set[str] = set()  # every password the admin API passed on
+
+    async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
+        self.requests.append(request)
+        self.seen.add(request.password)
+        address = normalize_address(request.login)
+        account = await self.directory.get_account(address)
+        if account is None or self.passwords.get(address) != request.password:
+            return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_INVALID)
+        return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=address, role=account.role)
+
+    async def SetPassword(self, request: auth_pb2.SetPasswordRequest, context: object) -> auth_pb2.SetPasswordResponse:
+        self.seen.add(request.password)
+        if len(request.password) < 10 and not request.skip_policy:
+            return auth_pb2.SetPasswordResponse(ok=False, violations=[TOO_SHORT])
+        self.passwords[normalize_address(request.account)] = request.password
+        return auth_pb2.SetPasswordResponse(ok=True)
+
+
+@dataclass
+class Harness:
+    app: FastAPI
+    backend: Backend
+    auth: InTestAuthService
+    settings: AdminApiSettings
+    bodies: list[bytes] = field(default_factory=list)
+    client: httpx.AsyncClient | None = None
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        assert self.client is not None
+        return self.client
+
+    async def add_account(self, address: str, password: str, role: str = "user") -> None:
+        directory = self.backend.directory
+        _, domain = address.split("@")
+        if domain not in await directory.list_domains():
+            await directory.add_domain(domain)
+        await directory.add_account(address, role)  # type: ignore[arg-type]
+        self.auth.passwords[address] = password
+
+    async def login(self, address: str, password: str) -> dict[str, str]:
+        reply = await self.http.post("/v1/auth/login", json={"email": address, "password": password})
+        assert reply.status_code == 200, reply.text
+        return {"Authorization": f"Bearer {reply.json()['token']}"}
+
+
+@pytest.fixture
+async def auth_server(redis: aioredis.Redis) -> AsyncIterator[tuple[InTestAuthService, int]]:
+    servicer = InTestAuthService(redis)
+    server, health = new_server()
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await set_serving(health, True)
+    yield servicer, port
+    await server.stop(0)
+
+
+def make_settings(redis_url: str, nats_url: str, **overrides: object) -> AdminApiSettings:
+    return AdminApiSettings(redis_url=redis_url, nats_url=nats_url, environment="test", **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def harness(
+    redis_url: str,
+    nats_url: str,
+    redis: aioredis.Redis,
+    nats_conn: NATS,
+    auth_server: tuple[InTestAuthService, int],
+) -> AsyncIterator[Harness]:
+    servicer, port = auth_server
+    settings = make_settings(redis_url, nats_url, auth_target=f"127.0.0.1:{port}")
+    auth = AuthClient(settings.auth_target, timeout=3.0)
+    backend = Backend(
+        redis=redis,
+        js=nats_conn.jetstream(),
+        events=EventBus(nats_conn, "admin-api"),
+        auth=auth,
+        sessions=SessionStore(redis, settings.session_ttl_seconds),
+    )
+    h = Harness(create_app(settings, backend), backend, servicer, settings)
+
+    async def keep_body(response: httpx.Response) -> None:
+        h.bodies.append(await response.aread())
+
+    hooks: dict[str, list[Callable[[httpx.Response], Awaitable[None]]]] = {"response": [keep_body]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=h.app), base_url="http://admin.test", event_hooks=hooks  # type: ignore[arg-type]
+    ) as client:
+        h.client = client
+        await h.add_account(ADMIN, ADMIN_PASSWORD, "superadmin")
+        yield h
+    await auth.close()
+    # R-PWD-2: no answer of any test ever carried a password the test used.
+    for body in h.bodies:
+        for secret in h.auth.seen | set(h.auth.passwords.values()):
+            assert len(secret) < 6 or secret.encode() not in body, body
+        assert ADMIN_PASSWORD.encode() not in body
+
+
+@pytest.fixture
+async def admin_headers(harness: Harness) -> dict[str, str]:
+    return await harness.login(ADMIN, ADMIN_PASSWORD)
