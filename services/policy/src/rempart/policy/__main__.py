@@ -1,0 +1,3 @@
+from rempart.policy.app import main
+
+main()

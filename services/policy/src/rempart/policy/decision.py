@@ -1,0 +1,250 @@
+"""The decision pipeline: each rule family offers rules; a stage runs its rules in order and
+the first rule with an opinion decides (cheap checks before expensive ones, as postscreen does).
+
+A rule is ``async def rule(ctx) -> Decision | None``; ``None`` means "no objection, go on".
+:class:`CheckContext` carries the request and the facts several rules need, each computed at
+most once per call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis.asyncio as aioredis
+
+from rempart.common import keys
+from rempart.common.config import MailSettings, SettingsCache
+from rempart.common.directory import Directory
+from rempart.common.events import EventBus
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.policy import replies
+from rempart.policy.addresses import AddressError, MailAddress, parse_address, parse_sender
+
+Action = policy_pb2.Action
+
+SMTP_PROTOCOLS = frozenset({policy_pb2.PROTOCOL_SMTP, policy_pb2.PROTOCOL_SUBMISSION, policy_pb2.PROTOCOL_SMTPS})
+MAILBOX_PROTOCOLS = frozenset({policy_pb2.PROTOCOL_IMAP, policy_pb2.PROTOCOL_POP3})
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action.ValueType
+    code: int
+    enhanced_code: str
+    text: str
+    rule: str
+    local_mailboxes: tuple[str, ...] = ()
+    remote_recipients: tuple[str, ...] = ()
+    ip_blocked: bool = False
+
+    def to_verdict(self) -> policy_pb2.Verdict:
+        return policy_pb2.Verdict(
+            action=self.action,
+            code=self.code,
+            enhanced_code=self.enhanced_code,
+            text=self.text,
+            rule=self.rule,
+            local_mailboxes=list(self.local_mailboxes),
+            remote_recipients=list(self.remote_recipients),
+            ip_blocked=self.ip_blocked,
+        )
+
+
+def accept(
+    rule: str = "",
+    text: str = replies.OK,
+    *,
+    code: int = 250,
+    enhanced: str = "2.0.0",
+    local_mailboxes: Sequence[str] = (),
+    remote_recipients: Sequence[str] = (),
+) -> Decision:
+    return Decision(
+        policy_pb2.ACTION_ACCEPT, code, enhanced, text, rule, tuple(local_mailboxes), tuple(remote_recipients)
+    )
+
+
+def reject(code: int, enhanced: str, text: str, rule: str) -> Decision:
+    return Decision(policy_pb2.ACTION_REJECT, code, enhanced, text, rule)
+
+
+def tempfail(code: int, enhanced: str, text: str, rule: str) -> Decision:
+    return Decision(policy_pb2.ACTION_TEMPFAIL, code, enhanced, text, rule)
+
+
+def temporary_problem(rule: str) -> Decision:
+    return tempfail(451, "4.3.0", replies.TEMPORARY_PROBLEM, rule)
+
+
+@lru_cache(maxsize=256)
+def _networks(entries: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            continue  # a host name: resolving trusted host names is a later issue (R-REL-1)
+    return tuple(out)
+
+
+def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Iterable[str]) -> bool:
+    if ip is None:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
+
+
+class CheckContext:
+    """One Check call: the request, the shared dependencies, and memoised facts."""
+
+    def __init__(
+        self,
+        request: policy_pb2.CheckRequest,
+        *,
+        redis: aioredis.Redis,
+        config: SettingsCache,
+        directory: Directory,
+        events: EventBus,
+    ) -> None:
+        self.request = request
+        self.session = request.session
+        self.redis = redis
+        self.config = config
+        self.directory = directory
+        self.events = events
+        self.settings: MailSettings = config.server
+        try:
+            parsed = ipaddress.ip_address(self.session.client_ip)
+        except ValueError:
+            parsed = None
+        self.ip = parsed
+        # The canonical text form: one counter and one block per IP however the edge spells it.
+        self.client_ip = parsed.compressed if parsed is not None else self.session.client_ip[:64]
+        self.memo: dict[str, object] = {}
+
+    # Session facts ----------------------------------------------------------------------------
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.session.authenticated_account)
+
+    @property
+    def account(self) -> str:
+        return self.session.authenticated_account.strip().lower()
+
+    @property
+    def account_domain(self) -> str:
+        return self.account.rpartition("@")[2]
+
+    @property
+    def is_smtp(self) -> bool:
+        return self.session.protocol in SMTP_PROTOCOLS
+
+    @property
+    def trusted(self) -> bool:
+        """R-REL-1: the client IP is in the trusted hosts list."""
+        return ip_in(self.ip, self.settings.relay.trusted_hosts)
+
+    @property
+    def whitelisted(self) -> bool:
+        """R-IPS-5: trusted hosts and the IPS whitelist are never counted nor blocked."""
+        return self.trusted or ip_in(self.ip, self.settings.ips.whitelist)
+
+    @property
+    def ips_applies(self) -> bool:
+        """R-IPS-1: always for SMTP (when on), for IMAP/POP3 only when enabled."""
+        if self.whitelisted or self.ip is None:
+            return False
+        ips = self.settings.ips
+        if self.is_smtp:
+            return ips.smtp
+        if self.session.protocol in MAILBOX_PROTOCOLS:
+            return ips.imap_pop
+        return False
+
+    async def account_settings(self) -> MailSettings:
+        """The authenticated account's effective settings (server < domain < account)."""
+        if not self.authenticated:
+            return self.settings
+        return await self.config.effective(self.account_domain, self.account)
+
+    # Envelope facts ---------------------------------------------------------------------------
+    def sender(self) -> MailAddress | None:
+        """MAIL FROM, normalised; None for the null sender; raises AddressError."""
+        return parse_sender(self.request.mail_from)
+
+    def recipient(self) -> MailAddress:
+        """RCPT TO, normalised; raises AddressError."""
+        return parse_address(self.request.recipient)
+
+    @property
+    def sender_text(self) -> str:
+        """MAIL FROM as it appears in reply texts."""
+        try:
+            sender = self.sender()
+        except AddressError:
+            return self.request.mail_from[:256]
+        return sender.address if sender is not None else ""
+
+    async def canonical_domain(self, domain: str) -> str | None:
+        """The local domain ``domain`` names (itself or via a domain alias); None if remote."""
+        key = f"domain:{domain}"
+        if key not in self.memo:
+            self.memo[key] = None if domain.startswith("[") else await self.directory.canonical_domain(domain)
+        found = self.memo[key]
+        return found if isinstance(found, str) else None
+
+    async def prefetch_envelope(self) -> None:
+        """Look up, in one Redis round trip, what the RCPT rules ask about the sender's and the
+        recipient's domains and whether the recipient is an account (the common case)."""
+        domains: list[str] = []
+        for parse in (self.recipient, self.sender):
+            try:
+                found = parse()
+            except AddressError:
+                continue
+            if found is not None and not found.is_literal and f"domain:{found.domain}" not in self.memo:
+                domains.append(found.domain)
+        try:
+            recipient: MailAddress | None = self.recipient()
+        except AddressError:
+            recipient = None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for domain in domains:
+                pipe.sismember(keys.DOMAINS, domain)
+                pipe.get(keys.domain_alias(domain))
+            if recipient is not None:
+                pipe.exists(keys.account(recipient.address))
+            results = await pipe.execute()
+        for i, domain in enumerate(domains):
+            is_domain, alias_target = results[2 * i], results[2 * i + 1]
+            self.memo[f"domain:{domain}"] = domain if is_domain else (str(alias_target) if alias_target else None)
+        if recipient is not None:
+            self.memo[f"account:{recipient.address}"] = bool(results[-1])
+
+    def known_account(self, address: str) -> bool | None:
+        """Whether ``address`` is an account, when :meth:`prefetch_envelope` looked it up."""
+        found = self.memo.get(f"account:{address}")
+        return found if isinstance(found, bool) else None
+
+    async def sender_is_local(self) -> bool:
+        try:
+            sender = self.sender()
+        except AddressError:
+            return False
+        return sender is not None and await self.canonical_domain(sender.domain) is not None
+
+
+Rule = Callable[[CheckContext], Awaitable[Decision | None]]
+
+
+async def run_pipeline(ctx: CheckContext, rules: Sequence[Rule], default: Decision) -> Decision:
+    for rule in rules:
+        decision = await rule(ctx)
+        if decision is not None:
+            return decision
+    return default
+

@@ -1,0 +1,303 @@
+"""Intrusion prevention (SPEC R-IPS-1..5): counters per IP and trigger, and IP blocks.
+
+Every counter and block lives in Redis and changes only inside one Lua script, so that every
+replica of every protocol shares them and concurrent calls never double-count or double-block.
+A counter is a fixed window that starts with its first hit (``INCR`` then ``EXPIRE``). A block
+is a key with a TTL of ``block_minutes`` holding why and when, plus an entry in a sorted set
+(score = expiry) so that the admin API can list blocks without scanning the keyspace.
+
+The admin API imports :func:`list_blocks` and :func:`unblock` from here; it publishes the
+``ips/unblocked`` event itself after :func:`unblock` returns True.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from rempart.common import keys
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.policy import replies
+from rempart.policy.decision import CheckContext, Decision, accept
+from rempart.policy.scripts import LuaScript
+
+log = logging.getLogger(__name__)
+
+IPS_BLOCKS_TOTAL = Counter("rempart_ips_blocks_total", "IP blocks by intrusion prevention", ["reason"])
+
+# Counter triggers (the ``trigger`` part of ``keys.ips_counter``).
+TRIGGER_CONNECTIONS = "conn"
+TRIGGER_FAILED_LOGINS = "authfail"
+TRIGGER_UNKNOWN_RECIPIENTS = "unknown"
+TRIGGER_RELAY_DENIALS = "relay"
+TRIGGER_RSET = "rset"
+TRIGGERS = (TRIGGER_CONNECTIONS, TRIGGER_FAILED_LOGINS, TRIGGER_UNKNOWN_RECIPIENTS, TRIGGER_RELAY_DENIALS, TRIGGER_RSET)
+
+REASON_CONNECTIONS = "R-IPS-2 connections per minute"
+REASON_FAILED_LOGINS = "R-IPS-2 failed logins"
+REASON_UNKNOWN_RECIPIENTS = "R-IPS-3 unknown recipients"
+REASON_RELAY_DENIALS = "R-IPS-3 relay denials"
+REASON_RSET = "R-IPS-3 RSET commands"
+REASON_SPAM_SCORE = "R-IPS-3 spam score"
+REASON_MESSAGE_SIZE = "R-IPS-3 message size"
+
+MAX_LISTED_BLOCKS = 10000
+
+# KEYS: counter, block, blocks-zset. ARGV: window s, max, block s, block doc, ip, expires at.
+# Returns {count, newly_blocked}; count -1 when the IP was already blocked (nothing counted).
+_COUNT_AND_BLOCK = LuaScript("""
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
+if n > tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[3]))
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[6]), ARGV[5])
+  redis.call('DEL', KEYS[1])
+  return {n, 1}
+end
+return {n, 0}
+""")
+
+# KEYS: block, blocks-zset. ARGV: block s, block doc, ip, expires at. Returns 1 when new.
+_BLOCK = LuaScript("""
+if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[1])) then
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[4]), ARGV[3])
+  return 1
+end
+return 0
+""")
+
+
+@dataclass(frozen=True)
+class Block:
+    ip: str
+    reason: str
+    blocked_at: float
+    expires_at: float
+    protocol: str = ""
+    session_id: str = ""
+
+
+async def is_blocked(redis: aioredis.Redis, ip: str) -> bool:
+    return bool(await redis.exists(keys.ips_block(ip)))
+
+
+async def list_blocks(redis: aioredis.Redis) -> list[Block]:
+    """Every current block (R-IPS-5), oldest expiry first; expired entries are pruned."""
+    now = time.time()
+    await redis.zremrangebyscore(keys.IPS_BLOCKS, "-inf", now)
+    ips = [str(ip) for ip in await redis.zrange(keys.IPS_BLOCKS, 0, MAX_LISTED_BLOCKS - 1)]
+    if not ips:
+        return []
+    docs = await redis.mget([keys.ips_block(ip) for ip in ips])
+    out: list[Block] = []
+    for ip, raw in zip(ips, docs, strict=True):
+        if raw is None:
+            continue  # expired or removed between the two calls
+        try:
+            doc = json.loads(raw)
+            out.append(
+                Block(
+                    ip=ip,
+                    reason=str(doc.get("reason", "")),
+                    blocked_at=float(doc.get("blocked_at", 0)),
+                    expires_at=float(doc.get("expires_at", 0)),
+                    protocol=str(doc.get("protocol", "")),
+                    session_id=str(doc.get("session_id", "")),
+                )
+            )
+        except (ValueError, TypeError, AttributeError):
+            out.append(Block(ip=ip, reason="", blocked_at=0.0, expires_at=0.0))
+    return out
+
+
+async def unblock(redis: aioredis.Redis, ip: str) -> bool:
+    """Remove a block and the IP's counters (so it is not re-blocked at once); True if it was blocked."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.ips_block(ip))
+        pipe.zrem(keys.IPS_BLOCKS, ip)
+        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in TRIGGERS))
+        result = await pipe.execute()
+    return bool(result[0])
+
+
+def _block_doc(ctx: CheckContext, reason: str, seconds: int) -> tuple[str, float]:
+    now = time.time()
+    expires = now + seconds
+    doc = {
+        "reason": reason,
+        "blocked_at": now,
+        "expires_at": expires,
+        "protocol": policy_pb2.Protocol.Name(ctx.session.protocol),
+        "session_id": ctx.session.session_id[:128],
+    }
+    return json.dumps(doc), expires
+
+
+async def _announce(ctx: CheckContext, reason: str) -> None:
+    IPS_BLOCKS_TOTAL.labels(reason).inc()
+    ips = ctx.settings.ips
+    log.warning(
+        "ip blocked",
+        extra={"session": ctx.session.session_id, "client_ip": ctx.client_ip, "reason": reason},
+    )
+    # Edges subscribe to this to close the IP's other connections (R-IPS-4).
+    await ctx.events.publish(
+        "ips",
+        "blocked",
+        client_ip=ctx.client_ip,
+        protocol=policy_pb2.Protocol.Name(ctx.session.protocol),
+        session_id=ctx.session.session_id,
+        reason=reason,
+        minutes=str(ips.block_minutes),
+        close_all_connections=str(ips.close_all_connections).lower(),
+        instance=ctx.session.edge_instance,
+    )
+
+
+async def count(ctx: CheckContext, trigger: str, limit: int, window_seconds: int, reason: str) -> tuple[int, bool]:
+    """Count one event for the client IP; block it when the count goes over ``limit``.
+
+    Returns (count, newly blocked); count is -1 when the IP is already blocked. A limit of 0
+    turns the trigger off. Callers check :attr:`CheckContext.ips_applies` first.
+    """
+    if limit <= 0:
+        return 0, False
+    ips = ctx.settings.ips
+    # "Attempts across several sessions" (R-IPS-1) is the default; off, each session counts alone.
+    scope = ctx.client_ip if ips.across_sessions else f"{ctx.client_ip}:{ctx.session.session_id[:128]}"
+    seconds = ips.block_minutes * 60
+    doc, expires = _block_doc(ctx, reason, seconds)
+    result = await _COUNT_AND_BLOCK(
+        ctx.redis,
+        [keys.ips_counter(trigger, scope), keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS],
+        [window_seconds, limit, seconds, doc, ctx.client_ip, expires],
+    )
+    n, newly = int(result[0]), bool(int(result[1]))
+    if newly:
+        await _announce(ctx, reason)
+    return n, newly
+
+
+async def block_now(ctx: CheckContext, reason: str) -> bool:
+    """Block the client IP at once (threshold triggers: spam score, message size)."""
+    seconds = ctx.settings.ips.block_minutes * 60
+    doc, expires = _block_doc(ctx, reason, seconds)
+    block_keys = [keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS]
+    newly = bool(await _BLOCK(ctx.redis, block_keys, [seconds, doc, ctx.client_ip, expires]))
+    if newly:
+        await _announce(ctx, reason)
+    return newly
+
+
+def refused(ctx: CheckContext, rule: str) -> Decision:
+    """R-IPS-4: ``421 4.0.0 Intrusion prevention active for [ip]`` and close."""
+    return Decision(
+        policy_pb2.ACTION_CLOSE, 421, "4.0.0", replies.intrusion_prevention_active(ctx.client_ip), rule, ip_blocked=True
+    )
+
+
+def after_block(ctx: CheckContext, newly_blocked: bool, already_blocked: bool, normal: Decision) -> Decision:
+    """The reply for a call that counted: the normal reply, or close when the IP is now blocked."""
+    if not (newly_blocked or already_blocked):
+        return normal
+    decision = refused(ctx, "R-IPS-4") if ctx.settings.ips.close_blocked_connection else normal
+    return replace(decision, ip_blocked=newly_blocked)
+
+
+async def count_and_decide(
+    ctx: CheckContext, trigger: str, limit: int, window_seconds: int, reason: str, normal: Decision
+) -> Decision:
+    if not ctx.ips_applies:
+        return normal
+    n, newly = await count(ctx, trigger, limit, window_seconds, reason)
+    return after_block(ctx, newly, n < 0, normal)
+
+
+def _counter_window(ctx: CheckContext) -> int:
+    return ctx.settings.ips.counter_window_minutes * 60
+
+
+# Rules, one per trigger ---------------------------------------------------------------------
+async def screen_connection(ctx: CheckContext) -> Decision | None:
+    """R-IPS-4 and R-IPS-2 at connect, in one round trip: a blocked IP is refused; more than
+    ``max_connections_per_minute`` connections in 60 s blocks the IP."""
+    if not ctx.ips_applies:
+        return None
+    ips = ctx.settings.ips
+    if ips.max_connections_per_minute > 0:
+        n, newly = await count(ctx, TRIGGER_CONNECTIONS, ips.max_connections_per_minute, 60, REASON_CONNECTIONS)
+        blocked = newly or n < 0
+    else:
+        newly, blocked = False, await is_blocked(ctx.redis, ctx.client_ip)
+    if blocked and ips.refuse_blocked:
+        return replace(refused(ctx, "R-IPS-2" if newly else "R-IPS-4"), ip_blocked=newly)
+    return None
+
+
+async def count_failed_login(ctx: CheckContext) -> Decision | None:
+    """R-IPS-2: more than ``max_failed_logins`` failures within the window blocks the IP."""
+    if ctx.request.auth_success:
+        return None
+    ips = ctx.settings.ips
+    return await count_and_decide(
+        ctx,
+        TRIGGER_FAILED_LOGINS,
+        ips.max_failed_logins,
+        ips.failed_logins_window_minutes * 60,
+        REASON_FAILED_LOGINS,
+        accept("R-IPS-2"),
+    )
+
+
+async def count_unknown_recipient(ctx: CheckContext, normal: Decision) -> Decision:
+    """R-IPS-3 / R-DOM-1: unknown recipients count in every mode."""
+    return await count_and_decide(
+        ctx,
+        TRIGGER_UNKNOWN_RECIPIENTS,
+        ctx.settings.ips.max_unknown_recipients,
+        _counter_window(ctx),
+        REASON_UNKNOWN_RECIPIENTS,
+        normal,
+    )
+
+
+async def count_relay_denial(ctx: CheckContext, normal: Decision) -> Decision:
+    return await count_and_decide(
+        ctx,
+        TRIGGER_RELAY_DENIALS,
+        ctx.settings.ips.max_relay_denials,
+        _counter_window(ctx),
+        REASON_RELAY_DENIALS,
+        normal,
+    )
+
+
+async def count_rset(ctx: CheckContext) -> Decision | None:
+    if not ctx.is_smtp:
+        return None
+    return await count_and_decide(
+        ctx, TRIGGER_RSET, ctx.settings.ips.max_rset, _counter_window(ctx), REASON_RSET, accept("R-IPS-3")
+    )
+
+
+async def check_message(ctx: CheckContext) -> Decision | None:
+    """R-IPS-3 at DATA: a spam score over the threshold, or a message over N MB, blocks the IP."""
+    if not ctx.ips_applies or not ctx.is_smtp:
+        return None
+    ips = ctx.settings.ips
+    reason = ""
+    request = ctx.request
+    if ips.spam_score_threshold > 0 and request.spam_score_present and request.spam_score > ips.spam_score_threshold:
+        reason = REASON_SPAM_SCORE
+    elif ips.max_message_size_mb > 0 and ctx.request.message_size > ips.max_message_size_mb * 1024 * 1024:
+        reason = REASON_MESSAGE_SIZE
+    if not reason:
+        return None
+    newly = await block_now(ctx, reason)
+    return replace(refused(ctx, "R-IPS-3"), ip_blocked=newly)

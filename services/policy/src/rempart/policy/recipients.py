@@ -1,0 +1,85 @@
+"""Local recipients (SPEC R-DOM-1, R-DOM-2): aliases and domain aliases resolve first, then an
+unknown address is rejected, sent to the domain's catch-all, or accepted and discarded, per
+domain. Unknown recipients count for intrusion prevention (R-IPS-3) in every mode, so that a
+catch-all domain is no safer a target for address harvesting than a rejecting one.
+"""
+
+from __future__ import annotations
+
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.policy import intrusion, replies
+from rempart.policy.addresses import AddressError
+from rempart.policy.decision import CheckContext, Decision, accept, reject
+
+MAX_TARGETS = 1000  # an alias expanding further than this is a configuration error
+
+
+async def check_sender_syntax(ctx: CheckContext) -> Decision | None:
+    try:
+        ctx.sender()
+    except AddressError:
+        return reject(501, "5.1.7", replies.BAD_SENDER_SYNTAX, "RFC5321")
+    return None
+
+
+async def check_syntax(ctx: CheckContext) -> Decision | None:
+    try:
+        ctx.recipient()
+    except AddressError:
+        return reject(501, "5.1.3", replies.BAD_RECIPIENT_SYNTAX, "RFC5321")
+    refused = await check_sender_syntax(ctx)
+    if refused is None:
+        await ctx.prefetch_envelope()
+    return refused
+
+
+async def _split_targets(ctx: CheckContext, targets: list[str]) -> tuple[list[str], list[str]]:
+    local: list[str] = []
+    remote: list[str] = []
+    for target in targets[:MAX_TARGETS]:
+        domain = target.rpartition("@")[2]
+        if await ctx.canonical_domain(domain) is None:
+            remote.append(target)
+        else:
+            local.append(target)
+    return local, remote
+
+
+async def check_local_recipient(ctx: CheckContext) -> Decision | None:
+    """Decide every recipient in a local domain; None for a remote one (relay rules apply)."""
+    recipient = ctx.recipient()
+    domain = await ctx.canonical_domain(recipient.domain)
+    if domain is None:
+        return None
+    # "user%remote@local", "remote!user@local", "\"user@remote\"@local": never routed, never
+    # looked up: a local domain has no such user.
+    if recipient.has_routing_characters:
+        targets = None
+    elif domain == recipient.domain and ctx.known_account(recipient.address):
+        targets = [recipient.address]  # an account: nothing to expand (R-DOM-2 is for aliases)
+    else:
+        targets = await ctx.directory.resolve(recipient.address)
+    if targets:
+        local, remote = await _split_targets(ctx, targets)
+        # Forwarding off-site through a local alias is relaying the domain's owner allowed.
+        rule = "" if targets == [recipient.address] else "R-DOM-2"
+        return accept(rule, local_mailboxes=local, remote_recipients=remote)
+    return await _unknown_recipient(ctx, domain, recipient.address)
+
+
+async def _unknown_recipient(ctx: CheckContext, domain: str, address: str) -> Decision:
+    settings = (await ctx.config.effective(domain)).recipients
+    normal = reject(550, "5.1.1", replies.unknown_user(address), "R-DOM-1")
+    if settings.unknown_recipient_action == "discard":
+        normal = Decision(policy_pb2.ACTION_DISCARD, 250, "2.1.5", replies.OK, "R-DOM-1")
+    elif settings.unknown_recipient_action == "catch_all" and settings.catch_all_address:
+        targets = await ctx.directory.resolve(settings.catch_all_address) or []
+        local, remote = await _split_targets(ctx, targets)
+        if local or remote:
+            normal = accept("R-DOM-1", local_mailboxes=local, remote_recipients=remote)
+    return await intrusion.count_unknown_recipient(ctx, normal)
+
+
+async def accept_remote(ctx: CheckContext) -> Decision | None:
+    """The last RCPT rule: a remote recipient every relay and limit rule let through."""
+    return accept("R-REL-1", local_mailboxes=(), remote_recipients=[ctx.recipient().address])

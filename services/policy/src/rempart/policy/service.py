@@ -1,0 +1,127 @@
+"""The gRPC servicer: one Check call runs the stage's pipeline of rules and answers a Verdict.
+
+Stages the policy has no rule for yet (HELO, COMMAND, DISCONNECT) are accepted. Any Redis
+failure, or any unexpected error, answers ``451 4.3.0``: fail closed, never accept (R-OPS-3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Histogram
+
+from rempart.common.config import SettingsCache
+from rempart.common.directory import Directory
+from rempart.common.events import EventBus
+from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
+from rempart.policy import intrusion, limits, recipients, relay, replies
+from rempart.policy.decision import CheckContext, Decision, Rule, accept, run_pipeline, temporary_problem
+
+log = logging.getLogger(__name__)
+
+CHECKS_TOTAL = Counter("rempart_policy_checks_total", "Policy decisions", ["stage", "action"])
+CHECK_SECONDS = Histogram(
+    "rempart_policy_check_seconds",
+    "Time to decide one Check call",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+MAX_FIELD = 1024  # any string field longer than this is refused before any rule runs
+MAX_ACCEPTED_RECIPIENTS = 100_000
+
+# Cheap checks before expensive ones; the first rule with an opinion decides.
+PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
+    policy_pb2.STAGE_CONNECT: (
+        (intrusion.screen_connection,),
+        accept("", replies.CONNECT_OK, code=220),
+    ),
+    policy_pb2.STAGE_AUTH: (
+        (intrusion.count_failed_login, relay.record_pop_before_smtp),
+        accept("", code=235, enhanced="2.7.0"),
+    ),
+    policy_pb2.STAGE_MAIL: (
+        (recipients.check_sender_syntax, relay.check_auth_sender, limits.check_size_param),
+        accept("", code=250, enhanced="2.1.0"),
+    ),
+    policy_pb2.STAGE_RCPT: (
+        (
+            recipients.check_syntax,
+            limits.check_recipient_count,
+            relay.check_local_sender,
+            recipients.check_local_recipient,
+            relay.check_relay,
+            limits.check_daily_external,
+            recipients.accept_remote,
+        ),
+        accept("", code=250, enhanced="2.1.5"),
+    ),
+    policy_pb2.STAGE_DATA: (
+        (limits.check_hops, limits.check_message_size, intrusion.check_message),
+        accept("", code=250, enhanced="2.0.0"),
+    ),
+    policy_pb2.STAGE_RSET: ((intrusion.count_rset,), accept("", code=250, enhanced="2.0.0")),
+}
+DEFAULT_PIPELINE: tuple[Sequence[Rule], Decision] = ((), accept(""))
+
+
+def _oversized(request: policy_pb2.CheckRequest) -> bool:
+    fields = (
+        request.mail_from, request.recipient, request.auth_login, request.command, request.auth_failure,
+        request.session.session_id, request.session.client_ip, request.session.helo_name,
+        request.session.authenticated_account,
+    )
+    return any(len(f) > MAX_FIELD for f in fields) or len(request.accepted_recipients) > MAX_ACCEPTED_RECIPIENTS
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, redis: aioredis.Redis, config: SettingsCache, events: EventBus) -> None:
+        self._redis = redis
+        self._config = config
+        self._directory = Directory(redis)
+        self._events = events
+
+    async def decide(self, request: policy_pb2.CheckRequest) -> Decision:
+        if _oversized(request):
+            return temporary_problem("oversized-request")
+        ctx = CheckContext(
+            request, redis=self._redis, config=self._config, directory=self._directory, events=self._events
+        )
+        if ctx.ip is None:
+            # The edge always knows the peer's address; anything else is an edge bug: fail closed.
+            return temporary_problem("bad-client-ip")
+        rules, default = PIPELINES.get(request.stage, DEFAULT_PIPELINE)
+        try:
+            return await run_pipeline(ctx, rules, default)
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("redis failed, failing closed: %s", exc, extra={"session": request.session.session_id})
+            return temporary_problem("redis-unavailable")
+
+    async def Check(  # the gRPC method name
+        self, request: policy_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> policy_pb2.Verdict:
+        started = time.perf_counter()
+        stage = policy_pb2.Stage.Name(request.stage) if request.stage in policy_pb2.Stage.values() else "UNKNOWN"
+        try:
+            decision = await self.decide(request)
+        except Exception:  # a bug must never turn into an accept
+            log.exception("policy check failed", extra={"session": request.session.session_id})
+            decision = temporary_problem("internal-error")
+        action = policy_pb2.Action.Name(decision.action)
+        CHECKS_TOTAL.labels(stage, action).inc()
+        CHECK_SECONDS.observe(time.perf_counter() - started)
+        log.info(
+            "decision",
+            extra={
+                "session": request.session.session_id,
+                "stage": stage,
+                "action": action,
+                "code": decision.code,
+                "rule": decision.rule,
+                "client_ip": request.session.client_ip,
+            },
+        )
+        return decision.to_verdict()

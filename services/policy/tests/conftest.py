@@ -1,0 +1,22 @@
+"""Fixtures: the policy service running in-process on port 0 against the real Redis and NATS."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+# Tests import their helpers from policy_testkit (pytest runs with --import-mode=importlib).
+sys.path.insert(0, str(Path(__file__).parent))
+
+from policy_testkit import Policy, make_directory, started_policy
+
+
+@pytest.fixture
+async def policy(redis_url: str, nats_url: str, redis: aioredis.Redis) -> AsyncIterator[Policy]:
+    await make_directory(redis)
+    async with started_policy(redis_url, nats_url, redis) as running:
+        yield running
