@@ -1,0 +1,3 @@
+from rempart.imap_pop.app import main
+
+main()

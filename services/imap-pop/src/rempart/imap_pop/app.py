@@ -1,0 +1,78 @@
+"""``python -m rempart.imap_pop``: the IMAP and POP3 service."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from rempart.common.clients import AuthClient, PolicyClient
+from rempart.common.config import SettingsCache
+from rempart.common.grpcutil import channel_check
+from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
+from rempart.common.runtime import ServiceRuntime
+from rempart.common.tls import CertPair, ServerTls
+from rempart.imap_pop.server import ImapPopServer
+from rempart.imap_pop.session import Backend
+from rempart.imap_pop.settings import Settings
+
+log = logging.getLogger(__name__)
+TLS_RELOAD_SECONDS = 60.0
+
+
+def build_tls(settings: Settings, config: SettingsCache) -> ServerTls | None:
+    if not settings.tls_cert_file or not settings.tls_key_file:
+        if settings.environment == "prod":
+            raise ValueError("REMPART_TLS_CERT_FILE and REMPART_TLS_KEY_FILE are required in prod")
+        log.warning("no TLS certificate configured: STARTTLS, IMAPS and POP3S are off")
+        return None
+    tls = config.server.tls
+    return ServerTls(CertPair(settings.tls_cert_file, settings.tls_key_file), min_version=tls.min_version,
+                     cipher_preset=tls.cipher_preset, honor_server_order=tls.honor_server_order)
+
+
+async def _reload_tls(tls: ServerTls) -> None:
+    # Certificates renewed on disk (a Kubernetes Secret update) are served without a restart.
+    while True:
+        await asyncio.sleep(TLS_RELOAD_SECONDS)
+        tls.reload()
+
+
+async def serve(settings: Settings) -> None:
+    async with ServiceRuntime("imap-pop", settings) as rt:
+        tls = build_tls(settings, rt.config)
+        policy = PolicyClient(settings.policy_target, settings.grpc_timeout_seconds)
+        auth = AuthClient(settings.auth_target, settings.grpc_timeout_seconds)
+        rt.ops.add_check("policy", channel_check(policy.channel))
+        rt.ops.add_check("auth", channel_check(auth.channel))
+        index = MailboxIndex(rt.redis)
+        backend = Backend(settings=settings, redis=rt.redis, nc=rt.nc, store=await MessageStore.open(rt.js),
+                          index=index, config=rt.config, policy=policy, auth=auth, tls=tls,
+                          instance=rt.instance)
+        if tls is not None:
+            tls_policy = tls
+
+            async def apply_tls_policy() -> None:
+                current = rt.config.server.tls
+                tls_policy.set_policy(current.min_version, current.cipher_preset, current.honor_server_order)
+
+            rt.config.on_change(apply_tls_policy)
+        server = ImapPopServer(backend)
+        await server.start()
+        background: list[asyncio.Task[None]] = []
+        if settings.run_indexer:
+            background.append(asyncio.create_task(run_indexer(rt.js, index), name="indexer"))
+        if tls is not None:
+            background.append(asyncio.create_task(_reload_tls(tls), name="tls-reload"))
+        await rt.wait_for_shutdown()
+        await server.drain(settings.shutdown_grace_seconds)
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await policy.close()
+        await auth.close()
+
+
+def main() -> None:
+    asyncio.run(serve(Settings()))

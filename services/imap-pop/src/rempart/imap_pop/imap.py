@@ -1,0 +1,938 @@
+"""IMAP4rev1 (RFC 3501) with IDLE (2177), UIDPLUS (4315), MOVE (6851), NAMESPACE (2342),
+ID (2971), ENABLE (5161), LITERAL+ (7888), SASL-IR (4959), UNSELECT (3691).
+
+A mailbox is the canonical account address the auth service returned; its folders, UIDs and
+flags are the Redis index (:class:`MailboxIndex`); message bytes come from the blob store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from email.message import Message
+
+from nats.aio.msg import Msg
+
+from rempart.common.events import mailbox_changed_subject
+from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.imap_pop import message as M
+from rempart.imap_pop import replies as R
+from rempart.imap_pop.imapproto import (
+    Atom,
+    FetchItem,
+    ImapSyntaxError,
+    SequenceSet,
+    Token,
+    in_sequence_set,
+    is_nil,
+    literal,
+    literal_at_end,
+    parse_fetch_items,
+    parse_sequence_set,
+    quote,
+    split_tag,
+    text_of,
+    tokenize,
+    wildcard_match,
+)
+from rempart.imap_pop.session import LoginResult, Session, verdict_text
+from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
+
+log = logging.getLogger(__name__)
+
+SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
+FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
+MAX_FLAGS = 50
+MAX_FOLDERS = 1000
+MAX_FOLDER_NAME = 200
+MAX_LITERALS_PER_COMMAND = 16
+DELIMITER = "/"
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+class CloseSession(Exception):
+    """Say nothing more; close the connection."""
+
+
+class No(Exception):
+    """A tagged NO (or BAD when ``bad``) with this text."""
+
+    def __init__(self, text: str, bad: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.bad = bad
+
+
+@dataclass
+class Command:
+    tag: str
+    name: str
+    args: list[Token]
+    uid: bool = False
+
+
+Handler = Callable[[Command], Awaitable[None]]
+
+
+class ImapSession(Session):
+    folder: str | None = None
+    readonly: bool = False
+    view: list[IndexedMessage]
+    uidvalidity: int = 0
+    closing: bool = False
+    changed: asyncio.Event
+
+    # Output
+    def out(self, line: str | bytes) -> None:
+        self.stream.write((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
+                "UNSELECT", "CHILDREN"]
+        if not self.account:
+            if self.tls_available():
+                caps.append("STARTTLS")
+            if self.plaintext_auth_allowed():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+        return " ".join(caps)
+
+    # Session loop
+    async def run(self) -> None:
+        self.view = []
+        self.changed = asyncio.Event()
+        verdict = await self.connect_verdict()
+        if verdict.action == policy_pb2.ACTION_TEMPFAIL:
+            await self.stream.send(R.IMAP_BYE_TEMPFAIL.encode() + b"\r\n")
+            return
+        if verdict.action in (policy_pb2.ACTION_REJECT, policy_pb2.ACTION_CLOSE):
+            await self.stream.send(f"* BYE {verdict_text(verdict)}\r\n".encode())
+            return
+        self.out(f"* OK [CAPABILITY {self.capabilities()}] {R.IMAP_GREETING}")
+        await self.stream.writer.drain()
+        subscription = None
+        try:
+            while not self.closing:
+                if self.backend.draining:
+                    self.out(R.IMAP_BYE_SHUTDOWN)
+                    await self.stream.writer.drain()
+                    return
+                if subscription is None and self.account:
+                    subscription = await self.backend.nc.subscribe(
+                        mailbox_changed_subject(self.account), cb=self._on_changed
+                    )
+                command = await self._next_command()
+                if command is None:
+                    return
+                await self._execute(command)
+                await self.stream.writer.drain()
+        except (CloseSession, StreamDesynchronised):
+            return
+        finally:
+            if subscription is not None:
+                try:
+                    await subscription.unsubscribe()
+                except Exception as exc:  # noqa: BLE001 - NATS gone at shutdown
+                    log.debug("unsubscribe failed: %s", exc)
+
+    async def _on_changed(self, _msg: Msg) -> None:
+        self.changed.set()
+
+    async def _next_command(self) -> Command | None:
+        """Read one complete command; None at end of stream or after a BYE."""
+        while True:
+            self.waiting_for_command = True
+            try:
+                async with asyncio.timeout(self.backend.settings.imap_idle_timeout_seconds):
+                    line = await self.stream.readline(R.MAX_LINE)
+            except TimeoutError:
+                await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
+                return None
+            except LineTooLong:
+                self.out(R.IMAP_LINE_TOO_LONG)
+                await self._count_bad()
+                await self.stream.writer.drain()
+                continue
+            finally:
+                self.waiting_for_command = False
+            if line is None:
+                return None
+            if not line.strip():
+                continue
+            try:
+                tag, name = split_tag(line)
+            except ImapSyntaxError as exc:
+                self.out(f"* BAD {exc}")
+                await self._count_bad()
+                await self.stream.writer.drain()
+                continue
+            parts = await self._read_literals(tag, name, line)
+            if parts is None:
+                continue
+            try:
+                tokens = tokenize(parts)
+            except ImapSyntaxError as exc:
+                self.out(f"{tag} BAD {exc}")
+                await self._count_bad()
+                continue
+            args = tokens[2:]
+            if name == "UID":
+                if not args or not isinstance(args[0], Atom):
+                    self.out(f"{tag} BAD UID needs a command")
+                    await self._count_bad()
+                    continue
+                return Command(tag, str(args[0]).upper(), args[1:], uid=True)
+            return Command(tag, name, args)
+
+    async def _read_literals(self, tag: str, name: str, line: bytes) -> list[bytes] | None:
+        parts = [line]
+        limit = R.MAX_APPEND if name == "APPEND" else R.MAX_LITERAL
+        total = 0
+        while (marker := literal_at_end(parts[-1])) is not None:
+            total += marker.size
+            if total > limit or len(parts) > 2 * MAX_LITERALS_PER_COMMAND:
+                if not marker.synchronising:
+                    # LITERAL+: the bytes are already on their way; we cannot find the next
+                    # command in them, so the stream is lost.
+                    self.out(f"{tag} {R.IMAP_LITERAL_TOO_LARGE}")
+                    self.out(R.IMAP_BYE_DESYNC)
+                    await self.stream.writer.drain()
+                    raise CloseSession
+                self.out(f"{tag} {R.IMAP_LITERAL_TOO_LARGE}")
+                await self._count_bad()
+                await self.stream.writer.drain()
+                return None
+            if marker.synchronising:
+                await self.stream.send(b"+ Ready for literal data\r\n")
+            data = await self.stream.readexactly(marker.size)
+            if data is None:
+                raise CloseSession
+            parts.append(data)
+            try:
+                rest = await self.stream.readline(R.MAX_LINE)
+            except LineTooLong:
+                self.out(f"{tag} BAD Line too long")
+                await self._count_bad()
+                return None
+            if rest is None:
+                raise CloseSession
+            parts.append(rest)
+        return parts
+
+    async def _count_bad(self) -> None:
+        self.bad_commands += 1
+        if self.bad_commands >= R.MAX_BAD_COMMANDS:
+            self.out(R.IMAP_BYE_TOO_MANY_BAD)
+            await self.stream.writer.drain()
+            raise CloseSession
+
+    def _handlers(self) -> dict[str, Handler]:
+        anywhere: dict[str, Handler] = {
+            "CAPABILITY": self.cmd_capability, "NOOP": self.cmd_noop, "LOGOUT": self.cmd_logout,
+            "ID": self.cmd_id,
+        }
+        if not self.account:
+            return anywhere | {
+                "STARTTLS": self.cmd_starttls, "LOGIN": self.cmd_login, "AUTHENTICATE": self.cmd_authenticate,
+            }
+        authenticated = anywhere | {
+            "SELECT": self.cmd_select, "EXAMINE": self.cmd_select, "LIST": self.cmd_list, "LSUB": self.cmd_list,
+            "STATUS": self.cmd_status, "CREATE": self.cmd_create, "DELETE": self.cmd_delete,
+            "SUBSCRIBE": self.cmd_subscribe, "UNSUBSCRIBE": self.cmd_subscribe, "RENAME": self.cmd_rename,
+            "APPEND": self.cmd_append, "NAMESPACE": self.cmd_namespace, "ENABLE": self.cmd_enable,
+            "IDLE": self.cmd_idle,
+        }
+        if self.folder is None:
+            return authenticated
+        return authenticated | {
+            "CHECK": self.cmd_noop, "CLOSE": self.cmd_close, "UNSELECT": self.cmd_close,
+            "EXPUNGE": self.cmd_expunge, "SEARCH": self.cmd_search, "FETCH": self.cmd_fetch,
+            "STORE": self.cmd_store, "COPY": self.cmd_copy, "MOVE": self.cmd_copy,
+        }
+
+    async def _execute(self, command: Command) -> None:
+        handler = self._handlers().get(command.name)
+        uid_ok = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
+        if handler is None or (command.uid and command.name not in uid_ok):
+            self.out(f"{command.tag} BAD Unknown command or wrong state")
+            await self._count_bad()
+            return
+        try:
+            await handler(command)
+        except ImapSyntaxError as exc:
+            self.out(f"{command.tag} BAD {exc}")
+            await self._count_bad()
+        except No as exc:
+            self.out(f"{command.tag} {'BAD' if exc.bad else 'NO'} {exc.text}")
+            if exc.bad:
+                await self._count_bad()
+        except (CloseSession, StreamDesynchronised):
+            raise
+        except (OSError, ConnectionError):
+            raise CloseSession from None
+        except Exception as exc:  # noqa: BLE001 - Redis or NATS failing: fail closed, temporarily
+            log.warning("command failed: %s", exc, extra={"session": self.session_id, "command": command.name})
+            self.out(f"{command.tag} {R.IMAP_TEMPFAIL}")
+
+    def ok(self, command: Command, text: str = "") -> None:
+        name = f"UID {command.name}" if command.uid else command.name
+        self.out(f"{command.tag} OK {text or name + ' completed'}")
+
+    # Any state
+    async def cmd_capability(self, command: Command) -> None:
+        self.out(f"* CAPABILITY {self.capabilities()}")
+        self.ok(command)
+
+    async def cmd_noop(self, command: Command) -> None:
+        if self.folder is not None:
+            await self.refresh(expunges=True)
+        self.ok(command)
+
+    async def cmd_logout(self, command: Command) -> None:
+        self.out(R.IMAP_BYE_LOGOUT)
+        self.ok(command)
+        self.closing = True
+
+    async def cmd_id(self, command: Command) -> None:
+        self.out('* ID ("name" "Rempart")')
+        self.ok(command)
+
+    # Not authenticated
+    async def cmd_starttls(self, command: Command) -> None:
+        if not self.tls_available() or self.backend.tls is None:
+            raise No("STARTTLS not available", bad=True)
+        dropped = await self.stream.start_tls(
+            self.backend.tls.context(), self.backend.settings.tls_handshake_timeout_seconds,
+            reply=f"{command.tag} OK Begin TLS negotiation now\r\n".encode(),
+        )
+        if dropped:
+            log.warning("discarded plaintext pipelined after STARTTLS",
+                        extra={"session": self.session_id, "bytes": dropped})
+
+    async def cmd_login(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError("LOGIN needs user name and password")
+        if not self.plaintext_auth_allowed():
+            raise No(R.IMAP_PRIVACY_REQUIRED[3:])
+        await self._login(command, text_of(command.args[0]), text_of(command.args[1]), "LOGIN")
+
+    async def cmd_authenticate(self, command: Command) -> None:
+        if not command.args or not isinstance(command.args[0], Atom):
+            raise ImapSyntaxError("AUTHENTICATE needs a mechanism")
+        if str(command.args[0]).upper() != "PLAIN":
+            raise No("Unsupported authentication mechanism")
+        if not self.plaintext_auth_allowed():
+            raise No(R.IMAP_PRIVACY_REQUIRED[3:])
+        if len(command.args) > 1:
+            response = text_of(command.args[1])  # SASL-IR
+            if response == "=":
+                response = ""
+        else:
+            await self.stream.send(b"+ \r\n")
+            try:
+                line = await self.stream.readline(R.MAX_LINE)
+            except LineTooLong:
+                raise No("Line too long", bad=True) from None
+            if line is None:
+                raise CloseSession
+            response = line.decode("ascii", "replace").strip()
+        if response == "*":
+            raise No("Authentication cancelled", bad=True)
+        try:
+            fields = base64.b64decode(response, validate=True).split(b"\0")
+        except (binascii.Error, ValueError):
+            raise No("Bad base64 in response", bad=True) from None
+        if len(fields) != 3:
+            raise No("Bad PLAIN response", bad=True)
+        authz, authc, password = (f.decode("utf-8", "replace") for f in fields)
+        if authz and authz != authc:
+            raise No(R.IMAP_AUTH_FAILED[3:])
+        await self._login(command, authc, password, "PLAIN")
+
+    async def _login(self, command: Command, login: str, password: str, mechanism: str) -> None:
+        result, close = await self.login(login, password, mechanism)
+        if result is LoginResult.OK:
+            self.ok(command, f"[CAPABILITY {self.capabilities()}] Logged in")
+            return
+        self.out(f"{command.tag} {R.IMAP_AUTH_FAILED if result is LoginResult.FAILED else R.IMAP_TEMPFAIL}")
+        if close:
+            self.out("* BYE Connection closed by policy")
+            await self.stream.writer.drain()
+            raise CloseSession
+
+    # Authenticated
+    def _folder_name(self, token: Token) -> str:
+        name = text_of(token)
+        if name.upper() == "INBOX":
+            return INBOX
+        if (not name or len(name) > MAX_FOLDER_NAME or any(c in name for c in "*%{}\r\n\0\\\"")
+                or name.startswith(DELIMITER) or name.endswith(DELIMITER) or "//" in name):
+            raise No("[CANNOT] Invalid mailbox name")
+        return name
+
+    async def cmd_select(self, command: Command) -> None:
+        if len(command.args) < 1:
+            raise ImapSyntaxError("SELECT needs a mailbox")
+        self.folder = None
+        self.view = []
+        folder = self._folder_name(command.args[0])
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        status = await self.backend.index.status(self.account, folder)
+        self.view = await self.backend.index.messages(self.account, folder)
+        self.folder = folder
+        self.readonly = command.name == "EXAMINE"
+        self.uidvalidity = status.uidvalidity
+        self.changed.clear()
+        self.out(f"* FLAGS {FLAGS_LIST}")
+        self.out(f"* {len(self.view)} EXISTS")
+        self.out("* 0 RECENT")
+        unseen = next((i for i, m in enumerate(self.view, 1) if "\\Seen" not in m.flags), None)
+        if unseen is not None:
+            self.out(f"* OK [UNSEEN {unseen}] First unseen")
+        self.out(f"* OK [UIDVALIDITY {status.uidvalidity}] UIDs valid")
+        self.out(f"* OK [UIDNEXT {status.uidnext}] Predicted next UID")
+        permanent = "()" if self.readonly else "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
+        self.out(f"* OK [PERMANENTFLAGS {permanent}] Limited")
+        self.ok(command, f"[{'READ-ONLY' if self.readonly else 'READ-WRITE'}] {command.name} completed")
+
+    async def cmd_list(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError(f"{command.name} needs reference and pattern")
+        reference, pattern = text_of(command.args[0]), text_of(command.args[1])
+        if not pattern:
+            self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
+            self.ok(command)
+            return
+        full = reference + pattern
+        folders = (await self.backend.index.folders(self.account))[:MAX_FOLDERS]
+        names = set(folders)
+        for folder in folders:
+            if not wildcard_match(full, folder) and not (
+                full.upper() == "INBOX" and folder == INBOX
+            ):
+                continue
+            children = any(n.startswith(folder + DELIMITER) for n in names)
+            attribute = "\\HasChildren" if children else "\\HasNoChildren"
+            self.out(f'* {command.name} ({attribute}) "{DELIMITER}" {quote(folder)}')
+        self.ok(command)
+
+    async def cmd_status(self, command: Command) -> None:
+        if len(command.args) != 2 or not isinstance(command.args[1], list):
+            raise ImapSyntaxError("STATUS needs a mailbox and a list")
+        folder = self._folder_name(command.args[0])
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        status = await self.backend.index.status(self.account, folder)
+        out = []
+        messages: list[IndexedMessage] | None = None
+        for item in command.args[1]:
+            name = text_of(item).upper()
+            if name == "MESSAGES":
+                out.append(f"MESSAGES {status.exists}")
+            elif name == "RECENT":
+                out.append("RECENT 0")
+            elif name == "UIDNEXT":
+                out.append(f"UIDNEXT {status.uidnext}")
+            elif name == "UIDVALIDITY":
+                out.append(f"UIDVALIDITY {status.uidvalidity}")
+            elif name == "UNSEEN":
+                if messages is None:
+                    messages = await self.backend.index.messages(self.account, folder)
+                unseen = sum(1 for m in messages if "\\Seen" not in m.flags)
+                out.append(f"UNSEEN {unseen}")
+            else:
+                raise ImapSyntaxError("unknown STATUS item")
+        self.out(f"* STATUS {quote(folder)} ({' '.join(out)})")
+        self.ok(command)
+
+    async def cmd_create(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("CREATE needs a mailbox")
+        folder = self._folder_name(command.args[0])
+        folders = await self.backend.index.folders(self.account)
+        if folder in folders:
+            raise No("[ALREADYEXISTS] Mailbox exists")
+        if len(folders) >= MAX_FOLDERS:
+            raise No("[LIMIT] Too many mailboxes")
+        await self.backend.index.create_folder(self.account, folder)
+        self.ok(command)
+
+    async def cmd_delete(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("DELETE needs a mailbox")
+        folder = self._folder_name(command.args[0])
+        if folder == INBOX:
+            raise No("[CANNOT] INBOX cannot be deleted")
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        if (await self.backend.index.status(self.account, folder)).exists:
+            raise No("[INUSE] Mailbox is not empty")
+        await self.backend.delete_folder(self.account, folder)
+        if self.folder == folder:
+            self.folder = None
+            self.view = []
+        self.ok(command)
+
+    async def cmd_rename(self, command: Command) -> None:
+        raise No("[CANNOT] RENAME is not supported")
+
+    async def cmd_subscribe(self, command: Command) -> None:
+        # Every folder is listed in LSUB: subscriptions are accepted and need no state.
+        if len(command.args) != 1:
+            raise ImapSyntaxError(f"{command.name} needs a mailbox")
+        self._folder_name(command.args[0])
+        self.ok(command)
+
+    async def cmd_namespace(self, command: Command) -> None:
+        self.out(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL')
+        self.ok(command)
+
+    async def cmd_enable(self, command: Command) -> None:
+        self.out("* ENABLED")
+        self.ok(command)
+
+    async def cmd_append(self, command: Command) -> None:
+        args = command.args
+        if len(args) < 2 or not isinstance(args[-1], bytes):
+            raise ImapSyntaxError("APPEND needs a mailbox and a literal")
+        folder = self._folder_name(args[0])
+        flags: list[str] = []
+        for extra in args[1:-1]:
+            if isinstance(extra, list):
+                flags = sorted(self._parse_flags(extra))
+            elif not isinstance(extra, str) or not _parse_datetime(extra):
+                raise ImapSyntaxError("bad APPEND argument")
+        data = args[-1]
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[TRYCREATE] No such mailbox")
+        record, _ = await self.backend.store.append(self.account, folder, data, flags)
+        uids = await self.backend.index.apply(record)
+        status = await self.backend.index.status(self.account, folder)
+        await self.backend.publish_changed(self.account, folder)
+        if self.folder == folder:
+            await self.refresh(expunges=False)
+        self.ok(command, f"[APPENDUID {status.uidvalidity} {uids.get(self.account, 0)}] APPEND completed")
+
+    async def cmd_idle(self, command: Command) -> None:
+        await self.stream.send(b"+ idling\r\n")
+        self.changed.clear()
+        settings = self.backend.settings
+        deadline = asyncio.get_running_loop().time() + settings.imap_idle_timeout_seconds
+        line_task = asyncio.ensure_future(self.stream.readline(R.MAX_LINE))
+        self.waiting_for_command = True
+        try:
+            while True:
+                if self.folder is not None:
+                    await self.refresh(expunges=True)
+                    await self.stream.writer.drain()
+                changed_task = asyncio.ensure_future(self.changed.wait())
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    changed_task.cancel()
+                    await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
+                    raise CloseSession
+                done, _ = await asyncio.wait(
+                    {line_task, changed_task}, timeout=min(settings.idle_poll_seconds, remaining),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                changed_task.cancel()
+                self.changed.clear()
+                if line_task in done:
+                    break
+        finally:
+            self.waiting_for_command = False
+            if not line_task.done():
+                line_task.cancel()
+        try:
+            line = line_task.result()
+        except LineTooLong:
+            raise No("Line too long", bad=True) from None
+        if line is None:
+            raise CloseSession
+        if line.strip().upper() != b"DONE":
+            raise No("Expected DONE", bad=True)
+        self.ok(command, "IDLE terminated")
+
+    # Selected
+    async def refresh(self, expunges: bool) -> None:
+        """Tell the client what changed since it last looked (RFC 3501 7.3, 7.4.1)."""
+        if self.folder is None:
+            return
+        current = await self.backend.index.messages(self.account, self.folder)
+        by_uid = {m.uid: m for m in current}
+        if expunges:
+            for seq in range(len(self.view), 0, -1):
+                if self.view[seq - 1].uid not in by_uid:
+                    del self.view[seq - 1]
+                    self.out(f"* {seq} EXPUNGE")
+        for seq, old in enumerate(self.view, 1):
+            new = by_uid.get(old.uid)
+            if new is not None and new.flags != old.flags:
+                self.view[seq - 1] = new
+                self.out(f"* {seq} FETCH (FLAGS {_flags(new.flags)})")
+        highest = self.view[-1].uid if self.view else 0
+        added = [m for m in current if m.uid > highest]
+        if added:
+            self.view.extend(added)
+            self.out(f"* {len(self.view)} EXISTS")
+
+    def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
+        if uid:
+            largest = self.view[-1].uid if self.view else 0
+            ranges = parse_sequence_set(text, largest)
+            # RFC 3501 6.4.8: "n:*" always includes the highest UID, even below n.
+            return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(m.uid, ranges)
+                    or (m is self.view[-1] and _star_range_hits(text, ranges, m.uid))]
+        ranges = parse_sequence_set(text, len(self.view))
+        if any(high > len(self.view) for _, high in ranges):
+            raise No("Invalid message sequence number", bad=True)
+        return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(i, ranges)]
+
+    async def _content(self, message: IndexedMessage) -> bytes:
+        return M.normalise(await self.backend.store.read_blob(message.blob))
+
+    async def cmd_fetch(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError("FETCH needs a sequence set and items")
+        selected = self._select(text_of(command.args[0]), command.uid)
+        items = parse_fetch_items(command.args[1])
+        if command.uid and not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))
+        needs_content = any(i.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for i in items)
+        sets_seen = not self.readonly and any(
+            (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
+        )
+        for seq, message in selected:
+            data = await self._content(message) if needs_content else b""
+            parsed = M.parse(data) if any(i.name in ("ENVELOPE", "BODYSTRUCTURE") or
+                                          (i.name == "BODY" and not i.bracketed) for i in items) else None
+            flags_changed = False
+            if sets_seen and "\\Seen" not in message.flags:
+                message = await self._set_flags(seq, message, set(message.flags) | {"\\Seen"})
+                flags_changed = True
+            parts: list[bytes] = []
+            for item in items:
+                parts.append(self._fetch_one(item, message, data, parsed))
+            if flags_changed and not any(i.name == "FLAGS" for i in items):
+                parts.append(f"FLAGS {_flags(message.flags)}".encode())
+            self.out(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")")
+        self.ok(command)
+
+    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes, parsed: Message | None) -> bytes:
+        name = item.name
+        if name == "UID":
+            return f"UID {message.uid}".encode()
+        if name == "FLAGS":
+            return f"FLAGS {_flags(message.flags)}".encode()
+        if name == "RFC822.SIZE":
+            return f"RFC822.SIZE {message.size}".encode()
+        if name == "INTERNALDATE":
+            return f'INTERNALDATE "{_internal_date(message.internal_date_ms)}"'.encode()
+        if name == "ENVELOPE" and parsed is not None:
+            return f"ENVELOPE {M.envelope(parsed)}".encode()
+        if name in ("BODYSTRUCTURE", "BODY") and not item.bracketed and parsed is not None:
+            return f"{name} {M.bodystructure(parsed)}".encode()
+        if name == "RFC822":
+            return b"RFC822 " + literal(data)
+        if name == "RFC822.HEADER":
+            return b"RFC822.HEADER " + literal(M.split_header(data)[0])
+        if name == "RFC822.TEXT":
+            return b"RFC822.TEXT " + literal(M.split_header(data)[1])
+        content = M.section_bytes(data, item.part, item.section, item.fields)
+        if item.partial is not None:
+            start, count = item.partial
+            content = content[start : start + count]
+        return item.response_name().encode() + b" " + literal(content)
+
+    async def _set_flags(self, seq: int, message: IndexedMessage, flags: set[str]) -> IndexedMessage:
+        assert self.folder is not None
+        await self.backend.index.set_flags(self.account, self.folder, message.uid, flags)
+        updated = IndexedMessage(message.uid, message.blob, message.size, message.internal_date_ms,
+                                 frozenset(flags), message.transaction_id)
+        self.view[seq - 1] = updated
+        return updated
+
+    def _parse_flags(self, tokens: list[Token]) -> set[str]:
+        flags: set[str] = set()
+        for token in tokens:
+            if not isinstance(token, Atom) or not token:
+                raise ImapSyntaxError("bad flag")
+            flag = str(token)
+            if flag.startswith("\\"):
+                if flag.upper() == "\\RECENT":
+                    continue
+                if flag.upper() not in SYSTEM_FLAGS:
+                    raise ImapSyntaxError("unknown system flag")
+                flag = flag[0] + flag[1].upper() + flag[2:].lower()
+            elif any(c in flag for c in "[]") or len(flag) > 64:
+                raise ImapSyntaxError("bad keyword")
+            flags.add(flag)
+        if len(flags) > MAX_FLAGS:
+            raise No("[LIMIT] Too many flags")
+        return flags
+
+    async def cmd_store(self, command: Command) -> None:
+        if len(command.args) != 3 or not isinstance(command.args[1], Atom):
+            raise ImapSyntaxError("STORE needs a sequence set, an item and flags")
+        if self.readonly:
+            raise No("[READ-ONLY] Mailbox is read-only")
+        selected = self._select(text_of(command.args[0]), command.uid)
+        item = str(command.args[1]).upper()
+        silent = item.endswith(".SILENT")
+        mode = item.removesuffix(".SILENT")
+        if mode not in ("FLAGS", "+FLAGS", "-FLAGS"):
+            raise ImapSyntaxError("bad STORE item")
+        value = command.args[2]
+        flags = self._parse_flags(value if isinstance(value, list) else [value])
+        for seq, message in selected:
+            if mode == "FLAGS":
+                new = set(flags)
+            elif mode == "+FLAGS":
+                new = set(message.flags) | flags
+            else:
+                new = set(message.flags) - flags
+            if len(new) > MAX_FLAGS:
+                raise No("[LIMIT] Too many flags")
+            if new != set(message.flags):
+                message = await self._set_flags(seq, message, new)
+            if not silent:
+                uid = f"UID {message.uid} " if command.uid else ""
+                self.out(f"* {seq} FETCH ({uid}FLAGS {_flags(message.flags)})")
+        if selected:
+            await self.backend.publish_changed(self.account, self.folder or INBOX)
+        self.ok(command)
+
+    async def _expunge(self, doomed: list[tuple[int, IndexedMessage]], announce: bool) -> None:
+        assert self.folder is not None
+        if not doomed:
+            return
+        await expunge(self.backend.store, self.backend.index, self.account, self.folder, [m for _, m in doomed])
+        for seq, _ in sorted(doomed, key=lambda x: x[0], reverse=True):
+            del self.view[seq - 1]
+            if announce:
+                self.out(f"* {seq} EXPUNGE")
+        await self.backend.publish_changed(self.account, self.folder)
+
+    async def cmd_expunge(self, command: Command) -> None:
+        if self.readonly:
+            raise No("[READ-ONLY] Mailbox is read-only")
+        doomed = [(i, m) for i, m in enumerate(self.view, 1) if "\\Deleted" in m.flags]
+        if command.uid:
+            if len(command.args) != 1:
+                raise ImapSyntaxError("UID EXPUNGE needs a UID set")
+            wanted = {m.uid for _, m in self._select(text_of(command.args[0]), uid=True)}
+            doomed = [(i, m) for i, m in doomed if m.uid in wanted]
+        await self._expunge(doomed, announce=True)
+        self.ok(command)
+
+    async def cmd_close(self, command: Command) -> None:
+        if command.name == "CLOSE" and not self.readonly:
+            # RFC 3501 6.4.2: CLOSE expunges silently.
+            await self._expunge([(i, m) for i, m in enumerate(self.view, 1) if "\\Deleted" in m.flags],
+                                announce=False)
+        self.folder = None
+        self.view = []
+        self.ok(command)
+
+    async def cmd_copy(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError(f"{command.name} needs a sequence set and a mailbox")
+        if command.name == "MOVE" and self.readonly:
+            raise No("[READ-ONLY] Mailbox is read-only")
+        selected = self._select(text_of(command.args[0]), command.uid)
+        target = self._folder_name(command.args[1])
+        if not await self.backend.folder_exists(self.account, target):
+            raise No("[TRYCREATE] No such mailbox")
+        source_uids, target_uids = [], []
+        for _, message in selected:
+            data = await self.backend.store.read_blob(message.blob)
+            record, _ = await self.backend.store.append(self.account, target, data, sorted(message.flags))
+            uids = await self.backend.index.apply(record)
+            source_uids.append(message.uid)
+            target_uids.append(uids[self.account])
+        status = await self.backend.index.status(self.account, target)
+        await self.backend.publish_changed(self.account, target)
+        code = ""
+        if source_uids:
+            code = f"[COPYUID {status.uidvalidity} {','.join(map(str, source_uids))} " \
+                   f"{','.join(map(str, target_uids))}] "
+        if command.name == "MOVE":
+            if code:
+                self.out(f"* OK {code}Moved")
+            await self._expunge(selected, announce=True)
+            self.ok(command)
+            return
+        self.ok(command, f"{code}{'UID ' if command.uid else ''}COPY completed")
+
+    async def cmd_search(self, command: Command) -> None:
+        args = list(command.args)
+        if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "CHARSET":
+            if text_of(args[1]).upper() not in ("UTF-8", "US-ASCII"):
+                raise No("[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+            args = args[2:]
+        if not args:
+            raise ImapSyntaxError("SEARCH needs criteria")
+        query = _SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0).parse()
+        found: list[int] = []
+        for seq, message in enumerate(self.view, 1):
+            content = await self._content(message) if query.needs_content else b""
+            if query.match(seq, message, content):
+                found.append(message.uid if command.uid else seq)
+        self.out("* SEARCH" + "".join(f" {n}" for n in found))
+        self.ok(command)
+
+
+def _star_range_hits(text: str, ranges: SequenceSet, uid: int) -> bool:
+    return "*" in text and any(high == uid for _, high in ranges)
+
+
+def _flags(flags: frozenset[str]) -> str:
+    return "(" + " ".join(sorted(flags)) + ")"
+
+
+def _internal_date(ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return f"{moment.day:02d}-{MONTHS[moment.month - 1]}-{moment.year:04d} {moment:%H:%M:%S} +0000"
+
+
+def _parse_date(text: str) -> datetime.date | None:
+    try:
+        day, month, year = text.split("-")
+        return datetime.date(int(year), MONTHS.index(month.capitalize()) + 1, int(day))
+    except ValueError:
+        return None
+
+
+def _parse_datetime(text: str) -> bool:
+    """An APPEND date-time is only checked: the index keeps the arrival time."""
+    parts = text.strip().split(" ")
+    return len(parts) == 3 and _parse_date(parts[0]) is not None
+
+
+class _Query:
+    def __init__(self, test: Callable[[int, IndexedMessage, bytes], bool], needs_content: bool) -> None:
+        self.test = test
+        self.needs_content = needs_content
+
+    def match(self, seq: int, message: IndexedMessage, content: bytes) -> bool:
+        return self.test(seq, message, content)
+
+
+def _flag_test(flag: str, present: bool) -> Callable[[int, IndexedMessage, bytes], bool]:
+    return lambda _s, m, _c: (flag in m.flags) == present
+
+
+def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes], bool]:
+    needle = value.lower()
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        head = M.split_header(content)[0]
+        for field_name, raw in M.header_lines(head):
+            if field_name == name.upper():
+                text = raw.decode("utf-8", "replace").split(":", 1)[-1]
+                if needle in " ".join(text.split()).lower():
+                    return True
+        return False
+
+    return test
+
+
+class _SearchParser:
+    """SEARCH keys (RFC 3501 6.4.4), the common ones."""
+
+    def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int) -> None:
+        self.tokens = tokens
+        self.pos = 0
+        self.largest_seq = largest_seq
+        self.largest_uid = largest_uid
+        self.needs_content = False
+
+    def parse(self) -> _Query:
+        tests = []
+        while self.pos < len(self.tokens):
+            tests.append(self._key())
+        return _Query(lambda s, m, c: all(t(s, m, c) for t in tests), self.needs_content)
+
+    def _next(self) -> Token:
+        if self.pos >= len(self.tokens):
+            raise ImapSyntaxError("search criteria end too early")
+        token = self.tokens[self.pos]
+        self.pos += 1
+        return token
+
+    def _key(self) -> Callable[[int, IndexedMessage, bytes], bool]:
+        token = self._next()
+        if isinstance(token, list):
+            inner = _SearchParser(token, self.largest_seq, self.largest_uid)
+            query = inner.parse()
+            self.needs_content |= inner.needs_content
+            return query.test
+        key = text_of(token).upper()
+        flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
+                 "DRAFT": "\\Draft"}
+        if key == "ALL" or key == "OLD":
+            return lambda _s, _m, _c: True
+        if key in ("NEW", "RECENT"):
+            return lambda _s, _m, _c: False
+        if key in flags:
+            return _flag_test(flags[key], True)
+        if key.startswith("UN") and key[2:] in flags:
+            return _flag_test(flags[key[2:]], False)
+        if key in ("KEYWORD", "UNKEYWORD"):
+            return _flag_test(text_of(self._next()), key == "KEYWORD")
+        if key == "NOT":
+            negated = self._key()
+            return lambda s, m, c: not negated(s, m, c)
+        if key == "OR":
+            left, right = self._key(), self._key()
+            return lambda s, m, c: left(s, m, c) or right(s, m, c)
+        if key == "UID":
+            ranges = parse_sequence_set(text_of(self._next()), self.largest_uid)
+            return lambda _s, m, _c: in_sequence_set(m.uid, ranges)
+        if key in ("LARGER", "SMALLER"):
+            size_text = text_of(self._next())
+            if not size_text.isdigit():
+                raise ImapSyntaxError("bad size")
+            size = int(size_text)
+            if key == "LARGER":
+                return lambda _s, m, _c: m.size > size
+            return lambda _s, m, _c: m.size < size
+        if key in ("BEFORE", "ON", "SINCE"):
+            date = _parse_date(text_of(self._next()))
+            if date is None:
+                raise ImapSyntaxError("bad date")
+            day = date
+
+            def by_date(_s: int, m: IndexedMessage, _c: bytes) -> bool:
+                got = datetime.datetime.fromtimestamp(m.internal_date_ms / 1000, tz=datetime.UTC).date()
+                return got < day if key == "BEFORE" else got == day if key == "ON" else got >= day
+
+            return by_date
+        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            self.needs_content = True
+            return _header_test(key, text_of(self._next()))
+        if key == "HEADER":
+            name = text_of(self._next())
+            self.needs_content = True
+            return _header_test(name, text_of(self._next()))
+        if key in ("BODY", "TEXT"):
+            needle = text_of(self._next()).lower().encode()
+            self.needs_content = True
+            if key == "BODY":
+                return lambda _s, _m, c: needle in M.split_header(c)[1].lower()
+            return lambda _s, _m, c: needle in c.lower()
+        if key[:1].isdigit() or key[:1] == "*":
+            ranges = parse_sequence_set(key, self.largest_seq)
+            return lambda s, _m, _c: in_sequence_set(s, ranges)
+        raise ImapSyntaxError(f"unknown search key {key[:30]}")
+
+
+__all__ = ["ImapSession", "is_nil"]

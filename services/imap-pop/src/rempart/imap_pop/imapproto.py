@@ -1,0 +1,334 @@
+"""The IMAP4rev1 wire syntax (RFC 3501 section 9), server side: the one place that parses it.
+
+A command arrives as parts: the first line, then for each ``{n}`` / ``{n+}`` (RFC 7888
+LITERAL+) at the end of a line, the literal's bytes and the line that follows. The session
+reads the parts (it owns the limits and the ``+`` continuation); :func:`tokenize` turns them
+into tokens; the helpers below read sequence sets, FETCH items and strings for replies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+MAX_DEPTH = 8
+MAX_TOKENS = 10000
+
+
+class ImapSyntaxError(ValueError):
+    pass
+
+
+class Atom(str):
+    """An unquoted atom (case matters to the caller: NIL, flags, keywords)."""
+
+    __slots__ = ()
+
+
+Token = Union[Atom, str, bytes, list["Token"]]  # noqa: UP007 - recursive alias
+
+_LITERAL_RE = re.compile(rb"\{(\d{1,10})(\+?)\}$")
+_TAG_RE = re.compile(rb"^[\x21-\x7e]+$")
+_ATOM_STOP = set(b' ()"{')
+
+
+@dataclass(frozen=True)
+class LiteralMarker:
+    size: int
+    synchronising: bool
+
+
+def literal_at_end(line: bytes) -> LiteralMarker | None:
+    """``{n}`` or ``{n+}`` ending a line: the client will send n bytes next."""
+    match = _LITERAL_RE.search(line)
+    if match is None:
+        return None
+    return LiteralMarker(int(match.group(1)), match.group(2) != b"+")
+
+
+def split_tag(line: bytes) -> tuple[str, str]:
+    """Tag and command name of a first line; raises for a line with no valid tag."""
+    head = line.split(b" ", 2)
+    tag = head[0]
+    if not tag or not _TAG_RE.match(tag) or any(c in tag for c in b'(){%*"\\+'):
+        raise ImapSyntaxError("bad tag")
+    if len(head) < 2 or not head[1]:
+        raise ImapSyntaxError("missing command")
+    return tag.decode("ascii"), head[1].decode("ascii", "replace").upper()
+
+
+def tokenize(parts: list[bytes]) -> list[Token]:
+    """Tokens of a whole command (tag and name included). Parts: line, literal, line, ..."""
+    stack: list[list[Token]] = [[]]
+    count = 0
+    for index in range(0, len(parts), 2):
+        line = parts[index]
+        literal = parts[index + 1] if index + 1 < len(parts) else None
+        pos = 0
+        n = len(line)
+        while pos < n:
+            ch = line[pos]
+            if ch == 0x20:
+                pos += 1
+                continue
+            count += 1
+            if count > MAX_TOKENS:
+                raise ImapSyntaxError("too many tokens")
+            if ch == 0x28:  # (
+                if len(stack) > MAX_DEPTH:
+                    raise ImapSyntaxError("lists nested too deep")
+                new: list[Token] = []
+                stack[-1].append(new)
+                stack.append(new)
+                pos += 1
+            elif ch == 0x29:  # )
+                if len(stack) == 1:
+                    raise ImapSyntaxError("unbalanced parenthesis")
+                stack.pop()
+                pos += 1
+            elif ch == 0x22:  # "
+                value, pos = _quoted(line, pos)
+                stack[-1].append(value)
+            elif ch == 0x7B:  # {
+                if _LITERAL_RE.fullmatch(line[pos:]) is None or literal is None:
+                    raise ImapSyntaxError("bad literal")
+                stack[-1].append(literal)
+                pos = n
+            else:
+                value, pos = _atom(line, pos)
+                stack[-1].append(Atom(value))
+        if literal is None and index + 1 < len(parts):
+            raise ImapSyntaxError("literal without marker")
+    if len(stack) != 1:
+        raise ImapSyntaxError("unbalanced parenthesis")
+    return stack[0]
+
+
+def _quoted(line: bytes, pos: int) -> tuple[str, int]:
+    out = bytearray()
+    pos += 1
+    while pos < len(line):
+        ch = line[pos]
+        if ch == 0x5C:  # backslash: only \" and \\ are quoted-specials
+            if pos + 1 >= len(line) or line[pos + 1] not in b'"\\':
+                raise ImapSyntaxError("bad escape in quoted string")
+            out.append(line[pos + 1])
+            pos += 2
+        elif ch == 0x22:
+            return out.decode("utf-8", "replace"), pos + 1
+        elif ch in (0x0D, 0x0A, 0x00):
+            raise ImapSyntaxError("control character in quoted string")
+        else:
+            out.append(ch)
+            pos += 1
+    raise ImapSyntaxError("unterminated quoted string")
+
+
+def _atom(line: bytes, pos: int) -> tuple[str, int]:
+    # A FETCH attribute such as BODY[HEADER.FIELDS (FROM TO)]<0.100> is one atom: inside
+    # brackets, spaces and parentheses belong to it.
+    start = pos
+    depth = 0
+    while pos < len(line):
+        ch = line[pos]
+        if ch < 0x20 or ch == 0x7F:
+            raise ImapSyntaxError("control character in atom")
+        if ch == 0x5B:
+            depth += 1
+        elif ch == 0x5D:
+            depth = max(0, depth - 1)
+        elif depth == 0 and ch in _ATOM_STOP:
+            break
+        pos += 1
+    if depth:
+        raise ImapSyntaxError("unbalanced bracket")
+    return line[start:pos].decode("utf-8", "replace"), pos
+
+
+def text_of(token: Token) -> str:
+    """An astring (atom, quoted string or literal) as text."""
+    if isinstance(token, list):
+        raise ImapSyntaxError("expected a string, got a list")
+    if isinstance(token, bytes):
+        return token.decode("utf-8", "replace")
+    return str(token)
+
+
+def is_nil(token: Token) -> bool:
+    return isinstance(token, Atom) and token.upper() == "NIL"
+
+
+# Sequence sets (RFC 3501 9 "sequence-set"): "1:4,7,9:*".
+SequenceSet = list[tuple[int, int]]
+MAX_SEQUENCE_RANGES = 2000
+
+
+def parse_sequence_set(text: str, largest: int) -> SequenceSet:
+    """Ranges (low, high), with ``*`` as ``largest`` (the last number in use)."""
+    ranges: SequenceSet = []
+    items = text.split(",")
+    if len(items) > MAX_SEQUENCE_RANGES:
+        raise ImapSyntaxError("sequence set too long")
+    for item in items:
+        bounds = item.split(":")
+        if len(bounds) > 2 or not all(bounds):
+            raise ImapSyntaxError("bad sequence set")
+        values = [_seq_number(b, largest) for b in bounds]
+        low, high = min(values), max(values)
+        ranges.append((low, high))
+    return ranges
+
+
+def _seq_number(text: str, largest: int) -> int:
+    if text == "*":
+        return largest
+    if not text.isdigit() or text.startswith("0") or len(text) > 10:
+        raise ImapSyntaxError("bad sequence number")
+    value = int(text)
+    if value > 0xFFFFFFFF:
+        raise ImapSyntaxError("sequence number too large")
+    return value
+
+
+def in_sequence_set(value: int, ranges: SequenceSet) -> bool:
+    return any(low <= value <= high for low, high in ranges)
+
+
+def compress_numbers(values: list[int]) -> str:
+    """UIDs as a compact set: 1:3,7 (for COPYUID and SEARCH-like replies)."""
+    out: list[str] = []
+    for value in sorted(set(values)):
+        if out and "-" not in out[-1]:
+            last = out[-1].split(":")
+            if int(last[-1]) + 1 == value:
+                out[-1] = f"{last[0]}:{value}"
+                continue
+        out.append(str(value))
+    return ",".join(out)
+
+
+# FETCH items (RFC 3501 6.4.5).
+@dataclass(frozen=True)
+class FetchItem:
+    name: str  # FLAGS, UID, RFC822.SIZE, INTERNALDATE, ENVELOPE, BODYSTRUCTURE, BODY, RFC822,
+    # RFC822.HEADER, RFC822.TEXT, BODY.PEEK (answered as BODY), BINARY...
+    section: str = ""  # inside the brackets, upper-cased part specifier, e.g. HEADER.FIELDS
+    fields: tuple[str, ...] = ()  # HEADER.FIELDS (...) names
+    part: tuple[int, ...] = ()  # 1.2 ...
+    partial: tuple[int, int] | None = None
+    bracketed: bool = False
+
+    @property
+    def peek(self) -> bool:
+        return self.name == "BODY.PEEK"
+
+    def response_name(self) -> str:
+        if not self.bracketed:
+            return self.name
+        section = ".".join(str(p) for p in self.part)
+        if self.section:
+            section = f"{section}.{self.section}" if section else self.section
+        if self.fields:
+            section += " (" + " ".join(self.fields) + ")"
+        origin = f"<{self.partial[0]}>" if self.partial else ""
+        return f"BODY[{section}]{origin}"
+
+
+_SIMPLE_ITEMS = {
+    "FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE", "BODY", "RFC822",
+    "RFC822.HEADER", "RFC822.TEXT",
+}
+_MACROS = {
+    "ALL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"],
+    "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
+    "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
+}
+_SECTION_RE = re.compile(
+    r"^(?P<name>BODY|BODY\.PEEK)\[(?P<section>[^\]]*)\](?:<(?P<start>\d{1,10})\.(?P<count>\d{1,10})>)?$",
+    re.IGNORECASE,
+)
+_FIELD_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,100}$")
+
+
+def parse_fetch_items(token: Token) -> list[FetchItem]:
+    atoms: list[Token] = token if isinstance(token, list) else [token]
+    if isinstance(token, Atom) and token.upper() in _MACROS:
+        return [FetchItem(name) for name in _MACROS[token.upper()]]
+    items: list[FetchItem] = []
+    for atom in atoms:
+        if not isinstance(atom, Atom):
+            raise ImapSyntaxError("bad FETCH item")
+        items.append(_fetch_item(str(atom)))
+    if not items:
+        raise ImapSyntaxError("empty FETCH item list")
+    return items
+
+
+def _fetch_item(text: str) -> FetchItem:
+    upper = text.upper()
+    if upper in _SIMPLE_ITEMS:
+        return FetchItem(upper)
+    match = _SECTION_RE.match(text)
+    if match is None:
+        raise ImapSyntaxError(f"unknown FETCH item {text[:40]}")
+    name = match.group("name").upper()
+    partial = None
+    if match.group("start") is not None:
+        count = int(match.group("count"))
+        if count == 0:
+            raise ImapSyntaxError("zero-length partial")
+        partial = (int(match.group("start")), count)
+    part, section, fields = _section(match.group("section"))
+    return FetchItem(name, section, fields, part, partial, bracketed=True)
+
+
+def _section(text: str) -> tuple[tuple[int, ...], str, tuple[str, ...]]:
+    spec = text.strip()
+    fields: tuple[str, ...] = ()
+    paren = spec.find("(")
+    if paren >= 0:
+        if not spec.endswith(")"):
+            raise ImapSyntaxError("bad header field list")
+        names = spec[paren + 1 : -1].split()
+        if not names or len(names) > 100 or not all(_FIELD_NAME_RE.match(n) for n in names):
+            raise ImapSyntaxError("bad header field list")
+        fields = tuple(n.upper() for n in names)
+        spec = spec[:paren].strip()
+    part: list[int] = []
+    pieces = spec.split(".") if spec else []
+    while pieces and pieces[0].isdigit():
+        number = int(pieces.pop(0))
+        if number == 0 or len(part) >= 20:
+            raise ImapSyntaxError("bad section part")
+        part.append(number)
+    section = ".".join(pieces).upper()
+    allowed = {"", "HEADER", "TEXT", "MIME", "HEADER.FIELDS", "HEADER.FIELDS.NOT"}
+    if section not in allowed or (section == "MIME" and not part):
+        raise ImapSyntaxError("bad section")
+    if bool(fields) != section.startswith("HEADER.FIELDS"):
+        raise ImapSyntaxError("bad header field list")
+    return tuple(part), section, fields
+
+
+# Writing strings into replies.
+def quote(value: str | None) -> str:
+    """NIL, a quoted string, or a literal when quoting cannot carry it."""
+    if value is None:
+        return "NIL"
+    if any(c in value for c in "\r\n\0") or len(value) > 1000 or not value.isascii():
+        data = value.encode("utf-8")
+        return f"{{{len(data)}}}\r\n" + value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+def wildcard_match(pattern: str, name: str, delimiter: str = "/") -> bool:
+    """LIST patterns: ``*`` matches anything, ``%`` anything but the hierarchy delimiter."""
+    regex = "".join(
+        ".*" if c == "*" else f"[^{re.escape(delimiter)}]*" if c == "%" else re.escape(c) for c in pattern
+    )
+    return re.fullmatch(regex, name, flags=re.DOTALL) is not None

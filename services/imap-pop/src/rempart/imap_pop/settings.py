@@ -1,0 +1,25 @@
+"""Process settings of the imap-pop service (``REMPART_*``); built once in ``main()``."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from rempart.common.settings import EdgeSettings
+
+
+class Settings(EdgeSettings):
+    ops_port: int = 9102
+    # 0 picks a free port (tests); -1 turns the listener off.
+    imap_port: int = 2143
+    imaps_port: int = 2993
+    pop3_port: int = 2110
+    pop3s_port: int = 2995
+    max_sessions: int = Field(default=5000, ge=1)
+    # RFC 3501 5.4: at least 30 minutes; RFC 1939 3: at least 10 minutes.
+    imap_idle_timeout_seconds: float = Field(default=1800.0, gt=0)
+    pop3_idle_timeout_seconds: float = Field(default=600.0, gt=0)
+    # IDLE wakes on rempart.mailbox.<id>.changed; this poll catches a missed event.
+    idle_poll_seconds: float = Field(default=10.0, gt=0)
+    proxy_header_timeout_seconds: float = Field(default=5.0, gt=0)
+    tls_handshake_timeout_seconds: float = Field(default=15.0, gt=0)
+    run_indexer: bool = True

@@ -1,0 +1,143 @@
+"""A buffered line/literal reader over an asyncio stream, with STARTTLS.
+
+The session reads through this buffer rather than the StreamReader so that, on STARTTLS, every
+byte the client sent before the handshake can be thrown away (CVE-2011-0411: a command
+pipelined in plaintext after STARTTLS must never run inside the TLS session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+READ_CHUNK = 65536
+# A line over the limit is skipped up to its end; past this much garbage we give up.
+MAX_DISCARD = 1024 * 1024
+
+
+class LineTooLong(Exception):
+    """The line was over the limit; it was skipped and the stream is still in step."""
+
+
+class StreamDesynchronised(Exception):
+    """The client sent more than we will skip: close the connection."""
+
+
+class Stream:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._buf = bytearray()
+        self.tls = False
+        self.tls_version = ""
+        self.tls_cipher = ""
+
+    async def _fill(self) -> bool:
+        chunk = await self.reader.read(READ_CHUNK)
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    async def ensure(self, n: int) -> bool:
+        """Buffer at least ``n`` bytes; False at end of stream."""
+        while len(self._buf) < n:
+            if not await self._fill():
+                return False
+        return True
+
+    def peek(self, n: int) -> bytes:
+        return bytes(self._buf[:n])
+
+    def consume(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def find(self, needle: bytes) -> int:
+        return self._buf.find(needle)
+
+    async def readline(self, limit: int) -> bytes | None:
+        """One line without its CRLF (a bare LF is accepted); None at end of stream."""
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self._buf[:i])
+                del self._buf[: i + 1]
+                if len(line) > limit + 1:
+                    raise LineTooLong
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buf) > limit + 1:
+                await self._skip_line()
+                raise LineTooLong
+            if not await self._fill():
+                return None
+
+    async def _skip_line(self) -> None:
+        skipped = 0
+        while True:
+            i = self._buf.find(b"\n")
+            if i >= 0:
+                del self._buf[: i + 1]
+                return
+            skipped += len(self._buf)
+            self._buf.clear()
+            if skipped > MAX_DISCARD or not await self._fill():
+                raise StreamDesynchronised
+
+    async def readexactly(self, n: int) -> bytes | None:
+        if not await self.ensure(n):
+            return None
+        return self.consume(n)
+
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def discard_pending(self) -> int:
+        """Drop what the client sent ahead of now, in our buffer and in the StreamReader's."""
+        dropped = len(self._buf)
+        self._buf.clear()
+        inner = getattr(self.reader, "_buffer", None)
+        if isinstance(inner, bytearray):
+            dropped += len(inner)
+            inner.clear()
+        return dropped
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float, reply: bytes = b"") -> int:
+        """Send ``reply`` (the go-ahead), then upgrade to TLS; returns the plaintext bytes dropped.
+
+        Reading stops before the go-ahead is written: what is buffered then was sent before the
+        client could see it (an injection), and what comes after is the client's TLS hello,
+        which must reach the TLS layer rather than our buffer.
+        """
+        transport = self.writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        dropped = self.discard_pending()
+        if reply:
+            self.writer.write(reply)
+            await self.writer.drain()
+        await self.writer.start_tls(context, ssl_handshake_timeout=timeout)
+        self.tls = True
+        sslobj = self.writer.get_extra_info("ssl_object")
+        if isinstance(sslobj, ssl.SSLObject):
+            self.tls_version = sslobj.version() or ""
+            cipher = sslobj.cipher()
+            self.tls_cipher = cipher[0] if cipher else ""
+        return dropped
+
+    async def close(self) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+        except (OSError, TimeoutError, ssl.SSLError):
+            pass
