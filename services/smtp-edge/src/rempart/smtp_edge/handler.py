@@ -19,7 +19,7 @@ from prometheus_client import Counter, Histogram
 
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
-from rempart.common.events import EventBus
+from rempart.common.events import EventBus, mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
@@ -34,6 +34,9 @@ REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by stage and class
 ACCEPTED_BYTES = Counter("rempart_smtp_accepted_bytes_total", "Bytes of accepted messages", ["listener"])
 STORE_SECONDS = Histogram("rempart_smtp_store_seconds", "Time to store a message durably")
 MAX_AUTH_FAILURES = 3
+# Well inside the client's patience (RFC 5321 4.5.3.2.6: 10 minutes for the final reply), short
+# enough that a stalled JetStream becomes a prompt 451 instead of a hung session.
+STORE_TIMEOUT_SECONDS = 15.0
 
 
 def reply_of(verdict: policy_pb2.Verdict) -> str:
@@ -273,7 +276,7 @@ class EdgeHandler:
         message = self._trace_headers(server, session, envelope, queue_id, verdict) + data
         started = time.monotonic()
         try:
-            record, _seq = await self.store.accept(
+            record, _seq = await asyncio.wait_for(self.store.accept(
                 message,
                 mail_from=strip_brackets(envelope.mail_from or ""),
                 local_mailboxes=state.local_mailboxes,
@@ -281,7 +284,7 @@ class EdgeHandler:
                 client_ip=state.client_ip,
                 authenticated_account=state.authenticated_account,
                 dsn=_dsn_params(envelope),
-            )
+            ), STORE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
             log.error("durable store failed: %s", exc, extra={"session": state.session_id})
             state.reset_transaction()
@@ -291,6 +294,9 @@ class EdgeHandler:
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
         try:
             await self.index.apply(record)
+            for mailbox in record.local_mailboxes:
+                # Wakes IMAP IDLE on every imap-pop replica (payload: the folder).
+                await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")
         except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
             log.warning("inline indexing failed, left to the indexer: %s", exc)
         await self.events.publish(

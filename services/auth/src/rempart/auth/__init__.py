@@ -1,0 +1,1 @@
+"""Rempart auth service: the only owner of credentials, lockout and password policy."""

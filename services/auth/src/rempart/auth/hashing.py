@@ -1,0 +1,79 @@
+"""Argon2id hashing (R-PWD-2), off the event loop and with a cap on concurrent hashes.
+
+Argon2id is memory-hard by design: one verification holds ``memory_kib`` of RAM and a core for
+tens of milliseconds. Running it inline would stall every other call on the loop, and running
+unbounded would let a password spray exhaust the pod, so each hash runs in a worker thread
+behind a semaphore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from rempart.auth.metrics import HASH_SECONDS
+
+T = TypeVar("T")
+
+
+class CredentialHasher:
+    def __init__(self, time_cost: int, memory_kib: int, parallelism: int, max_concurrent: int) -> None:
+        self._hasher = PasswordHasher(
+            time_cost=time_cost,
+            memory_cost=memory_kib,
+            parallelism=parallelism,
+            hash_len=32,
+            salt_len=16,
+            type=Type.ID,
+        )
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._dummy_hash = ""
+        # Every Argon2 computation this process made; tests read it to prove a refusal cost none.
+        self.hash_calls = 0
+
+    async def start(self) -> None:
+        """Prepare the hash used for unknown users, so that they cost the same as a wrong password."""
+        self._dummy_hash = await self.hash(secrets.token_urlsafe(24))
+
+    async def hash(self, password: str) -> str:
+        return await self._run(lambda: self._hasher.hash(password))
+
+    async def verify(self, stored_hash: str, password: str) -> bool:
+        def check() -> bool:
+            try:
+                return self._hasher.verify(stored_hash, password)
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                return False
+
+        return await self._run(check)
+
+    async def verify_dummy(self, password: str) -> None:
+        """Spend the time of one verification and fail (R-LOG-4: no user enumeration by timing)."""
+        await self.verify(self._dummy_hash, password)
+
+    def needs_rehash(self, stored_hash: str) -> bool:
+        try:
+            return self._hasher.check_needs_rehash(stored_hash)
+        except InvalidHashError:
+            return True
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        async with self._slots:
+            started = time.perf_counter()
+            self.hash_calls += 1
+            work = asyncio.ensure_future(asyncio.to_thread(fn))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # The caller gave up (deadline), but the thread still hashes: keep its slot until
+                # it ends, or cancelled calls would let more hashes run than the cap allows.
+                await asyncio.wait({work})
+                raise
+            finally:
+                HASH_SECONDS.observe(time.perf_counter() - started)
