@@ -68,7 +68,9 @@ class AuthClient:
                         extra={"session": request.session_id})
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_TEMPFAIL)
 
-    async def set_password(self, account: str, password: str, skip_policy: bool = False) -> auth_pb2.SetPasswordResponse:
+    async def set_password(
+        self, account: str, password: str, skip_policy: bool = False
+    ) -> auth_pb2.SetPasswordResponse:
         reply: auth_pb2.SetPasswordResponse = await self._stub.SetPassword(
             auth_pb2.SetPasswordRequest(account=account, password=password, skip_policy=skip_policy),
             timeout=self._timeout,

@@ -99,8 +99,9 @@ class OpsServer:
                 await self._reply(writer, 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
             else:
                 await self._reply(writer, 404, b"not found\n", "text/plain")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError, IndexError):
-            pass
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError, ValueError, IndexError) as exc:
+            log.debug("ops request dropped: %s", type(exc).__name__)
         finally:
             writer.close()
 

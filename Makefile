@@ -1,0 +1,52 @@
+# Rempart: every target is .PHONY and documented; `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SERVICES := smtp-edge imap-pop policy auth admin-api
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help install proto proto-check lint typecheck test test-unit test-e2e chart run clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.in constraints.txt libs/common/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -r requirements.in
+	$(PIP) install -q --no-deps -e libs/common $(foreach s,$(SERVICES),-e services/$(s))
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install every pinned dependency and the services (editable)
+
+proto: install ## Regenerate the Python code of proto/ into libs/common
+	$(PY) tools/gen_proto.py
+
+proto-check: install ## Fail if the generated protobuf code is stale
+	$(PY) tools/gen_proto.py --check
+
+lint: install ## ruff (lint) and mypy --strict on libs and services
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy libs/common/src $(foreach s,$(SERVICES),services/$(s)/src)
+
+typecheck: lint ## Alias of lint
+
+test-unit: install ## Unit and integration tests (real Redis, NATS, gRPC, DNS on loopback)
+	$(PY) -m pytest libs/common/tests $(foreach s,$(SERVICES),services/$(s)/tests) -q
+
+test-e2e: install ## The whole suite as processes, driven by real mail clients
+	$(PY) -m pytest tests/e2e -q
+
+test: proto-check lint chart ## Everything CI runs: stale-proto check, lint, chart checks, all tests
+	$(PY) -m pytest -q
+
+chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schema validation
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/chart_check.sh
+
+run: install ## Start the whole suite locally (Redis, NATS, five services); Ctrl-C stops all
+	$(PY) tools/run_local.py
+
+clean: ## Remove the venv, caches and local run state
+	rm -rf $(VENV) .run .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,235 @@
+"""The whole suite as local processes: ``make run`` and the e2e tests.
+
+Starts a throwaway Redis and NATS JetStream, writes a self-signed certificate, runs the five
+services with the environment their Deployments get in the chart, waits until every ``/readyz``
+says ready, and stops everything it started (process groups, so nothing is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rempart.common.localstack import LocalServer, free_port, start_nats, start_redis
+from rempart.common.tls import write_self_signed
+
+SERVICES = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api")
+MODULES = {name: "rempart." + name.replace("-", "_") for name in SERVICES}
+
+FIXED_PORTS = {
+    "policy.grpc": 50051, "auth.grpc": 50052, "smtp-edge.smtp": 2525, "smtp-edge.submission": 2587,
+    "smtp-edge.smtps": 2465, "imap-pop.imap": 2143, "imap-pop.imaps": 2993, "imap-pop.pop3": 2110,
+    "imap-pop.pop3s": 2995, "admin-api.http": 8080, "smtp-edge.ops": 9101, "imap-pop.ops": 9102,
+    "policy.ops": 9103, "auth.ops": 9104, "admin-api.ops": 9105,
+}
+
+
+def strong_password(length: int = 20) -> str:
+    """Random, and meets every default rule of R-PWD-1 (digit, symbol, upper, lower)."""
+    alphabet = string.ascii_letters + string.digits + "-_.!#%+"
+    while True:
+        candidate = "".join(secrets.choice(alphabet) for _ in range(length))
+        if (any(c.isdigit() for c in candidate) and any(c.isupper() for c in candidate)
+                and any(c.islower() for c in candidate) and any(not c.isalnum() for c in candidate)):
+            return candidate
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    fixed_ports: bool = False
+    hostname: str = "localhost"
+    admin_email: str = "admin@example.test"
+    admin_password: str = field(default_factory=strong_password)
+    log_format: str = "text"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    redis: LocalServer | None = None
+    nats: LocalServer | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    cert_file: str = ""
+    key_file: str = ""
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ports = {k: (v if self.fixed_ports else free_port()) for k, v in FIXED_PORTS.items()}
+        self.redis = start_redis(self.workdir / "redis")
+        self.nats = start_nats(self.workdir / "nats")
+        pair = write_self_signed(self.workdir / "tls", [self.hostname, "localhost", "127.0.0.1"])
+        self.cert_file, self.key_file = pair.cert_file, pair.key_file
+        for name in SERVICES:
+            self.start_service(name)
+        self.wait_ready()
+
+    def env_for(self, name: str) -> dict[str, str]:
+        p = self.ports
+        assert self.redis is not None and self.nats is not None
+        env = {
+            "REMPART_ENVIRONMENT": "dev",
+            "REMPART_REDIS_URL": self.redis.url,
+            "REMPART_NATS_URL": self.nats.url,
+            "REMPART_OPS_HOST": "127.0.0.1",
+            "REMPART_OPS_PORT": str(p[f"{name}.ops"]),
+            "REMPART_LOG_FORMAT": self.log_format,
+            "REMPART_HOSTNAME": self.hostname,
+            "REMPART_SECRET_KEY": "local-dev-key-" + self.workdir.name,
+            "REMPART_INSTANCE": f"{name}-0",
+            "REMPART_SHUTDOWN_GRACE_SECONDS": "3",
+        }
+        targets = {
+            "REMPART_POLICY_TARGET": f"127.0.0.1:{p['policy.grpc']}",
+            "REMPART_AUTH_TARGET": f"127.0.0.1:{p['auth.grpc']}",
+        }
+        tls = {"REMPART_TLS_CERT_FILE": self.cert_file, "REMPART_TLS_KEY_FILE": self.key_file,
+               "REMPART_LISTEN_HOST": "127.0.0.1"}
+        if name == "policy":
+            env["REMPART_GRPC_PORT"] = str(p["policy.grpc"])
+        elif name == "auth":
+            env["REMPART_GRPC_PORT"] = str(p["auth.grpc"])
+        elif name == "smtp-edge":
+            env |= targets | tls | {
+                "REMPART_SMTP_PORT": str(p["smtp-edge.smtp"]),
+                "REMPART_SUBMISSION_PORT": str(p["smtp-edge.submission"]),
+                "REMPART_SMTPS_PORT": str(p["smtp-edge.smtps"]),
+            }
+        elif name == "imap-pop":
+            env |= targets | tls | {
+                "REMPART_IMAP_PORT": str(p["imap-pop.imap"]), "REMPART_IMAPS_PORT": str(p["imap-pop.imaps"]),
+                "REMPART_POP3_PORT": str(p["imap-pop.pop3"]), "REMPART_POP3S_PORT": str(p["imap-pop.pop3s"]),
+            }
+        elif name == "admin-api":
+            env |= {
+                "REMPART_AUTH_TARGET": targets["REMPART_AUTH_TARGET"],
+                "REMPART_HTTP_PORT": str(p["admin-api.http"]),
+                "REMPART_HTTP_HOST": "127.0.0.1",
+                "REMPART_BOOTSTRAP_ADMIN_EMAIL": self.admin_email,
+                "REMPART_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password,
+            }
+        return env | self.extra_env
+
+    def start_service(self, name: str) -> None:
+        env = dict(os.environ)
+        for key in [k for k in env if k.startswith("REMPART_")]:
+            del env[key]
+        env |= self.env_for(name)
+        log = open(self.workdir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", MODULES[name]], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def ready(self, name: str) -> tuple[bool, str]:
+        url = f"http://127.0.0.1:{self.ports[name + '.ops']}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                return resp.status == 200, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return False, exc.read().decode()
+        except OSError as exc:
+            return False, str(exc)
+
+    def wait_ready(self, timeout: float = 60.0, names: tuple[str, ...] = SERVICES) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        last = ""
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}:\n"
+                                       + self.log_tail(name))
+                ok, last = self.ready(name)
+                if ok:
+                    pending.remove(name)
+            time.sleep(0.2)
+        if pending:
+            raise TimeoutError(f"not ready after {timeout}s: {pending}; last: {last}\n"
+                               + "\n".join(self.log_tail(n) for n in pending))
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.workdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return int(proc.returncode)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            try:
+                self.stop_service(name)
+            except ProcessLookupError:
+                pass
+        for server in (self.nats, self.redis):
+            if server is not None:
+                server.stop()
+
+
+class AdminApi:
+    """A tiny client of the admin API, for the launcher and the e2e tests."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.token = ""
+
+    def call(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
+        import json
+
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)  # noqa: S310
+        request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=15) as resp:  # noqa: S310 - loopback only
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, raw.decode(errors="replace")
+
+    def login(self, email: str, password: str) -> None:
+        status, body = self.call("POST", "/v1/auth/login", {"email": email, "password": password})
+        if status != 200 or not isinstance(body, dict):
+            raise RuntimeError(f"admin login failed: {status} {body}")
+        self.token = str(body.get("token") or body.get("access_token"))
+
+    def create_account(self, domain: str, address: str, password: str) -> None:
+        status, body = self.call("POST", f"/v1/domains/{domain}/accounts", {"address": address, "password": password})
+        if status not in (200, 201, 409):
+            raise RuntimeError(f"creating {address} failed: {status} {body}")
+
+
+def bootstrap_demo(stack: Stack, domain: str = "example.test") -> dict[str, str]:
+    """Log in as the bootstrap admin; create the demo domain and two users."""
+    api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
+    api.login(stack.admin_email, stack.admin_password)
+    status, body = api.call("POST", "/v1/domains", {"name": domain})
+    if status not in (200, 201, 409):
+        raise RuntimeError(f"creating domain {domain} failed: {status} {body}")
+    demo = {"user": f"demo@{domain}", "user_password": strong_password(),
+            "peer": f"peer@{domain}", "peer_password": strong_password()}
+    api.create_account(domain, demo["user"], demo["user_password"])
+    api.create_account(domain, demo["peer"], demo["peer_password"])
+    return demo

