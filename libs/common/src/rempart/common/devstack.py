@@ -224,7 +224,16 @@ class AdminApi:
 def bootstrap_demo(stack: Stack, domain: str = "example.test") -> dict[str, str]:
     """Log in as the bootstrap admin; create the demo domain and two users."""
     api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
-    api.login(stack.admin_email, stack.admin_password)
+    # The admin API creates the bootstrap admin in the background once auth answers: poll.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            api.login(stack.admin_email, stack.admin_password)
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     status, body = api.call("POST", "/v1/domains", {"name": domain})
     if status not in (200, 201, 409):
         raise RuntimeError(f"creating domain {domain} failed: {status} {body}")
