@@ -14,9 +14,11 @@ help: ## List the targets
 
 $(STAMP): requirements.in constraints.txt libs/common/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -r requirements.in
-	$(PIP) install -q --no-deps -e libs/common $(foreach s,$(SERVICES),-e services/$(s))
+	@echo "Installing pinned dependencies into $(VENV) (log: $(VENV)/install.log)"
+	@{ $(PIP) install --upgrade pip && \
+	   $(PIP) install -c constraints.txt -r requirements.in && \
+	   $(PIP) install --no-deps -e libs/common $(foreach s,$(SERVICES),-e services/$(s)); \
+	 } > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install every pinned dependency and the services (editable)

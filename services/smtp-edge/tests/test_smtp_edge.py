@@ -124,7 +124,9 @@ async def test_r_tls_1_submission_starttls_auth_plain_delivers_durably(edge: Edg
     assert len(bodies) == 1
     body = bodies[0]
     assert body.startswith(b"Return-Path: <alice@example.org>\r\nReceived: from client.test (unknown [127.0.0.1])")
-    assert b"with ESMTPSA id" in body and b"(using TLSv1.3 with cipher" in body
+    queue_id = text.rsplit(b" ", 1)[1]
+    assert b"with ESMTPSA id " + queue_id + b"\r\n" in body, "the Received id is the queue id the client saw"
+    assert b"(using TLSv1.3 with cipher" in body and b" +0000\r\n" in body
     assert body.endswith(MESSAGE)
 
 

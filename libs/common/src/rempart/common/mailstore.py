@@ -56,8 +56,8 @@ class MessageStore:
     async def open(cls, js: JetStreamContext) -> MessageStore:
         return cls(js, await js.object_store(BLOB_BUCKET))
 
-    async def put_blob(self, data: bytes) -> str:
-        name = new_transaction_id()
+    async def put_blob(self, data: bytes, name: str = "") -> str:
+        name = name or new_transaction_id()
         await self._blobs.put(name, data)
         return name
 
@@ -74,9 +74,10 @@ class MessageStore:
         folder: str = "",
         flags: list[str] | None = None,
         subject: str = MAIL_ACCEPTED_SUBJECT,
+        transaction_id: str = "",
     ) -> tuple[events_pb2.DeliveryRecord, int]:
         """Store durably; returns the record and its stream sequence. Raises on any failure."""
-        blob = await self.put_blob(data)
+        blob = await self.put_blob(data, transaction_id)
         record = events_pb2.DeliveryRecord(
             transaction_id=blob,
             blob=blob,

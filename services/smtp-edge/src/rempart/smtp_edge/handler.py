@@ -284,6 +284,7 @@ class EdgeHandler:
                 client_ip=state.client_ip,
                 authenticated_account=state.authenticated_account,
                 dsn=_dsn_params(envelope),
+                transaction_id=queue_id,
             ), STORE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
             log.error("durable store failed: %s", exc, extra={"session": state.session_id})

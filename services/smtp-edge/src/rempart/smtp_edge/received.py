@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from email.utils import formatdate
+import datetime
+from email.utils import format_datetime
 
 
 def received_header(
@@ -32,7 +33,7 @@ def received_header(
         lines.append(f"\t(using {tls_version} with cipher {_clean(tls_cipher)})")
     if auth_account:
         lines.append(f"\t(authenticated as {_clean(auth_account)})")
-    suffix = f"; {formatdate(localtime=False)}"
+    suffix = f"; {format_datetime(datetime.datetime.now(datetime.UTC))}"
     if recipient:
         lines.append(f"\tfor <{_clean(recipient)}>{suffix}")
     else:
