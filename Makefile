@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 SERVICES := smtp-edge imap-pop policy auth admin-api
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install proto proto-check lint typecheck test test-unit test-e2e chart run clean
+.PHONY: help install proto proto-check lint typecheck test test-unit test-e2e chart run bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schem
 
 run: install ## Start the whole suite locally (Redis, NATS, five services); Ctrl-C stops all
 	$(PY) tools/run_local.py
+
+bench: install ## Benchmarks vs the reference systems (Postfix, grpc echo, Dovecot); BENCH_ARGS=--quick for a smoke run
+	$(PY) tools/bench.py $(BENCH_ARGS)
 
 clean: ## Remove the venv, caches and local run state
 	rm -rf $(VENV) .run .tools .pytest_cache .mypy_cache .ruff_cache

@@ -26,8 +26,21 @@ def demo(stack: Stack) -> dict[str, str]:
     return bootstrap_demo(stack)
 
 
-@pytest.fixture
-def admin(stack: Stack) -> AdminApi:
+@pytest.fixture(scope="session")
+def _admin_session(stack: Stack) -> AdminApi:
     api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
     api.login(stack.admin_email, stack.admin_password)
+    return api
+
+
+@pytest.fixture
+def admin(stack: Stack, _admin_session: AdminApi) -> AdminApi:
+    """A superadmin session. Admin logins need a fresh TOTP code each (R-2FA-1), so the tests share
+    one session and log in again only when a test ended it."""
+    api = AdminApi(_admin_session.base_url)
+    api.token = _admin_session.token
+    status, _ = api.call("GET", "/v1/me")
+    if status != 200:
+        api.login(stack.admin_email, stack.admin_password)
+        _admin_session.token = api.token
     return api

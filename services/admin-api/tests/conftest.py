@@ -37,6 +37,7 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         self.passwords: dict[str, str] = {}
         self.requests: list[auth_pb2.AuthenticateRequest] = []
         self.seen: set[str] = set()  # every password the admin API passed on
+        self.must_enrol: set[str] = set()  # admins answered with second_factor_enrolment_required
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
         self.requests.append(request)
@@ -45,7 +46,14 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         account = await self.directory.get_account(address)
         if account is None or self.passwords.get(address) != request.password:
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_INVALID)
-        return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=address, role=account.role)
+        return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=address, role=account.role,
+                                             second_factor_enrolment_required=address in self.must_enrol)
+
+    async def TotpConfirm(self, request: auth_pb2.TotpConfirmRequest, context: object) -> auth_pb2.TotpConfirmResponse:
+        if request.code != "123456":
+            return auth_pb2.TotpConfirmResponse(ok=False)
+        self.must_enrol.discard(request.account)
+        return auth_pb2.TotpConfirmResponse(ok=True, recovery_codes=[f"code{n}-abcde" for n in range(10)])
 
     async def SetPassword(self, request: auth_pb2.SetPasswordRequest, context: object) -> auth_pb2.SetPasswordResponse:
         self.seen.add(request.password)

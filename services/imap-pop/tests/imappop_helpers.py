@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
+import os
 import poplib
 import socket
 from typing import Any
+
+from scramp import ScramException, ScramMechanism
 
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
@@ -93,8 +97,44 @@ def error_text(exc: Exception) -> str:
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    """The auth contract, small: BOB's password, a locked account, and SCRAM-SHA-256 on
+    scramp's server side (conversations kept here, by id)."""
+
     def __init__(self) -> None:
         self.requests: list[auth_pb2.AuthenticateRequest] = []
+        self.scram_requests: list[auth_pb2.ScramStartRequest] = []
+        self._scram = ScramMechanism("SCRAM-SHA-256")
+        self._bob_keys = self._scram.make_auth_info(BOB_PASSWORD, iteration_count=4096)
+        self._conversations: dict[str, Any] = {}
+
+    def _keys(self, username: str) -> tuple[bytes, bytes, bytes, int]:
+        if username == BOB:
+            return self._bob_keys  # type: ignore[no-any-return]
+        # R-LOG-4: anybody else gets a well-formed exchange whose proof can never match.
+        return self._scram.make_auth_info(os.urandom(16).hex(), iteration_count=4096)  # type: ignore[no-any-return]
+
+    async def ScramStart(self, request: auth_pb2.ScramStartRequest, context: Any) -> auth_pb2.ScramStartResponse:
+        self.scram_requests.append(request)
+        server = self._scram.make_server(self._keys)
+        try:
+            server.set_client_first(request.client_first)
+        except ScramException:
+            return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_INVALID)
+        conversation = os.urandom(8).hex()
+        self._conversations[conversation] = server
+        return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_OK, conversation_id=conversation,
+                                           server_first=server.get_server_first())
+
+    async def ScramFinish(self, request: auth_pb2.ScramFinishRequest, context: Any) -> auth_pb2.ScramFinishResponse:
+        server = self._conversations.pop(request.conversation_id, None)
+        if server is None:
+            return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_INVALID, server_final="e=other-error")
+        try:
+            server.set_client_final(request.client_final)
+        except ScramException:
+            return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_INVALID, server_final="e=invalid-proof")
+        return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_OK, server_final=server.get_server_final(),
+                                            account=BOB, role="user")
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: Any) -> auth_pb2.AuthenticateResponse:
         self.requests.append(request)
@@ -108,9 +148,18 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.requests: list[policy_pb2.CheckRequest] = []
+        self.auth_verdicts: dict[str, policy_pb2.Verdict] = {}  # client IP -> verdict after a login
+        self.disconnect_delay = 0.0
+
+    def stages(self, stage: policy_pb2.Stage.ValueType) -> list[policy_pb2.CheckRequest]:
+        return [r for r in self.requests if r.stage == stage]
 
     async def Check(self, request: policy_pb2.CheckRequest, context: Any) -> policy_pb2.Verdict:
+        if request.stage == policy_pb2.STAGE_DISCONNECT and self.disconnect_delay:
+            await asyncio.sleep(self.disconnect_delay)
         self.requests.append(request)
+        if request.stage == policy_pb2.STAGE_AUTH and request.session.client_ip in self.auth_verdicts:
+            return self.auth_verdicts[request.session.client_ip]
         if request.stage == policy_pb2.STAGE_CONNECT and request.session.client_ip == BLOCKED_IP:
             return policy_pb2.Verdict(action=policy_pb2.ACTION_CLOSE, code=421, enhanced_code="4.0.0",
                                       text=f"421 4.0.0 {BLOCKED_TEXT}", rule="R-IPS-4")

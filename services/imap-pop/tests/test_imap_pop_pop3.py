@@ -45,7 +45,9 @@ async def test_r_log_4_pop3_login_ok_and_same_failure_text(service) -> None:  # 
     assert wrong == unknown == R.POP3_AUTH_FAILED == "-ERR Unknown user or incorrect password"
     checks = [r for r in service.policy.requests if r.stage == policy_pb2.STAGE_AUTH]
     assert [(r.auth_login, r.auth_success, r.session.protocol) for r in checks] == [
-        (BOB, False, policy_pb2.PROTOCOL_POP3), ("ghost@example.org", False, policy_pb2.PROTOCOL_POP3)]
+        (BOB, True, policy_pb2.PROTOCOL_POP3), (BOB, False, policy_pb2.PROTOCOL_POP3),
+        ("ghost@example.org", False, policy_pb2.PROTOCOL_POP3)]
+    assert checks[0].session.authenticated_account == BOB and not checks[0].auth_failure
     assert service.auth.requests[0].protocol == "pop3" and service.auth.requests[0].mechanism == "USER"
 
 

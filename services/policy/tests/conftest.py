@@ -12,11 +12,22 @@ import redis.asyncio as aioredis
 # Tests import their helpers from policy_testkit (pytest runs with --import-mode=importlib).
 sys.path.insert(0, str(Path(__file__).parent))
 
-from policy_testkit import Policy, make_directory, started_policy
+from policy_testkit import BASE_ZONE, Policy, make_directory, started_policy
+
+from rempart.common.dnsserver import LoopbackDnsServer
 
 
 @pytest.fixture
-async def policy(redis_url: str, nats_url: str, redis: aioredis.Redis) -> AsyncIterator[Policy]:
+async def dns_server() -> AsyncIterator[LoopbackDnsServer]:
+    """A real DNS server on loopback; tests add the records they need."""
+    async with LoopbackDnsServer(BASE_ZONE) as server:
+        yield server
+
+
+@pytest.fixture
+async def policy(
+    redis_url: str, nats_url: str, redis: aioredis.Redis, dns_server: LoopbackDnsServer
+) -> AsyncIterator[Policy]:
     await make_directory(redis)
-    async with started_policy(redis_url, nats_url, redis) as running:
+    async with started_policy(redis_url, nats_url, redis, dns_server.address) as running:
         yield running

@@ -19,7 +19,15 @@ UNTRUSTED_IP = "203.0.113.7"
 TRUSTED_IP = "127.0.0.1"
 
 
-def policy_settings(redis_url: str, nats_url: str) -> PolicySettings:
+# What every test's DNS server serves: the remote sender domains the tests use exist.
+BASE_ZONE: dict[str, dict[str, list[str]]] = {
+    "remote.example": {"A": ["192.0.2.1"]},
+    "one.example": {"MX": ["10 mx.one.example."]},
+    "two.example": {"MX": ["10 mx.two.example."]},
+}
+
+
+def policy_settings(redis_url: str, nats_url: str, nameservers: str = "") -> PolicySettings:
     return PolicySettings(
         redis_url=redis_url,
         nats_url=nats_url,
@@ -30,6 +38,8 @@ def policy_settings(redis_url: str, nats_url: str) -> PolicySettings:
         log_format="text",
         log_level="WARNING",
         shutdown_grace_seconds=1.0,
+        dns_nameservers=nameservers,
+        hostname="mx.rempart.test",
     )
 
 
@@ -54,13 +64,14 @@ class Policy:
         protocol: int = policy_pb2.PROTOCOL_SMTP,
         account: str = "",
         session_id: str = "s1",
+        helo: str = "",
         **fields: Any,
     ) -> policy_pb2.Verdict:
         request = policy_pb2.CheckRequest(
             stage=stage,  # type: ignore[arg-type]
             session=policy_pb2.SessionFacts(
                 session_id=session_id, client_ip=ip, protocol=protocol,  # type: ignore[arg-type]
-                authenticated_account=account,
+                authenticated_account=account, helo_name=helo,
             ),
             **fields,
         )
@@ -83,8 +94,10 @@ async def make_directory(redis: aioredis.Redis) -> Directory:
 
 
 @asynccontextmanager
-async def started_policy(redis_url: str, nats_url: str, redis: aioredis.Redis) -> AsyncIterator[Policy]:
-    async with running_policy(policy_settings(redis_url, nats_url)) as running:
+async def started_policy(
+    redis_url: str, nats_url: str, redis: aioredis.Redis, nameservers: str = ""
+) -> AsyncIterator[Policy]:
+    async with running_policy(policy_settings(redis_url, nats_url, nameservers)) as running:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         try:
             yield Policy(running, channel, redis)

@@ -26,6 +26,7 @@ from rempart.smtp_edge.server import SmtpEdge
 from rempart.smtp_edge.settings import SmtpEdgeSettings
 
 BLOCKED_IP = "127.0.0.9"
+SLOW_GREETING_IP = "127.0.0.5"
 PASSWORD = "correct horse 9!"
 
 
@@ -38,6 +39,8 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
     async def Check(self, request: policy_pb2.CheckRequest, context: object) -> policy_pb2.Verdict:
         self.stages.append(request.stage)
         ip = request.session.client_ip
+        if request.stage == policy_pb2.STAGE_CONNECT and ip == SLOW_GREETING_IP:
+            return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=220, delay_ms=400)
         if request.stage == policy_pb2.STAGE_CONNECT and ip == BLOCKED_IP:
             return policy_pb2.Verdict(action=policy_pb2.ACTION_CLOSE, code=421, enhanced_code="4.0.0",
                                       text=f"Intrusion prevention active for [{ip}]")
@@ -260,3 +263,127 @@ async def test_r_lim_7_oversized_message_refused(edge: Edge) -> None:
     code, _ = await asyncio.to_thread(send)
     assert code == 552
     assert await mailbox_bodies(edge, "bob@example.org") == []
+
+
+async def set_server_settings(edge: Edge, doc: dict[str, object]) -> None:
+    from rempart.common.config import SettingsStore
+
+    await SettingsStore(edge.runtime.redis).put_doc("server", doc)
+    await edge.runtime.config.refresh()
+
+
+async def test_dsn_parameters_are_accepted_and_carried(edge: Edge) -> None:
+    from rempart.common.events import MAIL_STREAM
+    from rempart.common.pb.events.v1 import events_pb2
+
+    def send() -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            client.ehlo("client.test")
+            assert client.has_extn("dsn")
+            out = [client.mail("a@remote.test", ["RET=HDRS", "ENVID=QQ314159"]),
+                   client.rcpt("bob@example.org", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;bob@example.org"]),
+                   client.rcpt("carol@example.org", ["NOTIFY=SOMETIMES"])]
+            out.append(client.data(MESSAGE))
+            return out
+
+    mail, rcpt, bad, data = await asyncio.to_thread(send)
+    assert mail[0] == 250 and rcpt[0] == 250 and data[0] == 250
+    assert bad == (501, b"5.5.4 Invalid NOTIFY parameter")
+    last = await edge.runtime.js.get_last_msg(MAIL_STREAM, "rempart.mail.accepted")
+    record = events_pb2.DeliveryRecord.FromString(last.data)
+    assert dict(record.dsn) == {"RET": "HDRS", "ENVID": "QQ314159", "NOTIFY:bob@example.org": "SUCCESS,FAILURE",
+                                "ORCPT:bob@example.org": "rfc822;bob@example.org"}
+
+
+async def test_error_budget_closes_with_421(edge: Edge) -> None:
+    await edge.runtime.config.refresh(force=True)
+    budget = edge.runtime.config.server.smtp.error_budget
+    lines = [b"", b"EHLO client.test\r\n"] + [b"RCPT TO:<x@example.org>\r\n"] * budget
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), lines)
+    assert out.count(b"503 ") == budget
+    assert out.endswith(b"421 4.7.0 Too many errors, closing connection\r\n")
+
+
+async def test_r_rel_6_client_talking_before_greeting_is_dropped(edge: Edge) -> None:
+    def early() -> bytes:
+        with socket.create_connection(("127.0.0.1", edge.port("smtp")), timeout=10,
+                                      source_address=(SLOW_GREETING_IP, 0)) as sock:
+            sock.sendall(b"EHLO spam.engine\r\nMAIL FROM:<x@y.test>\r\n")
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            return data
+
+    assert await asyncio.to_thread(early) == b"554 5.7.1 Protocol error: talking before the greeting\r\n"
+
+
+async def test_bare_lf_normalized_when_configured(edge: Edge) -> None:
+    await set_server_settings(edge, {"smtp": {"bare_line_endings": "normalize"}})
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [
+        b"", b"EHLO client.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+        b"DATA\r\n", b"Subject: lf\r\n\r\nline one\nline two\r\n.\r\n", b"QUIT\r\n"])
+    assert b"250 2.0.0 Ok: queued as" in out
+    (body,) = await mailbox_bodies(edge, "bob@example.org")
+    assert body.endswith(b"Subject: lf\r\n\r\nline one\r\nline two\r\n")
+
+
+async def test_r_tls_2_plaintext_auth_only_for_trusted_clients(edge: Edge) -> None:
+    def auth_offered(source: str) -> bool:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10, source_address=(source, 0)) as client:
+            client.ehlo("client.test")
+            return client.has_extn("auth")
+
+    assert await asyncio.to_thread(auth_offered, "127.0.0.1") is True  # trusted by default
+    assert await asyncio.to_thread(auth_offered, "127.0.0.2") is False
+
+
+async def test_sigterm_drain_421_to_new_sessions_while_open_ones_finish(edge: Edge) -> None:
+    client = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", edge.port("smtp"), timeout=10)
+    await asyncio.to_thread(client.ehlo, "client.test")
+    drain = asyncio.create_task(edge.edge.drain(10))
+    await asyncio.sleep(0.3)
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [b""])
+    assert out == b"421 4.3.2 Service shutting down, try again later\r\n"
+
+    def finish() -> tuple[int, bytes]:
+        client.mail("a@remote.test")
+        client.rcpt("bob@example.org")
+        reply = client.data(MESSAGE)
+        client.quit()
+        return reply
+
+    code, _ = await asyncio.to_thread(finish)
+    assert code == 250
+    await asyncio.wait_for(drain, 5)
+
+
+async def test_r_lim_7_ten_times_oversized_message_is_not_buffered(edge: Edge) -> None:
+    import tracemalloc
+
+    limit = 1024 * 1024
+    await set_server_settings(edge, {"limits": {"max_message_size": limit}})
+    line = b"x" * 998 + b"\r\n"
+
+    def send() -> bytes:
+        with socket.create_connection(("127.0.0.1", edge.port("smtp")), timeout=30) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"EHLO client.test\r\n")
+            while not reader.readline().startswith(b"250 "):
+                pass
+            sock.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+            for _ in range(3):
+                reader.readline()
+            for _ in range(10 * limit // len(line)):
+                sock.sendall(line)
+            sock.sendall(b".\r\n")
+            return reader.readline()
+
+    tracemalloc.start()
+    try:
+        reply = await asyncio.to_thread(send)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reply.startswith(b"552 ")
+    assert peak < 2 * limit, f"peak {peak} bytes while refusing a 10x oversized message"

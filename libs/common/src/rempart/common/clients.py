@@ -77,5 +77,104 @@ class AuthClient:
         )
         return reply
 
+    async def scram_start(self, request: auth_pb2.ScramStartRequest) -> auth_pb2.ScramStartResponse:
+        """SCRAM-SHA-256, first round (RFC 5802 section 5, RFC 7677). Fail closed: TEMPFAIL.
+
+        The call sequence for an edge (SMTP ``AUTH SCRAM-SHA-256``, IMAP ``AUTHENTICATE
+        SCRAM-SHA-256``, POP3 ``AUTH SCRAM-SHA-256``), plaintext rules aside (SCRAM may be offered
+        before TLS: the password never crosses the wire):
+
+        1. Decode the client's base64 initial response (or the answer to an empty ``+``/``334``
+           challenge) to text: the client-first message ``n,,n=<user>,r=<nonce>``.
+        2. ``reply = await auth.scram_start(ScramStartRequest(client_first=..., client_ip=...,
+           protocol="imap"|"pop3"|"smtp", session_id=..., tls=...))``.
+           ``TEMPFAIL`` -> the protocol's temporary error; ``INVALID`` -> the protocol's
+           authentication failure (malformed message); ``OK`` -> send ``base64(server_first)``
+           as the challenge. An unknown, locked or restricted user still gets ``OK`` and a
+           well-formed server-first (R-LOG-4); the refusal comes at step 3.
+        3. Decode the client's next line (the client-final message; ``*`` cancels: stop, no call)
+           and call ``await auth.scram_finish(reply.conversation_id, client_final)``.
+        4. ``OK``: send ``base64(server_final)`` as a last challenge (SMTP ``334``, IMAP ``+``,
+           POP3 ``+``), wait for the client's empty line, then answer success; the session is
+           authenticated as ``account``. Any other status: answer the same failure as a wrong
+           password (``LOCKED`` and ``IP_RESTRICTED`` included), report the failed login to the
+           policy service like any other, and ``TEMPFAIL`` gives the temporary error.
+
+        The conversation lives in Redis for a short time and finishes once: any auth replica
+        may answer step 3.
+        """
+        try:
+            reply: auth_pb2.ScramStartResponse = await self._stub.ScramStart(request, timeout=self._timeout)
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            PEER_FAILURES.labels("auth").inc()
+            log.warning("auth scram call failed, failing closed: %s", exc.code().name,
+                        extra={"session": request.session_id})
+            return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_TEMPFAIL)
+
+    async def scram_finish(self, conversation_id: str, client_final: str) -> auth_pb2.ScramFinishResponse:
+        """SCRAM-SHA-256, second round: see :meth:`scram_start`. Fail closed: TEMPFAIL."""
+        try:
+            reply: auth_pb2.ScramFinishResponse = await self._stub.ScramFinish(
+                auth_pb2.ScramFinishRequest(conversation_id=conversation_id, client_final=client_final),
+                timeout=self._timeout,
+            )
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            PEER_FAILURES.labels("auth").inc()
+            log.warning("auth scram call failed, failing closed: %s", exc.code().name)
+            return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_TEMPFAIL)
+
+    # Credential management (admin API). These raise grpc.aio.AioRpcError when the auth service
+    # fails or refuses the call, which the admin API answers 503 (or 404 for NOT_FOUND): a write
+    # that did not happen is never reported as done.
+    async def import_hash(self, account: str, scheme_hash: str) -> auth_pb2.ImportHashResponse:
+        reply: auth_pb2.ImportHashResponse = await self._stub.ImportHash(
+            auth_pb2.ImportHashRequest(account=account, scheme_hash=scheme_hash), timeout=self._timeout
+        )
+        return reply
+
+    async def totp_enrol(self, account: str, issuer: str) -> auth_pb2.TotpEnrolResponse:
+        reply: auth_pb2.TotpEnrolResponse = await self._stub.TotpEnrol(
+            auth_pb2.TotpEnrolRequest(account=account, issuer=issuer), timeout=self._timeout
+        )
+        return reply
+
+    async def totp_confirm(self, account: str, code: str) -> auth_pb2.TotpConfirmResponse:
+        reply: auth_pb2.TotpConfirmResponse = await self._stub.TotpConfirm(
+            auth_pb2.TotpConfirmRequest(account=account, code=code), timeout=self._timeout
+        )
+        return reply
+
+    async def totp_disable(self, account: str, code: str) -> auth_pb2.TotpDisableResponse:
+        reply: auth_pb2.TotpDisableResponse = await self._stub.TotpDisable(
+            auth_pb2.TotpDisableRequest(account=account, code=code), timeout=self._timeout
+        )
+        return reply
+
+    async def totp_status(self, account: str) -> auth_pb2.TotpStatusResponse:
+        reply: auth_pb2.TotpStatusResponse = await self._stub.TotpStatus(
+            auth_pb2.TotpStatusRequest(account=account), timeout=self._timeout
+        )
+        return reply
+
+    async def app_password_create(self, account: str, name: str) -> auth_pb2.AppPasswordCreateResponse:
+        reply: auth_pb2.AppPasswordCreateResponse = await self._stub.AppPasswordCreate(
+            auth_pb2.AppPasswordCreateRequest(account=account, name=name), timeout=self._timeout
+        )
+        return reply
+
+    async def app_password_list(self, account: str) -> auth_pb2.AppPasswordListResponse:
+        reply: auth_pb2.AppPasswordListResponse = await self._stub.AppPasswordList(
+            auth_pb2.AppPasswordListRequest(account=account), timeout=self._timeout
+        )
+        return reply
+
+    async def app_password_revoke(self, account: str, name: str) -> auth_pb2.AppPasswordRevokeResponse:
+        reply: auth_pb2.AppPasswordRevokeResponse = await self._stub.AppPasswordRevoke(
+            auth_pb2.AppPasswordRevokeRequest(account=account, name=name), timeout=self._timeout
+        )
+        return reply
+
     async def close(self) -> None:
         await self.channel.close()

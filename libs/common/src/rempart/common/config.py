@@ -76,6 +76,9 @@ class DnsSettings(_Section):
     spf_softfail_action: Literal["reject", "tempfail", "accept"] = "accept"
     srs_enabled: bool = False
     srs_bypass: list[str] = Field(default_factory=list)
+    # First signs, all verify (rotation); empty = a key derived from REMPART_SECRET_KEY.
+    srs_secrets: list[str] = Field(default_factory=list)
+    srs_domain: str = ""  # the SRS return domain; empty = the forwarding alias's own domain
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
 
@@ -96,6 +99,8 @@ class IntrusionSettings(_Section):
     max_message_size_mb: int = Field(default=0, ge=0)  # 0 = off
     max_simultaneous_connections: int = Field(default=0, ge=0)  # 0 = off
     simultaneous_exceptions: list[str] = Field(default_factory=list)
+    # A session an edge never reported closed (crashed pod) stops counting after this.
+    simultaneous_connection_ttl_seconds: int = Field(default=1800, ge=60, le=86400)
     counter_window_minutes: int = Field(default=60, ge=1)
     block_minutes: int = Field(default=1440, ge=1)
     refuse_blocked: bool = True
@@ -144,6 +149,16 @@ class TlsSettings(_Section):
     received_show_auth_user: bool = False
 
 
+class SmtpSettings(_Section):
+    """How the SMTP edge treats a client (issue 5: abuse resistance)."""
+
+    # CVE-2023-51766 class: "reject" refuses a message with a bare CR or LF (554); "normalize"
+    # turns each into CRLF, as Postfix's smtpd_forbid_bare_newline=normalize does.
+    bare_line_endings: Literal["reject", "normalize"] = "reject"
+    error_budget: int = Field(default=10, ge=1, le=1000)  # 5xx replies before "421 4.7.0", close
+    auth_failure_budget: int = Field(default=3, ge=1, le=100)
+
+
 class TwoFactorSettings(_Section):
     """R-2FA-1."""
 
@@ -162,6 +177,7 @@ class MailSettings(_Section):
     password: PasswordSettings = Field(default_factory=PasswordSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     twofa: TwoFactorSettings = Field(default_factory=TwoFactorSettings)
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
 
 
 # What a domain or an account may override (SPEC "Scopes"); other sections are server-only.

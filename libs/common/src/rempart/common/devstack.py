@@ -183,12 +183,30 @@ class Stack:
                 server.stop()
 
 
+# TOTP secrets of the admins this process enrolled, per admin API and address, with the last
+# time step used: any AdminApi object of this process can log in again (R-2FA-1).
+_TOTP_STATE: dict[tuple[str, str], tuple[str, int]] = {}
+TOTP_STEP_SECONDS = 30
+
+
+def totp_secret_for(base_url: str, email: str) -> str:
+    """The TOTP secret this process enrolled for ``email`` ("" if none): ``make run`` prints it."""
+    return _TOTP_STATE.get((base_url, email), ("", 0))[0]
+
+
 class AdminApi:
-    """A tiny client of the admin API, for the launcher and the e2e tests."""
+    """A tiny client of the admin API, for the launcher and the e2e tests.
+
+    Admins need TOTP by default (R-2FA-1): when a login answers
+    ``second_factor_enrolment_required``, :meth:`login` enrols with pyotp, confirms (which turns
+    the session into a full one) and keeps the secret for later logins. A code works once, so a
+    later login uses the next time step, waiting for it when both usable steps are spent.
+    """
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.token = ""
+        self.recovery_codes: list[str] = []
 
     def call(self, method: str, path: str, body: object | None = None) -> tuple[int, object]:
         import json
@@ -209,11 +227,49 @@ class AdminApi:
             except ValueError:
                 return exc.code, raw.decode(errors="replace")
 
+    def totp_code(self, email: str) -> str:
+        """A code for the next unused time step of ``email``'s enrolled secret ("" if none)."""
+        import pyotp
+
+        secret, last_step = _TOTP_STATE.get((self.base_url, email), ("", 0))
+        if not secret:
+            return ""
+        now_step = int(time.time() // TOTP_STEP_SECONDS)
+        step = max(now_step, last_step + 1)
+        if step > now_step + 1:
+            # The server accepts the next step early (+-1 window); beyond it, wait for time to move.
+            time.sleep(max(0.0, (step - 1) * TOTP_STEP_SECONDS - time.time()) + 0.05)
+        _TOTP_STATE[(self.base_url, email)] = (secret, step)
+        return str(pyotp.TOTP(secret).at(step * TOTP_STEP_SECONDS))
+
     def login(self, email: str, password: str) -> None:
-        status, body = self.call("POST", "/v1/auth/login", {"email": email, "password": password})
+        self.token = ""
+        request: dict[str, str] = {"email": email, "password": password}
+        code = self.totp_code(email)
+        if code:
+            request["totp_code"] = code
+        status, body = self.call("POST", "/v1/auth/login", request)
         if status != 200 or not isinstance(body, dict):
             raise RuntimeError(f"admin login failed: {status} {body}")
         self.token = str(body.get("token") or body.get("access_token"))
+        if body.get("second_factor_enrolment_required"):
+            self.enrol_totp(email)
+
+    def enrol_totp(self, email: str) -> None:
+        """Enrol and confirm TOTP for the logged-in account; the session becomes a full one."""
+        import pyotp
+
+        status, body = self.call("POST", "/v1/me/totp")
+        if status != 200 or not isinstance(body, dict):
+            raise RuntimeError(f"TOTP enrolment failed: {status} {body}")
+        secret = str(body["secret"])
+        step = int(time.time() // TOTP_STEP_SECONDS)
+        code = pyotp.TOTP(secret).at(step * TOTP_STEP_SECONDS)
+        status, body = self.call("POST", "/v1/me/totp/confirm", {"code": code})
+        if status != 200 or not isinstance(body, dict):
+            raise RuntimeError(f"TOTP confirmation failed: {status} {body}")
+        _TOTP_STATE[(self.base_url, email)] = (secret, step)
+        self.recovery_codes = [str(c) for c in body.get("recovery_codes", [])]
 
     def create_account(self, domain: str, address: str, password: str) -> None:
         status, body = self.call("POST", f"/v1/domains/{domain}/accounts", {"address": address, "password": password})

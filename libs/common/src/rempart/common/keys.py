@@ -129,6 +129,27 @@ def pop_before_smtp(ip: str) -> str:
     return f"{PREFIX}rel:pbs:{ip}"
 
 
+def mailbox_special_use(mailbox: str) -> str:
+    """Hash folder -> RFC 6154 attribute (``\\Sent`` ...); its existence means "provisioned"."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:special-use"
+
+
+def pop3_maildrop_lock(mailbox: str) -> str:
+    """RFC 1939 4 / RFC 3206 [IN-USE]: one POP3 session per maildrop, short TTL, refreshed."""
+    return f"{PREFIX}pop3:lock:{{{mailbox}}}"
+
+
+# Auth (R-2FA-1, R-TLS-2): the last TOTP time step used (replay protection), SCRAM conversations.
+# TOTP secrets, recovery codes and app passwords live in the credentials hash, so that deleting
+# an account deletes them with the password.
+def totp_last_step(address: str) -> str:
+    return f"{PREFIX}auth:totpstep:{address}"
+
+
+def scram_conversation(conversation_id: str) -> str:
+    return f"{PREFIX}auth:scram:{conversation_id}"
+
+
 def mailbox_message_prefix(mailbox: str, folder: str) -> str:
     """The message keys of a folder are this prefix plus the UID (used inside Lua)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:msg:"

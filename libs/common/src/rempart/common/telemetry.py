@@ -64,7 +64,9 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("nats", "asyncio", "grpc", "uvicorn.access"):
+    # aiosmtpd's "mail.log" names the TCP peer, which behind a load balancer is the balancer,
+    # not the client (R-OPS-2); the edge logs its own decisions with the real client IP.
+    for noisy in ("nats", "asyncio", "grpc", "uvicorn.access", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -83,6 +83,7 @@ class Principal:
     domain: str
     role: Role
     token: str
+    restricted: bool = False
 
     @property
     def is_superadmin(self) -> bool:
@@ -107,7 +108,13 @@ BackendDep = Annotated[Backend, Depends(get_backend)]
 _bearer = HTTPBearer(auto_error=False, description="Session token from POST /v1/auth/login")
 
 
+ENROLMENT_REQUIRED = "Two-step verification must be set up first: POST /v1/me/totp, then /v1/me/totp/confirm"
+# What a restricted session (an admin who has not enrolled TOTP yet, R-2FA-1) may reach.
+ENROLMENT_PATHS = ("/v1/me", "/v1/me/totp", "/v1/me/totp/confirm", "/v1/auth/logout")
+
+
 async def current_principal(
+    request: Request,
     backend: BackendDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
@@ -118,12 +125,13 @@ async def current_principal(
     session = await backend.sessions.account_for(token)
     if session is None:
         raise not_authenticated("Invalid or expired session")
-    address, account_created = session
-    account = await backend.directory.get_account(address)
-    if account is None or not account.enabled or account.created != account_created:
+    account = await backend.directory.get_account(session.account)
+    if account is None or not account.enabled or account.created != session.account_created:
         await backend.sessions.revoke(token)
         raise not_authenticated("Invalid or expired session")
-    return Principal(account.address, account.domain, account.role, token)
+    if session.restricted and request.url.path.rstrip("/") not in ENROLMENT_PATHS:
+        raise ProblemError(403, ENROLMENT_REQUIRED)
+    return Principal(account.address, account.domain, account.role, token, session.restricted)
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -48,6 +48,11 @@ class LoginResponse(BaseModel):
     expires_in: int
     account: str
     role: Role
+    second_factor_enrolment_required: bool = Field(
+        default=False,
+        description="R-2FA-1: an admin without TOTP; this token only reaches /v1/me, /v1/me/totp* and "
+        "logout until POST /v1/me/totp/confirm succeeds.",
+    )
 
 
 class PasswordChange(_Body):
@@ -171,3 +176,61 @@ class IpBlock(BaseModel):
 class IpBlockList(BaseModel):
     blocks: list[IpBlock]
     truncated: bool
+
+
+# Two-step verification (R-2FA-1, R-2FA-2) and hash import ------------------------------------
+MAX_CODE = 32
+MAX_APP_NAME = 64
+MAX_HASH = 512
+
+
+class TotpEnrolment(BaseModel):
+    """Shown once: the secret as text, as an otpauth URI, and as a QR code (PNG, base64)."""
+
+    secret: str
+    otpauth_uri: str
+    qr_png_base64: str
+
+
+class TotpCode(_Body):
+    code: str = Field(min_length=1, max_length=MAX_CODE, description="A current TOTP code (or a recovery code)")
+
+
+class RecoveryCodes(BaseModel):
+    """Shown once; each works once in place of a TOTP code."""
+
+    recovery_codes: list[str]
+
+
+class TotpState(BaseModel):
+    enabled: bool
+    recovery_codes_left: int
+
+
+class AppPasswordNew(_Body):
+    name: str = Field(min_length=1, max_length=MAX_APP_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+
+
+class AppPasswordCreated(BaseModel):
+    """The password is shown once; only its Argon2id hash is kept."""
+
+    name: str
+    password: str
+    created: float
+
+
+class AppPasswordOut(BaseModel):
+    name: str
+    created: float
+    last_used: float | None
+
+
+class AppPasswordList(BaseModel):
+    app_passwords: list[AppPasswordOut]
+
+
+class PasswordHashImport(_Body):
+    """Migration: a hash from another server, with its Dovecot-style scheme prefix."""
+
+    hash: SecretStr = Field(min_length=1, max_length=MAX_HASH,
+                            description="{ARGON2ID}, {BLF-CRYPT}, {SHA512-CRYPT} or {SSHA512}")

@@ -64,10 +64,13 @@ async def login(body: LoginRequest, request: Request, backend: BackendDep) -> Lo
     account = await backend.directory.get_account(reply.account)
     if account is None or not account.enabled:
         raise ProblemError(401, LOGIN_FAILED, headers=BEARER)
-    token = await backend.sessions.create(account.address, account.created, ip)
-    await backend.events.publish("admin", "login", client_ip=ip, account=account.address, protocol="admin")
+    restricted = reply.second_factor_enrolment_required
+    token = await backend.sessions.create(account.address, account.created, ip, restricted=restricted)
+    await backend.events.publish("admin", "login", client_ip=ip, account=account.address, protocol="admin",
+                                 reason="totp_enrolment_required" if restricted else "")
     return LoginResponse(
-        token=token, expires_in=backend.sessions.ttl_seconds, account=account.address, role=account.role
+        token=token, expires_in=backend.sessions.ttl_seconds, account=account.address, role=account.role,
+        second_factor_enrolment_required=restricted,
     )
 
 

@@ -1,7 +1,8 @@
 """Admin API sessions: opaque random bearer tokens, stored in Redis only as their SHA-256.
 
 A stolen Redis dump therefore yields no usable token; the token is shown once, at login.
-Sessions expire after ``session_ttl_seconds`` (8 h by default) and on logout.
+Sessions expire after ``session_ttl_seconds`` (8 h by default) and on logout. A *restricted*
+session (an admin who must first enrol TOTP, R-2FA-1) reaches only the enrolment routes.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -22,12 +24,19 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Session:
+    account: str
+    account_created: float
+    restricted: bool
+
+
 class SessionStore:
     def __init__(self, redis: aioredis.Redis, ttl_seconds: int) -> None:
         self._redis = redis
         self.ttl_seconds = ttl_seconds
 
-    async def create(self, account: str, account_created: float, client_ip: str) -> str:
+    async def create(self, account: str, account_created: float, client_ip: str, restricted: bool = False) -> str:
         """``account_created`` ties the session to this incarnation of the account: a deleted and
         re-created address does not inherit the old sessions."""
         token = secrets.token_urlsafe(TOKEN_BYTES)
@@ -40,21 +49,29 @@ class SessionStore:
                     "account_created": repr(account_created),
                     "client_ip": client_ip,
                     "created": repr(time.time()),
+                    "restricted": "1" if restricted else "0",
                 },
             )
             pipe.expire(key, self.ttl_seconds)
             await pipe.execute()
         return token
 
-    async def account_for(self, token: str) -> tuple[str, float] | None:
-        """The session's account address and that account's creation time, or None."""
+    async def account_for(self, token: str) -> Session | None:
+        """The session (account, that account's creation time, restriction), or None."""
         if not token or len(token) > MAX_TOKEN_CHARS:
             return None
         key = keys.admin_session(token_digest(token))
-        account, created = await self._redis.hmget(key, ["account", "account_created"])
+        account, created, restricted = await self._redis.hmget(key, ["account", "account_created", "restricted"])
         if not account or not created:
             return None
-        return str(account), float(created)
+        # A session written without the field is unrestricted only if it predates 2FA: treat
+        # anything but an explicit "0" as restricted, so a damaged record never widens access.
+        return Session(str(account), float(created), restricted != "0")
+
+    async def lift_restriction(self, token: str) -> None:
+        """After TOTP is confirmed (R-2FA-1), the session that enrolled becomes a full one."""
+        key = keys.admin_session(token_digest(token))
+        await self._redis.hset(key, "restricted", "0")
 
     async def revoke(self, token: str) -> None:
         await self._redis.delete(keys.admin_session(token_digest(token)))

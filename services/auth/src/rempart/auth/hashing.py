@@ -18,6 +18,8 @@ from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from rempart.auth.metrics import HASH_SECONDS
+from rempart.auth.schemes import scheme_of, verify_imported
+from rempart.auth.scram import ScramKeys, derive_scram_keys
 
 T = TypeVar("T")
 
@@ -45,7 +47,11 @@ class CredentialHasher:
         return await self._run(lambda: self._hasher.hash(password))
 
     async def verify(self, stored_hash: str, password: str) -> bool:
+        """``stored_hash`` is a native Argon2id hash or an imported one with its scheme prefix."""
+
         def check() -> bool:
+            if scheme_of(stored_hash):
+                return verify_imported(stored_hash, password)
             try:
                 return self._hasher.verify(stored_hash, password)
             except (VerifyMismatchError, VerificationError, InvalidHashError):
@@ -57,7 +63,13 @@ class CredentialHasher:
         """Spend the time of one verification and fail (R-LOG-4: no user enumeration by timing)."""
         await self.verify(self._dummy_hash, password)
 
+    async def scram_keys(self, password: str, iterations: int) -> ScramKeys | None:
+        """The SCRAM-SHA-256 keys of ``password`` (RFC 5802 section 3): PBKDF2, so a hash too."""
+        return await self._run(lambda: derive_scram_keys(password, iterations))
+
     def needs_rehash(self, stored_hash: str) -> bool:
+        if scheme_of(stored_hash):
+            return True  # an imported hash: upgrade to Argon2id at the first successful login
         try:
             return self._hasher.check_needs_rehash(stored_hash)
         except InvalidHashError:

@@ -24,3 +24,7 @@ class AuthSettings(ServiceSettings):
     # R-LOG-1 "slow down" mode: each recent failure adds this much delay, up to the cap.
     slow_down_step_ms: int = Field(default=1000, ge=0, le=60000)
     slow_down_max_ms: int = Field(default=15000, ge=0, le=120000)
+    # SCRAM-SHA-256 keys (R-TLS-2) are derived with this PBKDF2 count when a password is set;
+    # RFC 7677 section 4: at least 4096. The conversation state lives this long in Redis.
+    scram_iterations: int = Field(default=4096, ge=4096, le=1_000_000)
+    scram_conversation_seconds: int = Field(default=60, ge=5, le=600)

@@ -1,5 +1,6 @@
 """IMAP4rev1 (RFC 3501) with IDLE (2177), UIDPLUS (4315), MOVE (6851), NAMESPACE (2342),
-ID (2971), ENABLE (5161), LITERAL+ (7888), SASL-IR (4959), UNSELECT (3691).
+ID (2971), ENABLE (5161), LITERAL+ (7888), SASL-IR (4959), UNSELECT (3691), CHILDREN (3348),
+SPECIAL-USE (6154), and AUTHENTICATE PLAIN and SCRAM-SHA-256 (RFC 7677, through the auth service).
 
 A mailbox is the canonical account address the auth service returned; its folders, UIDs and
 flags are the Redis index (:class:`MailboxIndex`); message bytes come from the blob store.
@@ -10,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime
+import email.utils
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from email.message import Message
 
 from nats.aio.msg import Msg
 
@@ -29,6 +31,7 @@ from rempart.imap_pop.imapproto import (
     ImapSyntaxError,
     SequenceSet,
     Token,
+    compress_numbers,
     in_sequence_set,
     is_nil,
     literal,
@@ -41,7 +44,7 @@ from rempart.imap_pop.imapproto import (
     tokenize,
     wildcard_match,
 )
-from rempart.imap_pop.session import LoginResult, Session, verdict_text
+from rempart.imap_pop.session import SCRAM, LoginResult, SaslCancelled, SaslMalformed, Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ MAX_FLAGS = 50
 MAX_FOLDERS = 1000
 MAX_FOLDER_NAME = 200
 MAX_LITERALS_PER_COMMAND = 16
+SEARCH_DECODE_LIMIT = 1024 * 1024
 DELIMITER = "/"
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
@@ -94,10 +98,12 @@ class ImapSession(Session):
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
-                "UNSELECT", "CHILDREN"]
+                "UNSELECT", "CHILDREN", "SPECIAL-USE"]
         if not self.account:
             if self.tls_available():
                 caps.append("STARTTLS")
+            # SCRAM never shows the password: offered before TLS as well (R-TLS-2).
+            caps.append("AUTH=SCRAM-SHA-256")
             if self.plaintext_auth_allowed():
                 caps.append("AUTH=PLAIN")
             else:
@@ -128,12 +134,21 @@ class ImapSession(Session):
                     subscription = await self.backend.nc.subscribe(
                         mailbox_changed_subject(self.account), cb=self._on_changed
                     )
-                command = await self._next_command()
+                try:
+                    # One deadline for the whole command, literals included (slow-loris).
+                    async with asyncio.timeout(self.backend.settings.imap_idle_timeout_seconds):
+                        command = await self._next_command()
+                except TimeoutError:
+                    await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
+                    return
                 if command is None:
                     return
                 await self._execute(command)
                 await self.stream.writer.drain()
-        except (CloseSession, StreamDesynchronised):
+        except StreamDesynchronised:
+            # Over a megabyte without a line end: no next command can be found in it.
+            await self._close_with(R.IMAP_BYE_DESYNC)
+        except CloseSession:
             return
         finally:
             if subscription is not None:
@@ -145,16 +160,19 @@ class ImapSession(Session):
     async def _on_changed(self, _msg: Msg) -> None:
         self.changed.set()
 
+    async def _close_with(self, line: str) -> None:
+        """Last words, then drop whatever the client still sends for a moment, then close."""
+        with contextlib.suppress(OSError, ConnectionError):
+            self.out(line)
+            await self.stream.writer.drain()
+            await self.stream.linger(self.backend.settings.linger_seconds)
+
     async def _next_command(self) -> Command | None:
-        """Read one complete command; None at end of stream or after a BYE."""
+        """Read one complete command; None at end of stream."""
         while True:
             self.waiting_for_command = True
             try:
-                async with asyncio.timeout(self.backend.settings.imap_idle_timeout_seconds):
-                    line = await self.stream.readline(R.MAX_LINE)
-            except TimeoutError:
-                await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
-                return None
+                line = await self.stream.readline(R.MAX_LINE)
             except LineTooLong:
                 self.out(R.IMAP_LINE_TOO_LONG)
                 await self._count_bad()
@@ -193,7 +211,8 @@ class ImapSession(Session):
 
     async def _read_literals(self, tag: str, name: str, line: bytes) -> list[bytes] | None:
         parts = [line]
-        limit = R.MAX_APPEND if name == "APPEND" else R.MAX_LITERAL
+        # APPEND carries a message: the server's message size limit (R-LIM-7) bounds it.
+        limit = self.backend.config.server.limits.max_message_size if name == "APPEND" else R.MAX_LITERAL
         total = 0
         while (marker := literal_at_end(parts[-1])) is not None:
             total += marker.size
@@ -202,8 +221,7 @@ class ImapSession(Session):
                     # LITERAL+: the bytes are already on their way; we cannot find the next
                     # command in them, so the stream is lost.
                     self.out(f"{tag} {R.IMAP_LITERAL_TOO_LARGE}")
-                    self.out(R.IMAP_BYE_DESYNC)
-                    await self.stream.writer.drain()
+                    await self._close_with(R.IMAP_BYE_DESYNC)
                     raise CloseSession
                 self.out(f"{tag} {R.IMAP_LITERAL_TOO_LARGE}")
                 await self._count_bad()
@@ -229,8 +247,7 @@ class ImapSession(Session):
     async def _count_bad(self) -> None:
         self.bad_commands += 1
         if self.bad_commands >= R.MAX_BAD_COMMANDS:
-            self.out(R.IMAP_BYE_TOO_MANY_BAD)
-            await self.stream.writer.drain()
+            await self._close_with(R.IMAP_BYE_TOO_MANY_BAD)
             raise CloseSession
 
     def _handlers(self) -> dict[str, Handler]:
@@ -324,31 +341,25 @@ class ImapSession(Session):
         await self._login(command, text_of(command.args[0]), text_of(command.args[1]), "LOGIN")
 
     async def cmd_authenticate(self, command: Command) -> None:
-        if not command.args or not isinstance(command.args[0], Atom):
+        if not command.args or not isinstance(command.args[0], Atom) or len(command.args) > 2:
             raise ImapSyntaxError("AUTHENTICATE needs a mechanism")
-        if str(command.args[0]).upper() != "PLAIN":
+        mechanism = str(command.args[0]).upper()
+        if mechanism == SCRAM:
+            await self._authenticate_scram(command)
+            return
+        if mechanism != "PLAIN":
             raise No("Unsupported authentication mechanism")
         if not self.plaintext_auth_allowed():
             raise No(R.IMAP_PRIVACY_REQUIRED[3:])
         if len(command.args) > 1:
-            response = text_of(command.args[1])  # SASL-IR
+            response = text_of(command.args[1])  # SASL-IR (RFC 4959)
             if response == "=":
                 response = ""
         else:
-            await self.stream.send(b"+ \r\n")
-            try:
-                line = await self.stream.readline(R.MAX_LINE)
-            except LineTooLong:
-                raise No("Line too long", bad=True) from None
-            if line is None:
-                raise CloseSession
-            response = line.decode("ascii", "replace").strip()
+            response = await self._continuation(b"")
         if response == "*":
             raise No("Authentication cancelled", bad=True)
-        try:
-            fields = base64.b64decode(response, validate=True).split(b"\0")
-        except (binascii.Error, ValueError):
-            raise No("Bad base64 in response", bad=True) from None
+        fields = _b64decode(response).split(b"\0")
         if len(fields) != 3:
             raise No("Bad PLAIN response", bad=True)
         authz, authc, password = (f.decode("utf-8", "replace") for f in fields)
@@ -356,9 +367,44 @@ class ImapSession(Session):
             raise No(R.IMAP_AUTH_FAILED[3:])
         await self._login(command, authc, password, "PLAIN")
 
+    async def _authenticate_scram(self, command: Command) -> None:
+        initial = None
+        if len(command.args) > 1:
+            initial = text_of(command.args[1])  # SASL-IR (RFC 4959); "=" would be empty: invalid here
+        try:
+            result, close = await self.scram_login(initial, self._continuation)
+        except SaslCancelled:
+            raise No("Authentication cancelled", bad=True) from None
+        except SaslMalformed:
+            raise No("Bad SCRAM response", bad=True) from None
+        await self._login_reply(command, result, close)
+
+    async def _continuation(self, challenge: bytes) -> str:
+        """Send ``+ <base64 challenge>`` and read the client's line (RFC 3501 6.2.2), within the
+        command timeout."""
+        await self.stream.send(b"+ " + base64.b64encode(challenge) + b"\r\n")
+        try:
+            async with asyncio.timeout(self.backend.settings.imap_idle_timeout_seconds):
+                line = await self.stream.readline(R.MAX_LINE)
+        except LineTooLong:
+            raise No("Line too long", bad=True) from None
+        except TimeoutError:
+            await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
+            raise CloseSession from None
+        if line is None:
+            raise CloseSession
+        return line.decode("ascii", "replace").strip()
+
     async def _login(self, command: Command, login: str, password: str, mechanism: str) -> None:
         result, close = await self.login(login, password, mechanism)
+        await self._login_reply(command, result, close)
+
+    async def _login_reply(self, command: Command, result: LoginResult, close: bool) -> None:
         if result is LoginResult.OK:
+            try:
+                await self.backend.provision_folders(self.account)
+            except Exception as exc:  # noqa: BLE001 - missing default folders never block a login
+                log.warning("default folders not created: %s", exc, extra={"session": self.session_id})
             self.ok(command, f"[CAPABILITY {self.capabilities()}] Logged in")
             return
         self.out(f"{command.tag} {R.IMAP_AUTH_FAILED if result is LoginResult.FAILED else R.IMAP_TEMPFAIL}")
@@ -404,24 +450,43 @@ class ImapSession(Session):
         self.ok(command, f"[{'READ-ONLY' if self.readonly else 'READ-WRITE'}] {command.name} completed")
 
     async def cmd_list(self, command: Command) -> None:
-        if len(command.args) != 2:
+        # RFC 5258 syntax is accepted (clients that know SPECIAL-USE send "LIST (SPECIAL-USE)
+        # ..."): selection options, a list of patterns, RETURN options.
+        args = list(command.args)
+        only_special = False
+        if command.name == "LIST" and args and isinstance(args[0], list):
+            selection = args.pop(0)
+            assert isinstance(selection, list)
+            only_special = "SPECIAL-USE" in {text_of(o).upper() for o in selection}
+        if command.name == "LIST" and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
+            args = args[:2]
+        if len(args) != 2:
             raise ImapSyntaxError(f"{command.name} needs reference and pattern")
-        reference, pattern = text_of(command.args[0]), text_of(command.args[1])
-        if not pattern:
+        reference = text_of(args[0])
+        patterns = [text_of(p) for p in args[1][:20]] if isinstance(args[1], list) else [text_of(args[1])]
+        if patterns == [""]:
             self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
             self.ok(command)
             return
-        full = reference + pattern
         folders = (await self.backend.index.folders(self.account))[:MAX_FOLDERS]
+        uses = await self.backend.special_uses(self.account)
         names = set(folders)
-        for folder in folders:
-            if not wildcard_match(full, folder) and not (
-                full.upper() == "INBOX" and folder == INBOX
-            ):
+        # A folder whose parent does not exist (deleted, or made by another server) still
+        # needs its parent listed, as \Noselect, for "%" listings (RFC 3501 6.3.8).
+        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in folders for i in range(1, f.count(DELIMITER) + 1)}
+        for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
+            if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
+                       for p in patterns):
+                continue
+            if only_special and folder not in uses:
                 continue
             children = any(n.startswith(folder + DELIMITER) for n in names)
-            attribute = "\\HasChildren" if children else "\\HasNoChildren"
-            self.out(f'* {command.name} ({attribute}) "{DELIMITER}" {quote(folder)}')
+            attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
+            if folder not in names:
+                attributes.insert(0, "\\Noselect")
+            if folder in uses:
+                attributes.append(uses[folder])
+            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}')
         self.ok(command)
 
     async def cmd_status(self, command: Command) -> None:
@@ -460,10 +525,18 @@ class ImapSession(Session):
         folders = await self.backend.index.folders(self.account)
         if folder in folders:
             raise No("[ALREADYEXISTS] Mailbox exists")
-        if len(folders) >= MAX_FOLDERS:
-            raise No("[LIMIT] Too many mailboxes")
-        await self.backend.index.create_folder(self.account, folder)
+        await self._create_with_parents(folder, folders)
         self.ok(command)
+
+    async def _create_with_parents(self, folder: str, folders: list[str]) -> None:
+        """RFC 3501 6.3.3: creating a/b/c also creates a and a/b when they are missing."""
+        pieces = folder.split(DELIMITER)
+        wanted = [DELIMITER.join(pieces[:i]) for i in range(1, len(pieces) + 1)]
+        missing = [name for name in wanted if name not in folders and name.upper() != INBOX]
+        if len(folders) + len(missing) > MAX_FOLDERS:
+            raise No("[LIMIT] Too many mailboxes")
+        for name in missing:
+            await self.backend.index.create_folder(self.account, name)
 
     async def cmd_delete(self, command: Command) -> None:
         if len(command.args) != 1:
@@ -473,16 +546,59 @@ class ImapSession(Session):
             raise No("[CANNOT] INBOX cannot be deleted")
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
-        if (await self.backend.index.status(self.account, folder)).exists:
-            raise No("[INUSE] Mailbox is not empty")
+        # RFC 3501 6.3.4: the mailbox goes with its messages (Thunderbird's "Empty Trash"
+        # deletes folders that still hold mail); each removal is a durable tombstone first.
+        doomed = await self.backend.index.messages(self.account, folder)
+        await expunge(self.backend.store, self.backend.index, self.account, folder, doomed)
         await self.backend.delete_folder(self.account, folder)
+        await self.backend.move_special_use(self.account, folder, None)
         if self.folder == folder:
+            self.folder = None
+            self.view = []
+        await self.backend.publish_changed(self.account, folder)
+        self.ok(command)
+
+    async def cmd_rename(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError("RENAME needs two mailbox names")
+        source = self._folder_name(command.args[0])
+        target = self._folder_name(command.args[1])
+        folders = await self.backend.index.folders(self.account)
+        if source not in folders:
+            raise No("[NONEXISTENT] No such mailbox")
+        if target == INBOX or target in folders:
+            raise No("[ALREADYEXISTS] Target mailbox exists")
+        if target.startswith(source + DELIMITER):
+            raise No("[CANNOT] A mailbox cannot be moved into itself")
+        # Inferior names move along, except under INBOX (RFC 3501 6.3.5).
+        moves = [(source, target)]
+        if source != INBOX:
+            moves += [(f, target + f[len(source):]) for f in folders if f.startswith(source + DELIMITER)]
+        if any(new in folders for _, new in moves):
+            raise No("[ALREADYEXISTS] Target mailbox exists")
+        await self._create_with_parents(target, folders)
+        for old, new in moves:
+            await self._move_folder_contents(old, new)
+            if old != INBOX:
+                await self.backend.delete_folder(self.account, old)
+                await self.backend.move_special_use(self.account, old, new)
+            await self.backend.publish_changed(self.account, old)
+        if self.folder in {old for old, _ in moves}:
             self.folder = None
             self.view = []
         self.ok(command)
 
-    async def cmd_rename(self, command: Command) -> None:
-        raise No("[CANNOT] RENAME is not supported")
+    async def _move_folder_contents(self, old: str, new: str) -> None:
+        """Through the durable path: each message is a new delivery record in ``new`` and a
+        tombstone in ``old``, so a rebuilt index shows the rename (renaming INBOX moves its mail
+        to the new folder and leaves INBOX empty, RFC 3501 6.3.5)."""
+        await self.backend.index.create_folder(self.account, new)
+        messages = await self.backend.index.messages(self.account, old)
+        for message in messages:
+            data = await self.backend.store.read_blob(message.blob)
+            record, _ = await self.backend.store.append(self.account, new, data, sorted(message.flags))
+            await self.backend.index.apply(record)
+        await expunge(self.backend.store, self.backend.index, self.account, old, messages)
 
     async def cmd_subscribe(self, command: Command) -> None:
         # Every folder is listed in LSUB: subscriptions are accepted and need no state.
@@ -583,6 +699,9 @@ class ImapSession(Session):
         if added:
             self.view.extend(added)
             self.out(f"* {len(self.view)} EXISTS")
+            # RFC 3501 7.3.2: RECENT accompanies a size change. No message is ever \Recent
+            # here (sessions on many replicas cannot agree on "first to see it"): always 0.
+            self.out("* 0 RECENT")
 
     def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
         if uid:
@@ -612,8 +731,8 @@ class ImapSession(Session):
         )
         for seq, message in selected:
             data = await self._content(message) if needs_content else b""
-            parsed = M.parse(data) if any(i.name in ("ENVELOPE", "BODYSTRUCTURE") or
-                                          (i.name == "BODY" and not i.bracketed) for i in items) else None
+            parsed = M.structure(data) if any(i.name in ("ENVELOPE", "BODYSTRUCTURE") or
+                                              (i.name == "BODY" and not i.bracketed) for i in items) else None
             flags_changed = False
             if sets_seen and "\\Seen" not in message.flags:
                 message = await self._set_flags(seq, message, set(message.flags) | {"\\Seen"})
@@ -626,7 +745,7 @@ class ImapSession(Session):
             self.out(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")")
         self.ok(command)
 
-    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes, parsed: Message | None) -> bytes:
+    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes, parsed: M.MimePart | None) -> bytes:
         name = item.name
         if name == "UID":
             return f"UID {message.uid}".encode()
@@ -637,9 +756,9 @@ class ImapSession(Session):
         if name == "INTERNALDATE":
             return f'INTERNALDATE "{_internal_date(message.internal_date_ms)}"'.encode()
         if name == "ENVELOPE" and parsed is not None:
-            return f"ENVELOPE {M.envelope(parsed)}".encode()
+            return f"ENVELOPE {M.envelope(parsed.headers)}".encode()
         if name in ("BODYSTRUCTURE", "BODY") and not item.bracketed and parsed is not None:
-            return f"{name} {M.bodystructure(parsed)}".encode()
+            return f"{name} {M.bodystructure(data, parsed, extensible=name == 'BODYSTRUCTURE')}".encode()
         if name == "RFC822":
             return b"RFC822 " + literal(data)
         if name == "RFC822.HEADER":
@@ -762,8 +881,9 @@ class ImapSession(Session):
         await self.backend.publish_changed(self.account, target)
         code = ""
         if source_uids:
-            code = f"[COPYUID {status.uidvalidity} {','.join(map(str, source_uids))} " \
-                   f"{','.join(map(str, target_uids))}] "
+            # RFC 4315: both sets in the same order; UIDs are handed out ascending, so
+            # compressing each keeps the pairing.
+            code = f"[COPYUID {status.uidvalidity} {compress_numbers(source_uids)} {compress_numbers(target_uids)}] "
         if command.name == "MOVE":
             if code:
                 self.out(f"* OK {code}Moved")
@@ -788,6 +908,13 @@ class ImapSession(Session):
                 found.append(message.uid if command.uid else seq)
         self.out("* SEARCH" + "".join(f" {n}" for n in found))
         self.ok(command)
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise No("Bad base64 in response", bad=True) from None
 
 
 def _star_range_hits(text: str, ranges: SequenceSet, uid: int) -> bool:
@@ -841,6 +968,41 @@ def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes]
                 if needle in " ".join(text.split()).lower():
                     return True
         return False
+
+    return test
+
+
+def _text_test(value: str, body_only: bool, parser: _SearchParser) -> Callable[[int, IndexedMessage, bytes], bool]:
+    """BODY / TEXT: the raw octets, and for messages up to SEARCH_DECODE_LIMIT the decoded text
+    parts (base64, quoted-printable, charsets), case-insensitively."""
+    parser.needs_content = True
+    raw_needle = value.lower().encode("utf-8")
+    needle = value.casefold()
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        raw = M.split_header(content)[1] if body_only else content
+        if raw_needle in raw.lower():
+            return True
+        if len(content) > SEARCH_DECODE_LIMIT:
+            return False
+        return needle in M.text_for_search(content, body_only).casefold()
+
+    return test
+
+
+def _sent_date_test(key: str, day: datetime.date) -> Callable[[int, IndexedMessage, bytes], bool]:
+    """SENT*: the Date header's day, in its own time zone (RFC 3501 6.4.4)."""
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        head = M.split_header(content)[0]
+        value = next((raw.split(b":", 1)[1] for name, raw in M.header_lines(head) if name == "DATE"), None)
+        if value is None:
+            return False
+        try:
+            sent = email.utils.parsedate_to_datetime(value.decode("ascii", "replace").strip()).date()
+        except (TypeError, ValueError, IndexError):
+            return False
+        return sent < day if key == "SENTBEFORE" else sent == day if key == "SENTON" else sent >= day
 
     return test
 
@@ -906,6 +1068,7 @@ class _SearchParser:
                 return lambda _s, m, _c: m.size > size
             return lambda _s, m, _c: m.size < size
         if key in ("BEFORE", "ON", "SINCE"):
+            # Internal date (arrival), compared by day in UTC, as RFC 3501 6.4.4 asks.
             date = _parse_date(text_of(self._next()))
             if date is None:
                 raise ImapSyntaxError("bad date")
@@ -924,11 +1087,13 @@ class _SearchParser:
             self.needs_content = True
             return _header_test(name, text_of(self._next()))
         if key in ("BODY", "TEXT"):
-            needle = text_of(self._next()).lower().encode()
+            return _text_test(text_of(self._next()), body_only=key == "BODY", parser=self)
+        if key in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+            sent = _parse_date(text_of(self._next()))
+            if sent is None:
+                raise ImapSyntaxError("bad date")
             self.needs_content = True
-            if key == "BODY":
-                return lambda _s, _m, c: needle in M.split_header(c)[1].lower()
-            return lambda _s, _m, c: needle in c.lower()
+            return _sent_date_test(key, sent)
         if key[:1].isdigit() or key[:1] == "*":
             ranges = parse_sequence_set(key, self.largest_seq)
             return lambda s, _m, _c: in_sequence_set(s, ranges)

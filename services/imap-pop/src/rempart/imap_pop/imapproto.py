@@ -8,6 +8,7 @@ into tokens; the helpers below read sequence sets, FETCH items and strings for r
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from typing import Union
@@ -165,7 +166,11 @@ MAX_SEQUENCE_RANGES = 2000
 
 
 def parse_sequence_set(text: str, largest: int) -> SequenceSet:
-    """Ranges (low, high), with ``*`` as ``largest`` (the last number in use)."""
+    """Sorted, disjoint ranges (low, high), with ``*`` as ``largest`` (the last number in use).
+
+    Overlapping ranges are merged, so ``1:*,1:*,...`` costs one range, and a lookup is a
+    binary search whatever the client sent.
+    """
     ranges: SequenceSet = []
     items = text.split(",")
     if len(items) > MAX_SEQUENCE_RANGES:
@@ -177,7 +182,13 @@ def parse_sequence_set(text: str, largest: int) -> SequenceSet:
         values = [_seq_number(b, largest) for b in bounds]
         low, high = min(values), max(values)
         ranges.append((low, high))
-    return ranges
+    merged: SequenceSet = []
+    for low, high in sorted(ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
 
 
 def _seq_number(text: str, largest: int) -> int:
@@ -192,7 +203,9 @@ def _seq_number(text: str, largest: int) -> int:
 
 
 def in_sequence_set(value: int, ranges: SequenceSet) -> bool:
-    return any(low <= value <= high for low, high in ranges)
+    """``ranges`` as :func:`parse_sequence_set` returns them: sorted and disjoint."""
+    i = bisect.bisect_right(ranges, (value, 0xFFFFFFFF + 1)) - 1
+    return i >= 0 and ranges[i][0] <= value <= ranges[i][1]
 
 
 def compress_numbers(values: list[int]) -> str:

@@ -1,5 +1,5 @@
-"""POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), SASL PLAIN (RFC 5034) and the
-RFC 3206 response codes.
+"""POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595), SASL PLAIN and SCRAM-SHA-256 (RFC 5034), the RFC 3206
+response codes, and one session per maildrop ([IN-USE]) across replicas.
 """
 
 from __future__ import annotations
@@ -7,16 +7,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
+import re
 
 from rempart.common.mailstore import INBOX, IndexedMessage, expunge
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.message import normalise, split_header
-from rempart.imap_pop.session import LoginResult, Session, verdict_text
+from rempart.imap_pop.session import SCRAM, LoginResult, SaslCancelled, SaslMalformed, Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 
 log = logging.getLogger(__name__)
+
+# RFC 1939 3: commands are printable ASCII words; NUL and other controls never belong (a NUL
+# can cut a string short in a later component, a classic injection).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Pop3Session(Session):
@@ -24,6 +30,8 @@ class Pop3Session(Session):
     messages: list[IndexedMessage]
     deleted: set[int]
     closing: bool = False
+    locked: bool = False
+    _renewer: asyncio.Task[None] | None = None
 
     def send(self, line: str) -> None:
         self.stream.write(line.encode("utf-8") + b"\r\n")
@@ -31,6 +39,19 @@ class Pop3Session(Session):
     async def run(self) -> None:
         self.messages = []
         self.deleted = set()
+        try:
+            await self._run()
+        finally:
+            await self._unlock()
+
+    async def _close_with(self, line: str) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            self.send(line)
+            await self.stream.writer.drain()
+            await self.stream.linger(self.backend.settings.linger_seconds)
+        self.closing = True
+
+    async def _run(self) -> None:
         verdict = await self.connect_verdict()
         if verdict.action == policy_pb2.ACTION_TEMPFAIL:
             await self.stream.send(R.POP3_TEMPFAIL.encode() + b"\r\n")
@@ -51,22 +72,36 @@ class Pop3Session(Session):
                 await self.stream.send(R.POP3_AUTOLOGOUT.encode() + b"\r\n")
                 return
             except LineTooLong:
-                self.send("-ERR Line too long")
+                self.send(R.POP3_LINE_TOO_LONG)
                 if await self._bad():
                     return
                 await self.stream.writer.drain()
                 continue
             except StreamDesynchronised:
+                await self._close_with(R.POP3_DESYNC)
                 return
             finally:
                 self.waiting_for_command = False
             if line is None:
                 return
+            text = line.decode("utf-8", "replace")
+            if _CONTROL.search(text):
+                self.send(R.POP3_BAD_CHARACTERS)
+                if await self._bad():
+                    return
+                await self.stream.writer.drain()
+                continue
             try:
-                await self.dispatch(line.decode("utf-8", "replace"))
+                await self.dispatch(text)
             except LineTooLong:
-                self.send("-ERR Line too long")
-            except (OSError, ConnectionError, StreamDesynchronised):
+                self.send(R.POP3_LINE_TOO_LONG)
+            except TimeoutError:
+                await self.stream.send(R.POP3_AUTOLOGOUT.encode() + b"\r\n")
+                return
+            except StreamDesynchronised:
+                await self._close_with(R.POP3_DESYNC)
+                return
+            except (OSError, ConnectionError):
                 return
             except Exception as exc:  # noqa: BLE001 - Redis or NATS failing: fail closed, temporarily
                 log.warning("command failed: %s", exc, extra={"session": self.session_id})
@@ -76,9 +111,7 @@ class Pop3Session(Session):
     async def _bad(self) -> bool:
         self.bad_commands += 1
         if self.bad_commands >= R.MAX_BAD_COMMANDS:
-            self.send(R.POP3_TOO_MANY_BAD)
-            await self.stream.writer.drain()
-            self.closing = True
+            await self._close_with(R.POP3_TOO_MANY_BAD)
             return True
         return False
 
@@ -101,11 +134,20 @@ class Pop3Session(Session):
             return
         await handler(arg)
 
+    def sasl_mechanisms(self) -> list[str]:
+        # SCRAM never shows the password: offered before TLS as well (R-TLS-2).
+        return ["PLAIN", SCRAM] if self.plaintext_auth_allowed() else [SCRAM]
+
     async def capa(self, _arg: str) -> None:
+        # RFC 2449 6: what this state offers; USER, SASL and STLS only before login, and the
+        # plaintext ones only inside TLS or from a trusted address (R-TLS-2).
         lines = ["+OK Capability list follows", "TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
         if not self.account:
             if self.plaintext_auth_allowed():
-                lines += ["USER", "SASL PLAIN"]
+                lines.append("USER")
+            mechanisms = self.sasl_mechanisms()
+            if mechanisms:
+                lines.append("SASL " + " ".join(mechanisms))
             if self.tls_available():
                 lines.append("STLS")
         lines += ["IMPLEMENTATION Rempart", "."]
@@ -156,8 +198,12 @@ class Pop3Session(Session):
         mechanism, _, initial = arg.partition(" ")
         if not mechanism:
             self.send("+OK")
-            self.send("PLAIN")
+            for name in self.sasl_mechanisms():
+                self.send(name)
             self.send(".")
+            return
+        if mechanism.upper() == SCRAM:
+            await self._auth_scram(initial or None)
             return
         if mechanism.upper() != "PLAIN":
             self.send("-ERR Unsupported mechanism")
@@ -166,20 +212,20 @@ class Pop3Session(Session):
             self.send(R.POP3_PLAINTEXT_DISALLOWED)
             return
         if not initial:
-            await self.stream.send(b"+ \r\n")
-            line = await self.stream.readline(R.MAX_LINE)
-            if line is None:
-                self.closing = True
+            reply = await self._continuation(b"")
+            if reply is None:
                 return
-            initial = line.decode("ascii", "replace")
+            initial = reply
+        if initial.strip() == "=":
+            initial = ""  # RFC 5034 4: an empty initial response
         if initial.strip() == "*":
             self.send("-ERR Authentication cancelled")
             return
-        try:
-            fields = base64.b64decode(initial.strip(), validate=True).split(b"\0")
-        except (binascii.Error, ValueError):
+        fields_raw = _b64decode(initial.strip())
+        if fields_raw is None:
             self.send("-ERR Bad base64")
             return
+        fields = fields_raw.split(b"\0")
         if len(fields) != 3:
             self.send("-ERR Bad PLAIN response")
             return
@@ -189,21 +235,77 @@ class Pop3Session(Session):
             return
         await self._login(authc, password, "PLAIN")
 
+    async def _auth_scram(self, initial: str | None) -> None:
+        try:
+            result, close = await self.scram_login(initial, self._continuation)
+        except SaslCancelled:
+            self.send("-ERR Authentication cancelled")
+            return
+        except SaslMalformed:
+            self.send("-ERR Bad SCRAM response")
+            await self._bad()
+            return
+        await self._enter_transaction(result, close)
+
+    async def _continuation(self, challenge: bytes) -> str | None:
+        """``+ <base64>`` and the client's answer line (RFC 5034 4), within the idle timeout
+        (a TimeoutError ends the session); None when the client went away."""
+        await self.stream.send(b"+ " + base64.b64encode(challenge) + b"\r\n")
+        async with asyncio.timeout(self.backend.settings.pop3_idle_timeout_seconds):
+            line = await self.stream.readline(R.MAX_LINE)
+        if line is None:
+            self.closing = True
+            return None
+        return line.decode("ascii", "replace").strip()
+
     async def _login(self, login: str, password: str, mechanism: str) -> None:
         result, close = await self.login(login, password, mechanism)
+        await self._enter_transaction(result, close)
+
+    async def _enter_transaction(self, result: LoginResult, close: bool) -> None:
         if result is LoginResult.OK:
             try:
+                if not await self.backend.lock_maildrop(self.account, self.session_id):
+                    log.info("maildrop in use", extra={"session": self.session_id, "account": self.account})
+                    self.account = ""
+                    self.send(R.POP3_IN_USE)
+                    return
+                self.locked = True
                 self.messages = await self.backend.index.messages(self.account, INBOX)
             except Exception as exc:  # noqa: BLE001 - Redis down: fail closed, temporarily
                 log.warning("mailbox not readable: %s", exc, extra={"session": self.session_id})
+                await self._unlock()
                 self.account = ""
                 self.send(R.POP3_TEMPFAIL)
                 return
+            self._renewer = asyncio.create_task(self._renew_lock(self.account), name="pop3-lock")
             self.send(f"+OK Logged in, {len(self.messages)} messages")
             return
         self.send(R.POP3_AUTH_FAILED if result is LoginResult.FAILED else R.POP3_TEMPFAIL)
         if close:
             self.closing = True
+
+    async def _renew_lock(self, account: str) -> None:
+        while True:
+            await asyncio.sleep(self.backend.settings.pop3_lock_seconds / 3)
+            try:
+                if not await self.backend.renew_maildrop(account, self.session_id):
+                    log.warning("maildrop lock lost", extra={"session": self.session_id, "account": account})
+                    return
+            except Exception as exc:  # noqa: BLE001 - Redis blip: the next round retries
+                log.warning("maildrop lock not renewed: %s", exc, extra={"session": self.session_id})
+
+    async def _unlock(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            self._renewer = None
+        if not self.locked:
+            return
+        self.locked = False
+        try:
+            await self.backend.release_maildrop(self.account, self.session_id)
+        except Exception as exc:  # noqa: BLE001 - the TTL frees it soon anyway
+            log.warning("maildrop lock not released: %s", exc, extra={"session": self.session_id})
 
     def _message(self, arg: str) -> tuple[int, IndexedMessage] | None:
         number = arg.split(" ")[0]
@@ -309,4 +411,14 @@ class Pop3Session(Session):
                 self.send("-ERR [SYS/TEMP] Some deleted messages not removed")
                 return
             await self.backend.publish_changed(self.account, INBOX)
+        # RFC 1939 6: the maildrop is released before the +OK, so a client that reconnects
+        # right after it never finds its own old lock.
+        await self._unlock()
         self.send(R.POP3_BYE)
+
+
+def _b64decode(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None

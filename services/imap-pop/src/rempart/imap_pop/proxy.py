@@ -80,6 +80,9 @@ async def read_proxy_header(stream: Stream) -> ProxyAddress:
     """Read one mandatory PROXY header (v1 or v2) from the start of the stream."""
     if not await stream.ensure(5):
         raise ProxyError("connection closed before the PROXY header")
+    if stream.peek(5) != b"PROXY" and stream.peek(4) != V2_SIGNATURE[:4]:
+        # Neither version can follow: refuse now rather than wait for the header timeout.
+        raise ProxyError("no PROXY header from a proxy address")
     if stream.peek(5) == b"PROXY":
         while stream.find(b"\r\n") < 0:
             if stream.pending() >= V1_MAX or not await stream.ensure(stream.pending() + 1):

@@ -27,8 +27,11 @@ POP3_TOO_MANY_BAD = "-ERR Too many invalid commands"
 POP3_AUTOLOGOUT = "-ERR Autologout; idle for too long"
 POP3_TOO_MANY_SESSIONS = "-ERR [SYS/TEMP] Too many connections, try later"
 POP3_BYE = "+OK Rempart POP3 signing off"
+POP3_IN_USE = "-ERR [IN-USE] Mailbox locked by another POP3 session"
+POP3_DESYNC = "-ERR Command stream out of step, closing"
+POP3_BAD_CHARACTERS = "-ERR Invalid characters in command"
+POP3_LINE_TOO_LONG = "-ERR Line too long"
 
 MAX_BAD_COMMANDS = 10
 MAX_LINE = 8192
 MAX_LITERAL = 64 * 1024
-MAX_APPEND = 50 * 1024 * 1024

@@ -1,5 +1,6 @@
 """The listeners: plain IMAP and POP3 (with STARTTLS/STLS) and their implicit-TLS twins, the
-PROXY protocol from trusted balancers, the session budget, and draining on SIGTERM.
+PROXY protocol from trusted balancers, the session budget, closing every session of a freshly
+blocked IP (R-IPS-4), and draining on SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import logging
 import ssl
 from functools import partial
 
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from rempart.common.events import IPS_BLOCKED
+from rempart.common.pb.events.v1 import events_pb2
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.imap import ImapSession
 from rempart.imap_pop.pop3 import Pop3Session
@@ -25,11 +31,14 @@ class ImapPopServer:
         self.backend = backend
         self.ports: dict[str, int] = {}
         self._servers: list[asyncio.Server] = []
-        self._sessions: set[Session] = set()
+        self._sessions: dict[Session, asyncio.Task[None] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ips_subscription: Subscription | None = None
 
     async def start(self) -> None:
         settings = self.backend.settings
+        # Every replica listens, so a block decided anywhere closes the IP's sessions here too.
+        self._ips_subscription = await self.backend.nc.subscribe(IPS_BLOCKED, cb=self._on_ip_blocked)
         listeners = [
             ("imap", settings.imap_port, "imap", False),
             ("pop3", settings.pop3_port, "pop3", False),
@@ -52,6 +61,35 @@ class ImapPopServer:
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    async def _on_ip_blocked(self, msg: Msg) -> None:
+        """R-IPS-4: when the setting says so, close every open session of a blocked IP."""
+        if not self.backend.config.server.ips.close_all_connections:
+            return
+        try:
+            ip = events_pb2.Event.FromString(msg.data).client_ip
+        except Exception:  # noqa: BLE001 - a malformed event is ignored, never fatal
+            log.warning("malformed ips.blocked event ignored")
+            return
+        if ip:
+            closed = self.close_ip(ip, f"Intrusion prevention active for [{ip}]")
+            if closed:
+                log.info("closed sessions of a blocked IP", extra={"client_ip": ip, "closed": closed})
+
+    def close_ip(self, ip: str, text: str) -> int:
+        """Say ``text`` and close every session of ``ip`` now, whatever it was doing."""
+        closed = 0
+        for session, task in list(self._sessions.items()):
+            if session.client_ip != ip or session.closed_reason:
+                continue
+            session.closed_reason = text
+            with contextlib.suppress(Exception):
+                session.stream.write(session.goodbye(text))
+                session.stream.writer.close()  # flushes the goodbye, then closes
+            if task is not None:
+                task.cancel()
+            closed += 1
+        return closed
 
     async def _handle(self, protocol: str, implicit: bool, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
@@ -78,19 +116,25 @@ class ImapPopServer:
             cls = ImapSession if protocol == "imap" else Pop3Session
             session = cls(self.backend, stream, client_ip, client_port, protocol, implicit_tls=implicit)
             (IMAP_SESSIONS if protocol == "imap" else POP3_SESSIONS).inc()
-            self._sessions.add(session)
+            self._sessions[session] = task
             await session.run()
         except ProxyError as exc:
             log.warning("bad PROXY header: %s", exc, extra={"client_ip": client_ip})
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError, asyncio.IncompleteReadError) as exc:
             log.debug("session ended: %r", exc, extra={"client_ip": client_ip})
         except asyncio.CancelledError:
-            log.info("session cancelled at shutdown", extra={"client_ip": client_ip})
+            if session is not None and session.closed_reason:
+                log.info("session closed: %s", session.closed_reason,
+                         extra={"client_ip": client_ip, "session": session.session_id})
+            else:
+                log.info("session cancelled at shutdown", extra={"client_ip": client_ip})
         except Exception:
             log.exception("session failed", extra={"client_ip": client_ip})
         finally:
             if session is not None:
-                self._sessions.discard(session)
+                self._sessions.pop(session, None)
+                if session.connected:
+                    self.backend.spawn(session.report_disconnect(), name="policy-disconnect")
             await stream.close()
             if task is not None:
                 self._tasks.discard(task)
@@ -105,6 +149,10 @@ class ImapPopServer:
     async def drain(self, grace: float) -> None:
         """Stop accepting; idle sessions get BYE now, busy ones after their command."""
         self.backend.draining = True
+        if self._ips_subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._ips_subscription.unsubscribe()
+            self._ips_subscription = None
         for server in self._servers:
             server.close()
         for session in list(self._sessions):
@@ -120,4 +168,7 @@ class ImapPopServer:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
+        # The last disconnect reports reach policy, or give up with the grace period.
+        if self.backend.background:
+            await asyncio.wait(set(self.backend.background), timeout=max(grace, 0.1))
         log.info("drained", extra={"left": len(self._sessions)})

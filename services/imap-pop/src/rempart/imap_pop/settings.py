@@ -15,9 +15,16 @@ class Settings(EdgeSettings):
     pop3_port: int = 2110
     pop3s_port: int = 2995
     max_sessions: int = Field(default=5000, ge=1)
-    # RFC 3501 5.4: at least 30 minutes; RFC 1939 3: at least 10 minutes.
+    # RFC 3501 5.4: at least 30 minutes; RFC 1939 3: at least 10 minutes. The timeout covers a
+    # whole command (line, literals, SASL continuations): a client trickling one byte a second
+    # (slow-loris) is cut when it runs out, not kept alive by each byte.
     imap_idle_timeout_seconds: float = Field(default=1800.0, gt=0)
     pop3_idle_timeout_seconds: float = Field(default=600.0, gt=0)
+    # After a closing error (too many bad commands, a lost command stream), keep reading and
+    # dropping input this long so the client reads our last line instead of a TCP reset.
+    linger_seconds: float = Field(default=1.0, ge=0)
+    # RFC 3206 [IN-USE]: the POP3 maildrop lock lives this long unless its session renews it.
+    pop3_lock_seconds: float = Field(default=60.0, ge=1)
     # IDLE wakes on rempart.mailbox.<id>.changed; this poll catches a missed event.
     idle_poll_seconds: float = Field(default=10.0, gt=0)
     proxy_header_timeout_seconds: float = Field(default=5.0, gt=0)

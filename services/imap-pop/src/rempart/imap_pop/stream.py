@@ -133,6 +133,27 @@ class Stream:
             self.tls_cipher = cipher[0] if cipher else ""
         return dropped
 
+    async def linger(self, seconds: float, limit: int = 64 * 1024 * 1024, quiet: float = 0.2) -> None:
+        """Read and drop input until end of stream, ``seconds``, ``limit`` bytes, or ``quiet``
+        seconds without input: closing a socket with unread input sends a reset, which can
+        destroy our last reply before the client reads it."""
+        self._buf.clear()
+        dropped = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        try:
+            while dropped < limit:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                async with asyncio.timeout(min(quiet, remaining)):
+                    chunk = await self.reader.read(READ_CHUNK)
+                if not chunk:
+                    return
+                dropped += len(chunk)
+        except (TimeoutError, OSError, ssl.SSLError):
+            return
+
     async def close(self) -> None:
         if self.writer.is_closing():
             return

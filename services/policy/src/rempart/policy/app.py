@@ -18,8 +18,10 @@ from grpc_health.v1 import health
 from rempart.common.grpcutil import new_server, set_serving
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
+from rempart.policy.resolver import CachingResolver
 from rempart.policy.service import PolicyServicer
 from rempart.policy.settings import PolicySettings
+from rempart.policy.srs import SrsKeys
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,10 @@ class RunningPolicy:
 async def running_policy(settings: PolicySettings) -> AsyncIterator[RunningPolicy]:
     async with ServiceRuntime("policy", settings) as rt:
         server, health_servicer = new_server()
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(rt.redis, rt.config, rt.events), server)
+        resolver = CachingResolver(settings.dns_nameservers, settings.dns_cache_entries)
+        srs = SrsKeys(settings.secret_key.get_secret_value())
+        servicer = PolicyServicer(rt.redis, rt.config, rt.events, resolver, srs, settings.hostname)
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         if port == 0:
             raise RuntimeError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")

@@ -22,6 +22,8 @@ from rempart.common.events import EventBus
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import replies
 from rempart.policy.addresses import AddressError, MailAddress, parse_address, parse_sender
+from rempart.policy.resolver import CachingResolver
+from rempart.policy.srs import SrsKeys
 
 Action = policy_pb2.Action
 
@@ -39,6 +41,9 @@ class Decision:
     local_mailboxes: tuple[str, ...] = ()
     remote_recipients: tuple[str, ...] = ()
     ip_blocked: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+    delay_ms: int = 0
+    rewritten_sender: str = ""
 
     def to_verdict(self) -> policy_pb2.Verdict:
         return policy_pb2.Verdict(
@@ -50,6 +55,9 @@ class Decision:
             local_mailboxes=list(self.local_mailboxes),
             remote_recipients=list(self.remote_recipients),
             ip_blocked=self.ip_blocked,
+            add_headers=[policy_pb2.Header(name=name, value=value) for name, value in self.headers],
+            delay_ms=self.delay_ms,
+            rewritten_sender=self.rewritten_sender,
         )
 
 
@@ -86,7 +94,20 @@ def _networks(entries: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddre
         try:
             out.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError:
-            continue  # a host name: resolving trusted host names is a later issue (R-REL-1)
+            continue  # a host name: resolved through DNS (see host_names)
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def host_names(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """The entries of a hosts list that are names, not addresses or networks."""
+    out: list[str] = []
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            if entry.strip():
+                out.append(entry.strip().lower().rstrip("."))
     return tuple(out)
 
 
@@ -109,6 +130,9 @@ class CheckContext:
         config: SettingsCache,
         directory: Directory,
         events: EventBus,
+        resolver: CachingResolver,
+        srs: SrsKeys,
+        hostname: str = "localhost",
     ) -> None:
         self.request = request
         self.session = request.session
@@ -116,7 +140,14 @@ class CheckContext:
         self.config = config
         self.directory = directory
         self.events = events
+        self.resolver = resolver
+        self.srs = srs
+        self.hostname = hostname  # this mail system's name (Received-SPF receiver=)
         self.settings: MailSettings = config.server
+        # Addresses of the trusted hosts given by name (R-REL-1), resolved before the rules run.
+        self.trusted_name_ips: frozenset[str] = frozenset()
+        # Headers the accepted message gets (Received-SPF, IP reputation), whoever decides.
+        self.headers: list[tuple[str, str]] = []
         try:
             parsed = ipaddress.ip_address(self.session.client_ip)
         except ValueError:
@@ -146,7 +177,7 @@ class CheckContext:
     @property
     def trusted(self) -> bool:
         """R-REL-1: the client IP is in the trusted hosts list."""
-        return ip_in(self.ip, self.settings.relay.trusted_hosts)
+        return ip_in(self.ip, self.settings.relay.trusted_hosts) or self.client_ip in self.trusted_name_ips
 
     @property
     def whitelisted(self) -> bool:

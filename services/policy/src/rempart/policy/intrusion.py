@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from rempart.common import keys
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import replies
-from rempart.policy.decision import CheckContext, Decision, accept
+from rempart.policy.decision import CheckContext, Decision, accept, ip_in
 from rempart.policy.scripts import LuaScript
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ REASON_RELAY_DENIALS = "R-IPS-3 relay denials"
 REASON_RSET = "R-IPS-3 RSET commands"
 REASON_SPAM_SCORE = "R-IPS-3 spam score"
 REASON_MESSAGE_SIZE = "R-IPS-3 message size"
+REASON_SIMULTANEOUS = "R-IPS-3 simultaneous connections"
 
 MAX_LISTED_BLOCKS = 10000
 
@@ -70,6 +71,29 @@ if redis.call('SET', KEYS[1], ARGV[2], 'NX', 'EX', tonumber(ARGV[1])) then
   return 1
 end
 return 0
+""")
+
+
+# The IP's open sessions: a sorted set member per session, scored by its expiry, so that a
+# session whose edge died without sending DISCONNECT stops counting by itself.
+# KEYS: sessions zset, block, blocks zset. ARGV: now, session expiry, member, max, key ttl,
+# block s, block doc, ip, block expires at. Returns {count, newly_blocked}; over the limit the
+# session is not recorded (it is refused) and the IP is blocked.
+_OPEN_SESSION = LuaScript("""
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+local n = redis.call('ZCARD', KEYS[1])
+if n > tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  local newly = 0
+  if redis.call('SET', KEYS[2], ARGV[7], 'NX', 'EX', tonumber(ARGV[6])) then
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[9]), ARGV[8])
+    newly = 1
+  end
+  return {n, newly}
+end
+return {n, 0}
 """)
 
 
@@ -122,6 +146,7 @@ async def unblock(redis: aioredis.Redis, ip: str) -> bool:
         pipe.delete(keys.ips_block(ip))
         pipe.zrem(keys.IPS_BLOCKS, ip)
         pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in TRIGGERS))
+        pipe.delete(keys.ips_connections(ip))
         result = await pipe.execute()
     return bool(result[0])
 
@@ -301,3 +326,50 @@ async def check_message(ctx: CheckContext) -> Decision | None:
         return None
     newly = await block_now(ctx, reason)
     return replace(refused(ctx, "R-IPS-3"), ip_blocked=newly)
+
+
+def _session_member(ctx: CheckContext) -> str:
+    return f"{ctx.session.edge_instance[:128]}|{ctx.session.session_id[:128]}"
+
+
+def _tracks_sessions(ctx: CheckContext) -> bool:
+    ips = ctx.settings.ips
+    return (
+        ips.max_simultaneous_connections > 0
+        and ctx.is_smtp
+        and ctx.ips_applies
+        and not ip_in(ctx.ip, ips.simultaneous_exceptions)
+    )
+
+
+async def open_session(ctx: CheckContext) -> Decision | None:
+    """R-IPS-3: more than ``max_simultaneous_connections`` open SMTP sessions from one IP, on
+    every edge together: ``421 4.7.0 Too many connections from [ip]``, close, and block."""
+    if not _tracks_sessions(ctx):
+        return None
+    ips = ctx.settings.ips
+    now = time.time()
+    seconds = ips.block_minutes * 60
+    doc, expires = _block_doc(ctx, REASON_SIMULTANEOUS, seconds)
+    result = await _OPEN_SESSION(
+        ctx.redis,
+        [keys.ips_connections(ctx.client_ip), keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS],
+        [now, now + ips.simultaneous_connection_ttl_seconds, _session_member(ctx), ips.max_simultaneous_connections,
+         ips.simultaneous_connection_ttl_seconds, seconds, doc, ctx.client_ip, expires],
+    )
+    count, newly = int(result[0]), bool(int(result[1]))
+    if count <= ips.max_simultaneous_connections:
+        return None
+    if newly:
+        await _announce(ctx, REASON_SIMULTANEOUS)
+    return Decision(
+        policy_pb2.ACTION_CLOSE, 421, "4.7.0", replies.too_many_connections(ctx.client_ip), "R-IPS-3",
+        ip_blocked=newly,
+    )
+
+
+async def close_session(ctx: CheckContext) -> Decision | None:
+    """STAGE_DISCONNECT: the session no longer counts."""
+    if ctx.settings.ips.max_simultaneous_connections > 0 and ctx.is_smtp:
+        await ctx.redis.zrem(keys.ips_connections(ctx.client_ip), _session_member(ctx))
+    return None

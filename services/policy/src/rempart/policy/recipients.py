@@ -6,10 +6,16 @@ catch-all domain is no safer a target for address harvesting than a rejecting on
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import intrusion, replies
-from rempart.policy.addresses import AddressError
+from rempart.policy.addresses import AddressError, parse_address
 from rempart.policy.decision import CheckContext, Decision, accept, reject
+from rempart.policy.srs import SrsError, looks_like_srs
+
+log = logging.getLogger(__name__)
 
 MAX_TARGETS = 1000  # an alias expanding further than this is a configuration error
 
@@ -63,8 +69,53 @@ async def check_local_recipient(ctx: CheckContext) -> Decision | None:
         local, remote = await _split_targets(ctx, targets)
         # Forwarding off-site through a local alias is relaying the domain's owner allowed.
         rule = "" if targets == [recipient.address] else "R-DOM-2"
-        return accept(rule, local_mailboxes=local, remote_recipients=remote)
-    return await _unknown_recipient(ctx, domain, recipient.address)
+        return await rewrite_for_forwarding(ctx, accept(rule, local_mailboxes=local, remote_recipients=remote), domain)
+    return await rewrite_for_forwarding(ctx, await _unknown_recipient(ctx, domain, recipient.address), domain)
+
+
+def _bypassed(domain: str, entries: list[str]) -> bool:
+    for entry in entries:
+        entry = entry.strip().lower().rstrip(".")
+        if entry and (domain == entry or domain.endswith("." + entry)):
+            return True
+    return False
+
+
+async def rewrite_for_forwarding(ctx: CheckContext, decision: Decision, alias_domain: str) -> Decision:
+    """R-DNS-6: a local alias that forwards a remote sender's mail off-site sends it with an SRS
+    envelope sender, so that the destination's SPF check sees our domain, not the sender's."""
+    settings = ctx.settings.dns
+    if not settings.srs_enabled or decision.action != policy_pb2.ACTION_ACCEPT or not decision.remote_recipients:
+        return decision
+    sender = ctx.sender()
+    if sender is None or await ctx.canonical_domain(sender.domain) is not None:
+        return decision  # bounces are never rewritten; our own senders pass SPF as themselves
+    if all(_bypassed(r.rpartition("@")[2], settings.srs_bypass) for r in decision.remote_recipients):
+        return decision
+    rewritten = ctx.srs.forward(settings.srs_secrets, sender.address, settings.srs_domain.strip() or alias_domain)
+    return replace(decision, rewritten_sender=rewritten, rule=decision.rule or "R-DNS-6")
+
+
+async def check_srs_recipient(ctx: CheckContext) -> Decision | None:
+    """R-DNS-6: a bounce to an SRS address we issued goes back to the original sender; a forged
+    or expired one is an unknown user (and counts as one for R-IPS-3)."""
+    recipient = ctx.recipient()
+    if not looks_like_srs(recipient.local):
+        return None
+    domain = await ctx.canonical_domain(recipient.domain)
+    if domain is None:
+        return None
+    settings = ctx.settings.dns
+    try:
+        original = parse_address(ctx.srs.reverse(settings.srs_secrets, recipient.address))
+    except (SrsError, AddressError) as exc:
+        if ctx.known_account(recipient.address) or await ctx.directory.resolve(recipient.address):
+            return None  # a real mailbox that happens to look like SRS
+        log.info("srs address refused: %s", exc, extra={"session": ctx.session.session_id,
+                                                         "client_ip": ctx.client_ip})
+        normal = reject(550, "5.1.1", replies.unknown_user(recipient.address), "R-DNS-6")
+        return await intrusion.count_unknown_recipient(ctx, normal)
+    return accept("R-DNS-6", remote_recipients=[original.address])
 
 
 async def _unknown_recipient(ctx: CheckContext, domain: str, address: str) -> Decision:

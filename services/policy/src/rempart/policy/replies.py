@@ -46,3 +46,52 @@ BAD_SENDER_SYNTAX = "Bad sender address syntax"
 
 # A dependency (Redis) failed: fail closed (R-OPS-3). Same text as the edges' own fallback.
 TEMPORARY_PROBLEM = TEMPFAIL_TEXT
+
+
+# R-DNS-1
+def dnsbl_listed(ip: str, zone: str) -> str:
+    return f"Service unavailable; client [{ip}] blocked using {zone}"
+
+
+# R-DNS-2: the answers of an IP reputation zone, and the trace header that carries the result.
+IP_REPUTATION_HEADER = "X-Rempart-IP-Reputation"
+REPUTATION_ACCEPTED = "Accepted"
+REPUTATION_BLACKLISTED = "Blacklisted"
+REPUTATION_GREYLISTED = "Greylisted"
+
+
+def reputation_blacklisted(ip: str, zone: str) -> str:
+    return f"Service unavailable; client [{ip}] has a bad IP reputation at {zone}"
+
+
+def reputation_greylisted(ip: str) -> str:
+    return f"Client [{ip}] greylisted by IP reputation, try again later"
+
+
+# R-DNS-3
+def sender_ip_must_resolve(sender: str) -> str:
+    return f"<{sender}>... Sender IP must resolve"
+
+
+# R-DNS-4
+def sender_domain_must_exist(sender: str) -> str:
+    return f"<{sender}>... Sender domain must exist"
+
+
+# R-DNS-5 (RFC 7372: X.7.23 "SPF validation failed")
+def spf_failed(identity: str) -> str:
+    return f"<{identity}>... SPF validation failed"
+
+
+# R-DNS-7: a DNS timeout or SERVFAIL is never a permanent refusal.
+DNS_TEMPORARY_FAILURE = "Temporary DNS failure, try again later"
+
+
+# R-REL-5
+def helo_rejected(helo: str) -> str:
+    return f"<{helo}>... HELO rejected"
+
+
+# R-IPS-3 simultaneous connections
+def too_many_connections(ip: str) -> str:
+    return f"Too many connections from [{ip}]"

@@ -1,14 +1,17 @@
 """The gRPC servicer: one Check call runs the stage's pipeline of rules and answers a Verdict.
 
-Stages the policy has no rule for yet (HELO, COMMAND, DISCONNECT) are accepted. Any Redis
-failure, or any unexpected error, answers ``451 4.3.0``: fail closed, never accept (R-OPS-3).
+Stages the policy has no rule for (COMMAND) are accepted. Any Redis failure, or any
+unexpected error, answers ``451 4.3.0``; a DNS failure answers ``451 4.4.3``: fail closed, never
+accept (R-OPS-3, R-DNS-7).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 import redis.asyncio as aioredis
@@ -18,8 +21,18 @@ from rempart.common.config import SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
-from rempart.policy import intrusion, limits, recipients, relay, replies
-from rempart.policy.decision import CheckContext, Decision, Rule, accept, run_pipeline, temporary_problem
+from rempart.policy import dnschecks, helo, intrusion, limits, recipients, relay, replies
+from rempart.policy.decision import (
+    CheckContext,
+    Decision,
+    Rule,
+    accept,
+    host_names,
+    run_pipeline,
+    temporary_problem,
+)
+from rempart.policy.resolver import CachingResolver, DnsTemporaryError
+from rempart.policy.srs import SrsKeys
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +45,22 @@ CHECK_SECONDS = Histogram(
 
 MAX_FIELD = 1024  # any string field longer than this is refused before any rule runs
 MAX_ACCEPTED_RECIPIENTS = 100_000
+TRUSTED_RETRY_SECONDS = 30.0
+MAX_TRUSTED_NAMES = 1000
 
 # Cheap checks before expensive ones; the first rule with an opinion decides.
 PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
     policy_pb2.STAGE_CONNECT: (
-        (intrusion.screen_connection,),
+        (intrusion.screen_connection, intrusion.open_session),
         accept("", replies.CONNECT_OK, code=220),
     ),
+    policy_pb2.STAGE_HELO: ((helo.check_helo,), accept("", code=250, enhanced="2.0.0")),
     policy_pb2.STAGE_AUTH: (
         (intrusion.count_failed_login, relay.record_pop_before_smtp),
         accept("", code=235, enhanced="2.7.0"),
     ),
     policy_pb2.STAGE_MAIL: (
-        (recipients.check_sender_syntax, relay.check_auth_sender, limits.check_size_param),
+        (recipients.check_sender_syntax, relay.check_auth_sender, limits.check_size_param, dnschecks.check_mail),
         accept("", code=250, enhanced="2.1.0"),
     ),
     policy_pb2.STAGE_RCPT: (
@@ -52,6 +68,7 @@ PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
             recipients.check_syntax,
             limits.check_recipient_count,
             relay.check_local_sender,
+            recipients.check_srs_recipient,
             recipients.check_local_recipient,
             relay.check_relay,
             limits.check_daily_external,
@@ -64,6 +81,7 @@ PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
         accept("", code=250, enhanced="2.0.0"),
     ),
     policy_pb2.STAGE_RSET: ((intrusion.count_rset,), accept("", code=250, enhanced="2.0.0")),
+    policy_pb2.STAGE_DISCONNECT: ((intrusion.close_session,), accept("", code=221, enhanced="2.0.0")),
 }
 DEFAULT_PIPELINE: tuple[Sequence[Rule], Decision] = ((), accept(""))
 
@@ -78,27 +96,81 @@ def _oversized(request: policy_pb2.CheckRequest) -> bool:
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, redis: aioredis.Redis, config: SettingsCache, events: EventBus) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        config: SettingsCache,
+        events: EventBus,
+        resolver: CachingResolver,
+        srs: SrsKeys,
+        hostname: str = "localhost",
+    ) -> None:
         self._redis = redis
         self._config = config
         self._directory = Directory(redis)
         self._events = events
+        self._resolver = resolver
+        self._srs = srs
+        self._hostname = hostname
+        self._trusted_known: dict[str, frozenset[str]] = {}
+        self._trusted_retry: dict[str, float] = {}
+
+    async def _trusted_name_ips(self, ctx: CheckContext) -> frozenset[str]:
+        """R-REL-1: trusted hosts given by name, resolved (A and AAAA) through the DNS cache.
+
+        When DNS fails, the last addresses a name had keep being trusted and the name is asked
+        again only after :data:`TRUSTED_RETRY_SECONDS`, so that an outage neither stalls every
+        call for the DNS timeout nor turns a trusted relay into an untrusted one. A name never
+        resolved trusts nobody: the stricter answer."""
+        names = host_names(tuple(ctx.settings.relay.trusted_hosts))
+        if not names:
+            return frozenset()
+        now = time.monotonic()
+        due = [name for name in names if self._trusted_retry.get(name, 0.0) <= now]
+        if due:
+            timeout = ctx.settings.dns.timeout_seconds
+            results = await asyncio.gather(
+                *(self._resolver.addresses(name, timeout) for name in due), return_exceptions=True
+            )
+            if len(self._trusted_known) > MAX_TRUSTED_NAMES:
+                self._trusted_known.clear()
+                self._trusted_retry.clear()
+            for name, result in zip(due, results, strict=True):
+                if isinstance(result, DnsTemporaryError):
+                    log.warning("trusted host %s does not resolve now: %s", name, result)
+                    self._trusted_retry[name] = now + TRUSTED_RETRY_SECONDS
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    self._trusted_known[name] = frozenset(result)
+        out: set[str] = set()
+        for name in names:
+            out |= self._trusted_known.get(name, frozenset())
+        return frozenset(out)
 
     async def decide(self, request: policy_pb2.CheckRequest) -> Decision:
         if _oversized(request):
             return temporary_problem("oversized-request")
         ctx = CheckContext(
-            request, redis=self._redis, config=self._config, directory=self._directory, events=self._events
+            request, redis=self._redis, config=self._config, directory=self._directory, events=self._events,
+            resolver=self._resolver, srs=self._srs, hostname=self._hostname,
         )
         if ctx.ip is None:
             # The edge always knows the peer's address; anything else is an edge bug: fail closed.
             return temporary_problem("bad-client-ip")
         rules, default = PIPELINES.get(request.stage, DEFAULT_PIPELINE)
         try:
-            return await run_pipeline(ctx, rules, default)
+            ctx.trusted_name_ips = await self._trusted_name_ips(ctx)
+            decision = await run_pipeline(ctx, rules, default)
         except (aioredis.RedisError, OSError) as exc:
             log.warning("redis failed, failing closed: %s", exc, extra={"session": request.session.session_id})
             return temporary_problem("redis-unavailable")
+        if decision.action == policy_pb2.ACTION_ACCEPT:
+            if ctx.headers:
+                decision = replace(decision, headers=decision.headers + tuple(ctx.headers))
+            if request.stage == policy_pb2.STAGE_CONNECT:
+                decision = helo.tarpit(ctx, decision)
+        return decision
 
     async def Check(  # the gRPC method name
         self, request: policy_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]

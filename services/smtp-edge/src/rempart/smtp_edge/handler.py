@@ -24,16 +24,16 @@ from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
-from rempart.smtp_edge.received import count_hops, has_bare_line_ending, received_header
+from rempart.smtp_edge.received import count_hops, has_bare_line_ending, normalize_line_endings, received_header
 from rempart.smtp_edge.session import EdgeSMTP
 
 log = logging.getLogger(__name__)
 
 SESSIONS = Counter("rempart_smtp_sessions_total", "SMTP sessions opened", ["listener"])
-REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by stage and class", ["listener", "stage", "class"])
+REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by listener and code class", ["listener", "class"])
+POLICY_SECONDS = Histogram("rempart_smtp_policy_seconds", "Policy call latency seen by the edge", ["stage"])
 ACCEPTED_BYTES = Counter("rempart_smtp_accepted_bytes_total", "Bytes of accepted messages", ["listener"])
 STORE_SECONDS = Histogram("rempart_smtp_store_seconds", "Time to store a message durably")
-MAX_AUTH_FAILURES = 3
 # Well inside the client's patience (RFC 5321 4.5.3.2.6: 10 minutes for the final reply), short
 # enough that a stalled JetStream becomes a prompt 451 instead of a hung session.
 STORE_TIMEOUT_SECONDS = 15.0
@@ -76,6 +76,7 @@ class EdgeHandler:
         self.instance = instance
         self.proxy_networks = [ipaddress.ip_network(c, strict=False) for c in proxy_cidrs]
         self.sessions: dict[str, set[EdgeSMTP]] = {}
+        self._background: set[asyncio.Task[policy_pb2.Verdict]] = set()
         self.draining = False
 
     # Connection registry: lets a block decided anywhere close this IP's sessions here (R-IPS-4).
@@ -116,20 +117,36 @@ class EdgeHandler:
 
     async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
         request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
-        verdict = await self.policy.check(request)
+        with POLICY_SECONDS.labels(policy_pb2.Stage.Name(stage)).time():
+            verdict = await self.policy.check(request)
         if verdict.delay_ms:
             await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
         return verdict
 
-    def _count(self, server: EdgeSMTP, stage: str, reply: str) -> None:
-        REPLIES.labels(server.listener.name, stage, reply[:1] + "xx").inc()
+    def count_reply(self, server: EdgeSMTP, reply: str) -> None:
+        if reply[:1].isdigit():
+            REPLIES.labels(server.listener.name, reply[:1] + "xx").inc()
+
+    def on_disconnect(self, server: EdgeSMTP) -> None:
+        """STAGE_DISCONNECT, without holding up the close (simultaneous-connection counts)."""
+        task = asyncio.get_running_loop().create_task(self._check(server, policy_pb2.STAGE_DISCONNECT))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def update_auth_policy(self, server: EdgeSMTP) -> None:
+        """R-TLS-2: plaintext AUTH before TLS only for trusted clients, when so configured."""
+        if server.listener.implicit_tls or server.listener.require_starttls:
+            return  # TLS already, or TLS required before anything (submission)
+        settings = self.config.server
+        allowed = not settings.tls.plaintext_auth_requires_tls or ip_in(
+            server.state.client_ip, settings.relay.trusted_hosts)
+        server._auth_require_tls = not allowed
 
     async def _apply(self, server: EdgeSMTP, stage: str, verdict: policy_pb2.Verdict) -> str | None:
         """The reply to send for a refusal, closing after it when asked; None means accepted."""
         if verdict.action in (policy_pb2.ACTION_ACCEPT, policy_pb2.ACTION_DISCARD):
             return None
         reply = reply_of(verdict)
-        self._count(server, stage, reply)
         log.info("refused", extra={"session": server.state.session_id, "client_ip": server.state.client_ip,
                                     "stage": stage, "reply": reply, "rule": verdict.rule})
         if verdict.action == policy_pb2.ACTION_CLOSE:
@@ -147,7 +164,6 @@ class EdgeHandler:
         verdict = await self._check(server, policy_pb2.STAGE_CONNECT)
         if verdict.action == policy_pb2.ACTION_ACCEPT:
             return None
-        self._count(server, "connect", reply_of(verdict))
         log.info("connection refused", extra={"session": server.state.session_id,
                                                "client_ip": server.state.client_ip, "reply": reply_of(verdict)})
         return reply_of(verdict)
@@ -167,6 +183,7 @@ class EdgeHandler:
             server.state.client_ip = str(proxy_data.src_addr)
             server.state.client_port = int(proxy_data.src_port or 0)
             self.register(server)
+            self.update_auth_policy(server)
         return True
 
     async def handle_EHLO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str,
@@ -181,7 +198,7 @@ class EdgeHandler:
         for line in responses:
             # Extensions aiosmtpd does not list: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034).
             if line.startswith("250 HELP"):
-                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+                out += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
             else:
                 out.append(line)
         return out
@@ -205,6 +222,7 @@ class EdgeHandler:
             if option.startswith("SIZE="):
                 size = int(option[5:]) if option[5:].isdigit() else 0
         server.state.reset_transaction()
+        server.state.dsn = {f"{k}": v for k, v in server.state.pending_dsn.items()}
         verdict = await self._check(server, policy_pb2.STAGE_MAIL, mail_from=strip_brackets(address),
                                     message_size=size)
         refusal = await self._apply(server, "mail", verdict)
@@ -233,6 +251,8 @@ class EdgeHandler:
             return replies.STORE_TEMPFAIL
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        for key, value in server.state.pending_dsn.items():
+            server.state.dsn[f"{key}:{address}"] = value
         if verdict.action == policy_pb2.ACTION_DISCARD:
             server.state.discarded += 1
         server.state.local_mailboxes.extend(verdict.local_mailboxes)
@@ -251,9 +271,10 @@ class EdgeHandler:
         if has_bare_line_ending(data):
             # SMTP smuggling (CVE-2023-51766 class): only <CRLF>.<CRLF> may end DATA, and a
             # bare CR or LF is where other servers disagree about where a message ends.
-            self._count(server, "data", replies.BARE_LINE_ENDING)
-            state.reset_transaction()
-            return replies.BARE_LINE_ENDING
+            if self.config.server.smtp.bare_line_endings == "reject":
+                state.reset_transaction()
+                return replies.BARE_LINE_ENDING
+            data = normalize_line_endings(data)
         verdict = await self._check(
             server,
             policy_pb2.STAGE_DATA,
@@ -283,13 +304,12 @@ class EdgeHandler:
                 remote_recipients=state.remote_recipients,
                 client_ip=state.client_ip,
                 authenticated_account=state.authenticated_account,
-                dsn=_dsn_params(envelope),
+                dsn=state.dsn,
                 transaction_id=queue_id,
             ), STORE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
             log.error("durable store failed: %s", exc, extra={"session": state.session_id})
             state.reset_transaction()
-            self._count(server, "data", replies.STORE_TEMPFAIL)
             return replies.STORE_TEMPFAIL
         STORE_SECONDS.observe(time.monotonic() - started)
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
@@ -311,7 +331,6 @@ class EdgeHandler:
                                      "remote": len(record.remote_recipients)})
         state.reset_transaction()
         reply = replies.QUEUED.format(queue_id=record.transaction_id)
-        self._count(server, "data", reply)
         return reply
 
     def _trace_headers(self, server: EdgeSMTP, session: Session, envelope: Envelope, queue_id: str,
@@ -415,8 +434,8 @@ class EdgeHandler:
             return AuthResult(success=False, handled=True)
         if not ok:
             server.state.auth_failures += 1
-            if server.state.auth_failures >= MAX_AUTH_FAILURES:
-                await server.push("421 4.7.0 Too many failed authentications, closing connection")
+            if server.state.auth_failures >= self.config.server.smtp.auth_failure_budget:
+                await server.push(replies.TOO_MANY_AUTH_FAILURES)
                 server.close_now()
                 return AuthResult(success=False, handled=True)
             # R-LOG-4: the same reply whatever the reason (unknown, locked, restricted).
@@ -425,10 +444,15 @@ class EdgeHandler:
         return AuthResult(success=True, auth_data=reply.account, message=replies.AUTH_OK)
 
 
-def _dsn_params(envelope: Envelope) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for option in envelope.mail_options:
-        key, _, value = option.partition("=")
-        if key in ("RET", "ENVID"):
-            out[key] = value[:100]
-    return out
+def ip_in(ip: str, entries: list[str]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    for entry in entries:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False

@@ -60,3 +60,8 @@ def count_hops(data: bytes) -> int:
 def has_bare_line_ending(data: bytes) -> bool:
     """A CR or LF that is not part of CRLF: the raw material of SMTP smuggling (CVE-2023-51766)."""
     return data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n")
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Every bare CR or LF becomes CRLF (the "normalize" choice of settings smtp.bare_line_endings)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

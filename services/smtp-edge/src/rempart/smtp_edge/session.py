@@ -11,9 +11,46 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP
 
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.smtp_edge import replies
 
 if TYPE_CHECKING:
     from rempart.smtp_edge.handler import EdgeHandler
+
+
+MAIL_DSN_PARAMS = {"RET", "ENVID"}
+RCPT_DSN_PARAMS = {"NOTIFY", "ORCPT"}
+NOTIFY_VALUES = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+
+
+def take_dsn_params(arg: str, names: set[str]) -> tuple[str, dict[str, str], str]:
+    """Split the RFC 3461 parameters ``names`` out of a MAIL/RCPT argument.
+
+    Returns (the argument without them, the parameters, an error reply or "").
+    """
+    end = arg.rfind(">")
+    if end < 0:
+        return arg, {}, ""
+    kept: list[str] = []
+    found: dict[str, str] = {}
+    for token in arg[end + 1:].split():
+        key, sep, value = token.partition("=")
+        if key.upper() not in names:
+            kept.append(token)
+            continue
+        key = key.upper()
+        if not sep or not value or len(value) > 500 or key in found:
+            return arg, {}, f"501 5.5.4 Invalid {key} parameter"
+        if key == "RET" and value.upper() not in ("FULL", "HDRS"):
+            return arg, {}, "501 5.5.4 Invalid RET parameter"
+        if key == "NOTIFY":
+            values = set(value.upper().split(","))
+            if not values <= NOTIFY_VALUES or ("NEVER" in values and len(values) > 1):
+                return arg, {}, "501 5.5.4 Invalid NOTIFY parameter"
+            value = value.upper()
+        if key == "ORCPT" and ";" not in value:
+            return arg, {}, "501 5.5.4 Invalid ORCPT parameter"
+        found[key] = value
+    return " ".join([arg[: end + 1], *kept]), found, ""
 
 
 @dataclass(frozen=True)
@@ -43,12 +80,17 @@ class SessionState:
     remote_recipients: list[str] = field(default_factory=list)
     discarded: int = 0
     add_headers: list[tuple[str, str]] = field(default_factory=list)
+    # DSN (RFC 3461): the transaction's RET/ENVID and per-recipient NOTIFY/ORCPT.
+    dsn: dict[str, str] = field(default_factory=dict)
+    pending_dsn: dict[str, str] = field(default_factory=dict)
+    errors: int = 0
 
     def reset_transaction(self) -> None:
         self.local_mailboxes = []
         self.remote_recipients = []
         self.discarded = 0
         self.add_headers = []
+        self.dsn = {}
 
 
 class EdgeSMTP(SMTP):
@@ -69,25 +111,74 @@ class EdgeSMTP(SMTP):
             self.state.client_ip, self.state.client_port = str(peer[0]), int(peer[1])
             handler: EdgeHandler = self.event_handler
             handler.register(self)
+            handler.update_auth_policy(self)
+
+    def eof_received(self) -> bool | None:
+        # aiosmtpd cancels the session on EOF and may keep the socket half-open; when the
+        # client hung up before the greeting (a load balancer's health check, a scanner) that
+        # leaked the connection for good. Returning False lets asyncio close it, so
+        # connection_lost runs and the session leaves the registry.
+        super().eof_received()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         handler: EdgeHandler = self.event_handler
         handler.unregister(self)
+        if self._greeted:
+            handler.on_disconnect(self)
         self.closed.set()
         super().connection_lost(error)
 
     async def push(self, status: Any) -> None:
+        handler: EdgeHandler = self.event_handler
         if not self._greeted and isinstance(status, str) and status.startswith("220 "):
             # The greeting: decide on the connection first (R-IPS-4, R-REL-6), so that a blocked
             # client never gets a 220 and nothing it sent early is read as a command.
             self._greeted = True
-            handler: EdgeHandler = self.event_handler
             refusal = await handler.on_connect(self)
+            if refusal is None and self.talked_early() and handler.config.server.relay.pregreet_drop:
+                # Pre-greeting traffic (R-REL-6, beyond): a zombie or a spam engine that does not
+                # wait for the banner. Postfix's postscreen drops these the same way.
+                refusal = replies.PREGREET
             if refusal is not None:
+                handler.count_reply(self, refusal)
                 await super().push(refusal)
                 self.close_now()
                 return
+        if isinstance(status, str):
+            handler.count_reply(self, status)
+            if status[:1] == "5":
+                self.state.errors += 1
+                if self.state.errors >= handler.config.server.smtp.error_budget:
+                    # An error budget: a client that keeps failing is probing, not sending mail.
+                    await super().push(status)
+                    await super().push(replies.TOO_MANY_ERRORS)
+                    self.close_now()
+                    return
         await super().push(status)
+
+    def talked_early(self) -> bool:
+        return bool(getattr(self._reader, "_buffer", b""))
+
+    # DSN parameters (RFC 3461) that aiosmtpd does not know: take them out of the command,
+    # validate them, keep them for the delivery record, and let aiosmtpd parse the rest.
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg:
+            arg, params, error = take_dsn_params(arg, MAIL_DSN_PARAMS)
+            if error:
+                await self.push(error)
+                return
+            self.state.pending_dsn = params
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg:
+            arg, params, error = take_dsn_params(arg, RCPT_DSN_PARAMS)
+            if error:
+                await self.push(error)
+                return
+            self.state.pending_dsn = params
+        await super().smtp_RCPT(arg)
 
     def close_now(self) -> None:
         if self.transport is not None:

@@ -24,23 +24,65 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arempart/auth/v1/auth.proto\x12\x0frempart.auth.v1\"\xa2\x01\n\x13\x41uthenticateRequest\x12\r\n\x05login\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\ttotp_code\x18\x08 \x01(\t\"x\n\x14\x41uthenticateResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.rempart.auth.v1.AuthStatus\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_password\x18\x04 \x01(\x08\"L\n\x12SetPasswordRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x13\n\x0bskip_policy\x18\x03 \x01(\x08\"5\n\x13SetPasswordResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nviolations\x18\x02 \x03(\t*\xcf\x01\n\nAuthStatus\x12\x1b\n\x17\x41UTH_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41UTH_STATUS_OK\x10\x01\x12\x17\n\x13\x41UTH_STATUS_INVALID\x10\x02\x12\x16\n\x12\x41UTH_STATUS_LOCKED\x10\x03\x12\x1d\n\x19\x41UTH_STATUS_IP_RESTRICTED\x10\x04\x12&\n\"AUTH_STATUS_SECOND_FACTOR_REQUIRED\x10\x05\x12\x18\n\x14\x41UTH_STATUS_TEMPFAIL\x10\x06\x32\xc4\x01\n\x0b\x41uthService\x12[\n\x0c\x41uthenticate\x12$.rempart.auth.v1.AuthenticateRequest\x1a%.rempart.auth.v1.AuthenticateResponse\x12X\n\x0bSetPassword\x12#.rempart.auth.v1.SetPasswordRequest\x1a$.rempart.auth.v1.SetPasswordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arempart/auth/v1/auth.proto\x12\x0frempart.auth.v1\"\xa2\x01\n\x13\x41uthenticateRequest\x12\r\n\x05login\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x11\n\tclient_ip\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\t\x12\x11\n\tmechanism\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\ttotp_code\x18\x08 \x01(\t\"\xa2\x01\n\x14\x41uthenticateResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.rempart.auth.v1.AuthStatus\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_password\x18\x04 \x01(\x08\x12(\n second_factor_enrolment_required\x18\x05 \x01(\x08\"L\n\x12SetPasswordRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x13\n\x0bskip_policy\x18\x03 \x01(\x08\"5\n\x13SetPasswordResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x12\n\nviolations\x18\x02 \x03(\t\"o\n\x11ScramStartRequest\x12\x14\n\x0c\x63lient_first\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x0b\n\x03tls\x18\x05 \x01(\x08\"p\n\x12ScramStartResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.rempart.auth.v1.AuthStatus\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x14\n\x0cserver_first\x18\x03 \x01(\t\"C\n\x12ScramFinishRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63lient_final\x18\x02 \x01(\t\"w\n\x13ScramFinishResponse\x12+\n\x06status\x18\x01 \x01(\x0e\x32\x1b.rempart.auth.v1.AuthStatus\x12\x14\n\x0cserver_final\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\"9\n\x11ImportHashRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x13\n\x0bscheme_hash\x18\x02 \x01(\t\"/\n\x12ImportHashResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"3\n\x10TotpEnrolRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\"Q\n\x11TotpEnrolResponse\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0botpauth_uri\x18\x02 \x01(\t\x12\x17\n\x0f\x61lready_enabled\x18\x03 \x01(\x08\"3\n\x12TotpConfirmRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"9\n\x13TotpConfirmResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x16\n\x0erecovery_codes\x18\x02 \x03(\t\"3\n\x12TotpDisableRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\"!\n\x13TotpDisableResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\"$\n\x11TotpStatusRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"B\n\x12TotpStatusResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x1b\n\x13recovery_codes_left\x18\x02 \x01(\r\"9\n\x18\x41ppPasswordCreateRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"M\n\x19\x41ppPasswordCreateResponse\x12\x10\n\x08password\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x01\x12\r\n\x05\x65rror\x18\x03 \x01(\t\")\n\x16\x41ppPasswordListRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"?\n\x0b\x41ppPassword\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x01\x12\x11\n\tlast_used\x18\x03 \x01(\x01\"N\n\x17\x41ppPasswordListResponse\x12\x33\n\rapp_passwords\x18\x01 \x03(\x0b\x32\x1c.rempart.auth.v1.AppPassword\"9\n\x18\x41ppPasswordRevokeRequest\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"*\n\x19\x41ppPasswordRevokeResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\xcf\x01\n\nAuthStatus\x12\x1b\n\x17\x41UTH_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41UTH_STATUS_OK\x10\x01\x12\x17\n\x13\x41UTH_STATUS_INVALID\x10\x02\x12\x16\n\x12\x41UTH_STATUS_LOCKED\x10\x03\x12\x1d\n\x19\x41UTH_STATUS_IP_RESTRICTED\x10\x04\x12&\n\"AUTH_STATUS_SECOND_FACTOR_REQUIRED\x10\x05\x12\x18\n\x14\x41UTH_STATUS_TEMPFAIL\x10\x06\x32\xe9\x08\n\x0b\x41uthService\x12[\n\x0c\x41uthenticate\x12$.rempart.auth.v1.AuthenticateRequest\x1a%.rempart.auth.v1.AuthenticateResponse\x12X\n\x0bSetPassword\x12#.rempart.auth.v1.SetPasswordRequest\x1a$.rempart.auth.v1.SetPasswordResponse\x12U\n\nScramStart\x12\".rempart.auth.v1.ScramStartRequest\x1a#.rempart.auth.v1.ScramStartResponse\x12X\n\x0bScramFinish\x12#.rempart.auth.v1.ScramFinishRequest\x1a$.rempart.auth.v1.ScramFinishResponse\x12U\n\nImportHash\x12\".rempart.auth.v1.ImportHashRequest\x1a#.rempart.auth.v1.ImportHashResponse\x12R\n\tTotpEnrol\x12!.rempart.auth.v1.TotpEnrolRequest\x1a\".rempart.auth.v1.TotpEnrolResponse\x12X\n\x0bTotpConfirm\x12#.rempart.auth.v1.TotpConfirmRequest\x1a$.rempart.auth.v1.TotpConfirmResponse\x12X\n\x0bTotpDisable\x12#.rempart.auth.v1.TotpDisableRequest\x1a$.rempart.auth.v1.TotpDisableResponse\x12U\n\nTotpStatus\x12\".rempart.auth.v1.TotpStatusRequest\x1a#.rempart.auth.v1.TotpStatusResponse\x12j\n\x11\x41ppPasswordCreate\x12).rempart.auth.v1.AppPasswordCreateRequest\x1a*.rempart.auth.v1.AppPasswordCreateResponse\x12\x64\n\x0f\x41ppPasswordList\x12\'.rempart.auth.v1.AppPasswordListRequest\x1a(.rempart.auth.v1.AppPasswordListResponse\x12j\n\x11\x41ppPasswordRevoke\x12).rempart.auth.v1.AppPasswordRevokeRequest\x1a*.rempart.auth.v1.AppPasswordRevokeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rempart.auth.v1.auth_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AUTHSTATUS']._serialized_start=468
-  _globals['_AUTHSTATUS']._serialized_end=675
+  _globals['_AUTHSTATUS']._serialized_start=1907
+  _globals['_AUTHSTATUS']._serialized_end=2114
   _globals['_AUTHENTICATEREQUEST']._serialized_start=48
   _globals['_AUTHENTICATEREQUEST']._serialized_end=210
-  _globals['_AUTHENTICATERESPONSE']._serialized_start=212
-  _globals['_AUTHENTICATERESPONSE']._serialized_end=332
-  _globals['_SETPASSWORDREQUEST']._serialized_start=334
-  _globals['_SETPASSWORDREQUEST']._serialized_end=410
-  _globals['_SETPASSWORDRESPONSE']._serialized_start=412
-  _globals['_SETPASSWORDRESPONSE']._serialized_end=465
-  _globals['_AUTHSERVICE']._serialized_start=678
-  _globals['_AUTHSERVICE']._serialized_end=874
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=213
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=375
+  _globals['_SETPASSWORDREQUEST']._serialized_start=377
+  _globals['_SETPASSWORDREQUEST']._serialized_end=453
+  _globals['_SETPASSWORDRESPONSE']._serialized_start=455
+  _globals['_SETPASSWORDRESPONSE']._serialized_end=508
+  _globals['_SCRAMSTARTREQUEST']._serialized_start=510
+  _globals['_SCRAMSTARTREQUEST']._serialized_end=621
+  _globals['_SCRAMSTARTRESPONSE']._serialized_start=623
+  _globals['_SCRAMSTARTRESPONSE']._serialized_end=735
+  _globals['_SCRAMFINISHREQUEST']._serialized_start=737
+  _globals['_SCRAMFINISHREQUEST']._serialized_end=804
+  _globals['_SCRAMFINISHRESPONSE']._serialized_start=806
+  _globals['_SCRAMFINISHRESPONSE']._serialized_end=925
+  _globals['_IMPORTHASHREQUEST']._serialized_start=927
+  _globals['_IMPORTHASHREQUEST']._serialized_end=984
+  _globals['_IMPORTHASHRESPONSE']._serialized_start=986
+  _globals['_IMPORTHASHRESPONSE']._serialized_end=1033
+  _globals['_TOTPENROLREQUEST']._serialized_start=1035
+  _globals['_TOTPENROLREQUEST']._serialized_end=1086
+  _globals['_TOTPENROLRESPONSE']._serialized_start=1088
+  _globals['_TOTPENROLRESPONSE']._serialized_end=1169
+  _globals['_TOTPCONFIRMREQUEST']._serialized_start=1171
+  _globals['_TOTPCONFIRMREQUEST']._serialized_end=1222
+  _globals['_TOTPCONFIRMRESPONSE']._serialized_start=1224
+  _globals['_TOTPCONFIRMRESPONSE']._serialized_end=1281
+  _globals['_TOTPDISABLEREQUEST']._serialized_start=1283
+  _globals['_TOTPDISABLEREQUEST']._serialized_end=1334
+  _globals['_TOTPDISABLERESPONSE']._serialized_start=1336
+  _globals['_TOTPDISABLERESPONSE']._serialized_end=1369
+  _globals['_TOTPSTATUSREQUEST']._serialized_start=1371
+  _globals['_TOTPSTATUSREQUEST']._serialized_end=1407
+  _globals['_TOTPSTATUSRESPONSE']._serialized_start=1409
+  _globals['_TOTPSTATUSRESPONSE']._serialized_end=1475
+  _globals['_APPPASSWORDCREATEREQUEST']._serialized_start=1477
+  _globals['_APPPASSWORDCREATEREQUEST']._serialized_end=1534
+  _globals['_APPPASSWORDCREATERESPONSE']._serialized_start=1536
+  _globals['_APPPASSWORDCREATERESPONSE']._serialized_end=1613
+  _globals['_APPPASSWORDLISTREQUEST']._serialized_start=1615
+  _globals['_APPPASSWORDLISTREQUEST']._serialized_end=1656
+  _globals['_APPPASSWORD']._serialized_start=1658
+  _globals['_APPPASSWORD']._serialized_end=1721
+  _globals['_APPPASSWORDLISTRESPONSE']._serialized_start=1723
+  _globals['_APPPASSWORDLISTRESPONSE']._serialized_end=1801
+  _globals['_APPPASSWORDREVOKEREQUEST']._serialized_start=1803
+  _globals['_APPPASSWORDREVOKEREQUEST']._serialized_end=1860
+  _globals['_APPPASSWORDREVOKERESPONSE']._serialized_start=1862
+  _globals['_APPPASSWORDREVOKERESPONSE']._serialized_end=1904
+  _globals['_AUTHSERVICE']._serialized_start=2117
+  _globals['_AUTHSERVICE']._serialized_end=3246
 # @@protoc_insertion_point(module_scope)

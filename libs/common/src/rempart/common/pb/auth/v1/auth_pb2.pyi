@@ -109,6 +109,7 @@ class AuthenticateResponse(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     APP_PASSWORD_FIELD_NUMBER: _builtins.int
+    SECOND_FACTOR_ENROLMENT_REQUIRED_FIELD_NUMBER: _builtins.int
     status: Global___AuthStatus.ValueType
     account: _builtins.str
     """canonical account address when OK"""
@@ -116,6 +117,10 @@ class AuthenticateResponse(_message.Message):
     """"user", "domain_admin", "superadmin" """
     app_password: _builtins.bool
     """the secret was an app password (R-2FA-2)"""
+    second_factor_enrolment_required: _builtins.bool
+    """protocol "admin": the password was right, the account is an admin without TOTP and the
+    server requires 2FA for admins: the session may only enrol (R-2FA-1).
+    """
     def __init__(
         self,
         *,
@@ -123,10 +128,11 @@ class AuthenticateResponse(_message.Message):
         account: _builtins.str = ...,
         role: _builtins.str = ...,
         app_password: _builtins.bool = ...,
+        second_factor_enrolment_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "app_password", b"app_password", "role", b"role", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "app_password", b"app_password", "role", b"role", "second_factor_enrolment_required", b"second_factor_enrolment_required", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -182,3 +188,503 @@ class SetPasswordResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015
+
+@_typing.final
+class ScramStartRequest(_message.Message):
+    """SCRAM-SHA-256 (RFC 5802, RFC 7677), two round trips; the conversation lives in Redis, so
+    ScramFinish may reach another replica than ScramStart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_FIRST_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    client_first: _builtins.str
+    """the client-first-message, decoded from base64 by the edge"""
+    client_ip: _builtins.str
+    protocol: _builtins.str
+    """"smtp", "imap", "pop3" """
+    session_id: _builtins.str
+    tls: _builtins.bool
+    def __init__(
+        self,
+        *,
+        client_first: _builtins.str = ...,
+        client_ip: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        tls: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_first", b"client_first", "client_ip", b"client_ip", "protocol", b"protocol", "session_id", b"session_id", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScramStartRequest: _TypeAlias = ScramStartRequest  # noqa: Y015
+
+@_typing.final
+class ScramStartResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    SERVER_FIRST_FIELD_NUMBER: _builtins.int
+    status: Global___AuthStatus.ValueType
+    """OK (also for unknown users: the server-first is well formed), INVALID, TEMPFAIL"""
+    conversation_id: _builtins.str
+    server_first: _builtins.str
+    def __init__(
+        self,
+        *,
+        status: Global___AuthStatus.ValueType = ...,
+        conversation_id: _builtins.str = ...,
+        server_first: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "server_first", b"server_first", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScramStartResponse: _TypeAlias = ScramStartResponse  # noqa: Y015
+
+@_typing.final
+class ScramFinishRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_FINAL_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    client_final: _builtins.str
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        client_final: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_final", b"client_final", "conversation_id", b"conversation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScramFinishRequest: _TypeAlias = ScramFinishRequest  # noqa: Y015
+
+@_typing.final
+class ScramFinishResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    SERVER_FINAL_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    status: Global___AuthStatus.ValueType
+    server_final: _builtins.str
+    """"v=..." when OK; "e=invalid-proof" otherwise (send it, then fail)"""
+    account: _builtins.str
+    role: _builtins.str
+    def __init__(
+        self,
+        *,
+        status: Global___AuthStatus.ValueType = ...,
+        server_final: _builtins.str = ...,
+        account: _builtins.str = ...,
+        role: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "role", b"role", "server_final", b"server_final", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScramFinishResponse: _TypeAlias = ScramFinishResponse  # noqa: Y015
+
+@_typing.final
+class ImportHashRequest(_message.Message):
+    """Migration: a hash exported from another server (Dovecot-style scheme prefix)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SCHEME_HASH_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    scheme_hash: _builtins.str
+    """{ARGON2ID}, {BLF-CRYPT}, {SHA512-CRYPT} or {SSHA512}"""
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        scheme_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "scheme_hash", b"scheme_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportHashRequest: _TypeAlias = ImportHashRequest  # noqa: Y015
+
+@_typing.final
+class ImportHashResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    error: _builtins.str
+    """why the hash was refused (never echoes the hash)"""
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportHashResponse: _TypeAlias = ImportHashResponse  # noqa: Y015
+
+@_typing.final
+class TotpEnrolRequest(_message.Message):
+    """TOTP (R-2FA-1)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ISSUER_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    issuer: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        issuer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "issuer", b"issuer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpEnrolRequest: _TypeAlias = TotpEnrolRequest  # noqa: Y015
+
+@_typing.final
+class TotpEnrolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    OTPAUTH_URI_FIELD_NUMBER: _builtins.int
+    ALREADY_ENABLED_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """base32, shown once"""
+    otpauth_uri: _builtins.str
+    already_enabled: _builtins.bool
+    """TOTP is active: disable it first (nothing else is set)"""
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+        otpauth_uri: _builtins.str = ...,
+        already_enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_enabled", b"already_enabled", "otpauth_uri", b"otpauth_uri", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpEnrolResponse: _TypeAlias = TotpEnrolResponse  # noqa: Y015
+
+@_typing.final
+class TotpConfirmRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    code: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpConfirmRequest: _TypeAlias = TotpConfirmRequest  # noqa: Y015
+
+@_typing.final
+class TotpConfirmResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    @_builtins.property
+    def recovery_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """shown once"""
+
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        recovery_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ok", b"ok", "recovery_codes", b"recovery_codes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpConfirmResponse: _TypeAlias = TotpConfirmResponse  # noqa: Y015
+
+@_typing.final
+class TotpDisableRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    code: _builtins.str
+    """a current TOTP code or an unused recovery code"""
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "code", b"code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpDisableRequest: _TypeAlias = TotpDisableRequest  # noqa: Y015
+
+@_typing.final
+class TotpDisableResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpDisableResponse: _TypeAlias = TotpDisableResponse  # noqa: Y015
+
+@_typing.final
+class TotpStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpStatusRequest: _TypeAlias = TotpStatusRequest  # noqa: Y015
+
+@_typing.final
+class TotpStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    RECOVERY_CODES_LEFT_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    recovery_codes_left: _builtins.int
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        recovery_codes_left: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "recovery_codes_left", b"recovery_codes_left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TotpStatusResponse: _TypeAlias = TotpStatusResponse  # noqa: Y015
+
+@_typing.final
+class AppPasswordCreateRequest(_message.Message):
+    """App passwords (R-2FA-2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordCreateRequest: _TypeAlias = AppPasswordCreateRequest  # noqa: Y015
+
+@_typing.final
+class AppPasswordCreateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    password: _builtins.str
+    """shown once"""
+    created: _builtins.float
+    error: _builtins.str
+    """when refused: "exists", "too_many" or "bad_name"; password is then empty"""
+    def __init__(
+        self,
+        *,
+        password: _builtins.str = ...,
+        created: _builtins.float = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "password", b"password"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordCreateResponse: _TypeAlias = AppPasswordCreateResponse  # noqa: Y015
+
+@_typing.final
+class AppPasswordListRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordListRequest: _TypeAlias = AppPasswordListRequest  # noqa: Y015
+
+@_typing.final
+class AppPassword(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    LAST_USED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    created: _builtins.float
+    last_used: _builtins.float
+    """0 when never used"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        created: _builtins.float = ...,
+        last_used: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "last_used", b"last_used", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPassword: _TypeAlias = AppPassword  # noqa: Y015
+
+@_typing.final
+class AppPasswordListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APP_PASSWORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def app_passwords(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppPassword]: ...
+    def __init__(
+        self,
+        *,
+        app_passwords: _abc.Iterable[Global___AppPassword] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_passwords", b"app_passwords"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordListResponse: _TypeAlias = AppPasswordListResponse  # noqa: Y015
+
+@_typing.final
+class AppPasswordRevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordRevokeRequest: _TypeAlias = AppPasswordRevokeRequest  # noqa: Y015
+
+@_typing.final
+class AppPasswordRevokeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppPasswordRevokeResponse: _TypeAlias = AppPasswordRevokeResponse  # noqa: Y015

@@ -44,6 +44,56 @@ class AuthServiceStub:
                 request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordRequest.SerializeToString,
                 response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
+        self.ScramStart = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/ScramStart',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartResponse.FromString,
+                _registered_method=True)
+        self.ScramFinish = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/ScramFinish',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishResponse.FromString,
+                _registered_method=True)
+        self.ImportHash = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/ImportHash',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashResponse.FromString,
+                _registered_method=True)
+        self.TotpEnrol = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/TotpEnrol',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolResponse.FromString,
+                _registered_method=True)
+        self.TotpConfirm = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/TotpConfirm',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmResponse.FromString,
+                _registered_method=True)
+        self.TotpDisable = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/TotpDisable',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableResponse.FromString,
+                _registered_method=True)
+        self.TotpStatus = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/TotpStatus',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusResponse.FromString,
+                _registered_method=True)
+        self.AppPasswordCreate = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/AppPasswordCreate',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateResponse.FromString,
+                _registered_method=True)
+        self.AppPasswordList = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/AppPasswordList',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListResponse.FromString,
+                _registered_method=True)
+        self.AppPasswordRevoke = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/AppPasswordRevoke',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -61,6 +111,66 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScramStart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScramFinish(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportHash(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TotpEnrol(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TotpConfirm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TotpDisable(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TotpStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppPasswordCreate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppPasswordList(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppPasswordRevoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +183,56 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.SetPassword,
                     request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordRequest.FromString,
                     response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordResponse.SerializeToString,
+            ),
+            'ScramStart': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScramStart,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartResponse.SerializeToString,
+            ),
+            'ScramFinish': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScramFinish,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishResponse.SerializeToString,
+            ),
+            'ImportHash': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportHash,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashResponse.SerializeToString,
+            ),
+            'TotpEnrol': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotpEnrol,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolResponse.SerializeToString,
+            ),
+            'TotpConfirm': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotpConfirm,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmResponse.SerializeToString,
+            ),
+            'TotpDisable': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotpDisable,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableResponse.SerializeToString,
+            ),
+            'TotpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotpStatus,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusResponse.SerializeToString,
+            ),
+            'AppPasswordCreate': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppPasswordCreate,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateResponse.SerializeToString,
+            ),
+            'AppPasswordList': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppPasswordList,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListResponse.SerializeToString,
+            ),
+            'AppPasswordRevoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppPasswordRevoke,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +289,276 @@ class AuthService:
             '/rempart.auth.v1.AuthService/SetPassword',
             rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordRequest.SerializeToString,
             rempart_dot_auth_dot_v1_dot_auth__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScramStart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/ScramStart',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ScramStartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScramFinish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/ScramFinish',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ScramFinishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportHash(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/ImportHash',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.ImportHashResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotpEnrol(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/TotpEnrol',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpEnrolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotpConfirm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/TotpConfirm',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpConfirmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotpDisable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/TotpDisable',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpDisableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/TotpStatus',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppPasswordCreate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/AppPasswordCreate',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordCreateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppPasswordList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/AppPasswordList',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppPasswordRevoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/AppPasswordRevoke',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

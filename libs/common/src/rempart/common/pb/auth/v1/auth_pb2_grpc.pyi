@@ -35,12 +35,32 @@ class AuthServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Authenticate: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.AuthenticateResponse]
     SetPassword: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetPasswordRequest, _auth_pb2.SetPasswordResponse]
+    ScramStart: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ScramStartRequest, _auth_pb2.ScramStartResponse]
+    ScramFinish: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ScramFinishRequest, _auth_pb2.ScramFinishResponse]
+    ImportHash: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ImportHashRequest, _auth_pb2.ImportHashResponse]
+    TotpEnrol: _grpc.UnaryUnaryMultiCallable[_auth_pb2.TotpEnrolRequest, _auth_pb2.TotpEnrolResponse]
+    TotpConfirm: _grpc.UnaryUnaryMultiCallable[_auth_pb2.TotpConfirmRequest, _auth_pb2.TotpConfirmResponse]
+    TotpDisable: _grpc.UnaryUnaryMultiCallable[_auth_pb2.TotpDisableRequest, _auth_pb2.TotpDisableResponse]
+    TotpStatus: _grpc.UnaryUnaryMultiCallable[_auth_pb2.TotpStatusRequest, _auth_pb2.TotpStatusResponse]
+    AppPasswordCreate: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordCreateRequest, _auth_pb2.AppPasswordCreateResponse]
+    AppPasswordList: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordListRequest, _auth_pb2.AppPasswordListResponse]
+    AppPasswordRevoke: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeRequest, _auth_pb2.AppPasswordRevokeResponse]
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Authenticate: _aio.UnaryUnaryMultiCallable[_auth_pb2.AuthenticateRequest, _auth_pb2.AuthenticateResponse]  # type: ignore[assignment]
     SetPassword: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetPasswordRequest, _auth_pb2.SetPasswordResponse]  # type: ignore[assignment]
+    ScramStart: _aio.UnaryUnaryMultiCallable[_auth_pb2.ScramStartRequest, _auth_pb2.ScramStartResponse]  # type: ignore[assignment]
+    ScramFinish: _aio.UnaryUnaryMultiCallable[_auth_pb2.ScramFinishRequest, _auth_pb2.ScramFinishResponse]  # type: ignore[assignment]
+    ImportHash: _aio.UnaryUnaryMultiCallable[_auth_pb2.ImportHashRequest, _auth_pb2.ImportHashResponse]  # type: ignore[assignment]
+    TotpEnrol: _aio.UnaryUnaryMultiCallable[_auth_pb2.TotpEnrolRequest, _auth_pb2.TotpEnrolResponse]  # type: ignore[assignment]
+    TotpConfirm: _aio.UnaryUnaryMultiCallable[_auth_pb2.TotpConfirmRequest, _auth_pb2.TotpConfirmResponse]  # type: ignore[assignment]
+    TotpDisable: _aio.UnaryUnaryMultiCallable[_auth_pb2.TotpDisableRequest, _auth_pb2.TotpDisableResponse]  # type: ignore[assignment]
+    TotpStatus: _aio.UnaryUnaryMultiCallable[_auth_pb2.TotpStatusRequest, _auth_pb2.TotpStatusResponse]  # type: ignore[assignment]
+    AppPasswordCreate: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordCreateRequest, _auth_pb2.AppPasswordCreateResponse]  # type: ignore[assignment]
+    AppPasswordList: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordListRequest, _auth_pb2.AppPasswordListResponse]  # type: ignore[assignment]
+    AppPasswordRevoke: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeRequest, _auth_pb2.AppPasswordRevokeResponse]  # type: ignore[assignment]
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -56,5 +76,75 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.SetPasswordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.SetPasswordResponse, _abc.Awaitable[_auth_pb2.SetPasswordResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ScramStart(
+        self,
+        request: _auth_pb2.ScramStartRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ScramStartResponse, _abc.Awaitable[_auth_pb2.ScramStartResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ScramFinish(
+        self,
+        request: _auth_pb2.ScramFinishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ScramFinishResponse, _abc.Awaitable[_auth_pb2.ScramFinishResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ImportHash(
+        self,
+        request: _auth_pb2.ImportHashRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ImportHashResponse, _abc.Awaitable[_auth_pb2.ImportHashResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TotpEnrol(
+        self,
+        request: _auth_pb2.TotpEnrolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.TotpEnrolResponse, _abc.Awaitable[_auth_pb2.TotpEnrolResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TotpConfirm(
+        self,
+        request: _auth_pb2.TotpConfirmRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.TotpConfirmResponse, _abc.Awaitable[_auth_pb2.TotpConfirmResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TotpDisable(
+        self,
+        request: _auth_pb2.TotpDisableRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.TotpDisableResponse, _abc.Awaitable[_auth_pb2.TotpDisableResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TotpStatus(
+        self,
+        request: _auth_pb2.TotpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.TotpStatusResponse, _abc.Awaitable[_auth_pb2.TotpStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AppPasswordCreate(
+        self,
+        request: _auth_pb2.AppPasswordCreateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AppPasswordCreateResponse, _abc.Awaitable[_auth_pb2.AppPasswordCreateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AppPasswordList(
+        self,
+        request: _auth_pb2.AppPasswordListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AppPasswordListResponse, _abc.Awaitable[_auth_pb2.AppPasswordListResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AppPasswordRevoke(
+        self,
+        request: _auth_pb2.AppPasswordRevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AppPasswordRevokeResponse, _abc.Awaitable[_auth_pb2.AppPasswordRevokeResponse]]: ...
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -277,6 +277,7 @@ class Verdict(_message.Message):
     REMOTE_RECIPIENTS_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
     IP_BLOCKED_FIELD_NUMBER: _builtins.int
+    REWRITTEN_SENDER_FIELD_NUMBER: _builtins.int
     action: Global___Action.ValueType
     code: _builtins.int
     """SMTP basic code, e.g. 550"""
@@ -290,6 +291,10 @@ class Verdict(_message.Message):
     """the requirement that decided, e.g. "R-REL-1" """
     ip_blocked: _builtins.bool
     """this call blocked the client IP (R-IPS)"""
+    rewritten_sender: _builtins.str
+    """RCPT: the envelope sender to use for this recipient's remote copies, when forwarding
+    through a local alias needs it SRS-rewritten (R-DNS-6); empty = keep MAIL FROM.
+    """
     @_builtins.property
     def add_headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]: ...
     @_builtins.property
@@ -315,10 +320,11 @@ class Verdict(_message.Message):
         remote_recipients: _abc.Iterable[_builtins.str] | None = ...,
         rule: _builtins.str = ...,
         ip_blocked: _builtins.bool = ...,
+        rewritten_sender: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "rule", b"rule", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "rewritten_sender", b"rewritten_sender", "rule", b"rule", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
