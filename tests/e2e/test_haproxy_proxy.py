@@ -362,9 +362,13 @@ def test_r_tls_1_smtps_terminated_at_haproxy_with_send_proxy_v2_ssl(
                           source_address=(TLS_CLIENT, 0)) as client:
         code, _ = client.ehlo(f"[{TLS_CLIENT}]")
         assert code == 250
-        refused = client.sendmail("<>", [demo["peer"]],
+        # PP2_TYPE_SSL tells the edge the client used TLS: no STARTTLS offered, AUTH allowed.
+        assert not client.has_extn("starttls")
+        client.login(demo["user"], demo["user_password"])
+        refused = client.sendmail(demo["user"], [demo["peer"]],
                                   f"To: {demo['peer']}\r\nSubject: {subject}\r\n\r\nTLS ended at haproxy.\r\n")
         assert refused == {}
     received = received_headers(fetch_by_subject(stack, demo, subject))
     # The client's address crossed haproxy's TLS termination in the PROXY v2 header.
     assert f"[{TLS_CLIENT}]" in received[0], received[0]
+    assert "with ESMTPSA" in received[0] and "(using TLSv1." in received[0], received[0]

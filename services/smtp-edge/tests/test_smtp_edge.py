@@ -54,6 +54,34 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
 
 
 class FakeAuth(auth_pb2_grpc.AuthServiceServicer):
+    """Alice with PASSWORD; SCRAM-SHA-256 through scramp's server side."""
+
+    def __init__(self) -> None:
+        import scramp
+
+        self._mechanism = scramp.ScramMechanism("SCRAM-SHA-256")
+        self._auth_info = self._mechanism.make_auth_info(PASSWORD, iteration_count=4096)
+        self._conversations: dict[str, object] = {}
+
+    async def ScramStart(self, request: auth_pb2.ScramStartRequest, context: object) -> auth_pb2.ScramStartResponse:
+        server = self._mechanism.make_server(lambda _user: self._auth_info)
+        server.set_client_first(request.client_first)
+        conversation = f"c{len(self._conversations)}"
+        self._conversations[conversation] = server
+        return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_OK, conversation_id=conversation,
+                                           server_first=server.get_server_first())
+
+    async def ScramFinish(self, request: auth_pb2.ScramFinishRequest, context: object) -> auth_pb2.ScramFinishResponse:
+        import scramp
+
+        server = self._conversations.pop(request.conversation_id)
+        try:
+            server.set_client_final(request.client_final)  # type: ignore[attr-defined]
+        except scramp.ScramException:
+            return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_INVALID)
+        return auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_OK, account="alice@example.org",
+                                            server_final=server.get_server_final())  # type: ignore[attr-defined]
+
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
         if request.login == "alice@example.org" and request.password == PASSWORD:
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account="alice@example.org")
@@ -387,3 +415,31 @@ async def test_r_lim_7_ten_times_oversized_message_is_not_buffered(edge: Edge) -
         tracemalloc.stop()
     assert reply.startswith(b"552 ")
     assert peak < 2 * limit, f"peak {peak} bytes while refusing a 10x oversized message"
+
+
+@pytest.mark.parametrize("password", [PASSWORD, "wrong"])
+async def test_r_tls_2_scram_sha_256_smtp_auth(edge: Edge, tls_files: tuple[str, str], password: str) -> None:
+    import base64
+
+    import scramp
+
+    def exchange() -> list[tuple[int, bytes]]:
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "alice@example.org", password)
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as smtp:
+            smtp.starttls(context=client_tls(tls_files))
+            smtp.ehlo("client.test")
+            assert "SCRAM-SHA-256" in smtp.esmtp_features["auth"].split()
+            out = [smtp.docmd("AUTH", "SCRAM-SHA-256 " + base64.b64encode(client.get_client_first().encode()).decode())]
+            client.set_server_first(base64.b64decode(out[-1][1]).decode())
+            out.append(smtp.docmd(base64.b64encode(client.get_client_final().encode()).decode()))
+            if out[-1][0] == 334:
+                client.set_server_final(base64.b64decode(out[-1][1]).decode())  # verifies the server
+                out.append(smtp.docmd(""))
+            return out
+
+    replies_seen = await asyncio.to_thread(exchange)
+    assert replies_seen[0][0] == 334
+    if password == PASSWORD:
+        assert replies_seen[-1] == (235, b"2.7.0 Authentication successful")
+    else:
+        assert replies_seen[-1] == (535, b"5.7.8 Authentication credentials invalid")

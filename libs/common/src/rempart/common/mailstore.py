@@ -75,6 +75,7 @@ class MessageStore:
         flags: list[str] | None = None,
         subject: str = MAIL_ACCEPTED_SUBJECT,
         transaction_id: str = "",
+        remote_senders: dict[str, str] | None = None,
     ) -> tuple[events_pb2.DeliveryRecord, int]:
         """Store durably; returns the record and its stream sequence. Raises on any failure."""
         blob = await self.put_blob(data, transaction_id)
@@ -91,6 +92,7 @@ class MessageStore:
             dsn=dsn or {},
             folder=folder,
             flags=flags or [],
+            remote_senders=remote_senders or {},
         )
         ack = await self._js.publish(
             subject,

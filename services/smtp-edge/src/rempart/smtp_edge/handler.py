@@ -184,6 +184,14 @@ class EdgeHandler:
             server.state.client_port = int(proxy_data.src_port or 0)
             self.register(server)
             self.update_auth_policy(server)
+        tlv = proxy_data.tlv
+        if tlv is not None and int(tlv.get("SSL_CLIENT", 0) or 0) & 0x01:
+            # haproxy "send-proxy-v2-ssl": the client spoke TLS to the balancer (465 terminated
+            # there). The session is then as good as implicit TLS: no STARTTLS, AUTH allowed.
+            server.state.proxied_tls = (_text(tlv.get("SSL_VERSION")) or "TLS", _text(tlv.get("SSL_CIPHER")))
+            server.tls_context = None
+            server.require_starttls = False
+            server._auth_require_tls = False
         return True
 
     async def handle_EHLO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str,
@@ -257,6 +265,10 @@ class EdgeHandler:
             server.state.discarded += 1
         server.state.local_mailboxes.extend(verdict.local_mailboxes)
         server.state.remote_recipients.extend(verdict.remote_recipients)
+        if verdict.rewritten_sender:
+            # R-DNS-6: forwarded copies leave with the SRS-rewritten envelope sender.
+            for recipient in verdict.remote_recipients:
+                server.state.remote_senders[recipient] = verdict.rewritten_sender
         return replies.RCPT_OK
 
     async def handle_RSET(self, server: EdgeSMTP, session: Session, envelope: Envelope) -> str:
@@ -305,6 +317,7 @@ class EdgeHandler:
                 client_ip=state.client_ip,
                 authenticated_account=state.authenticated_account,
                 dsn=state.dsn,
+                remote_senders=state.remote_senders,
                 transaction_id=queue_id,
             ), STORE_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
@@ -420,18 +433,24 @@ class EdgeHandler:
                 session_id=server.state.session_id,
             )
         )
-        if reply.status == auth_pb2.AUTH_STATUS_TEMPFAIL:
+        return await self._conclude_auth(server, login, reply.status, reply.account)
+
+    async def _conclude_auth(self, server: EdgeSMTP, login: str, status: auth_pb2.AuthStatus.ValueType,
+                             account: str) -> AuthResult:
+        """After the auth service answered: tell policy (R-IPS-2 counts failures), apply budgets."""
+        if status == auth_pb2.AUTH_STATUS_TEMPFAIL:
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
-        ok = reply.status == auth_pb2.AUTH_STATUS_OK
-        if ok:
-            server.state.authenticated_account = reply.account
+        ok = status == auth_pb2.AUTH_STATUS_OK
         verdict = await self._check(
             server, policy_pb2.STAGE_AUTH, auth_success=ok, auth_login=login,
-            auth_failure="" if ok else auth_pb2.AuthStatus.Name(reply.status),
+            auth_failure="" if ok else auth_pb2.AuthStatus.Name(status),
         )
         if verdict.action == policy_pb2.ACTION_CLOSE:
             await self._apply(server, "auth", verdict)
             return AuthResult(success=False, handled=True)
+        if ok and verdict.action == policy_pb2.ACTION_TEMPFAIL:
+            # Fail closed: a login that policy could not see is not a login.
+            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
         if not ok:
             server.state.auth_failures += 1
             if server.state.auth_failures >= self.config.server.smtp.auth_failure_budget:
@@ -440,8 +459,41 @@ class EdgeHandler:
                 return AuthResult(success=False, handled=True)
             # R-LOG-4: the same reply whatever the reason (unknown, locked, restricted).
             return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-        log.info("authenticated", extra={"session": server.state.session_id, "account": reply.account})
-        return AuthResult(success=True, auth_data=reply.account, message=replies.AUTH_OK)
+        server.state.authenticated_account = account
+        log.info("authenticated", extra={"session": server.state.session_id, "account": account})
+        return AuthResult(success=True, auth_data=account, message=replies.AUTH_OK)
+
+    async def auth_SCRAM__SHA__256(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        """RFC 7677 through the auth service (aiosmtpd maps the name to SCRAM-SHA-256)."""
+        if len(args) == 1:
+            first = await server.challenge_auth("", encode_to_b64=False)
+            if first is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                first = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        assert isinstance(first, bytes)
+        client_first = first.decode("utf-8", "replace")
+        start = await self.auth.scram_start(auth_pb2.ScramStartRequest(
+            client_first=client_first, client_ip=server.state.client_ip, protocol="smtp",
+            session_id=server.state.session_id, tls=server.using_tls))
+        login = _scram_user(client_first)
+        if start.status != auth_pb2.AUTH_STATUS_OK:
+            return await self._conclude_auth(server, login, start.status, "")
+        final = await server.challenge_auth(start.server_first.encode())
+        if final is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(final, bytes)
+        finish = await self.auth.scram_finish(start.conversation_id, final.decode("utf-8", "replace"))
+        if finish.status == auth_pb2.AUTH_STATUS_OK:
+            # RFC 4954: the server-final message goes as a last challenge, answered empty.
+            done = await server.challenge_auth(finish.server_final.encode())
+            if done is MISSING:
+                return AuthResult(success=False, handled=True)
+        return await self._conclude_auth(server, login, finish.status, finish.account)
 
 
 def ip_in(ip: str, entries: list[str]) -> bool:
@@ -456,3 +508,17 @@ def ip_in(ip: str, entries: list[str]) -> bool:
         except ValueError:
             continue
     return False
+
+
+def _scram_user(client_first: str) -> str:
+    """The ``n=`` attribute of a SCRAM client-first message (RFC 5802 5.1), for policy's logs."""
+    for part in client_first.split(",")[2:]:
+        if part.startswith("n="):
+            return part[2:].replace("=2C", ",").replace("=3D", "=")[:320]
+    return ""
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("ascii", "replace")
+    return str(value) if value else ""

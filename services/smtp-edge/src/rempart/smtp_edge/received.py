@@ -30,7 +30,8 @@ def received_header(
         source = f"from {helo} ({rdns} [{client_ip}])"
     lines = [f"Received: {source}", f"\tby {hostname} (Rempart) with {protocol} id {queue_id}"]
     if tls_version:
-        lines.append(f"\t(using {tls_version} with cipher {_clean(tls_cipher)})")
+        cipher = f" with cipher {_clean(tls_cipher)}" if tls_cipher else ""
+        lines.append(f"\t(using {_clean(tls_version)}{cipher})")
     if auth_account:
         lines.append(f"\t(authenticated as {_clean(auth_account)})")
     suffix = f"; {format_datetime(datetime.datetime.now(datetime.UTC))}"

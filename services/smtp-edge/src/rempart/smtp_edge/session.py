@@ -84,6 +84,9 @@ class SessionState:
     dsn: dict[str, str] = field(default_factory=dict)
     pending_dsn: dict[str, str] = field(default_factory=dict)
     errors: int = 0
+    # TLS ended at a trusted load balancer (PROXY v2 PP2_TYPE_SSL): (version, cipher).
+    proxied_tls: tuple[str, str] | None = None
+    remote_senders: dict[str, str] = field(default_factory=dict)
 
     def reset_transaction(self) -> None:
         self.local_mailboxes = []
@@ -91,6 +94,7 @@ class SessionState:
         self.discarded = 0
         self.add_headers = []
         self.dsn = {}
+        self.remote_senders = {}
 
 
 class EdgeSMTP(SMTP):
@@ -186,6 +190,8 @@ class EdgeSMTP(SMTP):
 
     def tls_info(self) -> tuple[str, str]:
         """(version, cipher) of the session's TLS, or ("", "")."""
+        if self.state.proxied_tls is not None:
+            return self.state.proxied_tls
         transport = self.transport
         ssl_object: ssl.SSLObject | None = None
         if transport is not None:

@@ -124,6 +124,26 @@ class DeliveryRecord(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class RemoteSendersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     BLOB_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
@@ -136,6 +156,7 @@ class DeliveryRecord(_message.Message):
     DSN_FIELD_NUMBER: _builtins.int
     FOLDER_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    REMOTE_SENDERS_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     blob: _builtins.str
     """object store name"""
@@ -158,6 +179,10 @@ class DeliveryRecord(_message.Message):
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """initial flags (IMAP APPEND)"""
 
+    @_builtins.property
+    def remote_senders(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """recipient -> envelope sender when not mail_from (SRS)"""
+
     def __init__(
         self,
         *,
@@ -173,10 +198,11 @@ class DeliveryRecord(_message.Message):
         dsn: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         folder: _builtins.str = ...,
         flags: _abc.Iterable[_builtins.str] | None = ...,
+        remote_senders: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_account", b"authenticated_account", "blob", b"blob", "client_ip", b"client_ip", "dsn", b"dsn", "flags", b"flags", "folder", b"folder", "local_mailboxes", b"local_mailboxes", "mail_from", b"mail_from", "received_unix_ms", b"received_unix_ms", "remote_recipients", b"remote_recipients", "size", b"size", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_account", b"authenticated_account", "blob", b"blob", "client_ip", b"client_ip", "dsn", b"dsn", "flags", b"flags", "folder", b"folder", "local_mailboxes", b"local_mailboxes", "mail_from", b"mail_from", "received_unix_ms", b"received_unix_ms", "remote_recipients", b"remote_recipients", "remote_senders", b"remote_senders", "size", b"size", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
