@@ -8,11 +8,13 @@ what is under test; tests/e2e runs the same paths against the real services.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import smtplib
 import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -99,26 +101,37 @@ class Edge:
         return self.edge.port(name)
 
 
-@pytest.fixture
-async def edge(redis_url: str, nats_url: str, tls_files: tuple[str, str]) -> AsyncIterator[Edge]:
+@contextlib.asynccontextmanager
+async def running_edge(redis_url: str, nats_url: str, tls_files: tuple[str, str], **overrides: object
+                       ) -> AsyncIterator[Edge]:
     policy = FakePolicy()
     server = grpc.aio.server()
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(policy, server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(FakeAuth(), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    settings = SmtpEdgeSettings(
+    options: dict[str, object] = dict(
         redis_url=redis_url, nats_url=nats_url, smtp_port=0, submission_port=0, smtps_port=0, ops_port=0,
         ops_host="127.0.0.1", listen_host="127.0.0.1", policy_target=f"127.0.0.1:{grpc_port}",
         auth_target=f"127.0.0.1:{grpc_port}", tls_cert_file=tls_files[0], tls_key_file=tls_files[1],
         hostname="mx.test", log_format="text", environment="test",
     )
-    async with ServiceRuntime("smtp-edge", settings) as runtime:
-        smtp_edge = SmtpEdge(runtime, settings)
-        await smtp_edge.start()
-        yield Edge(smtp_edge, runtime, policy, server)
-        await smtp_edge.drain(1)
-    await server.stop(0)
+    options.update(overrides)
+    settings = SmtpEdgeSettings(**options)  # type: ignore[arg-type]
+    try:
+        async with ServiceRuntime("smtp-edge", settings) as runtime:
+            smtp_edge = SmtpEdge(runtime, settings)
+            await smtp_edge.start()
+            yield Edge(smtp_edge, runtime, policy, server)
+            await smtp_edge.drain(1)
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def edge(redis_url: str, nats_url: str, tls_files: tuple[str, str]) -> AsyncIterator[Edge]:
+    async with running_edge(redis_url, nats_url, tls_files) as running:
+        yield running
 
 
 def client_tls(tls_files: tuple[str, str]) -> ssl.SSLContext:
@@ -443,3 +456,36 @@ async def test_r_tls_2_scram_sha_256_smtp_auth(edge: Edge, tls_files: tuple[str,
         assert replies_seen[-1] == (235, b"2.7.0 Authentication successful")
     else:
         assert replies_seen[-1] == (535, b"5.7.8 Authentication credentials invalid")
+
+
+def served_common_name(port: int, server_name: str | None) -> str:
+    from cryptography import x509
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.rfc4514_string())
+
+
+async def test_r_tls_3_certificate_per_host_name_and_hot_reload(
+        redis_url: str, nats_url: str, tmp_path: Path) -> None:
+    from rempart.common.tls import write_self_signed
+
+    default = write_self_signed(tmp_path / "default", ["mx.default.test"])
+    write_self_signed(tmp_path / "sni" / "mail.other.test", ["mail.other.test"])
+    async with running_edge(redis_url, nats_url, (default.cert_file, default.key_file),
+                            tls_sni_dir=str(tmp_path / "sni"), tls_reload_seconds=0.2) as running:
+        port = running.port("smtps")
+        assert await asyncio.to_thread(served_common_name, port, "mail.other.test") == "CN=mail.other.test"
+        assert await asyncio.to_thread(served_common_name, port, "unknown.test") == "CN=mx.default.test"
+        # A renewed certificate (a Secret update) is served without restart.
+        write_self_signed(tmp_path / "default", ["mx.renewed.test"])
+        deadline = asyncio.get_running_loop().time() + 5
+        while await asyncio.to_thread(served_common_name, port, None) != "CN=mx.renewed.test":
+            assert asyncio.get_running_loop().time() < deadline, "the renewed certificate was not picked up"
+            await asyncio.sleep(0.2)

@@ -49,8 +49,24 @@ class EdgeSettings(ServiceSettings):
     grpc_timeout_seconds: float = 3.0
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # One certificate per host name (SNI, R-TLS-3): <dir>/<hostname>/tls.crt and tls.key, the
+    # layout of Kubernetes TLS Secrets mounted side by side.
+    tls_sni_dir: str = ""
+    tls_reload_seconds: float = 10.0
     listen_host: str = "0.0.0.0"
     proxy_protocol_cidrs: str = ""
+
+    def sni_certificates(self) -> dict[str, tuple[str, str]]:
+        from pathlib import Path
+
+        if not self.tls_sni_dir:
+            return {}
+        out = {}
+        for entry in sorted(Path(self.tls_sni_dir).iterdir()):
+            cert, key = entry / "tls.crt", entry / "tls.key"
+            if entry.is_dir() and cert.exists() and key.exists():
+                out[entry.name.lower()] = (str(cert), str(key))
+        return out
 
     def proxy_cidrs(self) -> list[str]:
         return [c.strip() for c in self.proxy_protocol_cidrs.split(",") if c.strip()]

@@ -40,6 +40,7 @@ class SmtpEdge:
         tls = runtime.config.server.tls
         self.tls = ServerTls(
             CertPair(settings.tls_cert_file, settings.tls_key_file),
+            by_hostname={name: CertPair(*pair) for name, pair in settings.sni_certificates().items()},
             min_version=tls.min_version, cipher_preset=tls.cipher_preset,
             honor_server_order=tls.honor_server_order,
         )
@@ -120,7 +121,7 @@ class SmtpEdge:
 
     async def _reload_certificates(self) -> None:
         while True:
-            await asyncio.sleep(10)
+            await asyncio.sleep(self.settings.tls_reload_seconds)
             tls = self.runtime.config.server.tls
             try:
                 self.tls.set_policy(tls.min_version, tls.cipher_preset, tls.honor_server_order)
