@@ -446,7 +446,6 @@ def test_r_ips_2_brute_force_2000_attempts_100_ips(
     attack_seconds = time.monotonic() - started
     hashes_after_attack = hash_count(stack)
     report = f"{dict(outcomes)} in {attack_seconds:.1f}s, {hashes_after_attack - hashes_before:.0f} hashes"
-    print("BRUTE", report)
 
     assert outcomes["ok"] == 0, report
     unexpected = {k: v for k, v in outcomes.items() if k not in ("refused_at_connect", "auth_failed", "tempfail")}

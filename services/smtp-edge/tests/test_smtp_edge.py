@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import smtplib
 import socket
 import ssl
@@ -489,3 +490,75 @@ async def test_r_tls_3_certificate_per_host_name_and_hot_reload(
         while await asyncio.to_thread(served_common_name, port, None) != "CN=mx.renewed.test":
             assert asyncio.get_running_loop().time() < deadline, "the renewed certificate was not picked up"
             await asyncio.sleep(0.2)
+
+
+SMUGGLING_VARIANTS = {
+    # CVE-2023-51766 and the SEC Consult variants: each is a way another server might end DATA.
+    "lf-dot-crlf": b"\n.\r\n",
+    "crlf-dot-lf": b"\r\n.\n",
+    "lf-dot-lf": b"\n.\n",
+    "cr-dot-cr": b"\r.\r",
+    "cr-dot-crlf": b"\r.\r\n",
+    "crlf-dot-cr": b"\r\n.\r",
+}
+
+
+@pytest.mark.parametrize("ending", list(SMUGGLING_VARIANTS), ids=list(SMUGGLING_VARIANTS))
+async def test_smuggling_variant_never_splits_a_message(edge: Edge, ending: str) -> None:
+    smuggled = (b"Subject: first\r\n\r\nfirst" + SMUGGLING_VARIANTS[ending]
+                + b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+                + b"Subject: smuggled\r\n\r\nsmuggled\r\n.\r\n")
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [
+        b"", b"EHLO client.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+        b"DATA\r\n", smuggled, b"QUIT\r\n"])
+    # One DATA, one answer: refused for its bare line ending; nothing smuggled was delivered.
+    assert out.count(b"354 ") == 1, out
+    assert replies.BARE_LINE_ENDING.encode() in out
+    assert await mailbox_bodies(edge, "bob@example.org") == []
+
+
+async def test_overlong_command_line_refused_and_session_usable(edge: Edge) -> None:
+    out = await asyncio.to_thread(raw_session, edge.port("smtp"), [
+        b"", b"EHLO " + b"a" * 5000 + b"\r\n", b"NOOP\r\n"])
+    assert b"500 Command line too long\r\n" in out
+    assert out.endswith(b"250 OK\r\n")
+
+
+async def test_auth_bad_base64_501_and_star_cancels(edge: Edge, tls_files: tuple[str, str]) -> None:
+    def attempt() -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as client:
+            client.starttls(context=client_tls(tls_files))
+            client.ehlo("client.test")
+            bad = client.docmd("AUTH", "PLAIN not-base64!!")
+            first = client.docmd("AUTH", "LOGIN")
+            cancelled = client.docmd("*")
+            still = client.docmd("NOOP")
+            return [bad, first, cancelled, still]
+
+    bad, first, cancelled, still = await asyncio.to_thread(attempt)
+    assert bad == (501, b"5.5.2 Can't decode base64")
+    assert first[0] == 334
+    assert cancelled == (501, b"5.7.0 Auth aborted")
+    assert still[0] == 250
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_r_tls_3_openssl_starttls_smtp_defaults(edge: Edge, tls_files: tuple[str, str]) -> None:
+    async def s_client(*args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-starttls", "smtp", "-connect", f"127.0.0.1:{edge.port('smtp')}",
+            "-CAfile", tls_files[0], *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(b"QUIT\r\n"), 30)
+        return proc.returncode or 0, out.decode(errors="replace")
+
+    code, out = await s_client("-brief")
+    assert code == 0, out
+    assert "Protocol version: TLSv1.3" in out and "Verification: OK" in out
+    # TLS 1.2 with a forward-secret AEAD suite works; a suite without forward secrecy does not.
+    code, out = await s_client("-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256", "-brief")
+    assert code == 0 and "Protocol version: TLSv1.2" in out, out
+    code, out = await s_client("-tls1_2", "-cipher", "AES128-SHA")
+    assert code != 0, out
+    code, out = await s_client("-tls1_1")
+    assert code != 0, out
