@@ -562,3 +562,21 @@ async def test_r_tls_3_openssl_starttls_smtp_defaults(edge: Edge, tls_files: tup
     assert code != 0, out
     code, out = await s_client("-tls1_1")
     assert code != 0, out
+
+
+@pytest.mark.parametrize("forward_matches", [True, False])
+async def test_r_tls_5_received_header_carries_confirmed_rdns(
+        redis_url: str, nats_url: str, tls_files: tuple[str, str], forward_matches: bool) -> None:
+    from rempart.common.dnsserver import LoopbackDnsServer
+
+    zone = {"3.0.0.127.in-addr.arpa": {"PTR": ["client.rdns.test."]},
+            "client.rdns.test": {"A": ["127.0.0.3" if forward_matches else "192.0.2.1"]}}
+    async with LoopbackDnsServer(zone) as dns_server, running_edge(
+            redis_url, nats_url, tls_files, dns_nameservers=dns_server.address) as running:
+        out = await asyncio.to_thread(raw_session, running.port("smtp"), [
+            b"", b"EHLO client.test\r\n", b"MAIL FROM:<a@remote.test>\r\n", b"RCPT TO:<bob@example.org>\r\n",
+            b"DATA\r\n", b"Subject: rdns\r\n\r\nhi\r\n.\r\n", b"QUIT\r\n"], "127.0.0.3")
+        assert b"250 2.0.0 Ok: queued as" in out
+        (body,) = await mailbox_bodies(running, "bob@example.org")
+    expected = b"client.rdns.test" if forward_matches else b"unknown"
+    assert b"Received: from client.test (" + expected + b" [127.0.0.3])" in body

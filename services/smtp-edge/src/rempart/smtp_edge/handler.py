@@ -24,6 +24,7 @@ from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
+from rempart.smtp_edge.rdns import ReverseNames
 from rempart.smtp_edge.received import count_hops, has_bare_line_ending, normalize_line_endings, received_header
 from rempart.smtp_edge.session import EdgeSMTP
 
@@ -64,7 +65,9 @@ class EdgeHandler:
         instance: str,
         proxy_cidrs: list[str],
         max_sessions: int = 2000,
+        rdns: ReverseNames | None = None,
     ) -> None:
+        self.rdns = rdns
         self.max_sessions = max_sessions
         self.hostname = hostname
         self.policy = policy
@@ -161,6 +164,9 @@ class EdgeHandler:
             return replies.SHUTTING_DOWN
         if sum(len(s) for s in self.sessions.values()) > self.max_sessions:
             return replies.TOO_BUSY
+        tls = self.config.server.tls
+        if self.rdns is not None and tls.received_add_rdns and not tls.received_hide_client_ip:
+            server.state.rdns = asyncio.get_running_loop().create_task(self.rdns.lookup(server.state.client_ip))
         verdict = await self._check(server, policy_pb2.STAGE_CONNECT)
         if verdict.action == policy_pb2.ACTION_ACCEPT:
             return None
@@ -306,7 +312,7 @@ class EdgeHandler:
             # Every recipient was discarded (R-DOM-1 discard): accept and drop, no bounce.
             state.reset_transaction()
             return replies.QUEUED.format(queue_id=queue_id)
-        message = self._trace_headers(server, session, envelope, queue_id, verdict) + data
+        message = await self._trace_headers(server, session, envelope, queue_id, verdict) + data
         started = time.monotonic()
         try:
             record, _seq = await asyncio.wait_for(self.store.accept(
@@ -346,7 +352,7 @@ class EdgeHandler:
         reply = replies.QUEUED.format(queue_id=record.transaction_id)
         return reply
 
-    def _trace_headers(self, server: EdgeSMTP, session: Session, envelope: Envelope, queue_id: str,
+    async def _trace_headers(self, server: EdgeSMTP, session: Session, envelope: Envelope, queue_id: str,
                        verdict: policy_pb2.Verdict) -> bytes:
         tls = self.config.server.tls
         version, cipher = server.tls_info()
@@ -366,7 +372,7 @@ class EdgeHandler:
         out += received_header(
             helo=session.host_name or "",
             client_ip=server.state.client_ip,
-            client_rdns="",
+            client_rdns=await _rdns_of(server),
             hostname=self.hostname,
             protocol=with_kw,
             queue_id=queue_id,
@@ -522,3 +528,14 @@ def _text(value: object) -> str:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("ascii", "replace")
     return str(value) if value else ""
+
+
+async def _rdns_of(server: EdgeSMTP) -> str:
+    task = server.state.rdns
+    if task is None:
+        return ""
+    try:
+        # The lookup started at connect; a slow resolver never delays the 250 by more than this.
+        return await asyncio.wait_for(asyncio.shield(task), 0.5)
+    except TimeoutError:
+        return ""

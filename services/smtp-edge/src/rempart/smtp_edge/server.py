@@ -17,6 +17,7 @@ from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import CertPair, ServerTls
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.handler import EdgeHandler
+from rempart.smtp_edge.rdns import ReverseNames
 from rempart.smtp_edge.session import LISTENERS, EdgeSMTP, Listener
 from rempart.smtp_edge.settings import SmtpEdgeSettings
 
@@ -61,6 +62,7 @@ class SmtpEdge:
             instance=self.runtime.instance,
             proxy_cidrs=self.settings.proxy_cidrs(),
             max_sessions=self.settings.max_sessions,
+            rdns=ReverseNames(self.settings.nameservers()),
         )
         self.runtime.ops.add_check("policy", channel_check(self.policy.channel))
         self.runtime.ops.add_check("auth", channel_check(self.auth.channel))

@@ -87,6 +87,7 @@ class SessionState:
     # TLS ended at a trusted load balancer (PROXY v2 PP2_TYPE_SSL): (version, cipher).
     proxied_tls: tuple[str, str] | None = None
     remote_senders: dict[str, str] = field(default_factory=dict)
+    rdns: asyncio.Task[str] | None = None
 
     def reset_transaction(self) -> None:
         self.local_mailboxes = []

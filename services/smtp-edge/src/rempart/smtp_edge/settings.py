@@ -16,3 +16,9 @@ class SmtpEdgeSettings(EdgeSettings):
     command_timeout_seconds: float = Field(default=300.0, gt=0)
     max_sessions: int = Field(default=2000, ge=1)
     proxy_protocol_timeout_seconds: float = Field(default=5.0, ge=3.0)
+    # Resolvers for the Received header's rDNS (host or host:port, comma-separated; empty =
+    # the system's resolv.conf). The chart passes the same value to the policy service.
+    dns_nameservers: str = ""
+
+    def nameservers(self) -> list[str]:
+        return [n.strip() for n in self.dns_nameservers.split(",") if n.strip()]
