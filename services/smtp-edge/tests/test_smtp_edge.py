@@ -182,7 +182,7 @@ async def test_r_tls_1_submission_refuses_mail_before_tls_and_auth(edge: Edge) -
             return client.mail("alice@example.org")
 
     code, text = await asyncio.to_thread(attempt)
-    assert (code, text) == (530, b"Must issue a STARTTLS command first")
+    assert (code, text) == (530, b"5.7.0 Must issue a STARTTLS command first")
 
 
 async def test_r_log_4_wrong_password_gets_535(edge: Edge, tls_files: tuple[str, str]) -> None:
@@ -302,8 +302,8 @@ async def test_r_lim_7_oversized_message_refused(edge: Edge) -> None:
             except smtplib.SMTPDataError as exc:
                 return exc.smtp_code, exc.smtp_error
 
-    code, _ = await asyncio.to_thread(send)
-    assert code == 552
+    code, text = await asyncio.to_thread(send)
+    assert (code, text) == (552, b"5.3.4 Message size exceeds fixed maximum message size")
     assert await mailbox_bodies(edge, "bob@example.org") == []
 
 
@@ -520,8 +520,8 @@ async def test_smuggling_variant_never_splits_a_message(edge: Edge, ending: str)
 async def test_overlong_command_line_refused_and_session_usable(edge: Edge) -> None:
     out = await asyncio.to_thread(raw_session, edge.port("smtp"), [
         b"", b"EHLO " + b"a" * 5000 + b"\r\n", b"NOOP\r\n"])
-    assert b"500 Command line too long\r\n" in out
-    assert out.endswith(b"250 OK\r\n")
+    assert b"500 5.5.2 Command line too long\r\n" in out
+    assert out.endswith(b"250 2.0.0 OK\r\n")
 
 
 async def test_auth_bad_base64_501_and_star_cancels(edge: Edge, tls_files: tuple[str, str]) -> None:

@@ -106,6 +106,7 @@ class EdgeSMTP(SMTP):
         self.listener = listener
         self.state = SessionState()
         self._greeted = False
+        self._in_ehlo = False
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +152,8 @@ class EdgeSMTP(SMTP):
                 self.close_now()
                 return
         if isinstance(status, str):
+            if not self._in_ehlo:
+                status = replies.with_enhanced_code(status)
             handler.count_reply(self, status)
             if status[:1] == "5":
                 self.state.errors += 1
@@ -161,6 +164,13 @@ class EdgeSMTP(SMTP):
                     self.close_now()
                     return
         await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True  # EHLO answers carry no enhanced codes (RFC 2034)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
 
     def talked_early(self) -> bool:
         return bool(getattr(self._reader, "_buffer", b""))
