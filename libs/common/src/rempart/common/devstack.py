@@ -92,9 +92,9 @@ class Stack:
         tls = {"REMPART_TLS_CERT_FILE": self.cert_file, "REMPART_TLS_KEY_FILE": self.key_file,
                "REMPART_LISTEN_HOST": "127.0.0.1"}
         if name == "policy":
-            env["REMPART_GRPC_PORT"] = str(p["policy.grpc"])
+            env |= {"REMPART_GRPC_PORT": str(p["policy.grpc"]), "REMPART_GRPC_HOST": "127.0.0.1"}
         elif name == "auth":
-            env["REMPART_GRPC_PORT"] = str(p["auth.grpc"])
+            env |= {"REMPART_GRPC_PORT": str(p["auth.grpc"]), "REMPART_GRPC_HOST": "127.0.0.1"}
         elif name == "smtp-edge":
             env |= targets | tls | {
                 "REMPART_SMTP_PORT": str(p["smtp-edge.smtp"]),

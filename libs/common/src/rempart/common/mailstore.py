@@ -348,14 +348,16 @@ async def run_indexer(js: JetStreamContext, index: MailboxIndex, durable: str = 
     ack and the index write, so that every acknowledged record reaches its mailboxes.
     """
     sub = await js.pull_subscribe("rempart.mail.>", durable=durable, stream=MAIL_STREAM)
+    me = asyncio.current_task()
     while True:
         try:
             msgs = await sub.fetch(batch=50, timeout=5)
-        except TimeoutError:
-            continue
-        except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and retry
-            log.warning("indexer fetch failed: %s", exc)
-            await asyncio.sleep(1)
+        except Exception as exc:  # noqa: BLE001 - a timeout, or NATS reconnecting: retry
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError from None  # nats-py may turn our cancel into a timeout
+            if not isinstance(exc, TimeoutError):
+                log.warning("indexer fetch failed: %s", exc)
+                await asyncio.sleep(1)
             continue
         for msg in msgs:
             if msg.subject == MAIL_EXPUNGED_SUBJECT:

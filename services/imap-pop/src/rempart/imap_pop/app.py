@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from rempart.common.clients import AuthClient, PolicyClient
@@ -68,8 +67,9 @@ async def serve(settings: Settings) -> None:
         await server.drain(settings.shutdown_grace_seconds)
         for task in background:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if background:
+            # Bounded: a task that swallows its cancellation must not keep the pod alive.
+            await asyncio.wait(background, timeout=5)
         await policy.close()
         await auth.close()
 
