@@ -43,11 +43,12 @@ from policy_harness import (
     reply,
     reverse_v4,
     start_policy_replica,
+    start_ready,
     submission,
     version_of,
     wait_for_message,
 )
-from replicas import Replica, start_edge_replica, wait_ready
+from replicas import Replica, start_edge_replica
 
 DOMAIN = "example.test"
 SENDER = "alice@sender.test"  # a remote sender whose domain exists (MX), without SPF record
@@ -107,10 +108,22 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     dns = DnsThread(zone())
-    stack = Stack(workdir=tmp_path_factory.mktemp("policy-stack"), log_format="json",
-                  extra_env={"REMPART_DNS_NAMESERVERS": dns.address})
+    # gRPC on loopback only: a wildcard bind also collides with client sockets on that port.
+    extra_env = {"REMPART_DNS_NAMESERVERS": dns.address, "REMPART_GRPC_HOST": "127.0.0.1"}
+    stack = Stack(workdir=tmp_path_factory.mktemp("policy-stack"), log_format="json", extra_env=extra_env)
     try:
-        stack.start()
+        for attempt in (1, 2):
+            try:
+                stack.start()
+                break
+            except RuntimeError:
+                # A free port can be taken by another process before the service binds it
+                # (free_port cannot reserve): start again on new ports, once.
+                stack.stop()
+                if attempt == 2:
+                    raise
+                stack = Stack(workdir=tmp_path_factory.mktemp("policy-stack"), log_format="json",
+                              extra_env=extra_env)
         demo = bootstrap_demo(stack)
         watcher = SettingsWatcher([stack.workdir / "policy.log", stack.workdir / "smtp-edge.log"])
         yield Env(stack, demo, admin_for(stack), dns, watcher)
@@ -270,10 +283,6 @@ def test_r_lim_5_too_many_hops(env: Env) -> None:
     assert data.startswith("250 2.0.0 Ok: queued as "), data
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "smtp-edge bug: the server-wide limit is aiosmtpd's data_size_limit (server.py), which answers "
-    "'552 Error: message size exceeds fixed maximum message size' (SIZE=) and '552 Error: Too much "
-    "mail data' (DATA) itself, before the policy's '552 5.3.4' (SPEC R-LIM-7)"))
 def test_r_lim_7_size(env: Env) -> None:
     limit = 20_000
     too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -431,6 +440,112 @@ def test_r_dns_7_dns_down_is_4xx_never_5xx(env: Env) -> None:
             quit_quietly(client)
 
 
+# Replicas: R-IPS-1 shared counters, R-OPS-1 ---------------------------------------------------
+# (Before the many-sessions test, whose client sockets could take the replicas' free ports.)
+def _probe_until(stack: Stack, port: int, expected: str, deadline: float, seen: dict[int, float],
+                 demo: dict[str, str], started: float) -> None:
+    """Sessions from the trusted 127.0.0.1 (never counted nor blocked) until the third RCPT of
+    one transaction gets ``expected``; records the seconds it took after ``started``."""
+    while time.monotonic() < deadline:
+        client = mx(stack, "127.0.0.1", port)
+        try:
+            raw_command(client, f"MAIL FROM:<{SENDER}>")
+            rcpt_reply(client, demo["user"])
+            rcpt_reply(client, demo["peer"])
+            if rcpt_reply(client, demo["user"]) == expected:
+                seen[port] = time.monotonic() - started
+                return
+        finally:
+            quit_quietly(client)
+        time.sleep(0.02)
+
+
+@dataclass
+class Replicas:
+    """A second policy replica, and a second edge that asks only it."""
+
+    policy: Replica
+    edge: Replica
+
+    def edge_ports(self, stack: Stack) -> list[int]:
+        return [stack.ports["smtp-edge.smtp"], self.edge.ports["smtp"]]
+
+
+@pytest.fixture(scope="module")
+def replicas(env: Env) -> Iterator[Replicas]:
+    policy2 = start_ready(lambda: start_policy_replica(env.stack, "policy-1"))
+    edge2: Replica | None = None
+    try:
+        target = {"REMPART_POLICY_TARGET": f"127.0.0.1:{policy2.ports['grpc']}"}
+        edge2 = start_ready(lambda: start_edge_replica(env.stack, "smtp-edge-1", target))
+        yield Replicas(policy2, edge2)
+    finally:
+        if edge2 is not None:
+            edge2.stop()
+        policy2.stop()
+
+
+def test_r_ips_1_counters_and_blocks_shared_by_replicas(env: Env, replicas: Replicas) -> None:
+    """Unknown recipients split across two edges, each asking its own policy replica, add up;
+    the block holds on both."""
+    ip = "127.0.0.42"
+    offset = replicas.policy.log_offset()
+    first, second = replicas.edge_ports(env.stack)
+    for port, names in ((first, ("ghost1", "ghost2")), (second, ("ghost3",))):
+        client = mx(env.stack, ip, port)
+        try:
+            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+            for name in names:
+                assert rcpt_reply(client, f"{name}@{DOMAIN}") == unknown_user(f"{name}@{DOMAIN}")
+        finally:
+            quit_quietly(client)
+    client = mx(env.stack, ip, first)
+    try:
+        assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+        assert rcpt_reply(client, f"ghost4@{DOMAIN}") == IPS_ACTIVE.format(ip=ip)
+    finally:
+        client.close()
+    for port in (first, second):
+        assert refused_at_connect(env.stack, ip, port) == IPS_ACTIVE.format(ip=ip)
+    decided = [r for r in replicas.policy.log_records(offset) if r.get("msg") == "decision"]
+    assert any(r.get("client_ip") == ip and r.get("stage") == "STAGE_RCPT" for r in decided)
+    assert env.admin.call("DELETE", f"/v1/ips/blocks/{ip}")[0] == 204
+
+
+def test_r_ops_1_settings_change_reaches_every_replica_within_2s(env: Env, replicas: Replicas) -> None:
+    stack = env.stack
+    edges = replicas.edge_ports(stack)
+    for port in edges:  # before: three recipients are fine
+        client = mx(stack, "127.0.0.1", port)
+        try:
+            raw_command(client, f"MAIL FROM:<{SENDER}>")
+            assert [rcpt_reply(client, env.demo[k]) for k in ("user", "peer", "user")] == ["250 2.1.5 Ok"] * 3
+        finally:
+            quit_quietly(client)
+    offset = replicas.policy.log_offset()
+    status, before = env.admin.call("GET", "/v1/settings")
+    assert status == 200 and isinstance(before, dict)
+    seen: dict[int, float] = {}
+    started = time.monotonic()
+    try:
+        version_of(*env.admin.call("PATCH", "/v1/settings", {"limits": {"max_recipients": 2}}))
+        threads = [threading.Thread(target=_probe_until, args=(stack, port, "452 4.5.3 Too many recipients",
+                                                               started + 5, seen, env.demo, started))
+                   for port in edges]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        env.wait_applied(version_of(*env.admin.call("PUT", "/v1/settings", before["settings"])))
+    print(f"setting applied after {', '.join(f'{s:.2f}s' for s in seen.values())}")
+    assert set(seen) == set(edges), f"only {seen} applied the change within 5 s"
+    assert max(seen.values()) <= 2.0, seen
+    # Edge replica 2 really asked policy replica 2.
+    decided = [r for r in replicas.policy.log_records(offset) if r.get("msg") == "decision"]
+    assert any(r.get("stage") == "STAGE_RCPT" for r in decided)
+
+
 # R-IPS: intrusion prevention -------------------------------------------------------------------
 def blocked_ips(admin: AdminApi) -> dict[str, dict[str, str]]:
     status, body = admin.call("GET", "/v1/ips/blocks")
@@ -538,110 +653,3 @@ def test_r_ips_3_counters_atomic_200_sessions_50_ips(env: Env) -> None:
     assert {d["reason"] for d in blocks.values()} == {"R-IPS-3 unknown recipients"}
     for ip in over:
         assert env.admin.call("DELETE", f"/v1/ips/blocks/{ip}")[0] == 204
-
-
-# R-OPS-1: a setting reaches every replica -------------------------------------------------------
-def _probe_until(stack: Stack, port: int, expected: str, deadline: float, seen: dict[int, float],
-                 demo: dict[str, str], started: float) -> None:
-    """Sessions from the trusted 127.0.0.1 (never counted nor blocked) until the third RCPT of
-    one transaction gets ``expected``; records the seconds it took after ``started``."""
-    while time.monotonic() < deadline:
-        client = mx(stack, "127.0.0.1", port)
-        try:
-            raw_command(client, f"MAIL FROM:<{SENDER}>")
-            rcpt_reply(client, demo["user"])
-            rcpt_reply(client, demo["peer"])
-            if rcpt_reply(client, demo["user"]) == expected:
-                seen[port] = time.monotonic() - started
-                return
-        finally:
-            quit_quietly(client)
-        time.sleep(0.02)
-
-
-@dataclass
-class Replicas:
-    """A second policy replica, and a second edge that asks only it."""
-
-    policy: Replica
-    edge: Replica
-
-    def edge_ports(self, stack: Stack) -> list[int]:
-        return [stack.ports["smtp-edge.smtp"], self.edge.ports["smtp"]]
-
-
-@pytest.fixture(scope="module")
-def replicas(env: Env) -> Iterator[Replicas]:
-    policy2 = start_policy_replica(env.stack, "policy-1")
-    edge2: Replica | None = None
-    try:
-        wait_ready([policy2])
-        edge2 = start_edge_replica(env.stack, "smtp-edge-1",
-                                   {"REMPART_POLICY_TARGET": f"127.0.0.1:{policy2.ports['grpc']}"})
-        wait_ready([edge2])
-        yield Replicas(policy2, edge2)
-    finally:
-        if edge2 is not None:
-            edge2.stop()
-        policy2.stop()
-
-
-def test_r_ips_1_counters_and_blocks_shared_by_replicas(env: Env, replicas: Replicas) -> None:
-    """Unknown recipients split across two edges, each asking its own policy replica, add up;
-    the block holds on both."""
-    ip = "127.0.0.42"
-    offset = replicas.policy.log_offset()
-    first, second = replicas.edge_ports(env.stack)
-    for port, names in ((first, ("ghost1", "ghost2")), (second, ("ghost3",))):
-        client = mx(env.stack, ip, port)
-        try:
-            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
-            for name in names:
-                assert rcpt_reply(client, f"{name}@{DOMAIN}") == unknown_user(f"{name}@{DOMAIN}")
-        finally:
-            quit_quietly(client)
-    client = mx(env.stack, ip, first)
-    try:
-        assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
-        assert rcpt_reply(client, f"ghost4@{DOMAIN}") == IPS_ACTIVE.format(ip=ip)
-    finally:
-        client.close()
-    for port in (first, second):
-        assert refused_at_connect(env.stack, ip, port) == IPS_ACTIVE.format(ip=ip)
-    decided = [r for r in replicas.policy.log_records(offset) if r.get("msg") == "decision"]
-    assert any(r.get("client_ip") == ip and r.get("stage") == "STAGE_RCPT" for r in decided)
-    assert env.admin.call("DELETE", f"/v1/ips/blocks/{ip}")[0] == 204
-
-
-def test_r_ops_1_settings_change_reaches_every_replica_within_2s(env: Env, replicas: Replicas) -> None:
-    stack = env.stack
-    edges = replicas.edge_ports(stack)
-    for port in edges:  # before: three recipients are fine
-        client = mx(stack, "127.0.0.1", port)
-        try:
-            raw_command(client, f"MAIL FROM:<{SENDER}>")
-            assert [rcpt_reply(client, env.demo[k]) for k in ("user", "peer", "user")] == ["250 2.1.5 Ok"] * 3
-        finally:
-            quit_quietly(client)
-    offset = replicas.policy.log_offset()
-    status, before = env.admin.call("GET", "/v1/settings")
-    assert status == 200 and isinstance(before, dict)
-    seen: dict[int, float] = {}
-    started = time.monotonic()
-    try:
-        version_of(*env.admin.call("PATCH", "/v1/settings", {"limits": {"max_recipients": 2}}))
-        threads = [threading.Thread(target=_probe_until, args=(stack, port, "452 4.5.3 Too many recipients",
-                                                               started + 5, seen, env.demo, started))
-                   for port in edges]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(10)
-    finally:
-        env.wait_applied(version_of(*env.admin.call("PUT", "/v1/settings", before["settings"])))
-    print(f"setting applied after {', '.join(f'{s:.2f}s' for s in seen.values())}")
-    assert set(seen) == set(edges), f"only {seen} applied the change within 5 s"
-    assert max(seen.values()) <= 2.0, seen
-    # Edge replica 2 really asked policy replica 2.
-    decided = [r for r in replicas.policy.log_records(offset) if r.get("msg") == "decision"]
-    assert any(r.get("stage") == "STAGE_RCPT" for r in decided)
