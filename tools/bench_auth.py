@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from argon2 import PasswordHasher, Type
@@ -70,7 +70,7 @@ class Measure:
     outcomes: Counter[str]
     expected: str
     cpu_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    other_cores: float = 0.0  # CPU used meanwhile by everything but the target and this client
 
     @property
     def done(self) -> int:
@@ -88,8 +88,10 @@ class Measure:
         per_attempt = 1000 * self.cpu_seconds / max(self.done, 1)
         cpu = f", server CPU {per_attempt:.1f} ms per attempt" if self.cpu_seconds else ""
         extra = "" if self.ok else f"; UNEXPECTED outcomes: {dict(self.outcomes)}"
+        # Other processes on the machine slow the target down: say how busy they were.
+        other = f", other load {self.other_cores:.2f} cores" if self.other_cores >= 0.05 else ""
         return (f"RESULT {self.target} {self.what}: {self.rate:.1f}/s ({self.done}/{self.attempts} in "
-                f"{self.seconds:.1f} s, {self.in_flight} in flight{cpu}){extra}")
+                f"{self.seconds:.1f} s, {self.in_flight} in flight{cpu}{other}){extra}")
 
 
 async def imap_attempt(host: str, port: int, ctx: ssl.SSLContext | None, source_ip: str, user: str,
@@ -108,6 +110,8 @@ async def imap_attempt(host: str, port: int, ctx: ssl.SSLContext | None, source_
                 return f"greeting {greeting[:80]!r}"
             writer.write(f'a LOGIN "{user}" "{password}"\r\n'.encode())
             reply = await tagged(reader, b"a ")
+            if reply.startswith(b"a NO [UNAVAILABLE]"):
+                return "tempfail"  # fail closed: the auth or policy call did not answer in time
             if reply.startswith(b"a NO"):
                 return "refused"
             if not reply.startswith(b"a OK"):
@@ -150,9 +154,12 @@ async def run_load(host: str, port: int, ctx: ssl.SSLContext | None, attempts: l
 def measure(target: str, what: str, port: int, ctx: ssl.SSLContext | None, attempts: list[tuple[str, str, str]],
             in_flight: int, expected: str, cpu: Callable[[], float], timeout: float) -> Measure:
     log(f"{target}: {what}, {len(attempts)} attempts, {in_flight} in flight")
-    cpu_before = cpu()
+    cpu_before, machine_before, own_before = cpu(), machine_busy_seconds(), own_cpu_seconds()
     outcomes, seconds = asyncio.run(asyncio.wait_for(run_load("127.0.0.1", port, ctx, attempts, in_flight), timeout))
-    result = Measure(target, what, len(attempts), in_flight, seconds, outcomes, expected, cpu() - cpu_before)
+    used = cpu() - cpu_before
+    other = machine_busy_seconds() - machine_before - used - (own_cpu_seconds() - own_before)
+    result = Measure(target, what, len(attempts), in_flight, seconds, outcomes, expected, used,
+                     max(other, 0.0) / seconds if seconds > 0 else 0.0)
     print(result.line(), flush=True)
     return result
 
@@ -173,6 +180,19 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     return raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "
+
+
+def machine_busy_seconds() -> float:
+    """CPU time every core spent not idle since boot (/proc/stat: user..steal, not idle/iowait)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))
+    return busy / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """This process: the load generator."""
+    times = os.times()
+    return times.user + times.system
 
 
 def tree_cpu_seconds(roots: list[int]) -> float:
@@ -251,7 +271,7 @@ def bench_rempart(args: argparse.Namespace, workdir: Path) -> list[Measure]:
                                cpu, args.timeout))
 
         # Block an IP the way an attacker gets blocked: more than max_failed_logins (R-IPS-2).
-        block_ip(imaps, ctx, ATTACKER_IP, user, args.timeout)
+        block_ip(imaps, ctx, ATTACKER_IP, f"nobody@{DOMAIN}", args.timeout)
         refusals = [(ATTACKER_IP, user, password)] * args.refusals
         results.append(measure("rempart", "refusals, blocked IP (IMAPS)", imaps, ctx, refusals, args.in_flight,
                                "refused_at_connect", cpu, args.timeout))
@@ -269,7 +289,6 @@ def block_ip(port: int, ctx: ssl.SSLContext, ip: str, user: str, timeout: float)
     """Fail logins from ``ip`` on one connection until policy closes it, then check the block."""
 
     async def attempt_failures() -> int:
-        # Each LOGIN is answered; the BYE follows only on the one that blocked the IP.
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost",
                                                           local_addr=(ip, 0))
@@ -277,12 +296,16 @@ def block_ip(port: int, ctx: ssl.SSLContext, ip: str, user: str, timeout: float)
                 await reader.readline()
                 for n in range(1, 50):
                     writer.write(f'f{n} LOGIN "{user}" "wrong-{n}"\r\n'.encode())
-                    while True:
-                        line = await reader.readline()
-                        if not line or line.startswith(b"* BYE"):
-                            return n
-                        if line.startswith(f"f{n} ".encode()):
-                            break
+                    reply = await tagged(reader, f"f{n} ".encode())
+                    if not reply.startswith(f"f{n} NO".encode()):
+                        raise RuntimeError(f"unexpected reply while failing logins from {ip}: {reply!r}")
+                    # The failure that blocks the IP is followed at once by BYE and the close.
+                    try:
+                        after = await asyncio.wait_for(reader.readline(), 0.3)
+                    except TimeoutError:
+                        continue
+                    if not after or after.startswith(b"* BYE"):
+                        return n
                 return -1
             finally:
                 writer.close()

@@ -27,7 +27,8 @@ def demo(stack: Stack) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def _admin_session(stack: Stack) -> AdminApi:
+def _admin_session(stack: Stack, demo: dict[str, str]) -> AdminApi:
+    # After `demo`: bootstrap_demo waits until the admin API has created the bootstrap admin.
     api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
     api.login(stack.admin_email, stack.admin_password)
     return api

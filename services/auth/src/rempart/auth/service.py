@@ -178,7 +178,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.AuthenticateResponse:
         attempt = Attempt(request.client_ip, request.protocol, request.session_id, time.monotonic())
         try:
-            reply = await self._authenticate(request, context, attempt)
+            # Shielded: when the caller's deadline expires while the attempt waits for a hash
+            # slot, the attempt still finishes and its failure still counts towards the lock
+            # (R-LOG-1) — otherwise a password spray on a busy server would never lock anything.
+            work = asyncio.ensure_future(self._authenticate(request, context, attempt))
+            work.add_done_callback(_retrieve)
+            reply = await asyncio.shield(work)
         except (RedisError, OSError, ValueError) as exc:
             # Fail closed: never OK when the state that could refuse the login is unreadable.
             log.warning(
@@ -723,3 +728,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             log.info("app password revoked", extra={"account": account.address, "app_password": name})
             await self._rt.events.publish("auth", "app_password_revoked", account=account.address, reason=name)
         return auth_pb2.AppPasswordRevokeResponse(found=found)
+
+
+def _retrieve(task: asyncio.Future[auth_pb2.AuthenticateResponse]) -> None:
+    """Consume the outcome of an attempt whose caller went away (no "never retrieved" noise)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("abandoned authentication attempt failed: %s", type(task.exception()).__name__)
