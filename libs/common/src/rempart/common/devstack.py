@@ -37,7 +37,9 @@ def strong_password(length: int = 20) -> str:
     """Random, and meets every default rule of R-PWD-1 (digit, symbol, upper, lower)."""
     alphabet = string.ascii_letters + string.digits + "-_.!#%+"
     while True:
-        candidate = "".join(secrets.choice(alphabet) for _ in range(length))
+        # Starts with a letter or digit: a leading "-" would read as an option on command lines.
+        candidate = secrets.choice(string.ascii_letters + string.digits) + "".join(
+            secrets.choice(alphabet) for _ in range(length - 1))
         if (any(c.isdigit() for c in candidate) and any(c.isupper() for c in candidate)
                 and any(c.islower() for c in candidate) and any(not c.isalnum() for c in candidate)):
             return candidate
