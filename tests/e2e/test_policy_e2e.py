@@ -53,6 +53,7 @@ from replicas import Replica, start_edge_replica
 DOMAIN = "example.test"
 SENDER = "alice@sender.test"  # a remote sender whose domain exists (MX), without SPF record
 DNSBL_ZONE = "dnsbl.rempart.test"
+REPUTATION_ZONE = "reputation.rempart.test"
 IPS_ACTIVE = "421 4.0.0 Intrusion prevention active for [{ip}]"
 
 
@@ -65,6 +66,9 @@ def zone() -> dict[str, dict[str, list[str]]]:
         # R-DNS-3: 127.0.0.33 has a forward-confirmed PTR, 127.0.0.32 has none.
         f"{reverse_v4('127.0.0.33')}.in-addr.arpa": {"PTR": ["mail.good-host.test."]},
         "mail.good-host.test": {"A": ["127.0.0.33"]},
+        # R-DNS-2: the reputation zone calls 127.0.0.41 blacklisted and 127.0.0.42 greylisted.
+        f"{reverse_v4('127.0.0.41')}.{REPUTATION_ZONE}": {"A": ["127.0.0.2"]},
+        f"{reverse_v4('127.0.0.42')}.{REPUTATION_ZONE}": {"A": ["127.0.0.3"]},
         # R-DNS-1: 127.0.0.31 is listed (RFC 5782: 127.0.0.2 means listed).
         f"{reverse_v4('127.0.0.31')}.{DNSBL_ZONE}": {"A": ["127.0.0.2"], "TXT": ['"listed for the test"']},
     }
@@ -653,3 +657,82 @@ def test_r_ips_3_counters_atomic_200_sessions_50_ips(env: Env) -> None:
     assert {d["reason"] for d in blocks.values()} == {"R-IPS-3 unknown recipients"}
     for ip in over:
         assert env.admin.call("DELETE", f"/v1/ips/blocks/{ip}")[0] == 204
+
+
+def test_r_dns_2_ip_reputation(env: Env) -> None:
+    with env.settings({"dns": {"reputation_zone": REPUTATION_ZONE}}):
+        client = mx(env.stack, "127.0.0.41")
+        try:
+            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == (
+                f"554 5.7.1 Service unavailable; client [127.0.0.41] has a bad IP reputation at {REPUTATION_ZONE}")
+        finally:
+            client.close()
+        client = mx(env.stack, "127.0.0.42")
+        try:
+            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == (
+                "451 4.7.1 Client [127.0.0.42] greylisted by IP reputation, try again later")
+        finally:
+            client.close()
+        marker = subject()
+        rcpt, data = deliver(env, "127.0.0.43", env.demo["peer"], marker)
+        assert rcpt.startswith("250") and data.startswith("250"), (rcpt, data)
+        delivered = wait_for_message(env.stack, env.demo["peer"], env.demo["peer_password"], marker)
+        # The result is in the message's trace ("IP reputation: Accepted").
+        assert "X-Rempart-IP-Reputation: Accepted" in header_section(delivered)
+
+
+def test_r_rel_5_helo_filter(env: Env) -> None:
+    rules = [{"match": "wildcard", "pattern": "*.spammer.test", "action": "reject"}]
+    with env.settings({"relay": {"helo_filter_enabled": True, "helo_rules": rules}}):
+        client = smtplib.SMTP("127.0.0.1", env.stack.ports["smtp-edge.smtp"], timeout=20,
+                              source_address=("127.0.0.44", 0))
+        try:
+            code, text = client.ehlo("bot7.spammer.test")
+            assert (code, text) == (550, b"5.7.1 <bot7.spammer.test>... HELO rejected")
+            code, _ = client.ehlo("mail.honest.test")
+            assert code == 250
+        finally:
+            quit_quietly(client)
+
+
+def test_r_rel_6_connection_delay_before_greeting(env: Env) -> None:
+    with env.settings({"relay": {"connect_delay_seconds": 1.5}}):
+        started = time.monotonic()
+        client = mx(env.stack, "127.0.0.45")
+        waited = time.monotonic() - started
+        quit_quietly(client)
+    assert waited >= 1.4, f"greeting after {waited:.2f}s"
+
+
+def test_r_dns_6_srs_rewrites_forwarded_sender_and_verifies_bounces(env: Env) -> None:
+    from rempart.common.events import MAIL_STREAM, connect_nats
+    from rempart.common.pb.events.v1 import events_pb2
+
+    status, body = env.admin.call("POST", "/v1/aliases", {"alias": f"fwd@{DOMAIN}", "targets": ["far@remote.test"]})
+    assert status in (200, 201), body
+    with env.settings({"dns": {"srs_enabled": True}}):
+        rcpt, data = deliver(env, "127.0.0.46", f"fwd@{DOMAIN}", subject())
+        assert rcpt.startswith("250") and data.startswith("250"), (rcpt, data)
+
+        async def last_record() -> events_pb2.DeliveryRecord:
+            assert env.stack.nats is not None
+            nc = await connect_nats(env.stack.nats.url, "srs-test")
+            try:
+                msg = await nc.jetstream().get_last_msg(MAIL_STREAM, "rempart.mail.accepted")
+                return events_pb2.DeliveryRecord.FromString(msg.data)
+            finally:
+                await nc.close()
+
+        record = asyncio.run(last_record())
+        assert list(record.remote_recipients) == ["far@remote.test"]
+        srs_sender = record.remote_senders["far@remote.test"]
+        assert srs_sender.startswith("SRS0=") and srs_sender.endswith(f"@{DOMAIN}"), srs_sender
+        # A bounce to the SRS address goes back to the original sender; a forged one is refused.
+        client = mx(env.stack, "127.0.0.47")
+        try:
+            assert raw_command(client, "MAIL FROM:<>") == "250 2.1.0 Ok"
+            assert rcpt_reply(client, srs_sender).startswith("250")
+            forged = srs_sender.replace("SRS0=", "SRS0=x", 1)
+            assert rcpt_reply(client, forged).startswith("550 5.1.1 ")
+        finally:
+            quit_quietly(client)
