@@ -118,10 +118,11 @@ def test_r_log_4_wrong_password_refused_and_reported(stack: Stack, demo: dict[st
 
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed (Debian package swaks)")
-def test_r_tls_1_swaks_submission(stack: Stack, demo: dict[str, str]) -> None:
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_r_tls_1_swaks_submission(stack: Stack, demo: dict[str, str], mechanism: str) -> None:
     result = subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{stack.ports['smtp-edge.submission']}", "--tls",
-         "--auth", "PLAIN", "--auth-user", demo["user"], "--auth-password", demo["user_password"],
+         "--auth", mechanism, "--auth-user", demo["user"], "--auth-password", demo["user_password"],
          "--from", demo["user"], "--to", demo["peer"], "--header", "Subject: via swaks"],
         capture_output=True, text=True, timeout=60,
     )
