@@ -13,6 +13,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -580,3 +581,39 @@ async def test_r_tls_5_received_header_carries_confirmed_rdns(
         (body,) = await mailbox_bodies(running, "bob@example.org")
     expected = b"client.rdns.test" if forward_matches else b"unknown"
     assert b"Received: from client.test (" + expected + b" [127.0.0.3])" in body
+
+
+async def test_slow_steady_data_survives_the_command_timeout_but_silence_does_not(
+        redis_url: str, nats_url: str, tls_files: tuple[str, str]) -> None:
+    async with running_edge(redis_url, nats_url, tls_files, command_timeout_seconds=1.0) as running:
+        port = running.port("smtp")
+
+        def session(pauses: list[float]) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                reader = sock.makefile("rb")
+                reader.readline()
+                sock.sendall(b"EHLO client.test\r\n")
+                while not reader.readline().startswith(b"250 "):
+                    pass
+                sock.sendall(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+                for _ in range(3):
+                    reader.readline()
+                sock.sendall(b"Subject: slow\r\n\r\n")
+                for pause in pauses:
+                    time.sleep(pause)
+                    try:
+                        sock.sendall(b"still here\r\n")
+                    except OSError:
+                        return b"closed"
+                try:
+                    sock.sendall(b".\r\n")
+                    return reader.readline()
+                except OSError:
+                    return b"closed"
+
+        # 3 s of steady data at 0.3 s intervals, three times the 1 s command timeout: accepted.
+        steady = await asyncio.to_thread(session, [0.3] * 10)
+        assert steady.startswith(b"250 2.0.0 Ok: queued as"), steady
+        # Silent for 2.5 s in the middle of DATA: cut (slow-loris).
+        silent = await asyncio.to_thread(session, [2.5, 0.1])
+        assert not silent.startswith(b"250"), silent

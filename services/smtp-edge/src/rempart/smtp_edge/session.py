@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,7 @@ class EdgeSMTP(SMTP):
         self.state = SessionState()
         self._greeted = False
         self._in_ehlo = False
+        self._last_received = time.monotonic()
         self.closed = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +173,27 @@ class EdgeSMTP(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self._in_ehlo = False
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = time.monotonic()
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's idle timer only restarts between commands, so a large message on a slow
+        # but steady link would be cut after the command timeout. While bytes keep arriving the
+        # timer restarts; a client that goes silent mid-DATA is still cut (slow-loris).
+        keeper = asyncio.get_running_loop().create_task(self._keep_alive_while_receiving())
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            keeper.cancel()
+
+    async def _keep_alive_while_receiving(self) -> None:
+        step = max(0.05, min(10.0, self._timeout_duration / 4))
+        while True:
+            await asyncio.sleep(step)
+            if time.monotonic() - self._last_received < step:
+                self._reset_timeout()
 
     def talked_early(self) -> bool:
         return bool(getattr(self._reader, "_buffer", b""))
