@@ -15,12 +15,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from rempart.common.events import IPS_BLOCKED
+from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.imap import ImapSession
 from rempart.imap_pop.pop3 import Pop3Session
 from rempart.imap_pop.proxy import ProxyError, read_proxy_header
-from rempart.imap_pop.session import IMAP_SESSIONS, POP3_SESSIONS, Backend, Session, ip_in
+from rempart.imap_pop.session import IMAP_SESSIONS, POP3_SESSIONS, Backend, Session
 from rempart.imap_pop.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class ImapPopServer:
         session: Session | None = None
         settings = self.backend.settings
         try:
-            if ip_in(client_ip, settings.proxy_cidrs()):
+            if ip_in_networks(client_ip, settings.proxy_cidrs()):
                 async with asyncio.timeout(settings.proxy_header_timeout_seconds):
                     address = await read_proxy_header(stream)
                 if address.client_ip is not None:

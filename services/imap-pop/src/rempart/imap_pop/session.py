@@ -9,7 +9,6 @@ import asyncio
 import base64
 import binascii
 import enum
-import ipaddress
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -25,6 +24,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.events import mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.tls import ServerTls
@@ -231,7 +231,7 @@ class Session:
         settings = self.backend.config.server
         if not settings.tls.plaintext_auth_requires_tls:
             return True
-        return ip_in(self.client_ip, settings.relay.trusted_hosts)
+        return ip_in_networks(self.client_ip, settings.relay.trusted_hosts)
 
     async def login(self, login: str, password: str, mechanism: str) -> tuple[LoginResult, bool]:
         """Ask the auth service; returns the result and whether policy wants the session closed."""
@@ -340,20 +340,6 @@ def _scram_user(client_first: str) -> str:
         if attribute.startswith("n="):
             return attribute[2:].replace("=2C", ",").replace("=3D", "=")[:320]
     return ""
-
-
-def ip_in(ip: str, networks: list[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    for net in networks:
-        try:
-            if address in ipaddress.ip_network(net, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 def verdict_text(verdict: policy_pb2.Verdict) -> str:

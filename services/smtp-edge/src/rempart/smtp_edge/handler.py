@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus, mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
+from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
@@ -77,7 +77,7 @@ class EdgeHandler:
         self.events = events
         self.config = config
         self.instance = instance
-        self.proxy_networks = [ipaddress.ip_network(c, strict=False) for c in proxy_cidrs]
+        self.proxy_cidrs = proxy_cidrs
         self.sessions: dict[str, set[EdgeSMTP]] = {}
         self._background: set[asyncio.Task[policy_pb2.Verdict]] = set()
         self.draining = False
@@ -141,7 +141,7 @@ class EdgeHandler:
         if server.listener.implicit_tls or server.listener.require_starttls:
             return  # TLS already, or TLS required before anything (submission)
         settings = self.config.server
-        allowed = not settings.tls.plaintext_auth_requires_tls or ip_in(
+        allowed = not settings.tls.plaintext_auth_requires_tls or ip_in_networks(
             server.state.client_ip, settings.relay.trusted_hosts)
         server._auth_require_tls = not allowed
 
@@ -178,8 +178,7 @@ class EdgeHandler:
                            proxy_data: ProxyData) -> bool:
         """R-OPS-2: PROXY headers only from the configured load balancers; then the client
         address in the header is the one every rule and log line sees."""
-        peer = ipaddress.ip_address(server.state.client_ip)
-        if not any(peer in net for net in self.proxy_networks):
+        if not ip_in_networks(server.state.client_ip, self.proxy_cidrs):
             log.warning("PROXY header from an untrusted peer", extra={"peer": server.state.client_ip})
             return False
         if not proxy_data.valid:
@@ -500,20 +499,6 @@ class EdgeHandler:
             if done is MISSING:
                 return AuthResult(success=False, handled=True)
         return await self._conclude_auth(server, login, finish.status, finish.account)
-
-
-def ip_in(ip: str, entries: list[str]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    for entry in entries:
-        try:
-            if address in ipaddress.ip_network(entry, strict=False):
-                return True
-        except ValueError:
-            continue
-    return False
 
 
 def _scram_user(client_first: str) -> str:
