@@ -7,12 +7,13 @@ PIP := $(PY) -m pip
 SERVICES := smtp-edge imap-pop policy auth admin-api
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install proto proto-check lint typecheck test test-unit test-e2e chart run bench clean
+.PHONY: help pins install proto proto-check lint typecheck test test-unit test-e2e chart run bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.in constraints.txt libs/common/pyproject.toml $(foreach s,$(SERVICES),services/$(s)/pyproject.toml)
+	$(PYTHON) tools/check_pins.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "Installing pinned dependencies into $(VENV) (log: $(VENV)/install.log)"
 	@{ $(PIP) install --upgrade pip && \
@@ -20,6 +21,9 @@ $(STAMP): requirements.in constraints.txt libs/common/pyproject.toml $(foreach s
 	   $(PIP) install --no-deps -e libs/common $(foreach s,$(SERVICES),-e services/$(s)); \
 	 } > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
+
+pins: ## Fail if an install file names a local file instead of a package from the index
+	$(PYTHON) tools/check_pins.py
 
 install: $(STAMP) ## Create .venv and install every pinned dependency and the services (editable)
 
@@ -41,7 +45,7 @@ test-unit: install ## Unit and integration tests (real Redis, NATS, gRPC, DNS on
 test-e2e: install ## The whole suite as processes, driven by real mail clients
 	$(PY) -m pytest tests/e2e -q
 
-test: proto-check lint chart ## Everything CI runs: stale-proto check, lint, chart checks, all tests
+test: pins proto-check lint chart ## Everything CI runs: pin check, stale-proto check, lint, chart checks, all tests
 	$(PY) -m pytest -q
 
 chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schema validation
