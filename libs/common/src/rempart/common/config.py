@@ -159,6 +159,35 @@ class SmtpSettings(_Section):
     auth_failure_budget: int = Field(default=3, ge=1, le=100)
 
 
+class SmarthostTransport(_Section):
+    """R-OUT-1: a per-domain transport override, Postfix's ``[host]:port`` form (brackets: no
+    MX lookup). The AUTH password is a process secret (``REMPART_SMARTHOST_PASSWORDS``), never
+    a setting, so that the settings API never shows it (R-ADM-3)."""
+
+    host: str
+    username: str = ""
+    implicit_tls: bool = False  # port 465 style; otherwise opportunistic STARTTLS
+
+
+class OutboundSettings(_Section):
+    """R-OUT-1..4, R-TLS-4, R-LIM-6: the outbound relay."""
+
+    starttls: bool = True
+    tls_min_version: Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    max_lifetime_hours: float = Field(default=120.0, gt=0)  # 5 days, then a DSN
+    # Attempt n waits the n-th value (the last one repeats): mox's and Postfix's ballpark.
+    retry_backoff_seconds: list[float] = Field(
+        default_factory=lambda: [300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0], min_length=1)
+    delay_notice_hours: float = Field(default=4.0, ge=0)  # 0 = no delay notices
+    transports: dict[str, SmarthostTransport] = Field(default_factory=dict)  # domain or "*"
+    max_recipients_per_connection_exceptions: dict[str, int] = Field(default_factory=dict)
+    domain_messages_per_minute: int = Field(default=0, ge=0)  # 0 = unlimited
+    domain_messages_per_minute_exceptions: dict[str, int] = Field(default_factory=dict)
+    sender_domain_messages_per_minute: int = Field(default=0, ge=0)
+    sender_domain_messages_per_minute_exceptions: dict[str, int] = Field(default_factory=dict)
+    max_connections_per_domain: int = Field(default=10, ge=1)
+
+
 class TwoFactorSettings(_Section):
     """R-2FA-1."""
 
@@ -178,6 +207,7 @@ class MailSettings(_Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     twofa: TwoFactorSettings = Field(default_factory=TwoFactorSettings)
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
 
 
 # What a domain or an account may override (SPEC "Scopes"); other sections are server-only.

@@ -153,3 +153,17 @@ def scram_conversation(conversation_id: str) -> str:
 def mailbox_message_prefix(mailbox: str, folder: str) -> str:
     """The message keys of a folder are this prefix plus the UID (used inside Lua)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:msg:"
+
+
+# Outbound relay (R-OUT-2, R-OUT-3): per-recipient results of a queued transaction, the queue
+# (transaction id -> arrival time, for depth and age), and the R-LIM-6 per-minute counters.
+def relay_recipients(transaction_id: str) -> str:
+    return f"{PREFIX}out:rcpt:{transaction_id}"
+
+
+RELAY_QUEUE = PREFIX + "out:queue"
+
+
+def relay_rate(kind: str, domain_name: str, minute: int) -> str:
+    """``kind`` is ``dst`` (destination domain) or ``src`` (sender domain)."""
+    return f"{PREFIX}out:rate:{kind}:{domain_name}:{minute}"

@@ -1,0 +1,3 @@
+from rempart.smtp_edge.relay.app import main
+
+main()

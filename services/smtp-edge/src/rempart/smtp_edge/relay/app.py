@@ -1,0 +1,211 @@
+"""The outbound relay process (``python -m rempart.smtp_edge.relay``, the chart's relay
+Deployment): a durable JetStream pull consumer on ``rempart.mail.accepted`` shared by every
+replica, delivering each record's remote recipients (queue.py), with the ops port and SIGTERM
+drain of every Rempart service.
+
+Implementation notes, the rules every path obeys:
+- A record is acknowledged only when every remote recipient has a final result (delivered,
+  bounced with its DSN stored, or dropped); until then it is ``nak``'ed with the delay to its
+  next due recipient, so JetStream (fsynced, replicated) holds the queue, not this process.
+- A record being worked on is kept alive with ``in_progress`` acks, so a slow remote (RFC 5321
+  allows 10 minutes for the final reply) never makes JetStream hand it to another replica.
+- Results are written per recipient as the remote answers, before anything else happens; a
+  replica killed at any point leaves a record that the next one resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as jsapi
+from prometheus_client import Gauge
+
+from rempart.common.directory import Directory
+from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM
+from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.pb.events.v1 import events_pb2
+from rempart.common.runtime import ServiceRuntime
+from rempart.smtp_edge.relay.delivery import SmtpClient, TlsPolicy
+from rempart.smtp_edge.relay.queue import RecipientStore, RelayQueue
+from rempart.smtp_edge.relay.routing import Router
+from rempart.smtp_edge.relay.settings import OutboundRelaySettings
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = Gauge("rempart_relay_queue_depth", "Transactions with remote recipients not yet final")
+QUEUE_OLDEST = Gauge("rempart_relay_queue_oldest_seconds", "Age of the oldest queued transaction")
+IN_FLIGHT = Gauge("rempart_relay_in_flight", "Records being worked on by this replica")
+FETCH_BATCH = 64
+ERROR_RETRY_SECONDS = 30.0
+MIN_RETRY_SECONDS = 1.0
+
+
+async def consumer_subscription(
+    js: JetStreamContext, settings: OutboundRelaySettings
+) -> JetStreamContext.PullSubscription:
+    config = jsapi.ConsumerConfig(
+        durable_name=settings.consumer,
+        ack_policy=jsapi.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        max_deliver=-1,
+        max_ack_pending=settings.max_ack_pending,
+        filter_subject=MAIL_ACCEPTED_SUBJECT,
+        deliver_policy=jsapi.DeliverPolicy.ALL,
+    )
+    return await js.pull_subscribe(MAIL_ACCEPTED_SUBJECT, durable=settings.consumer, stream=MAIL_STREAM,
+                                   config=config)
+
+
+class Relay:
+    def __init__(self, runtime: ServiceRuntime, settings: OutboundRelaySettings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.queue: RelayQueue | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        rt, settings = self.runtime, self.settings
+        outbound = rt.config.server.outbound
+        tls = TlsPolicy(starttls=outbound.starttls, min_version=outbound.tls_min_version,
+                        ca_file=settings.tls_ca_file)
+        self.queue = RelayQueue(
+            hostname=settings.hostname,
+            router=Router(settings.nameservers(), settings.dns_timeout_seconds, settings.mx_port),
+            client=SmtpClient(settings.hostname, tls, settings.connect_timeout_seconds,
+                              settings.command_timeout_seconds),
+            store=await MessageStore.open(rt.js),
+            index=MailboxIndex(rt.redis),
+            directory=Directory(rt.redis),
+            events=rt.events,
+            config=rt.config,
+            results=RecipientStore(rt.redis),
+            smarthost_passwords={k: v.get_secret_value() for k, v in settings.smarthost_passwords.items()},
+        )
+        rt.config.on_change(self._apply_settings)
+        self._sub = await consumer_subscription(rt.js, settings)
+        rt.ops.add_check("consumer", self._consumer_check)
+        self._loop_task = asyncio.create_task(self._consume(), name="relay-consume")
+        self._gauge_task = asyncio.create_task(self._gauges(), name="relay-gauges")
+        log.info("relay consuming", extra={"consumer": settings.consumer, "parallel": settings.max_parallel_messages})
+
+    async def _apply_settings(self) -> None:
+        if self.queue is not None:
+            outbound = self.runtime.config.server.outbound
+            self.queue.client.tls.starttls = outbound.starttls
+            self.queue.client.tls.min_version = outbound.tls_min_version
+
+    async def _consumer_check(self) -> None:
+        if self._sub is None or self._loop_task is None or self._loop_task.done():
+            raise RuntimeError("consumer not running")
+
+    async def _consume(self) -> None:
+        assert self._sub is not None
+        me = asyncio.current_task()
+        while not self._stopping.is_set():
+            free = self.settings.max_parallel_messages - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await self._sub.fetch(batch=min(free, FETCH_BATCH), timeout=1)
+            except Exception as exc:  # noqa: BLE001 - a timeout (nothing to do), or NATS reconnecting
+                if me is not None and me.cancelling():
+                    raise asyncio.CancelledError from None  # nats-py may turn our cancel into a timeout
+                if not isinstance(exc, TimeoutError):
+                    log.warning("relay fetch failed: %s", exc)
+                    await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            IN_FLIGHT.set(len(self._tasks))
+
+    async def _handle(self, msg: Msg) -> None:
+        assert self.queue is not None
+        try:
+            record = events_pb2.DeliveryRecord.FromString(msg.data)
+        except DecodeError:
+            log.error("undecodable record on %s, terminated", msg.subject)
+            await msg.term()
+            return
+        if not record.remote_recipients:
+            await msg.ack()
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        try:
+            attempt = await self.queue.process(record)
+        except asyncio.CancelledError:
+            # Drain ran out of time: hand the record back now rather than after ack_wait.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
+        except Exception:  # Redis or NATS trouble: the record comes back later
+            log.exception("relay attempt failed, will retry", extra={"queue_id": record.transaction_id})
+            await msg.nak(delay=ERROR_RETRY_SECONDS)
+            return
+        finally:
+            heartbeat.cancel()
+        if attempt.finished:
+            await msg.ack()
+        else:
+            await msg.nak(delay=max(attempt.retry_in, MIN_RETRY_SECONDS))
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ack_wait_seconds / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    async def _gauges(self) -> None:
+        assert self.queue is not None
+        while True:
+            try:
+                depth, oldest_ms = await self.queue.results.depth_and_oldest_ms()
+                QUEUE_DEPTH.set(depth)
+                QUEUE_OLDEST.set(max(0.0, time.time() - oldest_ms / 1000) if oldest_ms else 0.0)
+            except Exception as exc:  # noqa: BLE001 - metrics never stop the relay
+                log.debug("queue gauges: %s", exc)
+            await asyncio.sleep(10)
+
+    async def drain(self, grace: float) -> None:
+        """SIGTERM: fetch nothing more; let the records in hand finish within the grace period,
+        then hand the rest back to JetStream (another replica resumes them)."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._loop_task, 3)
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+
+
+async def serve(settings: OutboundRelaySettings) -> None:
+    async with ServiceRuntime("relay", settings) as runtime:
+        relay = Relay(runtime, settings)
+        await relay.start()
+        await runtime.wait_for_shutdown()
+        await relay.drain(settings.shutdown_grace_seconds)
+
+
+def main() -> None:
+    settings = OutboundRelaySettings()
+    asyncio.run(serve(settings))

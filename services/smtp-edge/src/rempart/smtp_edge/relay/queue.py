@@ -1,0 +1,451 @@
+"""The outbound queue (R-OUT-2, R-OUT-3, R-LIM-6): what happens to one accepted transaction's
+remote recipients, attempt after attempt.
+
+The queue's system of record is the MAIL stream itself: the relay's durable consumer leaves a
+record unacknowledged until every remote recipient has a final result, and asks JetStream to
+redeliver it (``nak`` with a delay) when the next recipient is due. What each recipient got is
+kept in Redis, one hash per transaction (recipient -> state), written after every remote reply,
+so that a relay killed anywhere resends only what the remote had not accepted:
+
+- ``pending``: not yet delivered; ``attempts`` and ``next_ms`` give the backoff;
+- ``sending``: accepted at RCPT and the final dot is on its way; found like this after a
+  restart it means the remote may or may not have the message (counted, logged, resent);
+- ``delivered``: the remote answered 250 to the dot;
+- ``failed``: a permanent failure, its DSN not yet stored; ``bounced``: DSN stored (or none due);
+- ``dropped``: failed, and no DSN is allowed (``<>`` sender, ``NOTIFY=NEVER``).
+
+Recipients are grouped per destination domain and envelope sender (SRS gives forwarded copies
+their own sender, R-DNS-6), each group with at most N recipients per connection (R-LIM-6), like
+mox's queue keeps one record per recipient group with its own next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from rempart.common import keys
+from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
+from rempart.common.directory import Directory
+from rempart.common.events import EventBus, mailbox_changed_subject
+from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.pb.events.v1 import events_pb2
+from rempart.smtp_edge.relay import replies
+from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
+from rempart.smtp_edge.relay.dsn import RecipientReport, build_dsn, dsn_transaction_id
+from rempart.smtp_edge.relay.replies import Reply
+from rempart.smtp_edge.relay.routing import Route, RouteError, Router
+
+log = logging.getLogger(__name__)
+
+State = Literal["pending", "sending", "delivered", "failed", "bounced", "dropped"]
+FINAL: set[str] = {"delivered", "bounced", "dropped"}
+# Results outlive the record's last redelivery: an ack lost on the way finds them still there.
+RESULT_RETENTION_SECONDS = 30 * 24 * 3600
+
+DELIVERIES = Counter("rempart_relay_recipients_total", "Remote recipients by result",
+                     ["result"])  # delivered, deferred, bounced, expired, dropped
+SESSIONS = Counter("rempart_relay_sessions_total", "Outbound SMTP sessions", ["tls"])
+POSSIBLE_DUPLICATES = Counter(
+    "rempart_relay_possible_duplicates_total",
+    "Recipients resent after a relay stopped between the final dot and the remote's reply")
+
+# R-LIM-6 across replicas: one message to a destination domain and from a sender domain per
+# call, both counted in the current minute, or neither when one is over its limit.
+_RATE_LUA = """
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 and tonumber(redis.call('GET', KEYS[i]) or '0') >= limit then return 0 end
+end
+for i = 1, #KEYS do
+  if tonumber(ARGV[i]) > 0 then
+    redis.call('INCR', KEYS[i])
+    redis.call('EXPIRE', KEYS[i], 120)
+  end
+end
+return 1
+"""
+
+
+@dataclass
+class RecipientState:
+    state: State = "pending"
+    attempts: int = 0
+    next_ms: int = 0
+    reply: str = ""
+    remote_reply: bool = False
+    mta: str = ""
+    last_ms: int = 0
+    delay_noticed: bool = False
+
+    def as_reply(self) -> Reply:
+        reply = Reply.parse(self.reply) if self.reply else Reply(451, "4.0.0", "not attempted")
+        return Reply(reply.code, reply.enhanced, reply.text, remote=self.remote_reply)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> RecipientState:
+        data = json.loads(raw)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class RecipientStore:
+    """Per-recipient results in Redis, and the queue's index (for depth and age)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+        self._rate = redis.register_script(_RATE_LUA)
+
+    async def load(self, transaction_id: str) -> dict[str, RecipientState]:
+        raw = await self._redis.hgetall(keys.relay_recipients(transaction_id))
+        return {str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}
+
+    async def save(self, transaction_id: str, states: dict[str, RecipientState]) -> None:
+        if not states:
+            return
+        key = keys.relay_recipients(transaction_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={r: s.to_json() for r, s in states.items()})
+            pipe.expire(key, RESULT_RETENTION_SECONDS)
+            await pipe.execute()
+
+    async def queued(self, transaction_id: str, received_ms: int) -> None:
+        await self._redis.zadd(keys.RELAY_QUEUE, {transaction_id: received_ms}, nx=True)
+
+    async def done(self, transaction_id: str) -> None:
+        await self._redis.zrem(keys.RELAY_QUEUE, transaction_id)
+
+    async def depth_and_oldest_ms(self) -> tuple[int, int]:
+        depth = int(await self._redis.zcard(keys.RELAY_QUEUE))
+        first = await self._redis.zrange(keys.RELAY_QUEUE, 0, 0, withscores=True)
+        return depth, int(first[0][1]) if first else 0
+
+    async def take_rate(self, destination: str, dst_limit: int, sender_domain: str, src_limit: int) -> bool:
+        if dst_limit <= 0 and src_limit <= 0:
+            return True
+        minute = int(time.time() // 60)
+        allowed = await self._rate(
+            keys=[keys.relay_rate("dst", destination, minute), keys.relay_rate("src", sender_domain, minute)],
+            args=[dst_limit, src_limit])
+        return bool(allowed)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def backoff_seconds(settings: OutboundSettings, attempts: int) -> float:
+    schedule = settings.retry_backoff_seconds
+    return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+
+def strip_return_path(data: bytes) -> bytes:
+    """The edge writes Return-Path for final delivery (R-TLS-5); it must not leave with the
+    message (RFC 5321 4.4: a relay removes it, the final hop adds its own)."""
+    while data[:12].lower() == b"return-path:":
+        end = data.find(b"\n")
+        if end < 0:
+            return data
+        data = data[end + 1:]
+        while data[:1] in (b" ", b"\t"):  # folded continuation
+            end = data.find(b"\n")
+            data = data[end + 1:] if end >= 0 else b""
+    return data
+
+
+@dataclass
+class Attempt:
+    """The outcome of processing a record once: finished, or when to look again."""
+
+    finished: bool
+    retry_in: float = 0.0
+
+
+@dataclass
+class RelayQueue:
+    hostname: str
+    router: Router
+    client: SmtpClient
+    store: MessageStore
+    index: MailboxIndex
+    directory: Directory
+    events: EventBus
+    config: SettingsCache
+    results: RecipientStore
+    smarthost_passwords: dict[str, str] = field(default_factory=dict)
+    _domain_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    # One record ----------------------------------------------------------------------------
+    async def process(self, record: events_pb2.DeliveryRecord) -> Attempt:
+        settings = self.config.server
+        out = settings.outbound
+        txn = record.transaction_id
+        states = await self.results.load(txn)
+        fresh = {r: RecipientState() for r in dict.fromkeys(record.remote_recipients) if r not in states}
+        if fresh:
+            states.update(fresh)
+            await self.results.save(txn, fresh)
+            await self.results.queued(txn, record.received_unix_ms)
+        resumed = {r: s for r, s in states.items() if s.state == "sending"}
+        for rcpt, state in resumed.items():
+            # R-OUT-3: killed after the dot and before the reply: the one unavoidable duplicate.
+            POSSIBLE_DUPLICATES.inc()
+            log.warning("resending after an unconfirmed final dot", extra={"queue_id": txn, "recipient": rcpt})
+            state.state = "pending"
+        now_ms = int(time.time() * 1000)
+        due = [r for r, s in states.items() if s.state == "pending" and s.next_ms <= now_ms]
+        if due:
+            await self._attempt(record, due, states, settings)
+        await self._conclude(record, states, out)
+        pending = [s for s in states.values() if s.state == "pending"]
+        if pending:
+            wait = max(0.0, (min(s.next_ms for s in pending) - time.time() * 1000) / 1000)
+            return Attempt(False, wait)
+        await self.results.done(txn)
+        return Attempt(True)
+
+    async def _attempt(self, record: events_pb2.DeliveryRecord, due: list[str],
+                       states: dict[str, RecipientState], settings: MailSettings) -> None:
+        try:
+            data = strip_return_path(await self.store.read_blob(record.blob))
+        except Exception as exc:  # noqa: BLE001 - a store hiccup or a missing blob: retry, then expire
+            log.error("cannot read the message to relay: %s", exc, extra={"queue_id": record.transaction_id})
+            self._settle(record.transaction_id, {r: replies.BLOB_UNREADABLE for r in due}, states, settings, "")
+            await self.results.save(record.transaction_id, {r: states[r] for r in due})
+            return
+        groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for rcpt in due:
+            sender = record.remote_senders.get(rcpt) or record.mail_from
+            groups[(domain_of(rcpt), sender)].append(rcpt)
+        await asyncio.gather(*(
+            self._deliver_group(record, data, domain, sender, rcpts, states, settings)
+            for (domain, sender), rcpts in groups.items()
+        ))
+
+    async def _deliver_group(self, record: events_pb2.DeliveryRecord, data: bytes, domain: str, sender: str,
+                             rcpts: list[str], states: dict[str, RecipientState], settings: MailSettings) -> None:
+        out = settings.outbound
+        txn = record.transaction_id
+        try:
+            route = await self.router.route(domain, out.transports)
+        except RouteError as exc:
+            self._settle(txn, {r: exc.reply for r in rcpts}, states, settings, "")
+            await self.results.save(txn, {r: states[r] for r in rcpts})
+            return
+        sender_domain = domain_of(sender) if sender else ""
+        allowed = await self.results.take_rate(
+            domain, out.domain_messages_per_minute_exceptions.get(domain, out.domain_messages_per_minute),
+            sender_domain,
+            out.sender_domain_messages_per_minute_exceptions.get(sender_domain, out.sender_domain_messages_per_minute)
+            if sender_domain else 0)
+        if not allowed:
+            # R-LIM-6: over a per-minute rate the message waits for the next minute; not an attempt.
+            next_minute_ms = (int(time.time() // 60) + 1) * 60_000
+            for rcpt in rcpts:
+                states[rcpt].next_ms = next_minute_ms
+            log.info("rate limited, waiting", extra={"queue_id": txn, "domain": domain, "sender": sender})
+            return
+        per_connection = out.max_recipients_per_connection_exceptions.get(
+            domain, settings.limits.outbound_max_recipients_per_connection)
+        slots = self._domain_slots.setdefault(domain, asyncio.Semaphore(out.max_connections_per_domain))
+        async with slots:
+            for chunk in chunks(rcpts, per_connection):
+                envelope = Envelope(sender, chunk, data, *self._dsn_params(record, chunk))
+                outcome = await self._deliver_chunk(txn, route, envelope, states)
+                self._settle(txn, outcome.replies, states, settings, outcome.host)
+                await self.results.save(txn, {r: states[r] for r in chunk})
+                self._log_outcome(txn, sender, outcome)
+
+    async def _deliver_chunk(self, txn: str, route: Route, envelope: Envelope,
+                             states: dict[str, RecipientState]) -> Outcome:
+        async def before_dot(accepted: list[str]) -> None:
+            for rcpt in accepted:
+                states[rcpt].state = "sending"
+            await self.results.save(txn, {r: states[r] for r in accepted})
+
+        login = None
+        implicit_tls = False
+        if route.smarthost is not None:
+            implicit_tls = route.smarthost.implicit_tls
+            if route.smarthost.username:
+                login = (route.smarthost.username, self.smarthost_passwords.get(route.transport_key, ""))
+        last: Reply | None = None
+        for host in route.hosts:
+            try:
+                addresses = await self.router.addresses(host.name)
+            except RouteError as exc:
+                last = exc.reply
+                continue
+            if not addresses:
+                last = last or Reply(451, "4.4.4", f"No address for mail host {host.name}")
+                continue
+            for address in addresses:
+                try:
+                    outcome = await self.client.deliver(address, host.port, host.name, envelope,
+                                                        implicit_tls=implicit_tls, login=login,
+                                                        before_dot=before_dot)
+                except HostFailed as exc:
+                    last = exc.reply
+                    log.info("mail host failed, trying the next", extra={
+                        "queue_id": txn, "mx": host.name, "address": address, "reply": str(exc.reply)})
+                    continue
+                SESSIONS.labels(outcome.tls_version or "none").inc()
+                return outcome
+        reply = last or Reply(451, "4.4.4", f"No mail host for {route.domain}")
+        if reply.permanent and not reply.remote:
+            reply = Reply(451, reply.enhanced.replace("5.", "4.", 1), reply.text)
+        return Outcome(replies={r: reply for r in envelope.recipients})
+
+    def _settle(self, txn: str, outcome: dict[str, Reply], states: dict[str, RecipientState],
+                settings: MailSettings, mta: str) -> None:
+        now_ms = int(time.time() * 1000)
+        for rcpt, reply in outcome.items():
+            state = states[rcpt]
+            state.reply, state.remote_reply, state.mta, state.last_ms = str(reply), reply.remote, mta, now_ms
+            if reply.ok:
+                state.state = "delivered"
+                DELIVERIES.labels("delivered").inc()
+            elif reply.permanent:
+                state.state = "failed"
+            else:
+                state.state = "pending"
+                state.attempts += 1
+                state.next_ms = now_ms + int(backoff_seconds(settings.outbound, state.attempts) * 1000)
+                DELIVERIES.labels("deferred").inc()
+
+    def _log_outcome(self, txn: str, sender: str, outcome: Outcome) -> None:
+        for rcpt, reply in outcome.replies.items():
+            status = "sent" if reply.ok else ("bounced" if reply.permanent else "deferred")
+            log.info(status, extra={"queue_id": txn, "sender": sender, "recipient": rcpt, "mx": outcome.host,
+                                    "address": outcome.address, "tls": outcome.tls_version or "none",
+                                    "tls_verified": outcome.tls_verified, "reply": str(reply)})
+
+    def _dsn_params(self, record: events_pb2.DeliveryRecord,
+                    rcpts: list[str]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """RFC 3461 parameters to pass on: the edge keeps RET/ENVID and ``NOTIFY:<rcpt>``."""
+        mail = {k: v for k, v in record.dsn.items() if k in ("RET", "ENVID")}
+        per_rcpt = {r: {k: v for k in ("NOTIFY", "ORCPT") if (v := _dsn_value(record, k, r))} for r in rcpts}
+        return mail, per_rcpt
+
+    # After the attempt: expiry, bounces, delay notices -------------------------------------
+    async def _conclude(self, record: events_pb2.DeliveryRecord, states: dict[str, RecipientState],
+                        out: OutboundSettings) -> None:
+        txn = record.transaction_id
+        now = time.time()
+        expires = record.received_unix_ms / 1000 + out.max_lifetime_hours * 3600
+        changed: dict[str, RecipientState] = {}
+        for rcpt, state in states.items():
+            if state.state == "pending" and now >= expires:
+                last = state.reply or "no attempt succeeded"
+                state.state = "failed"
+                state.reply, state.remote_reply = f"{replies.EXPIRED} (last: {last})", False
+                DELIVERIES.labels("expired").inc()
+                changed[rcpt] = state
+        failed = [r for r, s in states.items() if s.state == "failed"]
+        if failed:
+            await self._bounce(record, failed, states, "failed", expires)
+            changed.update({r: states[r] for r in failed})
+        if out.delay_notice_hours > 0 and now - record.received_unix_ms / 1000 >= out.delay_notice_hours * 3600:
+            late = [r for r, s in states.items() if s.state == "pending" and not s.delay_noticed
+                    and _notify_allows(record, r, "DELAY")]
+            if late:
+                await self._bounce(record, late, states, "delayed", expires)
+                for rcpt in late:
+                    states[rcpt].delay_noticed = True
+                    changed[rcpt] = states[rcpt]
+        await self.results.save(txn, changed)
+
+    async def _bounce(self, record: events_pb2.DeliveryRecord, rcpts: list[str],
+                      states: dict[str, RecipientState], action: Literal["failed", "delayed"],
+                      expires: float) -> None:
+        txn = record.transaction_id
+        wanted = [r for r in rcpts if _notify_allows(record, r, "FAILURE" if action == "failed" else "DELAY")]
+        if action == "failed":
+            for rcpt in rcpts:
+                states[rcpt].state = "bounced" if rcpt in wanted and record.mail_from else "dropped"
+                DELIVERIES.labels("bounced" if states[rcpt].state == "bounced" else "dropped").inc()
+        if not wanted:
+            return
+        if not record.mail_from:
+            # RFC 5321 4.5.5 / RFC 3461 6.2: no DSN about a message whose sender is <> (a DSN
+            # itself); bounce loops are impossible, and the drop is logged.
+            log.warning("bounce of a bounce dropped", extra={
+                "queue_id": txn, "recipients": wanted, "reply": states[wanted[0]].reply})
+            await self.events.publish("relay", "bounce_dropped", reason="R-OUT-2", queue_id=txn,
+                                      recipients=",".join(wanted))
+            return
+        reports = [RecipientReport(
+            recipient=r, action=action, reply=states[r].as_reply(), remote_mta=states[r].mta,
+            original_recipient=_dsn_value(record, "ORCPT", r),
+            last_attempt_unix=states[r].last_ms / 1000,
+            will_retry_until_unix=expires if action == "delayed" else 0.0,
+        ) for r in wanted]
+        try:
+            original = await self.store.read_blob(record.blob)
+        except Exception as exc:  # noqa: BLE001 - the DSN still goes, with what is known
+            log.error("original unreadable for its DSN: %s", exc, extra={"queue_id": txn})
+            original = f"X-Rempart-Queue-ID: {txn}\r\n".encode()
+        message = build_dsn(
+            reporting_mta=self.hostname, sender=record.mail_from, original=original, original_id=txn,
+            arrival_unix=record.received_unix_ms / 1000, reports=reports,
+            envid=record.dsn.get("ENVID", ""), return_full=record.dsn.get("RET", "").upper() == "FULL",
+        )
+        await self.deliver_notice(record.mail_from, message, dsn_transaction_id(txn, reports))
+        log.info("DSN sent", extra={"queue_id": txn, "action": action, "to": record.mail_from, "recipients": wanted})
+        await self.events.publish("relay", "dsn", reason="R-OUT-2", queue_id=txn, action=action,
+                                  recipients=",".join(wanted))
+
+    async def deliver_notice(self, to: str, message: bytes, transaction_id: str) -> None:
+        """A DSN enters the normal store: the sender's mailbox when local, else the queue."""
+        local: list[str] = []
+        remote: list[str] = []
+        if await self.directory.canonical_domain(domain_of(to)) is not None:
+            for target in await self.directory.resolve(to) or []:
+                is_local = await self.directory.canonical_domain(domain_of(target)) is not None
+                (local if is_local else remote).append(target)
+        else:
+            remote.append(to)
+        if not local and not remote:
+            log.warning("DSN dropped: the local sender no longer exists", extra={"to": to, "dsn": transaction_id})
+            return
+        record, _seq = await self.store.accept(
+            message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
+        if local:
+            try:
+                await self.index.apply(record)
+                for mailbox in record.local_mailboxes:
+                    await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")
+            except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
+                log.warning("inline indexing of a DSN failed, left to the indexer: %s", exc)
+
+
+def _dsn_value(record: events_pb2.DeliveryRecord, name: str, rcpt: str) -> str:
+    value = record.dsn.get(f"{name}:{rcpt}")
+    if value is None:
+        wanted = f"{name}:{rcpt}".lower()
+        value = next((v for k, v in record.dsn.items() if k.lower() == wanted), "")
+    return value
+
+
+def _notify_allows(record: events_pb2.DeliveryRecord, rcpt: str, what: str) -> bool:
+    """RFC 3461 4.1: without NOTIFY, failures and delays are reported; NEVER reports nothing."""
+    notify = _dsn_value(record, "NOTIFY", rcpt).upper()
+    if not notify:
+        return True
+    return what in {n.strip() for n in notify.split(",")}

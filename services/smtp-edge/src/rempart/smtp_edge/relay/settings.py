@@ -1,0 +1,35 @@
+"""The outbound relay's process settings (``REMPART_*``). The mail-policy side of the relay
+(STARTTLS, lifetimes, backoff, smarthosts, rates) is ``MailSettings.outbound``, changeable at
+run time through the admin API."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from rempart.common.settings import ServiceSettings
+
+
+class OutboundRelaySettings(ServiceSettings):
+    ops_port: int = 9106
+    # Resolvers of the MX lookups (host or host:port, comma-separated; empty = resolv.conf).
+    dns_nameservers: str = ""
+    dns_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # The port of MX hosts (RFC 5321: 25); tests point it at their loopback sinks.
+    mx_port: int = Field(default=25, ge=1, le=65535)
+    # The durable JetStream consumer every replica shares.
+    consumer: str = "relay"
+    max_parallel_messages: int = Field(default=64, ge=1, le=10_000)
+    # Deferred messages stay unacknowledged until due: this bounds how many may wait at once.
+    max_ack_pending: int = Field(default=200_000, ge=100)
+    ack_wait_seconds: float = Field(default=60.0, ge=5)
+    connect_timeout_seconds: float = Field(default=30.0, gt=0)
+    # RFC 5321 4.5.3.2: the client waits 5 minutes for MAIL/RCPT replies, 10 for the final dot.
+    command_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Extra trust anchors for outbound certificate checks (PEM file), besides the system's.
+    tls_ca_file: str = ""
+    # Smarthost AUTH passwords by transport key (the domain, or "*"), as JSON:
+    # REMPART_SMARTHOST_PASSWORDS='{"example.net": "..."}' (a Kubernetes Secret in the chart).
+    smarthost_passwords: dict[str, SecretStr] = Field(default_factory=dict)
+
+    def nameservers(self) -> list[str]:
+        return [n.strip() for n in self.dns_nameservers.split(",") if n.strip()]
