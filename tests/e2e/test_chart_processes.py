@@ -44,7 +44,10 @@ CHART = REPO / "deploy" / "helm" / "rempart"
 HELM = REPO / ".tools" / "bin" / "helm"
 RELEASE, NAMESPACE = "rempart", "mail"
 CONTAINER_PYTHON = "/opt/venv/bin/python"
-COMPONENTS = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api")
+COMPONENTS = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api", "relay")
+# The outbound relay is off in the default values; the harness turns it on to prove its command.
+RENDER_ARGS = ("--set", "components.relay.enabled=true")
+MODULES = {c: "rempart." + c.replace("-", "_") for c in COMPONENTS} | {"relay": "rempart.smtp_edge.relay"}
 # Kubernetes leaves the bind address to the process; on this machine every listener is loopback.
 LISTEN_HOST_VARS = ("REMPART_LISTEN_HOST", "REMPART_OPS_HOST", "REMPART_GRPC_HOST", "REMPART_HTTP_HOST")
 STARTUP_DEADLINE = 45.0
@@ -374,7 +377,7 @@ class Release:
 @pytest.fixture(scope="module", params=["chart-ports", "all-ports-moved"])
 def release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     workdir = tmp_path_factory.mktemp("chart-pods")
-    objects = render()
+    objects = render(*RENDER_ARGS)
     # Every component shares the rendered credentials: the backing servers require exactly those.
     policy = next(o for o in objects if o["kind"] == "Deployment" and component_of(o) == "policy")
     probe_env = container_env(objects, policy["spec"]["template"]["spec"]["containers"][0], "credentials")
@@ -423,7 +426,7 @@ def test_kubernetes_env_expansion_rules() -> None:
 def test_chart_pods_start_from_rendered_command_and_env(release: Release) -> None:
     for component in COMPONENTS:
         pod = release.pods[component]
-        assert pod.container["command"] == [CONTAINER_PYTHON, "-m", "rempart." + component.replace("-", "_")]
+        assert pod.container["command"] == [CONTAINER_PYTHON, "-m", MODULES[component]]
         assert pod.env["REMPART_ENVIRONMENT"] == "prod"
         assert release.startup[component].endswith("200 ok"), release.startup[component]
         # The secret key came from the rendered Secret through secretKeyRef, never inline.
