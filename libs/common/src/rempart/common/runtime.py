@@ -5,11 +5,16 @@ JetStream streams, the settings cache, the event bus, the ops server, and SIGTER
         ...start serving...
         await rt.wait_for_shutdown()   # SIGTERM or SIGINT
         ...stop accepting, drain within settings.shutdown_grace_seconds...
+
+A signal that arrives while the runtime is still connecting (NATS or Redis not there yet: the
+client retries forever) ends the process at once with status 0, and the teardown never waits
+on a server that went away, so an orchestrator's SIGTERM is always honoured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -30,6 +35,11 @@ from rempart.common.telemetry import setup_logging, setup_tracing
 
 log = logging.getLogger(__name__)
 
+# Teardown bounds: SIGTERM must end the process well within Kubernetes' default 30 s grace and
+# `make run`'s 10 s, after the service's own drain (settings.shutdown_grace_seconds).
+NATS_DRAIN_SECONDS = 2.0
+NATS_CLOSE_SECONDS = 2.0
+
 
 class ServiceRuntime:
     def __init__(self, service: str, settings: ServiceSettings) -> None:
@@ -43,6 +53,8 @@ class ServiceRuntime:
         self.events: EventBus
         self.config: SettingsCache
         self.ops = OpsServer(settings.ops_host, settings.ops_port)
+        self._teardown = contextlib.AsyncExitStack()
+        self._starting: asyncio.Task[object] | None = None
 
     async def __aenter__(self) -> ServiceRuntime:
         setup_logging(self.service, self.settings.log_level, self.settings.log_format)
@@ -50,37 +62,76 @@ class ServiceRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._starting = asyncio.current_task()
+        try:
+            await self._open()
+        except asyncio.CancelledError:
+            if not self._shutdown.is_set():
+                raise
+            await self._teardown.aclose()
+            log.info("%s stopped before it was ready", self.service)
+            # Nothing was served yet, so there is nothing to drain: a clean exit, not a traceback.
+            raise SystemExit(0) from None
+        finally:
+            self._starting = None
+        log.info("%s started", self.service, extra={"ops_port": self.ops.port, "instance": self.instance})
+        return self
+
+    async def _open(self) -> None:
+        # Each resource registers its teardown as soon as it exists: a signal mid-start closes
+        # exactly what was opened (AsyncExitStack runs them last-in, first-out).
         self.redis = connect_redis(self.settings.redis_url)
+        self._teardown.push_async_callback(self.redis.aclose)
         self.nc = await connect_nats(self.settings.nats_url, f"rempart-{self.service}-{self.instance}")
+        self._teardown.push_async_callback(self._close_nats)
         self.js = self.nc.jetstream(timeout=10)
         await ensure_streams(self.js)
         self.events = EventBus(self.nc, self.service)
         self.config = SettingsCache(self.redis)
         await self.config.refresh(force=True)
         self.config.start_polling()
+        self._teardown.push_async_callback(self.config.stop)
         await self.nc.subscribe(CONFIG_CHANGED, cb=self._on_config_changed)
         self.ops.add_check("redis", redis_check(self.redis))
         self.ops.add_check("nats", nats_check(self.nc))
         await self.ops.start()
-        log.info("%s started", self.service, extra={"ops_port": self.ops.port, "instance": self.instance})
-        return self
+        self._teardown.push_async_callback(self.ops.stop)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.config.stop()
-        await self.ops.stop()
-        try:
-            await self.nc.drain()
-        except Exception as exc:  # noqa: BLE001 - already closed or unreachable at shutdown
-            log.debug("NATS drain at shutdown: %s", exc)
-        await self.redis.aclose()
+        await self._teardown.aclose()
         log.info("%s stopped", self.service)
+
+    async def _close_nats(self) -> None:
+        """Drain what this process still has in flight, within NATS_DRAIN_SECONDS, then close.
+
+        nats-py's drain waits up to 30 s for its subscriptions and 10 s more for a flush when
+        the server has just gone away, and a client in its reconnect loop never stops by
+        itself: close() ends that loop, so the process exits however NATS is doing.
+        """
+        drain: asyncio.Future[None] | None = None
+        if self.nc.is_connected:
+            drain = asyncio.ensure_future(self.nc.drain())
+            await asyncio.wait({drain}, timeout=NATS_DRAIN_SECONDS)
+        if not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), NATS_CLOSE_SECONDS)
+        if drain is not None:
+            if not drain.done():
+                log.warning("NATS drain did not finish within %.0f s: closed", NATS_DRAIN_SECONDS)
+                drain.cancel()
+                await asyncio.wait({drain}, timeout=NATS_CLOSE_SECONDS)
+            if drain.done() and not drain.cancelled() and drain.exception() is not None:
+                log.debug("NATS drain at shutdown: %s", drain.exception())
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: draining", sig.name)
         self.ops.draining = True
         self._shutdown.set()
+        if self._starting is not None:
+            # Still connecting (maybe retrying a NATS or Redis that is gone): stop trying.
+            self._starting.cancel()
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
