@@ -48,6 +48,7 @@ class Received:
     data: bytes
     tls: bool
     session: int
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -489,6 +490,43 @@ async def test_r_out_3_restart_mid_delivery_resends_only_unaccepted_recipients(
         assert [r.rcpt_tos for r in fast.handler.received] == [["a@fast.test", "b@fast.test"]]
         assert [r.rcpt_tos for r in slow.handler.received] == [["c@slow.test"]]
         assert relay_queue.POSSIBLE_DUPLICATES._value.get() == before + 1
+
+
+async def test_r_lim_6_messages_per_minute_to_a_domain_wait_nothing_dropped(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, store: MessageStore, relay_log: list[str]) -> None:
+    """Two messages per window to remote.test (the window is shortened to 2 s here): the third
+    and later wait for the next window, and all arrive."""
+    await configure(redis, domain_messages_per_minute=2)
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink() as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port, rate_window_seconds=2.0):
+            started = time.time()
+            for i in range(5):
+                await store.accept(MESSAGE.replace(b"<m1@", f"<m{i}@".encode()), mail_from="alice@example.org",
+                                   local_mailboxes=[], remote_recipients=[f"u{i}@remote.test"])
+            await eventually(lambda: len(remote.handler.received) == 5, timeout=30, what="five deliveries")
+    times = sorted(r.at for r in remote.handler.received)
+    # Fixed windows: five messages at two per window take three windows, so the last one
+    # leaves at least one full window after the start (a burst may straddle a boundary).
+    assert times[-1] - started >= 2.0, "five messages at two per window need three windows"
+    assert "rate limited, waiting" in relay_log
+    assert len({int(t // 2.0) for t in times}) >= 2
+
+
+async def test_r_out_2_delay_notice_once_then_delivery(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, nats_conn: NATS, store: MessageStore) -> None:
+    await configure(redis, delay_notice_hours=1 / 3600)
+    await local_sender(redis)
+    handler = SinkHandler(rcpt_replies={"bob@remote.test": ["450 4.2.1 try later"] * 4})
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink(handler=handler) as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port):
+            await store.accept(MESSAGE, mail_from="alice@example.org", local_mailboxes=[],
+                               remote_recipients=["bob@remote.test"])
+            await eventually(lambda: bool(remote.handler.received), timeout=30, what="the final delivery")
+            await asyncio.sleep(0.5)
+    (notice,) = await mailbox_messages(redis, nats_conn, "alice@example.org")
+    assert "Delayed Mail" in str(notice["Subject"])
+    (block,) = delivery_status(notice)
+    assert block["Action"] == "delayed" and block["Status"] == "4.2.1" and "Will-Retry-Until" in block
 
 
 def test_r_out_2_dsn_parses_as_multipart_report() -> None:

@@ -88,7 +88,7 @@ class Relay:
             directory=Directory(rt.redis),
             events=rt.events,
             config=rt.config,
-            results=RecipientStore(rt.redis),
+            results=RecipientStore(rt.redis, settings.rate_window_seconds),
             smarthost_passwords={k: v.get_secret_value() for k, v in settings.smarthost_passwords.items()},
         )
         rt.config.on_change(self._apply_settings)

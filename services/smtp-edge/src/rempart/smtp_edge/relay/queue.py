@@ -103,9 +103,10 @@ class RecipientState:
 class RecipientStore:
     """Per-recipient results in Redis, and the queue's index (for depth and age)."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, rate_window_seconds: float = 60.0) -> None:
         self._redis = redis
         self._rate = redis.register_script(_RATE_LUA)
+        self.rate_window_seconds = rate_window_seconds
 
     async def load(self, transaction_id: str) -> dict[str, RecipientState]:
         raw = await self._redis.hgetall(keys.relay_recipients(transaction_id))
@@ -134,11 +135,14 @@ class RecipientStore:
     async def take_rate(self, destination: str, dst_limit: int, sender_domain: str, src_limit: int) -> bool:
         if dst_limit <= 0 and src_limit <= 0:
             return True
-        minute = int(time.time() // 60)
+        window = int(time.time() // self.rate_window_seconds)
         allowed = await self._rate(
-            keys=[keys.relay_rate("dst", destination, minute), keys.relay_rate("src", sender_domain, minute)],
+            keys=[keys.relay_rate("dst", destination, window), keys.relay_rate("src", sender_domain, window)],
             args=[dst_limit, src_limit])
         return bool(allowed)
+
+    def next_rate_window_ms(self) -> int:
+        return int((time.time() // self.rate_window_seconds + 1) * self.rate_window_seconds * 1000)
 
 
 def domain_of(address: str) -> str:
@@ -256,9 +260,9 @@ class RelayQueue:
             if sender_domain else 0)
         if not allowed:
             # R-LIM-6: over a per-minute rate the message waits for the next minute; not an attempt.
-            next_minute_ms = (int(time.time() // 60) + 1) * 60_000
+            next_window_ms = self.results.next_rate_window_ms()
             for rcpt in rcpts:
-                states[rcpt].next_ms = next_minute_ms
+                states[rcpt].next_ms = next_window_ms
             log.info("rate limited, waiting", extra={"queue_id": txn, "domain": domain, "sender": sender})
             return
         per_connection = out.max_recipients_per_connection_exceptions.get(

@@ -25,6 +25,8 @@ class OutboundRelaySettings(ServiceSettings):
     connect_timeout_seconds: float = Field(default=30.0, gt=0)
     # RFC 5321 4.5.3.2: the client waits 5 minutes for MAIL/RCPT replies, 10 for the final dot.
     command_timeout_seconds: float = Field(default=600.0, gt=0)
+    # R-LIM-6 counts messages per minute; tests shorten the window to keep fast.
+    rate_window_seconds: float = Field(default=60.0, gt=0)
     # Extra trust anchors for outbound certificate checks (PEM file), besides the system's.
     tls_ca_file: str = ""
     # Smarthost AUTH passwords by transport key (the domain, or "*"), as JSON:
