@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from rempart.imap_pop import message as M
+from rempart.common import mime as M
 
 INNER = (b"From: Carol <carol@example.net>\r\nSubject: Inner\r\n\r\nInner body\r\n")
 FORWARD = (

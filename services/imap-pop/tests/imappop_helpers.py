@@ -16,6 +16,7 @@ from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 
 BOB = "bob@example.org"
 BOB_PASSWORD = "correct horse 9!"
+CAROL = "carol@example.org"  # a second mailbox, same password
 BLOCKED_IP = "127.0.0.9"
 UNTRUSTED_IP = "127.0.0.2"
 BLOCKED_TEXT = f"Intrusion prevention active for [{BLOCKED_IP}]"
@@ -140,6 +141,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self.requests.append(request)
         if request.login == BOB and request.password == BOB_PASSWORD:
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=BOB, role="user")
+        if request.login == CAROL and request.password == BOB_PASSWORD:
+            return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=CAROL, role="user")
         if request.login == "locked@example.org":
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_LOCKED)
         return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_INVALID)

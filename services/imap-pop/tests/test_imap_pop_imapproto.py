@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rempart.common.mime import quote
 from rempart.imap_pop.imapproto import (
     Atom,
     FetchItem,
@@ -13,7 +14,6 @@ from rempart.imap_pop.imapproto import (
     literal_at_end,
     parse_fetch_items,
     parse_sequence_set,
-    quote,
     split_tag,
     tokenize,
     wildcard_match,

@@ -14,14 +14,19 @@ folder), and can be rebuilt from the stream.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
+from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from rempart.common import keys
@@ -32,12 +37,22 @@ from rempart.common.events import (
     MAIL_EXPUNGED_SUBJECT,
     MAIL_STREAM,
 )
+from rempart.common.mime import MessageSummary
 from rempart.common.pb.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 INBOX = "INBOX"
 PUBLISH_TIMEOUT = 10.0
+READ_TIMEOUT = 5.0
+# The object store's layout (NATS ADR-20): one metadata message per object, then its chunks.
+_BLOB_STREAM = f"OBJ_{BLOB_BUCKET}"
+_BLOB_META = f"$O.{BLOB_BUCKET}.M."
+_BLOB_CHUNKS = f"$O.{BLOB_BUCKET}.C."
+
+
+class BlobUnreadable(Exception):
+    """A stored message could not be read (missing, deleted or corrupt): not a transient error."""
 
 
 def new_transaction_id() -> str:
@@ -128,9 +143,49 @@ class MessageStore:
             MAIL_EXPUNGED_SUBJECT, record.SerializeToString(), stream=MAIL_STREAM, timeout=PUBLISH_TIMEOUT
         )
 
+    async def delete_blob(self, name: str) -> None:
+        """Purge a blob's chunks (its metadata stays, marked deleted)."""
+        await self._blobs.delete(name)
+
     async def read_blob(self, name: str) -> bytes:
-        result = await self._blobs.get(name)
-        return bytes(result.data or b"")
+        return b"".join([chunk async for chunk in self.iter_blob(name)])
+
+    async def iter_blob(self, name: str) -> AsyncIterator[bytes]:
+        """The blob's chunks, read by direct get: no JetStream consumer per read.
+
+        The object store's own ``get`` creates an ordered consumer for every read; a header
+        sync of thousands of messages then hits the server's consumer limit and every read on
+        the replica fails for seconds (issue 15). A direct get is a plain request that any
+        stream replica answers. The digest is checked as the chunks arrive.
+        """
+        meta_subject = _BLOB_META + base64.urlsafe_b64encode(name.encode()).decode()
+        try:
+            meta = await self._js.get_last_msg(_BLOB_STREAM, meta_subject, direct=True)
+        except NotFoundError:
+            raise BlobUnreadable(f"blob {name} not found") from None
+        info = json.loads(meta.data or b"{}")
+        if info.get("deleted") or not info.get("nuid"):
+            raise BlobUnreadable(f"blob {name} deleted")
+        size, chunks = int(info.get("size", 0)), int(info.get("chunks", 0))
+        if size == 0:
+            return
+        subject = _BLOB_CHUNKS + str(info["nuid"])
+        digest = hashlib.sha256()
+        seq, read = 1, 0
+        for _ in range(chunks):
+            try:
+                msg = await self._js.get_msg(_BLOB_STREAM, seq=seq, subject=subject, next=True, direct=True)
+            except NotFoundError:
+                raise BlobUnreadable(f"blob {name}: a chunk is missing") from None
+            data = msg.data or b""
+            digest.update(data)
+            read += len(data)
+            seq = int(msg.seq or seq) + 1
+            yield data
+        expected = str(info.get("digest", "")).split("=", 1)[-1]
+        if read != size or (expected and base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
+                            != expected.rstrip("=")):
+            raise BlobUnreadable(f"blob {name}: size or digest mismatch")
 
 
 @dataclass(frozen=True)
@@ -141,6 +196,25 @@ class IndexedMessage:
     internal_date_ms: int
     flags: frozenset[str]
     transaction_id: str
+
+
+# The summary's fields in a message's index hash (hdr, env, bdy, bs). The header block is kept as Latin-1 text:
+# the connection decodes replies as UTF-8, and Latin-1 maps every byte to one code point, so
+# any octets (8-bit headers included) survive the round trip exactly.
+
+
+def _summary_values(summary: MessageSummary | None) -> list[str]:
+    if summary is None:
+        return ["", "", "", ""]
+    return [summary.header.decode("latin-1"), summary.envelope, summary.body, summary.bodystructure]
+
+
+def _summary_from(size: str | None, values: list[str | None]) -> MessageSummary | None:
+    header, env, body, bs = values
+    if not env or not bs or body is None:
+        return None
+    return MessageSummary(size=int(size or 0), header=(header or "").encode("latin-1"),
+                          envelope=env, body=body, bodystructure=bs)
 
 
 @dataclass(frozen=True)
@@ -175,9 +249,43 @@ local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
 redis.call('ZADD', KEYS[2], uid, uid)
 redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
            'flags', ARGV[7], 'txn', ARGV[1])
+if ARGV[10] ~= '' then
+  redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
+end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
 return uid
 """
+
+
+_STORE_SUMMARY_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'size', ARGV[1], 'hdr', ARGV[2], 'env', ARGV[3], 'bdy', ARGV[4], 'bs', ARGV[5])
+return 1
+"""
+
+
+# A page of a folder's messages: uid, blob, size, date, flags, txn for each, in UID order.
+_LIST_PAGE_LUA = """
+local uids = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3])
+local out = {}
+for _, uid in ipairs(uids) do
+  local row = redis.call('HMGET', ARGV[1] .. uid, 'blob', 'size', 'date', 'flags', 'txn')
+  out[#out + 1] = uid
+  for j = 1, 5 do out[#out + 1] = row[j] or '' end
+end
+return out
+"""
+
+# Summaries of some messages: size, hdr, env, bdy, bs for each UID in ARGV[2..].
+_SUMMARY_PAGE_LUA = """
+local out = {}
+for i = 2, #ARGV do
+  local row = redis.call('HMGET', ARGV[1] .. ARGV[i], 'size', 'hdr', 'env', 'bdy', 'bs')
+  for j = 1, 5 do out[#out + 1] = row[j] or '' end
+end
+return out
+"""
+LIST_PAGE = 5000
 
 
 class MailboxIndex:
@@ -187,10 +295,21 @@ class MailboxIndex:
         self._redis = redis
         self._append = redis.register_script(_APPEND_LUA)
         self._new_folder = redis.register_script(_NEW_FOLDER_LUA)
+        self._store_summary = redis.register_script(_STORE_SUMMARY_LUA)
+        self._list_page = redis.register_script(_LIST_PAGE_LUA)
+        self._summary_page = redis.register_script(_SUMMARY_PAGE_LUA)
 
-    async def apply(self, record: events_pb2.DeliveryRecord) -> dict[str, int]:
-        """Index a delivery record; returns mailbox -> UID. Safe to call twice."""
+    async def apply(
+        self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None = None
+    ) -> dict[str, int]:
+        """Index a delivery record; returns mailbox -> UID. Safe to call twice.
+
+        With the message's summary (the delivery path has the bytes at hand), FETCH of
+        headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (catch-up indexer,
+        rebuild) the summary is computed at the first FETCH and kept (:meth:`store_summary`).
+        """
         folder = record.folder or INBOX
+        size = summary.size if summary is not None else record.size
         out: dict[str, int] = {}
         for mailbox in record.local_mailboxes:
             uid = await self._append(
@@ -204,12 +323,13 @@ class MailboxIndex:
                 args=[
                     record.transaction_id,
                     record.blob,
-                    record.size,
+                    size,
                     record.received_unix_ms,
                     keys.mailbox_message_prefix(mailbox, folder),
                     _new_uidvalidity(),
                     " ".join(record.flags),
                     folder,
+                    *_summary_values(summary),
                 ],
             )
             out[mailbox] = int(uid)
@@ -236,30 +356,49 @@ class MailboxIndex:
         return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists))
 
     async def messages(self, mailbox: str, folder: str = INBOX) -> list[IndexedMessage]:
-        members = await self._redis.zrange(keys.mailbox_uids(mailbox, folder), 0, -1)
-        uids = [int(str(u)) for u in members]
-        if not uids:
-            return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for uid in uids:
-                pipe.hgetall(keys.mailbox_message(mailbox, folder, uid))
-            rows = await pipe.execute()
-        out = []
-        for uid, row in zip(uids, rows, strict=True):
-            if not row:
-                continue
-            data = {str(k): str(v) for k, v in row.items()}
-            out.append(
-                IndexedMessage(
-                    uid=uid,
-                    blob=data["blob"],
-                    size=int(data["size"]),
-                    internal_date_ms=int(data["date"]),
-                    flags=frozenset(f for f in data.get("flags", "").split(" ") if f),
-                    transaction_id=data.get("txn", ""),
-                )
+        # The light fields only, a page of UIDs per script call: one reply per page instead of
+        # one command per message (the summaries stay in Redis until a FETCH asks for them).
+        out: list[IndexedMessage] = []
+        start = 0
+        while True:
+            page = await self._list_page(
+                keys=[keys.mailbox_uids(mailbox, folder)],
+                args=[keys.mailbox_message_prefix(mailbox, folder), start, start + LIST_PAGE - 1],
             )
-        return out
+            for i in range(0, len(page), 6):
+                uid, blob, size, date, flags, txn = page[i : i + 6]
+                if not blob:
+                    continue  # expunged between the ZRANGE and the HMGET of another page
+                out.append(
+                    IndexedMessage(
+                        uid=int(uid),
+                        blob=str(blob),
+                        size=int(size or 0),
+                        internal_date_ms=int(date or 0),
+                        flags=frozenset(f for f in str(flags or "").split(" ") if f),
+                        transaction_id=str(txn or ""),
+                    )
+                )
+            if len(page) < 6 * LIST_PAGE:
+                return out
+            start += LIST_PAGE
+
+    async def summaries(self, mailbox: str, folder: str, uids: Iterable[int]) -> dict[int, MessageSummary | None]:
+        """The kept summaries of some messages, in one round trip (None where not computed yet)."""
+        wanted = list(uids)
+        if not wanted:
+            return {}
+        flat = await self._summary_page(keys=[], args=[keys.mailbox_message_prefix(mailbox, folder), *wanted])
+        return {
+            uid: _summary_from(flat[5 * i], list(flat[5 * i + 1 : 5 * i + 5])) for i, uid in enumerate(wanted)
+        }
+
+    async def store_summary(self, mailbox: str, folder: str, uid: int, summary: MessageSummary) -> None:
+        """Keep a summary computed at FETCH time (messages indexed without one); the size
+        becomes the octets FETCH serves."""
+        key = keys.mailbox_message(mailbox, folder, uid)
+        # Only while the message exists: an EXPUNGE in between must not resurrect a hash.
+        await self._store_summary(keys=[key], args=[summary.size, *_summary_values(summary)])
 
     async def set_flags(self, mailbox: str, folder: str, uid: int, flags: set[str]) -> None:
         key = keys.mailbox_message(mailbox, folder, uid)

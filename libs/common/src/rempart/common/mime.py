@@ -1,5 +1,6 @@
 """What IMAP FETCH and POP3 TOP show of a stored message: header and body sections, ENVELOPE
-and BODY/BODYSTRUCTURE (RFC 3501 7.4.2).
+and BODY/BODYSTRUCTURE (RFC 3501 7.4.2), and the :class:`MessageSummary` that the mailbox
+index keeps so that a client's header sync reads no message body (SPEC R-MBX-2).
 
 Sections are cut from the stored bytes by offset (a MIME tree over the original message, RFC
 2046 5.1.1 boundaries), never re-serialised: ``BODY[1]`` is exactly the octets the sender
@@ -17,13 +18,21 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
 
-from rempart.imap_pop.imapproto import quote
-
 BOUNDARY = b"\r\n\r\n"
 # A hostile message cannot make the tree deep or wide: past these, a part is a leaf.
 MAX_MIME_DEPTH = 20
 MAX_MIME_PARTS = 500
 _HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
+
+
+def quote(value: str | None) -> str:
+    """NIL, a quoted string, or a literal when quoting cannot carry it (RFC 3501 4.3, 4.5)."""
+    if value is None:
+        return "NIL"
+    if any(c in value for c in "\r\n\0") or len(value) > 1000 or not value.isascii():
+        data = value.encode("utf-8")
+        return f"{{{len(data)}}}\r\n" + value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def normalise(data: bytes) -> bytes:
@@ -345,3 +354,40 @@ def text_for_search(data: bytes, body_only: bool) -> str:
         except LookupError:
             chunks.append(payload.decode("utf-8", "replace"))
     return "\n".join(chunks)
+
+
+# A header block larger than this is not kept in the index: such a message is read from the store.
+MAX_SUMMARY_HEADER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """What FETCH answers most often, computed once when the message enters a mailbox.
+
+    ``header`` is the top-level header block including its blank line (``BODY[HEADER]``);
+    it is empty when the block is over :data:`MAX_SUMMARY_HEADER` (then the message is read).
+    """
+
+    size: int  # RFC822.SIZE: the octets FETCH serves (CRLF line ends)
+    header: bytes
+    envelope: str
+    body: str
+    bodystructure: str
+
+    @property
+    def has_header(self) -> bool:
+        return bool(self.header)
+
+
+def summarize(data: bytes) -> MessageSummary:
+    """The summary of a stored message (normalised here, as FETCH serves it)."""
+    data = normalise(data)
+    root = structure(data)
+    header = split_header(data)[0]
+    return MessageSummary(
+        size=len(data),
+        header=header if len(header) <= MAX_SUMMARY_HEADER else b"",
+        envelope=envelope(root.headers),
+        body=bodystructure(data, root, extensible=False),
+        bodystructure=bodystructure(data, root, extensible=True),
+    )

@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
+from rempart.common import mime as M
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.mailstore import INBOX, BlobUnreadable, IndexedMessage, expunge
+from rempart.common.mime import quote
 from rempart.common.pb.policy.v1 import policy_pb2
-from rempart.imap_pop import message as M
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.imapproto import (
     Atom,
@@ -38,7 +40,6 @@ from rempart.imap_pop.imapproto import (
     literal_at_end,
     parse_fetch_items,
     parse_sequence_set,
-    quote,
     split_tag,
     text_of,
     tokenize,
@@ -595,9 +596,9 @@ class ImapSession(Session):
         await self.backend.index.create_folder(self.account, new)
         messages = await self.backend.index.messages(self.account, old)
         for message in messages:
-            data = await self.backend.store.read_blob(message.blob)
+            data = await self._content(message)
             record, _ = await self.backend.store.append(self.account, new, data, sorted(message.flags))
-            await self.backend.index.apply(record)
+            await self.backend.index.apply(record, M.summarize(data))
         await expunge(self.backend.store, self.backend.index, self.account, old, messages)
 
     async def cmd_subscribe(self, command: Command) -> None:
@@ -630,7 +631,7 @@ class ImapSession(Session):
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[TRYCREATE] No such mailbox")
         record, _ = await self.backend.store.append(self.account, folder, data, flags)
-        uids = await self.backend.index.apply(record)
+        uids = await self.backend.index.apply(record, M.summarize(data))
         status = await self.backend.index.status(self.account, folder)
         await self.backend.publish_changed(self.account, folder)
         if self.folder == folder:
@@ -718,6 +719,20 @@ class ImapSession(Session):
     async def _content(self, message: IndexedMessage) -> bytes:
         return M.normalise(await self.backend.store.read_blob(message.blob))
 
+    async def _contents(self, messages: list[IndexedMessage]) -> dict[int, bytes | BaseException]:
+        """Read several messages at once (a few requests in flight): uid -> bytes or the error."""
+        gate = asyncio.Semaphore(FETCH_READS_IN_FLIGHT)
+
+        async def one(message: IndexedMessage) -> bytes | BaseException:
+            async with gate:
+                try:
+                    return await self._content(message)
+                except (BlobUnreadable, TimeoutError, OSError, NatsError) as exc:
+                    return exc
+
+        results = await asyncio.gather(*(one(m) for m in messages))
+        return {m.uid: r for m, r in zip(messages, results, strict=True)}
+
     async def cmd_fetch(self, command: Command) -> None:
         if len(command.args) != 2:
             raise ImapSyntaxError("FETCH needs a sequence set and items")
@@ -725,47 +740,80 @@ class ImapSession(Session):
         items = parse_fetch_items(command.args[1])
         if command.uid and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))
-        needs_content = any(i.name not in ("FLAGS", "UID", "RFC822.SIZE", "INTERNALDATE") for i in items)
+        plan = _FetchPlan(items)
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
         )
-        for seq, message in selected:
-            data = await self._content(message) if needs_content else b""
-            parsed = M.structure(data) if any(i.name in ("ENVELOPE", "BODYSTRUCTURE") or
-                                              (i.name == "BODY" and not i.bracketed) for i in items) else None
-            flags_changed = False
-            if sets_seen and "\\Seen" not in message.flags:
-                message = await self._set_flags(seq, message, set(message.flags) | {"\\Seen"})
-                flags_changed = True
-            parts: list[bytes] = []
-            for item in items:
-                parts.append(self._fetch_one(item, message, data, parsed))
-            if flags_changed and not any(i.name == "FLAGS" for i in items):
-                parts.append(f"FLAGS {_flags(message.flags)}".encode())
-            self.out(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")")
+        unreadable = 0
+        for window in _read_windows(selected, plan.needs_body):
+            summaries: dict[int, M.MessageSummary | None] = {}
+            if plan.needs_summary and self.folder is not None:
+                summaries = await self.backend.index.summaries(self.account, self.folder, (m.uid for _, m in window))
+            # The body is read only where the index cannot answer (R-MBX-2: a header sync reads no blob).
+            to_read = [m for _, m in window if plan.needs_body or (plan.needs_summary and not _answers(
+                summaries.get(m.uid), plan))]
+            contents = await self._contents(to_read) if to_read else {}
+            answer: list[bytes] = []
+            for seq, message in window:
+                read = contents.get(message.uid)
+                if isinstance(read, BaseException):
+                    # One unreadable message gets no FETCH line; the others are still served,
+                    # and the tagged NO below says so (RFC 3501 7.1.2).
+                    log.warning("message not readable: %s", read,
+                                extra={"session": self.session_id, "uid": message.uid})
+                    unreadable += 1
+                    continue
+                data = read if read is not None else b""
+                summary = summaries.get(message.uid)
+                if plan.needs_summary and summary is None and read is not None:
+                    summary = M.summarize(data)
+                    if self.folder is not None:
+                        await self.backend.index.store_summary(self.account, self.folder, message.uid, summary)
+                flags_changed = False
+                if sets_seen and "\\Seen" not in message.flags:
+                    message = await self._set_flags(seq, message, set(message.flags) | {"\\Seen"})
+                    flags_changed = True
+                parts = [self._fetch_one(item, message, data, summary) for item in items]
+                if flags_changed and not any(i.name == "FLAGS" for i in items):
+                    parts.append(f"FLAGS {_flags(message.flags)}".encode())
+                answer.append(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n")
+            self.stream.write(b"".join(answer))
+            # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of
+            # the replica buffering the whole answer.
+            if self.stream.writer.transport.get_write_buffer_size() > FETCH_WRITE_HIGH_WATER:
+                await self.stream.writer.drain()
+        if unreadable:
+            raise No(f"[UNAVAILABLE] {unreadable} message(s) could not be read now, try again")
         self.ok(command)
 
-    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes, parsed: M.MimePart | None) -> bytes:
+    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes,
+                   summary: M.MessageSummary | None) -> bytes:
         name = item.name
         if name == "UID":
             return f"UID {message.uid}".encode()
         if name == "FLAGS":
             return f"FLAGS {_flags(message.flags)}".encode()
         if name == "RFC822.SIZE":
-            return f"RFC822.SIZE {message.size}".encode()
+            return f"RFC822.SIZE {summary.size if summary is not None else message.size}".encode()
         if name == "INTERNALDATE":
             return f'INTERNALDATE "{_internal_date(message.internal_date_ms)}"'.encode()
-        if name == "ENVELOPE" and parsed is not None:
-            return f"ENVELOPE {M.envelope(parsed.headers)}".encode()
-        if name in ("BODYSTRUCTURE", "BODY") and not item.bracketed and parsed is not None:
-            return f"{name} {M.bodystructure(data, parsed, extensible=name == 'BODYSTRUCTURE')}".encode()
+        if name == "ENVELOPE" and summary is not None:
+            return f"ENVELOPE {summary.envelope}".encode()
+        if name in ("BODYSTRUCTURE", "BODY") and not item.bracketed and summary is not None:
+            return f"{name} {summary.bodystructure if name == 'BODYSTRUCTURE' else summary.body}".encode()
+        if name == "RFC822.HEADER":
+            header = summary.header if summary is not None and _header_from_summary(summary, data) \
+                else M.split_header(data)[0]
+            return b"RFC822.HEADER " + literal(header)
         if name == "RFC822":
             return b"RFC822 " + literal(data)
-        if name == "RFC822.HEADER":
-            return b"RFC822.HEADER " + literal(M.split_header(data)[0])
         if name == "RFC822.TEXT":
             return b"RFC822.TEXT " + literal(M.split_header(data)[1])
-        content = M.section_bytes(data, item.part, item.section, item.fields)
+        if not item.part and item.section in _HEADER_SECTIONS and _header_from_summary(summary, data):
+            assert summary is not None
+            content = M.section_bytes(summary.header, (), item.section, item.fields)
+        else:
+            content = M.section_bytes(data, item.part, item.section, item.fields)
         if item.partial is not None:
             start, count = item.partial
             content = content[start : start + count]
@@ -872,9 +920,9 @@ class ImapSession(Session):
             raise No("[TRYCREATE] No such mailbox")
         source_uids, target_uids = [], []
         for _, message in selected:
-            data = await self.backend.store.read_blob(message.blob)
+            data = await self._content(message)
             record, _ = await self.backend.store.append(self.account, target, data, sorted(message.flags))
-            uids = await self.backend.index.apply(record)
+            uids = await self.backend.index.apply(record, M.summarize(data))
             source_uids.append(message.uid)
             target_uids.append(uids[self.account])
         status = await self.backend.index.status(self.account, target)
@@ -1101,3 +1149,61 @@ class _SearchParser:
 
 
 __all__ = ["ImapSession", "is_nil"]
+
+# FETCH reads message bodies a window at a time: a few reads in flight, a bounded number of
+# bytes held, and the socket drained past a high-water mark (R-MBX-6).
+FETCH_READS_IN_FLIGHT = 16
+FETCH_WINDOW_MESSAGES = 100
+FETCH_WINDOW_BYTES = 4 * 1024 * 1024
+FETCH_WRITE_HIGH_WATER = 256 * 1024
+_HEADER_SECTIONS = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
+
+
+class _FetchPlan:
+    """What a FETCH's items need: the index's summary, the message body, or neither."""
+
+    def __init__(self, items: list[FetchItem]) -> None:
+        self.needs_body = False
+        self.needs_summary = False
+        self.needs_header = False
+        for item in items:
+            if item.name in ("FLAGS", "UID", "INTERNALDATE"):
+                continue
+            if item.name == "RFC822.SIZE":
+                continue  # the index keeps the size
+            if item.name == "ENVELOPE" or (item.name in ("BODY", "BODYSTRUCTURE")
+                                                            and not item.bracketed):
+                self.needs_summary = True
+            elif item.name == "RFC822.HEADER" or (item.bracketed and not item.part
+                                                   and item.section in _HEADER_SECTIONS):
+                self.needs_summary = self.needs_header = True
+            else:
+                self.needs_body = True
+
+
+def _answers(summary: M.MessageSummary | None, plan: _FetchPlan) -> bool:
+    """Whether the kept summary answers every item (a huge header block is not kept)."""
+    return summary is not None and (not plan.needs_header or summary.has_header)
+
+
+def _header_from_summary(summary: M.MessageSummary | None, data: bytes) -> bool:
+    """Header sections come from the summary unless the body was read anyway."""
+    return summary is not None and summary.has_header and not data
+
+
+def _read_windows(
+    selected: list[tuple[int, IndexedMessage]], reads_bodies: bool
+) -> list[list[tuple[int, IndexedMessage]]]:
+    windows: list[list[tuple[int, IndexedMessage]]] = []
+    current: list[tuple[int, IndexedMessage]] = []
+    held = 0
+    for entry in selected:
+        size = entry[1].size if reads_bodies else 0
+        if current and (len(current) >= FETCH_WINDOW_MESSAGES or held + size > FETCH_WINDOW_BYTES):
+            windows.append(current)
+            current, held = [], 0
+        current.append(entry)
+        held += size
+    if current:
+        windows.append(current)
+    return windows

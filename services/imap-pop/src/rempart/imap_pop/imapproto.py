@@ -325,16 +325,6 @@ def _section(text: str) -> tuple[tuple[int, ...], str, tuple[str, ...]]:
 
 
 # Writing strings into replies.
-def quote(value: str | None) -> str:
-    """NIL, a quoted string, or a literal when quoting cannot carry it."""
-    if value is None:
-        return "NIL"
-    if any(c in value for c in "\r\n\0") or len(value) > 1000 or not value.isascii():
-        data = value.encode("utf-8")
-        return f"{{{len(data)}}}\r\n" + value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def literal(data: bytes) -> bytes:
     return b"{%d}\r\n" % len(data) + data
 

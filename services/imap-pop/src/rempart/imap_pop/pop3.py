@@ -12,9 +12,9 @@ import logging
 import re
 
 from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.mime import normalise, split_header
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.imap_pop import replies as R
-from rempart.imap_pop.message import normalise, split_header
 from rempart.imap_pop.session import SCRAM, LoginResult, SaslCancelled, SaslMalformed, Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 

@@ -20,6 +20,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus, mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
+from rempart.common.mime import summarize
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
@@ -332,7 +333,8 @@ class EdgeHandler:
         STORE_SECONDS.observe(time.monotonic() - started)
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
         try:
-            await self.index.apply(record)
+            # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
+            await self.index.apply(record, summarize(message))
             for mailbox in record.local_mailboxes:
                 # Wakes IMAP IDLE on every imap-pop replica (payload: the folder).
                 await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")

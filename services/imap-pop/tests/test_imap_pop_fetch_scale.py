@@ -1,0 +1,231 @@
+"""Reading large folders (issue 15, SPEC R-MBX-2, R-MBX-6): a client's first sync of a
+10,000-message folder, twenty at once, never costs a JetStream consumer, never fails, and never
+takes reading away from another account; an unreadable message fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import time
+
+import pytest
+from imappop_helpers import BOB, BOB_PASSWORD, CAROL, SourceIMAP, simple_message
+from nats.aio.client import Client as NATS
+
+from rempart.common.mailstore import INBOX
+from rempart.common.mime import summarize
+
+pytestmark = pytest.mark.timeout(300)
+
+FOLDER_SIZE = 10_000
+HEADER_SYNC = b"FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])"
+
+
+async def fill(harness, account: str, count: int, summaries: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """``count`` messages through the durable path (blob + record acked), indexed as the edge does."""
+    store, index = harness.backend.store, harness.backend.index
+    gate = asyncio.Semaphore(64)
+
+    async def one(n: int) -> None:
+        data = simple_message(subject=f"Message {n}", body=f"Body of message {n}\r\n" + "x" * 1800 + "\r\n")
+        async with gate:
+            record, _ = await store.accept(data, mail_from="alice@example.net", local_mailboxes=[account],
+                                           remote_recipients=[])
+            await index.apply(record, summarize(data) if summaries else None)
+
+    await asyncio.gather(*(one(n) for n in range(count)))
+
+
+def raw_login(port: int, account: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), 30)
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(f'a LOGIN "{account}" "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+    while not reader.readline().startswith(b"b "):
+        pass
+    return sock
+
+
+def run_fetch(sock: socket.socket, command: bytes) -> tuple[int, bytes]:
+    """Send ``c <command>``; count the untagged FETCH responses (skipping literals); the tagged line."""
+    reader = sock.makefile("rb")
+    sock.sendall(b"c " + command + b"\r\n")
+    items = 0
+    while True:
+        line = reader.readline()
+        if not line:
+            raise EOFError("connection closed during FETCH")
+        if line.startswith(b"* ") and b" FETCH (" in line:
+            items += 1
+        literal = re.search(rb"\{(\d+)\}\r\n$", line)
+        if literal:
+            reader.read(int(literal.group(1)))
+            continue
+        if line.startswith(b"c "):
+            return items, line.strip()
+
+
+async def count_direct_gets(nc: NATS) -> tuple[list[int], object]:
+    """Every blob read is a direct-get request: count them as they cross the server."""
+    seen = [0]
+
+    async def cb(_msg: object) -> None:
+        seen[0] += 1
+
+    sub = await nc.subscribe("$JS.API.DIRECT.GET.>", cb=cb)
+    return seen, sub
+
+
+async def test_r_mbx_2_twenty_header_syncs_of_10000_messages_read_no_blob_and_spare_other_accounts(
+    service, nats_conn: NATS
+) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    await fill(service, BOB, FOLDER_SIZE)
+    await fill(service, CAROL, 3)
+    print(f"filled {FOLDER_SIZE} in {time.monotonic() - started:.1f} s")
+    js = nats_conn.jetstream()
+    consumers_before = (await js.account_info()).consumers
+    reads, sub = await count_direct_gets(nats_conn)
+    port = service.ports["imap"]
+    stop = asyncio.Event()
+    carol_results: list[bytes] = []
+
+    def carol_reads() -> None:
+        sock = raw_login(port, CAROL)
+        try:
+            while not stop.is_set():
+                items, tagged = run_fetch(sock, b"FETCH 1 (BODY.PEEK[])")
+                carol_results.append(tagged if items == 1 else b"missing item: " + tagged)
+        finally:
+            sock.close()
+
+    def header_sync() -> tuple[int, bytes]:
+        sock = raw_login(port, BOB)
+        try:
+            return run_fetch(sock, HEADER_SYNC)
+        finally:
+            sock.close()
+
+    consumer_samples: list[int] = []
+
+    async def sample_consumers() -> None:
+        while not stop.is_set():
+            consumer_samples.append((await js.account_info()).consumers)
+            await asyncio.sleep(0.2)
+
+    carol = asyncio.create_task(asyncio.to_thread(carol_reads))
+    sampler = asyncio.create_task(sample_consumers())
+    started = time.monotonic()
+    results = await asyncio.gather(*(asyncio.to_thread(header_sync) for _ in range(20)))
+    elapsed = time.monotonic() - started
+    stop.set()
+    await carol
+    await sampler
+    await sub.unsubscribe()
+    for items, tagged in results:
+        assert tagged.startswith(b"c OK"), tagged
+        assert items == FOLDER_SIZE
+    # The header syncs read no blob: the only direct gets are Carol's own reads.
+    assert carol_results and all(r.startswith(b"c OK") for r in carol_results), carol_results[:3]
+    assert reads[0] <= 2 * len(carol_results) + 2, (reads[0], len(carol_results))
+    assert max(consumer_samples) == consumers_before, consumer_samples
+    print(f"20 header syncs of {FOLDER_SIZE} messages in {elapsed:.1f} s; carol read {len(carol_results)} times")
+
+
+async def test_r_mbx_6_full_body_fetch_of_10000_messages_with_a_bounded_buffer(
+    service, nats_conn: NATS
+) -> None:  # type: ignore[no-untyped-def]
+    await fill(service, BOB, FOLDER_SIZE)
+    js = nats_conn.jetstream()
+    consumers_before = (await js.account_info()).consumers
+
+    def slow_then_read() -> tuple[int, bytes]:
+        sock = raw_login(service.ports["imap"], BOB)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        try:
+            # A client that stops reading: the server must wait, not buffer 20 MB of answer.
+            sock.sendall(b"s FETCH 1:* BODY.PEEK[]\r\n")
+            time.sleep(2.0)
+            return run_fetch(sock, b"NOOP")
+        finally:
+            sock.close()
+
+    task = asyncio.create_task(asyncio.to_thread(slow_then_read))
+    await asyncio.sleep(1.5)
+    buffered = [s.stream.writer.transport.get_write_buffer_size() for s in _sessions(service)]
+    items, tagged = await task
+    assert buffered and max(buffered) < 2 * 1024 * 1024, buffered
+    assert tagged.startswith(b"c OK"), tagged
+    assert (await js.account_info()).consumers == consumers_before
+
+    def whole() -> tuple[int, bytes]:
+        sock = raw_login(service.ports["imap"], BOB)
+        try:
+            return run_fetch(sock, b"FETCH 1:* BODY.PEEK[]")
+        finally:
+            sock.close()
+
+    items, tagged = await asyncio.to_thread(whole)
+    assert tagged.startswith(b"c OK"), tagged
+    assert items == FOLDER_SIZE
+
+
+def _sessions(harness):  # type: ignore[no-untyped-def]
+    import gc
+
+    from rempart.imap_pop.imap import ImapSession
+
+    return [o for o in gc.get_objects() if isinstance(o, ImapSession) and o.account == BOB and not o.closing]
+
+
+async def test_r_mbx_2_summary_computed_once_for_messages_indexed_without_one(service) -> None:  # type: ignore[no-untyped-def]
+    # The catch-up indexer and a rebuild index without the bytes: the first FETCH computes
+    # the summary and keeps it; later header FETCHes need no blob at all (shown by deleting it).
+    await fill(service, BOB, 3, summaries=False)
+    messages = await service.backend.index.messages(BOB, INBOX)
+    assert all(s is None for s in (await service.backend.index.summaries(BOB, INBOX, [m.uid for m in messages])).values())
+
+    def fetch(command: bytes) -> tuple[int, bytes, bytes]:
+        imap = SourceIMAP(service.ports["imap"])
+        imap.login(BOB, BOB_PASSWORD)
+        imap.select("INBOX")
+        typ, data = imap.fetch("1:3", command.decode())
+        imap.logout()
+        flat = b"".join(p[0] + p[1] if isinstance(p, tuple) else p for p in data)
+        return len([p for p in data if isinstance(p, tuple) or p.startswith(b"1 ") or p[:2] in (b"2 ", b"3 ")]), typ.encode(), flat
+
+    _, typ, first = await asyncio.to_thread(fetch, b"(ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == b"OK" and b"Message 0" in first
+    kept = await service.backend.index.summaries(BOB, INBOX, [m.uid for m in messages])
+    assert all(s is not None and b"Subject: Message" in s.header for s in kept.values())
+    for message in messages:
+        await service.backend.store.delete_blob(message.blob)
+    _, typ, again = await asyncio.to_thread(fetch, b"(ENVELOPE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == b"OK" and again == first
+
+
+async def test_one_unreadable_message_fails_alone(service) -> None:  # type: ignore[no-untyped-def]
+    await fill(service, BOB, 3)
+    await fill(service, CAROL, 1)
+    messages = await service.backend.index.messages(BOB, INBOX)
+    await service.backend.store.delete_blob(messages[1].blob)
+
+    def run() -> tuple[tuple[int, bytes], tuple[int, bytes], tuple[int, bytes]]:
+        bob = raw_login(service.ports["imap"], BOB)
+        carol = raw_login(service.ports["imap"], CAROL)
+        try:
+            return (run_fetch(bob, b"FETCH 1:3 BODY.PEEK[]"), run_fetch(carol, b"FETCH 1 BODY.PEEK[]"),
+                    run_fetch(bob, b"FETCH 1:3 (UID FLAGS BODY.PEEK[HEADER])"))
+        finally:
+            bob.close()
+            carol.close()
+
+    (bob_items, bob_tagged), (carol_items, carol_tagged), (headers, header_tagged) = await asyncio.to_thread(run)
+    # RFC 3501 7.4.2: the messages that could be read are sent; the tagged NO says what failed.
+    assert bob_items == 2
+    assert bob_tagged == b"c NO [UNAVAILABLE] 1 message(s) could not be read now, try again"
+    assert (carol_items, carol_tagged[:4]) == (1, b"c OK")
+    # Its header is in the index: a header FETCH still serves all three.
+    assert (headers, header_tagged[:4]) == (3, b"c OK")
