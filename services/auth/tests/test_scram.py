@@ -7,9 +7,10 @@ import base64
 import pytest
 from scramp import ScramClient
 
-from rempart.auth.scram import derive_scram_keys, parse_client_first
+from rempart.auth.scram import INVALID_PROOF, derive_scram_keys
 from rempart.common import keys
 from rempart.common.pb.auth.v1 import auth_pb2
+from rempart.common.sasl import ScramClient as KitScramClient
 
 from .conftest import BOB, GOOD_PASSWORD, AuthHarness
 
@@ -122,13 +123,29 @@ async def test_r_tls_2_scram_malformed_client_first_refused(auth: AuthHarness, m
     assert (await start(auth, message)).status == auth_pb2.AUTH_STATUS_INVALID
 
 
-def test_r_tls_2_client_first_names_unescaped() -> None:
-    first = parse_client_first("n,a=a=2Cb,n=a=2Cb=3Dc,r=xyz")
-    assert (first.username, first.authzid) == ("a,b=c", "a,b")
-
-
 async def test_r_tls_2_scram_over_admin_protocol_refused(auth: AuthHarness) -> None:
     reply: auth_pb2.ScramStartResponse = await auth.stub.ScramStart(
         auth_pb2.ScramStartRequest(client_first="n,,n=bob@example.org,r=abc", protocol="admin"), timeout=10
     )
     assert reply.status == auth_pb2.AUTH_STATUS_INVALID
+
+
+async def kit_login(auth: AuthHarness, client: KitScramClient) -> auth_pb2.ScramFinishResponse:
+    first = await start(auth, client.first())
+    assert first.status == auth_pb2.AUTH_STATUS_OK
+    return await finish(auth, first.conversation_id, client.final(first.server_first))
+
+
+@pytest.mark.parametrize("authzid", [BOB, BOB.upper(), ""])
+async def test_r_tls_2_scram_with_own_authzid_logs_in(auth: AuthHarness, authzid: str) -> None:
+    """mbsync (Cyrus SASL) sends ``n,a=user@dom,n=user@dom,...``: the same identity, accepted."""
+    client = KitScramClient(BOB, GOOD_PASSWORD, authzid=authzid)
+    final = await kit_login(auth, client)
+    assert (final.status, final.account) == (auth_pb2.AUTH_STATUS_OK, BOB)
+    client.verify(final.server_final)
+
+
+async def test_r_log_4_scram_with_another_authzid_refused_as_a_wrong_password(auth: AuthHarness) -> None:
+    await auth.directory.add_account("alice@example.org")
+    final = await kit_login(auth, KitScramClient(BOB, GOOD_PASSWORD, authzid="alice@example.org"))
+    assert (final.status, final.server_final, final.account) == (auth_pb2.AUTH_STATUS_INVALID, INVALID_PROOF, "")

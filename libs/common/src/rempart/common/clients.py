@@ -80,28 +80,11 @@ class AuthClient:
     async def scram_start(self, request: auth_pb2.ScramStartRequest) -> auth_pb2.ScramStartResponse:
         """SCRAM-SHA-256, first round (RFC 5802 section 5, RFC 7677). Fail closed: TEMPFAIL.
 
-        The call sequence for an edge (SMTP ``AUTH SCRAM-SHA-256``, IMAP ``AUTHENTICATE
-        SCRAM-SHA-256``, POP3 ``AUTH SCRAM-SHA-256``), plaintext rules aside (SCRAM may be offered
-        before TLS: the password never crosses the wire):
-
-        1. Decode the client's base64 initial response (or the answer to an empty ``+``/``334``
-           challenge) to text: the client-first message ``n,,n=<user>,r=<nonce>``.
-        2. ``reply = await auth.scram_start(ScramStartRequest(client_first=..., client_ip=...,
-           protocol="imap"|"pop3"|"smtp", session_id=..., tls=...))``.
-           ``TEMPFAIL`` -> the protocol's temporary error; ``INVALID`` -> the protocol's
-           authentication failure (malformed message); ``OK`` -> send ``base64(server_first)``
-           as the challenge. An unknown, locked or restricted user still gets ``OK`` and a
-           well-formed server-first (R-LOG-4); the refusal comes at step 3.
-        3. Decode the client's next line (the client-final message; ``*`` cancels: stop, no call)
-           and call ``await auth.scram_finish(reply.conversation_id, client_final)``.
-        4. ``OK``: send ``base64(server_final)`` as a last challenge (SMTP ``334``, IMAP ``+``,
-           POP3 ``+``), wait for the client's empty line, then answer success; the session is
-           authenticated as ``account``. Any other status: answer the same failure as a wrong
-           password (``LOCKED`` and ``IP_RESTRICTED`` included), report the failed login to the
-           policy service like any other, and ``TEMPFAIL`` gives the temporary error.
-
-        The conversation lives in Redis for a short time and finishes once: any auth replica
-        may answer step 3.
+        An unknown, locked or restricted user still gets ``OK`` and a well-formed server-first
+        (R-LOG-4); the refusal comes with :meth:`scram_finish`. The edges drive the whole
+        conversation through :meth:`rempart.common.edgelogin.LoginAttempt.scram`. The
+        conversation lives in Redis for a short time and finishes once: any auth replica may
+        answer the second round.
         """
         try:
             reply: auth_pb2.ScramStartResponse = await self._stub.ScramStart(request, timeout=self._timeout)

@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from rempart.common import keys
 from rempart.common.config import LoginSettings
-from rempart.common.directory import Directory, normalize_address
+from rempart.common.directory import Directory
+from rempart.common.sasl import normalize_login
 
 MAX_LOGIN_LENGTH = 320  # 64 (local part) + 1 + 255 (domain): RFC 5321 section 4.5.3.1
 
@@ -28,13 +29,6 @@ class LoginName:
     typed: str  # normalised as typed: the subject of failure counting when no account matches
     account: str | None  # the canonical account address, when one matches
     domain: str  # the local domain the name points into, "" when none
-
-
-def normalize_login(login: str, rules: LoginSettings) -> str:
-    name = normalize_address(login)
-    if rules.convert_percent_slash and "@" not in name:
-        name = name.replace("%", "@").replace("/", "@")
-    return name
 
 
 async def resolve_login(directory: Directory, redis: aioredis.Redis, login: str, rules: LoginSettings) -> LoginName:

@@ -1,9 +1,11 @@
-"""SCRAM-SHA-256 (RFC 5802, RFC 7677) on top of ``scramp``, split for a stateless service.
+"""SCRAM-SHA-256 (RFC 5802, RFC 7677), split for a stateless service.
 
 ScramStart and ScramFinish may land on different replicas, so the server side is rebuilt at
 finish time from what ScramStart kept in Redis: the client-first message, the server nonce and
-the account's keys. scramp's server is deterministic given those, so the rebuilt conversation
-produces the same server-first message and checks the proof exactly as one object would.
+the account's keys. The messages and the proof check are the edge kit's (rempart.common.sasl),
+deterministic given those, so the rebuilt conversation produces the same server-first message
+and checks the proof exactly as one object would; an authzid is checked by the service
+(the one rule of rempart.common.sasl). The keys are derived with ``scramp`` (its SASLprep).
 
 The stored keys use the RFC 5803 text form ``SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>``:
 the password itself is never stored, and the keys do not let anyone log in over any other
@@ -20,9 +22,16 @@ from dataclasses import dataclass
 
 from scramp import ScramException, ScramMechanism
 
+from rempart.common.sasl import (
+    SaslMalformed,
+    parse_client_final,
+    parse_client_first,
+    scram_server_final,
+    scram_server_first,
+)
+
 MECHANISM = "SCRAM-SHA-256"
 MIN_ITERATIONS = 4096  # RFC 7677 section 4: at least 4096
-MAX_MESSAGE = 1024  # a client-first or client-final message; real ones are ~100 bytes
 INVALID_PROOF = "e=invalid-proof"
 _mechanism = ScramMechanism(MECHANISM)
 
@@ -82,50 +91,20 @@ def decoy_keys(secret: bytes, subject: str, iterations: int) -> ScramKeys:
     return ScramKeys(salt, max(iterations, MIN_ITERATIONS), unusable, unusable)
 
 
-@dataclass(frozen=True)
-class ClientFirst:
-    username: str  # unescaped (RFC 5802 section 5.1: "=2C" is ",", "=3D" is "=")
-    authzid: str
-
-
-def parse_client_first(message: str) -> ClientFirst:
-    """The names in a client-first message; scramp checks the rest when the server runs."""
-    if not message or len(message) > MAX_MESSAGE:
-        raise ScramMessageError("bad length")
-    parts = message.split(",", 3)
-    if len(parts) < 4 or parts[0] not in ("n", "y") or not parts[2].startswith("n="):
-        # "p" (channel binding) is refused: SCRAM-SHA-256-PLUS is not offered.
-        raise ScramMessageError("malformed client-first")
-    authzid = parts[1][2:] if parts[1].startswith("a=") else ""
-    if parts[1] and not parts[1].startswith("a="):
-        raise ScramMessageError("malformed authzid")
-    return ClientFirst(_unescape(parts[2][2:]), _unescape(authzid))
-
-
-def _unescape(name: str) -> str:
-    if "=" in name.replace("=2C", "").replace("=3D", ""):
-        raise ScramMessageError("bad escape in name")
-    return name.replace("=2C", ",").replace("=3D", "=")
-
-
 def server_first(client_first: str, keys: ScramKeys, s_nonce: str) -> str:
-    server = _mechanism.make_server(lambda _user: keys.as_auth_info(), s_nonce=s_nonce)
     try:
-        server.set_client_first(client_first)
-        return str(server.get_server_first())
-    except ScramException as exc:
+        first = parse_client_first(client_first)
+    except SaslMalformed as exc:
         raise ScramMessageError("client-first refused") from exc
+    return scram_server_first(first, s_nonce, keys.salt, keys.iterations)
 
 
 def finish(client_first: str, keys: ScramKeys, s_nonce: str, client_final: str) -> str | None:
     """The server-final message ("v=...") when the proof is right, None otherwise."""
-    if not client_final or len(client_final) > MAX_MESSAGE:
-        return None
-    server = _mechanism.make_server(lambda _user: keys.as_auth_info(), s_nonce=s_nonce)
     try:
-        server.set_client_first(client_first)
-        server.get_server_first()
-        server.set_client_final(client_final)
-        return str(server.get_server_final())
-    except ScramException:
+        first = parse_client_first(client_first)
+        final = parse_client_final(client_final)
+    except SaslMalformed:
         return None
+    return scram_server_final(first, server_first(client_first, keys, s_nonce), final, keys.stored_key,
+                              keys.server_key)

@@ -41,7 +41,6 @@ from rempart.auth.scram import (
     ScramMessageError,
     decoy_keys,
     finish,
-    parse_client_first,
     server_first,
 )
 from rempart.auth.settings import AuthSettings
@@ -62,6 +61,7 @@ from rempart.common.config import LoginSettings
 from rempart.common.directory import Account, Directory, normalize_address
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
+from rempart.common.sasl import SaslMalformed, authzid_permitted, parse_client_first
 from rempart.common.secretbox import SecretBox
 
 log = logging.getLogger(__name__)
@@ -423,12 +423,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_INVALID)
         try:
             first = parse_client_first(request.client_first)
-        except ScramMessageError:
+        except SaslMalformed:
             return auth_pb2.ScramStartResponse(status=auth_pb2.AUTH_STATUS_INVALID)
         client_ip = clean_ip(request.client_ip)
         gate = await self._gate(first.username, client_ip, context)
         refusal = gate.refusal
-        if first.authzid and first.authzid != first.username:
+        if not authzid_permitted(first.authzid, first.username, self._rt.config.server.login):
+            # Refused at finish like a wrong password, and counted like one (rempart.common.sasl).
             refusal = refusal or Refusal(auth_pb2.AUTH_STATUS_INVALID, "authzid_differs")
         account = await self._directory.get_account(gate.name.account) if gate.name.account else None
         creds = await self._creds.load(account.address) if account else Credentials({})
