@@ -58,7 +58,7 @@ async def test_main_serves_and_drains_on_sigterm(redis_url, nats_url, tls_files)
         metrics = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{ports['ops']}/metrics", timeout=5).read()
         )
-        assert b'rempart_imap_pop_logins_total{protocol="imap",result="ok"} 1.0' in metrics
+        assert b'rempart_edge_logins_total{protocol="imap",result="ok"} 1.0' in metrics
         assert b"rempart_imap_sessions_total " in metrics  # wait_for_port opened sessions too
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(raw.line) == R.IMAP_BYE_SHUTDOWN.encode()  # type: ignore[attr-defined]

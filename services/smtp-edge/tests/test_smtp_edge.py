@@ -8,6 +8,7 @@ what is under test; tests/e2e runs the same paths against the real services.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import shutil
 import smtplib
@@ -198,6 +199,31 @@ async def test_r_log_4_wrong_password_gets_535(edge: Edge, tls_files: tuple[str,
             return 0, b""
 
     assert await asyncio.to_thread(attempt) == (535, b"5.7.8 Authentication credentials invalid")
+
+
+async def test_auth_login_and_plain_through_the_edge_kit(edge: Edge, tls_files: tuple[str, str]) -> None:
+    """AUTH LOGIN with and without an initial response, and PLAIN with an authzid: the login
+    name itself is accepted, anybody else's is a wrong password (rempart.common.sasl)."""
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    def session(commands: list[str]) -> list[tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", edge.port("submission"), timeout=10) as client:
+            client.starttls(context=client_tls(tls_files))
+            client.ehlo("client.test")
+            return [client.docmd(command) for command in commands]
+
+    login = await asyncio.to_thread(session, ["AUTH LOGIN", b64("alice@example.org"), b64(PASSWORD)])
+    assert login == [(334, b"VXNlcm5hbWU6"), (334, b"UGFzc3dvcmQ6"), (235, b"2.7.0 Authentication successful")]
+    initial = await asyncio.to_thread(session, [f"AUTH LOGIN {b64('alice@example.org')}", b64(PASSWORD)])
+    assert initial == [(334, b"UGFzc3dvcmQ6"), (235, b"2.7.0 Authentication successful")]
+    plain = await asyncio.to_thread(session, [
+        f"AUTH PLAIN {b64(chr(0).join(['bob@example.org', 'alice@example.org', PASSWORD]))}",
+        f"AUTH PLAIN {b64(chr(0).join(['ALICE@example.org', 'alice@example.org', PASSWORD]))}",
+    ])
+    assert plain == [(535, b"5.7.8 Authentication credentials invalid"), (235, b"2.7.0 Authentication successful")]
+    empty = await asyncio.to_thread(session, ["AUTH PLAIN ="])  # RFC 4954 4: "=" is an empty response
+    assert empty == [(501, b"5.5.2 Bad PLAIN response")]
 
 
 async def test_r_tls_1_smtps_implicit_tls(edge: Edge, tls_files: tuple[str, str]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import datetime
 import email.utils
@@ -22,10 +21,12 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from rempart.common import mime as M
+from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
 from rempart.common.mailstore import INBOX, BlobUnreadable, IndexedMessage, expunge
 from rempart.common.mime import quote
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.imapproto import (
     Atom,
@@ -45,7 +46,7 @@ from rempart.imap_pop.imapproto import (
     tokenize,
     wildcard_match,
 )
-from rempart.imap_pop.session import SCRAM, LoginResult, SaslCancelled, SaslMalformed, Session, verdict_text
+from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 
 log = logging.getLogger(__name__)
@@ -345,40 +346,16 @@ class ImapSession(Session):
         if not command.args or not isinstance(command.args[0], Atom) or len(command.args) > 2:
             raise ImapSyntaxError("AUTHENTICATE needs a mechanism")
         mechanism = str(command.args[0]).upper()
-        if mechanism == SCRAM:
-            await self._authenticate_scram(command)
-            return
-        if mechanism != "PLAIN":
+        if mechanism not in (PLAIN, SCRAM_SHA_256):
             raise No("Unsupported authentication mechanism")
-        if not self.plaintext_auth_allowed():
+        if mechanism == PLAIN and not self.plaintext_auth_allowed():
             raise No(R.IMAP_PRIVACY_REQUIRED[3:])
-        if len(command.args) > 1:
-            response = text_of(command.args[1])  # SASL-IR (RFC 4959)
-            if response == "=":
-                response = ""
-        else:
-            response = await self._continuation(b"")
-        if response == "*":
-            raise No("Authentication cancelled", bad=True)
-        fields = _b64decode(response).split(b"\0")
-        if len(fields) != 3:
-            raise No("Bad PLAIN response", bad=True)
-        authz, authc, password = (f.decode("utf-8", "replace") for f in fields)
-        if authz and authz != authc:
-            raise No(R.IMAP_AUTH_FAILED[3:])
-        await self._login(command, authc, password, "PLAIN")
-
-    async def _authenticate_scram(self, command: Command) -> None:
-        initial = None
-        if len(command.args) > 1:
-            initial = text_of(command.args[1])  # SASL-IR (RFC 4959); "=" would be empty: invalid here
+        initial = text_of(command.args[1]) if len(command.args) > 1 else None  # SASL-IR (RFC 4959)
         try:
-            result, close = await self.scram_login(initial, self._continuation)
-        except SaslCancelled:
-            raise No("Authentication cancelled", bad=True) from None
-        except SaslMalformed:
-            raise No("Bad SCRAM response", bad=True) from None
-        await self._login_reply(command, result, close)
+            decision = await self.sasl_login(mechanism, initial, self._continuation)
+        except SaslError as exc:
+            raise No(str(exc), bad=True) from None
+        await self._login_reply(command, decision)
 
     async def _continuation(self, challenge: bytes) -> str:
         """Send ``+ <base64 challenge>`` and read the client's line (RFC 3501 6.2.2), within the
@@ -397,20 +374,21 @@ class ImapSession(Session):
         return line.decode("ascii", "replace").strip()
 
     async def _login(self, command: Command, login: str, password: str, mechanism: str) -> None:
-        result, close = await self.login(login, password, mechanism)
-        await self._login_reply(command, result, close)
+        await self._login_reply(command, await self.login(login, password, mechanism))
 
-    async def _login_reply(self, command: Command, result: LoginResult, close: bool) -> None:
-        if result is LoginResult.OK:
+    async def _login_reply(self, command: Command, decision: LoginDecision) -> None:
+        if decision.outcome is LoginOutcome.OK:
             try:
                 await self.backend.provision_folders(self.account)
             except Exception as exc:  # noqa: BLE001 - missing default folders never block a login
                 log.warning("default folders not created: %s", exc, extra={"session": self.session_id})
             self.ok(command, f"[CAPABILITY {self.capabilities()}] Logged in")
             return
-        self.out(f"{command.tag} {R.IMAP_AUTH_FAILED if result is LoginResult.FAILED else R.IMAP_TEMPFAIL}")
-        if close:
-            self.out("* BYE Connection closed by policy")
+        failed = decision.outcome is LoginOutcome.FAILED
+        self.out(f"{command.tag} {R.IMAP_AUTH_FAILED if failed else R.IMAP_TEMPFAIL}")
+        if decision.close:
+            # Policy's own words: "Intrusion prevention active for [ip]" when this login blocked it.
+            self.out(f"* BYE {verdict_text(decision.verdict or policy_pb2.Verdict(), 'Connection closed by policy')}")
             await self.stream.writer.drain()
             raise CloseSession
 
@@ -956,13 +934,6 @@ class ImapSession(Session):
                 found.append(message.uid if command.uid else seq)
         self.out("* SEARCH" + "".join(f" {n}" for n in found))
         self.ok(command)
-
-
-def _b64decode(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise No("Bad base64 in response", bad=True) from None
 
 
 def _star_range_hits(text: str, ranges: SequenceSet, uid: int) -> bool:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import logging
 import re
 
+from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.mailstore import INBOX, IndexedMessage, expunge
 from rempart.common.mime import normalise, split_header
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError, SaslMalformed
 from rempart.imap_pop import replies as R
-from rempart.imap_pop.session import SCRAM, LoginResult, SaslCancelled, SaslMalformed, Session, verdict_text
+from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class Pop3Session(Session):
 
     def sasl_mechanisms(self) -> list[str]:
         # SCRAM never shows the password: offered before TLS as well (R-TLS-2).
-        return ["PLAIN", SCRAM] if self.plaintext_auth_allowed() else [SCRAM]
+        return [PLAIN, SCRAM_SHA_256] if self.plaintext_auth_allowed() else [SCRAM_SHA_256]
 
     async def capa(self, _arg: str) -> None:
         # RFC 2449 6: what this state offers; USER, SASL and STLS only before login, and the
@@ -202,50 +203,21 @@ class Pop3Session(Session):
                 self.send(name)
             self.send(".")
             return
-        if mechanism.upper() == SCRAM:
-            await self._auth_scram(initial or None)
-            return
-        if mechanism.upper() != "PLAIN":
-            self.send("-ERR Unsupported mechanism")
-            return
-        if not self.plaintext_auth_allowed():
+        mechanism = mechanism.upper()
+        if mechanism == PLAIN and not self.plaintext_auth_allowed():
             self.send(R.POP3_PLAINTEXT_DISALLOWED)
             return
-        if not initial:
-            reply = await self._continuation(b"")
-            if reply is None:
-                return
-            initial = reply
-        if initial.strip() == "=":
-            initial = ""  # RFC 5034 4: an empty initial response
-        if initial.strip() == "*":
-            self.send("-ERR Authentication cancelled")
+        if mechanism not in self.sasl_mechanisms():
+            self.send("-ERR Unsupported mechanism")
             return
-        fields_raw = _b64decode(initial.strip())
-        if fields_raw is None:
-            self.send("-ERR Bad base64")
-            return
-        fields = fields_raw.split(b"\0")
-        if len(fields) != 3:
-            self.send("-ERR Bad PLAIN response")
-            return
-        authz, authc, password = (f.decode("utf-8", "replace") for f in fields)
-        if authz and authz != authc:
-            self.send(R.POP3_AUTH_FAILED)
-            return
-        await self._login(authc, password, "PLAIN")
-
-    async def _auth_scram(self, initial: str | None) -> None:
         try:
-            result, close = await self.scram_login(initial, self._continuation)
-        except SaslCancelled:
-            self.send("-ERR Authentication cancelled")
+            decision = await self.sasl_login(mechanism, initial or None, self._continuation)
+        except SaslError as exc:
+            self.send(f"-ERR {exc}")
+            if isinstance(exc, SaslMalformed):
+                await self._bad()
             return
-        except SaslMalformed:
-            self.send("-ERR Bad SCRAM response")
-            await self._bad()
-            return
-        await self._enter_transaction(result, close)
+        await self._enter_transaction(decision)
 
     async def _continuation(self, challenge: bytes) -> str | None:
         """``+ <base64>`` and the client's answer line (RFC 5034 4), within the idle timeout
@@ -259,11 +231,10 @@ class Pop3Session(Session):
         return line.decode("ascii", "replace").strip()
 
     async def _login(self, login: str, password: str, mechanism: str) -> None:
-        result, close = await self.login(login, password, mechanism)
-        await self._enter_transaction(result, close)
+        await self._enter_transaction(await self.login(login, password, mechanism))
 
-    async def _enter_transaction(self, result: LoginResult, close: bool) -> None:
-        if result is LoginResult.OK:
+    async def _enter_transaction(self, decision: LoginDecision) -> None:
+        if decision.outcome is LoginOutcome.OK:
             try:
                 if not await self.backend.lock_maildrop(self.account, self.session_id):
                     log.info("maildrop in use", extra={"session": self.session_id, "account": self.account})
@@ -281,8 +252,8 @@ class Pop3Session(Session):
             self._renewer = asyncio.create_task(self._renew_lock(self.account), name="pop3-lock")
             self.send(f"+OK Logged in, {len(self.messages)} messages")
             return
-        self.send(R.POP3_AUTH_FAILED if result is LoginResult.FAILED else R.POP3_TEMPFAIL)
-        if close:
+        self.send(R.POP3_AUTH_FAILED if decision.outcome is LoginOutcome.FAILED else R.POP3_TEMPFAIL)
+        if decision.close:
             self.closing = True
 
     async def _renew_lock(self, account: str) -> None:
@@ -416,9 +387,3 @@ class Pop3Session(Session):
         await self._unlock()
         self.send(R.POP3_BYE)
 
-
-def _b64decode(text: str) -> bytes | None:
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        return None

@@ -6,9 +6,6 @@ rule, and being closed from outside (R-IPS-4).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import enum
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,28 +19,20 @@ from prometheus_client import Counter
 from rempart.common import keys
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
+from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.netmatch import ip_in_networks
-from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.sasl import Credentials, decode_response
 from rempart.common.tls import ServerTls
 from rempart.imap_pop.settings import Settings
 from rempart.imap_pop.stream import Stream
 
 log = logging.getLogger(__name__)
 
-LOGINS = Counter("rempart_imap_pop_logins_total", "IMAP and POP3 login attempts", ["protocol", "result"])
 IMAP_SESSIONS = Counter("rempart_imap_sessions_total", "IMAP sessions accepted")
 POP3_SESSIONS = Counter("rempart_pop3_sessions_total", "POP3 sessions accepted")
-
-_FAILED = {
-    auth_pb2.AUTH_STATUS_INVALID,
-    auth_pb2.AUTH_STATUS_LOCKED,
-    auth_pb2.AUTH_STATUS_IP_RESTRICTED,
-    auth_pb2.AUTH_STATUS_SECOND_FACTOR_REQUIRED,
-}
-
 
 # RFC 6154: the folders every account has from its first login, with their special use.
 SPECIAL_USE_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -63,26 +52,8 @@ return 0
 """
 
 
-SCRAM = "SCRAM-SHA-256"
-MAX_SCRAM_MESSAGE = 2048  # decoded; real client messages are about 100 bytes
-
-
-class SaslCancelled(Exception):
-    """The client answered a challenge with ``*``."""
-
-
-class SaslMalformed(Exception):
-    """Not base64, not UTF-8, or too long."""
-
-
-# A challenge: send these bytes as ``+ <base64>``, return the client's line (None: it left).
-Challenge = Callable[[bytes], Awaitable[str | None]]
-
-
-class LoginResult(enum.Enum):
-    OK = "ok"
-    FAILED = "failed"
-    TEMPFAIL = "tempfail"
+# Send a challenge (``+ <base64>``) and return the client's line; None when it went away.
+Continuation = Callable[[bytes], Awaitable[str | None]]
 
 
 @dataclass
@@ -233,116 +204,34 @@ class Session:
             return True
         return ip_in_networks(self.client_ip, settings.relay.trusted_hosts)
 
-    async def login(self, login: str, password: str, mechanism: str) -> tuple[LoginResult, bool]:
-        """Ask the auth service; returns the result and whether policy wants the session closed."""
-        reply = await self.backend.auth.authenticate(
-            auth_pb2.AuthenticateRequest(
-                login=login,
-                password=password,
-                client_ip=self.client_ip,
-                protocol=self.protocol,
-                mechanism=mechanism,
-                tls=self.stream.tls,
-                session_id=self.session_id,
-            )
-        )
-        return await self.auth_result(login, reply.status, reply.account, mechanism)
+    def login_attempt(self) -> LoginAttempt:
+        return LoginAttempt(self.backend.auth, self.backend.policy, self.backend.config.server.login, self.facts(),
+                            self.protocol)
 
-    async def scram_login(self, initial: str | None, challenge: Challenge) -> tuple[LoginResult, bool]:
-        """SCRAM-SHA-256 (RFC 5802, RFC 7677) through the auth service: the password never
-        crosses the wire, so it is offered before TLS too (R-TLS-2). ``initial`` is the SASL-IR
-        initial response, if the client sent one."""
-        if initial is None:
-            initial = await _answer(challenge, b"")
-        client_first = _sasl_text(initial)
-        login = _scram_user(client_first)
-        start = await self.backend.auth.scram_start(
-            auth_pb2.ScramStartRequest(client_first=client_first, client_ip=self.client_ip, protocol=self.protocol,
-                                       session_id=self.session_id, tls=self.stream.tls)
-        )
-        if start.status != auth_pb2.AUTH_STATUS_OK:
-            return await self.auth_result(login, start.status, "", SCRAM)
-        client_final = _sasl_text(await _answer(challenge, start.server_first.encode()))
-        finish = await self.backend.auth.scram_finish(start.conversation_id, client_final)
-        if finish.status == auth_pb2.AUTH_STATUS_OK and finish.account:
-            # RFC 5802 5: the client checks the server's signature; its answer carries nothing.
-            await _answer(challenge, finish.server_final.encode())
-        return await self.auth_result(login, finish.status, finish.account, SCRAM)
+    async def login(self, login: str, password: str, mechanism: str) -> LoginDecision:
+        """IMAP LOGIN, POP3 USER/PASS: the kit's reading of auth and policy (edgelogin)."""
+        return self._settle(await self.login_attempt().password(Credentials(login, password), mechanism))
 
-    async def auth_result(
-        self, login: str, status: auth_pb2.AuthStatus.ValueType, account: str, mechanism: str
-    ) -> tuple[LoginResult, bool]:
-        """Tell policy every result (DESIGN.md): failures count for R-IPS-2, a success records
-        the IP for POP-before-SMTP (R-REL-1). The session is logged in only if policy agrees."""
-        status_name = auth_pb2.AuthStatus.Name(status)
-        success = status == auth_pb2.AUTH_STATUS_OK and bool(account)
-        if not success and status not in _FAILED:
-            LOGINS.labels(self.protocol, LoginResult.TEMPFAIL.value).inc()
-            log.info("login tempfail", extra={"session": self.session_id, "client_ip": self.client_ip,
-                                              "status": status_name, "mechanism": mechanism})
-            return LoginResult.TEMPFAIL, False
-        facts = self.facts()
-        if success:
-            facts.authenticated_account = account
-        verdict = await self.backend.policy.check(
-            policy_pb2.CheckRequest(
-                stage=policy_pb2.STAGE_AUTH,
-                session=facts,
-                auth_success=success,
-                auth_login=login[:320],
-                auth_failure="" if success else status_name,
-            )
-        )
-        close = verdict.action == policy_pb2.ACTION_CLOSE or verdict.ip_blocked
-        if success and verdict.action in (policy_pb2.ACTION_ACCEPT, policy_pb2.ACTION_DISCARD):
-            self.account = account
-            LOGINS.labels(self.protocol, LoginResult.OK.value).inc()
-            log.info("login", extra={"session": self.session_id, "account": account,
-                                     "client_ip": self.client_ip, "mechanism": mechanism})
-            return LoginResult.OK, False
-        if success and verdict.action == policy_pb2.ACTION_TEMPFAIL:
-            # Fail closed: without policy's word the login does not count as done.
-            LOGINS.labels(self.protocol, LoginResult.TEMPFAIL.value).inc()
-            log.info("login held back: policy unavailable", extra={"session": self.session_id,
-                                                                   "client_ip": self.client_ip})
-            return LoginResult.TEMPFAIL, False
-        LOGINS.labels(self.protocol, LoginResult.FAILED.value).inc()
-        log.info("login refused", extra={"session": self.session_id, "client_ip": self.client_ip,
-                                         "status": status_name if not success else "POLICY_" + verdict.rule,
-                                         "mechanism": mechanism})
-        return LoginResult.FAILED, close or (success and verdict.action == policy_pb2.ACTION_REJECT)
+    async def sasl_login(self, mechanism: str, initial: str | None, continuation: Continuation) -> LoginDecision:
+        """AUTHENTICATE / AUTH: ``initial`` is the SASL-IR or RFC 5034 initial response, as sent.
+        Raises SaslError (cancelled or malformed), which the protocol answers as a syntax error."""
+
+        async def challenge(data: bytes) -> bytes:
+            line = await continuation(data)
+            if line is None:
+                raise ConnectionResetError("client left during SASL")
+            return decode_response(line)
+
+        first = decode_response(initial, initial=True) if initial is not None else None
+        return self._settle(await self.login_attempt().sasl(mechanism, first, challenge))
+
+    def _settle(self, decision: LoginDecision) -> LoginDecision:
+        if decision.outcome is LoginOutcome.OK:
+            self.account = decision.account
+        return decision
 
 
-async def _answer(challenge: Challenge, data: bytes) -> str:
-    line = await challenge(data)
-    if line is None:
-        raise ConnectionResetError("client left during SASL")
-    if line.strip() == "*":
-        raise SaslCancelled
-    return line.strip()
-
-
-def _sasl_text(response: str) -> str:
-    if len(response) > MAX_SCRAM_MESSAGE * 2:
-        raise SaslMalformed
-    try:
-        text = base64.b64decode(response, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise SaslMalformed from None
-    if len(text) > MAX_SCRAM_MESSAGE:
-        raise SaslMalformed
-    return text
-
-
-def _scram_user(client_first: str) -> str:
-    """The ``n=`` name of a client-first message, for policy's log (never the proof)."""
-    for attribute in client_first.split(",")[2:]:
-        if attribute.startswith("n="):
-            return attribute[2:].replace("=2C", ",").replace("=3D", "=")[:320]
-    return ""
-
-
-def verdict_text(verdict: policy_pb2.Verdict) -> str:
+def verdict_text(verdict: policy_pb2.Verdict, default: str = "Connection refused") -> str:
     """The verdict's words without an SMTP code in front: IMAP and POP3 have their own."""
     text = verdict.text.strip()
     words = text.split(" ", 2)
@@ -350,7 +239,7 @@ def verdict_text(verdict: policy_pb2.Verdict) -> str:
         text = words[2]
     elif len(words) >= 2 and words[0].isdigit() and len(words[0]) == 3:
         text = text[4:]
-    return " ".join(text.split()) or "Connection refused"
+    return " ".join(text.split()) or default
 
 
 async def sleep_forever() -> None:

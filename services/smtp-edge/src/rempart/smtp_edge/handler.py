@@ -6,8 +6,6 @@ accepted message is stored durably before the 250 (DESIGN.md "Durability", R-OPS
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from typing import Any
@@ -16,13 +14,14 @@ from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 from prometheus_client import Counter, Histogram
 
+from rempart.common import sasl
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
+from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import EventBus, mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
 from rempart.common.mime import summarize
 from rempart.common.netmatch import ip_in_networks
-from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.rdns import ReverseNames
@@ -390,75 +389,47 @@ class EdgeHandler:
         log.exception("session error: %s", type(error).__name__)
         return "421 4.3.0 Internal error, closing connection"
 
-    # AUTH (RFC 4954): mechanisms implemented here so that the check is asynchronous ------------
+    # AUTH (RFC 4954): the mechanisms are the edge kit's (rempart.common.sasl), asynchronous here
     async def auth_PLAIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            raw = await server.challenge_auth("")
-            if raw is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                raw = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        assert isinstance(raw, bytes)
-        parts = raw.split(b"\x00")
-        if len(parts) != 3:
-            await server.push("501 5.5.2 Can't split auth value")
-            return AuthResult(success=False, handled=True)
-        return await self._authenticate(server, "PLAIN", parts[1], parts[2])
+        return await self._sasl(server, sasl.PLAIN, args)
 
     async def auth_LOGIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await server.challenge_auth("Username:")
-            if login is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        password = await server.challenge_auth("Password:")
-        if password is MISSING:
-            return AuthResult(success=False, handled=True)
-        assert isinstance(login, bytes) and isinstance(password, bytes)
-        return await self._authenticate(server, "LOGIN", login, password)
+        return await self._sasl(server, sasl.LOGIN, args)
 
-    async def _authenticate(self, server: EdgeSMTP, mechanism: str, login_b: bytes,
-                            password_b: bytes) -> AuthResult:
-        login = login_b.decode("utf-8", "replace")[:320]
-        reply = await self.auth.authenticate(
-            auth_pb2.AuthenticateRequest(
-                login=login,
-                password=password_b.decode("utf-8", "replace"),
-                client_ip=server.state.client_ip,
-                protocol="smtp",
-                mechanism=mechanism,
-                tls=server.using_tls,
-                session_id=server.state.session_id,
-            )
-        )
-        return await self._conclude_auth(server, login, reply.status, reply.account)
+    async def auth_SCRAM__SHA__256(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        """RFC 7677 through the auth service (aiosmtpd maps the name to SCRAM-SHA-256)."""
+        return await self._sasl(server, sasl.SCRAM_SHA_256, args)
 
-    async def _conclude_auth(self, server: EdgeSMTP, login: str, status: auth_pb2.AuthStatus.ValueType,
-                             account: str) -> AuthResult:
-        """After the auth service answered: tell policy (R-IPS-2 counts failures), apply budgets."""
-        if status == auth_pb2.AUTH_STATUS_TEMPFAIL:
-            return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
-        ok = status == auth_pb2.AUTH_STATUS_OK
-        verdict = await self._check(
-            server, policy_pb2.STAGE_AUTH, auth_success=ok, auth_login=login,
-            auth_failure="" if ok else auth_pb2.AuthStatus.Name(status),
-        )
-        if verdict.action == policy_pb2.ACTION_CLOSE:
-            await self._apply(server, "auth", verdict)
+    async def _sasl(self, server: EdgeSMTP, mechanism: str, args: list[str]) -> AuthResult:
+        async def challenge(data: bytes) -> bytes:
+            answer = await server.challenge_auth(data)
+            if answer is MISSING:
+                raise _Answered  # aiosmtpd has answered "*" (501 5.7.0) or bad base64 (501 5.5.2)
+            assert isinstance(answer, bytes)
+            return answer
+
+        attempt = LoginAttempt(self.auth, self.policy, self.config.server.login, self._facts(server), "smtp")
+        try:
+            initial = sasl.decode_response(args[1], initial=True) if len(args) > 1 else None
+            decision = await attempt.sasl(mechanism, initial, challenge)
+        except _Answered:
             return AuthResult(success=False, handled=True)
-        if ok and verdict.action == policy_pb2.ACTION_TEMPFAIL:
-            # Fail closed: a login that policy could not see is not a login.
+        except sasl.SaslCancelled:
+            await server.push(replies.AUTH_ABORTED)
+            return AuthResult(success=False, handled=True)
+        except sasl.SaslMalformed as exc:
+            await server.push(f"501 5.5.2 {exc}")
+            return AuthResult(success=False, handled=True)
+        return await self._login_result(server, decision)
+
+    async def _login_result(self, server: EdgeSMTP, decision: LoginDecision) -> AuthResult:
+        """The kit's reading of auth and policy, in SMTP's words; budgets are SMTP's own."""
+        if decision.close and decision.verdict is not None:
+            await self._apply(server, "auth", decision.verdict)
+            return AuthResult(success=False, handled=True)
+        if decision.outcome is LoginOutcome.TEMPFAIL:
             return AuthResult(success=False, handled=False, message=replies.AUTH_TEMPFAIL)
-        if not ok:
+        if decision.outcome is LoginOutcome.FAILED:
             server.state.auth_failures += 1
             if server.state.auth_failures >= self.config.server.smtp.auth_failure_budget:
                 await server.push(replies.TOO_MANY_AUTH_FAILURES)
@@ -466,49 +437,12 @@ class EdgeHandler:
                 return AuthResult(success=False, handled=True)
             # R-LOG-4: the same reply whatever the reason (unknown, locked, restricted).
             return AuthResult(success=False, handled=False, message=replies.AUTH_INVALID)
-        server.state.authenticated_account = account
-        log.info("authenticated", extra={"session": server.state.session_id, "account": account})
-        return AuthResult(success=True, auth_data=account, message=replies.AUTH_OK)
-
-    async def auth_SCRAM__SHA__256(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
-        """RFC 7677 through the auth service (aiosmtpd maps the name to SCRAM-SHA-256)."""
-        if len(args) == 1:
-            first = await server.challenge_auth("", encode_to_b64=False)
-            if first is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                first = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                await server.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        assert isinstance(first, bytes)
-        client_first = first.decode("utf-8", "replace")
-        start = await self.auth.scram_start(auth_pb2.ScramStartRequest(
-            client_first=client_first, client_ip=server.state.client_ip, protocol="smtp",
-            session_id=server.state.session_id, tls=server.using_tls))
-        login = _scram_user(client_first)
-        if start.status != auth_pb2.AUTH_STATUS_OK:
-            return await self._conclude_auth(server, login, start.status, "")
-        final = await server.challenge_auth(start.server_first.encode())
-        if final is MISSING:
-            return AuthResult(success=False, handled=True)
-        assert isinstance(final, bytes)
-        finish = await self.auth.scram_finish(start.conversation_id, final.decode("utf-8", "replace"))
-        if finish.status == auth_pb2.AUTH_STATUS_OK:
-            # RFC 4954: the server-final message goes as a last challenge, answered empty.
-            done = await server.challenge_auth(finish.server_final.encode())
-            if done is MISSING:
-                return AuthResult(success=False, handled=True)
-        return await self._conclude_auth(server, login, finish.status, finish.account)
+        server.state.authenticated_account = decision.account
+        return AuthResult(success=True, auth_data=decision.account, message=replies.AUTH_OK)
 
 
-def _scram_user(client_first: str) -> str:
-    """The ``n=`` attribute of a SCRAM client-first message (RFC 5802 5.1), for policy's logs."""
-    for part in client_first.split(",")[2:]:
-        if part.startswith("n="):
-            return part[2:].replace("=2C", ",").replace("=3D", "=")[:320]
-    return ""
+class _Answered(Exception):
+    """The client cancelled or garbled a response and aiosmtpd has already replied."""
 
 
 def _text(value: object) -> str:
