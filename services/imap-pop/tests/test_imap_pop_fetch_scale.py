@@ -212,3 +212,27 @@ async def test_one_unreadable_message_fails_alone(service) -> None:  # type: ign
     assert (carol_items, carol_tagged[:4]) == (1, b"c OK")
     # Its header is in the index: a header FETCH still serves all three.
     assert (headers, header_tagged[:4]) == (3, b"c OK")
+
+
+async def test_r_mbx_2_search_on_header_fields_reads_the_index_not_the_messages(service) -> None:  # type: ignore[no-untyped-def]
+    await fill(service, BOB, 5)
+    messages = await service.backend.index.messages(BOB, INBOX)
+    for message in messages:
+        await service.backend.store.delete_blob(message.blob)
+
+    def run() -> tuple[bytes, bytes, bytes]:
+        bob = raw_login(service.ports["imap"], BOB)
+        reader = bob.makefile("rb")
+        try:
+            bob.sendall(b'c SEARCH SUBJECT "Message 3" FROM alice\r\n')
+            found, tagged = reader.readline().strip(), reader.readline().strip()
+            bob.sendall(b"d SEARCH BODY nothing\r\n")
+            return found, tagged, reader.readline().strip()
+        finally:
+            bob.close()
+
+    found, tagged, body_search = await asyncio.to_thread(run)
+    # Header keys are answered from the summaries even with every body gone...
+    assert (found, tagged) == (b"* SEARCH 4", b"c OK SEARCH completed")
+    # ...while BODY needs the messages, and says it could not read them.
+    assert body_search.startswith(b"d NO [UNAVAILABLE]"), body_search

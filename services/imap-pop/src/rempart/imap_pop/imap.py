@@ -711,6 +711,20 @@ class ImapSession(Session):
         results = await asyncio.gather(*(one(m) for m in messages))
         return {m.uid: r for m, r in zip(messages, results, strict=True)}
 
+    async def _search_contents(self, messages: list[IndexedMessage], query: _Query) -> dict[int, bytes]:
+        """What SEARCH matches against: the header block from the index when the keys need
+        no more, else the message (an unreadable one fails the SEARCH: its answer would be wrong)."""
+        header_of: dict[int, bytes] = {}
+        if not query.needs_body and self.folder is not None:
+            summaries = await self.backend.index.summaries(self.account, self.folder, (m.uid for m in messages))
+            header_of = {uid: s.header for uid, s in summaries.items() if s is not None and s.has_header}
+        contents = await self._contents([m for m in messages if m.uid not in header_of])
+        for uid, read in contents.items():
+            if isinstance(read, BaseException):
+                raise read
+            header_of[uid] = read
+        return header_of
+
     async def cmd_fetch(self, command: Command) -> None:
         if len(command.args) != 2:
             raise ImapSyntaxError("FETCH needs a sequence set and items")
@@ -928,10 +942,12 @@ class ImapSession(Session):
             raise ImapSyntaxError("SEARCH needs criteria")
         query = _SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0).parse()
         found: list[int] = []
-        for seq, message in enumerate(self.view, 1):
-            content = await self._content(message) if query.needs_content else b""
-            if query.match(seq, message, content):
-                found.append(message.uid if command.uid else seq)
+        numbered = list(enumerate(self.view, 1))
+        for window in _read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
+            contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
+            for seq, message in window:
+                if query.match(seq, message, contents.get(message.uid, b"")):
+                    found.append(message.uid if command.uid else seq)
         self.out("* SEARCH" + "".join(f" {n}" for n in found))
         self.ok(command)
 
@@ -964,9 +980,11 @@ def _parse_datetime(text: str) -> bool:
 
 
 class _Query:
-    def __init__(self, test: Callable[[int, IndexedMessage, bytes], bool], needs_content: bool) -> None:
+    def __init__(self, test: Callable[[int, IndexedMessage, bytes], bool], needs_content: bool,
+                 needs_body: bool) -> None:
         self.test = test
         self.needs_content = needs_content
+        self.needs_body = needs_body
 
     def match(self, seq: int, message: IndexedMessage, content: bytes) -> bool:
         return self.test(seq, message, content)
@@ -994,7 +1012,7 @@ def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes]
 def _text_test(value: str, body_only: bool, parser: _SearchParser) -> Callable[[int, IndexedMessage, bytes], bool]:
     """BODY / TEXT: the raw octets, and for messages up to SEARCH_DECODE_LIMIT the decoded text
     parts (base64, quoted-printable, charsets), case-insensitively."""
-    parser.needs_content = True
+    parser.needs_content = parser.needs_body = True
     raw_needle = value.lower().encode("utf-8")
     needle = value.casefold()
 
@@ -1034,13 +1052,14 @@ class _SearchParser:
         self.pos = 0
         self.largest_seq = largest_seq
         self.largest_uid = largest_uid
-        self.needs_content = False
+        self.needs_content = False  # header fields at least (the index's summary has them)
+        self.needs_body = False  # BODY / TEXT: the message itself
 
     def parse(self) -> _Query:
         tests = []
         while self.pos < len(self.tokens):
             tests.append(self._key())
-        return _Query(lambda s, m, c: all(t(s, m, c) for t in tests), self.needs_content)
+        return _Query(lambda s, m, c: all(t(s, m, c) for t in tests), self.needs_content, self.needs_body)
 
     def _next(self) -> Token:
         if self.pos >= len(self.tokens):
@@ -1055,6 +1074,7 @@ class _SearchParser:
             inner = _SearchParser(token, self.largest_seq, self.largest_uid)
             query = inner.parse()
             self.needs_content |= inner.needs_content
+            self.needs_body |= inner.needs_body
             return query.test
         key = text_of(token).upper()
         flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
