@@ -1141,6 +1141,7 @@ class _SearchParser:
 
 __all__ = ["ImapSession", "is_nil"]
 
+
 # FETCH reads message bodies a window at a time: a few reads in flight, a bounded number of
 # bytes held, and the socket drained past a high-water mark (R-MBX-6).
 FETCH_READS_IN_FLIGHT = 16
