@@ -337,3 +337,28 @@ async def test_flood_of_100_bad_commands_closed_cleanly_after_the_budget(service
 
 
 __all__ = ["socket"]
+
+
+@pytest.mark.timeout(20)
+async def test_list_pattern_built_to_backtrack_answers_at_once(service) -> None:  # type: ignore[no-untyped-def]
+    """Issue 9: LIST "" "**********x" against a 60-character folder name (any user can make one)
+    kept the replica's event loop busy for minutes; now it is answered like any LIST."""
+
+    def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        raw = imap_logged_in(service.ports["imap"])
+        raw.send(b"c CREATE " + b"a" * 60 + b"\r\n")
+        assert raw.until(b"c ")[-1].startswith(b"c OK")
+        raw.send(b'd LIST "" "**********x"\r\n')
+        evil = raw.until(b"d ")
+        raw.send(b'e LIST "" "*%*%*%*%*%*%*%*%*%*%a"\r\n')
+        matching = raw.until(b"e ")
+        raw.send(b'f LIST "" "' + b"*" * 300 + b'%' * 300 + b'x"\r\n')
+        too_long = raw.until(b"f ")
+        raw.sock.close()
+        return evil, matching, too_long
+
+    evil, matching, too_long = await asyncio.to_thread(run)
+    assert evil == [b"d OK LIST completed"]
+    assert matching[-1] == b"e OK LIST completed" and any(b"a" * 60 in line for line in matching)
+    assert too_long == [b"f BAD LIST pattern too long"]
+    assert await asyncio.to_thread(still_serving, service.ports["imap"]) == b"z OK NOOP completed"

@@ -95,3 +95,29 @@ def test_quote_and_wildcards() -> None:
     assert wildcard_match("*", "Archive/2024")
     assert not wildcard_match("%", "Archive/2024")
     assert wildcard_match("Arch%", "Archive")
+
+
+def _reference_match(pattern: str, name: str) -> bool:
+    import re
+
+    regex = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, flags=re.DOTALL) is not None
+
+
+def test_wildcard_match_agrees_with_the_rfc_3501_meaning_on_every_small_case() -> None:
+    import itertools
+
+    names = ["".join(p) for n in range(5) for p in itertools.product("ab/", repeat=n)]
+    patterns = ["".join(p) for n in range(5) for p in itertools.product("a/*%", repeat=n)]
+    for pattern in patterns:
+        for name in names:
+            assert wildcard_match(pattern, name) == _reference_match(pattern, name), (pattern, name)
+
+
+@pytest.mark.timeout(10)
+def test_list_pattern_that_backtracks_a_regex_is_linear() -> None:
+    # Issue 9: LIST "" "**********x" against a 60-character name blocked the event loop for minutes.
+    name = "a" * 60
+    for pattern in ("*" * 10 + "x", "%*" * 20 + "x", "*a" * 30 + "x", "%" * 500 + "x"):
+        assert not wildcard_match(pattern, name)
+    assert wildcard_match("%*" * 20 + "a", name)

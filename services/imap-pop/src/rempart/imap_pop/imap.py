@@ -56,6 +56,7 @@ FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 MAX_FOLDERS = 1000
 MAX_FOLDER_NAME = 200
+MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
 MAX_LITERALS_PER_COMMAND = 16
 SEARCH_DECODE_LIMIT = 1024 * 1024
 DELIMITER = "/"
@@ -443,6 +444,10 @@ class ImapSession(Session):
             raise ImapSyntaxError(f"{command.name} needs reference and pattern")
         reference = text_of(args[0])
         patterns = [text_of(p) for p in args[1][:20]] if isinstance(args[1], list) else [text_of(args[1])]
+        if len(reference) + max((len(p) for p in patterns), default=0) > MAX_LIST_PATTERN:
+            # No folder name is longer: such a pattern can only cost time (matching is
+            # pattern x name per folder).
+            raise ImapSyntaxError("LIST pattern too long")
         if patterns == [""]:
             self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
             self.ok(command)

@@ -330,8 +330,39 @@ def literal(data: bytes) -> bytes:
 
 
 def wildcard_match(pattern: str, name: str, delimiter: str = "/") -> bool:
-    """LIST patterns: ``*`` matches anything, ``%`` anything but the hierarchy delimiter."""
-    regex = "".join(
-        ".*" if c == "*" else f"[^{re.escape(delimiter)}]*" if c == "%" else re.escape(c) for c in pattern
-    )
-    return re.fullmatch(regex, name, flags=re.DOTALL) is not None
+    """LIST patterns (RFC 3501 6.3.8): ``*`` matches anything, ``%`` anything but the hierarchy
+    delimiter.
+
+    A set of pattern positions advanced one name character at a time (a Thompson NFA): time is
+    at most len(pattern) x len(name), whatever the pattern. A regular expression backtracks:
+    ``LIST "" "**********x"`` against a long folder name blocked the event loop for minutes.
+    """
+    while "**" in pattern:
+        pattern = pattern.replace("**", "*")
+    end = len(pattern)
+
+    def closure(states: set[int]) -> set[int]:
+        # A wildcard may match nothing: its position also stands for the next one.
+        out = set(states)
+        for i in sorted(states):
+            j = i
+            while j < end and pattern[j] in "*%":
+                j += 1
+                out.add(j)
+        return out
+
+    states = closure({0})
+    for ch in name:
+        following: set[int] = set()
+        for i in states:
+            if i == end:
+                continue
+            p = pattern[i]
+            if p == "*" or (p == "%" and ch != delimiter):
+                following.add(i)
+            elif p == ch:
+                following.add(i + 1)
+        if not following:
+            return False
+        states = closure(following)
+    return end in states
