@@ -23,7 +23,7 @@ FOLDER_SIZE = 10_000
 HEADER_SYNC = b"FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])"
 
 
-async def fill(harness, account: str, count: int, summaries: bool = True) -> None:  # type: ignore[no-untyped-def]
+async def fill(harness, account: str, count: int, summaries: bool = True, first: int = 0) -> None:  # type: ignore[no-untyped-def]
     """``count`` messages through the durable path (blob + record acked), indexed as the edge does."""
     store, index = harness.backend.store, harness.backend.index
     gate = asyncio.Semaphore(64)
@@ -35,7 +35,7 @@ async def fill(harness, account: str, count: int, summaries: bool = True) -> Non
                                            remote_recipients=[])
             await index.apply(record, summarize(data) if summaries else None)
 
-    await asyncio.gather(*(one(n) for n in range(count)))
+    await asyncio.gather(*(one(n) for n in range(first, first + count)))
 
 
 def raw_login(port: int, account: str) -> socket.socket:
@@ -215,7 +215,8 @@ async def test_one_unreadable_message_fails_alone(service) -> None:  # type: ign
 
 
 async def test_r_mbx_2_search_on_header_fields_reads_the_index_not_the_messages(service) -> None:  # type: ignore[no-untyped-def]
-    await fill(service, BOB, 5)
+    for n in range(5):  # one at a time: sequence number n + 1 is "Message n"
+        await fill(service, BOB, 1, first=n)
     messages = await service.backend.index.messages(BOB, INBOX)
     for message in messages:
         await service.backend.store.delete_blob(message.blob)

@@ -13,6 +13,7 @@ from imappop_helpers import (
     BOB,
     BOB_PASSWORD,
     UNTRUSTED_IP,
+    Raw,
     SourceIMAP,
     error_text,
     raw_connect,
@@ -23,6 +24,14 @@ from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.imap_pop import replies as R
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def raw_login(port: int) -> Raw:
+    raw = raw_connect(port)
+    raw.line()
+    raw.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\n'.encode())
+    assert raw.until(b"a ")[-1].startswith(b"a OK")
+    return raw
 
 
 def login(port: int) -> imaplib.IMAP4:
@@ -410,3 +419,50 @@ async def test_r_tls_2_trusted_hosts_and_option_come_from_settings_store(service
     await store.put_doc("server", {"relay": {"trusted_hosts": []}, "tls": {"plaintext_auth_requires_tls": False}})
     await service.backend.config.refresh()
     assert await asyncio.to_thread(try_login, "127.0.0.1") == "OK"
+
+
+async def test_r_mbx_3_two_clients_adding_flags_at_once_both_keep_theirs(service) -> None:  # type: ignore[no-untyped-def]
+    await service.deliver(simple_message("Shared"))
+
+    def run() -> tuple[list[bytes], list[bytes], list[bytes], list[bytes]]:
+        first, second = raw_login(service.ports["imap"]), raw_login(service.ports["imap"])
+        try:
+            for client in (first, second):
+                client.send(b"s SELECT INBOX\r\n")
+                client.until(b"s ")
+            # Both sessions hold the same stale view; each adds its own flag.
+            first.send(b"a STORE 1 +FLAGS (\\Flagged)\r\n")
+            first_reply = first.until(b"a ")
+            second.send(b"b STORE 1 +FLAGS ($Work)\r\n")
+            second_reply = second.until(b"b ")
+            second.send(b"c STORE 1 -FLAGS ($Work)\r\n")
+            removed = second.until(b"c ")
+            first.send(b"d FETCH 1 FLAGS\r\n")
+            return first_reply, second_reply, removed, first.until(b"d ")
+        finally:
+            first.sock.close()
+            second.sock.close()
+
+    first_reply, second_reply, removed, final = await asyncio.to_thread(run)
+    assert first_reply == [b"* 1 FETCH (FLAGS (\\Flagged))", b"a OK STORE completed"]
+    # The second client's answer shows the first one's flag too (RFC 3501 6.4.6: the flags after).
+    assert second_reply == [b"* 1 FETCH (FLAGS ($Work \\Flagged))", b"b OK STORE completed"]
+    assert removed == [b"* 1 FETCH (FLAGS (\\Flagged))", b"c OK STORE completed"]
+    assert final[-2:] == [b"* 1 FETCH (FLAGS (\\Flagged))", b"d OK FETCH completed"]
+
+
+async def test_r_mbx_3_concurrent_flag_storms_lose_nothing(service) -> None:  # type: ignore[no-untyped-def]
+    await service.deliver(simple_message("Storm"))
+
+    def add_many(prefix: str) -> None:
+        client = raw_login(service.ports["imap"])
+        client.send(b"s SELECT INBOX\r\n")
+        client.until(b"s ")
+        for n in range(20):
+            client.send(f"t{n} STORE 1 +FLAGS.SILENT ({prefix}{n})\r\n".encode())
+            assert client.until(f"t{n} ".encode())[-1].startswith(f"t{n} OK".encode())
+        client.sock.close()
+
+    await asyncio.gather(*(asyncio.to_thread(add_many, p) for p in ("$a", "$b")))
+    [message] = await service.backend.index.messages(BOB, "INBOX")
+    assert message.flags == {f"{p}{n}" for p in ("$a", "$b") for n in range(20)}

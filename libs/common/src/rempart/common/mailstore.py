@@ -288,6 +288,46 @@ return out
 LIST_PAGE = 5000
 
 
+# Flags of several messages changed in one atomic step each: ARGV[1] set|add|remove,
+# ARGV[2] the most flags a message may carry (0: no limit), ARGV[3..] the flags.
+_GONE = "\0"
+FLAG_LIMIT = "\0limit"
+_CHANGE_FLAGS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local current = redis.call('HGET', key, 'flags')
+  if not current then
+    out[i] = '\0'
+  else
+    local set, count = {}, 0
+    if ARGV[1] ~= 'set' then
+      for flag in string.gmatch(current, '%S+') do set[flag] = true; count = count + 1 end
+    end
+    for j = 3, #ARGV do
+      local flag = ARGV[j]
+      if ARGV[1] == 'remove' then
+        if set[flag] then set[flag] = nil; count = count - 1 end
+      elseif not set[flag] then
+        set[flag] = true; count = count + 1
+      end
+    end
+    local limit = tonumber(ARGV[2])
+    if limit > 0 and count > limit then
+      out[i] = current .. ' \0limit'
+    else
+      local list = {}
+      for flag in pairs(set) do list[#list + 1] = flag end
+      table.sort(list)
+      local joined = table.concat(list, ' ')
+      if joined ~= current then redis.call('HSET', key, 'flags', joined) end
+      out[i] = joined
+    end
+  end
+end
+return out
+"""
+
+
 class MailboxIndex:
     """The Redis view of mailboxes: what IMAP and POP3 list, flag and expunge."""
 
@@ -297,6 +337,7 @@ class MailboxIndex:
         self._new_folder = redis.register_script(_NEW_FOLDER_LUA)
         self._store_summary = redis.register_script(_STORE_SUMMARY_LUA)
         self._list_page = redis.register_script(_LIST_PAGE_LUA)
+        self._change_flags = redis.register_script(_CHANGE_FLAGS_LUA)
         self._summary_page = redis.register_script(_SUMMARY_PAGE_LUA)
 
     async def apply(
@@ -400,10 +441,27 @@ class MailboxIndex:
         # Only while the message exists: an EXPUNGE in between must not resurrect a hash.
         await self._store_summary(keys=[key], args=[summary.size, *_summary_values(summary)])
 
-    async def set_flags(self, mailbox: str, folder: str, uid: int, flags: set[str]) -> None:
-        key = keys.mailbox_message(mailbox, folder, uid)
-        if await self._redis.exists(key):
-            await self._redis.hset(key, "flags", " ".join(sorted(flags)))
+    async def change_flags(
+        self, mailbox: str, folder: str, uids: list[int], mode: str, flags: set[str], limit: int = 0
+    ) -> dict[int, frozenset[str] | None]:
+        """STORE FLAGS / +FLAGS / -FLAGS (``mode`` set, add, remove), atomically per message in
+        Redis (R-MBX-3): two clients adding different flags at once both keep theirs, where
+        writing a set computed from a session's copy lost one. Returns each message's flags
+        afterwards, None where it no longer exists; a message that would pass ``limit`` flags
+        is left as it was (its flags are returned and :data:`FLAG_LIMIT` is among them)."""
+        if not uids:
+            return {}
+        prefix = keys.mailbox_message_prefix(mailbox, folder)
+        rows = await self._change_flags(
+            keys=[prefix + str(uid) for uid in uids], args=[mode, limit, *sorted(flags)]
+        )
+        out: dict[int, frozenset[str] | None] = {}
+        for uid, row in zip(uids, rows, strict=True):
+            if row == _GONE:
+                out[uid] = None
+            else:
+                out[uid] = frozenset(f for f in str(row).split(" ") if f)
+        return out
 
     async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

@@ -23,7 +23,7 @@ from nats.errors import Error as NatsError
 from rempart.common import mime as M
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import INBOX, BlobUnreadable, IndexedMessage, expunge
+from rempart.common.mailstore import FLAG_LIMIT, INBOX, BlobUnreadable, IndexedMessage, expunge
 from rempart.common.mime import quote
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
@@ -57,6 +57,7 @@ MAX_FLAGS = 50
 MAX_FOLDERS = 1000
 MAX_FOLDER_NAME = 200
 MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
+STORE_BATCH = 500  # messages per atomic flag script call
 MAX_LITERALS_PER_COMMAND = 16
 SEARCH_DECODE_LIMIT = 1024 * 1024
 DELIMITER = "/"
@@ -768,7 +769,7 @@ class ImapSession(Session):
                         await self.backend.index.store_summary(self.account, self.folder, message.uid, summary)
                 flags_changed = False
                 if sets_seen and "\\Seen" not in message.flags:
-                    message = await self._set_flags(seq, message, set(message.flags) | {"\\Seen"})
+                    message = await self._add_seen(seq, message)
                     flags_changed = True
                 parts = [self._fetch_one(item, message, data, summary) for item in items]
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
@@ -816,11 +817,14 @@ class ImapSession(Session):
             content = content[start : start + count]
         return item.response_name().encode() + b" " + literal(content)
 
-    async def _set_flags(self, seq: int, message: IndexedMessage, flags: set[str]) -> IndexedMessage:
+    async def _add_seen(self, seq: int, message: IndexedMessage) -> IndexedMessage:
         assert self.folder is not None
-        await self.backend.index.set_flags(self.account, self.folder, message.uid, flags)
+        after = await self.backend.index.change_flags(self.account, self.folder, [message.uid], "add", {"\\Seen"})
+        return self._keep_flags(seq, message, after.get(message.uid) or message.flags | {"\\Seen"})
+
+    def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str]) -> IndexedMessage:
         updated = IndexedMessage(message.uid, message.blob, message.size, message.internal_date_ms,
-                                 frozenset(flags), message.transaction_id)
+                                 flags, message.transaction_id)
         self.view[seq - 1] = updated
         return updated
 
@@ -856,22 +860,31 @@ class ImapSession(Session):
             raise ImapSyntaxError("bad STORE item")
         value = command.args[2]
         flags = self._parse_flags(value if isinstance(value, list) else [value])
-        for seq, message in selected:
-            if mode == "FLAGS":
-                new = set(flags)
-            elif mode == "+FLAGS":
-                new = set(message.flags) | flags
-            else:
-                new = set(message.flags) - flags
-            if len(new) > MAX_FLAGS:
-                raise No("[LIMIT] Too many flags")
-            if new != set(message.flags):
-                message = await self._set_flags(seq, message, new)
-            if not silent:
-                uid = f"UID {message.uid} " if command.uid else ""
-                self.out(f"* {seq} FETCH ({uid}FLAGS {_flags(message.flags)})")
+        if len(flags) > MAX_FLAGS:
+            raise No("[LIMIT] Too many flags")
+        assert self.folder is not None
+        over_limit = False
+        change = {"FLAGS": "set", "+FLAGS": "add", "-FLAGS": "remove"}[mode]
+        for start in range(0, len(selected), STORE_BATCH):
+            batch = selected[start : start + STORE_BATCH]
+            # Each message changes atomically in the index (R-MBX-3): another session's flags,
+            # set meanwhile, are kept, and the answer shows them.
+            after = await self.backend.index.change_flags(
+                self.account, self.folder, [m.uid for _, m in batch], change, flags, MAX_FLAGS)
+            for seq, message in batch:
+                now = after.get(message.uid)
+                if now is None:
+                    continue  # expunged by another session; its EXPUNGE comes with the next refresh
+                if FLAG_LIMIT in now:
+                    over_limit, now = True, now - {FLAG_LIMIT}
+                message = self._keep_flags(seq, message, now)
+                if not silent:
+                    uid = f"UID {message.uid} " if command.uid else ""
+                    self.out(f"* {seq} FETCH ({uid}FLAGS {_flags(message.flags)})")
         if selected:
-            await self.backend.publish_changed(self.account, self.folder or INBOX)
+            await self.backend.publish_changed(self.account, self.folder)
+        if over_limit:
+            raise No("[LIMIT] Too many flags")
         self.ok(command)
 
     async def _expunge(self, doomed: list[tuple[int, IndexedMessage]], announce: bool) -> None:
