@@ -38,6 +38,8 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         self.requests: list[auth_pb2.AuthenticateRequest] = []
         self.seen: set[str] = set()  # every password the admin API passed on
         self.must_enrol: set[str] = set()  # admins answered with second_factor_enrolment_required
+        self.totp_secrets: dict[str, str] = {}
+        self.app_passwords: dict[str, dict[str, str]] = {}
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
         self.requests.append(request)
@@ -54,6 +56,35 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
             return auth_pb2.TotpConfirmResponse(ok=False)
         self.must_enrol.discard(request.account)
         return auth_pb2.TotpConfirmResponse(ok=True, recovery_codes=[f"code{n}-abcde" for n in range(10)])
+
+    async def TotpEnrol(self, request: auth_pb2.TotpEnrolRequest, context: object) -> auth_pb2.TotpEnrolResponse:
+        secret = "JBSWY3DPEHPK3PXPJBSWY3DP" + str(len(self.totp_secrets)).zfill(8)
+        self.totp_secrets[request.account] = secret
+        return auth_pb2.TotpEnrolResponse(
+            secret=secret, otpauth_uri=f"otpauth://totp/Rempart:{request.account}?secret={secret}&issuer=Rempart"
+        )
+
+    async def TotpStatus(self, request: auth_pb2.TotpStatusRequest, context: object) -> auth_pb2.TotpStatusResponse:
+        return auth_pb2.TotpStatusResponse(enabled=request.account in self.totp_secrets, recovery_codes_left=10)
+
+    async def AppPasswordCreate(
+        self, request: auth_pb2.AppPasswordCreateRequest, context: object
+    ) -> auth_pb2.AppPasswordCreateResponse:
+        password = f"apppw-{request.name}-{len(self.app_passwords)}-qwertyuiop"
+        self.app_passwords.setdefault(request.account, {})[request.name] = password
+        return auth_pb2.AppPasswordCreateResponse(password=password, created=1_700_000_000.5)
+
+    async def AppPasswordList(
+        self, request: auth_pb2.AppPasswordListRequest, context: object
+    ) -> auth_pb2.AppPasswordListResponse:
+        return auth_pb2.AppPasswordListResponse(app_passwords=[
+            auth_pb2.AppPassword(name=name, created=1_700_000_000.5)
+            for name in self.app_passwords.get(request.account, {})
+        ])
+
+    async def ImportHash(self, request: auth_pb2.ImportHashRequest, context: object) -> auth_pb2.ImportHashResponse:
+        self.seen.add(request.scheme_hash)
+        return auth_pb2.ImportHashResponse(ok=True)
 
     async def SetPassword(self, request: auth_pb2.SetPasswordRequest, context: object) -> auth_pb2.SetPasswordResponse:
         self.seen.add(request.password)

@@ -24,6 +24,11 @@ from rempart.common import keys
 log = logging.getLogger(__name__)
 
 
+# Marks a setting that is a secret (R-ADM-3): write-only in the OpenAPI document; the admin API
+# answers with its count and keyed fingerprints, never its value. Every secret field carries it.
+SECRET: dict[str, Any] = {"writeOnly": True, "x-rempart-secret": True}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,7 +82,8 @@ class DnsSettings(_Section):
     srs_enabled: bool = False
     srs_bypass: list[str] = Field(default_factory=list)
     # First signs, all verify (rotation); empty = a key derived from REMPART_SECRET_KEY.
-    srs_secrets: list[str] = Field(default_factory=list)
+    # SECRET: write-only, the admin API never returns it (R-ADM-3).
+    srs_secrets: list[str] = Field(default_factory=list, json_schema_extra=SECRET)
     srs_domain: str = ""  # the SRS return domain; empty = the forwarding alias's own domain
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 

@@ -24,6 +24,7 @@ from rempart.admin_api import (
 from rempart.admin_api.backend import Backend, ProblemError
 from rempart.admin_api.bodylimit import BodySizeLimit
 from rempart.admin_api.models import Problem
+from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.settings import AdminApiSettings
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     )
     app.state.backend = backend
     app.state.settings = settings
+    app.state.redactor = Redactor(settings.secret_key.get_secret_value())
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.js import JetStreamContext
 
 from rempart.admin_api.models import Role
+from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.sessions import SessionStore
 from rempart.common.clients import AuthClient
 from rempart.common.config import SettingsStore
@@ -105,6 +106,14 @@ def get_backend(request: Request) -> Backend:
 
 
 BackendDep = Annotated[Backend, Depends(get_backend)]
+
+
+def get_redactor(request: Request) -> Redactor:
+    redactor: Redactor = request.app.state.redactor
+    return redactor
+
+
+RedactorDep = Annotated[Redactor, Depends(get_redactor)]
 _bearer = HTTPBearer(auto_error=False, description="Session token from POST /v1/auth/login")
 
 

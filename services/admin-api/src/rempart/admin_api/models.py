@@ -2,16 +2,17 @@
 
 Every client-supplied string and list has a bound. Secrets arrive as ``SecretStr`` (write-only
 in the OpenAPI document, masked in reprs); no response model has a field that could carry a
-password, a hash or a token, except :class:`LoginResponse`.
+password, a hash or a token, except :class:`LoginResponse` and the shown-once creations.
+Secret settings are answered as summaries (:mod:`rempart.admin_api.redaction`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
-from rempart.common.config import MailSettings
+from rempart.admin_api.redaction import MailSettingsView, SecretSummary
 
 Role = Literal["user", "domain_admin", "superadmin"]
 
@@ -131,9 +132,27 @@ class AliasOut(BaseModel):
 
 
 # Settings -----------------------------------------------------------------------------------
-class ServerSettingsOut(BaseModel):
+# The effective server settings, every secret shown as a SecretSummary (R-ADM-3).
+ServerSettingsOut: type[BaseModel] = create_model(
+    "ServerSettingsOut",
+    __doc__="The effective server settings (defaults merged); secrets appear only as summaries.",
+    version=(int, ...),
+    settings=(MailSettingsView, ...),
+)
+
+
+class SrsRotation(_Body):
+    """Rotate the SRS keys without anyone reading them: a new random key signs from now on."""
+
+    keep_previous: int = Field(
+        default=1, ge=0, le=4,
+        description="How many of the current keys keep verifying (bounces to addresses signed before).",
+    )
+
+
+class SecretRotated(BaseModel):
     version: int
-    settings: MailSettings
+    srs_secrets: SecretSummary
 
 
 class ScopedSettingsOut(BaseModel):

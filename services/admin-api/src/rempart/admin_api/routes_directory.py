@@ -20,6 +20,7 @@ from rempart.admin_api.backend import (
     BackendDep,
     Principal,
     ProblemError,
+    RedactorDep,
     SuperadminDep,
     forbidden,
     not_found,
@@ -44,6 +45,7 @@ from rempart.admin_api.models import (
     ScopedSettingsOut,
 )
 from rempart.admin_api.passwords import set_password
+from rempart.admin_api.redaction import Redactor, keep_unchanged_secrets
 from rempart.common import keys
 from rempart.common.config import MailSettings, deep_merge
 from rempart.common.directory import Account, DirectoryError, normalize_address, split_address, valid_domain_name
@@ -103,9 +105,17 @@ def settings_problem(exc: ValueError) -> ProblemError:
     return ProblemError(422, "Invalid settings", violations)
 
 
-async def scoped_out(backend: Backend, scope: str) -> ScopedSettingsOut:
+async def scoped_out(backend: Backend, redactor: Redactor, scope: str) -> ScopedSettingsOut:
     version = await backend.store.version()
-    return ScopedSettingsOut(scope=scope, version=version, settings=await backend.store.get_doc(scope))
+    doc = await backend.store.get_doc(scope)
+    return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(doc))
+
+
+async def replace_scoped(backend: Backend, redactor: Redactor, scope: str, doc: dict[str, Any]) -> ScopedSettingsOut:
+    """PUT of a domain's or an account's overrides; secrets left out or echoed keep their value."""
+    doc = keep_unchanged_secrets(doc, await backend.store.get_doc(scope), replace=True)
+    version = await put_scoped(backend, scope, doc)
+    return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(doc))
 
 
 async def put_scoped(backend: Backend, scope: str, doc: dict[str, Any]) -> int:
@@ -174,23 +184,25 @@ async def delete_domain(
 
 @router.get("/v1/domains/{domain}/settings", operation_id="getDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_READ)
-async def get_domain_settings(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> ScopedSettingsOut:
+async def get_domain_settings(
+    domain: DomainPath, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
+) -> ScopedSettingsOut:
     name = await domain_or_404(backend, principal, domain)
-    scope = f"domain:{name}"
-    return await scoped_out(backend, scope)
+    return await scoped_out(backend, redactor, f"domain:{name}")
 
 
 @router.put("/v1/domains/{domain}/settings", operation_id="putDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_WRITE)
 async def put_domain_settings(
-    domain: DomainPath, doc: SettingsBody, request: Request, principal: SuperadminDep, backend: BackendDep
+    domain: DomainPath, doc: SettingsBody, request: Request, principal: SuperadminDep, backend: BackendDep,
+    redactor: RedactorDep,
 ) -> ScopedSettingsOut:
     # Superadmin only: a domain's hard limits (R-LIM-1) bind its own admins too.
     name = await domain_or_404(backend, principal, domain)
     scope = f"domain:{name}"
-    version = await put_scoped(backend, scope, doc)
+    out = await replace_scoped(backend, redactor, scope, doc)
     await record_change(backend, request, principal.address, "domain_settings_changed", name, scope)
-    return ScopedSettingsOut(scope=scope, version=version, settings=doc)
+    return out
 
 
 # Accounts -----------------------------------------------------------------------------------
@@ -301,22 +313,24 @@ async def reset_password(
 
 @router.get("/v1/accounts/{address}/settings", operation_id="getAccountSettings", response_model=ScopedSettingsOut,
             tags=["accounts"], responses=R_READ)
-async def get_account_settings(address: AddressPath, principal: AdminDep, backend: BackendDep) -> ScopedSettingsOut:
+async def get_account_settings(
+    address: AddressPath, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
+) -> ScopedSettingsOut:
     account = await account_or_404(backend, principal, address)
-    scope = f"account:{account.address}"
-    return await scoped_out(backend, scope)
+    return await scoped_out(backend, redactor, f"account:{account.address}")
 
 
 @router.put("/v1/accounts/{address}/settings", operation_id="putAccountSettings", response_model=ScopedSettingsOut,
             tags=["accounts"], responses=R_WRITE)
 async def put_account_settings(
-    address: AddressPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep
+    address: AddressPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep,
+    redactor: RedactorDep,
 ) -> ScopedSettingsOut:
     account = await account_or_404(backend, principal, address)
     scope = f"account:{account.address}"
-    version = await put_scoped(backend, scope, doc)
+    out = await replace_scoped(backend, redactor, scope, doc)
     await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope)
-    return ScopedSettingsOut(scope=scope, version=version, settings=doc)
+    return out
 
 
 @router.get("/v1/accounts/{address}/counters", operation_id="getAccountCounters", response_model=Counters,

@@ -10,7 +10,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError
 from nats.js.errors import NotFoundError
 
-from rempart.admin_api.backend import Backend, BackendDep, SuperadminDep
+from rempart.admin_api.backend import Backend, BackendDep, RedactorDep, SuperadminDep
 from rempart.admin_api.models import MAX_ADDRESS, MAX_EVENTS, EventList, EventOut, Problem
 from rempart.common.events import EVENTS_STREAM
 from rempart.common.pb.events.v1 import events_pb2
@@ -37,6 +37,7 @@ async def _get(backend: Backend, seq: int) -> tuple[int, Any | None]:
 async def list_events(
     principal: SuperadminDep,
     backend: BackendDep,
+    redactor: RedactorDep,
     area: Filter = None,
     what: Filter = None,
     client_ip: Filter = None,
@@ -64,7 +65,9 @@ async def list_events(
                 continue
             if any(value is not None and getattr(event, name) != value for name, value in wanted.items()):
                 continue
-            out.append(EventOut(seq=msg_seq, **MessageToDict(event, preserving_proto_field_name=True)))
+            fields = MessageToDict(event, preserving_proto_field_name=True)
+            fields["attributes"] = redactor.attributes(dict(event.attributes))  # R-ADM-3
+            out.append(EventOut(seq=msg_seq, **fields))
             if len(out) == limit:
                 return EventList(events=out, next_before=msg_seq if msg_seq > first else None)
         seq = low - 1
