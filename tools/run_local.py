@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     # A throwaway stack (DESIGN.md "Running it"): every run starts from empty Redis and NATS,
     # so the printed credentials are the ones that work.
     shutil.rmtree(workdir, ignore_errors=True)
-    stack = Stack(workdir=workdir, fixed_ports=not args.free_ports)
+    stack = Stack(workdir=workdir, fixed_ports=not args.free_ports, relay=True)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     try:
-        print("Starting Redis, NATS JetStream and the five services...", flush=True)
+        print("Starting Redis, NATS JetStream, the five services and the outbound relay...", flush=True)
         stack.start()
         demo = bootstrap_demo(stack)
         p = stack.ports

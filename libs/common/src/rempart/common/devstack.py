@@ -32,13 +32,13 @@ SERVICES = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api")
 # process gone within 10 s of Ctrl-C.
 SERVICE_STOP_GRACE = 6.0
 SERVER_STOP_GRACE = 2.0
-MODULES = {name: "rempart." + name.replace("-", "_") for name in SERVICES}
+MODULES = {name: "rempart." + name.replace("-", "_") for name in SERVICES} | {"relay": "rempart.smtp_edge.relay"}
 
 FIXED_PORTS = {
     "policy.grpc": 50051, "auth.grpc": 50052, "smtp-edge.smtp": 2525, "smtp-edge.submission": 2587,
     "smtp-edge.smtps": 2465, "imap-pop.imap": 2143, "imap-pop.imaps": 2993, "imap-pop.pop3": 2110,
     "imap-pop.pop3s": 2995, "admin-api.http": 8080, "smtp-edge.ops": 9101, "imap-pop.ops": 9102,
-    "policy.ops": 9103, "auth.ops": 9104, "admin-api.ops": 9105,
+    "policy.ops": 9103, "auth.ops": 9104, "admin-api.ops": 9105, "relay.ops": 9106,
 }
 
 
@@ -72,6 +72,9 @@ class Stack:
     cert_file: str = ""
     key_file: str = ""
     interrupted: bool = False
+    # The outbound relay (mail to other domains leaves): on for `make run`; off for the e2e
+    # tests, which start their own relay against loopback MX hosts.
+    relay: bool = False
 
     def interrupt(self) -> None:
         """Make a start in progress give up at its next step (from a signal handler)."""
@@ -89,10 +92,11 @@ class Stack:
         self.nats = start_nats(self.workdir / "nats")
         pair = write_self_signed(self.workdir / "tls", [self.hostname, "localhost", "127.0.0.1"])
         self.cert_file, self.key_file = pair.cert_file, pair.key_file
-        for name in SERVICES:
+        names = SERVICES + (("relay",) if self.relay else ())
+        for name in names:
             self.check_interrupted()
             self.start_service(name)
-        self.wait_ready()
+        self.wait_ready(names=names)
 
     def env_for(self, name: str) -> dict[str, str]:
         p = self.ports
