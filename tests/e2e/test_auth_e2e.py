@@ -36,7 +36,7 @@ from rempart.imap_pop import replies as imap_replies
 from rempart.smtp_edge import replies as smtp_replies
 
 # SPEC R-LOG-4, word for word.
-POP3_LOGIN_FAILED = "-ERR Unknown user or incorrect password"
+POP3_LOGIN_FAILED = "-ERR [AUTH] Unknown user or incorrect password"
 IMAP_LOGIN_FAILED = "NO [AUTHENTICATIONFAILED] Authentication failed."
 SMTP_AUTH_FAILED_CODE = 535
 SCRAM = "SCRAM-SHA-256"

@@ -270,7 +270,8 @@ async def test_r_tls_2_login_before_starttls_from_untrusted_address_never_reache
 
 
 async def test_slow_loris_one_byte_per_second_cut_by_idle_timeout(start_service) -> None:  # type: ignore[no-untyped-def]
-    service = await start_service(imap_idle_timeout_seconds=1.5, pop3_idle_timeout_seconds=1.5)
+    service = await start_service(imap_idle_timeout_seconds=1.5, pop3_idle_timeout_seconds=1.5,
+                                  preauth_timeout_seconds=1.5)
 
     def trickle(port: int, first: bytes, payload: bytes, stop: bytes) -> tuple[list[bytes], float]:
         raw = raw_connect(port)

@@ -466,3 +466,54 @@ async def test_r_mbx_3_concurrent_flag_storms_lose_nothing(service) -> None:  # 
     await asyncio.gather(*(asyncio.to_thread(add_many, p) for p in ("$a", "$b")))
     [message] = await service.backend.index.messages(BOB, "INBOX")
     assert message.flags == {f"{p}{n}" for p in ("$a", "$b") for n in range(20)}
+
+
+async def test_r_mbx_7_append_keeps_the_client_date_and_copy_keeps_it_too(service) -> None:  # type: ignore[no-untyped-def]
+    def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        client = raw_login(service.ports["imap"])
+        message = simple_message("Dated")
+        client.send(b'p APPEND INBOX (\\Seen) " 5-Nov-2024 09:08:07 +0200" {%d+}\r\n' % len(message) + message + b"\r\n")
+        appended = client.until(b"p ")
+        client.send(b"q SELECT INBOX\r\nr COPY 1 INBOX\r\nr2 NOOP\r\ns FETCH 1:2 INTERNALDATE\r\n")
+        client.until(b"r2 ")
+        dates = client.until(b"s ")
+        client.send(b't APPEND INBOX "31-Feb-2024 09:08:07 +0200" {1+}\r\nx\r\n')
+        bad = client.until(b"t ")
+        client.sock.close()
+        return appended, dates, bad
+
+    appended, dates, bad = await asyncio.to_thread(run)
+    assert appended[-1].startswith(b"p OK [APPENDUID ")
+    # Kept as the instant it names, shown in UTC: 09:08:07 at +0200 is 07:08:07 +0000.
+    assert dates[:2] == [b'* 1 FETCH (INTERNALDATE "05-Nov-2024 07:08:07 +0000")',
+                         b'* 2 FETCH (INTERNALDATE "05-Nov-2024 07:08:07 +0000")']
+    assert bad[-1].startswith(b"t BAD")
+
+
+async def test_idle_sends_a_keepalive_before_load_balancers_cut_it(start_service) -> None:  # type: ignore[no-untyped-def]
+    service = await start_service(idle_keepalive_seconds=0.3, idle_poll_seconds=0.1)
+
+    def run() -> list[bytes]:
+        client = raw_login(service.ports["imap"])
+        client.send(b"s SELECT INBOX\r\ni IDLE\r\n")
+        client.until(b"+ ")
+        lines = [client.line(), client.line()]
+        client.send(b"DONE\r\n")
+        lines += client.until(b"i ")
+        client.sock.close()
+        return lines
+
+    assert await asyncio.to_thread(run) == [b"* OK Still here", b"* OK Still here", b"i OK IDLE terminated"]
+
+
+async def test_a_connection_that_never_logs_in_is_cut_after_the_preauth_timeout(start_service) -> None:  # type: ignore[no-untyped-def]
+    service = await start_service(preauth_timeout_seconds=0.5)
+
+    def run() -> tuple[bytes, bytes, bool]:
+        client = raw_connect(service.ports["imap"])
+        greeting = client.line()
+        bye = client.line()
+        return greeting, bye, client.closed()
+
+    greeting, bye, closed = await asyncio.to_thread(run)
+    assert greeting.startswith(b"* OK") and bye.startswith(b"* BYE") and closed

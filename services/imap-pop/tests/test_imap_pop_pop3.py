@@ -42,7 +42,7 @@ async def test_r_log_4_pop3_login_ok_and_same_failure_text(service) -> None:  # 
     wrong = await asyncio.to_thread(attempt, port, BOB, "nope")
     unknown = await asyncio.to_thread(attempt, port, "ghost@example.org", "nope")
     assert ok.startswith("+OK")
-    assert wrong == unknown == R.POP3_AUTH_FAILED == "-ERR Unknown user or incorrect password"
+    assert wrong == unknown == R.POP3_AUTH_FAILED == "-ERR [AUTH] Unknown user or incorrect password"
     checks = [r for r in service.policy.requests if r.stage == policy_pb2.STAGE_AUTH]
     assert [(r.auth_login, r.auth_success, r.session.protocol) for r in checks] == [
         (BOB, True, policy_pb2.PROTOCOL_POP3), (BOB, False, policy_pb2.PROTOCOL_POP3),

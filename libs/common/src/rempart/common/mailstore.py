@@ -91,8 +91,11 @@ class MessageStore:
         subject: str = MAIL_ACCEPTED_SUBJECT,
         transaction_id: str = "",
         remote_senders: dict[str, str] | None = None,
+        internal_date_ms: int = 0,
     ) -> tuple[events_pb2.DeliveryRecord, int]:
-        """Store durably; returns the record and its stream sequence. Raises on any failure."""
+        """Store durably; returns the record and its stream sequence. Raises on any failure.
+
+        ``internal_date_ms`` is the message's INTERNALDATE when not now (IMAP APPEND's date)."""
         blob = await self.put_blob(data, transaction_id)
         record = events_pb2.DeliveryRecord(
             transaction_id=blob,
@@ -101,7 +104,7 @@ class MessageStore:
             mail_from=mail_from,
             local_mailboxes=sorted(set(local_mailboxes)),
             remote_recipients=remote_recipients,
-            received_unix_ms=int(time.time() * 1000),
+            received_unix_ms=internal_date_ms or int(time.time() * 1000),
             client_ip=client_ip,
             authenticated_account=authenticated_account,
             dsn=dsn or {},
@@ -119,7 +122,7 @@ class MessageStore:
         return record, int(ack.seq)
 
     async def append(
-        self, mailbox: str, folder: str, data: bytes, flags: list[str]
+        self, mailbox: str, folder: str, data: bytes, flags: list[str], internal_date_ms: int = 0
     ) -> tuple[events_pb2.DeliveryRecord, int]:
         """IMAP APPEND: the same durable path as SMTP, for one mailbox and folder."""
         return await self.accept(
@@ -130,6 +133,7 @@ class MessageStore:
             folder=folder,
             flags=flags,
             subject=MAIL_APPENDED_SUBJECT,
+            internal_date_ms=internal_date_ms,
         )
 
     async def record_expunge(self, mailbox: str, folder: str, transaction_ids: list[str]) -> None:

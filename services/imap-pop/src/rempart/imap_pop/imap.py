@@ -100,6 +100,10 @@ class ImapSession(Session):
     def out(self, line: str | bytes) -> None:
         self.stream.write((line.encode("utf-8") if isinstance(line, str) else line) + b"\r\n")
 
+    def _command_timeout(self) -> float:
+        settings = self.backend.settings
+        return settings.imap_idle_timeout_seconds if self.account else settings.preauth_timeout_seconds
+
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
                 "UNSELECT", "CHILDREN", "SPECIAL-USE"]
@@ -140,7 +144,7 @@ class ImapSession(Session):
                     )
                 try:
                     # One deadline for the whole command, literals included (slow-loris).
-                    async with asyncio.timeout(self.backend.settings.imap_idle_timeout_seconds):
+                    async with asyncio.timeout(self._command_timeout()):
                         command = await self._next_command()
                 except TimeoutError:
                     await self.stream.send(R.IMAP_BYE_AUTOLOGOUT.encode() + b"\r\n")
@@ -581,7 +585,8 @@ class ImapSession(Session):
         messages = await self.backend.index.messages(self.account, old)
         for message in messages:
             data = await self._content(message)
-            record, _ = await self.backend.store.append(self.account, new, data, sorted(message.flags))
+            record, _ = await self.backend.store.append(self.account, new, data, sorted(message.flags),
+                                                        message.internal_date_ms)
             await self.backend.index.apply(record, M.summarize(data))
         await expunge(self.backend.store, self.backend.index, self.account, old, messages)
 
@@ -606,15 +611,18 @@ class ImapSession(Session):
             raise ImapSyntaxError("APPEND needs a mailbox and a literal")
         folder = self._folder_name(args[0])
         flags: list[str] = []
+        internal_date_ms = 0
         for extra in args[1:-1]:
             if isinstance(extra, list):
                 flags = sorted(self._parse_flags(extra))
-            elif not isinstance(extra, str) or not _parse_datetime(extra):
+            elif isinstance(extra, str) and (parsed := _parse_datetime(extra)) is not None:
+                internal_date_ms = parsed
+            else:
                 raise ImapSyntaxError("bad APPEND argument")
         data = args[-1]
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[TRYCREATE] No such mailbox")
-        record, _ = await self.backend.store.append(self.account, folder, data, flags)
+        record, _ = await self.backend.store.append(self.account, folder, data, flags, internal_date_ms)
         uids = await self.backend.index.apply(record, M.summarize(data))
         status = await self.backend.index.status(self.account, folder)
         await self.backend.publish_changed(self.account, folder)
@@ -627,6 +635,7 @@ class ImapSession(Session):
         self.changed.clear()
         settings = self.backend.settings
         deadline = asyncio.get_running_loop().time() + settings.imap_idle_timeout_seconds
+        keepalive_at = asyncio.get_running_loop().time() + settings.idle_keepalive_seconds
         line_task = asyncio.ensure_future(self.stream.readline(R.MAX_LINE))
         self.waiting_for_command = True
         try:
@@ -648,6 +657,9 @@ class ImapSession(Session):
                 self.changed.clear()
                 if line_task in done:
                     break
+                if asyncio.get_running_loop().time() >= keepalive_at:
+                    self.out(R.IMAP_IDLE_KEEPALIVE)
+                    keepalive_at = asyncio.get_running_loop().time() + settings.idle_keepalive_seconds
         finally:
             self.waiting_for_command = False
             if not line_task.done():
@@ -931,7 +943,9 @@ class ImapSession(Session):
         source_uids, target_uids = [], []
         for _, message in selected:
             data = await self._content(message)
-            record, _ = await self.backend.store.append(self.account, target, data, sorted(message.flags))
+            # RFC 3501 6.4.7: the copy keeps its flags and internal date.
+            record, _ = await self.backend.store.append(self.account, target, data, sorted(message.flags),
+                                                        message.internal_date_ms)
             uids = await self.backend.index.apply(record, M.summarize(data))
             source_uids.append(message.uid)
             target_uids.append(uids[self.account])
@@ -991,10 +1005,14 @@ def _parse_date(text: str) -> datetime.date | None:
         return None
 
 
-def _parse_datetime(text: str) -> bool:
-    """An APPEND date-time is only checked: the index keeps the arrival time."""
-    parts = text.strip().split(" ")
-    return len(parts) == 3 and _parse_date(parts[0]) is not None
+def _parse_datetime(text: str) -> int | None:
+    """An APPEND date-time (RFC 3501 9: ``"dd-Mon-yyyy hh:mm:ss +zzzz"``, day possibly
+    space-padded) as Unix milliseconds; it becomes the message's INTERNALDATE (R-MBX-7)."""
+    try:
+        moment = datetime.datetime.strptime(" ".join(text.split()), "%d-%b-%Y %H:%M:%S %z")
+    except ValueError:
+        return None
+    return int(moment.timestamp() * 1000)
 
 
 class _Query:

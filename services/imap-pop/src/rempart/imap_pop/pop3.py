@@ -67,7 +67,10 @@ class Pop3Session(Session):
                 return
             self.waiting_for_command = True
             try:
-                async with asyncio.timeout(self.backend.settings.pop3_idle_timeout_seconds):
+                settings = self.backend.settings
+                async with asyncio.timeout(
+                    settings.pop3_idle_timeout_seconds if self.account else settings.preauth_timeout_seconds
+                ):
                     line = await self.stream.readline(R.MAX_LINE)
             except TimeoutError:
                 await self.stream.send(R.POP3_AUTOLOGOUT.encode() + b"\r\n")

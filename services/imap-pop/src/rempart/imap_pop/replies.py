@@ -19,7 +19,9 @@ IMAP_LINE_TOO_LONG = "* BAD Line too long"
 
 # POP3 (RFC 1939, RFC 2449 CAPA, RFC 3206 response codes)
 POP3_GREETING = "+OK Rempart POP3 ready"
-POP3_AUTH_FAILED = "-ERR Unknown user or incorrect password"
+# RFC 3206 5: AUTH-RESP-CODE is advertised, so a credentials failure says [AUTH]; the text
+# after it is the guide's (R-LOG-4), the same whether the user exists or not.
+POP3_AUTH_FAILED = "-ERR [AUTH] Unknown user or incorrect password"
 POP3_TEMPFAIL = "-ERR [SYS/TEMP] Temporary failure, try later"
 POP3_PLAINTEXT_DISALLOWED = "-ERR [AUTH] Plaintext authentication disallowed on non-secure connections"
 POP3_SHUTDOWN = "-ERR [SYS/TEMP] Server shutting down"
@@ -35,3 +37,4 @@ POP3_LINE_TOO_LONG = "-ERR Line too long"
 MAX_BAD_COMMANDS = 10
 MAX_LINE = 8192
 MAX_LITERAL = 64 * 1024
+IMAP_IDLE_KEEPALIVE = "* OK Still here"

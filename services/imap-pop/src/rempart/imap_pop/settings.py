@@ -20,6 +20,12 @@ class Settings(EdgeSettings):
     # (slow-loris) is cut when it runs out, not kept alive by each byte.
     imap_idle_timeout_seconds: float = Field(default=1800.0, gt=0)
     pop3_idle_timeout_seconds: float = Field(default=600.0, gt=0)
+    # Before login a client has no claim on those minutes: a connection that never logs in
+    # holds a session slot this long at most (both protocols).
+    preauth_timeout_seconds: float = Field(default=60.0, gt=0)
+    # IDLE keepalive: an untagged OK this often, so that load balancers and NAT with idle
+    # timeouts (AWS NLB: 350 s) do not cut an IDLE silently.
+    idle_keepalive_seconds: float = Field(default=120.0, gt=0)
     # After a closing error (too many bad commands, a lost command stream), keep reading and
     # dropping input this long so the client reads our last line instead of a TCP reset.
     linger_seconds: float = Field(default=1.0, ge=0)
