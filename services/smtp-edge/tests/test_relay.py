@@ -62,7 +62,18 @@ class SinkHandler:
     received: list[Received] = field(default_factory=list)
     rcpt_seen: list[str] = field(default_factory=list)
     sessions: int = 0
+    open_transactions: int = 0  # between MAIL and the reply to the dot
+    max_open_transactions: int = 0
     in_data: asyncio.Event = field(default_factory=asyncio.Event)
+    data_delay: float = 0.0
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        self.open_transactions += 1
+        self.max_open_transactions = max(self.max_open_transactions, self.open_transactions)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -76,10 +87,18 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        try:
+            return await self._data(server, session, envelope)
+        finally:
+            self.open_transactions -= 1
+
+    async def _data(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.in_data.set()
         if self.data_hold is not None:
             await self.data_hold.wait()
             return "451 4.3.0 held"
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.data_replies:
             reply = self.data_replies.pop(0)
             if not reply.startswith("2"):
@@ -419,6 +438,19 @@ async def test_r_lim_6_at_most_100_recipients_per_connection(
         assert sorted(len(r) for r in remote.connections()) == [50, 100, 100]
         assert remote.handler.sessions == 3
         assert sorted(r for got in remote.connections() for r in got) == recipients
+
+
+async def test_r_out_4_connections_per_destination_domain_limited(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, store: MessageStore) -> None:
+    await configure(redis, max_connections_per_domain=2)
+    handler = SinkHandler(data_delay=0.2)
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink(handler=handler) as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port):
+            for i in range(8):
+                await store.accept(MESSAGE, mail_from="alice@example.org", local_mailboxes=[],
+                                   remote_recipients=[f"u{i}@remote.test"])
+            await eventually(lambda: len(remote.handler.received) == 8, what="eight deliveries")
+    assert remote.handler.max_open_transactions == 2
 
 
 async def test_r_out_1_smarthost_with_auth_over_starttls(
