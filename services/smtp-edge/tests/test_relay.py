@@ -336,6 +336,7 @@ async def test_r_out_2_permanent_failure_bounces_dsn_to_local_sender(
     assert dsn.get_content_type() == "multipart/report"
     assert dsn.get_param("report-type") == "delivery-status"
     assert dsn["To"].addresses[0].addr_spec == "alice@example.org" and dsn["Auto-Submitted"] == "auto-replied"
+    assert dsn["Return-Path"] == "<>"
     (block,) = delivery_status(dsn)
     assert block["Final-Recipient"] == "rfc822; nobody@remote.test"
     assert block["Original-Recipient"] == "rfc822;nobody@remote.test"

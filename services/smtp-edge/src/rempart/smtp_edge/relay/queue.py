@@ -428,6 +428,9 @@ class RelayQueue:
         if not local and not remote:
             log.warning("DSN dropped: the local sender no longer exists", extra={"to": to, "dsn": transaction_id})
             return
+        if local:
+            # R-TLS-5: Return-Path at final delivery; a DSN's envelope sender is empty.
+            message = b"Return-Path: <>\r\n" + message
         record, _seq = await self.store.accept(
             message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
         if local:
