@@ -10,6 +10,7 @@ reconnecting to a server that is already gone. :meth:`Stack.stop` is bounded by
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,13 +78,33 @@ class Stack:
     # tests, which start their own relay against loopback MX hosts.
     relay: bool = False
 
+    _raise_on_interrupt: bool = field(default=False, repr=False)
+
     def interrupt(self) -> None:
-        """Make a start in progress give up at its next step (from a signal handler)."""
+        """Make a start in progress give up (called from a signal handler).
+
+        While the start only polls over HTTP (readiness, the demo accounts), this raises
+        :class:`StackInterrupted` at once, out of whatever call is waiting; elsewhere the start
+        gives up at its next step, so that no process it is launching escapes :meth:`stop`.
+        """
         self.interrupted = True
+        if self._raise_on_interrupt:
+            self._raise_on_interrupt = False
+            raise StackInterrupted("interrupted while starting")
 
     def check_interrupted(self) -> None:
         if self.interrupted:
             raise StackInterrupted("interrupted while starting")
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch of polling that a signal may cut short (see :meth:`interrupt`)."""
+        self.check_interrupted()
+        self._raise_on_interrupt = True
+        try:
+            yield
+        finally:
+            self._raise_on_interrupt = False
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,17 +191,17 @@ class Stack:
         deadline = time.monotonic() + timeout
         pending = list(names)
         last = ""
-        while pending and time.monotonic() < deadline:
-            self.check_interrupted()
-            for name in list(pending):
-                proc = self.procs[name]
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.workdir / (name + '.log')}:\n"
-                                       + self.log_tail(name))
-                ok, last = self.ready(name)
-                if ok:
-                    pending.remove(name)
-            time.sleep(0.2)
+        with self.interruptible():
+            while pending and time.monotonic() < deadline:
+                for name in list(pending):
+                    proc = self.procs[name]
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}; see "
+                                           f"{self.workdir / (name + '.log')}:\n" + self.log_tail(name))
+                    ok, last = self.ready(name)
+                    if ok:
+                        pending.remove(name)
+                time.sleep(0.2)
         if pending:
             raise TimeoutError(f"not ready after {timeout}s: {pending}; last: {last}\n"
                                + "\n".join(self.log_tail(n) for n in pending))
@@ -331,11 +353,15 @@ class AdminApi:
 
 def bootstrap_demo(stack: Stack, domain: str = "example.test") -> dict[str, str]:
     """Log in as the bootstrap admin; create the demo domain and two users."""
+    with stack.interruptible():
+        return _create_demo(stack, domain)
+
+
+def _create_demo(stack: Stack, domain: str) -> dict[str, str]:
     api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
     # The admin API creates the bootstrap admin in the background once auth answers: poll.
     deadline = time.monotonic() + 60
     while True:
-        stack.check_interrupted()
         try:
             api.login(stack.admin_email, stack.admin_password)
             break
