@@ -74,3 +74,17 @@ def test_search_text_decodes_quoted_printable_and_charsets() -> None:
             b"Content-Transfer-Encoding: quoted-printable\r\n\r\nCaf=E9 cr=E8me\r\n")
     assert "café crème" in M.text_for_search(data, body_only=True).casefold()
     assert "subject: qp" in M.text_for_search(data, body_only=False).casefold()
+
+
+def test_r_mbx_7_envelope_shows_raw_utf8_headers_and_replaces_only_invalid_bytes() -> None:
+    data = "From: José <jose@example.org>\r\nSubject: Café crème\r\n\r\nbody\r\n".encode()
+    envelope = M.summarize(data).envelope
+    assert '{12}\r\nCafé crème' in envelope and "{5}\r\nJosé NIL" in envelope
+    broken = M.summarize(b"Subject: x\xffy\r\n\r\nbody\r\n").envelope
+    assert "{5}\r\nx\ufffdy" in broken  # one bad byte, one U+FFFD; the rest intact
+
+
+def test_r_mbx_7_encoded_words_decoded_for_matching() -> None:
+    assert M.decode_words("=?iso-8859-1?q?Caf=E9?= et =?utf-8?b?Y3LDqG1l?=") == "Café et crème"
+    assert M.decode_words("=?x-unknown?q?abc?=") == "abc"
+    assert M.decode_words("plain") == "plain"

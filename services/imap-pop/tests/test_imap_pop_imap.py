@@ -517,3 +517,21 @@ async def test_a_connection_that_never_logs_in_is_cut_after_the_preauth_timeout(
 
     greeting, bye, closed = await asyncio.to_thread(run)
     assert greeting.startswith(b"* OK") and bye.startswith(b"* BYE") and closed
+
+
+async def test_r_mbx_7_search_finds_utf8_and_encoded_word_subjects(service) -> None:  # type: ignore[no-untyped-def]
+    await service.deliver("Subject: Café au lait\r\n\r\nraw utf-8\r\n".encode())
+    await service.deliver(b"Subject: =?iso-8859-1?q?Caf=E9_noir?=\r\n\r\nencoded word\r\n")
+    await service.deliver(b"Subject: Cafe sans accent\r\n\r\nascii\r\n")
+
+    def run() -> list[bytes]:
+        client = raw_login(service.ports["imap"])
+        client.send(b"s SELECT INBOX\r\n")
+        client.until(b"s ")
+        needle = "Café".encode()
+        client.send(b"t SEARCH CHARSET UTF-8 SUBJECT {%d+}\r\n" % len(needle) + needle + b"\r\n")
+        found = client.until(b"t ")
+        client.sock.close()
+        return found
+
+    assert await asyncio.to_thread(run) == [b"* SEARCH 1 2", b"t OK SEARCH completed"]

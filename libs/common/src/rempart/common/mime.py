@@ -11,18 +11,20 @@ library's parser reads each part's header fields.
 from __future__ import annotations
 
 import email
+import email.errors
+import email.header
 import email.policy
 import email.utils
 import itertools
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 
 BOUNDARY = b"\r\n\r\n"
 # A hostile message cannot make the tree deep or wide: past these, a part is a leaf.
 MAX_MIME_DEPTH = 20
 MAX_MIME_PARTS = 500
-_HEADER_PARSER = BytesHeaderParser(policy=email.policy.compat32)
+_HEADER_PARSER = HeaderParser(policy=email.policy.compat32)
 
 
 def quote(value: str | None) -> str:
@@ -30,6 +32,7 @@ def quote(value: str | None) -> str:
     if value is None:
         return "NIL"
     if any(c in value for c in "\r\n\0") or len(value) > 1000 or not value.isascii():
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         data = value.encode("utf-8")
         return f"{{{len(data)}}}\r\n" + value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -71,6 +74,26 @@ def header_fields(header: bytes, names: tuple[str, ...], exclude: bool) -> bytes
     wanted = set(names)
     kept = [raw for name, raw in header_lines(header) if (name in wanted) != exclude]
     return b"".join(kept) + b"\r\n"
+
+
+def decode_words(text: str) -> str:
+    """A header value with its RFC 2047 encoded words decoded (unknown charsets replaced)."""
+    if "=?" not in text:
+        return text
+    try:
+        words = email.header.decode_header(text)
+    except (ValueError, email.errors.HeaderParseError):
+        return text
+    out = []
+    for chunk, charset in words:
+        if isinstance(chunk, str):
+            out.append(chunk)
+            continue
+        try:
+            out.append(chunk.decode(charset or "ascii", "replace"))
+        except LookupError:
+            out.append(chunk.decode("utf-8", "replace"))
+    return "".join(out)
 
 
 def parse(data: bytes) -> Message:
@@ -118,7 +141,9 @@ def _entity(data: bytes, start: int, end: int, depth: int, budget: _Budget, defa
     else:
         blank = data.find(BOUNDARY, start, end)
         body_start = end if blank < 0 else blank + 4
-    headers = _HEADER_PARSER.parsebytes(data[start:body_start])
+    # Header fields may carry raw UTF-8 (RFC 6532): decoded as such, so ENVELOPE shows the
+    # sender's characters; bytes that are not UTF-8 stay as surrogates and become U+FFFD later.
+    headers = _HEADER_PARSER.parsestr(data[start:body_start].decode("utf-8", "surrogateescape"))
     if headers.get("Content-Type") is None:
         headers.set_default_type(default_type)
     part = MimePart(start, body_start, end, headers)

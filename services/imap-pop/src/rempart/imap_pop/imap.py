@@ -1037,8 +1037,10 @@ def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes]
         head = M.split_header(content)[0]
         for field_name, raw in M.header_lines(head):
             if field_name == name.upper():
-                text = raw.decode("utf-8", "replace").split(":", 1)[-1]
-                if needle in " ".join(text.split()).lower():
+                text = " ".join(raw.decode("utf-8", "replace").split(":", 1)[-1].split())
+                # R-MBX-7: "Café" is found whether the sender wrote it in UTF-8 (RFC 6532) or as
+                # an RFC 2047 encoded word.
+                if needle in text.lower() or needle in M.decode_words(text).lower():
                     return True
         return False
 
