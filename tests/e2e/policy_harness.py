@@ -1,6 +1,7 @@
 """What the policy e2e tests need beside the stack: a DNS server on a thread, SMTP clients bound
 to chosen loopback source addresses, settings changes that wait until the services reloaded
-them, a second policy replica, and mailbox reads over POP3.
+them, a second policy replica, mailbox reads over POP3, and IMAP clients bound to chosen loopback
+source addresses.
 
 The DNS server is :class:`rempart.common.dnsserver.LoopbackDnsServer` (real packets on
 loopback) running on its own event loop in a thread, because the e2e tests are synchronous
@@ -10,10 +11,12 @@ clients; every change to its zone or mode is made on that loop.
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import json
 import os
 import poplib
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -219,6 +222,27 @@ def submission(stack: Stack, user: str, password: str) -> smtplib.SMTP:
 
 def message(subject: str, sender: str, to: str, extra_headers: str = "", body: str = "Hello.\r\n") -> bytes:
     return f"{extra_headers}From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{body}".encode()
+
+
+# IMAP --------------------------------------------------------------------------------------------
+class SourcedImap(imaplib.IMAP4_SSL):
+    """imaplib over implicit TLS (IMAPS) from a chosen loopback source address, which imaplib
+    itself cannot bind: intrusion prevention counts per client IP."""
+
+    def __init__(self, stack: Stack, source_ip: str) -> None:
+        self.source_ip = source_ip
+        super().__init__("127.0.0.1", stack.ports["imap-pop.imaps"], ssl_context=tls_context(stack), timeout=20)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source_ip, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+def logout_quietly(client: imaplib.IMAP4) -> None:
+    try:
+        client.logout()
+    except (imaplib.IMAP4.error, OSError):
+        client.shutdown()
 
 
 # Mailboxes ---------------------------------------------------------------------------------------

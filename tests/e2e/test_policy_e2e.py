@@ -12,6 +12,7 @@ the non-DNS tests send from domains the test DNS server serves.
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import random
 import re
 import smtplib
@@ -32,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_harness import (
     DnsThread,
     SettingsWatcher,
+    SourcedImap,
     admin_for,
     data_reply,
     header_section,
+    logout_quietly,
     message,
     mx,
     quit_quietly,
@@ -583,6 +586,45 @@ def test_r_ips_3_unknown_recipients_block_ip(env: Env) -> None:
     assert ip not in blocked_ips(env.admin)
     client = mx(env.stack, ip)  # greeted (220) again
     quit_quietly(client)
+
+
+def test_r_ips_6_thunderbird_and_a_phone_behind_one_nat_stay_unblocked(env: Env) -> None:
+    """Thunderbird keeps up to 5 IMAP connections, a phone one more, and both reconnect: far more
+    than R-IPS-2's 5 connections a minute from one IP. After the first login the IP is known
+    (R-IPS-6), and none of the later connections counts."""
+    household, stranger = "127.0.0.61", "127.0.0.62"
+    user, password = env.demo["user"], env.demo["user_password"]
+    sessions: list[imaplib.IMAP4] = []
+    connections = 0
+
+    def open_session() -> None:
+        nonlocal connections
+        client = SourcedImap(env.stack, household)
+        connections += 1
+        sessions.append(client)
+        assert client.login(user, password)[0] == "OK"
+        assert client.select("INBOX")[0] == "OK"
+
+    try:
+        for _ in range(6):  # Thunderbird's cached connections and the phone's
+            open_session()
+        for _ in range(10):  # a laptop waking up, a phone changing networks: reconnects
+            logout_quietly(sessions.pop(0))
+            open_session()
+        assert connections == 16
+        assert all(client.noop()[0] == "OK" for client in sessions)
+    finally:
+        for client in sessions:
+            logout_quietly(client)
+    assert household not in blocked_ips(env.admin)
+
+    # A stranger's sixth connection within the minute, without a login, is still blocked.
+    for _ in range(5):
+        logout_quietly(SourcedImap(env.stack, stranger))
+    with pytest.raises(imaplib.IMAP4.error, match=re.escape(IPS_ACTIVE.format(ip=stranger)[10:])):
+        SourcedImap(env.stack, stranger)
+    assert blocked_ips(env.admin)[stranger]["reason"] == "R-IPS-2 connections per minute"
+    assert env.admin.call("DELETE", f"/v1/ips/blocks/{stranger}")[0] == 204
 
 
 async def _smtp_session(port: int, ip: str, recipient: str) -> str:

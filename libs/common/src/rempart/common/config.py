@@ -95,6 +95,14 @@ class IntrusionSettings(_Section):
     imap_pop: bool = True
     across_sessions: bool = True
     max_connections_per_minute: int = Field(default=5, ge=0)
+    # R-IPS-6: connections from an IP (an IPv6 prefix) where an account logged in successfully
+    # within ``login.known_ip_days`` do not count towards ``max_connections_per_minute``, so that
+    # a household's or an office's mail clients behind one NAT are never blocked by the rate.
+    # Failed logins still count and still block.
+    known_ip_exempt_from_connection_rate: bool = True
+    # R-IPS-6: IPv6 clients are counted and blocked per prefix of this length (one subscriber
+    # gets a /64 and picks addresses in it at will); 128 counts every address alone.
+    ipv6_prefix_length: int = Field(default=64, ge=32, le=128)
     max_failed_logins: int = Field(default=10, ge=0)
     failed_logins_window_minutes: int = Field(default=60, ge=1)
     max_unknown_recipients: int = Field(default=3, ge=0)

@@ -62,7 +62,8 @@ def known_login_ips(address: str) -> str:
     return f"{PREFIX}auth:knownip:{address}"
 
 
-# Intrusion prevention (R-IPS): counters per IP and trigger, and blocks.
+# Intrusion prevention (R-IPS): counters per IP and trigger, and blocks. ``ip`` is the IPS
+# subject: an IPv4 address, or for IPv6 the network address of the client's prefix (R-IPS-6).
 def ips_counter(trigger: str, ip: str) -> str:
     return f"{PREFIX}ips:cnt:{trigger}:{ip}"
 
@@ -76,6 +77,11 @@ IPS_BLOCKS = PREFIX + "ips:blocks"
 
 def ips_connections(ip: str) -> str:
     return f"{PREFIX}ips:conns:{ip}"
+
+
+def ips_known(ip: str) -> str:
+    """R-IPS-6: an account logged in successfully from this IPS subject; TTL the known-IP window."""
+    return f"{PREFIX}ips:known:{ip}"
 
 
 # Sending limits (R-LIM-1..3).

@@ -119,6 +119,27 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Ite
     return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
 
 
+def intrusion_subject(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ipv6_prefix_length: int
+) -> tuple[str, str]:
+    """R-IPS-6: what intrusion prevention counts and blocks for a client address, as
+    (subject, prefix).
+
+    An IPv4 address is its own subject, also when an IPv4-mapped IPv6 address carries it (else
+    every mapped client would share ``::ffff:0:0/96``'s one prefix). An IPv6 client picks any
+    address of its prefix at will (RFC 8981 temporary addresses, or a script walking its /64),
+    so counting per address would let it dodge every counter: its subject is the network
+    address of its prefix, a plain address so that the admin API's ``/v1/ips/blocks/{ip}`` can
+    name it, and ``prefix`` names the network (``2001:db8:1:2::/64``); "" for a single address.
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address) or ipv6_prefix_length >= 128:
+        return ip.compressed, ""
+    network = ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False)
+    return network.network_address.compressed, network.compressed
+
+
 class CheckContext:
     """One Check call: the request, the shared dependencies, and memoised facts."""
 
@@ -155,6 +176,11 @@ class CheckContext:
         self.ip = parsed
         # The canonical text form: one counter and one block per IP however the edge spells it.
         self.client_ip = parsed.compressed if parsed is not None else self.session.client_ip[:64]
+        # What intrusion prevention counts and blocks (R-IPS-6): the IP, or its IPv6 prefix.
+        self.ips_subject, self.ips_prefix = (
+            intrusion_subject(parsed, self.settings.ips.ipv6_prefix_length) if parsed is not None
+            else (self.client_ip, "")
+        )
         self.memo: dict[str, object] = {}
 
     # Session facts ----------------------------------------------------------------------------

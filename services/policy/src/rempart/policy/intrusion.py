@@ -1,10 +1,22 @@
-"""Intrusion prevention (SPEC R-IPS-1..5): counters per IP and trigger, and IP blocks.
+"""Intrusion prevention (SPEC R-IPS-1..6): counters per IP and trigger, and IP blocks.
 
 Every counter and block lives in Redis and changes only inside one Lua script, so that every
 replica of every protocol shares them and concurrent calls never double-count or double-block.
 A counter is a fixed window that starts with its first hit (``INCR`` then ``EXPIRE``). A block
 is a key with a TTL of ``block_minutes`` holding why and when, plus an entry in a sorted set
 (score = expiry) so that the admin API can list blocks without scanning the keyspace.
+
+What is counted and blocked is the client's *subject* (:func:`decision.intrusion_subject`):
+an IPv4 address, or for IPv6 the network address of the client's prefix (``ips.ipv6_prefix_length``,
+default /64, R-IPS-6), so that a client cannot dodge its counters by changing addresses inside
+its own prefix; a block of the prefix refuses every address in it.
+
+R-IPS-6: a successful login records the subject as known for ``login.known_ip_days`` (R-LOG-1's
+known-IP window). Connections from a known subject are not counted towards
+``max_connections_per_minute``: a household behind one NAT, whose mail clients keep several
+connections each and reconnect often, is never blocked by the rate. Every other trigger, failed
+logins first, still counts and blocks. The auth service's known IPs are kept per account (its
+lockout bypass); at connect no account is known yet, hence this record per subject.
 
 The admin API imports :func:`list_blocks` and :func:`unblock` from here; it publishes the
 ``ips/unblocked`` event itself after :func:`unblock` returns True.
@@ -49,10 +61,12 @@ REASON_SIMULTANEOUS = "R-IPS-3 simultaneous connections"
 
 MAX_LISTED_BLOCKS = 10000
 
-# KEYS: counter, block, blocks-zset. ARGV: window s, max, block s, block doc, ip, expires at.
-# Returns {count, newly_blocked}; count -1 when the IP was already blocked (nothing counted).
+# KEYS: counter, block, blocks-zset[, exemption]. ARGV: window s, max, block s, block doc,
+# subject, expires at. Returns {count, newly_blocked}; count -1 when the subject was already
+# blocked, 0 when the exemption key exists (nothing counted either way).
 _COUNT_AND_BLOCK = LuaScript("""
 if redis.call('EXISTS', KEYS[2]) == 1 then return {-1, 0} end
+if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then return {0, 0} end
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
 if n > tonumber(ARGV[2]) then
@@ -99,16 +113,18 @@ return {n, 0}
 
 @dataclass(frozen=True)
 class Block:
-    ip: str
+    ip: str  # the subject: an IP, or the network address of an IPv6 prefix
     reason: str
     blocked_at: float
     expires_at: float
     protocol: str = ""
     session_id: str = ""
+    prefix: str = ""  # ``2001:db8:1:2::/64`` when a whole IPv6 prefix is blocked
+    client_ip: str = ""  # the address whose call tripped the block
 
 
-async def is_blocked(redis: aioredis.Redis, ip: str) -> bool:
-    return bool(await redis.exists(keys.ips_block(ip)))
+async def is_blocked(redis: aioredis.Redis, subject: str) -> bool:
+    return bool(await redis.exists(keys.ips_block(subject)))
 
 
 async def list_blocks(redis: aioredis.Redis) -> list[Block]:
@@ -133,6 +149,8 @@ async def list_blocks(redis: aioredis.Redis) -> list[Block]:
                     expires_at=float(doc.get("expires_at", 0)),
                     protocol=str(doc.get("protocol", "")),
                     session_id=str(doc.get("session_id", "")),
+                    prefix=str(doc.get("prefix", "")),
+                    client_ip=str(doc.get("client_ip", "")),
                 )
             )
         except (ValueError, TypeError, AttributeError):
@@ -141,7 +159,9 @@ async def list_blocks(redis: aioredis.Redis) -> list[Block]:
 
 
 async def unblock(redis: aioredis.Redis, ip: str) -> bool:
-    """Remove a block and the IP's counters (so it is not re-blocked at once); True if it was blocked."""
+    """Remove a block and the subject's counters (so it is not re-blocked at once); True if it
+    was blocked. ``ip`` is the subject as :func:`list_blocks` names it (an IPv6 prefix's network
+    address). A known-IP record (R-IPS-6) stays: it says the user logged in, not that it was good."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.ips_block(ip))
         pipe.zrem(keys.IPS_BLOCKS, ip)
@@ -154,13 +174,16 @@ async def unblock(redis: aioredis.Redis, ip: str) -> bool:
 def _block_doc(ctx: CheckContext, reason: str, seconds: int) -> tuple[str, float]:
     now = time.time()
     expires = now + seconds
-    doc = {
+    doc: dict[str, str | float] = {
         "reason": reason,
         "blocked_at": now,
         "expires_at": expires,
         "protocol": policy_pb2.Protocol.Name(ctx.session.protocol),
         "session_id": ctx.session.session_id[:128],
+        "client_ip": ctx.client_ip,
     }
+    if ctx.ips_prefix:
+        doc["prefix"] = ctx.ips_prefix  # what the block covers, shown by GET /v1/ips/blocks
     return json.dumps(doc), expires
 
 
@@ -169,9 +192,11 @@ async def _announce(ctx: CheckContext, reason: str) -> None:
     ips = ctx.settings.ips
     log.warning(
         "ip blocked",
-        extra={"session": ctx.session.session_id, "client_ip": ctx.client_ip, "reason": reason},
+        extra={"session": ctx.session.session_id, "client_ip": ctx.client_ip, "reason": reason,
+               "prefix": ctx.ips_prefix},
     )
-    # Edges subscribe to this to close the IP's other connections (R-IPS-4).
+    # Edges subscribe to this to close the IP's other connections (R-IPS-4); ``prefix``, when
+    # set, is the IPv6 network the block covers (R-IPS-6).
     await ctx.events.publish(
         "ips",
         "blocked",
@@ -182,27 +207,31 @@ async def _announce(ctx: CheckContext, reason: str) -> None:
         minutes=str(ips.block_minutes),
         close_all_connections=str(ips.close_all_connections).lower(),
         instance=ctx.session.edge_instance,
+        prefix=ctx.ips_prefix,
     )
 
 
-async def count(ctx: CheckContext, trigger: str, limit: int, window_seconds: int, reason: str) -> tuple[int, bool]:
-    """Count one event for the client IP; block it when the count goes over ``limit``.
+async def count(
+    ctx: CheckContext, trigger: str, limit: int, window_seconds: int, reason: str, exemption_key: str = ""
+) -> tuple[int, bool]:
+    """Count one event for the client's subject; block it when the count goes over ``limit``.
 
-    Returns (count, newly blocked); count is -1 when the IP is already blocked. A limit of 0
-    turns the trigger off. Callers check :attr:`CheckContext.ips_applies` first.
+    Returns (count, newly blocked); count is -1 when the subject is already blocked, 0 when
+    ``exemption_key`` exists in Redis (nothing counted). A limit of 0 turns the trigger off.
+    Callers check :attr:`CheckContext.ips_applies` first.
     """
     if limit <= 0:
         return 0, False
     ips = ctx.settings.ips
+    subject = ctx.ips_subject
     # "Attempts across several sessions" (R-IPS-1) is the default; off, each session counts alone.
-    scope = ctx.client_ip if ips.across_sessions else f"{ctx.client_ip}:{ctx.session.session_id[:128]}"
+    scope = subject if ips.across_sessions else f"{subject}:{ctx.session.session_id[:128]}"
     seconds = ips.block_minutes * 60
     doc, expires = _block_doc(ctx, reason, seconds)
-    result = await _COUNT_AND_BLOCK(
-        ctx.redis,
-        [keys.ips_counter(trigger, scope), keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS],
-        [window_seconds, limit, seconds, doc, ctx.client_ip, expires],
-    )
+    script_keys = [keys.ips_counter(trigger, scope), keys.ips_block(subject), keys.IPS_BLOCKS]
+    if exemption_key:
+        script_keys.append(exemption_key)
+    result = await _COUNT_AND_BLOCK(ctx.redis, script_keys, [window_seconds, limit, seconds, doc, subject, expires])
     n, newly = int(result[0]), bool(int(result[1]))
     if newly:
         await _announce(ctx, reason)
@@ -213,8 +242,8 @@ async def block_now(ctx: CheckContext, reason: str) -> bool:
     """Block the client IP at once (threshold triggers: spam score, message size)."""
     seconds = ctx.settings.ips.block_minutes * 60
     doc, expires = _block_doc(ctx, reason, seconds)
-    block_keys = [keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS]
-    newly = bool(await _BLOCK(ctx.redis, block_keys, [seconds, doc, ctx.client_ip, expires]))
+    block_keys = [keys.ips_block(ctx.ips_subject), keys.IPS_BLOCKS]
+    newly = bool(await _BLOCK(ctx.redis, block_keys, [seconds, doc, ctx.ips_subject, expires]))
     if newly:
         await _announce(ctx, reason)
     return newly
@@ -251,17 +280,34 @@ def _counter_window(ctx: CheckContext) -> int:
 # Rules, one per trigger ---------------------------------------------------------------------
 async def screen_connection(ctx: CheckContext) -> Decision | None:
     """R-IPS-4 and R-IPS-2 at connect, in one round trip: a blocked IP is refused; more than
-    ``max_connections_per_minute`` connections in 60 s blocks the IP."""
+    ``max_connections_per_minute`` connections in 60 s blocks the IP, unless an account logged
+    in from it within the known-IP window (R-IPS-6)."""
     if not ctx.ips_applies:
         return None
     ips = ctx.settings.ips
     if ips.max_connections_per_minute > 0:
-        n, newly = await count(ctx, TRIGGER_CONNECTIONS, ips.max_connections_per_minute, 60, REASON_CONNECTIONS)
+        exemption = keys.ips_known(ctx.ips_subject) if ips.known_ip_exempt_from_connection_rate else ""
+        n, newly = await count(
+            ctx, TRIGGER_CONNECTIONS, ips.max_connections_per_minute, 60, REASON_CONNECTIONS, exemption
+        )
         blocked = newly or n < 0
     else:
-        newly, blocked = False, await is_blocked(ctx.redis, ctx.client_ip)
+        newly, blocked = False, await is_blocked(ctx.redis, ctx.ips_subject)
     if blocked and ips.refuse_blocked:
         return replace(refused(ctx, "R-IPS-2" if newly else "R-IPS-4"), ip_blocked=newly)
+    return None
+
+
+async def record_known_ip(ctx: CheckContext) -> Decision | None:
+    """R-IPS-6: a successful login, on any protocol, makes the subject known for the known-IP
+    window of R-LOG-1 (each login renews it). Recorded even while the exemption is off, so that
+    turning it on helps the users who logged in meanwhile."""
+    if not ctx.request.auth_success or ctx.ip is None:
+        return None
+    account = ctx.account or ctx.request.auth_login.strip().lower()
+    await ctx.redis.set(
+        keys.ips_known(ctx.ips_subject), account[:320], ex=ctx.settings.login.known_ip_days * 86400
+    )
     return None
 
 
@@ -353,9 +399,9 @@ async def open_session(ctx: CheckContext) -> Decision | None:
     doc, expires = _block_doc(ctx, REASON_SIMULTANEOUS, seconds)
     result = await _OPEN_SESSION(
         ctx.redis,
-        [keys.ips_connections(ctx.client_ip), keys.ips_block(ctx.client_ip), keys.IPS_BLOCKS],
+        [keys.ips_connections(ctx.ips_subject), keys.ips_block(ctx.ips_subject), keys.IPS_BLOCKS],
         [now, now + ips.simultaneous_connection_ttl_seconds, _session_member(ctx), ips.max_simultaneous_connections,
-         ips.simultaneous_connection_ttl_seconds, seconds, doc, ctx.client_ip, expires],
+         ips.simultaneous_connection_ttl_seconds, seconds, doc, ctx.ips_subject, expires],
     )
     count, newly = int(result[0]), bool(int(result[1]))
     if count <= ips.max_simultaneous_connections:
@@ -371,5 +417,5 @@ async def open_session(ctx: CheckContext) -> Decision | None:
 async def close_session(ctx: CheckContext) -> Decision | None:
     """STAGE_DISCONNECT: the session no longer counts."""
     if ctx.settings.ips.max_simultaneous_connections > 0 and ctx.is_smtp:
-        await ctx.redis.zrem(keys.ips_connections(ctx.client_ip), _session_member(ctx))
+        await ctx.redis.zrem(keys.ips_connections(ctx.ips_subject), _session_member(ctx))
     return None

@@ -56,7 +56,7 @@ PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
     ),
     policy_pb2.STAGE_HELO: ((helo.check_helo,), accept("", code=250, enhanced="2.0.0")),
     policy_pb2.STAGE_AUTH: (
-        (intrusion.count_failed_login, relay.record_pop_before_smtp),
+        (intrusion.count_failed_login, intrusion.record_known_ip, relay.record_pop_before_smtp),
         accept("", code=235, enhanced="2.7.0"),
     ),
     policy_pb2.STAGE_MAIL: (
