@@ -12,7 +12,7 @@ from rempart.common import keys
 from rempart.common.config import MailSettings
 from rempart.common.events import EventBus
 
-from .conftest import ADMIN, ADMIN_PASSWORD, Harness
+from .conftest import ADMIN_PASSWORD, Harness
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 SRS_ONE = "srs-key-one-4b1d9f0e7a"
@@ -99,6 +99,8 @@ async def _seed_every_kind_of_secret(harness: Harness, admin_headers: dict[str, 
                            headers=admin_headers)).status_code == 200
     assert (await http.post("/v1/aliases", json={"alias": "team@example.org", "targets": ["ursula@example.org"]},
                             headers=admin_headers)).status_code == 201
+    assert (await http.put("/v1/domain-aliases/example.net", json={"target": "example.org"},
+                           headers=admin_headers)).status_code == 200
     assert (await http.post("/v1/accounts/ursula@example.org/password-hash", json={"hash": IMPORTED_HASH},
                             headers=admin_headers)).status_code == 204
     ursula = await harness.login("ursula@example.org", GOOD_PASSWORD)
@@ -125,7 +127,7 @@ async def test_r_adm_3_no_get_of_the_openapi_shows_a_secret(
     secrets_used = await _seed_every_kind_of_secret(harness, admin_headers, nats_conn)
     await asyncio.sleep(0.1)  # the event reaches the EVENTS stream
     values = {"domain": "example.org", "address": "ursula@example.org", "alias": "team@example.org",
-              "ip": BLOCKED_IP}
+              "ip": BLOCKED_IP, "domain_alias": "example.net"}
     spec = (await harness.http.get("/v1/openapi.json")).json()
     walked = []
     for path, operations in spec["paths"].items():

@@ -101,6 +101,16 @@ class Directory:
             raise DirectoryError(f"unknown domain: {target}")
         await self._redis.set(keys.domain_alias(alias_name), target)
 
+    async def delete_domain_alias(self, alias_name: str) -> bool:
+        return bool(await self._redis.delete(keys.domain_alias(normalize_address(alias_name))))
+
+    async def domain_aliases(self) -> dict[str, str]:
+        """Every domain alias and the domain it stands for (a SCAN: there is no index)."""
+        prefix = keys.domain_alias("")
+        names = [str(k) async for k in self._redis.scan_iter(match=keys.domain_alias("*"), count=500)]
+        targets = await self._redis.mget(names) if names else []
+        return {n.removeprefix(prefix): str(t) for n, t in zip(names, targets, strict=True) if t is not None}
+
     async def canonical_domain(self, name: str) -> str | None:
         name = normalize_address(name)
         if await self._redis.sismember(keys.DOMAINS, name):
@@ -187,6 +197,48 @@ class Directory:
                 await self._redis.hset(
                     keys.account(target), "aliases", json.dumps([*account.aliases, alias_address])
                 )
+
+    async def set_alias_targets(self, alias_address: str, targets: list[str]) -> None:
+        """Replace an existing alias's targets, keeping the accounts' ``aliases`` lists in step."""
+        alias_address = normalize_address(alias_address)
+        old = await self.alias_targets(alias_address)
+        if old is None:
+            raise DirectoryError(f"unknown alias: {alias_address}")
+        clean = [normalize_address(t) for t in targets]
+        for target in clean:
+            split_address(target)
+        await self._redis.set(keys.alias(alias_address), json.dumps(clean))
+        for target in set(old) - set(clean):
+            await self._forget_alias(target, alias_address)
+        for target in clean:
+            account = await self.get_account(target)
+            if account is not None and alias_address not in account.aliases:
+                await self._redis.hset(
+                    keys.account(target), "aliases", json.dumps([*account.aliases, alias_address])
+                )
+
+    async def delete_alias(self, alias_address: str) -> list[str] | None:
+        """Remove an alias; returns its targets, or None when there was no such alias."""
+        alias_address = normalize_address(alias_address)
+        targets = await self.alias_targets(alias_address)
+        if targets is None:
+            return None
+        await self._redis.delete(keys.alias(alias_address))
+        for target in targets:
+            await self._forget_alias(target, alias_address)
+        return targets
+
+    async def _forget_alias(self, target: str, alias_address: str) -> None:
+        account = await self.get_account(target)
+        if account is not None and alias_address in account.aliases:
+            remaining = [a for a in account.aliases if a != alias_address]
+            await self._redis.hset(keys.account(account.address), "aliases", json.dumps(remaining))
+
+    async def list_aliases(self, domain: str) -> list[str]:
+        """The alias addresses of ``domain`` (a SCAN: the directory keeps no alias index)."""
+        pattern = keys.alias("*@" + normalize_address(domain))
+        found = [str(k).removeprefix(keys.alias("")) async for k in self._redis.scan_iter(match=pattern, count=500)]
+        return sorted(found)
 
     async def alias_targets(self, alias_address: str) -> list[str] | None:
         raw = await self._redis.get(keys.alias(normalize_address(alias_address)))

@@ -14,6 +14,7 @@ from nats.errors import Error as NatsError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rempart.admin_api import (
+    routes_aliases,
     routes_auth,
     routes_directory,
     routes_events,
@@ -87,7 +88,9 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
-    for module in (routes_auth, routes_twofactor, routes_directory, routes_settings, routes_events, routes_ips):
+    modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_settings, routes_events,
+               routes_ips)
+    for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -131,6 +131,33 @@ class AliasOut(BaseModel):
     targets: list[str]
 
 
+class AliasTargets(_Body):
+    targets: list[str] = Field(min_length=1, max_length=MAX_ALIAS_TARGETS)
+
+
+class AliasList(BaseModel):
+    aliases: list[AliasOut]
+
+
+class DomainPatch(_Body):
+    description: str | None = Field(default=None, max_length=MAX_TEXT)
+
+
+class DomainAliasCreate(_Body):
+    """R-DOM-2: mail to any address of the alias domain goes to the same local part of ``target``."""
+
+    target: str = Field(min_length=1, max_length=MAX_DOMAIN)
+
+
+class DomainAliasOut(BaseModel):
+    name: str
+    target: str
+
+
+class DomainAliasList(BaseModel):
+    domain_aliases: list[DomainAliasOut]
+
+
 # Settings -----------------------------------------------------------------------------------
 # The effective server settings, every secret shown as a SecretSummary (R-ADM-3).
 ServerSettingsOut: type[BaseModel] = create_model(

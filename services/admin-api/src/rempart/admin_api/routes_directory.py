@@ -7,7 +7,6 @@ Superadmins manage everything; a domain admin manages its own domain's accounts 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,6 +25,7 @@ from rempart.admin_api.backend import (
     not_found,
     record_change,
 )
+from rempart.admin_api.confinement import account_or_404, check_scoped_settings, domain_or_404, visible_aliases
 from rempart.admin_api.models import (
     MAX_ADDRESS,
     MAX_DOMAIN,
@@ -34,12 +34,11 @@ from rempart.admin_api.models import (
     AccountList,
     AccountOut,
     AccountPatch,
-    AliasCreate,
-    AliasOut,
     Counters,
     DomainCreate,
     DomainList,
     DomainOut,
+    DomainPatch,
     PasswordReset,
     Problem,
     ScopedSettingsOut,
@@ -62,7 +61,7 @@ R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
 R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 422: _P, 503: _P}
 
 
-def account_out(account: Account) -> AccountOut:
+def account_out(account: Account, principal: Principal) -> AccountOut:
     return AccountOut(
         address=account.address,
         domain=account.domain,
@@ -70,30 +69,8 @@ def account_out(account: Account) -> AccountOut:
         display_name=account.display_name,
         enabled=account.enabled,
         created=account.created,
-        aliases=account.aliases,
+        aliases=visible_aliases(principal, account.aliases),
     )
-
-
-async def domain_or_404(backend: Backend, principal: Principal, name: str) -> str:
-    name = normalize_address(name)
-    if not principal.can_manage_domain(name):
-        raise forbidden()
-    if name not in await backend.directory.list_domains():
-        raise not_found("Domain")
-    return name
-
-
-async def account_or_404(backend: Backend, principal: Principal, address: str) -> Account:
-    address = normalize_address(address)
-    _, _, domain = address.rpartition("@")
-    if not principal.can_manage_domain(domain):
-        raise forbidden()
-    account = await backend.directory.get_account(address)
-    if account is None:
-        raise not_found("Account")
-    if not principal.can_manage_account(account):
-        raise forbidden()
-    return account
 
 
 def settings_problem(exc: ValueError) -> ProblemError:
@@ -142,6 +119,8 @@ async def create_domain(
     name = normalize_address(body.name)
     if not valid_domain_name(name):
         raise ProblemError(422, "Not a domain name", [f"name: not a domain name: {name}"])
+    if await backend.directory.canonical_domain(name) is not None:
+        raise ProblemError(409, "Domain already exists")  # as a domain alias
     try:
         await backend.directory.add_domain(name, body.description)
     except DirectoryError:
@@ -167,16 +146,36 @@ async def get_domain(domain: DomainPath, principal: AdminDep, backend: BackendDe
     return await _domain_out(backend, await domain_or_404(backend, principal, domain))
 
 
+@router.patch("/v1/domains/{domain}", operation_id="updateDomain", response_model=DomainOut, tags=["domains"],
+              responses=R_WRITE)
+async def update_domain(
+    domain: DomainPath, body: DomainPatch, request: Request, principal: AdminDep, backend: BackendDep
+) -> DomainOut:
+    name = await domain_or_404(backend, principal, domain)
+    if body.description is not None:
+        await backend.redis.hset(keys.domain(name), "description", body.description)
+    await record_change(backend, request, principal.address, "domain_updated", name, f"domain:{name}")
+    return await _domain_out(backend, name)
+
+
 @router.delete("/v1/domains/{domain}", operation_id="deleteDomain", status_code=204, response_class=Response,
                tags=["domains"], responses=R_WRITE)
 async def delete_domain(
-    domain: DomainPath, request: Request, principal: SuperadminDep, backend: BackendDep
+    domain: DomainPath, request: Request, principal: AdminDep, backend: BackendDep
 ) -> Response:
     name = await domain_or_404(backend, principal, domain)
+    if not principal.is_superadmin:
+        raise forbidden()
     try:
         await backend.directory.delete_domain(name)
     except DirectoryError:
         raise ProblemError(409, "The domain still has accounts") from None
+    # What only meant something while the domain was local goes with it.
+    for alias in await backend.directory.list_aliases(name):
+        await backend.directory.delete_alias(alias)
+    for alias_name, target in (await backend.directory.domain_aliases()).items():
+        if target == name:
+            await backend.directory.delete_domain_alias(alias_name)
     await backend.store.delete_doc(f"domain:{name}")
     await record_change(backend, request, principal.address, "domain_deleted", name, f"domain:{name}")
     return Response(status_code=204)
@@ -194,11 +193,12 @@ async def get_domain_settings(
 @router.put("/v1/domains/{domain}/settings", operation_id="putDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_WRITE)
 async def put_domain_settings(
-    domain: DomainPath, doc: SettingsBody, request: Request, principal: SuperadminDep, backend: BackendDep,
+    domain: DomainPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep,
     redactor: RedactorDep,
 ) -> ScopedSettingsOut:
-    # Superadmin only: a domain's hard limits (R-LIM-1) bind its own admins too.
     name = await domain_or_404(backend, principal, domain)
+    if not principal.is_superadmin:
+        raise forbidden()  # a domain's hard limits (R-LIM-1) bind its own admins too
     scope = f"domain:{name}"
     out = await replace_scoped(backend, redactor, scope, doc)
     await record_change(backend, request, principal.address, "domain_settings_changed", name, scope)
@@ -248,7 +248,7 @@ async def create_account(
         await backend.directory.delete_account(address)
         raise
     await record_change(backend, request, principal.address, "account_created", address, f"account:{address}")
-    return account_out(account)
+    return account_out(account, principal)
 
 
 def _valid_local_part(local: str) -> bool:
@@ -258,7 +258,7 @@ def _valid_local_part(local: str) -> bool:
 @router.get("/v1/accounts/{address}", operation_id="getAccount", response_model=AccountOut, tags=["accounts"],
             responses=R_READ)
 async def get_account(address: AddressPath, principal: AdminDep, backend: BackendDep) -> AccountOut:
-    return account_out(await account_or_404(backend, principal, address))
+    return account_out(await account_or_404(backend, principal, address), principal)
 
 
 @router.patch("/v1/accounts/{address}", operation_id="updateAccount", response_model=AccountOut, tags=["accounts"],
@@ -283,7 +283,7 @@ async def update_account(
     updated = await backend.directory.get_account(account.address)
     if updated is None:
         raise not_found("Account")
-    return account_out(updated)
+    return account_out(updated, principal)
 
 
 @router.delete("/v1/accounts/{address}", operation_id="deleteAccount", status_code=204, response_class=Response,
@@ -292,6 +292,7 @@ async def delete_account(address: AddressPath, request: Request, principal: Admi
     account = await account_or_404(backend, principal, address)
     if account.address == principal.address:
         raise ProblemError(409, "You cannot delete yourself")
+    await _detach_aliases(backend, principal, account)
     await backend.directory.delete_account(account.address)
     await backend.store.delete_doc(f"account:{account.address}")
     await record_change(backend, request, principal.address, "account_deleted", account.address,
@@ -327,6 +328,7 @@ async def put_account_settings(
     redactor: RedactorDep,
 ) -> ScopedSettingsOut:
     account = await account_or_404(backend, principal, address)
+    await check_scoped_settings(backend, principal, doc)
     scope = f"account:{account.address}"
     out = await replace_scoped(backend, redactor, scope, doc)
     await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope)
@@ -349,61 +351,16 @@ async def get_counters(address: AddressPath, principal: AdminDep, backend: Backe
     return Counters(address=account.address, day=day, timezone=tz_name, sent_external=int(raw or 0))
 
 
-# Aliases (R-DOM-2) --------------------------------------------------------------------------
-def _alias_domain(principal: Principal, alias: str) -> tuple[str, str]:
-    alias = normalize_address(alias)
-    try:
-        _, domain = split_address(alias)
-    except DirectoryError:
-        raise ProblemError(422, "Not an address", [f"alias: not an address: {alias}"]) from None
-    if not principal.can_manage_domain(domain):
-        raise forbidden()
-    return alias, domain
-
-
-@router.post("/v1/aliases", operation_id="createAlias", response_model=AliasOut, status_code=201, tags=["aliases"],
-             responses=R_WRITE)
-async def create_alias(body: AliasCreate, request: Request, principal: AdminDep, backend: BackendDep) -> AliasOut:
-    alias, domain = _alias_domain(principal, body.alias)
-    if domain not in await backend.directory.list_domains():
-        raise not_found("Domain")
-    bad = [t for t in body.targets if len(t) > MAX_ADDRESS or "@" not in t.strip()[1:-1]]
-    if bad:
-        raise ProblemError(422, "Invalid alias targets", [f"targets: not an address: {t[:MAX_ADDRESS]}" for t in bad])
-    if await backend.directory.alias_targets(alias) is not None:
-        raise ProblemError(409, "Alias already exists")
-    try:
-        await backend.directory.add_alias(alias, body.targets)
-    except DirectoryError:
-        raise ProblemError(409, "An account has this address") from None
-    await record_change(backend, request, principal.address, "alias_created", alias, f"alias:{alias}")
-    targets = await backend.directory.alias_targets(alias)
-    return AliasOut(alias=alias, targets=targets or [])
-
-
-@router.get("/v1/aliases/{alias}", operation_id="getAlias", response_model=AliasOut, tags=["aliases"],
-            responses=R_READ)
-async def get_alias(alias: AddressPath, principal: AdminDep, backend: BackendDep) -> AliasOut:
-    alias, _ = _alias_domain(principal, alias)
-    targets = await backend.directory.alias_targets(alias)
-    if targets is None:
-        raise not_found("Alias")
-    return AliasOut(alias=alias, targets=targets)
-
-
-@router.delete("/v1/aliases/{alias}", operation_id="deleteAlias", status_code=204, response_class=Response,
-               tags=["aliases"], responses=R_WRITE)
-async def delete_alias(alias: AddressPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
-    alias, _ = _alias_domain(principal, alias)
-    targets = await backend.directory.alias_targets(alias)
-    if targets is None:
-        raise not_found("Alias")
-    # The shared Directory has no delete_alias yet: undo exactly what add_alias wrote.
-    await backend.redis.delete(keys.alias(alias))
-    for target in targets:
-        account = await backend.directory.get_account(target)
-        if account is not None and alias in account.aliases:
-            remaining = [a for a in account.aliases if a != alias]
-            await backend.redis.hset(keys.account(account.address), "aliases", json.dumps(remaining))
-    await record_change(backend, request, principal.address, "alias_deleted", alias, f"alias:{alias}")
-    return Response(status_code=204)
+async def _detach_aliases(backend: Backend, principal: Principal, account: Account) -> None:
+    """Before an account goes: each alias forwarding to it loses that target. An alias left with
+    none is deleted when it is the caller's; another tenant's is left empty (an unknown recipient
+    until its own admin edits it), never deleted by someone who may not see it."""
+    for alias in account.aliases:
+        targets = await backend.directory.alias_targets(alias)
+        if targets is None:
+            continue
+        remaining = [t for t in targets if t != account.address]
+        if not remaining and principal.can_manage_domain(alias.rpartition("@")[2]):
+            await backend.directory.delete_alias(alias)
+        else:
+            await backend.directory.set_alias_targets(alias, remaining)

@@ -16,13 +16,15 @@ import segno
 from fastapi import APIRouter, Path, Request, Response, status
 
 from rempart.admin_api.backend import (
+    AdminDep,
     BackendDep,
     PrincipalDep,
     ProblemError,
-    SuperadminDep,
+    forbidden,
     not_found,
     record_change,
 )
+from rempart.admin_api.confinement import account_or_404
 from rempart.admin_api.models import (
     MAX_ADDRESS,
     MAX_APP_NAME,
@@ -38,7 +40,6 @@ from rempart.admin_api.models import (
     TotpState,
 )
 from rempart.admin_api.passwords import auth_unavailable
-from rempart.common.directory import normalize_address
 
 router = APIRouter()
 _P = {"model": Problem}
@@ -161,11 +162,11 @@ async def revoke_app_password(name: AppNamePath, principal: PrincipalDep, backen
              response_class=Response, tags=["accounts"], responses={**R_SELF, 404: _P},
              summary="Migration: set an account's password from another server's hash (superadmin)")
 async def import_password_hash(
-    address: AddressPath, body: PasswordHashImport, request: Request, principal: SuperadminDep, backend: BackendDep
+    address: AddressPath, body: PasswordHashImport, request: Request, principal: AdminDep, backend: BackendDep
 ) -> Response:
-    account = await backend.directory.get_account(normalize_address(address))
-    if account is None:
-        raise not_found("Account")
+    account = await account_or_404(backend, principal, address)
+    if not principal.is_superadmin:
+        raise forbidden()
     try:
         reply = await backend.auth.import_hash(account.address, body.hash.get_secret_value())
     except grpc.aio.AioRpcError as exc:

@@ -1,0 +1,169 @@
+"""Aliases and domain aliases (R-DOM-2), confined like every resource (R-ADM-1).
+
+A domain admin lists, creates, edits and deletes the aliases of its domain, whose targets are
+its own addresses or remote ones. Domain aliases make a new name local, so only a superadmin
+creates or deletes them (a domain admin could otherwise claim ``gmail.com``); a domain admin
+sees the ones that point at its domain. Deleting one names it, so a domain admin gets 404 for
+another tenant's and 403 for its own.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request, Response
+
+from rempart.admin_api.backend import (
+    AdminDep,
+    BackendDep,
+    ProblemError,
+    SuperadminDep,
+    forbidden,
+    not_found,
+    record_change,
+)
+from rempart.admin_api.confinement import alias_address, checked_targets, domain_or_404
+from rempart.admin_api.models import (
+    MAX_ADDRESS,
+    MAX_DOMAIN,
+    AliasCreate,
+    AliasList,
+    AliasOut,
+    AliasTargets,
+    DomainAliasCreate,
+    DomainAliasList,
+    DomainAliasOut,
+    Problem,
+)
+from rempart.common.directory import DirectoryError, normalize_address, valid_domain_name
+
+router = APIRouter()
+DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
+AliasPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
+DomainAliasPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
+
+_P = {"model": Problem}
+R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
+R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 422: _P, 503: _P}
+
+
+# Aliases ------------------------------------------------------------------------------------
+@router.get("/v1/domains/{domain}/aliases", operation_id="listAliases", response_model=AliasList,
+            tags=["aliases"], responses=R_READ)
+async def list_aliases(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> AliasList:
+    name = await domain_or_404(backend, principal, domain)
+    out = []
+    for alias in await backend.directory.list_aliases(name):
+        targets = await backend.directory.alias_targets(alias)
+        if targets is not None:
+            out.append(AliasOut(alias=alias, targets=targets))
+    return AliasList(aliases=out)
+
+
+@router.post("/v1/aliases", operation_id="createAlias", response_model=AliasOut, status_code=201, tags=["aliases"],
+             responses=R_WRITE)
+async def create_alias(body: AliasCreate, request: Request, principal: AdminDep, backend: BackendDep) -> AliasOut:
+    alias, domain = alias_address(principal, body.alias, "Domain")
+    if domain not in await backend.directory.list_domains():
+        raise not_found("Domain")
+    targets = await checked_targets(backend, principal, body.targets, "targets")
+    if await backend.directory.alias_targets(alias) is not None:
+        raise ProblemError(409, "Alias already exists")
+    try:
+        await backend.directory.add_alias(alias, targets)
+    except DirectoryError:
+        raise ProblemError(409, "An account has this address") from None
+    await record_change(backend, request, principal.address, "alias_created", alias, f"alias:{alias}")
+    return AliasOut(alias=alias, targets=await backend.directory.alias_targets(alias) or [])
+
+
+@router.get("/v1/aliases/{alias}", operation_id="getAlias", response_model=AliasOut, tags=["aliases"],
+            responses=R_READ)
+async def get_alias(alias: AliasPath, principal: AdminDep, backend: BackendDep) -> AliasOut:
+    address, _ = alias_address(principal, alias)
+    targets = await backend.directory.alias_targets(address)
+    if targets is None:
+        raise not_found("Alias")
+    return AliasOut(alias=address, targets=targets)
+
+
+@router.put("/v1/aliases/{alias}", operation_id="replaceAliasTargets", response_model=AliasOut, tags=["aliases"],
+            responses=R_WRITE)
+async def replace_alias_targets(
+    alias: AliasPath, body: AliasTargets, request: Request, principal: AdminDep, backend: BackendDep
+) -> AliasOut:
+    address, _ = alias_address(principal, alias)
+    if await backend.directory.alias_targets(address) is None:
+        raise not_found("Alias")
+    targets = await checked_targets(backend, principal, body.targets, "targets")
+    await backend.directory.set_alias_targets(address, targets)
+    await record_change(backend, request, principal.address, "alias_updated", address, f"alias:{address}")
+    return AliasOut(alias=address, targets=await backend.directory.alias_targets(address) or [])
+
+
+@router.delete("/v1/aliases/{alias}", operation_id="deleteAlias", status_code=204, response_class=Response,
+               tags=["aliases"], responses=R_WRITE)
+async def delete_alias(alias: AliasPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
+    address, _ = alias_address(principal, alias)
+    if await backend.directory.delete_alias(address) is None:
+        raise not_found("Alias")
+    await record_change(backend, request, principal.address, "alias_deleted", address, f"alias:{address}")
+    return Response(status_code=204)
+
+
+# Domain aliases -----------------------------------------------------------------------------
+@router.get("/v1/domains/{domain}/domain-aliases", operation_id="listDomainAliases", response_model=DomainAliasList,
+            tags=["domains"], responses=R_READ)
+async def list_domain_aliases(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> DomainAliasList:
+    name = await domain_or_404(backend, principal, domain)
+    found = await backend.directory.domain_aliases()
+    return DomainAliasList(domain_aliases=[
+        DomainAliasOut(name=alias_name, target=target) for alias_name, target in sorted(found.items()) if target == name
+    ])
+
+
+async def _domain_alias_or_404(backend: BackendDep, principal: AdminDep, name: str) -> DomainAliasOut:
+    name = normalize_address(name)
+    target = (await backend.directory.domain_aliases()).get(name)
+    if target is None or not principal.can_manage_domain(target):
+        raise not_found("Domain alias")
+    return DomainAliasOut(name=name, target=target)
+
+
+@router.get("/v1/domain-aliases/{domain_alias}", operation_id="getDomainAlias", response_model=DomainAliasOut,
+            tags=["domains"], responses=R_READ)
+async def get_domain_alias(domain_alias: DomainAliasPath, principal: AdminDep, backend: BackendDep) -> DomainAliasOut:
+    return await _domain_alias_or_404(backend, principal, domain_alias)
+
+
+@router.put("/v1/domain-aliases/{domain_alias}", operation_id="putDomainAlias", response_model=DomainAliasOut,
+            tags=["domains"], responses=R_WRITE)
+async def put_domain_alias(
+    domain_alias: DomainAliasPath, body: DomainAliasCreate, request: Request, principal: SuperadminDep,
+    backend: BackendDep,
+) -> DomainAliasOut:
+    # Superadmin only, refused before anything is looked up: a new local name is a server-wide
+    # decision, and a domain admin learns nothing about which names exist.
+    name = normalize_address(domain_alias)
+    target = await domain_or_404(backend, principal, body.target)
+    if not valid_domain_name(name):
+        raise ProblemError(422, "Not a domain name", [f"domain_alias: not a domain name: {name[:MAX_DOMAIN]}"])
+    if name in await backend.directory.list_domains():
+        raise ProblemError(409, "A domain has this name")
+    await backend.directory.add_domain_alias(name, target)
+    await record_change(backend, request, principal.address, "domain_alias_set", name, f"domain:{target}")
+    return DomainAliasOut(name=name, target=target)
+
+
+@router.delete("/v1/domain-aliases/{domain_alias}", operation_id="deleteDomainAlias", status_code=204,
+               response_class=Response, tags=["domains"], responses=R_WRITE)
+async def delete_domain_alias(
+    domain_alias: DomainAliasPath, request: Request, principal: AdminDep, backend: BackendDep
+) -> Response:
+    found = await _domain_alias_or_404(backend, principal, domain_alias)
+    if not principal.is_superadmin:
+        raise forbidden()
+    await backend.directory.delete_domain_alias(found.name)
+    await record_change(backend, request, principal.address, "domain_alias_deleted", found.name,
+                        f"domain:{found.target}")
+    return Response(status_code=204)
