@@ -339,3 +339,34 @@ async def test_scram_with_auth_service_down_is_a_temporary_failure(start_service
         return raw.line()
 
     assert await asyncio.to_thread(run) == b"a " + R.IMAP_TEMPFAIL.encode()
+
+
+async def test_r_ips_6_block_of_an_ipv6_prefix_closes_every_session_inside_it(
+    start_service, redis, nats_conn  # type: ignore[no-untyped-def]
+) -> None:
+    # Clients behind a load balancer: their addresses come from the PROXY header.
+    service = await start_service(proxy_cidrs="127.0.0.1/32")
+    await set_server_settings(service, redis, {"ips": {"close_all_connections": True}})
+
+    def connect(address: str):  # type: ignore[no-untyped-def]
+        raw = raw_connect(service.ports["imap"])
+        raw.send(f"PROXY TCP6 {address} 2001:db8::1 40000 143\r\n".encode())
+        assert raw.line().startswith(b"* OK")
+        return raw
+
+    inside = [await asyncio.to_thread(connect, a) for a in ("2001:db8:1:2::10", "2001:db8:1:2:ffff::20")]
+    outside = await asyncio.to_thread(connect, "2001:db8:1:3::10")
+    event = events_pb2.Event(area="ips", what="blocked", client_ip="2001:db8:1:2::10",
+                             attributes={"prefix": "2001:db8:1:2::/64"})
+    await nats_conn.publish(IPS_BLOCKED, event.SerializeToString())
+
+    text = b"* BYE Intrusion prevention active for [2001:db8:1:2::10]"
+    for raw in inside:
+        assert await asyncio.to_thread(raw.line) == text
+        assert await asyncio.to_thread(raw.closed)
+
+    def noop() -> list[bytes]:
+        outside.send(b"n NOOP\r\n")
+        return outside.until(b"n ")
+
+    assert await asyncio.to_thread(noop) == [b"n OK NOOP completed"]

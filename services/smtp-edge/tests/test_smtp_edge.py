@@ -643,3 +643,48 @@ async def test_slow_steady_data_survives_the_command_timeout_but_silence_does_no
         # Silent for 2.5 s in the middle of DATA: cut (slow-loris).
         silent = await asyncio.to_thread(session, [2.5, 0.1])
         assert not silent.startswith(b"250"), silent
+
+
+async def test_r_ips_4_r_ips_6_a_block_closes_every_connection_it_covers(
+    redis_url: str, nats_url: str, tls_files: tuple[str, str]
+) -> None:
+    from rempart.common.events import IPS_BLOCKED
+    from rempart.common.pb.events.v1 import events_pb2
+
+    async with running_edge(redis_url, nats_url, tls_files, proxy_protocol_cidrs="127.0.0.1/32") as running:
+        await set_server_settings(running, {"ips": {"close_all_connections": True}})
+
+        def connect(client_ip: str) -> tuple[socket.socket, object]:
+            sock = socket.create_connection(("127.0.0.1", running.port("smtp")), 10)
+            family = "TCP6" if ":" in client_ip else "TCP4"
+            server_ip = "2001:db8::1" if ":" in client_ip else "192.0.2.1"
+            sock.sendall(f"PROXY {family} {client_ip} {server_ip} 40000 25\r\n".encode())
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            return sock, reader
+
+        clients = {ip: await asyncio.to_thread(connect, ip) for ip in
+                   ("198.51.100.7", "2001:db8:1:2::10", "2001:db8:1:2:ffff::20", "2001:db8:1:3::10", "198.51.100.8")}
+        for ip, prefix in (("198.51.100.7", ""), ("2001:db8:1:2::10", "2001:db8:1:2::/64")):
+            event = events_pb2.Event(area="ips", what="blocked", client_ip=ip, attributes={"prefix": prefix})
+            await running.runtime.nc.publish(IPS_BLOCKED, event.SerializeToString())
+
+        def last_words(ip: str) -> tuple[bytes, bytes]:
+            sock, reader = clients[ip]
+            return reader.readline().strip(), reader.readline()  # the 421, then end of stream
+
+        assert await asyncio.to_thread(last_words, "198.51.100.7") == (
+            b"421 4.0.0 Intrusion prevention active for [198.51.100.7]", b"")
+        for ip in ("2001:db8:1:2::10", "2001:db8:1:2:ffff::20"):
+            assert await asyncio.to_thread(last_words, ip) == (
+                b"421 4.0.0 Intrusion prevention active for [2001:db8:1:2::10]", b"")
+
+        def noop(ip: str) -> bytes:
+            sock, reader = clients[ip]
+            sock.sendall(b"NOOP\r\n")
+            line = reader.readline().strip()
+            sock.close()
+            return line
+
+        for ip in ("2001:db8:1:3::10", "198.51.100.8"):
+            assert (await asyncio.to_thread(noop, ip)).startswith(b"250")

@@ -15,8 +15,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from rempart.common.events import IPS_BLOCKED
+from rempart.common.ipblocks import BlockedScope, read_block_event
 from rempart.common.netmatch import ip_in_networks
-from rempart.common.pb.events.v1 import events_pb2
 from rempart.imap_pop import replies as R
 from rempart.imap_pop.imap import ImapSession
 from rempart.imap_pop.pop3 import Pop3Session
@@ -64,24 +64,22 @@ class ImapPopServer:
         return len(self._sessions)
 
     async def _on_ip_blocked(self, msg: Msg) -> None:
-        """R-IPS-4: when the setting says so, close every open session of a blocked IP."""
+        """R-IPS-4: when the setting says so, close every open session the block covers."""
         if not self.backend.config.server.ips.close_all_connections:
             return
-        try:
-            ip = events_pb2.Event.FromString(msg.data).client_ip
-        except Exception:  # noqa: BLE001 - a malformed event is ignored, never fatal
-            log.warning("malformed ips.blocked event ignored")
-            return
-        if ip:
-            closed = self.close_ip(ip, f"Intrusion prevention active for [{ip}]")
+        scope = read_block_event(msg.data)
+        if scope is not None:
+            closed = self.close_ip(scope, scope.refusal)
             if closed:
-                log.info("closed sessions of a blocked IP", extra={"client_ip": ip, "closed": closed})
+                log.info("closed sessions of a blocked IP", extra={"client_ip": scope.ip, "closed": closed})
 
-    def close_ip(self, ip: str, text: str) -> int:
-        """Say ``text`` and close every session of ``ip`` now, whatever it was doing."""
+    def close_ip(self, scope: BlockedScope | str, text: str) -> int:
+        """Say ``text`` and close every session of ``scope`` (an IP, or a block's scope) now."""
+        if isinstance(scope, str):
+            scope = BlockedScope(ip=scope, prefix="")
         closed = 0
         for session, task in list(self._sessions.items()):
-            if session.client_ip != ip or session.closed_reason:
+            if not scope.covers(session.client_ip) or session.closed_reason:
                 continue
             session.closed_reason = text
             with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import EventBus, mailbox_changed_subject
+from rempart.common.ipblocks import BlockedScope
 from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
 from rempart.common.mime import summarize
 from rempart.common.netmatch import ip_in_networks
@@ -94,13 +95,17 @@ class EdgeHandler:
             if not peers:
                 del self.sessions[server.state.client_ip]
 
-    def close_ip(self, ip: str, reply: str) -> int:
+    def close_ip(self, scope: BlockedScope | str, reply: str) -> int:
+        """Send ``reply`` and close every connection of ``scope`` (an IP, or a block's scope)."""
+        if isinstance(scope, str):
+            scope = BlockedScope(ip=scope, prefix="")
         closed = 0
-        for server in list(self.sessions.get(ip, ())):
-            if server.transport is not None:
-                server._writer.write(reply.encode() + b"\r\n")
-                server.close_now()
-                closed += 1
+        for ip in [ip for ip in self.sessions if scope.covers(ip)]:
+            for server in list(self.sessions.get(ip, ())):
+                if server.transport is not None:
+                    server._writer.write(reply.encode() + b"\r\n")
+                    server.close_now()
+                    closed += 1
         return closed
 
     def _facts(self, server: EdgeSMTP) -> policy_pb2.SessionFacts:

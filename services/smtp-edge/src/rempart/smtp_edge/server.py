@@ -11,8 +11,8 @@ from nats.aio.msg import Msg
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.events import IPS_BLOCKED
 from rempart.common.grpcutil import channel_check
+from rempart.common.ipblocks import read_block_event
 from rempart.common.mailstore import MailboxIndex, MessageStore
-from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import CertPair, ServerTls
 from rempart.smtp_edge import replies
@@ -109,17 +109,15 @@ class SmtpEdge:
         return smtp
 
     async def _on_ip_blocked(self, msg: Msg) -> None:
-        """R-IPS-4: optionally close every other open connection of a freshly blocked IP."""
+        """R-IPS-4: optionally close every other open connection the fresh block covers."""
         if self.handler is None or not self.runtime.config.server.ips.close_all_connections:
             return
-        try:
-            event = events_pb2.Event.FromString(msg.data)
-        except Exception:  # noqa: BLE001 - a malformed event is ignored, not fatal
+        scope = read_block_event(msg.data)
+        if scope is None:
             return
-        ip = event.client_ip
-        closed = self.handler.close_ip(ip, f"421 4.0.0 Intrusion prevention active for [{ip}]")
+        closed = self.handler.close_ip(scope, f"421 4.0.0 {scope.refusal}")
         if closed:
-            log.info("closed connections of a blocked IP", extra={"client_ip": ip, "closed": closed})
+            log.info("closed connections of a blocked IP", extra={"client_ip": scope.ip, "closed": closed})
 
     async def _reload_certificates(self) -> None:
         while True:
