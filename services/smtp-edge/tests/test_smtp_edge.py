@@ -670,7 +670,7 @@ async def test_r_ips_4_r_ips_6_a_block_closes_every_connection_it_covers(
             await running.runtime.nc.publish(IPS_BLOCKED, event.SerializeToString())
 
         def last_words(ip: str) -> tuple[bytes, bytes]:
-            sock, reader = clients[ip]
+            _sock, reader = clients[ip]
             return reader.readline().strip(), reader.readline()  # the 421, then end of stream
 
         assert await asyncio.to_thread(last_words, "198.51.100.7") == (
