@@ -159,5 +159,24 @@ class AuthClient:
         )
         return reply
 
+    # Helpdesk (R-ADM-4).
+    async def unlock(self, account: str) -> auth_pb2.UnlockResponse:
+        reply: auth_pb2.UnlockResponse = await self._stub.Unlock(
+            auth_pb2.UnlockRequest(account=account), timeout=self._timeout
+        )
+        return reply
+
+    async def totp_reset(self, account: str) -> auth_pb2.TotpResetResponse:
+        reply: auth_pb2.TotpResetResponse = await self._stub.TotpReset(
+            auth_pb2.TotpResetRequest(account=account), timeout=self._timeout
+        )
+        return reply
+
+    async def app_password_revoke_all(self, account: str) -> auth_pb2.AppPasswordRevokeAllResponse:
+        reply: auth_pb2.AppPasswordRevokeAllResponse = await self._stub.AppPasswordRevokeAll(
+            auth_pb2.AppPasswordRevokeAllRequest(account=account), timeout=self._timeout
+        )
+        return reply
+
     async def close(self) -> None:
         await self.channel.close()

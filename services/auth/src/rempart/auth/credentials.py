@@ -143,6 +143,19 @@ class CredentialStore:
         fields = [f for f in creds.fields if f.startswith(tf.RECOVERY_PREFIX)]
         await self._redis.hdel(keys.credentials(account), tf.TOTP_FIELD, tf.TOTP_ENABLED_AT, *fields)
 
+    async def reset_totp(self, account: str) -> bool:
+        """Helpdesk (R-ADM-4): TOTP off without a code, pending enrolment and recovery codes gone.
+        True when TOTP was active."""
+        creds = await self.load(account)
+        fields = [f for f in creds.fields if f.startswith(tf.RECOVERY_PREFIX)]
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.credentials(account), tf.TOTP_FIELD, tf.TOTP_ENABLED_AT, tf.TOTP_PENDING,
+                      tf.TOTP_PENDING_AT, *fields)
+            # The replay guard belonged to the old secret: the user may enrol a new one at once.
+            pipe.delete(keys.totp_last_step(account))
+            await pipe.execute()
+        return creds.totp_enabled
+
     async def use_recovery_code(self, account: str, code: str) -> bool:
         field = tf.recovery_field(self._secret, account, code)
         return bool(await self._redis.hdel(keys.credentials(account), field))
@@ -159,6 +172,15 @@ class CredentialStore:
     async def revoke_app_password(self, account: str, name: str) -> bool:
         removed = await self._redis.hdel(keys.credentials(account), tf.APP_PREFIX + name, tf.APP_USED_PREFIX + name)
         return bool(removed)
+
+    async def revoke_all_app_passwords(self, account: str) -> int:
+        """Helpdesk (R-ADM-4): every app password of the account; returns how many there were."""
+        creds = await self.load(account)
+        fields = [f for f in creds.fields if f.startswith((tf.APP_PREFIX, tf.APP_USED_PREFIX))]
+        if not fields:
+            return 0
+        await self._redis.hdel(keys.credentials(account), *fields)
+        return sum(1 for f in fields if f.startswith(tf.APP_PREFIX))
 
     async def touch_app_password(self, account: str, name: str) -> None:
         await self._touch(keys=[keys.credentials(account)], args=[name, f"{time.time():.3f}"])

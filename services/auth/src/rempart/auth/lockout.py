@@ -136,6 +136,14 @@ class LoginGuard:
         )
         return FailureOutcome(failures=int(result[0]), locked_now=bool(int(result[1])))
 
+    async def unlock(self, subject: str, now: float) -> bool:
+        """Helpdesk (R-ADM-4): end the lock and forget recent failures; True when a lock was in force."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(keys.login_lock(subject))
+            pipe.delete(keys.login_lock(subject), keys.login_failures(subject))
+            lock_until, _ = await pipe.execute()
+        return lock_until is not None and float(lock_until) > now
+
     async def record_success(self, subject: str, client_ip: str, now: float, rules: LoginSettings) -> bool:
         """Clear failures and remember the IP; True when this login ends an expired lock."""
         result = await self._record_success(

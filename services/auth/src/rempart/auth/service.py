@@ -730,6 +730,47 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             await self._rt.events.publish("auth", "app_password_revoked", account=account.address, reason=name)
         return auth_pb2.AppPasswordRevokeResponse(found=found)
 
+    # Helpdesk (R-ADM-4): the admin API decided the caller may; nothing here needs the user. -----
+    async def Unlock(
+        self, request: auth_pb2.UnlockRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.UnlockResponse:
+        account = await self._account_or_abort(request.account, context)
+        try:
+            was_locked = await self._guard.unlock(account.address, time.time())
+        except (RedisError, OSError, ValueError) as exc:
+            await self._unavailable(context, exc, "unlock")
+            raise
+        log.info("account unlocked by an administrator", extra={"account": account.address, "was_locked": was_locked})
+        await self._rt.events.publish("auth", "account_unlocked", account=account.address, reason="helpdesk")
+        return auth_pb2.UnlockResponse(was_locked=was_locked)
+
+    async def TotpReset(
+        self, request: auth_pb2.TotpResetRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.TotpResetResponse:
+        account = await self._account_or_abort(request.account, context)
+        try:
+            was_enabled = await self._creds.reset_totp(account.address)
+        except (RedisError, OSError) as exc:
+            await self._unavailable(context, exc, "totp reset")
+            raise
+        log.info("totp reset by an administrator", extra={"account": account.address, "was_enabled": was_enabled})
+        await self._rt.events.publish("auth", "totp_disabled", account=account.address, reason="helpdesk")
+        return auth_pb2.TotpResetResponse(was_enabled=was_enabled)
+
+    async def AppPasswordRevokeAll(
+        self, request: auth_pb2.AppPasswordRevokeAllRequest, context: grpc.aio.ServicerContext
+    ) -> auth_pb2.AppPasswordRevokeAllResponse:
+        account = await self._account_or_abort(request.account, context)
+        try:
+            revoked = await self._creds.revoke_all_app_passwords(account.address)
+        except (RedisError, OSError) as exc:
+            await self._unavailable(context, exc, "app password revoke all")
+            raise
+        log.info("app passwords revoked by an administrator", extra={"account": account.address, "revoked": revoked})
+        await self._rt.events.publish("auth", "app_password_revoked", account=account.address, reason="helpdesk",
+                                      count=str(revoked))
+        return auth_pb2.AppPasswordRevokeAllResponse(revoked=revoked)
+
 
 def _retrieve(task: asyncio.Future[auth_pb2.AuthenticateResponse]) -> None:
     """Consume the outcome of an attempt whose caller went away (no "never retrieved" noise)."""

@@ -94,6 +94,21 @@ class AuthServiceStub:
                 request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.SerializeToString,
                 response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.FromString,
                 _registered_method=True)
+        self.Unlock = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/Unlock',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockResponse.FromString,
+                _registered_method=True)
+        self.TotpReset = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/TotpReset',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetResponse.FromString,
+                _registered_method=True)
+        self.AppPasswordRevokeAll = channel.unary_unary(
+                '/rempart.auth.v1.AuthService/AppPasswordRevokeAll',
+                request_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllRequest.SerializeToString,
+                response_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -171,6 +186,24 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unlock(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TotpReset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppPasswordRevokeAll(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +266,21 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.AppPasswordRevoke,
                     request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.FromString,
                     response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.SerializeToString,
+            ),
+            'Unlock': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unlock,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockResponse.SerializeToString,
+            ),
+            'TotpReset': grpc.unary_unary_rpc_method_handler(
+                    servicer.TotpReset,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetResponse.SerializeToString,
+            ),
+            'AppPasswordRevokeAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppPasswordRevokeAll,
+                    request_deserializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllRequest.FromString,
+                    response_serializer=rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +607,87 @@ class AuthService:
             '/rempart.auth.v1.AuthService/AppPasswordRevoke',
             rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeRequest.SerializeToString,
             rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unlock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/Unlock',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.UnlockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TotpReset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/TotpReset',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.TotpResetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppPasswordRevokeAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rempart.auth.v1.AuthService/AppPasswordRevokeAll',
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllRequest.SerializeToString,
+            rempart_dot_auth_dot_v1_dot_auth__pb2.AppPasswordRevokeAllResponse.FromString,
             options,
             channel_credentials,
             insecure,

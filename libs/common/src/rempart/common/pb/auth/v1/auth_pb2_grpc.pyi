@@ -45,6 +45,9 @@ class AuthServiceStub:
     AppPasswordCreate: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordCreateRequest, _auth_pb2.AppPasswordCreateResponse]
     AppPasswordList: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordListRequest, _auth_pb2.AppPasswordListResponse]
     AppPasswordRevoke: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeRequest, _auth_pb2.AppPasswordRevokeResponse]
+    Unlock: _grpc.UnaryUnaryMultiCallable[_auth_pb2.UnlockRequest, _auth_pb2.UnlockResponse]
+    TotpReset: _grpc.UnaryUnaryMultiCallable[_auth_pb2.TotpResetRequest, _auth_pb2.TotpResetResponse]
+    AppPasswordRevokeAll: _grpc.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeAllRequest, _auth_pb2.AppPasswordRevokeAllResponse]
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -61,6 +64,9 @@ class AuthServiceAsyncStub(AuthServiceStub):
     AppPasswordCreate: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordCreateRequest, _auth_pb2.AppPasswordCreateResponse]  # type: ignore[assignment]
     AppPasswordList: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordListRequest, _auth_pb2.AppPasswordListResponse]  # type: ignore[assignment]
     AppPasswordRevoke: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeRequest, _auth_pb2.AppPasswordRevokeResponse]  # type: ignore[assignment]
+    Unlock: _aio.UnaryUnaryMultiCallable[_auth_pb2.UnlockRequest, _auth_pb2.UnlockResponse]  # type: ignore[assignment]
+    TotpReset: _aio.UnaryUnaryMultiCallable[_auth_pb2.TotpResetRequest, _auth_pb2.TotpResetResponse]  # type: ignore[assignment]
+    AppPasswordRevokeAll: _aio.UnaryUnaryMultiCallable[_auth_pb2.AppPasswordRevokeAllRequest, _auth_pb2.AppPasswordRevokeAllResponse]  # type: ignore[assignment]
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -146,5 +152,26 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.AppPasswordRevokeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.AppPasswordRevokeResponse, _abc.Awaitable[_auth_pb2.AppPasswordRevokeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Unlock(
+        self,
+        request: _auth_pb2.UnlockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.UnlockResponse, _abc.Awaitable[_auth_pb2.UnlockResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def TotpReset(
+        self,
+        request: _auth_pb2.TotpResetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.TotpResetResponse, _abc.Awaitable[_auth_pb2.TotpResetResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AppPasswordRevokeAll(
+        self,
+        request: _auth_pb2.AppPasswordRevokeAllRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.AppPasswordRevokeAllResponse, _abc.Awaitable[_auth_pb2.AppPasswordRevokeAllResponse]]: ...
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
