@@ -112,17 +112,18 @@ class RecipientStore:
         raw = await self._redis.hgetall(keys.relay_recipients(transaction_id))
         return {str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}
 
-    async def save(self, transaction_id: str, states: dict[str, RecipientState]) -> None:
+    async def save(self, transaction_id: str, states: dict[str, RecipientState], queued_ms: int = 0) -> None:
+        """Write these recipients' states; ``queued_ms`` also enters the transaction in the
+        queue's index (first sight), in the same round trip."""
         if not states:
             return
         key = keys.relay_recipients(transaction_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={r: s.to_json() for r, s in states.items()})
             pipe.expire(key, RESULT_RETENTION_SECONDS)
+            if queued_ms:
+                pipe.zadd(keys.RELAY_QUEUE, {transaction_id: queued_ms}, nx=True)
             await pipe.execute()
-
-    async def queued(self, transaction_id: str, received_ms: int) -> None:
-        await self._redis.zadd(keys.RELAY_QUEUE, {transaction_id: received_ms}, nx=True)
 
     async def done(self, transaction_id: str) -> None:
         await self._redis.zrem(keys.RELAY_QUEUE, transaction_id)
@@ -204,8 +205,7 @@ class RelayQueue:
         fresh = {r: RecipientState() for r in dict.fromkeys(record.remote_recipients) if r not in states}
         if fresh:
             states.update(fresh)
-            await self.results.save(txn, fresh)
-            await self.results.queued(txn, record.received_unix_ms)
+            await self.results.save(txn, fresh, queued_ms=record.received_unix_ms or 1)
         resumed = {r: s for r, s in states.items() if s.state == "sending"}
         for rcpt, state in resumed.items():
             # R-OUT-3: killed after the dot and before the reply: the one unavoidable duplicate.
