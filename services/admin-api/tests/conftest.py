@@ -40,12 +40,15 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         self.must_enrol: set[str] = set()  # admins answered with second_factor_enrolment_required
         self.totp_secrets: dict[str, str] = {}
         self.app_passwords: dict[str, dict[str, str]] = {}
+        self.locked: set[str] = set()
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
         self.requests.append(request)
         self.seen.add(request.password)
         address = normalize_address(request.login)
         account = await self.directory.get_account(address)
+        if address in self.locked:
+            return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_LOCKED)
         if account is None or self.passwords.get(address) != request.password:
             return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_INVALID)
         return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_OK, account=address, role=account.role,
@@ -81,6 +84,25 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
             auth_pb2.AppPassword(name=name, created=1_700_000_000.5)
             for name in self.app_passwords.get(request.account, {})
         ])
+
+    async def AppPasswordRevoke(
+        self, request: auth_pb2.AppPasswordRevokeRequest, context: object
+    ) -> auth_pb2.AppPasswordRevokeResponse:
+        found = self.app_passwords.get(request.account, {}).pop(request.name, None)
+        return auth_pb2.AppPasswordRevokeResponse(found=found is not None)
+
+    async def AppPasswordRevokeAll(
+        self, request: auth_pb2.AppPasswordRevokeAllRequest, context: object
+    ) -> auth_pb2.AppPasswordRevokeAllResponse:
+        return auth_pb2.AppPasswordRevokeAllResponse(revoked=len(self.app_passwords.pop(request.account, {})))
+
+    async def Unlock(self, request: auth_pb2.UnlockRequest, context: object) -> auth_pb2.UnlockResponse:
+        was_locked = request.account in self.locked
+        self.locked.discard(request.account)
+        return auth_pb2.UnlockResponse(was_locked=was_locked)
+
+    async def TotpReset(self, request: auth_pb2.TotpResetRequest, context: object) -> auth_pb2.TotpResetResponse:
+        return auth_pb2.TotpResetResponse(was_enabled=self.totp_secrets.pop(request.account, None) is not None)
 
     async def ImportHash(self, request: auth_pb2.ImportHashRequest, context: object) -> auth_pb2.ImportHashResponse:
         self.seen.add(request.scheme_hash)

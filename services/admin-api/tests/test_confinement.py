@@ -14,9 +14,10 @@ BOSS = "boss@example.org"  # domain admin of example.org
 FRANK = "frank@other.example"  # a user of another tenant
 
 # Another tenant's resources, and names in that tenant that do not exist: both must answer alike.
-OTHER = {"domain": "other.example", "address": FRANK, "alias": "sales@other.example", "domain_alias": "oth.example"}
+OTHER = {"domain": "other.example", "address": FRANK, "alias": "sales@other.example", "domain_alias": "oth.example",
+         "name": "phone"}
 MISSING = {"domain": "ghost.example", "address": "nobody@other.example", "alias": "nothing@other.example",
-           "domain_alias": "ghost-alias.example"}
+           "domain_alias": "ghost-alias.example", "name": "phone"}
 # A valid body for every write that names a resource, so that the handler (not validation) answers.
 BODIES: dict[str, dict[str, Any]] = {
     "updateDomain": {"description": "taken over"},
@@ -28,6 +29,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "importPasswordHash": {"hash": "{SSHA512}dGFrZW4tb3Zlci1oYXNoLXZhbHVlcw=="},
     "replaceAliasTargets": {"targets": [BOSS]},
     "putDomainAlias": {"target": "example.org"},
+    "unlockAccount": {},
 }
 # Writes no domain admin may make anywhere: refused by role before any lookup, alike for all names.
 SUPERADMIN_ONLY = {"putDomainAlias"}
@@ -42,6 +44,9 @@ async def _tenants(harness: Harness) -> dict[str, str]:
     await directory.add_domain_alias("oth.example", "other.example")
     await harness.backend.store.put_doc("domain:other.example", {"limits": {"max_messages_per_day": 50}})
     await harness.backend.store.put_doc(f"account:{FRANK}", {"limits": {"max_messages_per_day": 5}})
+    harness.auth.locked.add(FRANK)
+    harness.auth.totp_secrets[FRANK] = "FRANKSSECRET"
+    harness.auth.app_passwords[FRANK] = {"phone": "frank-app-password"}
     return await harness.login(BOSS, GOOD_PASSWORD)
 
 
@@ -56,6 +61,9 @@ async def _other_tenant_state(harness: Harness) -> tuple[Any, ...]:
         await store.get_doc(f"account:{FRANK}"),
         await harness.backend.directory.list_accounts("other.example"),
         harness.auth.passwords[FRANK],
+        FRANK in harness.auth.locked,
+        dict(harness.auth.totp_secrets),
+        dict(harness.auth.app_passwords.get(FRANK, {})),
     )
 
 

@@ -20,6 +20,15 @@ Role = Literal["user", "domain_admin", "superadmin"]
 MAX_ALIAS_DEPTH = 8
 
 
+# Only an existing account's epoch moves: HINCRBY alone would make a stub record.
+_BUMP_EPOCH = """
+if redis.call('HEXISTS', KEYS[1], 'domain') == 1 then
+  return redis.call('HINCRBY', KEYS[1], 'session_epoch', 1)
+end
+return false
+"""
+
+
 class DirectoryError(ValueError):
     """A write the directory refuses (unknown domain, duplicate, bad address)."""
 
@@ -59,6 +68,8 @@ class Account:
     enabled: bool = True
     created: float = 0.0
     aliases: list[str] = field(default_factory=list)
+    # Admin API sessions carry the epoch they were made in; a bump ends every older one (R-ADM-4).
+    session_epoch: int = 0
 
 
 class Directory:
@@ -158,7 +169,14 @@ class Directory:
             enabled=data.get("enabled", "1") == "1",
             created=float(data.get("created", "0")),
             aliases=aliases,
+            session_epoch=int(data.get("session_epoch", "0") or 0),
         )
+
+    async def end_sessions(self, address: str) -> int | None:
+        """Bump the account's session epoch (every session made before is over); None when there
+        is no such account (nothing is written then)."""
+        epoch = await self._redis.eval(_BUMP_EPOCH, 1, keys.account(normalize_address(address)))
+        return None if epoch is None else int(epoch)
 
     async def set_account_enabled(self, address: str, enabled: bool) -> None:
         await self._redis.hset(keys.account(normalize_address(address)), "enabled", "1" if enabled else "0")

@@ -18,6 +18,7 @@ from rempart.admin_api import (
     routes_auth,
     routes_directory,
     routes_events,
+    routes_helpdesk,
     routes_ips,
     routes_settings,
     routes_twofactor,
@@ -37,6 +38,7 @@ TAGS = [
     {"name": "domains", "description": "Local domains and their settings overrides."},
     {"name": "accounts", "description": "Accounts, their passwords, settings and counters."},
     {"name": "aliases", "description": "Address aliases (R-DOM-2)."},
+    {"name": "helpdesk", "description": "Unlock, reset 2FA, revoke app passwords and sessions (R-ADM-4)."},
     {"name": "settings", "description": "Server settings (R-OPS-1)."},
     {"name": "events", "description": "The audit and security event log."},
     {"name": "intrusion-prevention", "description": "IP blocks (R-IPS-5)."},
@@ -88,8 +90,8 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
-    modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_settings, routes_events,
-               routes_ips)
+    modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_helpdesk, routes_settings,
+               routes_events, routes_ips)
     for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})

@@ -135,7 +135,12 @@ async def current_principal(
     if session is None:
         raise not_authenticated("Invalid or expired session")
     account = await backend.directory.get_account(session.account)
-    if account is None or not account.enabled or account.created != session.account_created:
+    if (
+        account is None
+        or not account.enabled
+        or account.created != session.account_created
+        or account.session_epoch != session.epoch
+    ):
         await backend.sessions.revoke(token)
         raise not_authenticated("Invalid or expired session")
     if session.restricted and request.url.path.rstrip("/") not in ENROLMENT_PATHS:
@@ -160,6 +165,13 @@ async def require_superadmin(principal: PrincipalDep) -> Principal:
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
 SuperadminDep = Annotated[Principal, Depends(require_superadmin)]
+
+
+async def end_sessions(backend: Backend, address: str, keep: str | None = None) -> None:
+    """R-ADM-4: end every admin API session of ``address``, except the session ``keep``."""
+    epoch = await backend.directory.end_sessions(address)
+    if keep is not None and epoch is not None:
+        await backend.sessions.adopt_epoch(keep, epoch)
 
 
 def client_ip(request: Request) -> str:

@@ -280,3 +280,19 @@ class PasswordHashImport(_Body):
 
     hash: SecretStr = Field(min_length=1, max_length=MAX_HASH,
                             description="{ARGON2ID}, {BLF-CRYPT}, {SHA512-CRYPT} or {SSHA512}")
+
+
+# Helpdesk (R-ADM-4) -------------------------------------------------------------------------
+class UnlockResult(BaseModel):
+    account: str
+    was_locked: bool = Field(description="A lock was in force; recent failures are forgotten either way.")
+
+
+class TotpResetResult(BaseModel):
+    account: str
+    was_enabled: bool = Field(description="TOTP was on; the account's sessions are ended either way.")
+
+
+class AppPasswordsRevoked(BaseModel):
+    account: str
+    revoked: int

@@ -12,6 +12,7 @@ from rempart.admin_api.backend import (
     PrincipalDep,
     ProblemError,
     client_ip,
+    end_sessions,
     not_authenticated,
     record_change,
 )
@@ -65,7 +66,8 @@ async def login(body: LoginRequest, request: Request, backend: BackendDep) -> Lo
     if account is None or not account.enabled:
         raise ProblemError(401, LOGIN_FAILED, headers=BEARER)
     restricted = reply.second_factor_enrolment_required
-    token = await backend.sessions.create(account.address, account.created, ip, restricted=restricted)
+    token = await backend.sessions.create(account.address, account.created, ip, restricted=restricted,
+                                          epoch=account.session_epoch)
     await backend.events.publish("admin", "login", client_ip=ip, account=account.address, protocol="admin",
                                  reason="totp_enrolment_required" if restricted else "")
     return LoginResponse(
@@ -127,6 +129,8 @@ async def change_my_password(
     if result not in (auth_pb2.AUTH_STATUS_OK, auth_pb2.AUTH_STATUS_SECOND_FACTOR_REQUIRED):
         raise ProblemError(403, OLD_PASSWORD_WRONG)
     await set_password(backend, principal.address, new)
+    # R-ADM-4: a changed password ends the account's other sessions (a thief's among them).
+    await end_sessions(backend, principal.address, keep=principal.token)
     await record_change(backend, request, principal.address, "password_changed", principal.address,
                         f"account:{principal.address}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -21,6 +21,7 @@ from rempart.admin_api.backend import (
     ProblemError,
     RedactorDep,
     SuperadminDep,
+    end_sessions,
     forbidden,
     not_found,
     record_change,
@@ -307,6 +308,8 @@ async def reset_password(
 ) -> Response:
     account = await account_or_404(backend, principal, address)
     await set_password(backend, account.address, body.password.get_secret_value())
+    # R-ADM-4: a reset password ends the account's sessions (the caller's own excepted).
+    await end_sessions(backend, account.address, keep=principal.token if account.address == principal.address else None)
     await record_change(backend, request, principal.address, "password_reset", account.address,
                         f"account:{account.address}")
     return Response(status_code=204)

@@ -29,6 +29,7 @@ class Session:
     account: str
     account_created: float
     restricted: bool
+    epoch: int = 0
 
 
 class SessionStore:
@@ -36,9 +37,13 @@ class SessionStore:
         self._redis = redis
         self.ttl_seconds = ttl_seconds
 
-    async def create(self, account: str, account_created: float, client_ip: str, restricted: bool = False) -> str:
+    async def create(
+        self, account: str, account_created: float, client_ip: str, restricted: bool = False, epoch: int = 0
+    ) -> str:
         """``account_created`` ties the session to this incarnation of the account: a deleted and
-        re-created address does not inherit the old sessions."""
+        re-created address does not inherit the old sessions. ``epoch`` is the account's session
+        epoch now: bumping it (:meth:`rempart.common.directory.Directory.end_sessions`) ends
+        every session made before, on every replica, without an index of sessions per account."""
         token = secrets.token_urlsafe(TOKEN_BYTES)
         key = keys.admin_session(token_digest(token))
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -50,6 +55,7 @@ class SessionStore:
                     "client_ip": client_ip,
                     "created": repr(time.time()),
                     "restricted": "1" if restricted else "0",
+                    "epoch": str(epoch),
                 },
             )
             pipe.expire(key, self.ttl_seconds)
@@ -61,17 +67,23 @@ class SessionStore:
         if not token or len(token) > MAX_TOKEN_CHARS:
             return None
         key = keys.admin_session(token_digest(token))
-        account, created, restricted = await self._redis.hmget(key, ["account", "account_created", "restricted"])
+        fields = await self._redis.hmget(key, ["account", "account_created", "restricted", "epoch"])
+        account, created, restricted, epoch = fields
         if not account or not created:
             return None
         # A session written without the field is unrestricted only if it predates 2FA: treat
         # anything but an explicit "0" as restricted, so a damaged record never widens access.
-        return Session(str(account), float(created), restricted != "0")
+        return Session(str(account), float(created), restricted != "0", int(epoch or 0))
 
     async def lift_restriction(self, token: str) -> None:
         """After TOTP is confirmed (R-2FA-1), the session that enrolled becomes a full one."""
         key = keys.admin_session(token_digest(token))
         await self._redis.hset(key, "restricted", "0")
+
+    async def adopt_epoch(self, token: str, epoch: int) -> None:
+        """Keep this session alive across an epoch bump it made (a user's own password change)."""
+        key = keys.admin_session(token_digest(token))
+        await self._redis.hset(key, "epoch", str(epoch))
 
     async def revoke(self, token: str) -> None:
         await self._redis.delete(keys.admin_session(token_digest(token)))
