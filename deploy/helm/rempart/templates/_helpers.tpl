@@ -185,6 +185,7 @@ are expanded by the kubelet). extraEnv replaces a variable of the same name, or 
 {{- else }}
 {{- $env = append $env (dict "name" "REMPART_NATS_URL" "value" (required "nats.externalUrl or nats.externalUrlSecret.name is required when nats.enabled is false" $values.nats.externalUrl)) }}
 {{- end }}
+{{- $env = append $env (dict "name" "REMPART_STREAM_REPLICAS" "value" (toString $values.nats.streamReplicas)) }}
 {{- $env = append $env (dict "name" "REMPART_SECRET_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" (include "rempart.secretKeySecretName" $root) "key" $values.secretKey.existingSecretKey))) }}
 {{- range $c.grpcPeers }}
 {{- $env = append $env (dict "name" (printf "REMPART_%s_TARGET" (. | upper | replace "-" "_")) "value" (include "rempart.grpcTarget" (list $root .))) }}

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from rempart.common.pb.events.v1 import events_pb2
 
@@ -56,9 +56,16 @@ async def connect_nats(url: str, name: str) -> NATS:
     )
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update the streams Rempart relies on (idempotent; every service may call it)."""
-    configs = [
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
+    """Create the streams Rempart relies on, or bring an existing one up to what the code needs
+    (idempotent; every service calls it at start). Returns what differs from ``replicas``.
+
+    An existing stream keeps every setting an operator chose: only the subjects and direct get
+    (the read path) are added, and the replica count is raised to ``replicas``, never lowered.
+    (Every pod used to reset MAIL to R1 at start, undoing an operator's R3 on a cluster: a
+    durability loss on the next node failure, R-OPS-6.)
+    """
+    wanted = [
         jsapi.StreamConfig(
             name=EVENTS_STREAM,
             subjects=[EVENTS_SUBJECTS],
@@ -76,20 +83,72 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
             storage=jsapi.StorageType.FILE,
             duplicate_window=120,
             num_replicas=replicas,
+            allow_direct=True,
         ),
     ]
-    for config in configs:
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+    differences: list[str] = []
+    for config in wanted:
+        differences += await _ensure_stream(js, config)
     try:
         await js.object_store(BLOB_BUCKET)
     except Exception:  # noqa: BLE001 - nats raises several "not found" types
-        await js.create_object_store(
-            BLOB_BUCKET,
-            config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=replicas),
-        )
+        try:
+            await js.create_object_store(
+                BLOB_BUCKET, config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=replicas))
+        except APIError as exc:
+            if replicas == 1:
+                raise
+            await js.create_object_store(
+                BLOB_BUCKET, config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=1))
+            differences.append(f"OBJ_{BLOB_BUCKET} created with 1 replica, not {replicas}: {exc.description}")
+    else:
+        blobs = jsapi.StreamConfig(name=f"OBJ_{BLOB_BUCKET}", subjects=[], num_replicas=replicas, allow_direct=True)
+        differences += await _ensure_stream(js, blobs)
+    for line in differences:
+        log.warning("stream settings differ from this service's: %s", line)
+    return differences
+
+
+async def _ensure_stream(js: JetStreamContext, wanted: jsapi.StreamConfig) -> list[str]:
+    assert wanted.name is not None
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(wanted)
+        except BadRequestError:
+            pass  # another replica created it meanwhile
+        except APIError as exc:
+            if int(wanted.num_replicas or 1) == 1:
+                raise
+            # More replicas than the servers can hold (a single node): mail must still flow;
+            # the stream starts with one and the difference is reported.
+            await js.add_stream(wanted.evolve(num_replicas=1))
+            return [f"{wanted.name} created with 1 replica, not {wanted.num_replicas}: {exc.description}"]
+        return []
+    current = info.config
+    have = int(current.num_replicas or 1)
+    want = int(wanted.num_replicas or 1)
+    differences = []
+    # What reads and writes need first, then the replica count: a cluster too small for the
+    # replicas must not keep direct reads from being turned on.
+    changes: dict[str, object] = {}
+    missing = [s for s in wanted.subjects or [] if s not in (current.subjects or [])]
+    if missing:
+        changes["subjects"] = [*(current.subjects or []), *missing]
+    if wanted.allow_direct and not current.allow_direct:
+        changes["allow_direct"] = True
+    if want < have:
+        differences.append(f"{wanted.name} keeps {have} replicas (this service asks for {want}; never lowered)")
+    for step in (changes, {"num_replicas": want} if want > have else {}):
+        if not step:
+            continue
+        try:
+            current = (await js.update_stream(current.evolve(**step))).config
+        except APIError as exc:
+            # For example more replicas than the cluster has nodes: reported, never fatal.
+            differences.append(f"{wanted.name}: could not apply {sorted(step)}: {exc.description}")
+    return differences
 
 
 class EventBus:

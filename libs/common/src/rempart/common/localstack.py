@@ -130,6 +130,53 @@ def start_nats(workdir: Path, port: int = 0, monitor_port: int = 0) -> LocalServ
     return LocalServer("nats", port, proc, f"nats://127.0.0.1:{port}", {"monitor": monitor_port})
 
 
+def start_nats_cluster(workdir: Path, size: int = 3) -> list[LocalServer]:
+    """A real JetStream cluster of ``size`` nodes on loopback (R-OPS-6 tests): each node routes
+    to the others and fsyncs before every ack, as in the chart's HA values."""
+    ports = [(free_port(), free_port(), free_port()) for _ in range(size)]  # client, cluster, monitor
+    routes = ", ".join(f"nats://127.0.0.1:{cluster}" for _, cluster, _ in ports)
+    procs = []
+    for n, (port, cluster, monitor) in enumerate(ports):
+        node = workdir / f"n{n}"
+        node.mkdir(parents=True, exist_ok=True)
+        (node / "nats.conf").write_text(
+            f"server_name: n{n}\n"
+            f"listen: 127.0.0.1:{port}\n"
+            f"http: 127.0.0.1:{monitor}\n"
+            "jetstream {\n"
+            f"  store_dir: \"{node / 'js'}\"\n"
+            "  sync_interval: always\n"
+            "}\n"
+            "cluster {\n"
+            "  name: rempart\n"
+            f"  listen: 127.0.0.1:{cluster}\n"
+            f"  routes: [{routes}]\n"
+            "}\n"
+        )
+        procs.append(subprocess.Popen(
+            [nats_binary(), "-c", str(node / "nats.conf"), "-l", str(node / "nats.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+    servers = []
+    for (port, _, monitor), proc in zip(ports, procs, strict=True):
+        wait_for_port("127.0.0.1", port, proc=proc)
+        servers.append(LocalServer("nats", port, proc, f"nats://127.0.0.1:{port}", {"monitor": monitor}))
+    # JetStream is usable once the meta group has a leader: every node reports one.
+    deadline = time.monotonic() + 30
+    for server in servers:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{server.extra['monitor']}/jsz", timeout=2) as resp:
+                    if b'"leader"' in resp.read():
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the NATS cluster elected no JetStream leader in 30 s")
+            time.sleep(0.2)
+    return servers
+
+
 def nats_varz(server: LocalServer) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.extra['monitor']}/varz", timeout=5) as resp:
         return str(resp.read().decode())

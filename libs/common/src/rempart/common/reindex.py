@@ -28,7 +28,7 @@ async def run(settings: ServiceSettings) -> int:
     nc = await connect_nats(settings.nats_url, "rempart-reindex")
     try:
         js = nc.jetstream(timeout=30)
-        await ensure_streams(js)
+        await ensure_streams(js, settings.stream_replicas)
         applied = await rebuild_index(js, MailboxIndex(redis))
         log.info("mailbox index rebuilt", extra={"records_applied": applied})
         return applied

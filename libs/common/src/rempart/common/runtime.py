@@ -85,7 +85,7 @@ class ServiceRuntime:
         self.nc = await connect_nats(self.settings.nats_url, f"rempart-{self.service}-{self.instance}")
         self._teardown.push_async_callback(self._close_nats)
         self.js = self.nc.jetstream(timeout=10)
-        await ensure_streams(self.js)
+        await ensure_streams(self.js, self.settings.stream_replicas)
         self.events = EventBus(self.nc, self.service)
         self.config = SettingsCache(self.redis)
         await self.config.refresh(force=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SECRET_KEY = "dev-only-insecure-key-change-me"  # noqa: S105 - refused outside dev
@@ -31,6 +31,9 @@ class ServiceSettings(BaseSettings):
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     instance: str = ""
     shutdown_grace_seconds: float = 20.0
+    # JetStream replicas of the streams a service creates (3 on a NATS cluster, R-OPS-6). An
+    # existing stream with more replicas keeps them: no service ever lowers the count.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> ServiceSettings:
