@@ -63,7 +63,9 @@ async def test_r_log_4_login_same_answer_for_unknown_user_and_wrong_password(har
     unknown = await harness.http.post("/v1/auth/login", json={"email": "nobody@example.org", "password": "Wrong-Password-1"})
     assert wrong.status_code == unknown.status_code == 401
     assert wrong.content == unknown.content
-    assert wrong.json() == {"detail": "Unknown user or incorrect password", "violations": []}
+    assert wrong.headers["content-type"] == "application/problem+json"
+    assert wrong.json() == {"type": "about:blank", "title": "Unauthorized", "status": 401,
+                            "detail": "Unknown user or incorrect password", "instance": "/v1/auth/login", "errors": []}
     request = harness.auth.requests[-1]
     assert (request.protocol, request.mechanism, request.client_ip) == ("admin", "password", "127.0.0.1")
 
@@ -140,11 +142,12 @@ async def test_r_pwd_1_weak_password_refused_and_no_account_left(harness: Harnes
         "/v1/domains/example.org/accounts", json={"address": "bob", "password": "short1!"}, headers=admin_headers
     )
     assert reply.status_code == 422
-    assert reply.json() == {"detail": "Password refused by the password policy", "violations": [TOO_SHORT]}
+    assert reply.json()["detail"] == "Password refused by the password policy"
+    assert reply.json()["errors"] == [{"field": "password", "location": "body", "detail": TOO_SHORT}]
     assert await harness.backend.directory.get_account("bob@example.org") is None
     assert "bob@example.org" not in await harness.backend.directory.list_accounts("example.org")
     reset = await harness.http.put(f"/v1/accounts/{ADMIN}/password", json={"password": "tiny"}, headers=admin_headers)
-    assert reset.status_code == 422 and reset.json()["violations"] == [TOO_SHORT]
+    assert reset.status_code == 422 and [e["detail"] for e in reset.json()["errors"]] == [TOO_SHORT]
 
 
 async def test_r_ops_1_settings_put_bumps_version_and_announces_it(
@@ -177,7 +180,7 @@ async def test_r_ops_1_invalid_settings_refused(harness: Harness, admin_headers:
     bad = await http.patch("/v1/settings", json={"ips": {"block_minutes": -1}}, headers=admin_headers)
     assert bad.status_code == 422
     assert bad.json()["detail"] == "Invalid settings"
-    assert any(v.startswith("ips.block_minutes") for v in bad.json()["violations"])
+    assert [e["field"] for e in bad.json()["errors"]] == ["ips.block_minutes"]
     unknown = await http.put("/v1/settings", json={"no_such_section": {}}, headers=admin_headers)
     assert unknown.status_code == 422
     server_only = await http.put("/v1/domains/example.org/settings", json={"ips": {"block_minutes": 5}},
@@ -279,7 +282,8 @@ async def test_r_pwd_3_user_changes_own_password(harness: Harness) -> None:
     weak = await harness.http.post(
         url, json={"old_password": GOOD_PASSWORD, "new_password": "weak", "confirm": "weak"}, headers=dave
     )
-    assert weak.status_code == 422 and weak.json()["violations"] == [TOO_SHORT]
+    assert weak.status_code == 422
+    assert weak.json()["errors"] == [{"field": "new_password", "location": "body", "detail": TOO_SHORT}]
     assert harness.auth.passwords["dave@example.org"] == GOOD_PASSWORD
     ok = await harness.http.post(
         url, json={"old_password": GOOD_PASSWORD, "new_password": "Br4nd-New-Pass!", "confirm": "Br4nd-New-Pass!"},
@@ -302,7 +306,7 @@ async def test_user_role_reaches_only_self_service(harness: Harness) -> None:
     ]:
         reply = await harness.http.request(method, path, headers=erin, json={"password": "Whatever-123!"})
         assert reply.status_code == 403, (method, path, reply.text)
-        assert reply.json() == {"detail": "Not allowed for this role", "violations": []}
+        assert (reply.json()["status"], reply.json()["detail"]) == (403, "Not allowed for this role")
 
 
 async def test_domain_admin_manages_only_its_domain(harness: Harness, admin_headers: dict[str, str]) -> None:
@@ -374,7 +378,9 @@ async def test_validation_errors_never_echo_input(harness: Harness) -> None:
     secret = "S3cret-" + "z" * 2000
     reply = await harness.http.post("/v1/auth/login", json={"email": ADMIN, "password": secret})
     assert reply.status_code == 422
-    assert "S3cret" not in reply.text and reply.json()["violations"]
+    assert "S3cret" not in reply.text
+    (error,) = reply.json()["errors"]
+    assert (error["field"], error["location"]) == ("password", "body") and "1024" in error["detail"]
 
 
 async def test_r_log_5_recreated_account_does_not_inherit_sessions(

@@ -84,7 +84,7 @@ async def test_r_adm_1_matrix_every_route_hides_another_tenant(harness: Harness)
                 reply = await harness.http.request(method.upper(), path.format(**values), json=body, headers=boss)
                 expected = 403 if operation["operationId"] in SUPERADMIN_ONLY else 404
                 assert reply.status_code == expected, (method, path, values, reply.text)
-                answers.append(reply.json())
+                answers.append({k: v for k, v in reply.json().items() if k != "instance"})
             # Existing or not, the same answer: confinement tells nothing about another tenant.
             assert answers[0] == answers[1], (method, path)
             checked.append(operation["operationId"])

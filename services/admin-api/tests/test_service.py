@@ -40,7 +40,9 @@ async def test_openapi_document_is_valid_and_generator_friendly(harness: Harness
                 assert "401" in operation["responses"]
             for code, response in operation["responses"].items():
                 if code.startswith(("4", "5")):
-                    schema = response["content"]["application/json"]["schema"]
+                    # RFC 9457: every error is application/problem+json, and says so.
+                    assert list(response["content"]) == ["application/problem+json"], (method, path, code)
+                    schema = response["content"]["application/problem+json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/Problem"}, (method, path, code)
     assert len(operation_ids) == len(set(operation_ids))
     # No response schema can carry a password (R-PWD-2); only login carries the token, and only

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -25,7 +27,7 @@ from rempart.admin_api import (
 )
 from rempart.admin_api.backend import Backend, ProblemError
 from rempart.admin_api.bodylimit import BodySizeLimit
-from rempart.admin_api.models import Problem
+from rempart.admin_api.models import FieldError, Problem
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.settings import AdminApiSettings
 
@@ -45,32 +47,64 @@ TAGS = [
 ]
 
 
-def _problem(status: int, detail: str, violations: list[str] | None = None,
+PROBLEM_JSON = "application/problem+json"
+
+
+def _problem(request: Request, status: int, detail: str, errors: list[FieldError] | None = None,
              headers: Mapping[str, str] | None = None) -> JSONResponse:
-    body = Problem(detail=detail, violations=violations or [])
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, instance=request.url.path,
+                   errors=errors or [])
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers,
+                        media_type=PROBLEM_JSON)
 
 
-async def _on_problem(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_problem(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    return _problem(exc.status, exc.detail, exc.violations, exc.headers)
+    return _problem(request, exc.status, exc.detail, exc.errors, exc.headers)
 
 
-async def _on_http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return _problem(exc.status_code, str(exc.detail), headers=exc.headers)
+    return _problem(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
-async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+def field_error(err: Mapping[str, Any]) -> FieldError:
+    """A pydantic error as a FieldError: where (``body``/``query``/...) and what, never the input."""
+    loc = [str(p) for p in err.get("loc", ())]
+    location = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else "body"
+    path = loc[1:] if loc and loc[0] == location else loc
+    return FieldError(field=".".join(path) or location, location=location, detail=str(err.get("msg", "")))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     # Only where and what, never the input: a rejected field may be a password.
     assert isinstance(exc, RequestValidationError)
-    violations = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in exc.errors()]
-    return _problem(422, "Invalid request", violations[:50])
+    return _problem(request, 422, "Invalid request", [field_error(e) for e in exc.errors()][:50])
 
 
-async def _on_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("dependency failure: %s", type(exc).__name__)
-    return _problem(503, UNAVAILABLE, headers={"Retry-After": "5"})
+    return _problem(request, 503, UNAVAILABLE, headers={"Retry-After": "5"})
+
+
+def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document says what the API sends: errors as ``application/problem+json``."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generate()
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                for code, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if code.startswith(("4", "5")) and "application/json" in content:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+        app.openapi_schema = spec
+        return spec
+
+    return openapi
 
 
 def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
@@ -96,4 +130,5 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
     return app

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.js import JetStreamContext
 
-from rempart.admin_api.models import Role
+from rempart.admin_api.models import FieldError, Role
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.sessions import SessionStore
 from rempart.common.clients import AuthClient
@@ -44,20 +44,25 @@ class Backend:
 
 
 class ProblemError(Exception):
-    """An error answered as :class:`rempart.admin_api.models.Problem`."""
+    """An error answered as :class:`rempart.admin_api.models.Problem` (RFC 9457)."""
 
     def __init__(
         self,
         status: int,
         detail: str,
-        violations: list[str] | None = None,
+        errors: list[FieldError] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        self.violations = violations or []
+        self.errors = errors or []
         self.headers = headers
+
+
+def invalid(detail: str, field: str, problem: str, location: Literal["body", "query", "path"] = "body") -> ProblemError:
+    """422 naming one refused field."""
+    return ProblemError(422, detail, [FieldError(field=field, location=location, detail=problem)])
 
 
 UNAUTHENTICATED = "Not authenticated"

@@ -10,7 +10,11 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-TOO_LARGE = json.dumps({"detail": "Request body too large", "violations": []}).encode()
+# RFC 9457, like every other error of the API.
+TOO_LARGE = json.dumps(
+    {"type": "about:blank", "title": "Content Too Large", "status": 413, "detail": "Request body too large",
+     "errors": []}
+).encode()
 
 
 class _BodyTooLarge(Exception):
@@ -72,7 +76,10 @@ async def _reply_too_large(send: Send) -> None:
         {
             "type": "http.response.start",
             "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(TOO_LARGE)).encode())],
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(TOO_LARGE)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": TOO_LARGE})

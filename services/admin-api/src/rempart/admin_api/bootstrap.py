@@ -76,7 +76,7 @@ async def bootstrap_superadmin(settings: AdminApiSettings, backend: Backend) -> 
         if created_domain:
             await directory.delete_domain(domain)
         if exc.status == 422:
-            log.error("bootstrap admin password refused by the policy: %s", "; ".join(exc.violations))
+            log.error("bootstrap admin password refused by the policy: %s", "; ".join(e.detail for e in exc.errors))
             return True
         log.warning("bootstrap admin postponed: auth service unavailable")
         return False

@@ -14,10 +14,10 @@ would deliver into, and mark, that tenant's account.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from rempart.admin_api.backend import Backend, Principal, ProblemError, forbidden, not_found
-from rempart.admin_api.models import MAX_ADDRESS
+from rempart.admin_api.backend import Backend, Principal, ProblemError, forbidden, invalid, not_found
+from rempart.admin_api.models import MAX_ADDRESS, FieldError
 from rempart.common.directory import Account, DirectoryError, normalize_address, split_address
 
 
@@ -41,13 +41,15 @@ async def account_or_404(backend: Backend, principal: Principal, address: str) -
     return account
 
 
-def alias_address(principal: Principal, alias: str, what: str = "Alias") -> tuple[str, str]:
+def alias_address(
+    principal: Principal, alias: str, what: str = "Alias", location: Literal["body", "path"] = "path"
+) -> tuple[str, str]:
     """The normalized alias address and its domain; 404 when the domain is not the caller's."""
     alias = normalize_address(alias)
     try:
         _, domain = split_address(alias)
     except DirectoryError:
-        raise ProblemError(422, "Not an address", [f"alias: not an address: {alias[:MAX_ADDRESS]}"]) from None
+        raise invalid("Not an address", "alias", "not an address", location) from None
     if not principal.can_manage_domain(domain):
         raise not_found(what)
     return alias, domain
@@ -56,9 +58,10 @@ def alias_address(principal: Principal, alias: str, what: str = "Alias") -> tupl
 async def checked_targets(backend: Backend, principal: Principal, targets: list[str], field: str) -> list[str]:
     """Normalized delivery targets; 422 for a malformed one, 404 for one of another tenant."""
     clean = [normalize_address(t) for t in targets]
-    bad = [f"{field}.{i}: not an address" for i, t in enumerate(clean) if len(t) > MAX_ADDRESS or not _is_address(t)]
+    bad = [FieldError(field=f"{field}.{i}", detail="not an address")
+           for i, t in enumerate(clean) if len(t) > MAX_ADDRESS or not _is_address(t)]
     if bad:
-        raise ProblemError(422, "Invalid addresses", bad)
+        raise ProblemError(422, "Invalid addresses", bad[:50])
     if principal.is_superadmin:
         return clean
     for target in clean:

@@ -29,11 +29,25 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Problem(BaseModel):
-    """Every error: a sentence, and for validation or password-policy errors each failed rule."""
+class FieldError(BaseModel):
+    """One refused input: where it is and what is wrong (never the value, which may be a secret)."""
 
+    field: str = Field(description="Dotted path in the body (``ips.block_minutes``), or the parameter's name.")
+    location: Literal["body", "query", "path", "header"] = "body"
     detail: str
-    violations: list[str] = Field(default_factory=list)
+
+
+class Problem(BaseModel):
+    """Every error, as RFC 9457 problem details (``application/problem+json``)."""
+
+    type: str = Field(default="about:blank", description="about:blank: the status says it all.")
+    title: str = Field(description="The HTTP status phrase.")
+    status: int
+    detail: str = Field(description="What went wrong, in a sentence meant for people.")
+    instance: str | None = Field(default=None, description="The request path.")
+    errors: list[FieldError] = Field(
+        default_factory=list, description="For refused input: each field and rule (R-PWD-1: every password rule)."
+    )
 
 
 # Authentication -----------------------------------------------------------------------------

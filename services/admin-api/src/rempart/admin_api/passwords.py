@@ -8,6 +8,7 @@ import grpc
 from fastapi import Request
 
 from rempart.admin_api.backend import Backend, ProblemError
+from rempart.admin_api.models import FieldError
 from rempart.common.pb.auth.v1 import auth_pb2
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,17 @@ def auth_unavailable() -> ProblemError:
     return ProblemError(503, AUTH_UNAVAILABLE, headers={"Retry-After": "5"})
 
 
-async def set_password(backend: Backend, account: str, password: str) -> None:
-    """Set ``account``'s password under the policy; 422 naming every violated rule (R-PWD-1)."""
+async def set_password(backend: Backend, account: str, password: str, field: str = "password") -> None:
+    """Set ``account``'s password under the policy; 422 naming every violated rule (R-PWD-1) on
+    ``field``, the body field that carried the password."""
     try:
         reply = await backend.auth.set_password(account, password, skip_policy=False)
     except grpc.aio.AioRpcError as exc:
         log.warning("SetPassword failed: %s", exc.code().name, extra={"account": account})
         raise auth_unavailable() from None
     if reply.violations or not reply.ok:
-        raise ProblemError(422, POLICY_REFUSED, list(reply.violations) or ["password refused"])
+        rules = list(reply.violations) or ["password refused"]
+        raise ProblemError(422, POLICY_REFUSED, [FieldError(field=field, detail=rule) for rule in rules])
 
 
 def request_tls(request: Request) -> bool:

@@ -19,6 +19,7 @@ from rempart.admin_api.backend import (
     ProblemError,
     SuperadminDep,
     forbidden,
+    invalid,
     not_found,
     record_change,
 )
@@ -63,7 +64,7 @@ async def list_aliases(domain: DomainPath, principal: AdminDep, backend: Backend
 @router.post("/v1/aliases", operation_id="createAlias", response_model=AliasOut, status_code=201, tags=["aliases"],
              responses=R_WRITE)
 async def create_alias(body: AliasCreate, request: Request, principal: AdminDep, backend: BackendDep) -> AliasOut:
-    alias, domain = alias_address(principal, body.alias, "Domain")
+    alias, domain = alias_address(principal, body.alias, "Domain", "body")
     if domain not in await backend.directory.list_domains():
         raise not_found("Domain")
     targets = await checked_targets(backend, principal, body.targets, "targets")
@@ -147,7 +148,7 @@ async def put_domain_alias(
     name = normalize_address(domain_alias)
     target = await domain_or_404(backend, principal, body.target)
     if not valid_domain_name(name):
-        raise ProblemError(422, "Not a domain name", [f"domain_alias: not a domain name: {name[:MAX_DOMAIN]}"])
+        raise invalid("Not a domain name", "domain_alias", "not a domain name", "path")
     if name in await backend.directory.list_domains():
         raise ProblemError(409, "A domain has this name")
     await backend.directory.add_domain_alias(name, target)

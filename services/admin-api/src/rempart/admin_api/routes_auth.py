@@ -13,6 +13,7 @@ from rempart.admin_api.backend import (
     ProblemError,
     client_ip,
     end_sessions,
+    invalid,
     not_authenticated,
     record_change,
 )
@@ -119,7 +120,7 @@ async def change_my_password(
     """R-PWD-3: the old password is verified by the auth service before the new one is set."""
     new = body.new_password.get_secret_value()
     if new != body.confirm.get_secret_value():
-        raise ProblemError(422, CONFIRM_MISMATCH, [CONFIRM_MISMATCH])
+        raise invalid(CONFIRM_MISMATCH, "confirm", "differs from new_password")
     result = await check_password(
         backend, principal.address, body.old_password.get_secret_value(), client_ip(request), request_tls(request)
     )
@@ -128,7 +129,7 @@ async def change_my_password(
     # SECOND_FACTOR_REQUIRED means the password matched; the session already passed 2FA.
     if result not in (auth_pb2.AUTH_STATUS_OK, auth_pb2.AUTH_STATUS_SECOND_FACTOR_REQUIRED):
         raise ProblemError(403, OLD_PASSWORD_WRONG)
-    await set_password(backend, principal.address, new)
+    await set_password(backend, principal.address, new, field="new_password")
     # R-ADM-4: a changed password ends the account's other sessions (a thief's among them).
     await end_sessions(backend, principal.address, keep=principal.token)
     await record_change(backend, request, principal.address, "password_changed", principal.address,

@@ -23,6 +23,7 @@ from rempart.admin_api.backend import (
     SuperadminDep,
     end_sessions,
     forbidden,
+    invalid,
     not_found,
     record_change,
 )
@@ -40,6 +41,7 @@ from rempart.admin_api.models import (
     DomainList,
     DomainOut,
     DomainPatch,
+    FieldError,
     PasswordReset,
     Problem,
     ScopedSettingsOut,
@@ -77,10 +79,12 @@ def account_out(account: Account, principal: Principal) -> AccountOut:
 def settings_problem(exc: ValueError) -> ProblemError:
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        violations = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()]
+        fields = [FieldError(field=".".join(str(p) for p in e["loc"]), detail=str(e["msg"])) for e in errors()]
     else:
-        violations = [str(exc)]
-    return ProblemError(422, "Invalid settings", violations)
+        # validate_scoped: "<section>: not settable at <scope> scope"
+        section, _, why = str(exc).partition(": ")
+        fields = [FieldError(field=section, detail=why or str(exc))]
+    return ProblemError(422, "Invalid settings", fields[:50])
 
 
 async def scoped_out(backend: Backend, redactor: Redactor, scope: str) -> ScopedSettingsOut:
@@ -119,7 +123,7 @@ async def create_domain(
 ) -> DomainOut:
     name = normalize_address(body.name)
     if not valid_domain_name(name):
-        raise ProblemError(422, "Not a domain name", [f"name: not a domain name: {name}"])
+        raise invalid("Not a domain name", "name", "not a domain name")
     if await backend.directory.canonical_domain(name) is not None:
         raise ProblemError(409, "Domain already exists")  # as a domain alias
     try:
@@ -233,9 +237,9 @@ async def create_account(
     try:
         local, addr_domain = split_address(address)
     except DirectoryError:
-        raise ProblemError(422, "Not an address", [f"address: not an address: {address}"]) from None
+        raise invalid("Not an address", "address", "not an address") from None
     if addr_domain != name or not _valid_local_part(local):
-        raise ProblemError(422, "Not an address of this domain", [f"address: not an address in {name}"])
+        raise invalid("Not an address of this domain", "address", f"not an address in {name}")
     if await backend.directory.alias_targets(address) is not None:
         raise ProblemError(409, "An alias has this address")
     try:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from rempart.admin_api.backend import Backend, BackendDep, ProblemError, SuperadminDep, not_found, record_change
+from rempart.admin_api.backend import Backend, BackendDep, SuperadminDep, invalid, not_found, record_change
 from rempart.admin_api.models import MAX_LIST, IpBlock, IpBlockList, Problem
 from rempart.common import keys
 
@@ -28,7 +28,7 @@ def canonical_ip(raw: str) -> str:
     try:
         return str(ipaddress.ip_address(raw.strip()))
     except ValueError:
-        raise ProblemError(422, "Not an IP address", [f"ip: not an IP address: {raw[:64]}"]) from None
+        raise invalid("Not an IP address", "ip", "not an IP address", "path") from None
 
 
 async def _index_members(backend: Backend, limit: int) -> tuple[list[str], bool]:

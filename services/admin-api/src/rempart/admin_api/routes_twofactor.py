@@ -21,6 +21,7 @@ from rempart.admin_api.backend import (
     PrincipalDep,
     ProblemError,
     forbidden,
+    invalid,
     not_found,
     record_change,
 )
@@ -172,7 +173,7 @@ async def import_password_hash(
     except grpc.aio.AioRpcError as exc:
         raise await _auth_call_failed(exc) from None
     if not reply.ok:
-        raise ProblemError(422, HASH_REFUSED, [reply.error])
+        raise invalid(HASH_REFUSED, "hash", reply.error or "refused")
     await record_change(backend, request, principal.address, "password_hash_imported", account.address,
                         f"account:{account.address}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
