@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import WatchError
 
 from rempart.common import keys
 
@@ -285,6 +286,35 @@ class SettingsStore:
             pipe.ltrim(keys.settings_history(scope), 0, 49)
             result = await pipe.execute()
         return int(result[1])
+
+    async def update_doc(
+        self, scope: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> tuple[int, dict[str, Any]]:
+        """Read-modify-write of one scope's document, atomic against other writers (R-ADM-2: no
+        lost update). ``change`` gets the stored document and returns the new one, or raises to
+        write nothing (a stale ETag); it may run more than once when another write interleaves.
+        Returns the new global version and the document stored."""
+        key = keys.settings_doc(scope)
+        while True:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    current = json.loads(raw) if raw else {}
+                    doc = change(current if isinstance(current, dict) else {})
+                    validate_scoped(scope, doc)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, json.dumps(doc, sort_keys=True))
+                    pipe.incr(keys.SETTINGS_VERSION)
+                    pipe.lpush(
+                        keys.settings_history(scope),
+                        json.dumps({"time": time.time(), "doc": doc}, sort_keys=True),
+                    )
+                    pipe.ltrim(keys.settings_history(scope), 0, 49)
+                    result = await pipe.execute()
+                except WatchError:
+                    continue
+            return int(result[1]), doc
 
     async def delete_doc(self, scope: str) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:

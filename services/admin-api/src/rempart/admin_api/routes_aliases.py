@@ -15,7 +15,9 @@ from fastapi import APIRouter, Path, Request, Response
 
 from rempart.admin_api.backend import (
     AdminDep,
+    Backend,
     BackendDep,
+    Principal,
     ProblemError,
     SuperadminDep,
     forbidden,
@@ -36,6 +38,7 @@ from rempart.admin_api.models import (
     DomainAliasOut,
     Problem,
 )
+from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.common.directory import DirectoryError, normalize_address, valid_domain_name
 
 router = APIRouter()
@@ -45,7 +48,7 @@ DomainAliasPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
-R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 422: _P, 503: _P}
+R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 412: _P, 422: _P, 503: _P}
 
 
 # Aliases ------------------------------------------------------------------------------------
@@ -80,8 +83,14 @@ async def create_alias(body: AliasCreate, request: Request, principal: AdminDep,
 
 @router.get("/v1/aliases/{alias}", operation_id="getAlias", response_model=AliasOut, tags=["aliases"],
             responses=R_READ)
-async def get_alias(alias: AliasPath, principal: AdminDep, backend: BackendDep) -> AliasOut:
+async def get_alias(alias: AliasPath, response: Response, principal: AdminDep, backend: BackendDep) -> AliasOut:
     address, _ = alias_address(principal, alias)
+    out = await _alias_or_404(backend, address)
+    with_etag(response, etag_of(out))
+    return out
+
+
+async def _alias_or_404(backend: Backend, address: str) -> AliasOut:
     targets = await backend.directory.alias_targets(address)
     if targets is None:
         raise not_found("Alias")
@@ -91,21 +100,26 @@ async def get_alias(alias: AliasPath, principal: AdminDep, backend: BackendDep) 
 @router.put("/v1/aliases/{alias}", operation_id="replaceAliasTargets", response_model=AliasOut, tags=["aliases"],
             responses=R_WRITE)
 async def replace_alias_targets(
-    alias: AliasPath, body: AliasTargets, request: Request, principal: AdminDep, backend: BackendDep
+    alias: AliasPath, body: AliasTargets, request: Request, response: Response, principal: AdminDep,
+    backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> AliasOut:
     address, _ = alias_address(principal, alias)
-    if await backend.directory.alias_targets(address) is None:
-        raise not_found("Alias")
+    check_if_match(if_match, etag_of(await _alias_or_404(backend, address)))
     targets = await checked_targets(backend, principal, body.targets, "targets")
     await backend.directory.set_alias_targets(address, targets)
     await record_change(backend, request, principal.address, "alias_updated", address, f"alias:{address}")
-    return AliasOut(alias=address, targets=await backend.directory.alias_targets(address) or [])
+    out = await _alias_or_404(backend, address)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.delete("/v1/aliases/{alias}", operation_id="deleteAlias", status_code=204, response_class=Response,
                tags=["aliases"], responses=R_WRITE)
-async def delete_alias(alias: AliasPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
+async def delete_alias(
+    alias: AliasPath, request: Request, principal: AdminDep, backend: BackendDep, if_match: IfMatchHeader = None
+) -> Response:
     address, _ = alias_address(principal, alias)
+    check_if_match(if_match, etag_of(await _alias_or_404(backend, address)))
     if await backend.directory.delete_alias(address) is None:
         raise not_found("Alias")
     await record_change(backend, request, principal.address, "alias_deleted", address, f"alias:{address}")
@@ -123,7 +137,7 @@ async def list_domain_aliases(domain: DomainPath, principal: AdminDep, backend: 
     ])
 
 
-async def _domain_alias_or_404(backend: BackendDep, principal: AdminDep, name: str) -> DomainAliasOut:
+async def _domain_alias_or_404(backend: Backend, principal: Principal, name: str) -> DomainAliasOut:
     name = normalize_address(name)
     target = (await backend.directory.domain_aliases()).get(name)
     if target is None or not principal.can_manage_domain(target):
@@ -133,15 +147,19 @@ async def _domain_alias_or_404(backend: BackendDep, principal: AdminDep, name: s
 
 @router.get("/v1/domain-aliases/{domain_alias}", operation_id="getDomainAlias", response_model=DomainAliasOut,
             tags=["domains"], responses=R_READ)
-async def get_domain_alias(domain_alias: DomainAliasPath, principal: AdminDep, backend: BackendDep) -> DomainAliasOut:
-    return await _domain_alias_or_404(backend, principal, domain_alias)
+async def get_domain_alias(
+    domain_alias: DomainAliasPath, response: Response, principal: AdminDep, backend: BackendDep
+) -> DomainAliasOut:
+    out = await _domain_alias_or_404(backend, principal, domain_alias)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.put("/v1/domain-aliases/{domain_alias}", operation_id="putDomainAlias", response_model=DomainAliasOut,
             tags=["domains"], responses=R_WRITE)
 async def put_domain_alias(
-    domain_alias: DomainAliasPath, body: DomainAliasCreate, request: Request, principal: SuperadminDep,
-    backend: BackendDep,
+    domain_alias: DomainAliasPath, body: DomainAliasCreate, request: Request, response: Response,
+    principal: SuperadminDep, backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> DomainAliasOut:
     # Superadmin only, refused before anything is looked up: a new local name is a server-wide
     # decision, and a domain admin learns nothing about which names exist.
@@ -151,19 +169,25 @@ async def put_domain_alias(
         raise invalid("Not a domain name", "domain_alias", "not a domain name", "path")
     if name in await backend.directory.list_domains():
         raise ProblemError(409, "A domain has this name")
+    existing = (await backend.directory.domain_aliases()).get(name)
+    check_if_match(if_match, None if existing is None else etag_of(DomainAliasOut(name=name, target=existing)))
     await backend.directory.add_domain_alias(name, target)
     await record_change(backend, request, principal.address, "domain_alias_set", name, f"domain:{target}")
-    return DomainAliasOut(name=name, target=target)
+    out = DomainAliasOut(name=name, target=target)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.delete("/v1/domain-aliases/{domain_alias}", operation_id="deleteDomainAlias", status_code=204,
                response_class=Response, tags=["domains"], responses=R_WRITE)
 async def delete_domain_alias(
-    domain_alias: DomainAliasPath, request: Request, principal: AdminDep, backend: BackendDep
+    domain_alias: DomainAliasPath, request: Request, principal: AdminDep, backend: BackendDep,
+    if_match: IfMatchHeader = None,
 ) -> Response:
     found = await _domain_alias_or_404(backend, principal, domain_alias)
     if not principal.is_superadmin:
         raise forbidden()
+    check_if_match(if_match, etag_of(found))
     await backend.directory.delete_domain_alias(found.name)
     await record_change(backend, request, principal.address, "domain_alias_deleted", found.name,
                         f"domain:{found.target}")

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
+from redis.exceptions import WatchError
 
 from rempart.admin_api.backend import (
     AdminDep,
@@ -41,13 +42,14 @@ from rempart.admin_api.models import (
     DomainList,
     DomainOut,
     DomainPatch,
-    FieldError,
     PasswordReset,
     Problem,
     ScopedSettingsOut,
 )
 from rempart.admin_api.passwords import set_password
+from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.admin_api.redaction import Redactor, keep_unchanged_secrets
+from rempart.admin_api.scopes import read_scope, write_scope
 from rempart.common import keys
 from rempart.common.config import MailSettings, deep_merge
 from rempart.common.directory import Account, DirectoryError, normalize_address, split_address, valid_domain_name
@@ -61,7 +63,7 @@ SettingsBody = Annotated[dict[str, Any], Body(description="A partial settings do
 
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
-R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 422: _P, 503: _P}
+R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 412: _P, 422: _P, 503: _P}
 
 
 def account_out(account: Account, principal: Principal) -> AccountOut:
@@ -76,35 +78,21 @@ def account_out(account: Account, principal: Principal) -> AccountOut:
     )
 
 
-def settings_problem(exc: ValueError) -> ProblemError:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        fields = [FieldError(field=".".join(str(p) for p in e["loc"]), detail=str(e["msg"])) for e in errors()]
-    else:
-        # validate_scoped: "<section>: not settable at <scope> scope"
-        section, _, why = str(exc).partition(": ")
-        fields = [FieldError(field=section, detail=why or str(exc))]
-    return ProblemError(422, "Invalid settings", fields[:50])
-
-
-async def scoped_out(backend: Backend, redactor: Redactor, scope: str) -> ScopedSettingsOut:
-    version = await backend.store.version()
-    doc = await backend.store.get_doc(scope)
+async def _scoped_out(backend: Backend, redactor: Redactor, response: Response, scope: str) -> ScopedSettingsOut:
+    version, doc, tag = await read_scope(backend, redactor, scope)
+    with_etag(response, tag)
     return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(doc))
 
 
-async def replace_scoped(backend: Backend, redactor: Redactor, scope: str, doc: dict[str, Any]) -> ScopedSettingsOut:
+async def _replace_scoped(
+    backend: Backend, redactor: Redactor, response: Response, scope: str, doc: dict[str, Any], if_match: str | None
+) -> ScopedSettingsOut:
     """PUT of a domain's or an account's overrides; secrets left out or echoed keep their value."""
-    doc = keep_unchanged_secrets(doc, await backend.store.get_doc(scope), replace=True)
-    version = await put_scoped(backend, scope, doc)
-    return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(doc))
-
-
-async def put_scoped(backend: Backend, scope: str, doc: dict[str, Any]) -> int:
-    try:
-        return await backend.store.put_doc(scope, doc)
-    except ValueError as exc:
-        raise settings_problem(exc) from None
+    version, stored, tag = await write_scope(
+        backend, redactor, scope, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True)
+    )
+    with_etag(response, tag)
+    return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(stored))
 
 
 # Domains ------------------------------------------------------------------------------------
@@ -147,30 +135,37 @@ async def _domain_out(backend: Backend, name: str) -> DomainOut:
 
 @router.get("/v1/domains/{domain}", operation_id="getDomain", response_model=DomainOut, tags=["domains"],
             responses=R_READ)
-async def get_domain(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> DomainOut:
-    return await _domain_out(backend, await domain_or_404(backend, principal, domain))
+async def get_domain(domain: DomainPath, response: Response, principal: AdminDep, backend: BackendDep) -> DomainOut:
+    out = await _domain_out(backend, await domain_or_404(backend, principal, domain))
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.patch("/v1/domains/{domain}", operation_id="updateDomain", response_model=DomainOut, tags=["domains"],
               responses=R_WRITE)
 async def update_domain(
-    domain: DomainPath, body: DomainPatch, request: Request, principal: AdminDep, backend: BackendDep
+    domain: DomainPath, body: DomainPatch, request: Request, response: Response, principal: AdminDep,
+    backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> DomainOut:
     name = await domain_or_404(backend, principal, domain)
+    check_if_match(if_match, etag_of(await _domain_out(backend, name)))
     if body.description is not None:
         await backend.redis.hset(keys.domain(name), "description", body.description)
     await record_change(backend, request, principal.address, "domain_updated", name, f"domain:{name}")
-    return await _domain_out(backend, name)
+    out = await _domain_out(backend, name)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.delete("/v1/domains/{domain}", operation_id="deleteDomain", status_code=204, response_class=Response,
                tags=["domains"], responses=R_WRITE)
 async def delete_domain(
-    domain: DomainPath, request: Request, principal: AdminDep, backend: BackendDep
+    domain: DomainPath, request: Request, principal: AdminDep, backend: BackendDep, if_match: IfMatchHeader = None
 ) -> Response:
     name = await domain_or_404(backend, principal, domain)
     if not principal.is_superadmin:
         raise forbidden()
+    check_if_match(if_match, etag_of(await _domain_out(backend, name)))
     try:
         await backend.directory.delete_domain(name)
     except DirectoryError:
@@ -189,23 +184,23 @@ async def delete_domain(
 @router.get("/v1/domains/{domain}/settings", operation_id="getDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_READ)
 async def get_domain_settings(
-    domain: DomainPath, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
+    domain: DomainPath, response: Response, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
 ) -> ScopedSettingsOut:
     name = await domain_or_404(backend, principal, domain)
-    return await scoped_out(backend, redactor, f"domain:{name}")
+    return await _scoped_out(backend, redactor, response, f"domain:{name}")
 
 
 @router.put("/v1/domains/{domain}/settings", operation_id="putDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_WRITE)
 async def put_domain_settings(
-    domain: DomainPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep,
-    redactor: RedactorDep,
+    domain: DomainPath, doc: SettingsBody, request: Request, response: Response, principal: AdminDep,
+    backend: BackendDep, redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> ScopedSettingsOut:
     name = await domain_or_404(backend, principal, domain)
     if not principal.is_superadmin:
         raise forbidden()  # a domain's hard limits (R-LIM-1) bind its own admins too
     scope = f"domain:{name}"
-    out = await replace_scoped(backend, redactor, scope, doc)
+    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match)
     await record_change(backend, request, principal.address, "domain_settings_changed", name, scope)
     return out
 
@@ -262,14 +257,17 @@ def _valid_local_part(local: str) -> bool:
 
 @router.get("/v1/accounts/{address}", operation_id="getAccount", response_model=AccountOut, tags=["accounts"],
             responses=R_READ)
-async def get_account(address: AddressPath, principal: AdminDep, backend: BackendDep) -> AccountOut:
-    return account_out(await account_or_404(backend, principal, address), principal)
+async def get_account(address: AddressPath, response: Response, principal: AdminDep, backend: BackendDep) -> AccountOut:
+    out = account_out(await account_or_404(backend, principal, address), principal)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.patch("/v1/accounts/{address}", operation_id="updateAccount", response_model=AccountOut, tags=["accounts"],
               responses=R_WRITE)
 async def update_account(
-    address: AddressPath, body: AccountPatch, request: Request, principal: AdminDep, backend: BackendDep
+    address: AddressPath, body: AccountPatch, request: Request, response: Response, principal: AdminDep,
+    backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> AccountOut:
     account = await account_or_404(backend, principal, address)
     if body.role is not None and body.role != account.role and not principal.is_superadmin:
@@ -277,26 +275,47 @@ async def update_account(
     if account.address == principal.address and (body.enabled is False or (body.role or account.role) != account.role):
         raise ProblemError(409, "You cannot disable or demote yourself")
     # The shared Directory has no setters for these fields yet; same hash, same field names.
-    if body.enabled is not None:
-        await backend.directory.set_account_enabled(account.address, body.enabled)
-    if body.display_name is not None:
-        await backend.redis.hset(keys.account(account.address), "display_name", body.display_name)
-    if body.role is not None:
-        await backend.redis.hset(keys.account(account.address), "role", body.role)
+    changes: dict[Any, Any] = {name: value for name, value in (
+        ("enabled", None if body.enabled is None else ("1" if body.enabled else "0")),
+        ("display_name", body.display_name),
+        ("role", body.role),
+    ) if value is not None}
+    key = keys.account(account.address)
+    async with backend.redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                # WATCH: the If-Match check and the write see the same account (R-ADM-2).
+                await pipe.watch(key)
+                current = await backend.directory.get_account(account.address)
+                if current is None:
+                    raise not_found("Account")
+                check_if_match(if_match, etag_of(account_out(current, principal)))
+                pipe.multi()  # type: ignore[no-untyped-call]
+                if changes:
+                    pipe.hset(key, mapping=changes)
+                await pipe.execute()
+                break
+            except WatchError:
+                continue
     await record_change(backend, request, principal.address, "account_updated", account.address,
                         f"account:{account.address}")
     updated = await backend.directory.get_account(account.address)
     if updated is None:
         raise not_found("Account")
-    return account_out(updated, principal)
+    out = account_out(updated, principal)
+    with_etag(response, etag_of(out))
+    return out
 
 
 @router.delete("/v1/accounts/{address}", operation_id="deleteAccount", status_code=204, response_class=Response,
                tags=["accounts"], responses=R_WRITE)
-async def delete_account(address: AddressPath, request: Request, principal: AdminDep, backend: BackendDep) -> Response:
+async def delete_account(
+    address: AddressPath, request: Request, principal: AdminDep, backend: BackendDep, if_match: IfMatchHeader = None
+) -> Response:
     account = await account_or_404(backend, principal, address)
     if account.address == principal.address:
         raise ProblemError(409, "You cannot delete yourself")
+    check_if_match(if_match, etag_of(account_out(account, principal)))
     await _detach_aliases(backend, principal, account)
     await backend.directory.delete_account(account.address)
     await backend.store.delete_doc(f"account:{account.address}")
@@ -322,22 +341,22 @@ async def reset_password(
 @router.get("/v1/accounts/{address}/settings", operation_id="getAccountSettings", response_model=ScopedSettingsOut,
             tags=["accounts"], responses=R_READ)
 async def get_account_settings(
-    address: AddressPath, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
+    address: AddressPath, response: Response, principal: AdminDep, backend: BackendDep, redactor: RedactorDep
 ) -> ScopedSettingsOut:
     account = await account_or_404(backend, principal, address)
-    return await scoped_out(backend, redactor, f"account:{account.address}")
+    return await _scoped_out(backend, redactor, response, f"account:{account.address}")
 
 
 @router.put("/v1/accounts/{address}/settings", operation_id="putAccountSettings", response_model=ScopedSettingsOut,
             tags=["accounts"], responses=R_WRITE)
 async def put_account_settings(
-    address: AddressPath, doc: SettingsBody, request: Request, principal: AdminDep, backend: BackendDep,
-    redactor: RedactorDep,
+    address: AddressPath, doc: SettingsBody, request: Request, response: Response, principal: AdminDep,
+    backend: BackendDep, redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> ScopedSettingsOut:
     account = await account_or_404(backend, principal, address)
     await check_scoped_settings(backend, principal, doc)
     scope = f"account:{account.address}"
-    out = await replace_scoped(backend, redactor, scope, doc)
+    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match)
     await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope)
     return out
 
