@@ -4,28 +4,47 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore, expunge, rebuild_index
 
 
-async def test_r_ops_3_one_blob_for_many_recipients_and_idempotent_index(
+async def test_r_ops_3_one_copy_for_many_recipients_and_idempotent_index(
     redis: aioredis.Redis, nats_conn: NATS
 ) -> None:
     js = nats_conn.jetstream()
-    store = await MessageStore.open(js)
+    store = await MessageStore.open(js, inline_max_bytes=1024)
     index = MailboxIndex(redis)
     mailboxes = [f"user{i}@example.org" for i in range(100)]
-    record, seq = await store.accept(b"Subject: hi\r\n\r\nbody\r\n", mail_from="a@b.example",
-                                     local_mailboxes=mailboxes, remote_recipients=[])
-    assert seq > 0
-    first = await index.apply(record)
-    again = await index.apply(record)
-    assert first == again == {m: 1 for m in mailboxes}
+    small = b"Subject: hi\r\n\r\nbody\r\n"
+    large = b"Subject: big\r\n\r\n" + b"x" * 300_000 + b"\r\n"
+    for data in (small, large):
+        record, seq = await store.accept(data, mail_from="a@b.example", local_mailboxes=mailboxes,
+                                         remote_recipients=[])
+        assert seq > 0
+        first = await index.apply(record, seq=seq)
+        again = await index.apply(record, seq=seq)
+        assert first == again
+        assert await store.record_body(record) == data
+    # The small message lives inside its record (one acknowledged write); the large one is
+    # one blob for all hundred mailboxes.
     objects = await (await js.object_store("MAILBLOBS")).list()
     assert len(objects) == 1
-    assert await store.read_blob(record.blob) == b"Subject: hi\r\n\r\nbody\r\n"
+    inbox = await index.messages(mailboxes[42])
+    assert [m.blob == "" for m in inbox] == [True, False]
+    assert [await store.read_message(m) for m in inbox] == [small, large]
+
+
+async def test_r_ops_3_an_inline_record_cannot_be_indexed_without_its_sequence(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    store = await MessageStore.open(nats_conn.jetstream())
+    record, _ = await store.accept(b"Subject: x\r\n\r\n", mail_from="", local_mailboxes=["a@b.c"],
+                                   remote_recipients=[])
+    with pytest.raises(ValueError, match="stream sequence"):
+        await MailboxIndex(redis).apply(record)
 
 
 async def test_r_ops_3_rebuild_restores_messages_and_honours_expunge(
@@ -35,9 +54,9 @@ async def test_r_ops_3_rebuild_restores_messages_and_honours_expunge(
     store = await MessageStore.open(js)
     index = MailboxIndex(redis)
     for n in range(3):
-        record, _ = await store.accept(f"Subject: {n}\r\n\r\n".encode(), mail_from="",
-                                       local_mailboxes=["bob@example.org"], remote_recipients=[])
-        await index.apply(record)
+        record, seq = await store.accept(f"Subject: {n}\r\n\r\n".encode(), mail_from="",
+                                         local_mailboxes=["bob@example.org"], remote_recipients=[])
+        await index.apply(record, seq=seq)
     before = await index.status("bob@example.org", INBOX)
     messages = await index.messages("bob@example.org")
     await expunge(store, index, "bob@example.org", INBOX, [messages[0]])
@@ -46,7 +65,8 @@ async def test_r_ops_3_rebuild_restores_messages_and_honours_expunge(
 
     assert applied == 2  # the expunged one stays gone
     after = await index.messages("bob@example.org")
-    assert [m.blob for m in after] == [m.blob for m in messages[1:]]
+    assert [m.transaction_id for m in after] == [m.transaction_id for m in messages[1:]]
+    assert [await store.read_message(m) for m in after] == [b"Subject: 1\r\n\r\n", b"Subject: 2\r\n\r\n"]
     status = await index.status("bob@example.org", INBOX)
     # UIDs were reassigned, so UIDVALIDITY must not go backwards (RFC 3501 2.3.1.1).
     assert status.uidvalidity > before.uidvalidity
@@ -62,13 +82,13 @@ async def test_r_ops_3_reindex_command_rebuilds_a_lost_index(
     js = nats_conn.jetstream()
     store = await MessageStore.open(js)
     index = MailboxIndex(redis)
-    blobs = []
+    ids = []
     for n in range(3):
-        record, _ = await store.accept(f"Subject: {n}\r\n\r\n".encode(), mail_from="",
-                                       local_mailboxes=["carol@example.org", "dave@example.org"],
-                                       remote_recipients=[])
-        await index.apply(record)
-        blobs.append(record.blob)
+        record, seq = await store.accept(f"Subject: {n}\r\n\r\n".encode(), mail_from="",
+                                         local_mailboxes=["carol@example.org", "dave@example.org"],
+                                         remote_recipients=[])
+        await index.apply(record, seq=seq)
+        ids.append(record.transaction_id)
     before = await index.status("carol@example.org")
     await redis.flushall()  # the index is lost; the mail is not
 
@@ -80,7 +100,9 @@ async def test_r_ops_3_reindex_command_rebuilds_a_lost_index(
     assert proc.returncode == 0, err.decode()
     assert out.decode().strip() == "rebuilt the mailbox index from 3 delivery records"
     for mailbox in ("carol@example.org", "dave@example.org"):
-        assert [m.blob for m in await index.messages(mailbox)] == blobs
+        messages = await index.messages(mailbox)
+        assert [m.transaction_id for m in messages] == ids
+        assert await store.read_message(messages[2]) == b"Subject: 2\r\n\r\n"
     after = await index.status("carol@example.org")
     assert (after.exists, after.uidnext) == (3, 4)
     assert after.uidvalidity >= before.uidvalidity  # same UIDs here; never smaller

@@ -47,10 +47,10 @@ class Harness:
         return ctx
 
     async def deliver(self, data: bytes, account: str = BOB, folder: str = "", publish: bool = True) -> int:
-        record, _ = await self.backend.store.accept(
+        record, seq = await self.backend.store.accept(
             data, mail_from="alice@example.net", local_mailboxes=[account], remote_recipients=[], folder=folder
         )
-        uids = await self.backend.index.apply(record)
+        uids = await self.backend.index.apply(record, seq=seq)
         if publish:
             await self.backend.publish_changed(account, folder or INBOX)
         return uids[account]

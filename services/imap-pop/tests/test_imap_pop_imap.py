@@ -245,7 +245,7 @@ async def test_append_with_literal_plus(service) -> None:  # type: ignore[no-unt
     assert lines[-1].startswith(b"b OK [APPENDUID ")
     messages = await service.backend.index.messages(BOB)
     assert [sorted(m.flags) for m in messages] == [["\\Flagged"]]
-    assert await service.backend.store.read_blob(messages[0].blob) == message
+    assert await service.backend.store.read_message(messages[0]) == message
 
 
 @pytest.mark.parametrize("announced", [True, False], ids=["event", "poll-fallback"])

@@ -193,7 +193,7 @@ async def mailbox_messages(redis: aioredis.Redis, nats_conn: NATS, mailbox: str)
     store = await MessageStore.open(nats_conn.jetstream())
     out = []
     for message in await MailboxIndex(redis).messages(mailbox):
-        raw = await store.read_blob(message.blob)
+        raw = await store.read_message(message)
         out.append(email.message_from_bytes(raw, policy=email.policy.default))
     return out
 

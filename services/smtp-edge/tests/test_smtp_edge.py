@@ -149,7 +149,7 @@ MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: hello\r\n
 async def mailbox_bodies(edge: Edge, mailbox: str) -> list[bytes]:
     index = MailboxIndex(edge.runtime.redis)
     store = await MessageStore.open(edge.runtime.js)
-    return [await store.read_blob(m.blob) for m in await index.messages(mailbox)]
+    return [await store.read_message(m) for m in await index.messages(mailbox)]
 
 
 async def test_r_tls_1_submission_starttls_auth_plain_delivers_durably(edge: Edge, tls_files: tuple[str, str]) -> None:

@@ -34,6 +34,9 @@ class ServiceSettings(BaseSettings):
     # JetStream replicas of the streams a service creates (3 on a NATS cluster, R-OPS-6). An
     # existing stream with more replicas keeps them: no service ever lowers the count.
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Messages up to this size are stored inside their delivery record (one fsync, one read);
+    # larger ones in the object store. 0 stores every message as a blob.
+    inline_body_max_bytes: int = Field(default=64 * 1024, ge=0, le=512 * 1024)
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> ServiceSettings:

@@ -45,7 +45,8 @@ async def serve(settings: Settings) -> None:
         rt.ops.add_check("policy", channel_check(policy.channel))
         rt.ops.add_check("auth", channel_check(auth.channel))
         index = MailboxIndex(rt.redis)
-        backend = Backend(settings=settings, redis=rt.redis, nc=rt.nc, store=await MessageStore.open(rt.js),
+        store = await MessageStore.open(rt.js, settings.inline_body_max_bytes)
+        backend = Backend(settings=settings, redis=rt.redis, nc=rt.nc, store=store,
                           index=index, config=rt.config, policy=policy, auth=auth, tls=tls,
                           instance=rt.instance)
         if tls is not None:

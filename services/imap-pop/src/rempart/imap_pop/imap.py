@@ -585,9 +585,9 @@ class ImapSession(Session):
         messages = await self.backend.index.messages(self.account, old)
         for message in messages:
             data = await self._content(message)
-            record, _ = await self.backend.store.append(self.account, new, data, sorted(message.flags),
+            record, seq = await self.backend.store.append(self.account, new, data, sorted(message.flags),
                                                         message.internal_date_ms)
-            await self.backend.index.apply(record, M.summarize(data))
+            await self.backend.index.apply(record, M.summarize(data), seq=seq)
         await expunge(self.backend.store, self.backend.index, self.account, old, messages)
 
     async def cmd_subscribe(self, command: Command) -> None:
@@ -622,8 +622,8 @@ class ImapSession(Session):
         data = args[-1]
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[TRYCREATE] No such mailbox")
-        record, _ = await self.backend.store.append(self.account, folder, data, flags, internal_date_ms)
-        uids = await self.backend.index.apply(record, M.summarize(data))
+        record, seq = await self.backend.store.append(self.account, folder, data, flags, internal_date_ms)
+        uids = await self.backend.index.apply(record, M.summarize(data), seq=seq)
         status = await self.backend.index.status(self.account, folder)
         await self.backend.publish_changed(self.account, folder)
         if self.folder == folder:
@@ -713,7 +713,7 @@ class ImapSession(Session):
         return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(i, ranges)]
 
     async def _content(self, message: IndexedMessage) -> bytes:
-        return M.normalise(await self.backend.store.read_blob(message.blob))
+        return M.normalise(await self.backend.store.read_message(message))
 
     async def _contents(self, messages: list[IndexedMessage]) -> dict[int, bytes | BaseException]:
         """Read several messages at once (a few requests in flight): uid -> bytes or the error."""
@@ -944,9 +944,9 @@ class ImapSession(Session):
         for _, message in selected:
             data = await self._content(message)
             # RFC 3501 6.4.7: the copy keeps its flags and internal date.
-            record, _ = await self.backend.store.append(self.account, target, data, sorted(message.flags),
+            record, seq = await self.backend.store.append(self.account, target, data, sorted(message.flags),
                                                         message.internal_date_ms)
-            uids = await self.backend.index.apply(record, M.summarize(data))
+            uids = await self.backend.index.apply(record, M.summarize(data), seq=seq)
             source_uids.append(message.uid)
             target_uids.append(uids[self.account])
         status = await self.backend.index.status(self.account, target)

@@ -322,7 +322,7 @@ class Pop3Session(Session):
 
     async def _read(self, message: IndexedMessage) -> bytes | None:
         try:
-            return normalise(await self.backend.store.read_blob(message.blob))
+            return normalise(await self.backend.store.read_message(message))
         except Exception as exc:  # noqa: BLE001 - NATS down or blob missing
             log.warning("blob not readable: %s", exc, extra={"session": self.session_id})
             self.send(R.POP3_TEMPFAIL)

@@ -319,7 +319,7 @@ class EdgeHandler:
         message = await self._trace_headers(server, session, envelope, queue_id, verdict) + data
         started = time.monotonic()
         try:
-            record, _seq = await asyncio.wait_for(self.store.accept(
+            record, seq = await asyncio.wait_for(self.store.accept(
                 message,
                 mail_from=strip_brackets(envelope.mail_from or ""),
                 local_mailboxes=state.local_mailboxes,
@@ -338,7 +338,7 @@ class EdgeHandler:
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
         try:
             # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
-            await self.index.apply(record, summarize(message))
+            await self.index.apply(record, summarize(message), seq=seq)
             for mailbox in record.local_mailboxes:
                 # Wakes IMAP IDLE on every imap-pop replica (payload: the folder).
                 await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")

@@ -50,7 +50,7 @@ class SmtpEdge:
         self._reload_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        store = await MessageStore.open(self.runtime.js)
+        store = await MessageStore.open(self.runtime.js, self.settings.inline_body_max_bytes)
         self.handler = EdgeHandler(
             hostname=self.settings.hostname,
             policy=self.policy,

@@ -83,7 +83,7 @@ class Relay:
             router=Router(settings.nameservers(), settings.dns_timeout_seconds, settings.mx_port),
             client=SmtpClient(settings.hostname, tls, settings.connect_timeout_seconds,
                               settings.command_timeout_seconds),
-            store=await MessageStore.open(rt.js),
+            store=await MessageStore.open(rt.js, settings.inline_body_max_bytes),
             index=MailboxIndex(rt.redis),
             directory=Directory(rt.redis),
             events=rt.events,

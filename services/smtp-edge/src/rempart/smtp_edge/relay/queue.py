@@ -38,6 +38,7 @@ from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus, mailbox_changed_subject
 from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.mime import summarize
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
@@ -227,7 +228,7 @@ class RelayQueue:
     async def _attempt(self, record: events_pb2.DeliveryRecord, due: list[str],
                        states: dict[str, RecipientState], settings: MailSettings) -> None:
         try:
-            data = strip_return_path(await self.store.read_blob(record.blob))
+            data = strip_return_path(await self.store.record_body(record))
         except Exception as exc:  # noqa: BLE001 - a store hiccup or a missing blob: retry, then expire
             log.error("cannot read the message to relay: %s", exc, extra={"queue_id": record.transaction_id})
             self._settle(record.transaction_id, {r: replies.BLOB_UNREADABLE for r in due}, states, settings, "")
@@ -401,7 +402,7 @@ class RelayQueue:
             will_retry_until_unix=expires if action == "delayed" else 0.0,
         ) for r in wanted]
         try:
-            original = await self.store.read_blob(record.blob)
+            original = await self.store.record_body(record)
         except Exception as exc:  # noqa: BLE001 - the DSN still goes, with what is known
             log.error("original unreadable for its DSN: %s", exc, extra={"queue_id": txn})
             original = f"X-Rempart-Queue-ID: {txn}\r\n".encode()
@@ -431,11 +432,11 @@ class RelayQueue:
         if local:
             # R-TLS-5: Return-Path at final delivery; a DSN's envelope sender is empty.
             message = b"Return-Path: <>\r\n" + message
-        record, _seq = await self.store.accept(
+        record, seq = await self.store.accept(
             message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
         if local:
             try:
-                await self.index.apply(record)
+                await self.index.apply(record, summarize(message), seq=seq)
                 for mailbox in record.local_mailboxes:
                     await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")
             except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erempart/events/v1/events.proto\x12\x11rempart.events.v1\"\xa1\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x0c\n\x04\x61rea\x18\x03 \x01(\t\x12\x0c\n\x04what\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\t\x12\x10\n\x08protocol\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12<\n\nattributes\x18\x0b \x03(\x0b\x32(.rempart.events.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdf\x03\n\x0e\x44\x65liveryRecord\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62lob\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x17\n\x0flocal_mailboxes\x18\x05 \x03(\t\x12\x19\n\x11remote_recipients\x18\x06 \x03(\t\x12\x18\n\x10received_unix_ms\x18\x07 \x01(\x03\x12\x11\n\tclient_ip\x18\x08 \x01(\t\x12\x1d\n\x15\x61uthenticated_account\x18\t \x01(\t\x12\x37\n\x03\x64sn\x18\n \x03(\x0b\x32*.rempart.events.v1.DeliveryRecord.DsnEntry\x12\x0e\n\x06\x66older\x18\x0b \x01(\t\x12\r\n\x05\x66lags\x18\x0c \x03(\t\x12L\n\x0eremote_senders\x18\r \x03(\x0b\x32\x34.rempart.events.v1.DeliveryRecord.RemoteSendersEntry\x1a*\n\x08\x44snEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12RemoteSendersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\rExpungeRecord\x12\x0f\n\x07mailbox\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x17\n\x0ftransaction_ids\x18\x03 \x03(\t\x12\x14\n\x0ctime_unix_ms\x18\x04 \x01(\x03\"N\n\x0eMailboxChanged\x12\x0f\n\x07mailbox\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0e\n\x06\x63hange\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erempart/events/v1/events.proto\x12\x11rempart.events.v1\"\xa1\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x02 \x01(\x03\x12\x0c\n\x04\x61rea\x18\x03 \x01(\t\x12\x0c\n\x04what\x18\x04 \x01(\t\x12\x0f\n\x07service\x18\x05 \x01(\t\x12\x11\n\tclient_ip\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\t\x12\x10\n\x08protocol\x18\x08 \x01(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12<\n\nattributes\x18\x0b \x03(\x0b\x32(.rempart.events.v1.Event.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x03\n\x0e\x44\x65liveryRecord\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0c\n\x04\x62lob\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x11\n\tmail_from\x18\x04 \x01(\t\x12\x17\n\x0flocal_mailboxes\x18\x05 \x03(\t\x12\x19\n\x11remote_recipients\x18\x06 \x03(\t\x12\x18\n\x10received_unix_ms\x18\x07 \x01(\x03\x12\x11\n\tclient_ip\x18\x08 \x01(\t\x12\x1d\n\x15\x61uthenticated_account\x18\t \x01(\t\x12\x37\n\x03\x64sn\x18\n \x03(\x0b\x32*.rempart.events.v1.DeliveryRecord.DsnEntry\x12\x0e\n\x06\x66older\x18\x0b \x01(\t\x12\r\n\x05\x66lags\x18\x0c \x03(\t\x12L\n\x0eremote_senders\x18\r \x03(\x0b\x32\x34.rempart.events.v1.DeliveryRecord.RemoteSendersEntry\x12\x0c\n\x04\x62ody\x18\x0e \x01(\x0c\x1a*\n\x08\x44snEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12RemoteSendersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"_\n\rExpungeRecord\x12\x0f\n\x07mailbox\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x17\n\x0ftransaction_ids\x18\x03 \x03(\t\x12\x14\n\x0ctime_unix_ms\x18\x04 \x01(\x03\"N\n\x0eMailboxChanged\x12\x0f\n\x07mailbox\x18\x01 \x01(\t\x12\x0e\n\x06\x66older\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0e\n\x06\x63hange\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,13 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=294
   _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=343
   _globals['_DELIVERYRECORD']._serialized_start=346
-  _globals['_DELIVERYRECORD']._serialized_end=825
-  _globals['_DELIVERYRECORD_DSNENTRY']._serialized_start=729
-  _globals['_DELIVERYRECORD_DSNENTRY']._serialized_end=771
-  _globals['_DELIVERYRECORD_REMOTESENDERSENTRY']._serialized_start=773
-  _globals['_DELIVERYRECORD_REMOTESENDERSENTRY']._serialized_end=825
-  _globals['_EXPUNGERECORD']._serialized_start=827
-  _globals['_EXPUNGERECORD']._serialized_end=922
-  _globals['_MAILBOXCHANGED']._serialized_start=924
-  _globals['_MAILBOXCHANGED']._serialized_end=1002
+  _globals['_DELIVERYRECORD']._serialized_end=839
+  _globals['_DELIVERYRECORD_DSNENTRY']._serialized_start=743
+  _globals['_DELIVERYRECORD_DSNENTRY']._serialized_end=785
+  _globals['_DELIVERYRECORD_REMOTESENDERSENTRY']._serialized_start=787
+  _globals['_DELIVERYRECORD_REMOTESENDERSENTRY']._serialized_end=839
+  _globals['_EXPUNGERECORD']._serialized_start=841
+  _globals['_EXPUNGERECORD']._serialized_end=936
+  _globals['_MAILBOXCHANGED']._serialized_start=938
+  _globals['_MAILBOXCHANGED']._serialized_end=1016
 # @@protoc_insertion_point(module_scope)

@@ -157,6 +157,7 @@ class DeliveryRecord(_message.Message):
     FOLDER_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     REMOTE_SENDERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     blob: _builtins.str
     """object store name"""
@@ -167,6 +168,11 @@ class DeliveryRecord(_message.Message):
     authenticated_account: _builtins.str
     folder: _builtins.str
     """"" means INBOX; IMAP APPEND names its folder"""
+    body: _builtins.bytes
+    """The message itself when small (REMPART_INLINE_BODY_MAX_BYTES): one acknowledged write, and
+    one direct get to read it, instead of the object store's chunk, metadata and record. Then
+    `blob` is empty; a reader finds the record by its stream sequence.
+    """
     @_builtins.property
     def local_mailboxes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -199,10 +205,11 @@ class DeliveryRecord(_message.Message):
         folder: _builtins.str = ...,
         flags: _abc.Iterable[_builtins.str] | None = ...,
         remote_senders: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        body: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_account", b"authenticated_account", "blob", b"blob", "client_ip", b"client_ip", "dsn", b"dsn", "flags", b"flags", "folder", b"folder", "local_mailboxes", b"local_mailboxes", "mail_from", b"mail_from", "received_unix_ms", b"received_unix_ms", "remote_recipients", b"remote_recipients", "remote_senders", b"remote_senders", "size", b"size", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_account", b"authenticated_account", "blob", b"blob", "body", b"body", "client_ip", b"client_ip", "dsn", b"dsn", "flags", b"flags", "folder", b"folder", "local_mailboxes", b"local_mailboxes", "mail_from", b"mail_from", "received_unix_ms", b"received_unix_ms", "remote_recipients", b"remote_recipients", "remote_senders", b"remote_senders", "size", b"size", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
