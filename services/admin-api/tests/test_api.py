@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import re
+import time
 
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -222,7 +226,8 @@ async def test_audit_events_listed_newest_first_and_filtered(
     events = reply.json()["events"]
     assert [e["client_ip"] for e in events] == ["198.51.100.2", "198.51.100.1"]
     assert events[0]["what"] == "login_failed" and events[0]["protocol"] == "pop3"
-    assert events[0]["time_unix_ms"] > 0 and events[0]["seq"] > events[1]["seq"]
+    assert events[0]["seq"] > events[1]["seq"]
+    assert abs(dt.datetime.fromisoformat(events[0]["time"]).timestamp() - time.time()) < 60
     by_ip = await harness.http.get("/v1/events", params={"client_ip": "198.51.100.1"}, headers=admin_headers)
     assert [(e["area"], e["what"]) for e in by_ip.json()["events"]] == [("relay", "denied"), ("auth", "login_failed")]
     one = await harness.http.get("/v1/events", params={"area": "auth", "limit": 1}, headers=admin_headers)
@@ -240,13 +245,19 @@ async def test_r_ips_5_list_inspect_and_remove_block(
     harness: Harness, admin_headers: dict[str, str], nats_conn: NATS
 ) -> None:
     redis = harness.backend.redis
-    await redis.hset(keys.ips_block("192.0.2.7"), mapping={"trigger": "unknown_recipients", "service": "policy"})
-    await redis.expire(keys.ips_block("192.0.2.7"), 3600)
-    await redis.sadd(keys.IPS_BLOCKS, "192.0.2.7")
+    now = time.time()
+    # The record as rempart.policy.intrusion writes it.
+    record = {"reason": "R-IPS-3 unknown recipients", "blocked_at": now, "expires_at": now + 3600,
+              "protocol": "PROTOCOL_SMTP", "session_id": "s1", "client_ip": "192.0.2.7"}
+    await redis.set(keys.ips_block("192.0.2.7"), json.dumps(record), ex=3600)
+    await redis.zadd(keys.IPS_BLOCKS, {"192.0.2.7": now + 3600})
     listed = await harness.http.get("/v1/ips/blocks", headers=admin_headers)
     assert listed.status_code == 200
     (block,) = listed.json()["blocks"]
-    assert block["ip"] == "192.0.2.7" and block["details"]["trigger"] == "unknown_recipients"
+    # In words, not a requirement id; times as RFC 3339.
+    assert (block["ip"], block["reason"], block["protocol"]) == ("192.0.2.7", "unknown recipients", "PROTOCOL_SMTP")
+    assert dt.datetime.fromisoformat(block["blocked_at"]).timestamp() == pytest.approx(now, abs=0.001)
+    assert block["expires_at"].endswith("Z") and "R-IPS" not in listed.text
     assert 3500 < block["expires_in_seconds"] <= 3600
     assert (await harness.http.get("/v1/ips/blocks/192.0.2.7", headers=admin_headers)).json() == block
     assert (await harness.http.get("/v1/ips/blocks/192.0.2.8", headers=admin_headers)).status_code == 404
@@ -258,7 +269,7 @@ async def test_r_ips_5_list_inspect_and_remove_block(
     assert (event.area, event.what, event.client_ip, event.account) == ("ips", "unblocked", "192.0.2.7", ADMIN)
     await sub.unsubscribe()  # type: ignore[attr-defined]
     assert not await redis.exists(keys.ips_block("192.0.2.7"))
-    assert not await redis.sismember(keys.IPS_BLOCKS, "192.0.2.7")
+    assert await redis.zscore(keys.IPS_BLOCKS, "192.0.2.7") is None
     assert (await harness.http.get("/v1/ips/blocks", headers=admin_headers)).json()["blocks"] == []
     assert (await harness.http.delete("/v1/ips/blocks/192.0.2.7", headers=admin_headers)).status_code == 404
 

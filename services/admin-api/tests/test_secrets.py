@@ -112,9 +112,8 @@ async def _seed_every_kind_of_secret(harness: Harness, admin_headers: dict[str, 
     app_password = await http.post("/v1/me/app-passwords", json={"name": "phone"}, headers=ursula)
     assert app_password.status_code == 201
     secrets_used.add(app_password.json()["password"])
-    await harness.backend.redis.hset(keys.ips_block(BLOCKED_IP), mapping={"trigger": "failed_logins"})
-    await harness.backend.redis.expire(keys.ips_block(BLOCKED_IP), 600)
-    await harness.backend.redis.sadd(keys.IPS_BLOCKS, BLOCKED_IP)
+    await harness.backend.redis.set(keys.ips_block(BLOCKED_IP), '{"reason": "R-IPS-2 failed logins"}', ex=600)
+    await harness.backend.redis.zadd(keys.IPS_BLOCKS, {BLOCKED_IP: 1e10})
     await EventBus(nats_conn, "auth").publish("auth", "login_failed", account="ursula@example.org",
                                               password=EVENT_SECRET, client_ip=BLOCKED_IP)
     await nats_conn.flush()

@@ -54,6 +54,11 @@ async def test_openapi_document_is_valid_and_generator_friendly(harness: Harness
                 continue
             if ("password" in prop or prop == "confirm") and definition.get("type") == "string":
                 assert definition.get("writeOnly") is True, (name, prop)
+            # R-ADM-2: a point in time is an RFC 3339 string, never a Unix number.
+            if prop in ("created", "last_used", "time") or prop.endswith("_at"):
+                kinds = definition.get("anyOf", [definition])
+                assert any(k.get("format") == "date-time" for k in kinds), (name, prop, definition)
+                assert all(k.get("type") in ("string", "null") for k in kinds), (name, prop, definition)
 
 
 @pytest.fixture

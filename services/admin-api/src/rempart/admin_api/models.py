@@ -8,9 +8,10 @@ Secret settings are answered as summaries (:mod:`rempart.admin_api.redaction`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import datetime as dt
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, create_model
 
 from rempart.admin_api.redaction import MailSettingsView, SecretSummary
 
@@ -27,6 +28,16 @@ MAX_EVENTS = 500
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _from_unix(value: Any) -> Any:
+    # The directory and the auth service keep Unix seconds; answers show RFC 3339 (UTC, "Z").
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+    return value
+
+
+Timestamp = Annotated[dt.datetime, BeforeValidator(_from_unix)]
 
 
 class FieldError(BaseModel):
@@ -91,7 +102,7 @@ class DomainCreate(_Body):
 class DomainOut(BaseModel):
     name: str
     description: str
-    created: float
+    created: Timestamp | None
     accounts: int
 
 
@@ -118,7 +129,7 @@ class AccountOut(BaseModel):
     role: Role
     display_name: str
     enabled: bool
-    created: float
+    created: Timestamp
     aliases: list[str]
 
 
@@ -210,7 +221,7 @@ class SettingsVersion(BaseModel):
 class EventOut(BaseModel):
     seq: int = Field(description="Stream sequence; pass as 'before' to page further back.")
     id: str = ""
-    time_unix_ms: int = 0
+    time: Timestamp | None = None
     area: str = ""
     what: str = ""
     service: str = ""
@@ -228,9 +239,16 @@ class EventList(BaseModel):
 
 
 class IpBlock(BaseModel):
-    ip: str
+    """R-IPS-5: a blocked IP (or IPv6 prefix) and why, in words."""
+
+    ip: str = Field(description="The blocked address; for an IPv6 prefix, its network address.")
+    reason: str = Field(description="Why, in words: 'unknown recipients', 'failed logins', ...")
+    blocked_at: Timestamp | None
+    expires_at: Timestamp | None
     expires_in_seconds: int | None
-    details: dict[str, str]
+    prefix: str = Field(default="", description="The IPv6 network the block covers, if any.")
+    client_ip: str = Field(default="", description="The address whose connection tripped the block.")
+    protocol: str = ""
 
 
 class IpBlockList(BaseModel):
@@ -276,13 +294,13 @@ class AppPasswordCreated(BaseModel):
 
     name: str
     password: str
-    created: float
+    created: Timestamp
 
 
 class AppPasswordOut(BaseModel):
     name: str
-    created: float
-    last_used: float | None
+    created: Timestamp
+    last_used: Timestamp | None
 
 
 class AppPasswordList(BaseModel):

@@ -128,7 +128,7 @@ async def _domain_out(backend: Backend, name: str) -> DomainOut:
     return DomainOut(
         name=name,
         description=str(info.get("description", "")),
-        created=float(info.get("created", 0) or 0),
+        created=float(info.get("created", 0) or 0) or None,
         accounts=int(count),
     )
 

@@ -67,6 +67,7 @@ async def list_events(
                 continue
             fields = MessageToDict(event, preserving_proto_field_name=True)
             fields["attributes"] = redactor.attributes(dict(event.attributes))  # R-ADM-3
+            fields["time"] = int(fields.pop("time_unix_ms", 0)) / 1000 or None
             out.append(EventOut(seq=msg_seq, **fields))
             if len(out) == limit:
                 return EventList(events=out, next_before=msg_seq if msg_seq > first else None)
