@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+
+import redis
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -175,6 +179,156 @@ def start_nats_cluster(workdir: Path, size: int = 3) -> list[LocalServer]:
                 raise TimeoutError("the NATS cluster elected no JetStream leader in 30 s")
             time.sleep(0.2)
     return servers
+
+
+@dataclass
+class RedisSentinelGroup:
+    """A Redis primary, its replicas and the Sentinels that watch them (R-OPS-6 tests)."""
+
+    service_name: str
+    servers: list[LocalServer]  # servers[0] started as the primary
+    sentinels: list[LocalServer]
+    password: str = ""
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL of the group (see :mod:`rempart.common.redisconn`)."""
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        query = f"?sentinel_password={self.password}" if self.password else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.service_name}/0{query}"
+
+    def primary_port(self, timeout: float = 5.0) -> int:
+        """The port of the server the Sentinels name as primary now (asks each in turn)."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            for sentinel in self.sentinels:
+                if sentinel.proc.poll() is not None:
+                    continue
+                try:
+                    with _sync_redis(sentinel.port, self.password) as client:
+                        address = client.sentinel_get_master_addr_by_name(self.service_name)
+                    if address:
+                        return int(address[1])
+                except (redis.RedisError, OSError) as exc:
+                    last = exc
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Sentinel names a primary for {self.service_name}: {last}")
+            time.sleep(0.1)
+
+    def server_on(self, port: int) -> LocalServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def stop(self, grace: float = 5.0) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.terminate()
+        deadline = time.monotonic() + grace
+        for server in [*self.sentinels, *self.servers]:
+            server.wait_or_kill(deadline)
+
+
+def start_redis_sentinel_group(
+    workdir: Path,
+    replicas: int = 1,
+    sentinels: int = 3,
+    service_name: str = "rempart",
+    password: str = "",
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 10000,
+) -> RedisSentinelGroup:
+    """A primary, ``replicas`` replicas and ``sentinels`` Sentinels (quorum: a majority) on
+    loopback, as the chart's HA values run them: AOF on every server, the primary's
+    ``min-replicas-to-write 1`` so that a primary cut off from every replica stops taking writes
+    it would lose. Returns once every replica is in sync and every Sentinel knows the others."""
+    binary = redis_binary()
+    workdir.mkdir(parents=True, exist_ok=True)
+    auth = ""
+    if password:
+        # Every server, Sentinels included, asks for it; replicas and Sentinels present it.
+        auth = f"requirepass {password}\nmasterauth {password}\n"
+    group = RedisSentinelGroup(service_name, [], [], password)
+    try:
+        primary_port = 0
+        for n in range(1 + replicas):
+            port = free_port()
+            node = workdir / f"redis{n}"
+            node.mkdir(parents=True, exist_ok=True)
+            conf = (f"port {port}\nbind 127.0.0.1\ndir {node}\nlogfile {node / 'redis.log'}\nsave \"\"\n"
+                    "appendonly yes\nappendfsync everysec\n" + auth)
+            if n == 0:
+                primary_port = port
+                conf += "min-replicas-to-write 1\nmin-replicas-max-lag 10\n"
+            else:
+                conf += f"replicaof 127.0.0.1 {primary_port}\n"
+            (node / "redis.conf").write_text(conf)
+            proc = subprocess.Popen([binary, str(node / "redis.conf")], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            group.servers.append(LocalServer("redis", port, proc, f"redis://127.0.0.1:{port}/0"))
+        for server in group.servers:
+            wait_for_port("127.0.0.1", server.port, proc=server.proc)
+        _wait_for(lambda: _online_replicas(primary_port, password) >= replicas,
+                  f"{replicas} replica(s) in sync with the primary")
+        quorum = sentinels // 2 + 1
+        for n in range(sentinels):
+            port = free_port()
+            node = workdir / f"sentinel{n}"
+            node.mkdir(parents=True, exist_ok=True)
+            # Sentinel rewrites its config file (what it learns): it must be writable, its own.
+            conf = (f"port {port}\nbind 127.0.0.1\ndir {node}\nlogfile {node / 'sentinel.log'}\n"
+                    f"sentinel monitor {service_name} 127.0.0.1 {primary_port} {quorum}\n"
+                    f"sentinel down-after-milliseconds {service_name} {down_after_ms}\n"
+                    f"sentinel failover-timeout {service_name} {failover_timeout_ms}\n"
+                    f"sentinel parallel-syncs {service_name} 1\n")
+            if password:
+                conf += f"sentinel auth-pass {service_name} {password}\nrequirepass {password}\n"
+            (node / "sentinel.conf").write_text(conf)
+            proc = subprocess.Popen([binary, str(node / "sentinel.conf"), "--sentinel"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            group.sentinels.append(LocalServer("sentinel", port, proc, f"redis://127.0.0.1:{port}"))
+        for sentinel in group.sentinels:
+            wait_for_port("127.0.0.1", sentinel.port, proc=sentinel.proc)
+        # A failover needs the quorum to agree, and a majority to elect a leader: every Sentinel
+        # must have found the others (through the primary's hello channel) and the replicas.
+        for sentinel in group.sentinels:
+            _wait_for(partial(_sentinel_knows, sentinel.port, password, service_name, sentinels - 1, replicas),
+                      f"Sentinel {sentinel.port} knows {sentinels - 1} other Sentinels and {replicas} replica(s)")
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"not reached in {timeout}s: {what} (last error: {last})")
+
+
+def _sentinel_knows(port: int, password: str, service_name: str, others: int, replicas: int) -> bool:
+    with _sync_redis(port, password) as client:
+        state = client.sentinel_master(service_name)
+    return int(state.get("num-other-sentinels", 0)) >= others and int(state.get("num-slaves", 0)) >= replicas
+
+
+def _online_replicas(port: int, password: str) -> int:
+    with _sync_redis(port, password) as client:
+        info = client.info("replication")
+    return sum(1 for key, value in info.items()
+               if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online")
+
+
+def _sync_redis(port: int, password: str) -> redis.Redis:
+    """A one-off client for the harness (no pool kept: servers here come and go)."""
+    return redis.Redis(host="127.0.0.1", port=port, password=password or None, socket_timeout=2,
+                       socket_connect_timeout=2, decode_responses=True)
 
 
 def nats_varz(server: LocalServer) -> str:
