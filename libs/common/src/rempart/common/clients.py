@@ -6,7 +6,10 @@ TEMPFAIL verdict (``451 4.3.0``), the auth client into ``AUTH_STATUS_TEMPFAIL``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter
@@ -22,6 +25,7 @@ PEER_FAILURES = Counter(
 )
 
 TEMPFAIL_TEXT = "Temporary local problem - please try later"
+STREAM_RETRY_SECONDS = 60.0
 
 
 def tempfail_verdict(reason: str) -> policy_pb2.Verdict:
@@ -30,11 +34,20 @@ def tempfail_verdict(reason: str) -> policy_pb2.Verdict:
     )
 
 
+class PolicyChecker(Protocol):
+    """What asks policy for one stage: the client (a unary call) or a session's stream."""
+
+    async def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict: ...
+
+
 class PolicyClient:
     def __init__(self, target: str, timeout: float = 3.0) -> None:
         self.channel = client_channel(target)
         self._stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self._timeout = timeout
+        # Until then sessions use unary calls: the policy service answered Session with
+        # UNIMPLEMENTED (an older release, during a rolling update).
+        self.streams_unsupported_until = 0.0
 
     async def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
         try:
@@ -48,8 +61,81 @@ class PolicyClient:
             return tempfail_verdict("policy-empty-verdict")
         return verdict
 
+    def session(self) -> PolicySession:
+        """A conversation for one SMTP session (opened at its first check)."""
+        return PolicySession(self._stub, self._timeout, self)
+
     async def close(self) -> None:
         await self.channel.close()
+
+
+class PolicySession:
+    """One bidirectional stream per SMTP session: a stage's request, then its verdict, in order.
+
+    Fail closed as the unary client: a stream that breaks, or a verdict that comes late,
+    answers the stage in flight with TEMPFAIL, and the stream is dropped (a late verdict must
+    never be read as the next stage's); the next stage opens a new stream, possibly to another
+    policy replica. Stages of one session never overlap; the lock makes sure of it.
+    """
+
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, timeout: float, unary: PolicyClient) -> None:
+        self._stub = stub
+        self._timeout = timeout
+        self._unary = unary
+        self._call: grpc.aio.StreamStreamCall[policy_pb2.CheckRequest, policy_pb2.Verdict] | None = None
+        self._lock = asyncio.Lock()
+
+    async def check(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
+        if time.monotonic() < self._unary.streams_unsupported_until:
+            return await self._unary.check(request)
+        async with self._lock:
+            try:
+                verdict = await asyncio.wait_for(self._exchange(request), self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                self._drop()
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # A policy service older than this edge (a rolling update, R-OPS-7): nothing
+                    # was decided, so the stage is asked again the unary way, and so is the rest.
+                    self._unary.streams_unsupported_until = time.monotonic() + STREAM_RETRY_SECONDS
+                    return await self._unary.check(request)
+                PEER_FAILURES.labels("policy").inc()
+                log.warning("policy stream failed, failing closed: %s", exc.code().name,
+                            extra={"session": request.session.session_id})
+                return tempfail_verdict("policy-unavailable")
+            except (grpc.aio.UsageError, TimeoutError, StopAsyncIteration, EOFError) as exc:
+                self._drop()
+                PEER_FAILURES.labels("policy").inc()
+                log.warning("policy stream failed, failing closed: %s", type(exc).__name__,
+                            extra={"session": request.session.session_id})
+                return tempfail_verdict("policy-unavailable")
+        if verdict.action == policy_pb2.ACTION_UNSPECIFIED:
+            return tempfail_verdict("policy-empty-verdict")
+        return verdict
+
+    async def _exchange(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
+        if self._call is None or self._call.done():
+            self._call = self._stub.Session()
+        await self._call.write(request)
+        verdict = await self._call.read()
+        if verdict is grpc.aio.EOF:
+            raise EOFError("policy closed the stream")
+        assert isinstance(verdict, policy_pb2.Verdict)
+        return verdict
+
+    def _drop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    async def close(self) -> None:
+        """End the conversation (after DISCONNECT's verdict): the server's loop ends cleanly."""
+        async with self._lock:
+            call, self._call = self._call, None
+            if call is not None and not call.done():
+                try:
+                    await asyncio.wait_for(call.done_writing(), self._timeout)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, TimeoutError):
+                    call.cancel()
 
 
 class AuthClient:

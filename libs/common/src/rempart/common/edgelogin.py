@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from rempart.common.clients import AuthClient, PolicyClient
+from rempart.common.clients import AuthClient, PolicyChecker
 from rempart.common.config import LoginSettings
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
@@ -81,7 +81,7 @@ class LoginAttempt:
     """One login at an edge: whom to ask, and the session as policy sees it before the login."""
 
     auth: AuthClient
-    policy: PolicyClient
+    policy: PolicyChecker
     rules: LoginSettings
     facts: policy_pb2.SessionFacts
     protocol: str  # the auth service's name for it: "smtp", "imap" or "pop3"

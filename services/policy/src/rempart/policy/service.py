@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 import grpc
@@ -175,6 +175,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def Check(  # the gRPC method name
         self, request: policy_pb2.CheckRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> policy_pb2.Verdict:
+        return await self._answer(request)
+
+    async def Session(  # the gRPC method name
+        self,
+        requests: AsyncIterator[policy_pb2.CheckRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[policy_pb2.Verdict]:
+        """One SMTP session's stages over one stream: each request answered in order."""
+        async for request in requests:
+            yield await self._answer(request)
+
+    async def _answer(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
         started = time.perf_counter()
         stage = policy_pb2.Stage.Name(request.stage) if request.stage in policy_pb2.Stage.values() else "UNKNOWN"
         try:
@@ -185,15 +197,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         action = policy_pb2.Action.Name(decision.action)
         CHECKS_TOTAL.labels(stage, action).inc()
         CHECK_SECONDS.observe(time.perf_counter() - started)
-        log.info(
-            "decision",
-            extra={
-                "session": request.session.session_id,
-                "stage": stage,
-                "action": action,
-                "code": decision.code,
-                "rule": decision.rule,
-                "client_ip": request.session.client_ip,
-            },
-        )
+        # One line per refusal at info; the happy path at debug (a line per stage of every
+        # message costs more than some decisions).
+        level = logging.INFO if decision.action != policy_pb2.ACTION_ACCEPT else logging.DEBUG
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "decision",
+                extra={
+                    "session": request.session.session_id,
+                    "stage": stage,
+                    "action": action,
+                    "code": decision.code,
+                    "rule": decision.rule,
+                    "client_ip": request.session.client_ip,
+                },
+            )
         return decision.to_verdict()

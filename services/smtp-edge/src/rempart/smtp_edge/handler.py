@@ -15,7 +15,7 @@ from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 from prometheus_client import Counter, Histogram
 
 from rempart.common import sasl
-from rempart.common.clients import AuthClient, PolicyClient
+from rempart.common.clients import AuthClient, PolicyClient, PolicySession
 from rempart.common.config import SettingsCache
 from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import EventBus, mailbox_changed_subject
@@ -123,10 +123,15 @@ class EdgeHandler:
             edge_instance=self.instance,
         )
 
+    def _policy(self, server: EdgeSMTP) -> PolicySession:
+        if server.state.policy is None:
+            server.state.policy = self.policy.session()
+        return server.state.policy
+
     async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
         request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
         with POLICY_SECONDS.labels(policy_pb2.Stage.Name(stage)).time():
-            verdict = await self.policy.check(request)
+            verdict = await self._policy(server).check(request)
         if verdict.delay_ms:
             await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
         return verdict
@@ -137,9 +142,16 @@ class EdgeHandler:
 
     def on_disconnect(self, server: EdgeSMTP) -> None:
         """STAGE_DISCONNECT, without holding up the close (simultaneous-connection counts)."""
-        task = asyncio.get_running_loop().create_task(self._check(server, policy_pb2.STAGE_DISCONNECT))
+        task = asyncio.get_running_loop().create_task(self._disconnect(server))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _disconnect(self, server: EdgeSMTP) -> policy_pb2.Verdict:
+        try:
+            return await self._check(server, policy_pb2.STAGE_DISCONNECT)
+        finally:
+            if server.state.policy is not None:
+                await server.state.policy.close()
 
     def update_auth_policy(self, server: EdgeSMTP) -> None:
         """R-TLS-2: plaintext AUTH before TLS only for trusted clients, when so configured."""
@@ -413,7 +425,7 @@ class EdgeHandler:
             assert isinstance(answer, bytes)
             return answer
 
-        attempt = LoginAttempt(self.auth, self.policy, self.config.server.login, self._facts(server), "smtp")
+        attempt = LoginAttempt(self.auth, self._policy(server), self.config.server.login, self._facts(server), "smtp")
         try:
             initial = sasl.decode_response(args[1], initial=True) if len(args) > 1 else None
             decision = await attempt.sasl(mechanism, initial, challenge)

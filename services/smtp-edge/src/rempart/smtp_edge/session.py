@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiosmtpd.smtp import SMTP
 
+from rempart.common.clients import PolicySession
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 
@@ -89,6 +90,8 @@ class SessionState:
     proxied_tls: tuple[str, str] | None = None
     remote_senders: dict[str, str] = field(default_factory=dict)
     rdns: asyncio.Task[str] | None = None
+    # The session's conversation with policy (one stream, issue 11), opened at CONNECT.
+    policy: PolicySession | None = None
 
     def reset_transaction(self) -> None:
         self.local_mailboxes = []

@@ -35,12 +35,22 @@ class PolicyServiceStub:
     def __new__(cls, channel: _aio.Channel) -> PolicyServiceAsyncStub: ...
     Check: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CheckRequest, _policy_pb2.Verdict]
     """One decision at one stage of a session."""
+    Session: _grpc.StreamStreamMultiCallable[_policy_pb2.CheckRequest, _policy_pb2.Verdict]
+    """One conversation per SMTP session: every stage's request in order, one verdict each, in
+    the same order. A stream message costs a fraction of a unary call (issue 11); a broken
+    stream is a 4xx for the stage in flight, never an accept.
+    """
 
 @_typing.type_check_only
 class PolicyServiceAsyncStub(PolicyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Check: _aio.UnaryUnaryMultiCallable[_policy_pb2.CheckRequest, _policy_pb2.Verdict]  # type: ignore[assignment]
     """One decision at one stage of a session."""
+    Session: _aio.StreamStreamMultiCallable[_policy_pb2.CheckRequest, _policy_pb2.Verdict]  # type: ignore[assignment]
+    """One conversation per SMTP session: every stage's request in order, one verdict each, in
+    the same order. A stream message costs a fraction of a unary call (issue 11); a broken
+    stream is a 4xx for the stage in flight, never an accept.
+    """
 
 class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -50,5 +60,16 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.Verdict, _abc.Awaitable[_policy_pb2.Verdict]]:
         """One decision at one stage of a session."""
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_policy_pb2.CheckRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_policy_pb2.Verdict], _abc.AsyncIterator[_policy_pb2.Verdict]]:
+        """One conversation per SMTP session: every stage's request in order, one verdict each, in
+        the same order. A stream message costs a fraction of a unary call (issue 11); a broken
+        stream is a 4xx for the stage in flight, never an accept.
+        """
 
 def add_PolicyServiceServicer_to_server(servicer: PolicyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
