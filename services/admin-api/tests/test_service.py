@@ -149,3 +149,25 @@ async def test_r_ops_3_redis_down_gives_503(harness: Harness, admin_headers: dic
         assert reply.json()["detail"] == "A backing service is unavailable, try again later"
     finally:
         await dead.aclose()
+
+
+async def test_settings_bodies_are_typed(harness: Harness, admin_headers: dict[str, str]) -> None:
+    spec = (await harness.http.get("/v1/openapi.json")).json()
+    bodies = {}
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            if "requestBody" in operation:
+                bodies[operation["operationId"]] = operation["requestBody"]["content"]["application/json"]["schema"]
+    for operation_id, schema in (("replaceSettings", "MailSettingsPatch"), ("patchSettings", "MailSettingsPatch"),
+                                 ("putDomainSettings", "ScopedSettingsPatch"),
+                                 ("putAccountSettings", "ScopedSettingsPatch")):
+        assert bodies[operation_id]["$ref"] == f"#/components/schemas/{schema}", operation_id
+    schemas = spec["components"]["schemas"]
+    # Only what a domain or an account may override is offered at those scopes.
+    assert set(schemas["ScopedSettingsPatch"]["properties"]) == {"recipients", "limits", "login"}
+    block_minutes = schemas["IntrusionSettingsPatch"]["properties"]["block_minutes"]["anyOf"][0]
+    assert block_minutes == {"type": "integer", "minimum": 1}
+    bad = await harness.http.patch("/v1/settings", json={"ips": {"block_minutes": 0, "no_such": 1}},
+                                   headers=admin_headers)
+    assert bad.status_code == 422
+    assert sorted(e["field"] for e in bad.json()["errors"]) == ["ips.block_minutes", "ips.no_such"]

@@ -50,6 +50,7 @@ from rempart.admin_api.passwords import set_password
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.admin_api.redaction import Redactor, keep_unchanged_secrets
 from rempart.admin_api.scopes import read_scope, write_scope
+from rempart.admin_api.settings_bodies import ScopedSettingsPatch, as_document
 from rempart.common import keys
 from rempart.common.config import MailSettings, deep_merge
 from rempart.common.directory import Account, DirectoryError, normalize_address, split_address, valid_domain_name
@@ -59,7 +60,10 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AddressPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
-SettingsBody = Annotated[dict[str, Any], Body(description="A partial settings document (only the overrides).")]
+SettingsBody = Annotated[
+    ScopedSettingsPatch,  # type: ignore[valid-type]
+    Body(description="This scope's overrides, replacing the stored ones (only what the scope may override)."),
+]
 
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
@@ -193,9 +197,10 @@ async def get_domain_settings(
 @router.put("/v1/domains/{domain}/settings", operation_id="putDomainSettings", response_model=ScopedSettingsOut,
             tags=["domains"], responses=R_WRITE)
 async def put_domain_settings(
-    domain: DomainPath, doc: SettingsBody, request: Request, response: Response, principal: AdminDep,
+    domain: DomainPath, body: SettingsBody, request: Request, response: Response, principal: AdminDep,
     backend: BackendDep, redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> ScopedSettingsOut:
+    doc = as_document(body)
     name = await domain_or_404(backend, principal, domain)
     if not principal.is_superadmin:
         raise forbidden()  # a domain's hard limits (R-LIM-1) bind its own admins too
@@ -350,9 +355,10 @@ async def get_account_settings(
 @router.put("/v1/accounts/{address}/settings", operation_id="putAccountSettings", response_model=ScopedSettingsOut,
             tags=["accounts"], responses=R_WRITE)
 async def put_account_settings(
-    address: AddressPath, doc: SettingsBody, request: Request, response: Response, principal: AdminDep,
+    address: AddressPath, body: SettingsBody, request: Request, response: Response, principal: AdminDep,
     backend: BackendDep, redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> ScopedSettingsOut:
+    doc = as_document(body)
     account = await account_or_404(backend, principal, address)
     await check_scoped_settings(backend, principal, doc)
     scope = f"account:{account.address}"

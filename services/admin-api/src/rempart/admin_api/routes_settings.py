@@ -18,6 +18,7 @@ from rempart.admin_api.models import Problem, SecretRotated, ServerSettingsOut, 
 from rempart.admin_api.preconditions import IfMatchHeader, with_etag
 from rempart.admin_api.redaction import Redactor, SecretSummary, keep_unchanged_secrets
 from rempart.admin_api.scopes import read_scope, write_scope
+from rempart.admin_api.settings_bodies import MailSettingsPatch, as_document
 from rempart.common.config import MailSettings, deep_merge
 
 router = APIRouter(tags=["settings"])
@@ -25,7 +26,7 @@ _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P}
 R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 412: _P, 422: _P}
 SettingsBody = Annotated[
-    dict[str, Any],
+    MailSettingsPatch,  # type: ignore[valid-type]
     Body(description="A partial settings document; omitted fields keep defaults. Secrets are write-only: "
          "send the new value, or the summary a GET showed to keep the stored one."),
 ]
@@ -52,11 +53,12 @@ async def get_settings(
 
 @router.put("/v1/settings", operation_id="replaceSettings", response_model=ServerSettingsOut, responses=R_WRITE)
 async def replace_settings(
-    doc: SettingsBody, request: Request, response: Response, principal: SuperadminDep, backend: BackendDep,
+    body: SettingsBody, request: Request, response: Response, principal: SuperadminDep, backend: BackendDep,
     redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> dict[str, Any]:
     """Replace the stored server overrides with ``doc`` (anything omitted returns to its default,
     except secrets, which keep their value unless ``doc`` sets them)."""
+    doc = as_document(body)
     version, stored, tag = await write_scope(
         backend, redactor, SERVER, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True)
     )
@@ -67,11 +69,12 @@ async def replace_settings(
 
 @router.patch("/v1/settings", operation_id="patchSettings", response_model=ServerSettingsOut, responses=R_WRITE)
 async def patch_settings(
-    doc: SettingsBody, request: Request, response: Response, principal: SuperadminDep, backend: BackendDep,
+    body: SettingsBody, request: Request, response: Response, principal: SuperadminDep, backend: BackendDep,
     redactor: RedactorDep, if_match: IfMatchHeader = None,
 ) -> dict[str, Any]:
     """Deep-merge ``doc`` into the stored server overrides (atomically: two admins patching
     different settings at once both keep theirs)."""
+    doc = as_document(body)
     version, stored, tag = await write_scope(
         backend, redactor, SERVER, if_match,
         lambda current: deep_merge(current, keep_unchanged_secrets(doc, current, replace=False)),
