@@ -48,6 +48,21 @@ TAGS = [
 
 
 PROBLEM_JSON = "application/problem+json"
+API_DESCRIPTION = """\
+Conventions of every route:
+
+- **Errors** are RFC 9457 problem details (`application/problem+json`): `type`, `title`,
+  `status`, `detail`, `instance`, and for refused input `errors`, each naming the `field` and its
+  `location` (never the value).
+- **No lost updates**: every writable resource answers with an `ETag`. Send it back in
+  `If-Match` with a write: if the resource changed since, the answer is `412` (with the current
+  `ETag`) and nothing is written. `If-Match` is optional (no `428`): a settings `PATCH` is an
+  atomic deep merge that loses nothing without it; send it whenever you write back what you read.
+- **Secrets are write-only**: a secret setting (`dns.srs_secrets`) is shown as its count and
+  keyed fingerprints; send the summary back to keep it, a new value to set it, or rotate it.
+- **Confinement**: a domain admin sees only its domain; anything of another is a `404`.
+- **Times** are RFC 3339 strings in UTC.
+"""
 
 
 def _problem(request: Request, status: int, detail: str, errors: list[FieldError] | None = None,
@@ -111,6 +126,7 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     app = FastAPI(
         title="Rempart admin API",
         version="1.0.0",
+        description=API_DESCRIPTION,
         openapi_url="/v1/openapi.json",
         docs_url=None,
         redoc_url=None,
