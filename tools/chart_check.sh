@@ -6,7 +6,9 @@
 #   3. strict schema validation of the rendered manifests with kubernetes-validate, for
 #      Kubernetes 1.30 and for the newest version the installed kubernetes-validate bundles;
 #   4. the chart's own invariants on the rendered manifests: hardened pods, probes, resources,
-#      deny-all NetworkPolicy, the gRPC/TLS/env contract, NATS fsync-before-ack (DESIGN.md
+#      deny-all NetworkPolicy, the gRPC/TLS/env contract, HA (R-OPS-6: NATS routes to every pod
+#      and R3 streams, Redis through its Sentinels, PDBs and zone spread for the stateful parts,
+#      sh -n on the Redis scripts), NATS fsync-before-ack (DESIGN.md
 #      "Durability"; nats-server -t parses the config when nats-server is installed), and that
 #      services/*/Dockerfile run the modules, user and ports the chart expects;
 #   5. optionally, checkov's Kubernetes and Dockerfile checks (CHART_CHECK_CHECKOV=1, see below).
@@ -106,6 +108,10 @@ refuse "no certificate at all" "tls.secretName is required" --set tls.selfSigned
 refuse "admin ingress without host" "ingress.host is required" --set components.admin-api.ingress.enabled=true
 refuse "bad mail host name" "mailHostname" --set global.mailHostname=not_a_host
 refuse "bad PROXY CIDR" "trustedCidrs" --set 'proxyProtocol.trustedCidrs={10.0.0.0}'
+refuse "Sentinels without a quorum" "redis.replicas must be at least 3" --set redis.architecture=sentinel --set redis.replicas=2
+refuse "GitOps mode without the secret key" "secretKey.existingSecret" --set secrets.generate=false
+refuse "GitOps mode without the Redis password" "redis.auth.existingSecret" --set secrets.generate=false \
+  --set secretKey.existingSecret=k
 
 step "kubernetes-validate --strict ($MIN_KUBE_VERSION and $latest_kube_version)"
 for version in "$MIN_KUBE_VERSION" "$latest_kube_version"; do
@@ -232,6 +238,47 @@ def check_component(source: str, obj: dict, container: dict, services: dict) -> 
             problem(source, obj, "REMPART_TLS_CERT_FILE set but /etc/rempart/tls not mounted")
 
 
+def check_ha(source: str, objects: list[dict]) -> None:
+    """R-OPS-6: a NATS cluster routes to every pod and asks for R3 streams; Sentinel-mode Redis is
+    reached through the Sentinels; every stateful part has a PDB and spreads over zones."""
+    by_kind: dict[str, list[dict]] = {}
+    for obj in objects:
+        by_kind.setdefault(obj["kind"], []).append(obj)
+    pdbs = {o["metadata"]["name"] for o in by_kind.get("PodDisruptionBudget", [])}
+    envs = [{e["name"]: e.get("value", "") for e in d["spec"]["template"]["spec"]["containers"][0].get("env") or []}
+            for d in by_kind.get("Deployment", [])]
+    for sts in by_kind.get("StatefulSet", []):
+        name = sts["metadata"]["name"]
+        pod = sts["spec"]["template"]["spec"]
+        if name not in pdbs:
+            problem(source, sts, "no PodDisruptionBudget")
+        keys = {c.get("topologyKey") for c in pod.get("topologySpreadConstraints") or []}
+        if "topology.kubernetes.io/zone" not in keys:
+            problem(source, sts, "no topology spread over zones")
+        for constraint in pod.get("topologySpreadConstraints") or []:
+            if not constraint.get("labelSelector"):
+                problem(source, sts, "a topology spread constraint without labelSelector counts no pod")
+        replicas = sts["spec"].get("replicas", 1)
+        component = sts["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component == "nats" and replicas > 1:
+            config = next(o for o in by_kind["ConfigMap"] if "nats.conf" in (o.get("data") or {}))["data"]["nats.conf"]
+            routes = re.findall(r"nats://[^\s,\]]+:\d+", config.split("routes:", 1)[-1].split("]", 1)[0])
+            if len(routes) != replicas:
+                problem(source, sts, f"{replicas} NATS pods but {len(routes)} cluster routes")
+            if replicas >= 3 and any(int(e.get("REMPART_STREAM_REPLICAS", "1")) < 3 for e in envs):
+                problem(source, sts, "a NATS cluster of 3 or more with streams below R3 (nats.streamReplicas)")
+            if any(len(e.get("REMPART_NATS_URL", "").split(",")) != replicas for e in envs):
+                problem(source, sts, "REMPART_NATS_URL does not name every NATS pod")
+        if component == "redis" and len(pod["containers"]) > 1:
+            if any(not e.get("REMPART_REDIS_URL", "").startswith("redis+sentinel://") for e in envs):
+                problem(source, sts, "Sentinel-mode Redis but a REMPART_REDIS_URL that is not redis+sentinel://")
+            scripts = next(o for o in by_kind["ConfigMap"] if "sentinel.sh" in (o.get("data") or {}))
+            for script_name, script in scripts["data"].items():
+                checked = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True, check=False)
+                if checked.returncode != 0:
+                    problem(source, scripts, f"{script_name}: sh -n: {checked.stderr.strip()}")
+
+
 def check_nats_config(source: str, config_map: dict) -> None:
     config = config_map["data"]["nats.conf"]
     if not re.search(r"^\s*sync_interval:\s*always\s*$", config, re.M):
@@ -275,6 +322,7 @@ for manifest in sys.argv[2:]:
                 and set(o["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}]
     if not deny_all:
         problems.append(f"{source}: no deny-all NetworkPolicy")
+    check_ha(source, objects)
     for obj in objects:
         labels = obj["metadata"].get("labels") or {}
         for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance",

@@ -35,6 +35,10 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- $annotations := $c.podAnnotations | default dict }}
+      {{- /* Env read from Secrets is fixed at start: a changed password must roll the pods. */}}
+      {{- $secretNames := list $root.Values.secretKey.existingSecret $root.Values.redis.auth.existingSecret $root.Values.nats.auth.existingSecret $root.Values.admin.bootstrap.existingSecret $root.Values.redis.externalUrlSecret.name $root.Values.nats.externalUrlSecret.name }}
+      {{- $checksum := printf "%s|%s" (include "rempart.generatedSecrets" $root) (join "," $secretNames) | sha256sum | trunc 16 }}
+      {{- $annotations = merge (dict "checksum/secrets" $checksum) $annotations }}
       {{- if $root.Values.metrics.scrapeAnnotations }}
       {{- $annotations = merge (dict "prometheus.io/scrape" "true" "prometheus.io/port" (toString $c.opsPort) "prometheus.io/path" "/metrics") $annotations }}
       {{- end }}
@@ -127,16 +131,7 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       topologySpreadConstraints:
-        {{- if $c.topologySpreadConstraints }}
-        {{- toYaml $c.topologySpreadConstraints | nindent 8 }}
-        {{- else }}
-        - maxSkew: 1
-          topologyKey: kubernetes.io/hostname
-          whenUnsatisfiable: ScheduleAnyway
-          labelSelector:
-            matchLabels:
-              {{- include "rempart.selectorLabels" $part | nindent 14 }}
-        {{- end }}
+        {{- include "rempart.spread" (list $root .name $c.topologySpreadConstraints) | nindent 8 }}
 {{ end }}
 
 {{- define "rempart.service" -}}
@@ -369,11 +364,17 @@ spec:
       ports:
         - port: 6379
           protocol: TCP
-    {{- else }}
-    # External Redis: any destination on the URL's port.
-    - ports:
-        - port: {{ include "rempart.urlPort" (list $values.redis.externalUrl "6379") }}
+        {{- if include "rempart.redisSentinel" $root }}
+        - port: 26379
           protocol: TCP
+        {{- end }}
+    {{- else }}
+    # External Redis: any destination on the URL's ports (redis.externalPorts).
+    - ports:
+        {{- range include "rempart.externalPorts" (list $values.redis.externalPorts $values.redis.externalUrl "6379") | fromJsonArray }}
+        - port: {{ . }}
+          protocol: TCP
+        {{- end }}
     {{- end }}
     {{- if $values.nats.enabled }}
     - to:
@@ -382,10 +383,12 @@ spec:
         - port: 4222
           protocol: TCP
     {{- else }}
-    # External NATS: any destination on the URL's port.
+    # External NATS: any destination on the URL's ports (nats.externalPorts).
     - ports:
-        - port: {{ include "rempart.urlPort" (list $values.nats.externalUrl "4222") }}
+        {{- range include "rempart.externalPorts" (list $values.nats.externalPorts $values.nats.externalUrl "4222") | fromJsonArray }}
+        - port: {{ . }}
           protocol: TCP
+        {{- end }}
     {{- end }}
     {{- range $c.grpcPeers }}
     {{- $peer := index $values.components . }}

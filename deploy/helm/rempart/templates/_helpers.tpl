@@ -52,6 +52,9 @@ app.kubernetes.io/component: {{ $part }}
 app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: rempart
 app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+{{- with $root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector of every pod of the release (the deny-all policy) */}}
@@ -79,19 +82,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $root := .root }}
 {{- $image := $root.Values.image }}
 {{- $tag := default $root.Chart.AppVersion $image.tag }}
-{{- if $image.registry }}
-{{- printf "%s/%s/%s:%s" $image.registry $image.repository .c.imageName $tag }}
+{{- $name := printf "%s/%s" $image.repository .c.imageName }}
+{{- if $image.registry }}{{ $name = printf "%s/%s" $image.registry $name }}{{ end }}
+{{- $digest := index ($image.digests | default dict) .c.imageName | default "" }}
+{{- if $digest }}
+{{- printf "%s:%s@%s" $name $tag $digest }}
 {{- else }}
-{{- printf "%s/%s:%s" $image.repository .c.imageName $tag }}
+{{- printf "%s:%s" $name $tag }}
 {{- end }}
 {{- end }}
 
-{{/* Image of a bundled dependency: rempart.depImage .Values.redis.image */}}
+{{/* Image of a bundled dependency: rempart.depImage .Values.redis.image; a digest pins it */}}
 {{- define "rempart.depImage" -}}
-{{- if .registry }}
-{{- printf "%s/%s:%s" .registry .repository .tag }}
+{{- $name := ternary (printf "%s/%s" .registry .repository) .repository (not (empty .registry)) }}
+{{- if .digest }}
+{{- printf "%s:%s@%s" $name .tag .digest }}
 {{- else }}
-{{- printf "%s:%s" .repository .tag }}
+{{- printf "%s:%s" $name .tag }}
 {{- end }}
 {{- end }}
 
@@ -105,13 +112,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{- define "rempart.tlsSecretName" -}}
 {{- default (include "rempart.partName" (list . "tls")) .Values.tls.secretName }}
-{{- end }}
-
-{{/* Does the chart itself need the credentials Secret? "true" or "" */}}
-{{- define "rempart.needsCredentials" -}}
-{{- $adminApi := index .Values.components "admin-api" }}
-{{- $bootstrap := and $adminApi.enabled .Values.admin.bootstrap.enabled (not .Values.admin.bootstrap.existingSecret) }}
-{{- if or (and .Values.redis.enabled .Values.redis.auth.enabled) (and .Values.nats.enabled .Values.nats.auth.enabled) $bootstrap }}true{{ end }}
 {{- end }}
 
 {{- define "rempart.adminEmail" -}}
@@ -158,28 +158,44 @@ are expanded by the kubelet). extraEnv replaces a variable of the same name, or 
 {{- $env = append $env (dict "name" .env "value" (toString .containerPort)) }}
 {{- end }}
 {{- /* Redis */}}
-{{- $redisHost := printf "%s.%s" (include "rempart.partName" (list $root "redis")) (include "rempart.svcDomain" $root) }}
 {{- if $values.redis.enabled }}
+{{- $auth := "" }}
 {{- if $values.redis.auth.enabled }}
-{{- $env = append $env (dict "name" "REDIS_PASSWORD" "valueFrom" (dict "secretKeyRef" (dict "name" $credentials "key" "redis-password"))) }}
-{{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" $redisHost)) }}
+{{- $env = append $env (dict "name" "REDIS_PASSWORD" "valueFrom" (dict "secretKeyRef" (include "rempart.redisPasswordRef" $root | fromYaml))) }}
+{{- $auth = ":$(REDIS_PASSWORD)@" }}
+{{- end }}
+{{- if include "rempart.redisSentinel" $root }}
+{{- $sentinels := list }}
+{{- range $i := until (int $values.redis.replicas) }}
+{{- $sentinels = append $sentinels (printf "%s:26379" (include "rempart.redisPodHost" (list $root $i))) }}
+{{- end }}
+{{- $query := ternary "?sentinel_password=$(REDIS_PASSWORD)" "" (not (empty $auth)) }}
+{{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis+sentinel://%s%s/%s/0%s" $auth (join "," $sentinels) $values.redis.sentinel.masterSet $query)) }}
 {{- else }}
-{{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis://%s:6379/0" $redisHost)) }}
+{{- $redisHost := printf "%s.%s" (include "rempart.partName" (list $root "redis")) (include "rempart.svcDomain" $root) }}
+{{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis://%s%s:6379/0" $auth $redisHost)) }}
 {{- end }}
 {{- else if $values.redis.externalUrlSecret.name }}
 {{- $env = append $env (dict "name" "REMPART_REDIS_URL" "valueFrom" (dict "secretKeyRef" (dict "name" $values.redis.externalUrlSecret.name "key" $values.redis.externalUrlSecret.key))) }}
 {{- else }}
 {{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (required "redis.externalUrl or redis.externalUrlSecret.name is required when redis.enabled is false" $values.redis.externalUrl)) }}
 {{- end }}
-{{- /* NATS */}}
-{{- $natsHost := printf "%s.%s" (include "rempart.partName" (list $root "nats")) (include "rempart.svcDomain" $root) }}
+{{- /* NATS: in a cluster every pod is named, so a client starts even while one is down */}}
 {{- if $values.nats.enabled }}
+{{- $auth := "" }}
 {{- if $values.nats.auth.enabled }}
-{{- $env = append $env (dict "name" "NATS_PASSWORD" "valueFrom" (dict "secretKeyRef" (dict "name" $credentials "key" "nats-password"))) }}
-{{- $env = append $env (dict "name" "REMPART_NATS_URL" "value" (printf "nats://%s:$(NATS_PASSWORD)@%s:4222" $values.nats.auth.user $natsHost)) }}
-{{- else }}
-{{- $env = append $env (dict "name" "REMPART_NATS_URL" "value" (printf "nats://%s:4222" $natsHost)) }}
+{{- $env = append $env (dict "name" "NATS_PASSWORD" "valueFrom" (dict "secretKeyRef" (include "rempart.natsPasswordRef" $root | fromYaml))) }}
+{{- $auth = printf "%s:$(NATS_PASSWORD)@" $values.nats.auth.user }}
 {{- end }}
+{{- $urls := list }}
+{{- if gt (int $values.nats.replicas) 1 }}
+{{- range $i := until (int $values.nats.replicas) }}
+{{- $urls = append $urls (printf "nats://%s%s:4222" $auth (include "rempart.natsPodHost" (list $root $i))) }}
+{{- end }}
+{{- else }}
+{{- $urls = append $urls (printf "nats://%s%s.%s:4222" $auth (include "rempart.partName" (list $root "nats")) (include "rempart.svcDomain" $root)) }}
+{{- end }}
+{{- $env = append $env (dict "name" "REMPART_NATS_URL" "value" (join "," $urls)) }}
 {{- else if $values.nats.externalUrlSecret.name }}
 {{- $env = append $env (dict "name" "REMPART_NATS_URL" "valueFrom" (dict "secretKeyRef" (dict "name" $values.nats.externalUrlSecret.name "key" $values.nats.externalUrlSecret.key))) }}
 {{- else }}
@@ -263,4 +279,163 @@ podSelector:
       operator: In
       values:
         {{- include "rempart.enabledComponents" . | fromJsonArray | toYaml | nindent 8 }}
+{{- end }}
+
+{{/* DNS name of one NATS pod: rempart.natsPodHost (list $ 0) */}}
+{{- define "rempart.natsPodHost" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%d.%s.%s" (include "rempart.partName" (list $root "nats")) (index . 1) (include "rempart.partName" (list $root "nats-headless")) (include "rempart.svcDomain" $root) }}
+{{- end }}
+
+{{/* DNS name of one Redis pod: rempart.redisPodHost (list $ 0) */}}
+{{- define "rempart.redisPodHost" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%d.%s.%s" (include "rempart.partName" (list $root "redis")) (index . 1) (include "rempart.partName" (list $root "redis-headless")) (include "rempart.svcDomain" $root) }}
+{{- end }}
+
+{{- define "rempart.redisSentinel" -}}
+{{- if and .Values.redis.enabled (eq .Values.redis.architecture "sentinel") }}true{{ end }}
+{{- end }}
+
+{{/*
+Topology spread of one part (a component, Redis, NATS): the given constraints, each without a
+labelSelector getting the part's own (without one a constraint counts no pod at all); or, when
+none are given, a soft spread over zones and a soft spread over nodes.
+rempart.spread (list $ "nats" .Values.nats.topologySpreadConstraints)
+*/}}
+{{- define "rempart.spread" -}}
+{{- $selector := dict "matchLabels" (include "rempart.selectorLabels" (list (index . 0) (index . 1)) | fromYaml) }}
+{{- $constraints := index . 2 }}
+{{- if not $constraints }}
+{{- $constraints = list (dict "maxSkew" 1 "topologyKey" "topology.kubernetes.io/zone" "whenUnsatisfiable" "ScheduleAnyway") (dict "maxSkew" 1 "topologyKey" "kubernetes.io/hostname" "whenUnsatisfiable" "ScheduleAnyway") }}
+{{- end }}
+{{- $out := list }}
+{{- range $constraints }}
+{{- $out = append $out (ternary . (merge (dict "labelSelector" $selector) .) (hasKey . "labelSelector")) }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/*
+Secrets the chart makes itself (DESIGN.md: secrets from the environment), decided once per render
+and shared by the Secrets and the checksum annotations: a value already in the cluster's Secret
+is kept (lookup, `helm install/upgrade`); a missing one is generated (secrets.generate: true) or
+refused with the value to set (false: GitOps, where `helm template` cannot read the cluster
+and would make new ones at every render). Returns JSON: key -> plain value.
+*/}}
+{{- define "rempart.generatedSecrets" -}}
+{{- if not (hasKey .Values "_rempartGenerated") }}
+{{- $values := .Values }}
+{{- $out := dict }}
+{{- $generate := $values.secrets.generate }}
+{{- $why := "secrets.generate is false (GitOps mode): the chart makes no secret; set" }}
+{{- if not $values.secretKey.existingSecret }}
+{{- if not $generate }}{{ fail (printf "%s secretKey.existingSecret" $why) }}{{ end }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "rempart.secretKeySecretName" .) }}
+{{- $previous := dig "data" $values.secretKey.existingSecretKey "" $live | b64dec }}
+{{- /* 32 random bytes, URL-safe base64 (a valid Fernet key) */}}
+{{- $_ := set $out "secret-key" ($previous | default (randBytes 32 | replace "+" "-" | replace "/" "_")) }}
+{{- end }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "rempart.credentialsSecretName" .) }}
+{{- if and $values.redis.enabled $values.redis.auth.enabled (not $values.redis.auth.existingSecret) }}
+{{- if not $generate }}{{ fail (printf "%s redis.auth.existingSecret" $why) }}{{ end }}
+{{- $_ := set $out "redis-password" (dig "data" "redis-password" "" $live | b64dec | default (randAlphaNum 32)) }}
+{{- end }}
+{{- if and $values.nats.enabled $values.nats.auth.enabled (not $values.nats.auth.existingSecret) }}
+{{- if not $generate }}{{ fail (printf "%s nats.auth.existingSecret" $why) }}{{ end }}
+{{- $_ := set $out "nats-password" (dig "data" "nats-password" "" $live | b64dec | default (randAlphaNum 32)) }}
+{{- end }}
+{{- $adminApi := index $values.components "admin-api" }}
+{{- if and $adminApi.enabled $values.admin.bootstrap.enabled (not $values.admin.bootstrap.existingSecret) }}
+{{- if not $generate }}{{ fail (printf "%s admin.bootstrap.existingSecret (or admin.bootstrap.enabled: false)" $why) }}{{ end }}
+{{- $_ := set $out "admin-email" (include "rempart.adminEmail" .) }}
+{{- /* Lower, upper, digits and a symbol, for any password policy */}}
+{{- $password := printf "%s%s-%s%s" (randAlpha 8 | lower) (randAlpha 8 | upper) (randNumeric 4) (randAlphaNum 8) }}
+{{- $_ := set $out "admin-password" (dig "data" "admin-password" "" $live | b64dec | default $password) }}
+{{- end }}
+{{- $_ := set $values "_rempartGenerated" $out }}
+{{- end }}
+{{- toJson (index .Values "_rempartGenerated") }}
+{{- end }}
+
+{{/*
+Checksum annotation value of a secret a pod reads from its environment (a change must roll the
+pods): the generated value, or the name of the operator's Secret (its content is not ours to
+read; roll those pods yourself, or with a tool such as Reloader, when you change it).
+rempart.secretChecksum (list $ existingSecretName generatedKey)
+*/}}
+{{- define "rempart.secretChecksum" -}}
+{{- $root := index . 0 }}
+{{- $existing := index . 1 }}
+{{- if $existing }}
+{{- printf "existing:%s" $existing | sha256sum | trunc 16 }}
+{{- else }}
+{{- $generated := include "rempart.generatedSecrets" $root | fromJson }}
+{{- index $generated (index . 2) | default "" | sha256sum | trunc 16 }}
+{{- end }}
+{{- end }}
+
+{{/* secretKeyRef (name, key) of the Redis password */}}
+{{- define "rempart.redisPasswordRef" -}}
+{{- if .Values.redis.auth.existingSecret -}}
+name: {{ .Values.redis.auth.existingSecret }}
+key: {{ .Values.redis.auth.existingSecretKey }}
+{{- else -}}
+name: {{ include "rempart.credentialsSecretName" . }}
+key: redis-password
+{{- end }}
+{{- end }}
+
+{{/* secretKeyRef (name, key) of the NATS password */}}
+{{- define "rempart.natsPasswordRef" -}}
+{{- if .Values.nats.auth.existingSecret -}}
+name: {{ .Values.nats.auth.existingSecret }}
+key: {{ .Values.nats.auth.existingSecretKey }}
+{{- else -}}
+name: {{ include "rempart.credentialsSecretName" . }}
+key: nats-password
+{{- end }}
+{{- end }}
+
+{{/* What the Redis pods' scripts need to find each other (sentinel mode) */}}
+{{- define "rempart.redisSentinelEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: STATEFULSET
+  value: {{ include "rempart.partName" (list . "redis") | quote }}
+- name: HEADLESS
+  value: {{ printf "%s.%s" (include "rempart.partName" (list . "redis-headless")) (include "rempart.svcDomain" .) | quote }}
+- name: REPLICAS
+  value: {{ .Values.redis.replicas | quote }}
+- name: MASTER_SET
+  value: {{ .Values.redis.sentinel.masterSet | quote }}
+{{- end }}
+
+{{/*
+Ports the components reach Redis or NATS on when they are external (NetworkPolicy egress), as a
+JSON list: the operator's list, else every port in the URL (a Sentinel URL: its Sentinels' and
+6379, the primary's), else the default. rempart.externalPorts (list $values.redis.externalPorts
+$values.redis.externalUrl "6379")
+*/}}
+{{- define "rempart.externalPorts" -}}
+{{- $given := index . 0 }}
+{{- $url := index . 1 }}
+{{- $default := index . 2 }}
+{{- $ports := list }}
+{{- if $given }}
+{{- range $given }}{{ $ports = append $ports (int .) }}{{ end }}
+{{- else }}
+{{- $authority := regexReplaceAll "^[a-z+]+://([^/?]*).*$" $url "${1}" | splitList "@" | last }}
+{{- range splitList "," $authority }}
+{{- $port := regexFind ":[0-9]+$" . | trimPrefix ":" }}
+{{- if $port }}{{ $ports = append $ports (int $port) }}{{ end }}
+{{- end }}
+{{- if hasPrefix "redis+sentinel" $url | or (hasPrefix "rediss+sentinel" $url) }}
+{{- $ports = append $ports 6379 }}
+{{- end }}
+{{- if not $ports }}{{ $ports = list (int $default) }}{{ end }}
+{{- end }}
+{{- toJson ($ports | uniq) }}
 {{- end }}
