@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from rempart.admin_api.service import serve
 from rempart.admin_api.settings import AdminApiSettings
+from rempart.common import runtime
 
 
 def main() -> None:
-    asyncio.run(serve(AdminApiSettings()))
+    runtime.run(serve(AdminApiSettings()))
 
 
 if __name__ == "__main__":

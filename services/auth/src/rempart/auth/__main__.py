@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from rempart.auth.server import serve
 from rempart.auth.settings import AuthSettings
+from rempart.common import runtime
 
 
 def main() -> None:
-    asyncio.run(serve(AuthSettings()))
+    runtime.run(serve(AuthSettings()))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from rempart.common import runtime
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
@@ -76,4 +77,4 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve(Settings()))
+    runtime.run(serve(Settings()))

@@ -6,7 +6,6 @@ service exactly as production does (on port 0).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
+from rempart.common import runtime
 from rempart.common.grpcutil import new_server, set_serving
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
@@ -70,4 +70,4 @@ async def serve(settings: PolicySettings) -> None:
 
 def main() -> None:
     settings = PolicySettings()
-    asyncio.run(serve(settings))
+    runtime.run(serve(settings))

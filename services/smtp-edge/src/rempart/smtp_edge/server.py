@@ -8,6 +8,7 @@ import ssl
 
 from nats.aio.msg import Msg
 
+from rempart.common import runtime
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.events import IPS_BLOCKED
 from rempart.common.grpcutil import channel_check
@@ -158,4 +159,4 @@ async def serve(settings: SmtpEdgeSettings) -> None:
 
 def main() -> None:
     settings = SmtpEdgeSettings()
-    asyncio.run(serve(settings))
+    runtime.run(serve(settings))

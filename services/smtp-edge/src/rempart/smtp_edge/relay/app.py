@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 from nats.js import api as jsapi
 from prometheus_client import Gauge
 
+from rempart.common import runtime
 from rempart.common.directory import Directory
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM
 from rempart.common.mailstore import MailboxIndex, MessageStore
@@ -208,4 +209,4 @@ async def serve(settings: OutboundRelaySettings) -> None:
 
 def main() -> None:
     settings = OutboundRelaySettings()
-    asyncio.run(serve(settings))
+    runtime.run(serve(settings))
