@@ -77,6 +77,10 @@ class Stack:
     # The outbound relay (mail to other domains leaves): on for `make run`; off for the e2e
     # tests, which start their own relay against loopback MX hosts.
     relay: bool = False
+    # Redis and NATS started by someone else (the HA test's Sentinels and NATS cluster): with a
+    # URL here the stack starts no server of its own for it, and leaves it running at stop.
+    external_redis_url: str = ""
+    external_nats_url: str = ""
 
     _raise_on_interrupt: bool = field(default=False, repr=False)
 
@@ -110,8 +114,10 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ports = {k: (v if self.fixed_ports else free_port()) for k, v in FIXED_PORTS.items()}
         (self.workdir / "ports.json").write_text(json.dumps(self.ports, indent=1, sort_keys=True) + "\n")
-        self.redis = start_redis(self.workdir / "redis")
-        self.nats = start_nats(self.workdir / "nats")
+        if not self.external_redis_url:
+            self.redis = start_redis(self.workdir / "redis")
+        if not self.external_nats_url:
+            self.nats = start_nats(self.workdir / "nats")
         pair = write_self_signed(self.workdir / "tls", [self.hostname, "localhost", "127.0.0.1"])
         self.cert_file, self.key_file = pair.cert_file, pair.key_file
         names = SERVICES + (("relay",) if self.relay else ())
@@ -120,13 +126,26 @@ class Stack:
             self.start_service(name)
         self.wait_ready(names=names)
 
+    @property
+    def redis_url(self) -> str:
+        if self.external_redis_url:
+            return self.external_redis_url
+        assert self.redis is not None, "the stack is not started"
+        return self.redis.url
+
+    @property
+    def nats_url(self) -> str:
+        if self.external_nats_url:
+            return self.external_nats_url
+        assert self.nats is not None, "the stack is not started"
+        return self.nats.url
+
     def env_for(self, name: str) -> dict[str, str]:
         p = self.ports
-        assert self.redis is not None and self.nats is not None
         env = {
             "REMPART_ENVIRONMENT": "dev",
-            "REMPART_REDIS_URL": self.redis.url,
-            "REMPART_NATS_URL": self.nats.url,
+            "REMPART_REDIS_URL": self.redis_url,
+            "REMPART_NATS_URL": self.nats_url,
             "REMPART_OPS_HOST": "127.0.0.1",
             "REMPART_OPS_PORT": str(p[f"{name}.ops"]),
             "REMPART_LOG_FORMAT": self.log_format,
