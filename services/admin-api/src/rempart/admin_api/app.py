@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rempart.admin_api import (
     routes_aliases,
     routes_auth,
+    routes_clientconfig,
     routes_directory,
     routes_events,
     routes_helpdesk,
@@ -141,7 +142,7 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
     modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_helpdesk, routes_settings,
-               routes_events, routes_ips)
+               routes_events, routes_ips, routes_clientconfig)
     for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})

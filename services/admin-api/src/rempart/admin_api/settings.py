@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 
 from rempart.common.settings import ServiceSettings
@@ -18,3 +20,14 @@ class AdminApiSettings(ServiceSettings):
     # The first superadmin (deploy/helm values ``admin.bootstrap``); used only while none exists.
     bootstrap_admin_email: str = ""
     bootstrap_admin_password: SecretStr | None = None
+    # What mail clients are told by autoconfig/autodiscover (R-OPS-5): the public ports of the
+    # load balancer in front of the edges (the chart's Services), not the pods' own.
+    public_imaps_port: int = Field(default=993, ge=1, le=65535)
+    public_pop3s_port: int = Field(default=995, ge=1, le=65535)
+    public_smtps_port: int = Field(default=465, ge=1, le=65535)
+    public_submission_port: int = Field(default=587, ge=1, le=65535)
+    # MTA-STS (RFC 8461): the policy published for every local domain; mx defaults to
+    # REMPART_HOSTNAME (a comma-separated list otherwise; "*.example.org" patterns allowed).
+    mta_sts_mode: Literal["enforce", "testing", "none"] = "testing"
+    mta_sts_mx: str = ""
+    mta_sts_max_age_seconds: int = Field(default=7 * 24 * 3600, ge=86400, le=31557600)
