@@ -8,7 +8,10 @@
 #   4. the chart's own invariants on the rendered manifests: hardened pods, probes, resources,
 #      deny-all NetworkPolicy, the gRPC/TLS/env contract, HA (R-OPS-6: NATS routes to every pod
 #      and R3 streams, Redis through its Sentinels, PDBs and zone spread for the stateful parts,
-#      sh -n on the Redis scripts), NATS fsync-before-ack (DESIGN.md
+#      sh -n on the Redis scripts), observability (R-OPS-4: every metric in the rules and the
+#      dashboards is one the code exports, promtool parses them when installed, the
+#      ServiceMonitor covers every component, Prometheus may reach the ops ports), NATS
+#      fsync-before-ack (DESIGN.md
 #      "Durability"; nats-server -t parses the config when nats-server is installed), and that
 #      services/*/Dockerfile run the modules, user and ports the chart expects;
 #   5. optionally, checkov's Kubernetes and Dockerfile checks (CHART_CHECK_CHECKOV=1, see below).
@@ -126,6 +129,7 @@ step "chart invariants"
 if [[ ${#manifests[@]} -gt 0 ]]; then
   "$PYTHON" - "$rendered" "${manifests[@]}" <<'PY' || fail "chart invariants"
 """Invariants of the rendered chart that schemas don't catch."""
+import json
 import os
 import re
 import shutil
@@ -279,6 +283,99 @@ def check_ha(source: str, objects: list[dict]) -> None:
                     problem(source, scripts, f"{script_name}: sh -n: {checked.stderr.strip()}")
 
 
+def exported_metrics() -> set[str]:
+    """Every series name the services export: prometheus_client's Counter "x" is x_total, a
+    Histogram x_bucket/_sum/_count; read from the code, so a renamed metric fails here."""
+    names: set[str] = set()
+    pattern = re.compile(r'\b(Counter|Gauge|Histogram|Summary)\(\s*"(rempart_[a-z0-9_]+)"')
+    for path in [*Path("services").glob("*/src/**/*.py"), *Path("libs").glob("*/src/**/*.py")]:
+        for kind, name in pattern.findall(path.read_text()):
+            if kind == "Counter":
+                names.add(name if name.endswith("_total") else name + "_total")
+            elif kind in ("Histogram", "Summary"):
+                names |= {name + "_bucket", name + "_sum", name + "_count", name}
+            else:
+                names.add(name)
+    return names
+
+
+def check_observability(source: str, objects: list[dict]) -> None:
+    """R-OPS-4: the rules and dashboards name only metrics the code exports, parse as PromQL
+    (promtool, when installed), the ServiceMonitor finds an ops port on every component, and
+    Prometheus may reach the ops ports through the NetworkPolicy."""
+    expressions: list[tuple[str, str]] = []  # (where, PromQL)
+    for obj in objects:
+        if obj["kind"] == "PrometheusRule":
+            rules_file = rendered_dir / f"{Path(source).stem}-rules.yaml"
+            rules_file.write_text(yaml.safe_dump({"groups": obj["spec"]["groups"]}))
+            for group in obj["spec"]["groups"]:
+                for rule in group["rules"]:
+                    expressions.append((f"alert {rule.get('alert') or rule.get('record')}", rule["expr"]))
+            if promtool:
+                result = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True,
+                                        text=True, check=False)
+                if result.returncode != 0:
+                    problem(source, obj, f"promtool check rules: {result.stdout.strip()} {result.stderr.strip()}")
+        if obj["kind"] == "ConfigMap" and any(k.endswith(".json") for k in obj.get("data") or {}):
+            labels = obj["metadata"].get("labels") or {}
+            if not any(k == "grafana_dashboard" or k.startswith("grafana") for k in labels):
+                problem(source, obj, "dashboard ConfigMap without the Grafana sidecar label")
+            for key, text in obj["data"].items():
+                board = json.loads(text)
+                for panel in board.get("panels", []):
+                    if not panel.get("description"):
+                        problem(source, obj, f"{key}: panel {panel.get('title')!r} says no question it answers")
+                    for target in panel.get("targets", []):
+                        expressions.append((f"{key}: {panel.get('title')}", target["expr"]))
+        if obj["kind"] == "ServiceMonitor":
+            selector = obj["spec"]["selector"]["matchLabels"]
+            selected = [o for o in objects if o["kind"] == "Service"
+                        and selector.items() <= (o["metadata"].get("labels") or {}).items()]
+            components = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in objects
+                          if o["kind"] == "Deployment"}
+            covered = {o["metadata"]["labels"]["app.kubernetes.io/component"] for o in selected
+                       if any(p["name"] == obj["spec"]["endpoints"][0]["port"] for p in o["spec"]["ports"])}
+            if components - covered:
+                problem(source, obj, f"no scraped ops Service for {sorted(components - covered)}")
+    known = exported_metrics()
+    # Grafana's variables and interval macros become what Prometheus would see.
+    checkable = []
+    for where, expr in expressions:
+        for name in set(re.findall(r"\brempart_[a-z0-9_]+", expr)):
+            if name not in known:
+                problems.append(f"{source}: {where}: metric {name} is exported by no service")
+        checkable.append((where, expr.replace("$__rate_interval", "5m").replace("$namespace", ".*")
+                          .replace("${datasource}", "")))
+    if promtool and checkable:
+        exprs_file = rendered_dir / f"{Path(source).stem}-exprs.yaml"
+        exprs_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": [
+            {"record": f"check:expr{i}", "expr": expr} for i, (_, expr) in enumerate(checkable)]}]}))
+        result = subprocess.run([promtool, "check", "rules", str(exprs_file)], capture_output=True, text=True,
+                                check=False)
+        if result.returncode != 0:
+            problems.append(f"{source}: a dashboard or rule expression is not PromQL: {result.stdout} {result.stderr}")
+    # Prometheus reaches every ops port (scrape annotations or ServiceMonitor alike).
+    for obj in objects:
+        if obj["kind"] != "NetworkPolicy" or "app.kubernetes.io/component" not in obj["spec"]["podSelector"].get(
+                "matchLabels", {}):
+            continue
+        component = obj["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        deployment = next((o for o in objects if o["kind"] == "Deployment"
+                           and o["metadata"]["labels"]["app.kubernetes.io/component"] == component), None)
+        if deployment is None:
+            continue
+        ops = next(p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+                   if p["name"] == "ops")
+        if not any(any(p.get("port") == ops for p in rule.get("ports") or []) and any(
+                "namespaceSelector" in peer or "podSelector" in peer for peer in rule.get("from") or [])
+                for rule in obj["spec"].get("ingress") or []):
+            problem(source, obj, f"nothing may reach the ops port {ops} (/metrics): networkPolicy.prometheus")
+
+
+def find_promtool() -> str | None:
+    return shutil.which("promtool")
+
+
 def check_nats_config(source: str, config_map: dict) -> None:
     config = config_map["data"]["nats.conf"]
     if not re.search(r"^\s*sync_interval:\s*always\s*$", config, re.M):
@@ -308,6 +405,9 @@ def find_nats_server() -> str | None:
     return None
 
 
+promtool = find_promtool()
+if promtool is None:
+    print("note: no promtool (Debian: apt-get install prometheus); rules and dashboards checked for metric names only")
 nats_server = find_nats_server()
 if nats_server is None:
     print("note: no nats-server >= 2.10 found; the NATS config is checked by pattern only")
@@ -323,6 +423,7 @@ for manifest in sys.argv[2:]:
     if not deny_all:
         problems.append(f"{source}: no deny-all NetworkPolicy")
     check_ha(source, objects)
+    check_observability(source, objects)
     for obj in objects:
         labels = obj["metadata"].get("labels") or {}
         for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance",

@@ -305,6 +305,7 @@ Egress: DNS, Redis, NATS, the gRPC peers, the OTLP endpoint, extraEgress.
 {{- $name := .name }}
 {{- $part := list $root $name }}
 {{- if $values.networkPolicy.enabled }}
+{{- $opsPeers := include "rempart.opsPeers" $root | fromJsonArray }}
 {{- $sources := list }}
 {{- range $c.ingressFrom }}{{ $sources = append $sources . }}{{ end }}
 {{- range $client, $clientValues := $values.components }}
@@ -327,7 +328,7 @@ spec:
   policyTypes:
     - Ingress
     - Egress
-  {{- if not (or (and $c.ports $sources) $values.networkPolicy.opsFrom) }}
+  {{- if not (or (and $c.ports $sources) $opsPeers) }}
   ingress: []
   {{- else }}
   ingress:
@@ -341,7 +342,7 @@ spec:
           protocol: TCP
         {{- end }}
     {{- end }}
-    {{- with $values.networkPolicy.opsFrom }}
+    {{- with $opsPeers }}
     - from:
         {{- toYaml . | nindent 8 }}
       ports:

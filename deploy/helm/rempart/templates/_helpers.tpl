@@ -439,3 +439,18 @@ $values.redis.externalUrl "6379")
 {{- end }}
 {{- toJson ($ports | uniq) }}
 {{- end }}
+
+{{/* Peers allowed on the ops ports and NATS monitoring, as a JSON list: Prometheus, opsFrom */}}
+{{- define "rempart.opsPeers" -}}
+{{- $peers := list }}
+{{- $prometheus := .Values.networkPolicy.prometheus }}
+{{- if $prometheus.enabled }}
+{{- $peer := dict }}
+{{- with $prometheus.namespaceSelector }}{{ $_ := set $peer "namespaceSelector" . }}{{ end }}
+{{- with $prometheus.podSelector }}{{ $_ := set $peer "podSelector" . }}{{ end }}
+{{- if not $peer }}{{ fail "networkPolicy.prometheus needs a namespaceSelector or a podSelector (or enabled: false)" }}{{ end }}
+{{- $peers = append $peers $peer }}
+{{- end }}
+{{- range .Values.networkPolicy.opsFrom }}{{ $peers = append $peers . }}{{ end }}
+{{- toJson $peers }}
+{{- end }}
