@@ -1,0 +1,307 @@
+"""``rempartctl``: the daily tasks of a mail administrator, over the admin API (R-ADM-6).
+
+    rempartctl login admin@example.org            # asks the password (and a TOTP code if needed)
+    rempartctl domains list | add example.org | delete example.org
+    rempartctl accounts list example.org | add bob@example.org | disable bob@example.org
+    rempartctl accounts reset-password bob@example.org | unlock ... | reset-2fa ... | logout-everywhere ...
+    rempartctl aliases list example.org | add sales@example.org bob@example.org carol@example.org
+    rempartctl blocks list | show 192.0.2.7 | unblock 192.0.2.7
+    rempartctl events [--area ips] [--limit 20]
+    rempartctl settings [--scope domain:example.org] get | set ips.block_minutes=60 ...
+
+The API is REMPART_API_URL (default http://127.0.0.1:8080); the session token is kept in
+``$XDG_CONFIG_HOME/rempart/token`` (mode 0600), never printed, or given as REMPART_API_TOKEN.
+Passwords are read from the terminal (or from standard input when it is not one), never from
+the command line. Errors are
+the API's problem details in one line each; the exit code is 1 for a refusal, 2 for a usage or
+connection error. Settings changes send the ETag they read (If-Match): two administrators
+changing settings at once never lose one of the changes silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+SECOND_FACTOR = "A valid TOTP code is required"  # the API's words (routes_auth.SECOND_FACTOR)
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _token_file() -> Path:
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "rempart" / "token"
+
+
+def _describe(reply: httpx.Response) -> str:
+    """A problem details answer (RFC 9457) in one line: what failed and which field."""
+    try:
+        problem = reply.json()
+    except ValueError:
+        return f"{reply.status_code} {reply.reason_phrase}"
+    if not isinstance(problem, dict):
+        return f"{reply.status_code} {reply.reason_phrase}"
+    text = str(problem.get("detail") or problem.get("title") or reply.reason_phrase)
+    fields = [f"{e.get('field', '')}: {e.get('detail', '')}" for e in problem.get("errors", []) if isinstance(e, dict)]
+    return f"{reply.status_code} {text}" + (f" ({'; '.join(fields)})" if fields else "")
+
+
+class Api:
+    def __init__(self, url: str, token: str | None, timeout: float = 15.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            reply = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise CtlError(f"cannot reach the admin API at {self.http.base_url}: {exc}", 2) from None
+        if reply.status_code == 401 and path != "/v1/auth/login":
+            raise CtlError("not logged in (or the session ended): run `rempartctl login <address>`")
+        if reply.status_code >= 400:
+            raise CtlError(_describe(reply))
+        return reply
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        reply = self.call(method, path, **kwargs)
+        return reply.json() if reply.content else None
+
+
+def _secret(prompt: str) -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return sys.stdin.readline().rstrip("\n")
+
+
+def _print(value: Any) -> None:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        for item in value:
+            print(item)
+        return
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _names(answer: Any, key: str) -> list[str]:
+    """The names in a list answer (``{"domains": [...]}``, ``{"aliases": [{"alias": ...}]}``)."""
+    items = next((v for v in answer.values() if isinstance(v, list)), []) if isinstance(answer, dict) else answer
+    return [str(i.get(key, i)) if isinstance(i, dict) else str(i) for i in items]
+
+
+def _assignments(pairs: list[str]) -> dict[str, Any]:
+    """``ips.block_minutes=60 dns.dnsbl_zones=["a.example"]`` as a nested settings patch."""
+    patch: dict[str, Any] = {}
+    for pair in pairs:
+        path, sep, raw = pair.partition("=")
+        if not sep or not path:
+            raise CtlError(f"expected section.name=value, got {pair!r}", 2)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw  # a bare word is a string
+        node = patch
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return patch
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _settings_path(scope: str) -> str:
+    if scope == "server":
+        return "/v1/settings"
+    kind, _, name = scope.partition(":")
+    if kind in ("domain", "account") and name:
+        return f"/v1/{kind}s/{name}/settings"
+    raise CtlError("--scope is server, domain:<name> or account:<address>", 2)
+
+
+def run(args: argparse.Namespace) -> int:
+    url = os.environ.get("REMPART_API_URL", DEFAULT_URL)
+    token_file = _token_file()
+    # REMPART_API_TOKEN (a session token from automation) beats the saved login.
+    token = os.environ.get("REMPART_API_TOKEN") or (token_file.read_text().strip() if token_file.exists() else None)
+    api = Api(url, token)
+    what = args.command
+    if what == "login":
+        body: dict[str, Any] = {"email": args.address, "password": _secret("Password: ")}
+        try:
+            answer = api.json("POST", "/v1/auth/login", json=body)
+        except CtlError as exc:
+            # R-2FA-1: the password was right and a TOTP code is required: ask for it.
+            if SECOND_FACTOR not in str(exc):
+                raise
+            body["totp_code"] = _secret("TOTP code: ")
+            answer = api.json("POST", "/v1/auth/login", json=body)
+        token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(str(answer["token"]))
+        print(f"logged in as {args.address}")
+        return 0
+    if what == "logout":
+        if token:
+            api.call("POST", "/v1/auth/logout")
+        token_file.unlink(missing_ok=True)
+        print("logged out")
+        return 0
+    if what == "domains":
+        if args.action == "list":
+            _print(_names(api.json("GET", "/v1/domains"), "name"))
+        elif args.action == "add":
+            api.call("POST", "/v1/domains", json={"name": args.name})
+            print(f"domain {args.name} added")
+        else:
+            api.call("DELETE", f"/v1/domains/{args.name}")
+            print(f"domain {args.name} deleted")
+        return 0
+    if what == "accounts":
+        return _accounts(api, args)
+    if what == "aliases":
+        if args.action == "list":
+            _print(_names(api.json("GET", f"/v1/domains/{args.name}/aliases"), "alias"))
+        else:
+            api.call("POST", "/v1/aliases", json={"alias": args.name, "targets": args.targets})
+            print(f"alias {args.name} -> {', '.join(args.targets)}")
+        return 0
+    if what == "blocks":
+        if args.action == "list":
+            _print(api.json("GET", "/v1/ips/blocks"))
+        elif args.action == "show":
+            _print(api.json("GET", f"/v1/ips/blocks/{args.ip}"))
+        else:
+            api.call("DELETE", f"/v1/ips/blocks/{args.ip}")
+            print(f"{args.ip} unblocked")
+        return 0
+    if what == "events":
+        params = {k: v for k, v in (("area", args.area), ("account", args.account), ("client_ip", args.ip),
+                                    ("limit", args.limit)) if v}
+        _print(api.json("GET", "/v1/events", params=params))
+        return 0
+    if what == "settings":
+        path = _settings_path(args.scope)
+        if args.action == "get":
+            _print(api.json("GET", path))
+            return 0
+        current = api.call("GET", path)
+        etag = current.headers.get("etag", "")
+        method = "PATCH" if args.scope == "server" else "PUT"
+        patch = _assignments(args.assignments)
+        if method == "PUT":  # a domain's or account's overrides are replaced whole: merge into them
+            read = current.json()
+            overrides = read.get("settings", {}) if isinstance(read, dict) else {}
+            patch = _merge(overrides if isinstance(overrides, dict) else {}, patch)
+        api.call(method, path, json=patch, headers={"If-Match": etag} if etag else {})
+        print("settings changed")
+        return 0
+    raise CtlError(f"unknown command {what}", 2)
+
+
+def _accounts(api: Api, args: argparse.Namespace) -> int:
+    action, name = args.action, args.name
+    if action == "list":
+        _print(_names(api.json("GET", f"/v1/domains/{name}/accounts"), "address"))
+    elif action == "show":
+        _print(api.json("GET", f"/v1/accounts/{name}"))
+    elif action == "add":
+        domain = name.rpartition("@")[2]
+        body = {"address": name, "password": _secret(f"New password for {name}: "), "role": args.role}
+        api.call("POST", f"/v1/domains/{domain}/accounts", json=body)
+        print(f"account {name} added")
+    elif action in ("disable", "enable"):
+        api.call("PATCH", f"/v1/accounts/{name}", json={"enabled": action == "enable"})
+        print(f"account {name} {action}d")
+    elif action == "delete":
+        api.call("DELETE", f"/v1/accounts/{name}")
+        print(f"account {name} deleted")
+    elif action == "reset-password":
+        api.call("PUT", f"/v1/accounts/{name}/password", json={"password": _secret(f"New password for {name}: ")})
+        print(f"password of {name} reset; its sessions ended")
+    elif action == "unlock":
+        api.call("POST", f"/v1/accounts/{name}/unlock")
+        print(f"{name} unlocked")
+    elif action == "reset-2fa":
+        api.call("DELETE", f"/v1/accounts/{name}/totp")
+        print(f"two-step verification of {name} reset; its sessions ended")
+    elif action == "revoke-app-passwords":
+        api.call("DELETE", f"/v1/accounts/{name}/app-passwords")
+        print(f"app passwords of {name} revoked")
+    elif action == "logout-everywhere":
+        api.call("DELETE", f"/v1/accounts/{name}/sessions")
+        print(f"sessions of {name} ended")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="rempartctl", description="Administer Rempart over its admin API "
+                                  "(REMPART_API_URL, default http://127.0.0.1:8080).")
+    sub = top.add_subparsers(dest="command", required=True)
+    login = sub.add_parser("login", help="log in (password, then TOTP when enrolled)")
+    login.add_argument("address")
+    sub.add_parser("logout", help="end this session")
+    domains = sub.add_parser("domains", help="list, add or delete domains")
+    domains.add_argument("action", choices=("list", "add", "delete"))
+    domains.add_argument("name", nargs="?", default="")
+    accounts = sub.add_parser("accounts", help="accounts and helpdesk actions")
+    accounts.add_argument("action", choices=("list", "show", "add", "disable", "enable", "delete", "reset-password",
+                                             "unlock", "reset-2fa", "revoke-app-passwords", "logout-everywhere"))
+    accounts.add_argument("name", help="a domain (list) or an address")
+    accounts.add_argument("--role", default="user", choices=("user", "domain_admin", "superadmin"))
+    aliases = sub.add_parser("aliases", help="list a domain's aliases or add one")
+    aliases.add_argument("action", choices=("list", "add"))
+    aliases.add_argument("name", help="a domain (list) or the alias address (add)")
+    aliases.add_argument("targets", nargs="*")
+    blocks = sub.add_parser("blocks", help="blocked IPs (R-IPS-5)")
+    blocks.add_argument("action", choices=("list", "show", "unblock"))
+    blocks.add_argument("ip", nargs="?", default="")
+    events = sub.add_parser("events", help="recent security events")
+    events.add_argument("--area")
+    events.add_argument("--account")
+    events.add_argument("--ip")
+    events.add_argument("--limit", type=int, default=50)
+    settings = sub.add_parser("settings", help="read or change settings (section.name=value ...)")
+    settings.add_argument("action", choices=("get", "set"))
+    settings.add_argument("assignments", nargs="*")
+    settings.add_argument("--scope", default="server", help="server, domain:<name> or account:<address>")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock")}
+    if args.command in needs_name and args.action in needs_name[args.command] and not (
+            getattr(args, "name", "") or getattr(args, "ip", "")):
+        print(f"rempartctl: {args.command} {args.action} needs a name", file=sys.stderr)
+        return 2
+    if args.command == "aliases" and args.action == "add" and not args.targets:
+        print("rempartctl: aliases add needs at least one target", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except CtlError as exc:
+        print(f"rempartctl: {exc}", file=sys.stderr)
+        return exc.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
