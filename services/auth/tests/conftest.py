@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from rempart.auth.server import RunningAuth, running
+from rempart.auth.app import RunningAuth, running
 from rempart.auth.settings import AuthSettings
 from rempart.common.config import SettingsStore
 from rempart.common.directory import Directory

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from rempart.auth.server import serve
+from rempart.auth.app import serve
 from rempart.auth.settings import AuthSettings
 from rempart.common.directory import Directory
 from rempart.common.localstack import free_port, start_redis

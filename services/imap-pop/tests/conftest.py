@@ -23,9 +23,9 @@ from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2_grpc
 from rempart.common.tls import CertPair, ServerTls
-from rempart.imap_pop.server import ImapPopServer
+from rempart.imap_pop.listeners import ImapPopServer
 from rempart.imap_pop.session import Backend
-from rempart.imap_pop.settings import Settings
+from rempart.imap_pop.settings import ImapPopSettings
 
 # Test modules import the shared helpers below as ``imappop_helpers``.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,7 +81,7 @@ async def start_service(
             auth_target=auth_target,
         )
         values.update(overrides)
-        settings = Settings(**values)
+        settings = ImapPopSettings(**values)
         config = SettingsCache(redis)
         await config.refresh(force=True)
         policy = PolicyClient(settings.policy_target, settings.grpc_timeout_seconds)

@@ -32,7 +32,7 @@ from rempart.smtp_edge.relay import queue as relay_queue
 from rempart.smtp_edge.relay.app import Relay
 from rempart.smtp_edge.relay.dsn import RecipientReport, build_dsn
 from rempart.smtp_edge.relay.replies import Reply
-from rempart.smtp_edge.relay.settings import OutboundRelaySettings
+from rempart.smtp_edge.relay.settings import RelaySettings
 
 MESSAGE = (
     b"From: Alice <alice@example.org>\r\nTo: Bob <bob@remote.test>\r\nSubject: hello remote\r\n"
@@ -153,7 +153,7 @@ async def running_relay(redis_url: str, nats_url: str, dns: LoopbackDnsServer, m
         command_timeout_seconds=10.0,
     )
     options.update(overrides)
-    settings = OutboundRelaySettings(**options)
+    settings = RelaySettings(**options)
     async with ServiceRuntime("relay", settings) as runtime:
         relay = Relay(runtime, settings)
         await relay.start()

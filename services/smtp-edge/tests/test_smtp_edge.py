@@ -27,7 +27,7 @@ from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
 from rempart.smtp_edge import replies
-from rempart.smtp_edge.server import SmtpEdge
+from rempart.smtp_edge.app import SmtpEdge
 from rempart.smtp_edge.settings import SmtpEdgeSettings
 
 BLOCKED_IP = "127.0.0.9"

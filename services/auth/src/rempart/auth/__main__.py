@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rempart.auth.server import serve
+from rempart.auth.app import serve
 from rempart.auth.settings import AuthSettings
 from rempart.common import runtime
 

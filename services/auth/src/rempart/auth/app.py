@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from rempart.auth.service import SERVICE_NAME, AuthServicer
+from rempart.auth.servicer import SERVICE_NAME, AuthServicer
 from rempart.auth.settings import AuthSettings
 from rempart.common.grpcutil import new_server, set_serving
 from rempart.common.pb.auth.v1 import auth_pb2_grpc

@@ -1,26 +1,26 @@
-"""``python -m rempart.imap_pop``: the IMAP and POP3 service."""
+"""The imap-pop service's wiring: gRPC clients, message store, TLS and its reload, the listeners,
+the mailbox indexer, SIGTERM drain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from rempart.common import runtime
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
 from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import CertPair, ServerTls
-from rempart.imap_pop.server import ImapPopServer
+from rempart.imap_pop.listeners import ImapPopServer
 from rempart.imap_pop.session import Backend
-from rempart.imap_pop.settings import Settings
+from rempart.imap_pop.settings import ImapPopSettings
 
 log = logging.getLogger(__name__)
 TLS_RELOAD_SECONDS = 60.0
 
 
-def build_tls(settings: Settings, config: SettingsCache) -> ServerTls | None:
+def build_tls(settings: ImapPopSettings, config: SettingsCache) -> ServerTls | None:
     if not settings.tls_cert_file or not settings.tls_key_file:
         if settings.environment == "prod":
             raise ValueError("REMPART_TLS_CERT_FILE and REMPART_TLS_KEY_FILE are required in prod")
@@ -38,7 +38,7 @@ async def _reload_tls(tls: ServerTls) -> None:
         tls.reload()
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: ImapPopSettings) -> None:
     async with ServiceRuntime("imap-pop", settings) as rt:
         tls = build_tls(settings, rt.config)
         policy = PolicyClient(settings.policy_target, settings.grpc_timeout_seconds)
@@ -74,7 +74,3 @@ async def serve(settings: Settings) -> None:
             await asyncio.wait(background, timeout=5)
         await policy.close()
         await auth.close()
-
-
-def main() -> None:
-    runtime.run(serve(Settings()))

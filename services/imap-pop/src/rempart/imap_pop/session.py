@@ -26,7 +26,7 @@ from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import Credentials, decode_response
 from rempart.common.tls import ServerTls
-from rempart.imap_pop.settings import Settings
+from rempart.imap_pop.settings import ImapPopSettings
 from rempart.imap_pop.stream import Stream
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ Continuation = Callable[[bytes], Awaitable[str | None]]
 class Backend:
     """The process-wide parts every session uses."""
 
-    settings: Settings
+    settings: ImapPopSettings
     redis: aioredis.Redis
     nc: NATS
     store: MessageStore

@@ -7,7 +7,7 @@ from pydantic import Field
 from rempart.common.settings import EdgeSettings
 
 
-class Settings(EdgeSettings):
+class ImapPopSettings(EdgeSettings):
     ops_port: int = 9102
     # 0 picks a free port (tests); -1 turns the listener off.
     imap_port: int = 2143

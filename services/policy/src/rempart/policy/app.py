@@ -1,6 +1,6 @@
 """Running the policy service: the gRPC server inside a :class:`ServiceRuntime`.
 
-:func:`running_policy` is what ``main()`` and the tests both use, so that the tests start the
+:func:`running_policy` is what ``serve()`` and the tests both use, so that the tests start the
 service exactly as production does (on port 0).
 """
 
@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health
 
-from rempart.common import runtime
 from rempart.common.grpcutil import new_server, set_serving
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
 from rempart.policy.resolver import CachingResolver
-from rempart.policy.service import PolicyServicer
+from rempart.policy.servicer import PolicyServicer
 from rempart.policy.settings import PolicySettings
 from rempart.policy.srs import SrsKeys
 
@@ -66,8 +65,3 @@ async def serve(settings: PolicySettings) -> None:
     async with running_policy(settings) as running:
         await running.runtime.wait_for_shutdown()
         log.info("draining within %ss", settings.shutdown_grace_seconds)
-
-
-def main() -> None:
-    settings = PolicySettings()
-    runtime.run(serve(settings))

@@ -1,4 +1,5 @@
-"""The SMTP edge process: three listeners, the IPS close-all subscription, SIGTERM drain."""
+"""The SMTP edge's wiring: gRPC clients, message store, three listeners, the IPS close-all
+subscription, certificate reload, SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import ssl
 
 from nats.aio.msg import Msg
 
-from rempart.common import runtime
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.events import IPS_BLOCKED
 from rempart.common.grpcutil import channel_check
@@ -155,8 +155,3 @@ async def serve(settings: SmtpEdgeSettings) -> None:
         await edge.start()
         await runtime.wait_for_shutdown()
         await edge.drain(settings.shutdown_grace_seconds)
-
-
-def main() -> None:
-    settings = SmtpEdgeSettings()
-    runtime.run(serve(settings))

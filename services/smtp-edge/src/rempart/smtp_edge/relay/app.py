@@ -26,7 +26,6 @@ from nats.js import JetStreamContext
 from nats.js import api as jsapi
 from prometheus_client import Gauge
 
-from rempart.common import runtime
 from rempart.common.directory import Directory
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM
 from rempart.common.mailstore import MailboxIndex, MessageStore
@@ -35,7 +34,7 @@ from rempart.common.runtime import ServiceRuntime
 from rempart.smtp_edge.relay.delivery import SmtpClient, TlsPolicy
 from rempart.smtp_edge.relay.queue import RecipientStore, RelayQueue
 from rempart.smtp_edge.relay.routing import Router
-from rempart.smtp_edge.relay.settings import OutboundRelaySettings
+from rempart.smtp_edge.relay.settings import RelaySettings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ MIN_RETRY_SECONDS = 1.0
 
 
 async def consumer_subscription(
-    js: JetStreamContext, settings: OutboundRelaySettings
+    js: JetStreamContext, settings: RelaySettings
 ) -> JetStreamContext.PullSubscription:
     config = jsapi.ConsumerConfig(
         durable_name=settings.consumer,
@@ -64,7 +63,7 @@ async def consumer_subscription(
 
 
 class Relay:
-    def __init__(self, runtime: ServiceRuntime, settings: OutboundRelaySettings) -> None:
+    def __init__(self, runtime: ServiceRuntime, settings: RelaySettings) -> None:
         self.runtime = runtime
         self.settings = settings
         self.queue: RelayQueue | None = None
@@ -199,14 +198,9 @@ class Relay:
                 await self._sub.unsubscribe()
 
 
-async def serve(settings: OutboundRelaySettings) -> None:
+async def serve(settings: RelaySettings) -> None:
     async with ServiceRuntime("relay", settings) as runtime:
         relay = Relay(runtime, settings)
         await relay.start()
         await runtime.wait_for_shutdown()
         await relay.drain(settings.shutdown_grace_seconds)
-
-
-def main() -> None:
-    settings = OutboundRelaySettings()
-    runtime.run(serve(settings))

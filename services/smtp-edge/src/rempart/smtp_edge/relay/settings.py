@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from rempart.common.settings import ServiceSettings
 
 
-class OutboundRelaySettings(ServiceSettings):
+class RelaySettings(ServiceSettings):
     ops_port: int = 9106
     # Resolvers of the MX lookups (host or host:port, comma-separated; empty = resolv.conf).
     dns_nameservers: str = ""
