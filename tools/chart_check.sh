@@ -115,6 +115,17 @@ refuse "Sentinels without a quorum" "redis.replicas must be at least 3" --set re
 refuse "GitOps mode without the secret key" "secretKey.existingSecret" --set secrets.generate=false
 refuse "GitOps mode without the Redis password" "redis.auth.existingSecret" --set secrets.generate=false \
   --set secretKey.existingSecret=k
+refuse "GitOps mode with a self-signed certificate" "generates no certificate" \
+  -f "$CHART/ci/gitops-values.yaml" --set tls.certManager.enabled=false
+refuse "cert-manager without an issuer" "issuerRef.name is required" --set tls.certManager.enabled=true
+refuse "an image digest that is not one" "digests" --set image.digests.policy=latest
+
+step "GitOps values render the same twice (nothing generated at render time)"
+if [[ -f "$CHART/ci/gitops-values.yaml" ]]; then
+  first="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$CHART/ci/gitops-values.yaml" | sha256sum)"
+  second="$("$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" -f "$CHART/ci/gitops-values.yaml" | sha256sum)"
+  if [[ "$first" == "$second" ]]; then echo "identical: ${first%% *}"; else fail "ci/gitops-values.yaml renders differently each time"; fi
+fi
 
 step "kubernetes-validate --strict ($MIN_KUBE_VERSION and $latest_kube_version)"
 for version in "$MIN_KUBE_VERSION" "$latest_kube_version"; do
@@ -236,10 +247,14 @@ def check_component(source: str, obj: dict, container: dict, services: dict) -> 
                 problem(source, obj, f"{name} names no headless Service: {match.group(1)}")
             elif int(match.group(3)) not in {p["port"] for p in service["spec"]["ports"]}:
                 problem(source, obj, f"{name} port {match.group(3)} is not on {match.group(1)}")
-    if "REMPART_TLS_CERT_FILE" in env:
-        mounts = {m["mountPath"] for m in container.get("volumeMounts") or []}
-        if "/etc/rempart/tls" not in mounts:
-            problem(source, obj, "REMPART_TLS_CERT_FILE set but /etc/rempart/tls not mounted")
+    mounts = {m["mountPath"] for m in container.get("volumeMounts") or []}
+    if "REMPART_TLS_CERT_FILE" in env and "/etc/rempart/tls" not in mounts:
+        problem(source, obj, "REMPART_TLS_CERT_FILE set but /etc/rempart/tls not mounted")
+    if env.get("REMPART_TLS_SNI_DIR", {}).get("value") and env["REMPART_TLS_SNI_DIR"]["value"] not in mounts:
+        problem(source, obj, "REMPART_TLS_SNI_DIR set but not mounted")
+    # Env read from Secrets is fixed at start: a changed secret must roll the pods.
+    if "checksum/secrets" not in (obj["spec"]["template"]["metadata"].get("annotations") or {}):
+        problem(source, obj, "no checksum/secrets annotation: pods would not roll when a secret changes")
 
 
 def check_ha(source: str, objects: list[dict]) -> None:
@@ -500,7 +515,8 @@ if [[ -x "$checkov_bin" ]]; then
   step "checkov security scan (Kubernetes manifests, Dockerfiles)"
   # --skip-download: no calls home. Skipped checks, on purpose:
   #   CKV_K8S_11 CPU limits: throttling adds latency to every SMTP/gRPC call; requests are set.
-  #   CKV_K8S_14, CKV_K8S_43 pinned tag / digest: image.tag is a deploy-time value.
+  #   CKV_K8S_14, CKV_K8S_43 pinned tag / digest: image.tag and image.digests are deploy-time
+  #     values (ci/gitops-values.yaml pins every image by digest).
   #   CKV_K8S_15 pullPolicy Always: IfNotPresent is the default, Always a values choice.
   #   CKV_K8S_35 secrets as files: the code reads REMPART_SECRET_KEY and the URLs from the env.
   "$checkov_bin" --quiet --compact --skip-download --framework kubernetes \

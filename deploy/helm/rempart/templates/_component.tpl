@@ -50,6 +50,9 @@ spec:
       serviceAccountName: {{ include "rempart.serviceAccountName" $root }}
       automountServiceAccountToken: false
       enableServiceLinks: false
+      {{- with $c.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
       {{- with $root.Values.image.pullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
@@ -107,6 +110,14 @@ spec:
             - name: tls
               mountPath: /etc/rempart/tls
               readOnly: true
+            {{- if $root.Values.tls.sni }}
+            - name: tls-sni
+              mountPath: /etc/rempart/tls-sni
+              readOnly: true
+            {{- end }}
+            {{- end }}
+            {{- with $c.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
             {{- end }}
       volumes:
         - name: tmp
@@ -115,8 +126,27 @@ spec:
         {{- if $c.tls }}
         - name: tls
           secret:
-            secretName: {{ include "rempart.tlsSecretName" $root }}
+            secretName: {{ $c.tlsSecretName | default (include "rempart.tlsSecretName" $root) }}
             defaultMode: 0440
+        {{- with $root.Values.tls.sni }}
+        # One <host name>/tls.crt + tls.key per SNI certificate (REMPART_TLS_SNI_DIR).
+        - name: tls-sni
+          projected:
+            defaultMode: 0440
+            sources:
+              {{- range . }}
+              - secret:
+                  name: {{ .secretName }}
+                  items:
+                    - key: tls.crt
+                      path: {{ .hostname }}/tls.crt
+                    - key: tls.key
+                      path: {{ .hostname }}/tls.key
+              {{- end }}
+        {{- end }}
+        {{- end }}
+        {{- with $c.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- with $c.nodeSelector }}
       nodeSelector:

@@ -209,6 +209,9 @@ are expanded by the kubelet). extraEnv replaces a variable of the same name, or 
 {{- if $c.tls }}
 {{- $env = append $env (dict "name" "REMPART_TLS_CERT_FILE" "value" "/etc/rempart/tls/tls.crt") }}
 {{- $env = append $env (dict "name" "REMPART_TLS_KEY_FILE" "value" "/etc/rempart/tls/tls.key") }}
+{{- if $values.tls.sni }}
+{{- $env = append $env (dict "name" "REMPART_TLS_SNI_DIR" "value" "/etc/rempart/tls-sni") }}
+{{- end }}
 {{- end }}
 {{- if $c.proxyProtocol }}
 {{- $env = append $env (dict "name" "REMPART_PROXY_PROTOCOL_CIDRS" "value" (join "," $values.proxyProtocol.trustedCidrs)) }}
