@@ -49,13 +49,26 @@ async def lose(harness, message) -> None:  # type: ignore[no-untyped-def]
 
 
 def raw_login(port: int, account: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), 30)
-    reader = sock.makefile("rb")
-    reader.readline()
-    sock.sendall(f'a LOGIN "{account}" "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
-    while not reader.readline().startswith(b"b "):
-        pass
-    return sock
+    """Log in and select INBOX; a temporary refusal (the replica busy, fail closed) is retried, as
+    a mail client does."""
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", port), 30)
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(f'a LOGIN "{account}" "{BOB_PASSWORD}"\r\n'.encode())
+        reply = reader.readline()
+        while not reply.startswith(b"a "):
+            reply = reader.readline()
+        if reply.startswith(b"a OK"):
+            sock.sendall(b"b SELECT INBOX\r\n")
+            while not (line := reader.readline()).startswith(b"b "):
+                pass
+            assert line.startswith(b"b OK"), line
+            return sock
+        assert b"[UNAVAILABLE]" in reply, reply
+        sock.close()
+        time.sleep(0.5)
+    raise AssertionError(f"{account} could not log in")
 
 
 def run_fetch(sock: socket.socket, command: bytes) -> tuple[int, bytes]:
