@@ -28,6 +28,7 @@ from rempart.admin_api import (
 )
 from rempart.admin_api.backend import Backend, ProblemError
 from rempart.admin_api.bodylimit import BodySizeLimit
+from rempart.admin_api.console import mount_console
 from rempart.admin_api.models import FieldError, Problem
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.settings import AdminApiSettings
@@ -147,5 +148,6 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    mount_console(app, settings)  # the web console under / (issue 14)
     app.openapi = _problem_media_type(app)  # type: ignore[method-assign]
     return app

@@ -127,18 +127,13 @@ ENROLMENT_REQUIRED = "Two-step verification must be set up first: POST /v1/me/to
 ENROLMENT_PATHS = ("/v1/me", "/v1/me/totp", "/v1/me/totp/confirm", "/v1/auth/logout")
 
 
-async def current_principal(
-    request: Request,
-    backend: BackendDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """R-LOG-5: every route but login requires a live session of an existing, enabled account."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise not_authenticated()
-    token = credentials.credentials
+async def session_principal(backend: Backend, token: str) -> Principal | None:
+    """The caller a session token stands for, or None: the session must be live and its account
+    exist, be enabled, be the same incarnation and not have ended its sessions since. The API's
+    bearer tokens and the web console's session cookie both go through here."""
     session = await backend.sessions.account_for(token)
     if session is None:
-        raise not_authenticated("Invalid or expired session")
+        return None
     account = await backend.directory.get_account(session.account)
     if (
         account is None
@@ -147,10 +142,24 @@ async def current_principal(
         or account.session_epoch != session.epoch
     ):
         await backend.sessions.revoke(token)
-        raise not_authenticated("Invalid or expired session")
-    if session.restricted and request.url.path.rstrip("/") not in ENROLMENT_PATHS:
-        raise ProblemError(403, ENROLMENT_REQUIRED)
+        return None
     return Principal(account.address, account.domain, account.role, token, session.restricted)
+
+
+async def current_principal(
+    request: Request,
+    backend: BackendDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """R-LOG-5: every route but login requires a live session of an existing, enabled account."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise not_authenticated()
+    principal = await session_principal(backend, credentials.credentials)
+    if principal is None:
+        raise not_authenticated("Invalid or expired session")
+    if principal.restricted and request.url.path.rstrip("/") not in ENROLMENT_PATHS:
+        raise ProblemError(403, ENROLMENT_REQUIRED)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(current_principal)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from rempart.common.settings import ServiceSettings
 
@@ -20,6 +20,9 @@ class AdminApiSettings(ServiceSettings):
     # The first superadmin (deploy/helm values ``admin.bootstrap``); used only while none exists.
     bootstrap_admin_email: str = ""
     bootstrap_admin_password: SecretStr | None = None
+    # The web console (rempart.admin_api.console): its cookies are Secure unless this is off,
+    # which only a dev or test process accepts (plain http on localhost).
+    console_secure_cookies: bool = True
     # What mail clients are told by autoconfig/autodiscover (R-OPS-5): the public ports of the
     # load balancer in front of the edges (the chart's Services), not the pods' own.
     public_imaps_port: int = Field(default=993, ge=1, le=65535)
@@ -31,3 +34,9 @@ class AdminApiSettings(ServiceSettings):
     mta_sts_mode: Literal["enforce", "testing", "none"] = "testing"
     mta_sts_mx: str = ""
     mta_sts_max_age_seconds: int = Field(default=7 * 24 * 3600, ge=86400, le=31557600)
+
+    @model_validator(mode="after")
+    def _refuse_insecure_console(self) -> AdminApiSettings:
+        if not self.console_secure_cookies and self.environment == "prod":
+            raise ValueError("REMPART_CONSOLE_SECURE_COOKIES=false is only for plain-http development")
+        return self
