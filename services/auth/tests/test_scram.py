@@ -53,7 +53,7 @@ async def test_r_tls_2_rfc7677_example_exchange_reproduces(auth: AuthHarness) ->
     scram = derive_scram_keys("pencil", 4096, salt=base64.b64decode(RFC_SALT))
     assert scram is not None
     await auth.redis.hset(keys.credentials("user@example.org"), "scram", scram.encode())
-    auth.service.servicer.scram_nonce = lambda: RFC_SERVER_NONCE
+    auth.service.servicer.scram.nonce = lambda: RFC_SERVER_NONCE
 
     first = await start(auth, RFC_CLIENT_FIRST)
     assert first.status == auth_pb2.AUTH_STATUS_OK
