@@ -57,6 +57,11 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
                                       text=f"<{request.mail_from}>... we do not relay <{request.recipient}>")
         return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250)
 
+    async def Session(self, requests: object, context: grpc.aio.ServicerContext) -> None:
+        # An older policy service (unary only): always UNIMPLEMENTED, so the edge asks the unary
+        # way. The generated stub raises instead, which grpc sometimes reports as INTERNAL.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unary only")
+
 
 class FakeAuth(auth_pb2_grpc.AuthServiceServicer):
     """Alice with PASSWORD; SCRAM-SHA-256 through scramp's server side."""
@@ -273,6 +278,29 @@ def raw_session(port: int, lines: list[bytes], source: str = "127.0.0.1") -> byt
 async def test_r_ips_4_blocked_ip_gets_421_before_any_greeting(edge: Edge) -> None:
     out = await asyncio.to_thread(raw_session, edge.port("smtp"), [b""], BLOCKED_IP)
     assert out == b"421 4.0.0 Intrusion prevention active for [127.0.0.9]\r\n"
+
+
+async def test_handler_exception_answers_421_and_closes(edge: Edge, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken_rset(*_args: object) -> str:
+        raise RuntimeError("a bug in a stage")
+
+    monkeypatch.setattr(edge.edge.handler, "handle_RSET", broken_rset)
+
+    def session() -> tuple[bytes, bool]:
+        with socket.create_connection(("127.0.0.1", edge.port("smtp")), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            reader.readline()
+            sock.sendall(b"HELO client.test\r\n")
+            reader.readline()
+            sock.sendall(b"RSET\r\n")
+            reply = reader.readline()
+            # A 421 closes the channel (RFC 5321 3.8): the next read is the end of the stream.
+            closed = reader.readline() == b""
+            return reply, closed
+
+    reply, closed = await asyncio.to_thread(session)
+    assert reply == replies.INTERNAL_ERROR.encode() + b"\r\n"
+    assert closed
 
 
 async def test_smuggling_bare_lf_dot_is_refused_and_not_split(edge: Edge) -> None:

@@ -17,10 +17,10 @@ from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import CertPair, ServerTls
 from rempart.smtp_edge import replies
-from rempart.smtp_edge.handler import EdgeHandler
 from rempart.smtp_edge.rdns import ReverseNames
 from rempart.smtp_edge.session import LISTENERS, EdgeSMTP, Listener
 from rempart.smtp_edge.settings import SmtpEdgeSettings
+from rempart.smtp_edge.stages import EdgeHandler
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SmtpEdge:
             self.handler,
             listener,
             hostname=self.settings.hostname,
-            ident="ESMTP Rempart",
+            ident=replies.GREETING_IDENT,
             data_size_limit=limits.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
@@ -116,7 +116,7 @@ class SmtpEdge:
         scope = read_block_event(msg.data)
         if scope is None:
             return
-        closed = self.handler.close_ip(scope, f"421 4.0.0 {scope.refusal}")
+        closed = self.handler.connections.close_ip(scope, replies.IP_BLOCKED.format(refusal=scope.refusal))
         if closed:
             log.info("closed connections of a blocked IP", extra={"client_ip": scope.ip, "closed": closed})
 
@@ -137,10 +137,9 @@ class SmtpEdge:
             self.handler.draining = True
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
-            while any(self.handler.sessions.values()) and loop.time() < deadline:
+            while len(self.handler.connections) and loop.time() < deadline:
                 await asyncio.sleep(0.2)
-            for ip in list(self.handler.sessions):
-                self.handler.close_ip(ip, replies.SHUTTING_DOWN)
+            self.handler.connections.close_all(replies.SHUTTING_DOWN)
         for server in self.servers.values():
             server.close()
         if self._reload_task is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rempart.common.pb.policy.v1 import policy_pb2
+
 GREETING_IDENT = "ESMTP Rempart"
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
@@ -20,6 +22,13 @@ RSET_OK = "250 2.0.0 Ok"
 PREGREET = "554 5.7.1 Protocol error: talking before the greeting"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_AUTH_FAILURES = "421 4.7.0 Too many failed authentications, closing connection"
+AUTH_REQUIRED = "530 5.7.0 Authentication required"
+AUTH_MALFORMED = "501 5.5.2 {error}"
+DSN_PARAMETER_INVALID = "501 5.5.4 Invalid {name} parameter"
+HELO_OK = "250 {hostname}"
+INTERNAL_ERROR = "421 4.3.0 Internal error, closing connection"
+# R-IPS-4: said to every open connection of a freshly blocked IP (the block's own words after it).
+IP_BLOCKED = "421 4.0.0 {refusal}"
 
 # ENHANCEDSTATUSCODES (RFC 2034) is advertised, so every reply but the greeting, the EHLO/HELO
 # answers and the intermediate 334/354 carries an RFC 3463 code. aiosmtpd's own replies have
@@ -51,3 +60,9 @@ def with_enhanced_code(status: str) -> str:
         return status
     enhanced = DEFAULT_ENHANCED.get(code)
     return f"{code} {enhanced} {text}" if enhanced and sep else status
+
+
+def of_verdict(verdict: policy_pb2.Verdict) -> str:
+    """The reply a policy verdict says: basic code, enhanced code, text."""
+    enhanced = f" {verdict.enhanced_code}" if verdict.enhanced_code else ""
+    return f"{verdict.code}{enhanced} {verdict.text}".rstrip()

@@ -1,13 +1,19 @@
-"""One SMTP connection: aiosmtpd's protocol plus what Rempart tracks about the session."""
+"""One SMTP connection: aiosmtpd's protocol plus what Rempart tracks about the session.
+
+The coupling runs one way: the edge's handler (stages.py) drives a session through the small
+public API below and never touches aiosmtpd's private attributes; a session knows its handler
+only as :class:`SessionHooks`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP
 
@@ -15,10 +21,7 @@ from rempart.common.clients import PolicySession
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 
-if TYPE_CHECKING:
-    from rempart.smtp_edge.handler import EdgeHandler
-
-
+log = logging.getLogger(__name__)
 MAIL_DSN_PARAMS = {"RET", "ENVID"}
 RCPT_DSN_PARAMS = {"NOTIFY", "ORCPT"}
 NOTIFY_VALUES = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
@@ -41,18 +44,23 @@ def take_dsn_params(arg: str, names: set[str]) -> tuple[str, dict[str, str], str
             continue
         key = key.upper()
         if not sep or not value or len(value) > 500 or key in found:
-            return arg, {}, f"501 5.5.4 Invalid {key} parameter"
+            return arg, {}, replies.DSN_PARAMETER_INVALID.format(name=key)
         if key == "RET" and value.upper() not in ("FULL", "HDRS"):
-            return arg, {}, "501 5.5.4 Invalid RET parameter"
+            return arg, {}, replies.DSN_PARAMETER_INVALID.format(name="RET")
         if key == "NOTIFY":
             values = set(value.upper().split(","))
             if not values <= NOTIFY_VALUES or ("NEVER" in values and len(values) > 1):
-                return arg, {}, "501 5.5.4 Invalid NOTIFY parameter"
+                return arg, {}, replies.DSN_PARAMETER_INVALID.format(name="NOTIFY")
             value = value.upper()
         if key == "ORCPT" and ";" not in value:
-            return arg, {}, "501 5.5.4 Invalid ORCPT parameter"
+            return arg, {}, replies.DSN_PARAMETER_INVALID.format(name="ORCPT")
         found[key] = value
     return " ".join([arg[: end + 1], *kept]), found, ""
+
+
+def strip_brackets(address: str) -> str:
+    """A MAIL/RCPT path without its angle brackets; the null path ``<>`` is ""."""
+    return "" if address == "<>" else address.strip("<>")
 
 
 @dataclass(frozen=True)
@@ -102,14 +110,32 @@ class SessionState:
         self.remote_senders = {}
 
 
+class SessionHooks(Protocol):
+    """What a session tells the handler about its own life (the handler's aiosmtpd hooks aside)."""
+
+    def opened(self, server: EdgeSMTP) -> None:
+        """The TCP connection is up (before the greeting)."""
+
+    async def greeting(self, server: EdgeSMTP) -> str | None:
+        """The refusal to send instead of the 220 greeting, or None to greet."""
+
+    def count_reply(self, server: EdgeSMTP, reply: str) -> bool:
+        """Count a reply; True when it spends the session's error budget."""
+
+    def closed(self, server: EdgeSMTP) -> None:
+        """The connection is gone."""
+
+
 class EdgeSMTP(SMTP):
     """aiosmtpd's SMTP with a policy check before the greeting and the session's state."""
 
-    def __init__(self, handler: EdgeHandler, listener: Listener, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, hooks: SessionHooks, listener: Listener, **kwargs: Any) -> None:
+        super().__init__(hooks, **kwargs)
+        self.hooks = hooks
         self.listener = listener
         self.state = SessionState()
         self._greeted = False
+        self._close_after_reply = False
         self._in_ehlo = False
         self._last_received = time.monotonic()
         self.closed = asyncio.Event()
@@ -120,9 +146,7 @@ class EdgeSMTP(SMTP):
         if first:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.state.client_ip, self.state.client_port = str(peer[0]), int(peer[1])
-            handler: EdgeHandler = self.event_handler
-            handler.register(self)
-            handler.update_auth_policy(self)
+            self.hooks.opened(self)
 
     def eof_received(self) -> bool | None:
         # aiosmtpd cancels the session on EOF and may keep the socket half-open; when the
@@ -133,42 +157,44 @@ class EdgeSMTP(SMTP):
         return False
 
     def connection_lost(self, error: Exception | None) -> None:
-        handler: EdgeHandler = self.event_handler
-        handler.unregister(self)
-        if self._greeted:
-            handler.on_disconnect(self)
+        self.hooks.closed(self)
         self.closed.set()
         super().connection_lost(error)
 
+    @property
+    def greeted(self) -> bool:
+        return self._greeted
+
     async def push(self, status: Any) -> None:
-        handler: EdgeHandler = self.event_handler
         if not self._greeted and isinstance(status, str) and status.startswith("220 "):
             # The greeting: decide on the connection first (R-IPS-4, R-REL-6), so that a blocked
             # client never gets a 220 and nothing it sent early is read as a command.
             self._greeted = True
-            refusal = await handler.on_connect(self)
-            if refusal is None and self.talked_early() and handler.config.server.relay.pregreet_drop:
-                # Pre-greeting traffic (R-REL-6, beyond): a zombie or a spam engine that does not
-                # wait for the banner. Postfix's postscreen drops these the same way.
-                refusal = replies.PREGREET
+            refusal = await self.hooks.greeting(self)
             if refusal is not None:
-                handler.count_reply(self, refusal)
+                self.hooks.count_reply(self, refusal)
                 await super().push(refusal)
                 self.close_now()
                 return
         if isinstance(status, str):
             if not self._in_ehlo:
                 status = replies.with_enhanced_code(status)
-            handler.count_reply(self, status)
-            if status[:1] == "5":
-                self.state.errors += 1
-                if self.state.errors >= handler.config.server.smtp.error_budget:
-                    # An error budget: a client that keeps failing is probing, not sending mail.
-                    await super().push(status)
-                    await super().push(replies.TOO_MANY_ERRORS)
-                    self.close_now()
-                    return
+            if self.hooks.count_reply(self, status):
+                # An error budget: a client that keeps failing is probing, not sending mail.
+                await super().push(status)
+                await super().push(replies.TOO_MANY_ERRORS)
+                self.close_now()
+                return
         await super().push(status)
+        if self._close_after_reply:
+            self.close_now()
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd sends the handler's reply and reads on; a 421 promises the client that the
+        # channel closes (RFC 5321 3.8), and a session in an unknown state should not go on.
+        reply = await super().handle_exception(error)
+        self._close_after_reply = reply.startswith("421")
+        return reply
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True  # EHLO answers carry no enhanced codes (RFC 2034)
@@ -221,9 +247,45 @@ class EdgeSMTP(SMTP):
             self.state.pending_dsn = params
         await super().smtp_RCPT(arg)
 
+    # The handler's API ---------------------------------------------------------------------
     def close_now(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def close_with(self, reply: str) -> bool:
+        """Say ``reply`` and close, outside the command loop (a block decided elsewhere, a
+        drain); False when the connection was already gone."""
+        if self.transport is None:
+            return False
+        self._writer.write(reply.encode() + b"\r\n")
+        self.close_now()
+        return True
+
+    def require_tls_for_auth(self, required: bool) -> None:
+        """R-TLS-2: whether AUTH waits for TLS in this session."""
+        self._auth_require_tls = required
+
+    def trust_proxied_tls(self, version: str, cipher: str) -> None:
+        """The client spoke TLS to a trusted load balancer (PROXY v2 SSL TLV): the session is as
+        good as implicit TLS, so no STARTTLS, and AUTH is allowed."""
+        self.state.proxied_tls = (version, cipher)
+        self.tls_context = None
+        self.require_starttls = False
+        self._auth_require_tls = False
+
+    async def apply_verdict(self, stage: str, verdict: policy_pb2.Verdict) -> str | None:
+        """The reply for a refusal; a close verdict is said and the connection closed here.
+        None means accepted (or closed)."""
+        if verdict.action in (policy_pb2.ACTION_ACCEPT, policy_pb2.ACTION_DISCARD):
+            return None
+        reply = replies.of_verdict(verdict)
+        log.info("refused", extra={"session": self.state.session_id, "client_ip": self.state.client_ip,
+                                    "stage": stage, "reply": reply, "rule": verdict.rule})
+        if verdict.action == policy_pb2.ACTION_CLOSE:
+            await self.push(reply)
+            self.close_now()
+            return None
+        return reply
 
     def tls_info(self) -> tuple[str, str]:
         """(version, cipher) of the session's TLS, or ("", "")."""
@@ -238,6 +300,3 @@ class EdgeSMTP(SMTP):
         cipher = ssl_object.cipher()
         return str(ssl_object.version() or ""), str(cipher[0]) if cipher else ""
 
-    @property
-    def using_tls(self) -> bool:
-        return bool(self.tls_info()[0])

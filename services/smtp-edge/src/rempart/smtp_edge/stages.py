@@ -1,0 +1,301 @@
+"""The SMTP edge's handler: aiosmtpd's hooks, one per stage. Each stage asks the policy service
+and applies its verdict exactly (reply, delay, close, headers, recipient rewrite); AUTH goes to
+authentication.py, an accepted message to delivery.py, open connections live in registry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiosmtpd.proxy_protocol import ProxyData
+from aiosmtpd.smtp import AuthResult, Envelope, Session
+from prometheus_client import Counter, Histogram
+
+from rempart.common import sasl
+from rempart.common.clients import AuthClient, PolicyClient, PolicySession
+from rempart.common.config import SettingsCache
+from rempart.common.events import EventBus
+from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.netmatch import ip_in_networks
+from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.smtp_edge import replies
+from rempart.smtp_edge.authentication import SmtpLogins
+from rempart.smtp_edge.delivery import Delivery
+from rempart.smtp_edge.rdns import ReverseNames
+from rempart.smtp_edge.received import count_hops, has_bare_line_ending, normalize_line_endings
+from rempart.smtp_edge.registry import ConnectionRegistry
+from rempart.smtp_edge.session import EdgeSMTP, strip_brackets
+
+log = logging.getLogger(__name__)
+
+REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by listener and code class", ["listener", "class"])
+POLICY_SECONDS = Histogram("rempart_smtp_policy_seconds", "Policy call latency seen by the edge", ["stage"])
+# Extensions aiosmtpd does not list: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034), DSN (RFC 3461).
+EXTRA_EHLO_LINES = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
+
+
+class EdgeHandler:
+    """aiosmtpd handler hooks; one instance per listener set, shared by every session."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        policy: PolicyClient,
+        auth: AuthClient,
+        store: MessageStore,
+        index: MailboxIndex,
+        events: EventBus,
+        config: SettingsCache,
+        instance: str,
+        proxy_cidrs: list[str],
+        max_sessions: int = 2000,
+        rdns: ReverseNames | None = None,
+    ) -> None:
+        self.rdns = rdns
+        self.max_sessions = max_sessions
+        self.hostname = hostname
+        self.policy = policy
+        self.config = config
+        self.instance = instance
+        self.proxy_cidrs = proxy_cidrs
+        self.connections = ConnectionRegistry()
+        self.logins = SmtpLogins(auth, config)
+        self.delivery = Delivery(hostname=hostname, store=store, index=index, events=events, config=config)
+        self._background: set[asyncio.Task[policy_pb2.Verdict]] = set()
+        self.draining = False
+
+    # The session's hooks (session.SessionHooks) -----------------------------------------------
+    def opened(self, server: EdgeSMTP) -> None:
+        self.connections.register(server)
+        self.logins.update_auth_policy(server)
+
+    async def greeting(self, server: EdgeSMTP) -> str | None:
+        refusal = await self._on_connect(server)
+        if refusal is None and server.talked_early() and self.config.server.relay.pregreet_drop:
+            # Pre-greeting traffic (R-REL-6, beyond): a zombie or a spam engine that does not
+            # wait for the banner. Postfix's postscreen drops these the same way.
+            refusal = replies.PREGREET
+        return refusal
+
+    def count_reply(self, server: EdgeSMTP, reply: str) -> bool:
+        if reply[:1].isdigit():
+            REPLIES.labels(server.listener.name, reply[:1] + "xx").inc()
+        if reply[:1] != "5":
+            return False
+        server.state.errors += 1
+        return server.state.errors >= self.config.server.smtp.error_budget
+
+    def closed(self, server: EdgeSMTP) -> None:
+        self.connections.unregister(server)
+        if server.greeted:
+            # STAGE_DISCONNECT, without holding up the close (simultaneous-connection counts).
+            task = asyncio.get_running_loop().create_task(self._disconnect(server))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # Policy calls ---------------------------------------------------------------------------
+    def _facts(self, server: EdgeSMTP) -> policy_pb2.SessionFacts:
+        version, cipher = server.tls_info()
+        return policy_pb2.SessionFacts(
+            session_id=server.state.session_id,
+            client_ip=server.state.client_ip,
+            client_port=server.state.client_port,
+            protocol=server.listener.protocol,
+            helo_name=(server.session.host_name or "") if server.session is not None else "",
+            tls=bool(version),
+            tls_version=version,
+            tls_cipher=cipher,
+            authenticated_account=server.state.authenticated_account,
+            edge_instance=self.instance,
+        )
+
+    def _policy(self, server: EdgeSMTP) -> PolicySession:
+        if server.state.policy is None:
+            server.state.policy = self.policy.session()
+        return server.state.policy
+
+    async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
+        request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
+        with POLICY_SECONDS.labels(policy_pb2.Stage.Name(stage)).time():
+            verdict = await self._policy(server).check(request)
+        if verdict.delay_ms:
+            await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
+        return verdict
+
+    async def _disconnect(self, server: EdgeSMTP) -> policy_pb2.Verdict:
+        try:
+            return await self._check(server, policy_pb2.STAGE_DISCONNECT)
+        finally:
+            if server.state.policy is not None:
+                await server.state.policy.close()
+
+    async def _on_connect(self, server: EdgeSMTP) -> str | None:
+        if self.draining:
+            return replies.SHUTTING_DOWN
+        if len(self.connections) > self.max_sessions:
+            return replies.TOO_BUSY
+        tls = self.config.server.tls
+        if self.rdns is not None and tls.received_add_rdns and not tls.received_hide_client_ip:
+            server.state.rdns = asyncio.get_running_loop().create_task(self.rdns.lookup(server.state.client_ip))
+        verdict = await self._check(server, policy_pb2.STAGE_CONNECT)
+        if verdict.action == policy_pb2.ACTION_ACCEPT:
+            return None
+        log.info("connection refused", extra={"session": server.state.session_id,
+                                               "client_ip": server.state.client_ip,
+                                               "reply": replies.of_verdict(verdict)})
+        return replies.of_verdict(verdict)
+
+    # aiosmtpd's hooks -------------------------------------------------------------------------
+    async def handle_PROXY(self, server: EdgeSMTP, session: Session, envelope: Envelope,
+                           proxy_data: ProxyData) -> bool:
+        """R-OPS-2: PROXY headers only from the configured load balancers; then the client
+        address in the header is the one every rule and log line sees."""
+        if not ip_in_networks(server.state.client_ip, self.proxy_cidrs):
+            log.warning("PROXY header from an untrusted peer", extra={"peer": server.state.client_ip})
+            return False
+        if not proxy_data.valid:
+            return False
+        if proxy_data.src_addr is not None:
+            self.connections.moved(server, str(proxy_data.src_addr), int(proxy_data.src_port or 0))
+            self.logins.update_auth_policy(server)
+        tlv = proxy_data.tlv
+        if tlv is not None and int(tlv.get("SSL_CLIENT", 0) or 0) & 0x01:
+            # haproxy "send-proxy-v2-ssl": the client spoke TLS to the balancer (465 terminated
+            # there).
+            server.trust_proxied_tls(_text(tlv.get("SSL_VERSION")) or "TLS", _text(tlv.get("SSL_CIPHER")))
+        return True
+
+    async def handle_EHLO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        verdict = await self._check(server, policy_pb2.STAGE_HELO)
+        refusal = await server.apply_verdict("helo", verdict)
+        if refusal is not None or server.transport is None:
+            session.host_name = None
+            return [refusal] if refusal else []
+        out = []
+        for line in responses:
+            if line.startswith("250 HELP"):
+                out += [*EXTRA_EHLO_LINES, line]
+            else:
+                out.append(line)
+        return out
+
+    async def handle_HELO(self, server: EdgeSMTP, session: Session, envelope: Envelope, hostname: str) -> str:
+        session.host_name = hostname
+        verdict = await self._check(server, policy_pb2.STAGE_HELO)
+        refusal = await server.apply_verdict("helo", verdict)
+        if refusal is not None:
+            session.host_name = None
+            return refusal
+        return replies.HELO_OK.format(hostname=self.hostname)
+
+    async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if server.listener.require_starttls and not server.state.authenticated_account:
+            # Submission (R-TLS-1): mail only from authenticated clients.
+            return replies.AUTH_REQUIRED
+        size = 0
+        for option in mail_options:
+            if option.startswith("SIZE="):
+                size = int(option[5:]) if option[5:].isdigit() else 0
+        server.state.reset_transaction()
+        server.state.dsn = dict(server.state.pending_dsn)
+        verdict = await self._check(server, policy_pb2.STAGE_MAIL, mail_from=strip_brackets(address),
+                                    message_size=size)
+        refusal = await server.apply_verdict("mail", verdict)
+        if refusal is not None:
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        server.state.add_headers.extend((h.name, h.value) for h in verdict.add_headers)
+        return replies.MAIL_OK
+
+    async def handle_RCPT(self, server: EdgeSMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        verdict = await self._check(
+            server,
+            policy_pb2.STAGE_RCPT,
+            mail_from=strip_brackets(envelope.mail_from or ""),
+            recipient=address,
+            accepted_recipients=list(envelope.rcpt_tos),
+        )
+        refusal = await server.apply_verdict("rcpt", verdict)
+        if refusal is not None:
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        for key, value in server.state.pending_dsn.items():
+            server.state.dsn[f"{key}:{address}"] = value
+        if verdict.action == policy_pb2.ACTION_DISCARD:
+            server.state.discarded += 1
+        server.state.local_mailboxes.extend(verdict.local_mailboxes)
+        server.state.remote_recipients.extend(verdict.remote_recipients)
+        if verdict.rewritten_sender:
+            # R-DNS-6: forwarded copies leave with the SRS-rewritten envelope sender.
+            for recipient in verdict.remote_recipients:
+                server.state.remote_senders[recipient] = verdict.rewritten_sender
+        return replies.RCPT_OK
+
+    async def handle_RSET(self, server: EdgeSMTP, session: Session, envelope: Envelope) -> str:
+        server.state.reset_transaction()
+        verdict = await self._check(server, policy_pb2.STAGE_RSET, command="RSET")
+        refusal = await server.apply_verdict("rset", verdict)
+        return refusal or replies.RSET_OK
+
+    async def handle_DATA(self, server: EdgeSMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or b""
+        state = server.state
+        if has_bare_line_ending(data):
+            # SMTP smuggling (CVE-2023-51766 class): only <CRLF>.<CRLF> may end DATA, and a
+            # bare CR or LF is where other servers disagree about where a message ends.
+            if self.config.server.smtp.bare_line_endings == "reject":
+                state.reset_transaction()
+                return replies.BARE_LINE_ENDING
+            data = normalize_line_endings(data)
+        verdict = await self._check(
+            server,
+            policy_pb2.STAGE_DATA,
+            mail_from=strip_brackets(envelope.mail_from or ""),
+            accepted_recipients=list(envelope.rcpt_tos),
+            message_size=len(data),
+            hop_count=count_hops(data),
+        )
+        refusal = await server.apply_verdict("data", verdict)
+        if refusal is not None:
+            state.reset_transaction()
+            return refusal
+        if server.transport is None:
+            return replies.STORE_TEMPFAIL
+        return await self.delivery.deliver(server, session, envelope, data, verdict)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("session error: %s", type(error).__name__)
+        return replies.INTERNAL_ERROR  # the session closes after it (EdgeSMTP.handle_exception)
+
+    # AUTH (RFC 4954); aiosmtpd finds the mechanisms by these names on the handler.
+    async def auth_PLAIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        return await self._sasl(server, sasl.PLAIN, args)
+
+    async def auth_LOGIN(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        return await self._sasl(server, sasl.LOGIN, args)
+
+    async def auth_SCRAM__SHA__256(self, server: EdgeSMTP, args: list[str]) -> AuthResult:
+        """RFC 7677 through the auth service (aiosmtpd maps the name to SCRAM-SHA-256)."""
+        return await self._sasl(server, sasl.SCRAM_SHA_256, args)
+
+    async def _sasl(self, server: EdgeSMTP, mechanism: str, args: list[str]) -> AuthResult:
+        return await self.logins.sasl(server, mechanism, args, self._policy(server), self._facts(server))
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("ascii", "replace")
+    return str(value) if value else ""
