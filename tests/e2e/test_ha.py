@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import Stack, bootstrap_demo
 from rempart.common.events import MAIL_STREAM, connect_nats
-from rempart.common.localstack import (
+from rempart.common.testing.devstack import Stack, bootstrap_demo
+from rempart.common.testing.localstack import (
     LocalServer,
     RedisSentinelGroup,
     start_nats_cluster,
@@ -39,11 +39,13 @@ from rempart.common.localstack import (
 pytestmark = pytest.mark.timeout(300)
 
 SENDERS = 4
-WARMUP_SECONDS = 4.0
+# Before the first kill: this many 250s, within this many seconds.
+WARMUP_MESSAGES = 40
+WARMUP_DEADLINE = 45.0
 # After a kill: how long to look for the failure to show (a kill may also go unnoticed), the
 # deadline for mail to flow again, and how long to keep the load on after it does.
 DISRUPTION_WINDOW = 5.0
-RECOVERY_DEADLINE = 30.0
+RECOVERY_DEADLINE = 45.0
 SETTLE_SECONDS = 3.0
 
 
@@ -236,8 +238,12 @@ def test_r_ops_6_no_250_lost_when_the_nats_leader_and_the_redis_primary_die(
         thread.start()
     kills: list[Kill] = []
     try:
-        time.sleep(WARMUP_SECONDS)
-        assert load.accepted_since(0) > 0, f"no mail accepted before any kill: {load.outcomes[-5:]}"
+        # Mail must flow before anything is killed; on a busy machine the first logins are slow.
+        deadline = time.monotonic() + WARMUP_DEADLINE
+        while load.accepted_since(0) < WARMUP_MESSAGES:
+            assert time.monotonic() < deadline, (
+                f"no mail flowing before any kill: {load.outcomes[-5:]} logins {load.logins[-5:]}")
+            time.sleep(0.1)
 
         def kill_and_wait(what: str, server: LocalServer) -> None:
             server.proc.send_signal(signal.SIGKILL)
@@ -298,7 +304,8 @@ def test_r_ops_6_no_250_lost_when_the_nats_leader_and_the_redis_primary_die(
         time.sleep(1)
     lost = sorted(accepted - found)
     if lost and last_error is not None:
-        print(f"HA: last IMAP error: {last_error!r}")
+        # The mailbox could not be read at all: that is the IMAP edge's failure, not a lost 250.
+        print(f"HA: last IMAP error: {last_error!r}\nimap-pop log:\n{stack.log_tail('imap-pop', 40)}")
     print(f"HA: {len(accepted)} answered 250, {len(accepted & found)} of them in the mailbox, "
           f"{len(found - accepted)} more there (4xx whose record was stored: a duplicate, never a loss), "
           f"{len(lost)} lost")
