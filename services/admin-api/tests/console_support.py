@@ -3,6 +3,7 @@ from the page) and an in-test auth service that also asks for a TOTP code at log
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,7 +77,7 @@ class Browser:
             self.csrf = found.group(1)
         etag = ETAG.search(response.text)
         if etag:
-            self.etag = etag.group(1)
+            self.etag = html.unescape(etag.group(1))  # what a browser sends back
         return response
 
     async def get(self, path: str, **kwargs: Any) -> httpx.Response:

@@ -188,8 +188,9 @@ def page(request: Request, template: str, status: int = 200, visit: Visit | None
 def done(url: str, notice: str) -> RedirectResponse:
     """After a successful POST: see the result with a GET (the browser's back button re-posts nothing)."""
     assert notice in NOTICES, notice
-    separator = "&" if "?" in url else "?"
-    return RedirectResponse(f"{url}{separator}notice={notice}", status_code=303)
+    path, hash_mark, fragment = url.partition("#")
+    separator = "&" if "?" in path else "?"
+    return RedirectResponse(f"{path}{separator}notice={notice}{hash_mark}{fragment}", status_code=303)
 
 
 def field_errors(exc: ValidationError) -> list[FieldError]:
