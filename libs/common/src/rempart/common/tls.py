@@ -15,11 +15,16 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:
+    from rempart.common.config import TlsSettings
+    from rempart.common.settings import EdgeSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,16 @@ class ServerTls:
         self._mtimes: dict[str, tuple[float, float]] = {}
         self._outer: ssl.SSLContext | None = None
         self.reload(force=True)
+
+    @classmethod
+    def for_edge(cls, settings: EdgeSettings, tls: TlsSettings) -> ServerTls:
+        """The listeners' TLS of an edge (smtp-edge, imap-pop): the default certificate, one per
+        host name from REMPART_TLS_SNI_DIR (R-TLS-3), and the server's TLS settings."""
+        return cls(
+            CertPair(settings.tls_cert_file, settings.tls_key_file),
+            by_hostname={name: CertPair(*pair) for name, pair in settings.sni_certificates().items()},
+            min_version=tls.min_version, cipher_preset=tls.cipher_preset, honor_server_order=tls.honor_server_order,
+        )
 
     def _pairs(self) -> dict[str, CertPair]:
         return {"": self._default, **self._by_hostname}
