@@ -1,4 +1,7 @@
-"""IMAP4rev1 (RFC 3501) with IDLE (2177), UIDPLUS (4315), MOVE (6851), NAMESPACE (2342),
+"""The IMAP session: its command loop, login, selected-state commands; folders, SEARCH and FETCH
+rendering have their own modules (imap_folders, imap_search, imap_fetch).
+
+IMAP4rev1 (RFC 3501) with IDLE (2177), UIDPLUS (4315), MOVE (6851), NAMESPACE (2342),
 ID (2971), ENABLE (5161), LITERAL+ (7888), SASL-IR (4959), UNSELECT (3691), CHILDREN (3348),
 SPECIAL-USE (6154), and AUTHENTICATE PLAIN and SCRAM-SHA-256 (RFC 7677, through the auth service).
 
@@ -12,10 +15,8 @@ import asyncio
 import base64
 import contextlib
 import datetime
-import email.utils
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -23,28 +24,38 @@ from nats.errors import Error as NatsError
 from rempart.common import mime as M
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import FLAG_LIMIT, INBOX, BlobUnreadable, IndexedMessage, expunge
-from rempart.common.mime import quote
+from rempart.common.mailstore import FLAG_LIMIT, BlobUnreadable, IndexedMessage, expunge
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
 from rempart.imap_pop import replies as R
+from rempart.imap_pop.imap_fetch import (
+    FETCH_READS_IN_FLIGHT,
+    FETCH_WRITE_HIGH_WATER,
+    FetchPlan,
+    flags_text,
+    read_windows,
+    render_item,
+    summary_answers,
+)
+from rempart.imap_pop.imap_folders import FolderCommands
+from rempart.imap_pop.imap_search import SearchParser, SearchQuery
 from rempart.imap_pop.imapproto import (
     Atom,
+    CloseSession,
+    Command,
     FetchItem,
     ImapSyntaxError,
+    No,
     SequenceSet,
     Token,
     compress_numbers,
     in_sequence_set,
-    is_nil,
-    literal,
     literal_at_end,
     parse_fetch_items,
     parse_sequence_set,
     split_tag,
     text_of,
     tokenize,
-    wildcard_match,
 )
 from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
@@ -54,41 +65,13 @@ log = logging.getLogger(__name__)
 SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
-MAX_FOLDERS = 1000
-MAX_FOLDER_NAME = 200
-MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
 STORE_BATCH = 500  # messages per atomic flag script call
 MAX_LITERALS_PER_COMMAND = 16
-SEARCH_DECODE_LIMIT = 1024 * 1024
-DELIMITER = "/"
-MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-
-
-class CloseSession(Exception):
-    """Say nothing more; close the connection."""
-
-
-class No(Exception):
-    """A tagged NO (or BAD when ``bad``) with this text."""
-
-    def __init__(self, text: str, bad: bool = False) -> None:
-        super().__init__(text)
-        self.text = text
-        self.bad = bad
-
-
-@dataclass
-class Command:
-    tag: str
-    name: str
-    args: list[Token]
-    uid: bool = False
-
 
 Handler = Callable[[Command], Awaitable[None]]
 
 
-class ImapSession(Session):
+class ImapSession(FolderCommands, Session):
     folder: str | None = None
     readonly: bool = False
     view: list[IndexedMessage]
@@ -398,22 +381,13 @@ class ImapSession(Session):
             await self.stream.writer.drain()
             raise CloseSession
 
-    # Authenticated
-    def _folder_name(self, token: Token) -> str:
-        name = text_of(token)
-        if name.upper() == "INBOX":
-            return INBOX
-        if (not name or len(name) > MAX_FOLDER_NAME or any(c in name for c in "*%{}\r\n\0\\\"")
-                or name.startswith(DELIMITER) or name.endswith(DELIMITER) or "//" in name):
-            raise No("[CANNOT] Invalid mailbox name")
-        return name
 
     async def cmd_select(self, command: Command) -> None:
         if len(command.args) < 1:
             raise ImapSyntaxError("SELECT needs a mailbox")
         self.folder = None
         self.view = []
-        folder = self._folder_name(command.args[0])
+        folder = self.folder_name(command.args[0])
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
         status = await self.backend.index.status(self.account, folder)
@@ -434,172 +408,6 @@ class ImapSession(Session):
         self.out(f"* OK [PERMANENTFLAGS {permanent}] Limited")
         self.ok(command, f"[{'READ-ONLY' if self.readonly else 'READ-WRITE'}] {command.name} completed")
 
-    async def cmd_list(self, command: Command) -> None:
-        # RFC 5258 syntax is accepted (clients that know SPECIAL-USE send "LIST (SPECIAL-USE)
-        # ..."): selection options, a list of patterns, RETURN options.
-        args = list(command.args)
-        only_special = False
-        if command.name == "LIST" and args and isinstance(args[0], list):
-            selection = args.pop(0)
-            assert isinstance(selection, list)
-            only_special = "SPECIAL-USE" in {text_of(o).upper() for o in selection}
-        if command.name == "LIST" and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
-            args = args[:2]
-        if len(args) != 2:
-            raise ImapSyntaxError(f"{command.name} needs reference and pattern")
-        reference = text_of(args[0])
-        patterns = [text_of(p) for p in args[1][:20]] if isinstance(args[1], list) else [text_of(args[1])]
-        if len(reference) + max((len(p) for p in patterns), default=0) > MAX_LIST_PATTERN:
-            # No folder name is longer: such a pattern can only cost time (matching is
-            # pattern x name per folder).
-            raise ImapSyntaxError("LIST pattern too long")
-        if patterns == [""]:
-            self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
-            self.ok(command)
-            return
-        folders = (await self.backend.index.folders(self.account))[:MAX_FOLDERS]
-        uses = await self.backend.special_uses(self.account)
-        names = set(folders)
-        # A folder whose parent does not exist (deleted, or made by another server) still
-        # needs its parent listed, as \Noselect, for "%" listings (RFC 3501 6.3.8).
-        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in folders for i in range(1, f.count(DELIMITER) + 1)}
-        for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
-            if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
-                       for p in patterns):
-                continue
-            if only_special and folder not in uses:
-                continue
-            children = any(n.startswith(folder + DELIMITER) for n in names)
-            attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
-            if folder not in names:
-                attributes.insert(0, "\\Noselect")
-            if folder in uses:
-                attributes.append(uses[folder])
-            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}')
-        self.ok(command)
-
-    async def cmd_status(self, command: Command) -> None:
-        if len(command.args) != 2 or not isinstance(command.args[1], list):
-            raise ImapSyntaxError("STATUS needs a mailbox and a list")
-        folder = self._folder_name(command.args[0])
-        if not await self.backend.folder_exists(self.account, folder):
-            raise No("[NONEXISTENT] No such mailbox")
-        status = await self.backend.index.status(self.account, folder)
-        out = []
-        messages: list[IndexedMessage] | None = None
-        for item in command.args[1]:
-            name = text_of(item).upper()
-            if name == "MESSAGES":
-                out.append(f"MESSAGES {status.exists}")
-            elif name == "RECENT":
-                out.append("RECENT 0")
-            elif name == "UIDNEXT":
-                out.append(f"UIDNEXT {status.uidnext}")
-            elif name == "UIDVALIDITY":
-                out.append(f"UIDVALIDITY {status.uidvalidity}")
-            elif name == "UNSEEN":
-                if messages is None:
-                    messages = await self.backend.index.messages(self.account, folder)
-                unseen = sum(1 for m in messages if "\\Seen" not in m.flags)
-                out.append(f"UNSEEN {unseen}")
-            else:
-                raise ImapSyntaxError("unknown STATUS item")
-        self.out(f"* STATUS {quote(folder)} ({' '.join(out)})")
-        self.ok(command)
-
-    async def cmd_create(self, command: Command) -> None:
-        if len(command.args) != 1:
-            raise ImapSyntaxError("CREATE needs a mailbox")
-        folder = self._folder_name(command.args[0])
-        folders = await self.backend.index.folders(self.account)
-        if folder in folders:
-            raise No("[ALREADYEXISTS] Mailbox exists")
-        await self._create_with_parents(folder, folders)
-        self.ok(command)
-
-    async def _create_with_parents(self, folder: str, folders: list[str]) -> None:
-        """RFC 3501 6.3.3: creating a/b/c also creates a and a/b when they are missing."""
-        pieces = folder.split(DELIMITER)
-        wanted = [DELIMITER.join(pieces[:i]) for i in range(1, len(pieces) + 1)]
-        missing = [name for name in wanted if name not in folders and name.upper() != INBOX]
-        if len(folders) + len(missing) > MAX_FOLDERS:
-            raise No("[LIMIT] Too many mailboxes")
-        for name in missing:
-            await self.backend.index.create_folder(self.account, name)
-
-    async def cmd_delete(self, command: Command) -> None:
-        if len(command.args) != 1:
-            raise ImapSyntaxError("DELETE needs a mailbox")
-        folder = self._folder_name(command.args[0])
-        if folder == INBOX:
-            raise No("[CANNOT] INBOX cannot be deleted")
-        if not await self.backend.folder_exists(self.account, folder):
-            raise No("[NONEXISTENT] No such mailbox")
-        # RFC 3501 6.3.4: the mailbox goes with its messages (Thunderbird's "Empty Trash"
-        # deletes folders that still hold mail); each removal is a durable tombstone first.
-        doomed = await self.backend.index.messages(self.account, folder)
-        await expunge(self.backend.store, self.backend.index, self.account, folder, doomed)
-        await self.backend.delete_folder(self.account, folder)
-        await self.backend.move_special_use(self.account, folder, None)
-        if self.folder == folder:
-            self.folder = None
-            self.view = []
-        await self.backend.publish_changed(self.account, folder)
-        self.ok(command)
-
-    async def cmd_rename(self, command: Command) -> None:
-        if len(command.args) != 2:
-            raise ImapSyntaxError("RENAME needs two mailbox names")
-        source = self._folder_name(command.args[0])
-        target = self._folder_name(command.args[1])
-        folders = await self.backend.index.folders(self.account)
-        if source not in folders:
-            raise No("[NONEXISTENT] No such mailbox")
-        if target == INBOX or target in folders:
-            raise No("[ALREADYEXISTS] Target mailbox exists")
-        if target.startswith(source + DELIMITER):
-            raise No("[CANNOT] A mailbox cannot be moved into itself")
-        # Inferior names move along, except under INBOX (RFC 3501 6.3.5).
-        moves = [(source, target)]
-        if source != INBOX:
-            moves += [(f, target + f[len(source):]) for f in folders if f.startswith(source + DELIMITER)]
-        if any(new in folders for _, new in moves):
-            raise No("[ALREADYEXISTS] Target mailbox exists")
-        await self._create_with_parents(target, folders)
-        for old, new in moves:
-            await self._move_folder_contents(old, new)
-            if old != INBOX:
-                await self.backend.delete_folder(self.account, old)
-                await self.backend.move_special_use(self.account, old, new)
-            await self.backend.publish_changed(self.account, old)
-        if self.folder in {old for old, _ in moves}:
-            self.folder = None
-            self.view = []
-        self.ok(command)
-
-    async def _move_folder_contents(self, old: str, new: str) -> None:
-        """Through the durable path: each message is a new delivery record in ``new`` and a
-        tombstone in ``old``, so a rebuilt index shows the rename (renaming INBOX moves its mail
-        to the new folder and leaves INBOX empty, RFC 3501 6.3.5)."""
-        await self.backend.index.create_folder(self.account, new)
-        messages = await self.backend.index.messages(self.account, old)
-        for message in messages:
-            data = await self._content(message)
-            record, seq = await self.backend.store.append(self.account, new, data, sorted(message.flags),
-                                                        message.internal_date_ms)
-            await self.backend.index.apply(record, M.summarize(data), seq=seq)
-        await expunge(self.backend.store, self.backend.index, self.account, old, messages)
-
-    async def cmd_subscribe(self, command: Command) -> None:
-        # Every folder is listed in LSUB: subscriptions are accepted and need no state.
-        if len(command.args) != 1:
-            raise ImapSyntaxError(f"{command.name} needs a mailbox")
-        self._folder_name(command.args[0])
-        self.ok(command)
-
-    async def cmd_namespace(self, command: Command) -> None:
-        self.out(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL')
-        self.ok(command)
 
     async def cmd_enable(self, command: Command) -> None:
         self.out("* ENABLED")
@@ -609,7 +417,7 @@ class ImapSession(Session):
         args = command.args
         if len(args) < 2 or not isinstance(args[-1], bytes):
             raise ImapSyntaxError("APPEND needs a mailbox and a literal")
-        folder = self._folder_name(args[0])
+        folder = self.folder_name(args[0])
         flags: list[str] = []
         internal_date_ms = 0
         for extra in args[1:-1]:
@@ -690,7 +498,7 @@ class ImapSession(Session):
             new = by_uid.get(old.uid)
             if new is not None and new.flags != old.flags:
                 self.view[seq - 1] = new
-                self.out(f"* {seq} FETCH (FLAGS {_flags(new.flags)})")
+                self.out(f"* {seq} FETCH (FLAGS {flags_text(new.flags)})")
         highest = self.view[-1].uid if self.view else 0
         added = [m for m in current if m.uid > highest]
         if added:
@@ -712,7 +520,7 @@ class ImapSession(Session):
             raise No("Invalid message sequence number", bad=True)
         return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(i, ranges)]
 
-    async def _content(self, message: IndexedMessage) -> bytes:
+    async def read_content(self, message: IndexedMessage) -> bytes:
         return M.normalise(await self.backend.store.read_message(message))
 
     async def _contents(self, messages: list[IndexedMessage]) -> dict[int, bytes | BaseException]:
@@ -722,14 +530,14 @@ class ImapSession(Session):
         async def one(message: IndexedMessage) -> bytes | BaseException:
             async with gate:
                 try:
-                    return await self._content(message)
+                    return await self.read_content(message)
                 except (BlobUnreadable, TimeoutError, OSError, NatsError) as exc:
                     return exc
 
         results = await asyncio.gather(*(one(m) for m in messages))
         return {m.uid: r for m, r in zip(messages, results, strict=True)}
 
-    async def _search_contents(self, messages: list[IndexedMessage], query: _Query) -> dict[int, bytes]:
+    async def _search_contents(self, messages: list[IndexedMessage], query: SearchQuery) -> dict[int, bytes]:
         """What SEARCH matches against: the header block from the index when the keys need
         no more, else the message (an unreadable one fails the SEARCH: its answer would be wrong)."""
         header_of: dict[int, bytes] = {}
@@ -750,17 +558,17 @@ class ImapSession(Session):
         items = parse_fetch_items(command.args[1])
         if command.uid and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))
-        plan = _FetchPlan(items)
+        plan = FetchPlan(items)
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
         )
         unreadable = 0
-        for window in _read_windows(selected, plan.needs_body):
+        for window in read_windows(selected, plan.needs_body):
             summaries: dict[int, M.MessageSummary | None] = {}
             if plan.needs_summary and self.folder is not None:
                 summaries = await self.backend.index.summaries(self.account, self.folder, (m.uid for _, m in window))
             # The body is read only where the index cannot answer (R-MBX-2: a header sync reads no blob).
-            to_read = [m for _, m in window if plan.needs_body or (plan.needs_summary and not _answers(
+            to_read = [m for _, m in window if plan.needs_body or (plan.needs_summary and not summary_answers(
                 summaries.get(m.uid), plan))]
             contents = await self._contents(to_read) if to_read else {}
             answer: list[bytes] = []
@@ -783,9 +591,9 @@ class ImapSession(Session):
                 if sets_seen and "\\Seen" not in message.flags:
                     message = await self._add_seen(seq, message)
                     flags_changed = True
-                parts = [self._fetch_one(item, message, data, summary) for item in items]
+                parts = [render_item(item, message, data, summary) for item in items]
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
-                    parts.append(f"FLAGS {_flags(message.flags)}".encode())
+                    parts.append(f"FLAGS {flags_text(message.flags)}".encode())
                 answer.append(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n")
             self.stream.write(b"".join(answer))
             # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of
@@ -796,38 +604,7 @@ class ImapSession(Session):
             raise No(f"[UNAVAILABLE] {unreadable} message(s) could not be read now, try again")
         self.ok(command)
 
-    def _fetch_one(self, item: FetchItem, message: IndexedMessage, data: bytes,
-                   summary: M.MessageSummary | None) -> bytes:
-        name = item.name
-        if name == "UID":
-            return f"UID {message.uid}".encode()
-        if name == "FLAGS":
-            return f"FLAGS {_flags(message.flags)}".encode()
-        if name == "RFC822.SIZE":
-            return f"RFC822.SIZE {summary.size if summary is not None else message.size}".encode()
-        if name == "INTERNALDATE":
-            return f'INTERNALDATE "{_internal_date(message.internal_date_ms)}"'.encode()
-        if name == "ENVELOPE" and summary is not None:
-            return f"ENVELOPE {summary.envelope}".encode()
-        if name in ("BODYSTRUCTURE", "BODY") and not item.bracketed and summary is not None:
-            return f"{name} {summary.bodystructure if name == 'BODYSTRUCTURE' else summary.body}".encode()
-        if name == "RFC822.HEADER":
-            header = summary.header if summary is not None and _header_from_summary(summary, data) \
-                else M.split_header(data)[0]
-            return b"RFC822.HEADER " + literal(header)
-        if name == "RFC822":
-            return b"RFC822 " + literal(data)
-        if name == "RFC822.TEXT":
-            return b"RFC822.TEXT " + literal(M.split_header(data)[1])
-        if not item.part and item.section in _HEADER_SECTIONS and _header_from_summary(summary, data):
-            assert summary is not None
-            content = M.section_bytes(summary.header, (), item.section, item.fields)
-        else:
-            content = M.section_bytes(data, item.part, item.section, item.fields)
-        if item.partial is not None:
-            start, count = item.partial
-            content = content[start : start + count]
-        return item.response_name().encode() + b" " + literal(content)
+
 
     async def _add_seen(self, seq: int, message: IndexedMessage) -> IndexedMessage:
         assert self.folder is not None
@@ -892,7 +669,7 @@ class ImapSession(Session):
                 message = self._keep_flags(seq, message, now)
                 if not silent:
                     uid = f"UID {message.uid} " if command.uid else ""
-                    self.out(f"* {seq} FETCH ({uid}FLAGS {_flags(message.flags)})")
+                    self.out(f"* {seq} FETCH ({uid}FLAGS {flags_text(message.flags)})")
         if selected:
             await self.backend.publish_changed(self.account, self.folder)
         if over_limit:
@@ -937,12 +714,12 @@ class ImapSession(Session):
         if command.name == "MOVE" and self.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
         selected = self._select(text_of(command.args[0]), command.uid)
-        target = self._folder_name(command.args[1])
+        target = self.folder_name(command.args[1])
         if not await self.backend.folder_exists(self.account, target):
             raise No("[TRYCREATE] No such mailbox")
         source_uids, target_uids = [], []
         for _, message in selected:
-            data = await self._content(message)
+            data = await self.read_content(message)
             # RFC 3501 6.4.7: the copy keeps its flags and internal date.
             record, seq = await self.backend.store.append(self.account, target, data, sorted(message.flags),
                                                         message.internal_date_ms)
@@ -972,10 +749,10 @@ class ImapSession(Session):
             args = args[2:]
         if not args:
             raise ImapSyntaxError("SEARCH needs criteria")
-        query = _SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0).parse()
+        query = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0).parse()
         found: list[int] = []
         numbered = list(enumerate(self.view, 1))
-        for window in _read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
+        for window in read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
             contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
             for seq, message in window:
                 if query.match(seq, message, contents.get(message.uid, b"")):
@@ -984,25 +761,10 @@ class ImapSession(Session):
         self.ok(command)
 
 
+
 def _star_range_hits(text: str, ranges: SequenceSet, uid: int) -> bool:
     return "*" in text and any(high == uid for _, high in ranges)
 
-
-def _flags(flags: frozenset[str]) -> str:
-    return "(" + " ".join(sorted(flags)) + ")"
-
-
-def _internal_date(ms: int) -> str:
-    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
-    return f"{moment.day:02d}-{MONTHS[moment.month - 1]}-{moment.year:04d} {moment:%H:%M:%S} +0000"
-
-
-def _parse_date(text: str) -> datetime.date | None:
-    try:
-        day, month, year = text.split("-")
-        return datetime.date(int(year), MONTHS.index(month.capitalize()) + 1, int(day))
-    except ValueError:
-        return None
 
 
 def _parse_datetime(text: str) -> int | None:
@@ -1013,227 +775,3 @@ def _parse_datetime(text: str) -> int | None:
     except ValueError:
         return None
     return int(moment.timestamp() * 1000)
-
-
-class _Query:
-    def __init__(self, test: Callable[[int, IndexedMessage, bytes], bool], needs_content: bool,
-                 needs_body: bool) -> None:
-        self.test = test
-        self.needs_content = needs_content
-        self.needs_body = needs_body
-
-    def match(self, seq: int, message: IndexedMessage, content: bytes) -> bool:
-        return self.test(seq, message, content)
-
-
-def _flag_test(flag: str, present: bool) -> Callable[[int, IndexedMessage, bytes], bool]:
-    return lambda _s, m, _c: (flag in m.flags) == present
-
-
-def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes], bool]:
-    needle = value.lower()
-
-    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        head = M.split_header(content)[0]
-        for field_name, raw in M.header_lines(head):
-            if field_name == name.upper():
-                text = " ".join(raw.decode("utf-8", "replace").split(":", 1)[-1].split())
-                # R-MBX-7: "Café" is found whether the sender wrote it in UTF-8 (RFC 6532) or as
-                # an RFC 2047 encoded word.
-                if needle in text.lower() or needle in M.decode_words(text).lower():
-                    return True
-        return False
-
-    return test
-
-
-def _text_test(value: str, body_only: bool, parser: _SearchParser) -> Callable[[int, IndexedMessage, bytes], bool]:
-    """BODY / TEXT: the raw octets, and for messages up to SEARCH_DECODE_LIMIT the decoded text
-    parts (base64, quoted-printable, charsets), case-insensitively."""
-    parser.needs_content = parser.needs_body = True
-    raw_needle = value.lower().encode("utf-8")
-    needle = value.casefold()
-
-    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        raw = M.split_header(content)[1] if body_only else content
-        if raw_needle in raw.lower():
-            return True
-        if len(content) > SEARCH_DECODE_LIMIT:
-            return False
-        return needle in M.text_for_search(content, body_only).casefold()
-
-    return test
-
-
-def _sent_date_test(key: str, day: datetime.date) -> Callable[[int, IndexedMessage, bytes], bool]:
-    """SENT*: the Date header's day, in its own time zone (RFC 3501 6.4.4)."""
-
-    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        head = M.split_header(content)[0]
-        value = next((raw.split(b":", 1)[1] for name, raw in M.header_lines(head) if name == "DATE"), None)
-        if value is None:
-            return False
-        try:
-            sent = email.utils.parsedate_to_datetime(value.decode("ascii", "replace").strip()).date()
-        except (TypeError, ValueError, IndexError):
-            return False
-        return sent < day if key == "SENTBEFORE" else sent == day if key == "SENTON" else sent >= day
-
-    return test
-
-
-class _SearchParser:
-    """SEARCH keys (RFC 3501 6.4.4), the common ones."""
-
-    def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int) -> None:
-        self.tokens = tokens
-        self.pos = 0
-        self.largest_seq = largest_seq
-        self.largest_uid = largest_uid
-        self.needs_content = False  # header fields at least (the index's summary has them)
-        self.needs_body = False  # BODY / TEXT: the message itself
-
-    def parse(self) -> _Query:
-        tests = []
-        while self.pos < len(self.tokens):
-            tests.append(self._key())
-        return _Query(lambda s, m, c: all(t(s, m, c) for t in tests), self.needs_content, self.needs_body)
-
-    def _next(self) -> Token:
-        if self.pos >= len(self.tokens):
-            raise ImapSyntaxError("search criteria end too early")
-        token = self.tokens[self.pos]
-        self.pos += 1
-        return token
-
-    def _key(self) -> Callable[[int, IndexedMessage, bytes], bool]:
-        token = self._next()
-        if isinstance(token, list):
-            inner = _SearchParser(token, self.largest_seq, self.largest_uid)
-            query = inner.parse()
-            self.needs_content |= inner.needs_content
-            self.needs_body |= inner.needs_body
-            return query.test
-        key = text_of(token).upper()
-        flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
-                 "DRAFT": "\\Draft"}
-        if key == "ALL" or key == "OLD":
-            return lambda _s, _m, _c: True
-        if key in ("NEW", "RECENT"):
-            return lambda _s, _m, _c: False
-        if key in flags:
-            return _flag_test(flags[key], True)
-        if key.startswith("UN") and key[2:] in flags:
-            return _flag_test(flags[key[2:]], False)
-        if key in ("KEYWORD", "UNKEYWORD"):
-            return _flag_test(text_of(self._next()), key == "KEYWORD")
-        if key == "NOT":
-            negated = self._key()
-            return lambda s, m, c: not negated(s, m, c)
-        if key == "OR":
-            left, right = self._key(), self._key()
-            return lambda s, m, c: left(s, m, c) or right(s, m, c)
-        if key == "UID":
-            ranges = parse_sequence_set(text_of(self._next()), self.largest_uid)
-            return lambda _s, m, _c: in_sequence_set(m.uid, ranges)
-        if key in ("LARGER", "SMALLER"):
-            size_text = text_of(self._next())
-            if not size_text.isdigit():
-                raise ImapSyntaxError("bad size")
-            size = int(size_text)
-            if key == "LARGER":
-                return lambda _s, m, _c: m.size > size
-            return lambda _s, m, _c: m.size < size
-        if key in ("BEFORE", "ON", "SINCE"):
-            # Internal date (arrival), compared by day in UTC, as RFC 3501 6.4.4 asks.
-            date = _parse_date(text_of(self._next()))
-            if date is None:
-                raise ImapSyntaxError("bad date")
-            day = date
-
-            def by_date(_s: int, m: IndexedMessage, _c: bytes) -> bool:
-                got = datetime.datetime.fromtimestamp(m.internal_date_ms / 1000, tz=datetime.UTC).date()
-                return got < day if key == "BEFORE" else got == day if key == "ON" else got >= day
-
-            return by_date
-        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
-            self.needs_content = True
-            return _header_test(key, text_of(self._next()))
-        if key == "HEADER":
-            name = text_of(self._next())
-            self.needs_content = True
-            return _header_test(name, text_of(self._next()))
-        if key in ("BODY", "TEXT"):
-            return _text_test(text_of(self._next()), body_only=key == "BODY", parser=self)
-        if key in ("SENTBEFORE", "SENTON", "SENTSINCE"):
-            sent = _parse_date(text_of(self._next()))
-            if sent is None:
-                raise ImapSyntaxError("bad date")
-            self.needs_content = True
-            return _sent_date_test(key, sent)
-        if key[:1].isdigit() or key[:1] == "*":
-            ranges = parse_sequence_set(key, self.largest_seq)
-            return lambda s, _m, _c: in_sequence_set(s, ranges)
-        raise ImapSyntaxError(f"unknown search key {key[:30]}")
-
-
-__all__ = ["ImapSession", "is_nil"]
-
-
-# FETCH reads message bodies a window at a time: a few reads in flight, a bounded number of
-# bytes held, and the socket drained past a high-water mark (R-MBX-6).
-FETCH_READS_IN_FLIGHT = 16
-FETCH_WINDOW_MESSAGES = 100
-FETCH_WINDOW_BYTES = 4 * 1024 * 1024
-FETCH_WRITE_HIGH_WATER = 256 * 1024
-_HEADER_SECTIONS = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT")
-
-
-class _FetchPlan:
-    """What a FETCH's items need: the index's summary, the message body, or neither."""
-
-    def __init__(self, items: list[FetchItem]) -> None:
-        self.needs_body = False
-        self.needs_summary = False
-        self.needs_header = False
-        for item in items:
-            if item.name in ("FLAGS", "UID", "INTERNALDATE"):
-                continue
-            if item.name == "RFC822.SIZE":
-                continue  # the index keeps the size
-            if item.name == "ENVELOPE" or (item.name in ("BODY", "BODYSTRUCTURE")
-                                                            and not item.bracketed):
-                self.needs_summary = True
-            elif item.name == "RFC822.HEADER" or (item.bracketed and not item.part
-                                                   and item.section in _HEADER_SECTIONS):
-                self.needs_summary = self.needs_header = True
-            else:
-                self.needs_body = True
-
-
-def _answers(summary: M.MessageSummary | None, plan: _FetchPlan) -> bool:
-    """Whether the kept summary answers every item (a huge header block is not kept)."""
-    return summary is not None and (not plan.needs_header or summary.has_header)
-
-
-def _header_from_summary(summary: M.MessageSummary | None, data: bytes) -> bool:
-    """Header sections come from the summary unless the body was read anyway."""
-    return summary is not None and summary.has_header and not data
-
-
-def _read_windows(
-    selected: list[tuple[int, IndexedMessage]], reads_bodies: bool
-) -> list[list[tuple[int, IndexedMessage]]]:
-    windows: list[list[tuple[int, IndexedMessage]]] = []
-    current: list[tuple[int, IndexedMessage]] = []
-    held = 0
-    for entry in selected:
-        size = entry[1].size if reads_bodies else 0
-        if current and (len(current) >= FETCH_WINDOW_MESSAGES or held + size > FETCH_WINDOW_BYTES):
-            windows.append(current)
-            current, held = [], 0
-        current.append(entry)
-        held += size
-    if current:
-        windows.append(current)
-    return windows

@@ -21,6 +21,19 @@ class ImapSyntaxError(ValueError):
     pass
 
 
+class CloseSession(Exception):
+    """Say nothing more; close the connection."""
+
+
+class No(Exception):
+    """A tagged NO (or BAD when ``bad``) with this text."""
+
+    def __init__(self, text: str, bad: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.bad = bad
+
+
 class Atom(str):
     """An unquoted atom (case matters to the caller: NIL, flags, keywords)."""
 
@@ -28,6 +41,14 @@ class Atom(str):
 
 
 Token = Union[Atom, str, bytes, list["Token"]]  # noqa: UP007 - recursive alias
+
+
+@dataclass
+class Command:
+    tag: str
+    name: str
+    args: list[Token]
+    uid: bool = False
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,10})(\+?)\}$")
 _TAG_RE = re.compile(rb"^[\x21-\x7e]+$")
@@ -154,10 +175,6 @@ def text_of(token: Token) -> str:
     if isinstance(token, bytes):
         return token.decode("utf-8", "replace")
     return str(token)
-
-
-def is_nil(token: Token) -> bool:
-    return isinstance(token, Atom) and token.upper() == "NIL"
 
 
 # Sequence sets (RFC 3501 9 "sequence-set"): "1:4,7,9:*".

@@ -1,0 +1,213 @@
+"""IMAP's folder commands (RFC 3501 6.3: LIST, LSUB, STATUS, CREATE, DELETE, RENAME, SUBSCRIBE,
+NAMESPACE; SPECIAL-USE, RFC 6154), mixed into :class:`rempart.imap_pop.imap.ImapSession`.
+
+Folders are the Redis index's; every change to their messages takes the durable path (a
+delivery record or a tombstone first), so a rebuilt index shows the same folders.
+"""
+
+from __future__ import annotations
+
+from rempart.common import mime as M
+from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.mime import quote
+from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token, text_of, wildcard_match
+from rempart.imap_pop.session import Backend
+
+MAX_FOLDERS = 1000
+MAX_FOLDER_NAME = 200
+MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
+DELIMITER = "/"
+
+
+class FolderCommands:
+    """The session state these commands read and change; ImapSession provides it."""
+
+    backend: Backend
+    account: str
+    folder: str | None
+    view: list[IndexedMessage]
+
+    def out(self, line: str | bytes) -> None:
+        raise NotImplementedError
+
+    def ok(self, command: Command, text: str = "") -> None:
+        raise NotImplementedError
+
+    async def read_content(self, message: IndexedMessage) -> bytes:
+        raise NotImplementedError
+
+    def folder_name(self, token: Token) -> str:
+        name = text_of(token)
+        if name.upper() == "INBOX":
+            return INBOX
+        if (not name or len(name) > MAX_FOLDER_NAME or any(c in name for c in "*%{}\r\n\0\\\"")
+                or name.startswith(DELIMITER) or name.endswith(DELIMITER) or "//" in name):
+            raise No("[CANNOT] Invalid mailbox name")
+        return name
+
+    async def cmd_list(self, command: Command) -> None:
+        # RFC 5258 syntax is accepted (clients that know SPECIAL-USE send "LIST (SPECIAL-USE)
+        # ..."): selection options, a list of patterns, RETURN options.
+        args = list(command.args)
+        only_special = False
+        if command.name == "LIST" and args and isinstance(args[0], list):
+            selection = args.pop(0)
+            assert isinstance(selection, list)
+            only_special = "SPECIAL-USE" in {text_of(o).upper() for o in selection}
+        if command.name == "LIST" and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
+            args = args[:2]
+        if len(args) != 2:
+            raise ImapSyntaxError(f"{command.name} needs reference and pattern")
+        reference = text_of(args[0])
+        patterns = [text_of(p) for p in args[1][:20]] if isinstance(args[1], list) else [text_of(args[1])]
+        if len(reference) + max((len(p) for p in patterns), default=0) > MAX_LIST_PATTERN:
+            # No folder name is longer: such a pattern can only cost time (matching is
+            # pattern x name per folder).
+            raise ImapSyntaxError("LIST pattern too long")
+        if patterns == [""]:
+            self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
+            self.ok(command)
+            return
+        folders = (await self.backend.index.folders(self.account))[:MAX_FOLDERS]
+        uses = await self.backend.special_uses(self.account)
+        names = set(folders)
+        # A folder whose parent does not exist (deleted, or made by another server) still
+        # needs its parent listed, as \Noselect, for "%" listings (RFC 3501 6.3.8).
+        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in folders for i in range(1, f.count(DELIMITER) + 1)}
+        for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
+            if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
+                       for p in patterns):
+                continue
+            if only_special and folder not in uses:
+                continue
+            children = any(n.startswith(folder + DELIMITER) for n in names)
+            attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
+            if folder not in names:
+                attributes.insert(0, "\\Noselect")
+            if folder in uses:
+                attributes.append(uses[folder])
+            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}')
+        self.ok(command)
+
+    async def cmd_status(self, command: Command) -> None:
+        if len(command.args) != 2 or not isinstance(command.args[1], list):
+            raise ImapSyntaxError("STATUS needs a mailbox and a list")
+        folder = self.folder_name(command.args[0])
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        status = await self.backend.index.status(self.account, folder)
+        out = []
+        messages: list[IndexedMessage] | None = None
+        for item in command.args[1]:
+            name = text_of(item).upper()
+            if name == "MESSAGES":
+                out.append(f"MESSAGES {status.exists}")
+            elif name == "RECENT":
+                out.append("RECENT 0")
+            elif name == "UIDNEXT":
+                out.append(f"UIDNEXT {status.uidnext}")
+            elif name == "UIDVALIDITY":
+                out.append(f"UIDVALIDITY {status.uidvalidity}")
+            elif name == "UNSEEN":
+                if messages is None:
+                    messages = await self.backend.index.messages(self.account, folder)
+                unseen = sum(1 for m in messages if "\\Seen" not in m.flags)
+                out.append(f"UNSEEN {unseen}")
+            else:
+                raise ImapSyntaxError("unknown STATUS item")
+        self.out(f"* STATUS {quote(folder)} ({' '.join(out)})")
+        self.ok(command)
+
+    async def cmd_create(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("CREATE needs a mailbox")
+        folder = self.folder_name(command.args[0])
+        folders = await self.backend.index.folders(self.account)
+        if folder in folders:
+            raise No("[ALREADYEXISTS] Mailbox exists")
+        await self._create_with_parents(folder, folders)
+        self.ok(command)
+
+    async def _create_with_parents(self, folder: str, folders: list[str]) -> None:
+        """RFC 3501 6.3.3: creating a/b/c also creates a and a/b when they are missing."""
+        pieces = folder.split(DELIMITER)
+        wanted = [DELIMITER.join(pieces[:i]) for i in range(1, len(pieces) + 1)]
+        missing = [name for name in wanted if name not in folders and name.upper() != INBOX]
+        if len(folders) + len(missing) > MAX_FOLDERS:
+            raise No("[LIMIT] Too many mailboxes")
+        for name in missing:
+            await self.backend.index.create_folder(self.account, name)
+
+    async def cmd_delete(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("DELETE needs a mailbox")
+        folder = self.folder_name(command.args[0])
+        if folder == INBOX:
+            raise No("[CANNOT] INBOX cannot be deleted")
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        # RFC 3501 6.3.4: the mailbox goes with its messages (Thunderbird's "Empty Trash"
+        # deletes folders that still hold mail); each removal is a durable tombstone first.
+        doomed = await self.backend.index.messages(self.account, folder)
+        await expunge(self.backend.store, self.backend.index, self.account, folder, doomed)
+        await self.backend.delete_folder(self.account, folder)
+        await self.backend.move_special_use(self.account, folder, None)
+        if self.folder == folder:
+            self.folder = None
+            self.view = []
+        await self.backend.publish_changed(self.account, folder)
+        self.ok(command)
+
+    async def cmd_rename(self, command: Command) -> None:
+        if len(command.args) != 2:
+            raise ImapSyntaxError("RENAME needs two mailbox names")
+        source = self.folder_name(command.args[0])
+        target = self.folder_name(command.args[1])
+        folders = await self.backend.index.folders(self.account)
+        if source not in folders:
+            raise No("[NONEXISTENT] No such mailbox")
+        if target == INBOX or target in folders:
+            raise No("[ALREADYEXISTS] Target mailbox exists")
+        if target.startswith(source + DELIMITER):
+            raise No("[CANNOT] A mailbox cannot be moved into itself")
+        # Inferior names move along, except under INBOX (RFC 3501 6.3.5).
+        moves = [(source, target)]
+        if source != INBOX:
+            moves += [(f, target + f[len(source):]) for f in folders if f.startswith(source + DELIMITER)]
+        if any(new in folders for _, new in moves):
+            raise No("[ALREADYEXISTS] Target mailbox exists")
+        await self._create_with_parents(target, folders)
+        for old, new in moves:
+            await self._move_folder_contents(old, new)
+            if old != INBOX:
+                await self.backend.delete_folder(self.account, old)
+                await self.backend.move_special_use(self.account, old, new)
+            await self.backend.publish_changed(self.account, old)
+        if self.folder in {old for old, _ in moves}:
+            self.folder = None
+            self.view = []
+        self.ok(command)
+
+    async def _move_folder_contents(self, old: str, new: str) -> None:
+        """Through the durable path: each message is a new delivery record in ``new`` and a
+        tombstone in ``old``, so a rebuilt index shows the rename (renaming INBOX moves its mail
+        to the new folder and leaves INBOX empty, RFC 3501 6.3.5)."""
+        await self.backend.index.create_folder(self.account, new)
+        messages = await self.backend.index.messages(self.account, old)
+        for message in messages:
+            data = await self.read_content(message)
+            record, seq = await self.backend.store.append(self.account, new, data, sorted(message.flags),
+                                                        message.internal_date_ms)
+            await self.backend.index.apply(record, M.summarize(data), seq=seq)
+        await expunge(self.backend.store, self.backend.index, self.account, old, messages)
+
+    async def cmd_subscribe(self, command: Command) -> None:
+        # Every folder is listed in LSUB: subscriptions are accepted and need no state.
+        if len(command.args) != 1:
+            raise ImapSyntaxError(f"{command.name} needs a mailbox")
+        self.folder_name(command.args[0])
+        self.ok(command)
+
+    async def cmd_namespace(self, command: Command) -> None:
+        self.out(f'* NAMESPACE (("" "{DELIMITER}")) NIL NIL')
+        self.ok(command)

@@ -1,0 +1,186 @@
+"""IMAP SEARCH (RFC 3501 6.4.4): the keys parsed into one test per message, and what the test
+needs to read (the index's header block, or the message itself for BODY and TEXT)."""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+from collections.abc import Callable
+
+from rempart.common import mime as M
+from rempart.common.mailstore import IndexedMessage
+from rempart.imap_pop.imapproto import ImapSyntaxError, Token, in_sequence_set, parse_sequence_set, text_of
+
+SEARCH_DECODE_LIMIT = 1024 * 1024
+MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+
+
+def parse_date(text: str) -> datetime.date | None:
+    try:
+        day, month, year = text.split("-")
+        return datetime.date(int(year), MONTHS.index(month.capitalize()) + 1, int(day))
+    except ValueError:
+        return None
+
+
+class SearchQuery:
+    def __init__(self, test: Callable[[int, IndexedMessage, bytes], bool], needs_content: bool,
+                 needs_body: bool) -> None:
+        self.test = test
+        self.needs_content = needs_content
+        self.needs_body = needs_body
+
+    def match(self, seq: int, message: IndexedMessage, content: bytes) -> bool:
+        return self.test(seq, message, content)
+
+
+def _flag_test(flag: str, present: bool) -> Callable[[int, IndexedMessage, bytes], bool]:
+    return lambda _s, m, _c: (flag in m.flags) == present
+
+
+def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes], bool]:
+    needle = value.lower()
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        head = M.split_header(content)[0]
+        for field_name, raw in M.header_lines(head):
+            if field_name == name.upper():
+                text = " ".join(raw.decode("utf-8", "replace").split(":", 1)[-1].split())
+                # R-MBX-7: "Café" is found whether the sender wrote it in UTF-8 (RFC 6532) or as
+                # an RFC 2047 encoded word.
+                if needle in text.lower() or needle in M.decode_words(text).lower():
+                    return True
+        return False
+
+    return test
+
+
+def _text_test(value: str, body_only: bool, parser: SearchParser) -> Callable[[int, IndexedMessage, bytes], bool]:
+    """BODY / TEXT: the raw octets, and for messages up to SEARCH_DECODE_LIMIT the decoded text
+    parts (base64, quoted-printable, charsets), case-insensitively."""
+    parser.needs_content = parser.needs_body = True
+    raw_needle = value.lower().encode("utf-8")
+    needle = value.casefold()
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        raw = M.split_header(content)[1] if body_only else content
+        if raw_needle in raw.lower():
+            return True
+        if len(content) > SEARCH_DECODE_LIMIT:
+            return False
+        return needle in M.text_for_search(content, body_only).casefold()
+
+    return test
+
+
+def _sent_date_test(key: str, day: datetime.date) -> Callable[[int, IndexedMessage, bytes], bool]:
+    """SENT*: the Date header's day, in its own time zone (RFC 3501 6.4.4)."""
+
+    def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
+        head = M.split_header(content)[0]
+        value = next((raw.split(b":", 1)[1] for name, raw in M.header_lines(head) if name == "DATE"), None)
+        if value is None:
+            return False
+        try:
+            sent = email.utils.parsedate_to_datetime(value.decode("ascii", "replace").strip()).date()
+        except (TypeError, ValueError, IndexError):
+            return False
+        return sent < day if key == "SENTBEFORE" else sent == day if key == "SENTON" else sent >= day
+
+    return test
+
+
+class SearchParser:
+    """SEARCH keys (RFC 3501 6.4.4), the common ones."""
+
+    def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int) -> None:
+        self.tokens = tokens
+        self.pos = 0
+        self.largest_seq = largest_seq
+        self.largest_uid = largest_uid
+        self.needs_content = False  # header fields at least (the index's summary has them)
+        self.needs_body = False  # BODY / TEXT: the message itself
+
+    def parse(self) -> SearchQuery:
+        tests = []
+        while self.pos < len(self.tokens):
+            tests.append(self._key())
+        return SearchQuery(lambda s, m, c: all(t(s, m, c) for t in tests), self.needs_content, self.needs_body)
+
+    def _next(self) -> Token:
+        if self.pos >= len(self.tokens):
+            raise ImapSyntaxError("search criteria end too early")
+        token = self.tokens[self.pos]
+        self.pos += 1
+        return token
+
+    def _key(self) -> Callable[[int, IndexedMessage, bytes], bool]:
+        token = self._next()
+        if isinstance(token, list):
+            inner = SearchParser(token, self.largest_seq, self.largest_uid)
+            query = inner.parse()
+            self.needs_content |= inner.needs_content
+            self.needs_body |= inner.needs_body
+            return query.test
+        key = text_of(token).upper()
+        flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
+                 "DRAFT": "\\Draft"}
+        if key == "ALL" or key == "OLD":
+            return lambda _s, _m, _c: True
+        if key in ("NEW", "RECENT"):
+            return lambda _s, _m, _c: False
+        if key in flags:
+            return _flag_test(flags[key], True)
+        if key.startswith("UN") and key[2:] in flags:
+            return _flag_test(flags[key[2:]], False)
+        if key in ("KEYWORD", "UNKEYWORD"):
+            return _flag_test(text_of(self._next()), key == "KEYWORD")
+        if key == "NOT":
+            negated = self._key()
+            return lambda s, m, c: not negated(s, m, c)
+        if key == "OR":
+            left, right = self._key(), self._key()
+            return lambda s, m, c: left(s, m, c) or right(s, m, c)
+        if key == "UID":
+            ranges = parse_sequence_set(text_of(self._next()), self.largest_uid)
+            return lambda _s, m, _c: in_sequence_set(m.uid, ranges)
+        if key in ("LARGER", "SMALLER"):
+            size_text = text_of(self._next())
+            if not size_text.isdigit():
+                raise ImapSyntaxError("bad size")
+            size = int(size_text)
+            if key == "LARGER":
+                return lambda _s, m, _c: m.size > size
+            return lambda _s, m, _c: m.size < size
+        if key in ("BEFORE", "ON", "SINCE"):
+            # Internal date (arrival), compared by day in UTC, as RFC 3501 6.4.4 asks.
+            date = parse_date(text_of(self._next()))
+            if date is None:
+                raise ImapSyntaxError("bad date")
+            day = date
+
+            def by_date(_s: int, m: IndexedMessage, _c: bytes) -> bool:
+                got = datetime.datetime.fromtimestamp(m.internal_date_ms / 1000, tz=datetime.UTC).date()
+                return got < day if key == "BEFORE" else got == day if key == "ON" else got >= day
+
+            return by_date
+        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            self.needs_content = True
+            return _header_test(key, text_of(self._next()))
+        if key == "HEADER":
+            name = text_of(self._next())
+            self.needs_content = True
+            return _header_test(name, text_of(self._next()))
+        if key in ("BODY", "TEXT"):
+            return _text_test(text_of(self._next()), body_only=key == "BODY", parser=self)
+        if key in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+            sent = parse_date(text_of(self._next()))
+            if sent is None:
+                raise ImapSyntaxError("bad date")
+            self.needs_content = True
+            return _sent_date_test(key, sent)
+        if key[:1].isdigit() or key[:1] == "*":
+            ranges = parse_sequence_set(key, self.largest_seq)
+            return lambda s, _m, _c: in_sequence_set(s, ranges)
+        raise ImapSyntaxError(f"unknown search key {key[:30]}")
+
