@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from rempart.common.events import connect_nats, ensure_streams
-from rempart.common.localstack import LocalServer, start_nats, start_redis
 from rempart.common.redisconn import connect_redis
+from rempart.common.testing.localstack import LocalServer, start_nats, start_redis
 
 
 @pytest.fixture(scope="session")

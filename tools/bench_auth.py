@@ -41,8 +41,8 @@ from pathlib import Path
 from argon2 import PasswordHasher, Type
 
 from rempart.auth.settings import AuthSettings
-from rempart.common.devstack import AdminApi, Stack, bootstrap_demo, strong_password
-from rempart.common.localstack import free_port, wait_for_port
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
+from rempart.common.testing.localstack import free_port, wait_for_port
 from rempart.common.tls import write_self_signed
 
 DOMAIN = "example.test"

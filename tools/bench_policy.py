@@ -32,9 +32,9 @@ from pathlib import Path
 import grpc
 
 from rempart.common.directory import Directory
-from rempart.common.localstack import child_env, free_port, start_nats, start_redis, wait_for_port
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.redisconn import connect_redis
+from rempart.common.testing.localstack import child_env, free_port, start_nats, start_redis, wait_for_port
 
 ECHO_METHOD = "/rempart.bench.Echo/Echo"
 

@@ -36,8 +36,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rempart.common.devstack import AdminApi, Stack, bootstrap_demo
-from rempart.common.localstack import free_port, wait_for_port
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
+from rempart.common.testing.localstack import free_port, wait_for_port
 
 SENDER = "sender@remote.test"
 DOMAIN = "example.test"

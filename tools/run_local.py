@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from rempart.common.devstack import Stack, StackInterrupted, bootstrap_demo, totp_secret_for  # noqa: E402
+from rempart.common.testing.devstack import Stack, StackInterrupted, bootstrap_demo, totp_secret_for  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

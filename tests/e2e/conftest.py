@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack, bootstrap_demo
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ to chosen loopback source addresses, settings changes that wait until the servic
 them, a second policy replica, mailbox reads over POP3, and IMAP clients bound to chosen loopback
 source addresses.
 
-The DNS server is :class:`rempart.common.dnsserver.LoopbackDnsServer` (real packets on
+The DNS server is :class:`rempart.common.testing.dnsserver.LoopbackDnsServer` (real packets on
 loopback) running on its own event loop in a thread, because the e2e tests are synchronous
 clients; every change to its zone or mode is made on that loop.
 """
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rempart.common.devstack import MODULES, AdminApi, Stack
-from rempart.common.dnsserver import LoopbackDnsServer, Mode
-from rempart.common.localstack import free_port
+from rempart.common.testing.devstack import MODULES, AdminApi, Stack
+from rempart.common.testing.dnsserver import LoopbackDnsServer, Mode
+from rempart.common.testing.localstack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicas import Replica, wait_ready

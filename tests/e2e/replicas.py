@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rempart.common.devstack import MODULES, Stack
-from rempart.common.localstack import free_port
+from rempart.common.testing.devstack import MODULES, Stack
+from rempart.common.testing.localstack import free_port
 
 EDGE_PORT_VARS = {"smtp": "REMPART_SMTP_PORT", "submission": "REMPART_SUBMISSION_PORT",
                   "smtps": "REMPART_SMTPS_PORT", "ops": "REMPART_OPS_PORT"}

@@ -31,7 +31,8 @@ import pyotp
 import pytest
 import scramp
 
-from rempart.common.devstack import AdminApi, Stack, strong_password
+from rempart.common.testing.devstack import AdminApi, Stack, strong_password
+from rempart.common.testing.polling import wait_until
 from rempart.imap_pop import replies as imap_replies
 from rempart.smtp_edge import replies as smtp_replies
 
@@ -157,17 +158,6 @@ def last_event_seq(admin: AdminApi) -> int:
     status, body = admin.call("GET", "/v1/events?limit=1")
     assert status == 200 and isinstance(body, dict), body
     return int(body["events"][0]["seq"]) if body["events"] else 0
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 15.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def unblock(admin: AdminApi, ips: list[str]) -> None:

@@ -37,7 +37,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rempart.common.localstack import free_port, nats_binary, redis_binary, wait_for_port
+from rempart.common.testing.localstack import free_port, nats_binary, redis_binary, wait_for_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "rempart"

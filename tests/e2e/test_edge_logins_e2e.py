@@ -20,8 +20,8 @@ from typing import TypeVar
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack, strong_password
 from rempart.common.sasl import Credentials, ScramClient, plain_message
+from rempart.common.testing.devstack import AdminApi, Stack, strong_password
 from rempart.imap_pop import replies as imap_replies
 from rempart.smtp_edge import replies as smtp_replies
 

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from rempart.common.devstack import Stack
+from rempart.common.testing.devstack import Stack
 
 
 def tls_context(stack: Stack) -> ssl.SSLContext:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack
-from rempart.common.localstack import free_port
+from rempart.common.testing.devstack import AdminApi, Stack
+from rempart.common.testing.localstack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from replicas import Haproxy, Replica, start_edge_replica, start_haproxy, wait_ready

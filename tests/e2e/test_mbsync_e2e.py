@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack, strong_password
+from rempart.common.testing.devstack import AdminApi, Stack, strong_password
 
 pytestmark = pytest.mark.skipif(shutil.which("mbsync") is None, reason="mbsync (Debian's isync) is not installed")
 

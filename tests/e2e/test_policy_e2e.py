@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack, bootstrap_demo
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_harness import (

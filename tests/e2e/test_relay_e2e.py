@@ -26,8 +26,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from rempart.common.devstack import AdminApi, Stack, bootstrap_demo
-from rempart.common.localstack import free_port
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
+from rempart.common.testing.localstack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policy_harness import DnsThread, admin_for

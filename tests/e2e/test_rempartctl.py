@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack
+from rempart.common.testing.devstack import AdminApi, Stack
 
 pytestmark = pytest.mark.timeout(120)
 

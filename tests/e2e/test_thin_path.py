@@ -13,12 +13,12 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-import time
 import uuid
 
 import pytest
 
-from rempart.common.devstack import AdminApi, Stack
+from rempart.common.testing.devstack import AdminApi, Stack
+from rempart.common.testing.polling import wait_until
 
 
 def tls_context(stack: Stack) -> ssl.SSLContext:
@@ -39,17 +39,6 @@ def submit(stack: Stack, user: str, password: str, to: str, subject: str) -> tup
             return client.data(f"From: {user}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\nHello over Rempart.\r\n".encode())
         except smtplib.SMTPDataError as exc:
             return exc.smtp_code, exc.smtp_error
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = ""):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def test_r_ops_3_submission_to_pop3_and_imap(stack: Stack, demo: dict[str, str]) -> None:

@@ -103,7 +103,7 @@ async def test_an_older_policy_service_without_streams_is_asked_the_unary_way(
 
 
 async def test_policy_down_is_a_tempfail_never_an_accept() -> None:
-    from rempart.common.localstack import free_port
+    from rempart.common.testing.localstack import free_port
 
     client = PolicyClient(f"127.0.0.1:{free_port()}", timeout=0.5)
     verdict = await client.session().check(rcpt("a@example.org"))

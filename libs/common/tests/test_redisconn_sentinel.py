@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from rempart.common.localstack import start_redis_sentinel_group
 from rempart.common.redisconn import (
     BlockingSentinelConnectionPool,
     RedisUrlError,
@@ -18,6 +17,7 @@ from rempart.common.redisconn import (
     connect_redis,
     parse_sentinel_url,
 )
+from rempart.common.testing.localstack import start_redis_sentinel_group
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -8,7 +8,7 @@ import pytest
 from nats.js import api as jsapi
 
 from rempart.common.events import BLOB_BUCKET, EVENTS_STREAM, MAIL_STREAM, connect_nats, ensure_streams
-from rempart.common.localstack import start_nats_cluster
+from rempart.common.testing.localstack import start_nats_cluster
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -15,9 +15,9 @@ from prometheus_client import REGISTRY
 from rempart.auth.app import serve
 from rempart.auth.settings import AuthSettings
 from rempart.common.directory import Directory
-from rempart.common.localstack import free_port, start_redis
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.redisconn import connect_redis
+from rempart.common.testing.localstack import free_port, start_redis
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -18,10 +18,10 @@ from nats.aio.client import Client as NATS
 
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
-from rempart.common.localstack import free_port
 from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2_grpc
+from rempart.common.testing.localstack import free_port
 from rempart.common.tls import CertPair, ServerTls
 from rempart.imap_pop.listeners import ImapPopServer
 from rempart.imap_pop.session import Backend

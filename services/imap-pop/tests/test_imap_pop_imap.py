@@ -21,6 +21,7 @@ from imappop_helpers import (
 )
 
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.testing.polling import eventually
 from rempart.imap_pop import replies as R
 
 pytestmark = pytest.mark.timeout(60)
@@ -347,7 +348,7 @@ async def test_auth_service_down_gives_temporary_failure(start_service) -> None:
 
 
 async def test_policy_down_closes_with_tempfail(start_service) -> None:  # type: ignore[no-untyped-def]
-    from rempart.common.localstack import free_port
+    from rempart.common.testing.localstack import free_port
 
     service = await start_service(policy_target=f"127.0.0.1:{free_port()}")
 
@@ -374,7 +375,8 @@ async def test_drain_says_bye_to_waiting_clients(start_service) -> None:  # type
     service = await start_service()
     raw = await asyncio.to_thread(raw_connect, service.ports["imap"])
     await asyncio.to_thread(raw.line)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: any(s.waiting_for_command for s in service.server._sessions), timeout=5,
+                     what="the session to wait for a command")
     await service.server.drain(2.0)
     assert await asyncio.to_thread(raw.line) == R.IMAP_BYE_SHUTDOWN.encode()
 

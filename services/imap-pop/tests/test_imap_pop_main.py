@@ -14,9 +14,9 @@ import grpc
 import pytest
 from imappop_helpers import BOB, BOB_PASSWORD, AuthServicer, PolicyServicer, raw_connect
 
-from rempart.common.localstack import free_port, wait_for_port
 from rempart.common.pb.auth.v1 import auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2_grpc
+from rempart.common.testing.localstack import free_port, wait_for_port
 from rempart.imap_pop import replies as R
 
 

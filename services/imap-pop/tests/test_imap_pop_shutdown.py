@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rempart.common.localstack import LocalServer, free_port, start_nats, wait_for_port
+from rempart.common.testing.localstack import LocalServer, free_port, start_nats, wait_for_port
 
 # make run gives a service 6 s after SIGTERM (devstack.SERVICE_STOP_GRACE); the drain grace is 1 s here.
 EXIT_WITHIN_SECONDS = 6.0

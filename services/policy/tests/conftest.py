@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from policy_testkit import BASE_ZONE, Policy, make_directory, started_policy
 
-from rempart.common.dnsserver import LoopbackDnsServer
+from rempart.common.testing.dnsserver import LoopbackDnsServer
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from policy_testkit import TRUSTED_IP, UNTRUSTED_IP, Policy, started_policy
 
 from rempart.common import keys
 from rempart.common.config import SettingsStore
-from rempart.common.dnsserver import LoopbackDnsServer
 from rempart.common.events import EventBus, connect_nats
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
+from rempart.common.testing.dnsserver import LoopbackDnsServer
 from rempart.policy import intrusion
 
 HELO_RULES = [

@@ -11,8 +11,8 @@ import srslib
 from policy_testkit import TRUSTED_IP, Policy
 
 from rempart.common.directory import Directory
-from rempart.common.dnsserver import LoopbackDnsServer
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
+from rempart.common.testing.dnsserver import LoopbackDnsServer
 from rempart.policy import intrusion
 from rempart.policy.srs import HASH_LENGTH
 

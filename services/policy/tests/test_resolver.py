@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rempart.common.dnsserver import LoopbackDnsServer
+from rempart.common.testing.dnsserver import LoopbackDnsServer
 from rempart.policy.resolver import CachingResolver, DnsTemporaryError, parse_nameservers, reverse_name
 
 

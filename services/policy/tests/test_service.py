@@ -15,10 +15,10 @@ from nats.aio.msg import Msg
 from policy_testkit import UNTRUSTED_IP, Policy, make_directory, started_policy
 from prometheus_client import REGISTRY
 
-from rempart.common.localstack import child_env, free_port, start_redis, wait_for_port
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
 from rempart.common.redisconn import connect_redis
+from rempart.common.testing.localstack import child_env, free_port, start_redis, wait_for_port
 from rempart.policy import intrusion, replies
 
 

@@ -13,7 +13,7 @@ import email.policy
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,11 @@ from nats.aio.client import Client as NATS
 
 from rempart.common.config import SettingsStore
 from rempart.common.directory import Directory
-from rempart.common.dnsserver import LoopbackDnsServer
-from rempart.common.localstack import free_port
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
+from rempart.common.testing.dnsserver import LoopbackDnsServer
+from rempart.common.testing.localstack import free_port
+from rempart.common.testing.polling import eventually
 from rempart.smtp_edge.relay import queue as relay_queue
 from rempart.smtp_edge.relay.app import Relay
 from rempart.smtp_edge.relay.dsn import RecipientReport, build_dsn
@@ -166,20 +167,6 @@ async def running_relay(redis_url: str, nats_url: str, dns: LoopbackDnsServer, m
 async def configure(redis: aioredis.Redis, **outbound: Any) -> None:
     doc: dict[str, Any] = {"outbound": {"retry_backoff_seconds": [0.5], **outbound}}
     await SettingsStore(redis).put_doc("server", doc)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout: float = 20.0,
-                     what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def local_sender(redis: aioredis.Redis, address: str = "alice@example.org") -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from nats.aio.client import Client as NATS
 
-from rempart.common.dnsserver import LoopbackDnsServer
-from rempart.common.localstack import free_port
 from rempart.common.mailstore import MessageStore
+from rempart.common.testing.dnsserver import LoopbackDnsServer
+from rempart.common.testing.localstack import free_port
 
 MESSAGES = 1000
 

@@ -26,6 +26,7 @@ from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
+from rempart.common.testing.polling import eventually
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.app import SmtpEdge
 from rempart.smtp_edge.settings import SmtpEdgeSettings
@@ -438,7 +439,9 @@ async def test_sigterm_drain_421_to_new_sessions_while_open_ones_finish(edge: Ed
     client = await asyncio.to_thread(smtplib.SMTP, "127.0.0.1", edge.port("smtp"), timeout=10)
     await asyncio.to_thread(client.ehlo, "client.test")
     drain = asyncio.create_task(edge.edge.drain(10))
-    await asyncio.sleep(0.3)
+    handler = edge.edge.handler
+    assert handler is not None
+    await eventually(lambda: handler.draining, timeout=5, what="the edge to start draining")
     out = await asyncio.to_thread(raw_session, edge.port("smtp"), [b""])
     assert out == b"421 4.3.2 Service shutting down, try again later\r\n"
 
@@ -622,7 +625,7 @@ async def test_r_tls_3_openssl_starttls_smtp_defaults(edge: Edge, tls_files: tup
 @pytest.mark.parametrize("forward_matches", [True, False])
 async def test_r_tls_5_received_header_carries_confirmed_rdns(
         redis_url: str, nats_url: str, tls_files: tuple[str, str], forward_matches: bool) -> None:
-    from rempart.common.dnsserver import LoopbackDnsServer
+    from rempart.common.testing.dnsserver import LoopbackDnsServer
 
     zone = {"3.0.0.127.in-addr.arpa": {"PTR": ["client.rdns.test."]},
             "client.rdns.test": {"A": ["127.0.0.3" if forward_matches else "192.0.2.1"]}}

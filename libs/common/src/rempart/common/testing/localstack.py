@@ -331,11 +331,6 @@ def _sync_redis(port: int, password: str) -> redis.Redis:
                        socket_connect_timeout=2, decode_responses=True)
 
 
-def nats_varz(server: LocalServer) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.extra['monitor']}/varz", timeout=5) as resp:
-        return str(resp.read().decode())
-
-
 def child_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(overrides)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rempart.common.localstack import LocalServer, free_port, start_nats, start_redis
+from rempart.common.testing.localstack import LocalServer, free_port, start_nats, start_redis
 from rempart.common.tls import write_self_signed
 
 SERVICES = ("policy", "auth", "smtp-edge", "imap-pop", "admin-api")

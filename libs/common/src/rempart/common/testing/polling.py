@@ -1,0 +1,39 @@
+"""Waiting for a condition in a test: poll it until a deadline, and say what never happened."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+POLL_SECONDS = 0.05
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], timeout: float = 20.0,
+                     what: str = "condition") -> None:
+    """Return once ``check()`` (plain or awaitable) is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "condition",
+               every: float = 0.2) -> T:
+    """The first true value of ``predicate()``; fail after ``timeout`` seconds with the last one."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
