@@ -384,9 +384,6 @@ class SettingsCache:
         self._effective[cache_key] = result
         return result
 
-    async def scoped_doc(self, scope: str) -> dict[str, Any]:
-        return dict(await self._scoped_doc(scope))
-
     async def _scoped_doc(self, scope: str) -> dict[str, Any]:
         doc = self._docs.get(scope)
         if doc is None:

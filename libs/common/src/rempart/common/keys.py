@@ -115,10 +115,6 @@ def mailbox_folders(mailbox: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:folders"
 
 
-def mailbox_pattern(mailbox: str) -> str:
-    return f"{PREFIX}mbx:{{{mailbox}}}:*"
-
-
 # Outside the rp:mbx: space so that a flush keeps it: UIDVALIDITY only ever grows.
 UIDVALIDITY_SEQ = PREFIX + "uidvalidity:seq"
 MAILBOX_ALL_PATTERN = PREFIX + "mbx:*"

@@ -135,9 +135,6 @@ class ServiceRuntime:
             # Still connecting (maybe retrying a NATS or Redis that is gone): stop trying.
             self._starting.cancel()
 
-    def request_shutdown(self) -> None:
-        self._shutdown.set()
-
     async def wait_for_shutdown(self) -> None:
         await self._shutdown.wait()
 

@@ -70,7 +70,7 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def setup_tracing(service: str) -> trace.Tracer:
+def setup_tracing(service: str) -> None:
     """A tracer provider per the OTEL_* variables: OTLP when an endpoint is set and the
     exporter package is installed, console when OTEL_TRACES_EXPORTER=console, else none."""
     exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp")
@@ -90,4 +90,3 @@ def setup_tracing(service: str) -> trace.Tracer:
                 "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OTLP exporter is not installed; traces are off"
             )
     trace.set_tracer_provider(provider)
-    return trace.get_tracer(f"rempart.{service}")

@@ -65,9 +65,6 @@ class ScramKeys:
         except (ValueError, binascii.Error):
             return None
 
-    def as_auth_info(self) -> tuple[bytes, bytes, bytes, int]:
-        return self.salt, self.stored_key, self.server_key, self.iterations
-
 
 def derive_scram_keys(password: str, iterations: int, salt: bytes | None = None) -> ScramKeys | None:
     """The keys of ``password``; None when SASLprep (RFC 4013) forbids a character in it, in

@@ -138,13 +138,6 @@ class ImapPopServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def stop_accepting(self) -> None:
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 0.1)
-
     async def drain(self, grace: float) -> None:
         """Stop accepting; idle sessions get BYE now, busy ones after their command."""
         self.backend.draining = True

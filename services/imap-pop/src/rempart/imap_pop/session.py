@@ -240,7 +240,3 @@ def verdict_text(verdict: policy_pb2.Verdict, default: str = "Connection refused
     elif len(words) >= 2 and words[0].isdigit() and len(words[0]) == 3:
         text = text[4:]
     return " ".join(text.split()) or default
-
-
-async def sleep_forever() -> None:
-    await asyncio.Event().wait()
