@@ -1,0 +1,534 @@
+"""IMAP read benchmark (issue 15): a 10,000-message INBOX read over one connection, Rempart beside Dovecot.
+
+Both servers hold the same messages (about 2 KB each, generated from a fixed seed, none \\Seen):
+
+* Rempart: the whole suite started by ``rempart.common.devstack.Stack`` (free ports, a temporary
+  directory); the messages reach the demo user's INBOX by IMAP ``APPEND`` with LITERAL+
+  (pipelined on one connection), so they take the path of any client's upload: blob and record
+  fsynced in JetStream, the Redis index written.
+* Dovecot (Debian ``dovecot-imapd``, installed with apt-get when missing): a private instance
+  in a temporary directory (its own base_dir, listener, log), one user whose INBOX is a maildir
+  written directly with the same bytes, one file per message.
+
+On one IMAPS connection to each: ``SELECT INBOX``, then twice each (the first run is cold for the
+server: Dovecot builds its index and header cache, Rempart reads its index and JetStream for
+the first time; the files are in the OS page cache on both sides, having just been written)
+
+* header sync: ``FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])``;
+* full bodies: ``FETCH 1:* BODY.PEEK[]``.
+
+Prints messages per second (and MB/s of literal data) for each run and the ratio
+Rempart/Dovecot. A FETCH that ends in ``NO``/``BAD``, returns fewer messages than the mailbox
+holds, loses its connection or runs out of time is reported as FAILED with what arrived before,
+and the benchmark goes on with the next measurement (exit code 1 at the end).
+Needs root for Dovecot (apt-get, and Dovecot's own privilege separation).
+
+    tools/bench_imap.py [--quick] [--messages N] [--only rempart|dovecot] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import grp
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
+from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.tls import write_self_signed
+
+DOMAIN = "example.test"
+DOVECOT_USER = "bench"
+HEADER_FIELDS = "FROM TO SUBJECT DATE MESSAGE-ID"
+FETCHES = {
+    "header sync": f"FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])",
+    "full bodies": "FETCH 1:* BODY.PEEK[]",
+}
+RUNS = ("first", "repeat")
+APPEND_WINDOW = 64  # APPENDs in flight on the filling connection (LITERAL+: no round trip each)
+LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
+FETCH_LINE = re.compile(rb"^\* \d+ FETCH ")
+WORDS = ("mail relay policy header mailbox index stream replica folder message account server "
+         "client session fetch flags archive report quarter budget meeting draft review notes").split()
+
+
+def log(message: str) -> None:
+    print(f"[bench-imap {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The messages
+# ---------------------------------------------------------------------------------------------
+def make_messages(count: int, seed: int = 15) -> list[bytes]:
+    """``count`` plain-text messages of 1.8-2.2 KB with CRLF line ends, the same on every run."""
+    rng = random.Random(seed)
+    start = 1_780_000_000
+    messages = []
+    for n in range(count):
+        sender = f"sender{rng.randrange(200)}@example.net"
+        subject = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(3, 9)))
+        head = (f"From: Sender {n % 200} <{sender}>\r\n"
+                f"To: Demo <demo@{DOMAIN}>\r\n"
+                f"Subject: {subject} #{n}\r\n"
+                f"Date: {email.utils.formatdate(start + 37 * n)}\r\n"
+                f"Message-ID: <bench.{seed}.{n}@example.net>\r\n"
+                "MIME-Version: 1.0\r\n"
+                "Content-Type: text/plain; charset=us-ascii\r\n"
+                "\r\n")
+        target = rng.randrange(1800, 2200)
+        lines: list[str] = []
+        size = len(head)
+        while size < target:
+            line = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(6, 12)))
+            lines.append(line)
+            size += len(line) + 2
+        messages.append((head + "\r\n".join(lines) + "\r\n").encode())
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# A small IMAP client: one connection, responses read with their literals
+# ---------------------------------------------------------------------------------------------
+class ImapError(Exception):
+    """The server refused a command we need (login, select, append)."""
+
+
+@dataclass
+class Response:
+    tagged: bytes  # b"" when the connection ended first
+    untagged: int  # untagged FETCH responses
+    literal_bytes: int
+    seconds: float
+
+
+class ImapConnection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.tag_number = 0
+
+    @classmethod
+    async def open(cls, port: int, cafile: str) -> ImapConnection:
+        ctx = ssl.create_default_context(cafile=cafile)
+        ctx.check_hostname = False
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost",
+                                                       limit=1 << 22)
+        connection = cls(reader, writer)
+        greeting = await reader.readline()
+        if not greeting.startswith(b"* OK"):
+            raise ImapError(f"greeting: {greeting[:200]!r}")
+        return connection
+
+    def next_tag(self) -> str:
+        self.tag_number += 1
+        return f"b{self.tag_number}"
+
+    async def read_response(self, tag: str) -> Response:
+        """Everything up to the tagged reply of ``tag``, literals included; counts FETCH lines."""
+        started = time.perf_counter()
+        untagged = literal_bytes = 0
+        prefix = tag.encode() + b" "
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                return Response(b"", untagged, literal_bytes, time.perf_counter() - started)
+            first = line
+            # A response line may carry several literals: "... {n}\r\n<n bytes>rest of the line".
+            while (literal := LITERAL.search(line)) is not None:
+                size = int(literal.group(1))
+                await self.reader.readexactly(size)
+                literal_bytes += size
+                line = await self.reader.readline()
+                if not line:
+                    return Response(b"", untagged, literal_bytes, time.perf_counter() - started)
+            if FETCH_LINE.match(first):
+                untagged += 1
+            elif first.startswith(prefix):
+                return Response(first.rstrip(), untagged, literal_bytes, time.perf_counter() - started)
+
+    async def command(self, text: str) -> Response:
+        tag = self.next_tag()
+        self.writer.write(f"{tag} {text}\r\n".encode())
+        return await self.read_response(tag)
+
+    async def must(self, text: str) -> Response:
+        response = await self.command(text)
+        if not response.tagged.split(b" ", 2)[1:2] == [b"OK"]:
+            shown = text if not text.startswith("LOGIN") else "LOGIN ..."
+            raise ImapError(f"{shown}: {response.tagged[:300]!r}")
+        return response
+
+    async def login(self, user: str, password: str) -> None:
+        await self.must(f'LOGIN "{user}" "{password}"')
+
+    async def select(self, folder: str = "INBOX") -> tuple[int, float]:
+        """Selects ``folder``; returns its EXISTS count and the seconds SELECT took."""
+        tag = self.next_tag()
+        started = time.perf_counter()
+        self.writer.write(f"{tag} SELECT {folder}\r\n".encode())
+        exists = -1
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ImapError("connection closed during SELECT")
+            found = re.match(rb"^\* (\d+) EXISTS", line)
+            if found:
+                exists = int(found.group(1))
+            if line.startswith(tag.encode() + b" "):
+                if not line.startswith(tag.encode() + b" OK"):
+                    raise ImapError(f"SELECT {folder}: {line[:300]!r}")
+                return exists, time.perf_counter() - started
+
+    async def append_all(self, folder: str, messages: list[bytes]) -> float:
+        """APPEND every message with LITERAL+, ``APPEND_WINDOW`` in flight; returns the seconds."""
+        started = time.perf_counter()
+        pending: list[str] = []
+        done = 0
+
+        async def settle(oldest: str) -> None:
+            response = await self.read_response(oldest)
+            if not response.tagged.startswith(f"{oldest} OK".encode()):
+                raise ImapError(f"APPEND {done + 1} of {len(messages)}: {response.tagged[:300]!r}")
+
+        for message in messages:
+            tag = self.next_tag()
+            self.writer.write(f"{tag} APPEND {folder} {{{len(message)}+}}\r\n".encode() + message + b"\r\n")
+            pending.append(tag)
+            if len(pending) >= APPEND_WINDOW:
+                await self.writer.drain()
+                await settle(pending.pop(0))
+                done += 1
+                if done % 1000 == 0:
+                    log(f"  {done} appended ({done / (time.perf_counter() - started):.0f}/s)")
+        await self.writer.drain()
+        while pending:
+            await settle(pending.pop(0))
+            done += 1
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await self.command("LOGOUT")
+        except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        self.writer.close()
+        try:
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
+        except (OSError, TimeoutError, ssl.SSLError):
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Measure:
+    target: str
+    what: str
+    run: str
+    expected: int
+    messages: int = 0
+    literal_bytes: int = 0
+    seconds: float = 0.0
+    failure: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and self.messages == self.expected
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        megabytes = self.literal_bytes / 1e6
+        figures = (f"{self.rate:,.0f} msg/s ({self.messages:,}/{self.expected:,} in {self.seconds:.2f} s; "
+                   f"literals {megabytes:.2f} MB, {megabytes / max(self.seconds, 1e-9):.1f} MB/s)")
+        if self.ok:
+            return f"RESULT {self.target} {self.what} ({self.run}): {figures}"
+        reason = self.failure or f"only {self.messages:,} of {self.expected:,} messages answered"
+        return f"RESULT {self.target} {self.what} ({self.run}): FAILED: {reason}; before that: {figures}"
+
+
+async def measure_fetches(target: str, port: int, cafile: str, user: str, password: str, expected: int,
+                          timeout: float) -> list[Measure]:
+    """One connection: SELECT, then each FETCH of FETCHES once per run. A failed FETCH is
+    recorded; when the connection is lost with it, a new one is opened for the next."""
+    results: list[Measure] = []
+    connection: ImapConnection | None = None
+    try:
+        for run in RUNS:
+            for what, command in FETCHES.items():
+                if connection is None:
+                    connection = await ImapConnection.open(port, cafile)
+                    await connection.login(user, password)
+                    exists, select_seconds = await connection.select()
+                    log(f"{target}: SELECT INBOX: {exists:,} messages in {select_seconds:.2f} s")
+                    if exists != expected:
+                        log(f"{target}: WARNING: INBOX holds {exists:,} messages, {expected:,} expected")
+                result = Measure(target, what, run, expected)
+                load = os.getloadavg()[0]
+                try:
+                    async with asyncio.timeout(timeout):
+                        response = await connection.command(command)
+                except TimeoutError:
+                    result.failure = f"no tagged reply within {timeout:.0f} s"
+                    response = None
+                except (OSError, ssl.SSLError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                        ValueError) as exc:
+                    result.failure = f"connection error: {type(exc).__name__}: {exc}"
+                    response = None
+                if response is not None:
+                    result.messages, result.literal_bytes = response.untagged, response.literal_bytes
+                    result.seconds = response.seconds
+                    if not response.tagged:
+                        result.failure = "connection closed before the tagged reply"
+                    elif not response.tagged.split(b" ", 2)[1:2] == [b"OK"]:
+                        result.failure = f"server answered {response.tagged.decode(errors='replace')[:300]}"
+                if result.failure:
+                    # The stream may be mid-response: start over on a fresh connection.
+                    connection.writer.close()
+                    connection = None
+                log(f"{result.line().removeprefix('RESULT ')} (load average {load:.1f})")
+                results.append(result)
+    finally:
+        if connection is not None:
+            await connection.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Rempart
+# ---------------------------------------------------------------------------------------------
+def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Measure]:
+    stack = Stack(workdir=workdir / "rempart")
+    try:
+        log(f"starting the Rempart suite (logs in {stack.workdir})")
+        stack.start()
+        demo = bootstrap_demo(stack, DOMAIN)
+        api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
+        api.login(stack.admin_email, stack.admin_password)
+        # Only reading is measured: intrusion prevention's connection limits stay out of the way.
+        status, body = api.call("PATCH", "/v1/settings", {"ips": {"whitelist": ["127.0.0.1/32", "::1/128"]}})
+        if status != 200:
+            raise RuntimeError(f"PATCH /v1/settings failed: {status} {body}")
+        time.sleep(1.5)  # config.changed reaches every service well within this (R-OPS-1)
+        port, user, password = stack.ports["imap-pop.imaps"], demo["user"], demo["user_password"]
+
+        async def fill() -> float:
+            connection = await ImapConnection.open(port, stack.cert_file)
+            try:
+                await connection.login(user, password)
+                return await connection.append_all("INBOX", messages)
+            finally:
+                await connection.close()
+
+        log(f"rempart: APPEND {len(messages):,} messages to {user}'s INBOX")
+        seconds = asyncio.run(asyncio.wait_for(fill(), args.timeout))
+        log(f"rempart: filled in {seconds:.1f} s ({len(messages) / seconds:.0f} APPEND/s)")
+        results = asyncio.run(measure_fetches("rempart", port, stack.cert_file, user, password, len(messages),
+                                              args.timeout))
+        for name, proc in stack.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} died during the benchmark:\n{stack.log_tail(name)}")
+        return results
+    finally:
+        stack.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dovecot
+# ---------------------------------------------------------------------------------------------
+def ensure_dovecot() -> str:
+    found = shutil.which("dovecot")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise SystemExit("dovecot missing and not root: apt-get install dovecot-imapd first")
+    log("installing Debian dovecot-imapd")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "dovecot-imapd"]
+    if subprocess.run(install, env=env, timeout=600, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, timeout=600, check=True, capture_output=True)
+        subprocess.run(install, env=env, timeout=600, check=True, capture_output=True)
+    found = shutil.which("dovecot")
+    if not found:
+        raise SystemExit("apt-get installed dovecot-imapd but dovecot is not on PATH")
+    return found
+
+
+def dovecot_config(base: Path, port: int, cert_file: str, key_file: str, passwd: Path, uid: int, gid: int) -> str:
+    return f"""# Private benchmark instance (tools/bench_imap.py); nothing system-wide is touched.
+protocols = imap
+listen = 127.0.0.1
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+info_log_path = {base}/dovecot.log
+ssl = required
+ssl_cert = <{cert_file}
+ssl_key = <{key_file}
+ssl_min_protocol = TLSv1.2
+auth_mechanisms = plain login
+mail_location = maildir:~/Maildir
+first_valid_uid = {uid}
+first_valid_gid = {gid}
+passdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={base}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = {port}
+    ssl = yes
+  }}
+}}
+"""
+
+
+def write_maildir(home: Path, messages: list[bytes], uid: int, gid: int) -> None:
+    """The INBOX as a maildir: one file per message in cur/, no flags (":2,"), sizes in the name."""
+    maildir = home / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    received = 1_780_000_000
+    for n, message in enumerate(messages):
+        path = maildir / "cur" / f"{received + n}.M{n}P1.bench,S={len(message)}:2,"
+        path.write_bytes(message)
+        os.utime(path, (received + n, received + n))  # arrival order = file time order
+    for path in [home, *home.rglob("*")]:
+        os.chown(path, uid, gid)
+
+
+def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Measure]:
+    binary = ensure_dovecot()
+    base = workdir / "dovecot"
+    for sub in ("run", "state", "home"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    for path in (workdir, base):
+        path.chmod(0o755)
+    pair = write_self_signed(base / "tls", ["localhost", "127.0.0.1"])
+    password = strong_password()
+    passwd = base / "passwd"
+    passwd.write_text(f"{DOVECOT_USER}:{{PLAIN}}{password}\n")
+    passwd.chmod(0o644)
+    log(f"dovecot: writing {len(messages):,} messages to a maildir")
+    write_maildir(base / "home" / DOVECOT_USER, messages, uid, gid)
+    os.chown(base / "home", uid, gid)
+    port = free_port()
+    conf = base / "dovecot.conf"
+    conf.write_text(dovecot_config(base, port, pair.cert_file, pair.key_file, passwd, uid, gid))
+    log(f"dovecot: starting on 127.0.0.1:{port} (config {conf})")
+    with open(base / "stdout.log", "wb") as out:
+        proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        try:
+            wait_for_port("127.0.0.1", port, timeout=20, proc=proc)
+        except (TimeoutError, RuntimeError) as exc:
+            log_file = base / "dovecot.log"
+            tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+            raise RuntimeError(f"Dovecot did not start: {exc}\n{tail}") from exc
+        return asyncio.run(measure_fetches("dovecot", port, pair.cert_file, DOVECOT_USER, password, len(messages),
+                                           args.timeout))
+    finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=10_000, help="messages in the INBOX (default 10,000)")
+    parser.add_argument("--quick", action="store_true", help="1,000 messages (a smoke run)")
+    parser.add_argument("--only", choices=("rempart", "dovecot"), help="run one side only")
+    parser.add_argument("--timeout", type=float, default=600.0, help="bound on each FETCH, seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.messages = min(args.messages, 1_000)
+    if args.messages < 1:
+        parser.error("--messages must be positive")
+    return args
+
+
+def summary(results: list[Measure], args: argparse.Namespace) -> None:
+    print(f"\nIMAP read benchmark: one IMAPS connection, {args.messages:,} messages of about 2 KB in INBOX, "
+          f"{os.cpu_count()} cores")
+    for result in results:
+        print(result.line())
+    by_key = {(r.target, r.what, r.run): r for r in results}
+    for what in FETCHES:
+        for run in RUNS:
+            ours, theirs = by_key.get(("rempart", what, run)), by_key.get(("dovecot", what, run))
+            if ours is None or theirs is None:
+                continue
+            if ours.ok and theirs.ok and theirs.rate > 0:
+                print(f"ratio rempart/dovecot {what} ({run}): {ours.rate / theirs.rate:.2f} "
+                      f"({ours.rate:,.0f} vs {theirs.rate:,.0f} msg/s)")
+            else:
+                failed = " and ".join(m.target for m in (ours, theirs) if not m.ok)
+                print(f"ratio rempart/dovecot {what} ({run}): none, the FETCH failed on {failed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="rempart-bench-imap-"))
+    messages = make_messages(args.messages)
+    log(f"{len(messages):,} messages, {sum(map(len, messages)) / len(messages):,.0f} bytes on average")
+    results: list[Measure] = []
+    failed = False
+    sides = [("rempart", bench_rempart), ("dovecot", bench_dovecot)]
+    try:
+        for name, bench in sides:
+            if args.only in (None, name):
+                try:
+                    results += bench(args, workdir, messages)
+                except (RuntimeError, TimeoutError, OSError, ImapError, subprocess.SubprocessError) as exc:
+                    log(f"{name} failed: {type(exc).__name__}: {exc}")
+                    failed = True
+    finally:
+        summary(results, args)
+        ok = not failed and bool(results) and all(r.ok for r in results)
+        if args.keep or not ok:
+            log(f"kept {workdir} (logs, configs)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
