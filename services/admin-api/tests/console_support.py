@@ -45,6 +45,13 @@ class TotpAuthService(InTestAuthService):
             self.totp_on.add(request.account)
         return reply
 
+    async def TotpDisable(self, request: auth_pb2.TotpDisableRequest, context: object) -> auth_pb2.TotpDisableResponse:
+        if request.account not in self.totp_on or request.code != LOGIN_CODE:
+            return auth_pb2.TotpDisableResponse(ok=False)
+        self.totp_on.discard(request.account)
+        self.totp_secrets.pop(request.account, None)
+        return auth_pb2.TotpDisableResponse(ok=True)
+
 
 @pytest.fixture
 async def auth_server(redis: aioredis.Redis) -> AsyncIterator[tuple[InTestAuthService, int]]:

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+from fastapi import Response
 from fastapi.routing import APIRoute
+from pydantic import ValidationError
 
 from rempart.admin_api import routes_auth, routes_directory, routes_events, routes_twofactor
 from rempart.admin_api.backend import require_admin, require_superadmin
 from rempart.admin_api.console import routes_account, routes_admin, routes_login, routes_operations
 from rempart.admin_api.console.calls import declared_role_check
-from rempart.admin_api.console.security import CONTENT_SECURITY_POLICY
+from rempart.admin_api.console.security import CONTENT_SECURITY_POLICY, ConsoleSecurity
+from rempart.admin_api.settings import AdminApiSettings
 from rempart.common.events import EVENTS_STREAM
 
 from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness
@@ -311,6 +315,31 @@ async def test_r_2fa_1_enrol_with_the_qr_code_and_the_secret_shown_once(
     assert "data:text/plain;charset=utf-8,code0-abcde%0Acode1-abcde" in confirmed.text
     on = await browser.get("/account/2fa")
     assert "is <strong>on</strong>" in on.text and secret not in on.text
+
+
+async def test_r_2fa_1_turning_totp_off_needs_a_code(harness: Harness, browsers: list[Browser]) -> None:
+    browser = await _ivy(harness, browsers)
+    await browser.post("/account/2fa/enrol")
+    await browser.post("/account/2fa/confirm", {"code": "123456"})
+    await browser.get("/account/2fa")
+    wrong = await browser.post("/account/2fa/disable", {"code": "111111"})
+    assert wrong.status_code == 422 and "not valid" in wrong.text and IVY in harness.auth.totp_on  # type: ignore[attr-defined]
+    off = await browser.post("/account/2fa/disable", {"code": LOGIN_CODE})
+    assert off.status_code == 303 and off.headers["location"] == "/account/2fa?notice=totp_disabled"
+    assert IVY not in harness.auth.totp_on  # type: ignore[attr-defined]
+    assert "is <strong>off</strong>" in (await browser.get("/account/2fa?notice=totp_disabled")).text
+
+
+def test_insecure_console_cookies_only_outside_production() -> None:
+    plain = ConsoleSecurity("k", secure=False)
+    assert (plain.session_cookie, plain.login_cookie) == ("rempart-session", "rempart-login")
+    response = Response()
+    plain.set_cookie(response, plain.session_cookie, "token")
+    cookie = response.headers["set-cookie"].lower()
+    assert "secure" not in cookie and "httponly" in cookie and "samesite=strict" in cookie
+    assert AdminApiSettings(environment="dev", console_secure_cookies=False).console_secure_cookies is False
+    with pytest.raises(ValidationError, match="only for plain-http development"):
+        AdminApiSettings(environment="prod", secret_key="a-real-key", console_secure_cookies=False)  # type: ignore[arg-type]
 
 
 async def test_r_2fa_2_app_passwords_shown_once_with_the_mail_settings(

@@ -256,7 +256,7 @@ async def update_account(request: Request, address: str) -> Response:
     try:
         role = form.get("role") or None
         body = AccountPatch(display_name=form.get("display_name").strip(), enabled=form.has("enabled"),
-                            role=role)  # type: ignore[arg-type]
+                            role=role)
         await call(routes_directory.update_account, address=address, body=body, request=request,
                    response=Response(), principal=visit.principal, backend=visit.backend, if_match=if_match(form))
     except (ValidationError, ProblemError) as exc:
