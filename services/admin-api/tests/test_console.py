@@ -223,9 +223,10 @@ async def test_every_page_carries_the_security_headers(harness: Harness, browser
         assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", reply.text), path
         assert not re.search(r"<style|\sstyle=|\son[a-z]+=", reply.text), path
         assert_every_field_labelled(reply.text, path)
-    # The API's answers get the same headers.
+    assert reply.headers["strict-transport-security"] == "max-age=31536000"
+    # The API's answers get the same headers (over plain http, without HSTS).
     api = await harness.http.get("/v1/openapi.json")
-    assert api.headers["x-frame-options"] == "DENY"
+    assert api.headers["x-frame-options"] == "DENY" and "strict-transport-security" not in api.headers
 
 
 async def test_a_display_name_of_script_renders_as_text(harness: Harness, browsers: list[Browser]) -> None:

@@ -52,17 +52,19 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp, hsts: bool) -> None:
         self.app = app
-        self.headers = (*SECURITY_HEADERS, HSTS) if hsts else SECURITY_HEADERS
+        self.hsts = hsts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # HSTS only means something over https (RFC 6797 section 7.2: ignored over http).
+        headers = (*SECURITY_HEADERS, HSTS) if self.hsts and scope.get("scheme") == "https" else SECURITY_HEADERS
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 present = {name.lower() for name, _ in message.get("headers", [])}
-                extra = [(name, value) for name, value in self.headers if name not in present]
+                extra = [(name, value) for name, value in headers if name not in present]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
