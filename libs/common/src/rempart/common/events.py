@@ -8,6 +8,7 @@ never blocks or breaks mail flow: a failure is logged once per outage and the ma
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -149,6 +150,22 @@ async def _ensure_stream(js: JetStreamContext, wanted: jsapi.StreamConfig) -> li
             # For example more replicas than the cluster has nodes: reported, never fatal.
             differences.append(f"{wanted.name}: could not apply {sorted(step)}: {exc.description}")
     return differences
+
+
+async def fetch_batch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float, what: str) -> list[Msg]:
+    """One fetch from a pull consumer: the messages, or none after a timeout (nothing to do) or
+    a NATS failure (logged, then a pause, so that a lost server is not spun on). A cancelled
+    caller stays cancelled: nats-py may turn the cancellation into a timeout."""
+    try:
+        return await sub.fetch(batch=batch, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - a timeout, or NATS reconnecting: the caller retries
+        me = asyncio.current_task()
+        if me is not None and me.cancelling():
+            raise asyncio.CancelledError from None
+        if not isinstance(exc, TimeoutError):
+            log.warning("%s fetch failed: %s", what, exc)
+            await asyncio.sleep(1)
+        return []
 
 
 class EventBus:

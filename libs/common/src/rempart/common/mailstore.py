@@ -13,7 +13,6 @@ folder), and can be rebuilt from the stream.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -36,6 +35,7 @@ from rempart.common.events import (
     MAIL_APPENDED_SUBJECT,
     MAIL_EXPUNGED_SUBJECT,
     MAIL_STREAM,
+    fetch_batch,
 )
 from rempart.common.mime import MessageSummary
 from rempart.common.pb.events.v1 import events_pb2
@@ -590,18 +590,8 @@ async def run_indexer(js: JetStreamContext, index: MailboxIndex, durable: str = 
     ack and the index write, so that every acknowledged record reaches its mailboxes.
     """
     sub = await js.pull_subscribe("rempart.mail.>", durable=durable, stream=MAIL_STREAM)
-    me = asyncio.current_task()
     while True:
-        try:
-            msgs = await sub.fetch(batch=50, timeout=5)
-        except Exception as exc:  # noqa: BLE001 - a timeout, or NATS reconnecting: retry
-            if me is not None and me.cancelling():
-                raise asyncio.CancelledError from None  # nats-py may turn our cancel into a timeout
-            if not isinstance(exc, TimeoutError):
-                log.warning("indexer fetch failed: %s", exc)
-                await asyncio.sleep(1)
-            continue
-        for msg in msgs:
+        for msg in await fetch_batch(sub, 50, 5, "indexer"):
             if msg.subject == MAIL_EXPUNGED_SUBJECT:
                 await msg.ack()
                 continue

@@ -27,7 +27,7 @@ from nats.js import api as jsapi
 from prometheus_client import Gauge
 
 from rempart.common.directory import Directory
-from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM
+from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM, fetch_batch
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.runtime import ServiceRuntime
@@ -110,22 +110,12 @@ class Relay:
 
     async def _consume(self) -> None:
         assert self._sub is not None
-        me = asyncio.current_task()
         while not self._stopping.is_set():
             free = self.settings.max_parallel_messages - len(self._tasks)
             if free <= 0:
                 await asyncio.wait(self._tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            try:
-                msgs = await self._sub.fetch(batch=min(free, FETCH_BATCH), timeout=1)
-            except Exception as exc:  # noqa: BLE001 - a timeout (nothing to do), or NATS reconnecting
-                if me is not None and me.cancelling():
-                    raise asyncio.CancelledError from None  # nats-py may turn our cancel into a timeout
-                if not isinstance(exc, TimeoutError):
-                    log.warning("relay fetch failed: %s", exc)
-                    await asyncio.sleep(1)
-                continue
-            for msg in msgs:
+            for msg in await fetch_batch(self._sub, min(free, FETCH_BATCH), 1, "relay"):
                 task = asyncio.create_task(self._handle(msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
