@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
@@ -36,8 +37,9 @@ from rempart.common.events import (
     MAIL_EXPUNGED_SUBJECT,
     MAIL_STREAM,
     fetch_batch,
+    mailbox_changed_subject,
 )
-from rempart.common.mime import MessageSummary
+from rempart.common.mime import MessageSummary, summarize
 from rempart.common.pb.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -581,6 +583,23 @@ async def rebuild_index(js: JetStreamContext, index: MailboxIndex) -> int:
         await index.apply(record, seq=seq)
         applied += 1
     return applied
+
+
+async def index_accepted(index: MailboxIndex, nc: NATS, record: events_pb2.DeliveryRecord, message: bytes, seq: int,
+                         **log_extra: str) -> None:
+    """Right after an accepted write: index the record now (the catch-up indexer covers a
+    failure) and wake IMAP IDLE on every imap-pop replica (IDLE's poll covers a lost
+    announcement). Neither failure loses the message, and each is logged as what it is."""
+    try:
+        # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
+        await index.apply(record, summarize(message), seq=seq)
+    except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
+        log.warning("inline indexing failed, left to the indexer: %s", exc, extra=log_extra)
+    try:
+        for mailbox in record.local_mailboxes:
+            await nc.publish(mailbox_changed_subject(mailbox), b"INBOX")  # payload: the folder
+    except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
+        log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)
 
 
 async def run_indexer(js: JetStreamContext, index: MailboxIndex, durable: str = "mailbox-indexer") -> None:

@@ -12,9 +12,8 @@ from aiosmtpd.smtp import Envelope, Session
 from prometheus_client import Counter, Histogram
 
 from rempart.common.config import SettingsCache
-from rempart.common.events import EventBus, mailbox_changed_subject
-from rempart.common.mailstore import MailboxIndex, MessageStore, new_transaction_id
-from rempart.common.mime import summarize
+from rempart.common.events import EventBus
+from rempart.common.mailstore import MailboxIndex, MessageStore, index_accepted, new_transaction_id
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.received import received_header
@@ -69,18 +68,7 @@ class Delivery:
             return replies.STORE_TEMPFAIL
         STORE_SECONDS.observe(time.monotonic() - started)
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
-        try:
-            # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
-            await self.index.apply(record, summarize(message), seq=seq)
-        except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
-            log.warning("inline indexing failed, left to the indexer: %s", exc, extra={"session": state.session_id})
-        try:
-            for mailbox in record.local_mailboxes:
-                # Wakes IMAP IDLE on every imap-pop replica (payload: the folder).
-                await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")
-        except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
-            log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc,
-                        extra={"session": state.session_id})
+        await index_accepted(self.index, self.events.connection, record, message, seq, session=state.session_id)
         await self.events.publish(
             "mail", "accepted", client_ip=state.client_ip, account=state.authenticated_account,
             session_id=state.session_id, protocol=server.listener.name, queue_id=record.transaction_id,

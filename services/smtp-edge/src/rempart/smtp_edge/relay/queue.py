@@ -36,9 +36,8 @@ from prometheus_client import Counter
 from rempart.common import keys
 from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
 from rempart.common.directory import Directory
-from rempart.common.events import EventBus, mailbox_changed_subject
-from rempart.common.mailstore import MailboxIndex, MessageStore
-from rempart.common.mime import summarize
+from rempart.common.events import EventBus
+from rempart.common.mailstore import MailboxIndex, MessageStore, index_accepted
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
@@ -435,12 +434,7 @@ class RelayQueue:
         record, seq = await self.store.accept(
             message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
         if local:
-            try:
-                await self.index.apply(record, summarize(message), seq=seq)
-                for mailbox in record.local_mailboxes:
-                    await self.events.connection.publish(mailbox_changed_subject(mailbox), b"INBOX")
-            except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
-                log.warning("inline indexing of a DSN failed, left to the indexer: %s", exc)
+            await index_accepted(self.index, self.events.connection, record, message, seq, dsn=transaction_id)
 
 
 def _dsn_value(record: events_pb2.DeliveryRecord, name: str, rcpt: str) -> str:
