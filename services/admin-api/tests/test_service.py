@@ -20,8 +20,8 @@ from rempart.admin_api.service import serve
 from rempart.admin_api.sessions import SessionStore
 from rempart.common.clients import AuthClient
 from rempart.common.events import EventBus
-from rempart.common.testing.localstack import free_port
 from rempart.common.redisconn import connect_redis
+from rempart.common.testing.localstack import free_port
 
 from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness, InTestAuthService, make_settings
 
