@@ -23,6 +23,7 @@ from imappop_helpers import (
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.testing.polling import eventually
 from rempart.imap_pop import replies as R
+from rempart.imap_pop.listeners import ImapPopServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -369,6 +370,30 @@ async def test_implicit_tls_imaps(service) -> None:  # type: ignore[no-untyped-d
     caps, typ = await asyncio.to_thread(run)
     assert "STARTTLS" not in caps and "AUTH=PLAIN" in caps
     assert typ == "OK"
+
+
+async def test_implicit_tls_when_the_hello_arrives_before_the_session_starts(
+    start_service, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # On a busy replica the session task may run after the client's TLS hello has arrived: the
+    # hello must still reach TLS (it used to be dropped as early plaintext, and the handshake
+    # stalled until its timeout).
+    late = ImapPopServer._handle
+
+    async def late_handle(self: ImapPopServer, *args: object) -> None:
+        await asyncio.sleep(0.2)
+        await late(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ImapPopServer, "_handle", late_handle)
+    service = await start_service(tls_handshake_timeout_seconds=2.0)
+
+    def run() -> str:
+        imap = imaplib.IMAP4_SSL("127.0.0.1", service.ports["imaps"], ssl_context=service.client_tls(), timeout=10)
+        greeting = imap.welcome.decode()
+        imap.logout()
+        return greeting
+
+    assert R.IMAP_GREETING in await asyncio.to_thread(run)
 
 
 async def test_drain_says_bye_to_waiting_clients(start_service) -> None:  # type: ignore[no-untyped-def]

@@ -52,8 +52,15 @@ class ImapPopServer:
             if implicit and self.backend.tls is None:
                 log.warning("no TLS certificate: %s listener off", name)
                 continue
+            # Implicit TLS is the listener's own when no balancer may send a PROXY header first:
+            # the handshake then starts with the client's first byte. Upgrading in the session
+            # instead races the client: a hello that arrives before the session task runs lands
+            # in the plaintext buffer, is dropped there, and the handshake stalls.
+            tls_here = implicit and self.backend.tls is not None and not settings.proxy_cidrs()
             server = await asyncio.start_server(
-                partial(self._handle, protocol, implicit), settings.listen_host, port, limit=R.MAX_LINE * 2
+                partial(self._handle, protocol, implicit), settings.listen_host, port, limit=R.MAX_LINE * 2,
+                ssl=self.backend.tls.context() if tls_here and self.backend.tls is not None else None,
+                ssl_handshake_timeout=settings.tls_handshake_timeout_seconds if tls_here else None,
             )
             self._servers.append(server)
             self.ports[name] = int(server.sockets[0].getsockname()[1])
@@ -106,7 +113,7 @@ class ImapPopServer:
                     address = await read_proxy_header(stream)
                 if address.client_ip is not None:
                     client_ip, client_port = address.client_ip, address.client_port or 0
-            if implicit and self.backend.tls is not None:
+            if implicit and self.backend.tls is not None and not stream.tls:
                 await stream.start_tls(self.backend.tls.context(), settings.tls_handshake_timeout_seconds)
             if len(self._sessions) >= settings.max_sessions or self.backend.draining:
                 refusal = R.IMAP_BYE_TOO_MANY_SESSIONS if protocol == "imap" else R.POP3_TOO_MANY_SESSIONS

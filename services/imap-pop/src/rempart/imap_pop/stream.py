@@ -31,6 +31,7 @@ class Stream:
         self.tls = False
         self.tls_version = ""
         self.tls_cipher = ""
+        self._note_tls()  # a listener with implicit TLS hands over a stream that has it already
 
     async def _fill(self) -> bool:
         chunk = await self.reader.read(READ_CHUNK)
@@ -125,13 +126,16 @@ class Stream:
             self.writer.write(reply)
             await self.writer.drain()
         await self.writer.start_tls(context, ssl_handshake_timeout=timeout)
-        self.tls = True
+        self._note_tls()
+        return dropped
+
+    def _note_tls(self) -> None:
         sslobj = self.writer.get_extra_info("ssl_object")
         if isinstance(sslobj, ssl.SSLObject):
+            self.tls = True
             self.tls_version = sslobj.version() or ""
             cipher = sslobj.cipher()
             self.tls_cipher = cipher[0] if cipher else ""
-        return dropped
 
     async def linger(self, seconds: float, limit: int = 64 * 1024 * 1024, quiet: float = 0.2) -> None:
         """Read and drop input until end of stream, ``seconds``, ``limit`` bytes, or ``quiet``
