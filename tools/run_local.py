@@ -61,6 +61,7 @@ Rempart is running (logs in {stack.workdir}/*.log). Ctrl-C stops everything.
         SMTPS {p['smtp-edge.smtps']}
   IMAP  {p['imap-pop.imap']} (STARTTLS)   IMAPS {p['imap-pop.imaps']}
   POP3  {p['imap-pop.pop3']} (STLS)       POP3S {p['imap-pop.pop3s']}
+  Web console  http://127.0.0.1:{p['admin-api.http']}/   (sign in as the admin or a demo user)
   Admin API  http://127.0.0.1:{p['admin-api.http']}/v1/openapi.json
   TLS certificate (self-signed): {stack.cert_file}
 

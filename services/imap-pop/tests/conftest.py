@@ -22,7 +22,7 @@ from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2_grpc
 from rempart.common.testing.localstack import free_port
-from rempart.common.tls import CertPair, ServerTls
+from rempart.imap_pop.app import build_tls
 from rempart.imap_pop.listeners import ImapPopServer
 from rempart.imap_pop.session import Backend
 from rempart.imap_pop.settings import ImapPopSettings
@@ -90,7 +90,7 @@ async def start_service(
         backend = Backend(
             settings=settings, redis=redis, nc=nats_conn, store=await MessageStore.open(js),
             index=MailboxIndex(redis), config=config, policy=policy, auth=auth,
-            tls=ServerTls(CertPair(*tls_files)), instance="test",
+            tls=build_tls(settings, config), instance="test",  # as the service builds it (SNI dir too)
         )
         server = ImapPopServer(backend)
         await server.start()

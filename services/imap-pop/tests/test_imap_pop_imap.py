@@ -562,3 +562,27 @@ async def test_r_mbx_7_search_finds_utf8_and_encoded_word_subjects(service) -> N
         return found
 
     assert await asyncio.to_thread(run) == [b"* SEARCH 1 2", b"t OK SEARCH completed"]
+
+
+async def test_r_tls_3_imaps_serves_the_certificate_of_the_name_asked(start_service, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    from rempart.common.tls import write_self_signed
+
+    write_self_signed(tmp_path / "sni" / "imap.other.test", ["imap.other.test"])
+    service = await start_service(tls_sni_dir=str(tmp_path / "sni"))
+
+    def served(name: str) -> str:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", service.ports["imaps"]), 10) as raw, \
+                ctx.wrap_socket(raw, server_hostname=name) as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return str(x509.load_der_x509_certificate(der).subject.rfc4514_string())
+
+    assert await asyncio.to_thread(served, "imap.other.test") == "CN=imap.other.test"
+    assert await asyncio.to_thread(served, "localhost") != "CN=imap.other.test"

@@ -11,7 +11,7 @@ from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
 from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
 from rempart.common.runtime import ServiceRuntime
-from rempart.common.tls import CertPair, ServerTls
+from rempart.common.tls import ServerTls
 from rempart.imap_pop.listeners import ImapPopServer
 from rempart.imap_pop.session import Backend
 from rempart.imap_pop.settings import ImapPopSettings
@@ -27,8 +27,7 @@ def build_tls(settings: ImapPopSettings, config: SettingsCache) -> ServerTls | N
         log.warning("no TLS certificate configured: STARTTLS, IMAPS and POP3S are off")
         return None
     tls = config.server.tls
-    return ServerTls(CertPair(settings.tls_cert_file, settings.tls_key_file), min_version=tls.min_version,
-                     cipher_preset=tls.cipher_preset, honor_server_order=tls.honor_server_order)
+    return ServerTls.for_edge(settings, tls)  # the SNI directory too (R-TLS-3), as on the SMTP edge
 
 
 async def _reload_tls(tls: ServerTls) -> None:

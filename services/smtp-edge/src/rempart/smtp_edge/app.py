@@ -15,7 +15,7 @@ from rempart.common.grpcutil import channel_check
 from rempart.common.ipblocks import read_block_event
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
-from rempart.common.tls import CertPair, ServerTls
+from rempart.common.tls import ServerTls
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.rdns import ReverseNames
 from rempart.smtp_edge.session import LISTENERS, EdgeSMTP, Listener
@@ -40,12 +40,7 @@ class SmtpEdge:
         self.policy = PolicyClient(settings.policy_target, settings.grpc_timeout_seconds)
         self.auth = AuthClient(settings.auth_target, settings.grpc_timeout_seconds)
         tls = runtime.config.server.tls
-        self.tls = ServerTls(
-            CertPair(settings.tls_cert_file, settings.tls_key_file),
-            by_hostname={name: CertPair(*pair) for name, pair in settings.sni_certificates().items()},
-            min_version=tls.min_version, cipher_preset=tls.cipher_preset,
-            honor_server_order=tls.honor_server_order,
-        )
+        self.tls = ServerTls.for_edge(settings, tls)
         self.handler: EdgeHandler | None = None
         self.servers: dict[str, asyncio.Server] = {}
         self._reload_task: asyncio.Task[None] | None = None
