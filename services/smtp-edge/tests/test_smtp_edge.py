@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -58,10 +59,10 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
                                       text=f"<{request.mail_from}>... we do not relay <{request.recipient}>")
         return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250)
 
-    async def Session(self, requests: object, context: grpc.aio.ServicerContext) -> None:
-        # An older policy service (unary only): always UNIMPLEMENTED, so the edge asks the unary
-        # way. The generated stub raises instead, which grpc sometimes reports as INTERNAL.
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "unary only")
+    async def Session(self, requests: Any, context: object) -> AsyncIterator[policy_pb2.Verdict]:
+        # The edge's path: one stream per SMTP session, each stage answered in order.
+        async for request in requests:
+            yield await self.Check(request, context)
 
 
 class FakeAuth(auth_pb2_grpc.AuthServiceServicer):
