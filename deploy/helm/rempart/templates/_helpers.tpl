@@ -171,6 +171,8 @@ are expanded by the kubelet). extraEnv replaces a variable of the same name, or 
 {{- end }}
 {{- $query := ternary "?sentinel_password=$(REDIS_PASSWORD)" "" (not (empty $auth)) }}
 {{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis+sentinel://%s%s/%s/0%s" $auth (join "," $sentinels) $values.redis.sentinel.masterSet $query)) }}
+{{- /* The catch-up indexer acks a mail record once a replica has its index writes (Redis WAIT) */}}
+{{- $env = append $env (dict "name" "REMPART_REDIS_WAIT_REPLICAS" "value" "1") }}
 {{- else }}
 {{- $redisHost := printf "%s.%s" (include "rempart.partName" (list $root "redis")) (include "rempart.svcDomain" $root) }}
 {{- $env = append $env (dict "name" "REMPART_REDIS_URL" "value" (printf "redis://%s%s:6379/0" $auth $redisHost)) }}

@@ -9,6 +9,7 @@ never blocks or breaks mail flow: a failure is logged once per outage and the ma
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -17,9 +18,11 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 
 from rempart.common.pb.events.v1 import events_pb2
 
@@ -89,7 +92,14 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
     ]
     differences: list[str] = []
     for config in wanted:
-        differences += await _ensure_stream(js, config)
+        differences += await _while_jetstream_settles(functools.partial(_ensure_stream, js, config))
+    differences += await _while_jetstream_settles(lambda: _ensure_blob_store(js, replicas))
+    for line in differences:
+        log.warning("stream settings differ from this service's: %s", line)
+    return differences
+
+
+async def _ensure_blob_store(js: JetStreamContext, replicas: int) -> list[str]:
     try:
         await js.object_store(BLOB_BUCKET)
     except Exception:  # noqa: BLE001 - nats raises several "not found" types
@@ -97,17 +107,43 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
             await js.create_object_store(
                 BLOB_BUCKET, config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=replicas))
         except APIError as exc:
-            if replicas == 1:
+            if replicas == 1 or not _single_node(exc):
                 raise
             await js.create_object_store(
                 BLOB_BUCKET, config=jsapi.ObjectStoreConfig(storage=jsapi.StorageType.FILE, replicas=1))
-            differences.append(f"OBJ_{BLOB_BUCKET} created with 1 replica, not {replicas}: {exc.description}")
-    else:
-        blobs = jsapi.StreamConfig(name=f"OBJ_{BLOB_BUCKET}", subjects=[], num_replicas=replicas, allow_direct=True)
-        differences += await _ensure_stream(js, blobs)
-    for line in differences:
-        log.warning("stream settings differ from this service's: %s", line)
-    return differences
+            return [f"OBJ_{BLOB_BUCKET} created with 1 replica, not {replicas}: {exc.description}"]
+        return []
+    blobs = jsapi.StreamConfig(name=f"OBJ_{BLOB_BUCKET}", subjects=[], num_replicas=replicas, allow_direct=True)
+    return await _ensure_stream(js, blobs)
+
+
+def _single_node(exc: APIError) -> bool:
+    """The server runs without a cluster: more than one replica can never be placed. (A cluster
+    still forming answers otherwise, and is waited for: mail never silently loses replicas.)"""
+    return "non-clustered" in str(exc.description or "")
+
+
+# A cluster that has just elected its leader may still answer "no suitable peers", time out or
+# have no responder for a few seconds; a pod starting then waits instead of crash-looping.
+SETTLE_SECONDS = 30.0
+
+
+async def _while_jetstream_settles(step: Callable[[], Awaitable[list[str]]]) -> list[str]:
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        try:
+            return await step()
+        except (ServiceUnavailableError, NatsTimeoutError, NoRespondersError, TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("JetStream not ready yet (%s), retrying", type(exc).__name__)
+            await asyncio.sleep(0.5)
+        except APIError as exc:
+            # 10008 "insufficient resources" / 10074-ish placement errors while peers join.
+            if time.monotonic() > deadline or exc.code not in (500, 503):
+                raise
+            log.info("JetStream not ready yet (%s), retrying", exc.description)
+            await asyncio.sleep(0.5)
 
 
 async def _ensure_stream(js: JetStreamContext, wanted: jsapi.StreamConfig) -> list[str]:
@@ -120,7 +156,7 @@ async def _ensure_stream(js: JetStreamContext, wanted: jsapi.StreamConfig) -> li
         except BadRequestError:
             pass  # another replica created it meanwhile
         except APIError as exc:
-            if int(wanted.num_replicas or 1) == 1:
+            if int(wanted.num_replicas or 1) == 1 or not _single_node(exc):
                 raise
             # More replicas than the servers can hold (a single node): mail must still flow;
             # the stream starts with one and the difference is reported.

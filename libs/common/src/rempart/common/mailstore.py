@@ -515,6 +515,17 @@ class MailboxIndex:
                 pipe.delete(keys.mailbox_message(mailbox, folder, message.uid))
             await pipe.execute()
 
+    async def replicated(self, replicas: int, timeout_ms: int = 1000) -> bool:
+        """Whether this connection's writes so far reached ``replicas`` Redis replicas (WAIT);
+        always true when none are asked for."""
+        if replicas <= 0:
+            return True
+        try:
+            return int(await self._redis.wait(replicas, timeout_ms)) >= replicas
+        except aioredis.RedisError as exc:
+            log.warning("redis WAIT failed: %s", exc)
+            return False
+
     async def flush(self) -> int:
         """Forget the whole index (before a rebuild)."""
         removed = 0
@@ -602,21 +613,37 @@ async def index_accepted(index: MailboxIndex, nc: NATS, record: events_pb2.Deliv
         log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)
 
 
-async def run_indexer(js: JetStreamContext, index: MailboxIndex, durable: str = "mailbox-indexer") -> None:
+async def run_indexer(
+    js: JetStreamContext, index: MailboxIndex, durable: str = "mailbox-indexer", wait_replicas: int = 0
+) -> None:
     """Catch-up indexer: a durable pull consumer shared by every replica that runs it.
 
     The edge indexes inline right after the ack; this covers an edge that died between the
     ack and the index write, so that every acknowledged record reaches its mailboxes.
+
+    With ``wait_replicas`` (Redis with replicas, R-OPS-6), a batch is acked only once that many
+    Redis replicas have its index writes (WAIT): replication is asynchronous, and a primary lost
+    right after an ack would otherwise take index entries that nothing would write again. The
+    index's client must then hold one connection (``connect_redis(url, max_connections=1)``):
+    WAIT counts the writes made on its own connection.
     """
     sub = await js.pull_subscribe("rempart.mail.>", durable=durable, stream=MAIL_STREAM)
     while True:
+        applied = []
         for msg in await fetch_batch(sub, 50, 5, "indexer"):
             if msg.subject == MAIL_EXPUNGED_SUBJECT:
                 await msg.ack()
                 continue
             try:
                 await index.apply(events_pb2.DeliveryRecord.FromString(msg.data), seq=msg.metadata.sequence.stream)
-                await msg.ack()
+                applied.append(msg)
             except (aioredis.RedisError, OSError) as exc:
                 log.warning("indexer could not apply a record, will retry: %s", exc)
                 await msg.nak(delay=1)
+        if applied and not await index.replicated(wait_replicas):
+            log.warning("index writes not yet on %d Redis replica(s): the batch is retried", wait_replicas)
+            for msg in applied:
+                await msg.nak(delay=1)
+            continue
+        for msg in applied:
+            await msg.ack()

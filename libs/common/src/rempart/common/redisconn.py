@@ -148,14 +148,17 @@ class SentinelRedis(aioredis.Redis):
                 await self.sentinel_manager.aclose()
 
 
-def connect_redis(url: str) -> aioredis.Redis:
+def connect_redis(url: str, max_connections: int = 0) -> aioredis.Redis:
+    """The client every service uses; ``max_connections=1`` makes one ordered connection (WAIT
+    then covers every write made before it)."""
+    pool_options = {**POOL_OPTIONS, **({"max_connections": max_connections} if max_connections else {})}
     if is_sentinel_url(url):
-        return connect_sentinel(parse_sentinel_url(url))
-    pool = aioredis.BlockingConnectionPool.from_url(url, **POOL_OPTIONS, **CONNECTION_OPTIONS)
+        return connect_sentinel(parse_sentinel_url(url), pool_options)
+    pool = aioredis.BlockingConnectionPool.from_url(url, **pool_options, **CONNECTION_OPTIONS)
     return aioredis.Redis(connection_pool=pool)
 
 
-def connect_sentinel(target: SentinelUrl) -> aioredis.Redis:
+def connect_sentinel(target: SentinelUrl, pool_options: dict[str, Any] | None = None) -> aioredis.Redis:
     sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": CONNECTION_OPTIONS["socket_timeout"],
         "socket_connect_timeout": CONNECTION_OPTIONS["socket_connect_timeout"],
@@ -179,7 +182,7 @@ def connect_sentinel(target: SentinelUrl) -> aioredis.Redis:
         # A connection to a server that is no longer the primary is dropped at once (the pool
         # asks the Sentinels again), not kept for writes that would fail with READONLY.
         check_connection=True,
-        **POOL_OPTIONS,
+        **(pool_options or POOL_OPTIONS),
         **CONNECTION_OPTIONS,
     )
     client.sentinel_manager = sentinel

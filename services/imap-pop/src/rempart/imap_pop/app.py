@@ -10,6 +10,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
 from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
+from rempart.common.redisconn import connect_redis
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import ServerTls
 from rempart.imap_pop.listeners import ImapPopServer
@@ -61,7 +62,11 @@ async def serve(settings: ImapPopSettings) -> None:
         await server.start()
         background: list[asyncio.Task[None]] = []
         if settings.run_indexer:
-            background.append(asyncio.create_task(run_indexer(rt.js, index), name="indexer"))
+            # Waiting for replicas (WAIT) needs the writes and the WAIT on one connection.
+            indexer_index = MailboxIndex(connect_redis(settings.redis_url, max_connections=1)) \
+                if settings.redis_wait_replicas else index
+            indexer = run_indexer(rt.js, indexer_index, wait_replicas=settings.redis_wait_replicas)
+            background.append(asyncio.create_task(indexer, name="indexer"))
         if tls is not None:
             background.append(asyncio.create_task(_reload_tls(tls), name="tls-reload"))
         await rt.wait_for_shutdown()
