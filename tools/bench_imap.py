@@ -46,6 +46,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# Installing Debian's Dovecot is the IMAP login benchmark's; one copy serves both (tools/ is on
+# sys.path when a benchmark runs as a script).
+from bench_auth import ensure_dovecot
+
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
 from rempart.common.testing.localstack import free_port, wait_for_port
 from rempart.common.tls import write_self_signed
@@ -354,24 +358,6 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
 # ---------------------------------------------------------------------------------------------
 # Dovecot
 # ---------------------------------------------------------------------------------------------
-def ensure_dovecot() -> str:
-    found = shutil.which("dovecot")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise SystemExit("dovecot missing and not root: apt-get install dovecot-imapd first")
-    log("installing Debian dovecot-imapd")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "dovecot-imapd"]
-    if subprocess.run(install, env=env, timeout=600, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, timeout=600, check=True, capture_output=True)
-        subprocess.run(install, env=env, timeout=600, check=True, capture_output=True)
-    found = shutil.which("dovecot")
-    if not found:
-        raise SystemExit("apt-get installed dovecot-imapd but dovecot is not on PATH")
-    return found
-
-
 def dovecot_config(base: Path, port: int, cert_file: str, key_file: str, passwd: Path, uid: int, gid: int) -> str:
     return f"""# Private benchmark instance (tools/bench_imap.py); nothing system-wide is touched.
 protocols = imap
