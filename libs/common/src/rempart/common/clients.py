@@ -34,6 +34,13 @@ def tempfail_verdict(reason: str) -> policy_pb2.Verdict:
     )
 
 
+def policy_failed(request: policy_pb2.CheckRequest, how: str, why: str) -> policy_pb2.Verdict:
+    """A policy call or stream that failed: counted, logged, answered TEMPFAIL (fail closed)."""
+    PEER_FAILURES.labels("policy").inc()
+    log.warning("policy %s failed, failing closed: %s", how, why, extra={"session": request.session.session_id})
+    return tempfail_verdict("policy-unavailable")
+
+
 class PolicyChecker(Protocol):
     """What asks policy for one stage: the client (a unary call) or a session's stream."""
 
@@ -53,10 +60,7 @@ class PolicyClient:
         try:
             verdict: policy_pb2.Verdict = await self._stub.Check(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            PEER_FAILURES.labels("policy").inc()
-            log.warning("policy call failed, failing closed: %s", exc.code().name,
-                        extra={"session": request.session.session_id})
-            return tempfail_verdict("policy-unavailable")
+            return policy_failed(request, "call", exc.code().name)
         if verdict.action == policy_pb2.ACTION_UNSPECIFIED:
             return tempfail_verdict("policy-empty-verdict")
         return verdict
@@ -98,16 +102,10 @@ class PolicySession:
                     # was decided, so the stage is asked again the unary way, and so is the rest.
                     self._unary.streams_unsupported_until = time.monotonic() + STREAM_RETRY_SECONDS
                     return await self._unary.check(request)
-                PEER_FAILURES.labels("policy").inc()
-                log.warning("policy stream failed, failing closed: %s", exc.code().name,
-                            extra={"session": request.session.session_id})
-                return tempfail_verdict("policy-unavailable")
+                return policy_failed(request, "stream", exc.code().name)
             except (grpc.aio.UsageError, TimeoutError, StopAsyncIteration, EOFError) as exc:
                 self._drop()
-                PEER_FAILURES.labels("policy").inc()
-                log.warning("policy stream failed, failing closed: %s", type(exc).__name__,
-                            extra={"session": request.session.session_id})
-                return tempfail_verdict("policy-unavailable")
+                return policy_failed(request, "stream", type(exc).__name__)
         if verdict.action == policy_pb2.ACTION_UNSPECIFIED:
             return tempfail_verdict("policy-empty-verdict")
         return verdict
