@@ -193,6 +193,29 @@ async def test_fetch_store_expunge(service) -> None:  # type: ignore[no-untyped-
     assert out["left"] == [b"1 (UID 2)"]
 
 
+async def test_message_still_readable_after_its_flags_change_in_the_session(service) -> None:  # type: ignore[no-untyped-def]
+    # A small message lives inside its delivery record; a flag change (STORE, or the \\Seen of a
+    # FETCH BODY[]) must keep where it is, or the next read of it in that session fails.
+    await service.deliver(simple_message("Kept"))
+
+    def run() -> tuple[list[object], list[object], list[object]]:
+        imap = login(service.ports["imap"])
+        imap.select("INBOX")
+        _, first = imap.fetch("1", "(BODY[])")
+        imap.store("1", "+FLAGS", "(\\Flagged)")
+        typ, second = imap.fetch("1", "(BODY.PEEK[])")
+        assert typ == "OK", second
+        typ, third = imap.fetch("1", "(BODY.PEEK[TEXT])")
+        assert typ == "OK", third
+        imap.logout()
+        return first, second, third
+
+    first, second, third = await asyncio.to_thread(run)
+    assert isinstance(first[0], tuple) and first[0][1] == simple_message("Kept")
+    assert isinstance(second[0], tuple) and second[0][1] == simple_message("Kept")
+    assert isinstance(third[0], tuple) and third[0][1].startswith(b"Hi Bob")
+
+
 async def test_list_create_status_append_copy_move_delete(service) -> None:  # type: ignore[no-untyped-def]
     await service.deliver(simple_message("Keep"))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime
 import logging
 from collections.abc import Awaitable, Callable
@@ -612,8 +613,8 @@ class ImapSession(FolderCommands, Session):
         return self._keep_flags(seq, message, after.get(message.uid) or message.flags | {"\\Seen"})
 
     def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str]) -> IndexedMessage:
-        updated = IndexedMessage(message.uid, message.blob, message.size, message.internal_date_ms,
-                                 flags, message.transaction_id)
+        # Only the flags change: the rest (where the body is, inline or a blob) stays as indexed.
+        updated = dataclasses.replace(message, flags=flags)
         self.view[seq - 1] = updated
         return updated
 
