@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 SERVICES := smtp-edge imap-pop policy auth admin-api
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help pins install proto proto-check lint typecheck test test-unit test-e2e chart run bench clean
+.PHONY: help pins install proto proto-check lint typecheck test test-unit test-e2e chart images run bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ test: pins proto-check lint chart ## Everything CI runs: pin check, stale-proto 
 
 chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schema validation
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/chart_check.sh
+
+images: install ## Build the service images from ./Dockerfile, args from the chart's values; IMAGES_ARGS="--tag dev smtp-edge", DOCKER=podman
+	$(PY) tools/build_images.py $(IMAGES_ARGS)
 
 run: install ## Start the whole suite locally (Redis, NATS, five services); Ctrl-C stops all; RUN_ARGS="--free-ports --state-dir DIR"
 	$(PY) tools/run_local.py $(RUN_ARGS)

@@ -13,7 +13,8 @@
 #      ServiceMonitor covers every component, Prometheus may reach the ops ports), NATS
 #      fsync-before-ack (DESIGN.md
 #      "Durability"; nats-server -t parses the config when nats-server is installed), and that
-#      services/*/Dockerfile run the modules, user and ports the chart expects;
+#      the one Dockerfile, with the build args tools/build_images.py takes from the values,
+#      runs the modules, user and ports the chart expects;
 #   5. optionally, checkov's Kubernetes and Dockerfile checks (CHART_CHECK_CHECKOV=1, see below).
 # Run from anywhere, with the project venv active (kubernetes-validate installed in it);
 # helm is fetched into .tools/bin by tools/fetch_helm.py. Exits non-zero on any failure.
@@ -470,31 +471,51 @@ for manifest in sys.argv[2:]:
             if obj.get("type") != "kubernetes.io/tls":
                 problem(source, obj, "TLS Secret is not of type kubernetes.io/tls")
 
-# The images the chart runs: each Dockerfile's entrypoint, user and ports match the values.
+# The images the chart runs: the one Dockerfile builds each from the build arguments that
+# tools/build_images.py (`make images`) takes from these values. The Dockerfile must take the
+# service, module and ports from those arguments (two stages, non-root), and the service an image
+# installs must hold the module of every component running that image.
+sys.path.insert(0, "tools")
+from build_images import image_build_args  # noqa: E402
+
+DOCKERFILE_STAGES = [
+    ["FROM python:3.11-slim AS builder", "ARG SERVICE", "ARG MODULE", "ARG PORTS",
+     "COPY services/${SERVICE} ./services/${SERVICE}"],
+    ["FROM python:3.11-slim", "COPY --from=builder /opt/venv /opt/venv", "ARG MODULE", "ARG PORTS",
+     "ENV REMPART_MODULE=${MODULE}", "USER 10001:10001", "EXPOSE ${PORTS}",
+     'ENTRYPOINT ["/bin/sh", "-c", "exec /opt/venv/bin/python -m \\"$REMPART_MODULE\\" \\"$@\\"", "rempart"]'],
+]
+stages = re.split(r"^(?=FROM )", Path("Dockerfile").read_text(), flags=re.M)[1:]
+if len(stages) != len(DOCKERFILE_STAGES):
+    problems.append(f"Dockerfile: {len(stages)} stages, not the two-stage python:3.11-slim build")
+for number, (stage, wanted_lines) in enumerate(zip(stages, DOCKERFILE_STAGES), 1):
+    for line in set(wanted_lines) - set(stage.splitlines()):
+        problems.append(f"Dockerfile: stage {number} lacks the line {line}")
+install = 'pip install -c constraints.txt ./libs/common "./services/${SERVICE}"'
+builder = stages[0] if stages else ""
+if install not in builder or re.search(r"pip install.*\s(-e|--editable)\s", builder):
+    problems.append(f"Dockerfile: the builder does not run the regular install {install}")
 values = yaml.safe_load(Path("deploy/helm/rempart/values.yaml").read_text())
+try:
+    images = image_build_args(values)
+except ValueError as error:
+    problems.append(f"tools/build_images.py: {error}")
+    images = {}
 for name, component in values["components"].items():
-    dockerfile = Path("services") / component["imageName"] / "Dockerfile"
-    if not dockerfile.is_file():
-        problems.append(f"{dockerfile}: missing (image of component {name})")
-        continue
-    text = dockerfile.read_text()
-    if component["imageName"] == name:
-        entrypoint = f'ENTRYPOINT ["/opt/venv/bin/python", "-m", "{component["module"]}"]'
-        if entrypoint not in text:
-            problems.append(f"{dockerfile}: no {entrypoint}")
-    if not re.search(r"^USER 10001(:10001)?$", text, re.M):
-        problems.append(f"{dockerfile}: does not run as USER 10001")
-    if "COPY --from=builder /opt/venv /opt/venv" not in text or text.count("FROM python:3.11-slim") != 2:
-        problems.append(f"{dockerfile}: not the two-stage python:3.11-slim build copying /opt/venv")
-    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-    wanted = {p["containerPort"] for p in component["ports"]} | {component["opsPort"]}
-    if component["imageName"] == name and wanted - exposed:
-        problems.append(f"{dockerfile}: EXPOSE lacks {sorted(wanted - exposed)}")
+    service = Path("services") / component["imageName"]
+    module = service / "src" / component["module"].replace(".", "/")
+    if not (module / "__main__.py").is_file() and not module.with_suffix(".py").is_file():
+        problems.append(f"{service}: no {component['module']} to run (component {name}'s image)")
+    args = images.get(component["imageName"])
+    if component["imageName"] == name and args:
+        ports = [p["containerPort"] for p in component["ports"]] + [component["opsPort"]]
+        if args != {"SERVICE": name, "MODULE": component["module"], "PORTS": " ".join(map(str, ports))}:
+            problems.append(f"tools/build_images.py: image {name} built with {args}, not its component's values")
 
 if problems:
     print("\n".join(problems))
     sys.exit(1)
-print(f"invariants hold in {len(sys.argv) - 2} rendered value sets and the Dockerfiles")
+print(f"invariants hold in {len(sys.argv) - 2} rendered value sets and the Dockerfile")
 PY
 fi
 
@@ -522,17 +543,9 @@ if [[ -x "$checkov_bin" ]]; then
   "$checkov_bin" --quiet --compact --skip-download --framework kubernetes \
     --skip-check CKV_K8S_11,CKV_K8S_14,CKV_K8S_15,CKV_K8S_35,CKV_K8S_43 \
     --directory "$rendered" || fail "checkov (kubernetes)"
-  shopt -s nullglob
-  dockerfiles=(services/*/Dockerfile)
-  shopt -u nullglob
-  if [[ ${#dockerfiles[@]} -gt 0 ]]; then
-    checkov_files=()
-    for dockerfile in "${dockerfiles[@]}"; do checkov_files+=(--file "$dockerfile"); done
-    # CKV_DOCKER_2 (HEALTHCHECK): Kubernetes ignores it; the chart probes the ops port.
-    "$checkov_bin" --quiet --compact --skip-download --framework dockerfile --skip-check CKV_DOCKER_2 \
-      "${checkov_files[@]}" \
-      || fail "checkov (dockerfile)"
-  fi
+  # CKV_DOCKER_2 (HEALTHCHECK): Kubernetes ignores it; the chart probes the ops port.
+  "$checkov_bin" --quiet --compact --skip-download --framework dockerfile --skip-check CKV_DOCKER_2 \
+    --file Dockerfile || fail "checkov (dockerfile)"
 else
   step "checkov not installed: security scan skipped (CHART_CHECK_CHECKOV=1 installs it)"
 fi

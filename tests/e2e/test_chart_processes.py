@@ -347,7 +347,7 @@ def start_pod(pod: Pod, workdir: Path) -> None:
     command = pod.container.get("command") or []
     assert command[:1] == [CONTAINER_PYTHON], f"{pod.name}: command {command} is not the image's python"
     argv = [sys.executable, *command[1:], *(pod.container.get("args") or [])]
-    # The container's environment: the image's ENV (services/*/Dockerfile, HOME of its user) and
+    # The container's environment: the image's ENV (the root Dockerfile, HOME of its user) and
     # what the chart renders; nothing is inherited from this shell.
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
            "HOME": str(workdir / "nonexistent"), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1",
