@@ -11,7 +11,8 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from rempart.common.events import MAIL_STREAM
-from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
+from rempart.common.mailbox import Mailboxes, MailboxLog, run_indexer
+from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.redisconn import connect_redis
 from rempart.common.testing.localstack import start_redis_sentinel_group
 from rempart.common.testing.polling import eventually
@@ -26,6 +27,12 @@ async def _accept_three(nats_conn: NATS) -> None:
                            remote_recipients=[])
 
 
+async def _indexer(nats_conn: NATS, index: MailboxIndex) -> asyncio.Task[None]:
+    js = nats_conn.jetstream()
+    mailboxes = Mailboxes(await MessageStore.open(js), index, MailboxLog(js))
+    return asyncio.create_task(run_indexer(js, mailboxes, wait_replicas=1))
+
+
 async def _pending(nats_conn: NATS) -> tuple[int, int]:
     try:
         info = await nats_conn.jetstream().consumer_info(MAIL_STREAM, "mailbox-indexer", timeout=2)
@@ -38,7 +45,7 @@ async def test_r_ops_6_records_are_acked_once_a_replica_has_the_index(nats_conn:
     group = start_redis_sentinel_group(tmp_path, replicas=1, sentinels=3)
     client = connect_redis(group.url, max_connections=1)
     await _accept_three(nats_conn)
-    task = asyncio.create_task(run_indexer(nats_conn.jetstream(), MailboxIndex(client), wait_replicas=1))
+    task = await _indexer(nats_conn, MailboxIndex(client))
     try:
         async def all_acked() -> bool:
             pending, delivered = await _pending(nats_conn)
@@ -55,7 +62,7 @@ async def test_r_ops_6_records_are_acked_once_a_replica_has_the_index(nats_conn:
 async def test_r_ops_6_without_the_replica_nothing_is_acked(nats_conn: NATS, redis_url: str) -> None:
     client = connect_redis(redis_url, max_connections=1)  # a lone Redis: WAIT 1 never succeeds
     await _accept_three(nats_conn)
-    task = asyncio.create_task(run_indexer(nats_conn.jetstream(), MailboxIndex(client), wait_replicas=1))
+    task = await _indexer(nats_conn, MailboxIndex(client))
     try:
         async def delivered() -> bool:
             return (await _pending(nats_conn))[1] >= 3

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
+from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2_grpc
@@ -50,7 +51,9 @@ class Harness:
         record, seq = await self.backend.store.accept(
             data, mail_from="alice@example.net", local_mailboxes=[account], remote_recipients=[], folder=folder
         )
+        # As in service: the edge indexes inline, the catch-up indexer files it in the change log.
         uids = await self.backend.index.apply(record, seq=seq)
+        await self.backend.mailboxes.file([(record, seq)])
         if publish:
             await self.backend.publish_changed(account, folder or INBOX)
         return uids[account]
@@ -88,8 +91,8 @@ async def start_service(
         auth = AuthClient(settings.auth_target, settings.grpc_timeout_seconds)
         js = nats_conn.jetstream()
         backend = Backend(
-            settings=settings, redis=redis, nc=nats_conn, store=await MessageStore.open(js),
-            index=MailboxIndex(redis), config=config, policy=policy, auth=auth,
+            settings=settings, redis=redis, nc=nats_conn,
+            mailboxes=Mailboxes(await MessageStore.open(js), MailboxIndex(redis), MailboxLog(js)), config=config, policy=policy, auth=auth,
             tls=build_tls(settings, config), instance="test",  # as the service builds it (SNI dir too)
         )
         server = ImapPopServer(backend)

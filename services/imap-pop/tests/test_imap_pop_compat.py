@@ -14,7 +14,7 @@ from email.message import EmailMessage
 import pytest
 from imappop_helpers import BOB, BOB_PASSWORD, UNTRUSTED_IP, SourceIMAP, SourcePOP3, raw_connect, simple_message
 
-from rempart.common.mailstore import rebuild_index
+from rempart.common.mailbox import rebuild_index
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,8 +129,8 @@ async def test_rename_inbox_moves_its_messages_durably_and_leaves_inbox_empty(se
     assert typ == "OK"
     assert inbox == [b'"INBOX" (MESSAGES 0)']
     assert old == [b'"Old mail" (MESSAGES 2)']
-    # The rename is in the durable records: a rebuilt index shows the same thing.
-    await rebuild_index(nats_conn.jetstream(), service.backend.index)
+    # The rename is in the change log: a rebuilt index shows the same thing.
+    await rebuild_index(nats_conn.jetstream(), service.backend.mailboxes)
     assert len(await service.backend.index.messages(BOB, "INBOX")) == 0
     assert len(await service.backend.index.messages(BOB, "Old mail")) == 2
 

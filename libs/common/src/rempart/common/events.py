@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 import uuid
@@ -34,6 +35,8 @@ MAIL_STREAM = "MAIL"
 MAIL_ACCEPTED_SUBJECT = "rempart.mail.accepted"
 MAIL_EXPUNGED_SUBJECT = "rempart.mail.expunged"
 MAIL_APPENDED_SUBJECT = "rempart.mail.appended"
+# The mailbox change log (DESIGN "The mailbox"): one subject per account.
+MAILBOX_LOG_STREAM = "MBXLOG"
 BLOB_BUCKET = "MAILBLOBS"
 CONFIG_CHANGED = "rempart.config.changed"
 IPS_BLOCKED = "rempart.events.ips.blocked"
@@ -41,6 +44,12 @@ IPS_BLOCKED = "rempart.events.ips.blocked"
 
 def event_subject(area: str, what: str) -> str:
     return f"rempart.events.{area}.{what}"
+
+
+def mailbox_log_subject(account: str) -> str:
+    """The account's subject on the change log: a digest, so any address is one token and a
+    replay of one account filters on one subject."""
+    return f"rempart.mbx.{hashlib.sha256(account.encode()).hexdigest()[:32]}"
 
 
 def mailbox_changed_subject(mailbox: str) -> str:
@@ -86,6 +95,16 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
             retention=jsapi.RetentionPolicy.LIMITS,
             storage=jsapi.StorageType.FILE,
             duplicate_window=120,
+            num_replicas=replicas,
+            allow_direct=True,
+        ),
+        jsapi.StreamConfig(
+            # What happened to mailboxes (folders, UIDs, flags, subscriptions): never trimmed
+            # either, a rebuilt index is only as good as this log.
+            name=MAILBOX_LOG_STREAM,
+            subjects=["rempart.mbx.>"],
+            retention=jsapi.RetentionPolicy.LIMITS,
+            storage=jsapi.StorageType.FILE,
             num_replicas=replicas,
             allow_direct=True,
         ),

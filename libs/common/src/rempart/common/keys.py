@@ -136,6 +136,18 @@ def mailbox_special_use(mailbox: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:special-use"
 
 
+def mailbox_subscriptions(mailbox: str) -> str:
+    """Set of subscribed folder names (RFC 3501 6.3.6); absent: every folder counts as subscribed
+    (accounts from before subscriptions were kept)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:subscriptions"
+
+
+def mailbox_modseq(mailbox: str) -> str:
+    """The account's change counter: each flag change takes the next value, which orders the
+    change log's flag records the way Redis applied them."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:modseq"
+
+
 def pop3_maildrop_lock(mailbox: str) -> str:
     """RFC 1939 4 / RFC 3206 [IN-USE]: one POP3 session per maildrop, short TTL, refreshed."""
     return f"{PREFIX}pop3:lock:{{{mailbox}}}"

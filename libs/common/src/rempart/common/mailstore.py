@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -34,9 +33,7 @@ from rempart.common.events import (
     BLOB_BUCKET,
     MAIL_ACCEPTED_SUBJECT,
     MAIL_APPENDED_SUBJECT,
-    MAIL_EXPUNGED_SUBJECT,
     MAIL_STREAM,
-    fetch_batch,
     mailbox_changed_subject,
 )
 from rempart.common.mime import MessageSummary, summarize
@@ -149,17 +146,6 @@ class MessageStore:
             internal_date_ms=internal_date_ms,
         )
 
-    async def record_expunge(self, mailbox: str, folder: str, transaction_ids: list[str]) -> None:
-        record = events_pb2.ExpungeRecord(
-            mailbox=mailbox,
-            folder=folder,
-            transaction_ids=transaction_ids,
-            time_unix_ms=int(time.time() * 1000),
-        )
-        await self._js.publish(
-            MAIL_EXPUNGED_SUBJECT, record.SerializeToString(), stream=MAIL_STREAM, timeout=PUBLISH_TIMEOUT
-        )
-
     async def delete_blob(self, name: str) -> None:
         """Purge a blob's chunks (its metadata stays, marked deleted)."""
         await self._blobs.delete(name)
@@ -258,6 +244,23 @@ def _summary_from(size: str | None, values: list[str | None]) -> MessageSummary 
 
 
 @dataclass(frozen=True)
+class Filed:
+    """Where a message is: its folder, the folder's UIDVALIDITY and its UID there."""
+
+    folder: str
+    uidvalidity: int
+    uid: int
+
+
+@dataclass(frozen=True)
+class RestoredMessage:
+    uid: int
+    record: events_pb2.DeliveryRecord
+    seq: int
+    flags: frozenset[str]
+
+
+@dataclass(frozen=True)
 class FolderStatus:
     uidvalidity: int
     uidnext: int
@@ -266,19 +269,50 @@ class FolderStatus:
 
 # A new folder's UIDVALIDITY: strictly greater than any given before, even after a flush in
 # the same second (RFC 3501 2.3.1.1: new UIDs must come with a new, larger UIDVALIDITY).
+# Returns it, or 0 when the folder exists.
 _NEW_FOLDER_LUA = """
 if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 1 then return 0 end
 local v = redis.call('INCR', KEYS[2])
 if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1]); v = tonumber(ARGV[1]) end
 redis.call('HSET', KEYS[1], 'uidvalidity', v, 'uidnext', 1)
 redis.call('SADD', KEYS[3], ARGV[2])
-return 1
+return v
+"""
+
+_NEXT_UIDVALIDITY_LUA = """
+local v = redis.call('INCR', KEYS[1])
+if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); v = tonumber(ARGV[1]) end
+return v
+"""
+
+# A folder's keys under a new name (RENAME): meta, UIDs, transaction map and each message's
+# hash; refused (0) when the new name exists or the old one does not.
+_RENAME_FOLDER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+for _, uid in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  if redis.call('EXISTS', ARGV[1] .. uid) == 1 then redis.call('RENAME', ARGV[1] .. uid, ARGV[2] .. uid) end
+end
+redis.call('RENAME', KEYS[1], KEYS[2])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('RENAME', KEYS[3], KEYS[4]) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[6]) end
+redis.call('SREM', KEYS[7], ARGV[3])
+redis.call('SADD', KEYS[7], ARGV[4])
+return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
+"""
+
+# A folder and everything in it leaves the index; returns its UIDVALIDITY (0: there was none).
+_DELETE_FOLDER_LUA = """
+local v = redis.call('HGET', KEYS[1], 'uidvalidity')
+for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do redis.call('DEL', ARGV[1] .. uid) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[2])
+return tonumber(v or 0)
 """
 
 # Append one message to a folder unless this transaction is already there (idempotent).
 _APPEND_LUA = """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then return tonumber(existing) end
+if existing then return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity'))} end
 if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 0 then
   local v = redis.call('INCR', KEYS[5])
   if v < tonumber(ARGV[6]) then redis.call('SET', KEYS[5], ARGV[6]); v = tonumber(ARGV[6]) end
@@ -293,7 +327,7 @@ if ARGV[10] ~= '' then
   redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
 end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
-return uid
+return {uid, tonumber(redis.call('HGET', KEYS[1], 'uidvalidity'))}
 """
 
 
@@ -326,15 +360,21 @@ end
 return out
 """
 LIST_PAGE = 5000
+# A member no folder can have ('*' is refused in names): the special-use hash and the
+# subscription set exist once set up, even when every entry is gone.
+PROVISIONED = "*"
 
 
 # Flags of several messages changed in one atomic step each: ARGV[1] set|add|remove,
-# ARGV[2] the most flags a message may carry (0: no limit), ARGV[3..] the flags.
+# ARGV[2] the most flags a message may carry (0: no limit), ARGV[3..] the flags; KEYS[1] is
+# the account's change counter, KEYS[2..] the messages. The reply's last item is the counter's
+# new value: the change's place in the order Redis applied changes in.
 _GONE = "\0"
 FLAG_LIMIT = "\0limit"
 _CHANGE_FLAGS_LUA = """
 local out = {}
-for i, key in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local key = KEYS[i]
   local current = redis.call('HGET', key, 'flags')
   if not current then
     out[i] = '\0'
@@ -364,6 +404,7 @@ for i, key in ipairs(KEYS) do
     end
   end
 end
+out[1] = redis.call('INCR', KEYS[1])
 return out
 """
 
@@ -379,11 +420,21 @@ class MailboxIndex:
         self._list_page = redis.register_script(_LIST_PAGE_LUA)
         self._change_flags = redis.register_script(_CHANGE_FLAGS_LUA)
         self._summary_page = redis.register_script(_SUMMARY_PAGE_LUA)
+        self._rename_folder = redis.register_script(_RENAME_FOLDER_LUA)
+        self._next_uidvalidity = redis.register_script(_NEXT_UIDVALIDITY_LUA)
+        self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
     async def apply(
         self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None = None, *, seq: int = 0
     ) -> dict[str, int]:
-        """Index a delivery record; returns mailbox -> UID. Safe to call twice.
+        """Index a delivery record; returns mailbox -> UID. Safe to call twice."""
+        return {mailbox: place.uid for mailbox, place in (await self.file(record, summary, seq=seq)).items()}
+
+    async def file(
+        self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None = None, *, seq: int = 0
+    ) -> dict[str, Filed]:
+        """Index a delivery record; returns mailbox -> where it is (UID, UIDVALIDITY). Safe to
+        call twice: the second call answers the first's place.
 
         With the message's summary (the delivery path has the bytes at hand), FETCH of
         headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (catch-up indexer,
@@ -394,9 +445,9 @@ class MailboxIndex:
             raise ValueError(f"record {record.transaction_id} has its body inline: its stream sequence is needed")
         folder = record.folder or INBOX
         size = summary.size if summary is not None else record.size
-        out: dict[str, int] = {}
+        out: dict[str, Filed] = {}
         for mailbox in record.local_mailboxes:
-            uid = await self._append(
+            uid, uidvalidity = await self._append(
                 keys=[
                     keys.mailbox_meta(mailbox, folder),
                     keys.mailbox_uids(mailbox, folder),
@@ -417,15 +468,70 @@ class MailboxIndex:
                     seq,
                 ],
             )
-            out[mailbox] = int(uid)
+            out[mailbox] = Filed(folder, int(uidvalidity), int(uid))
         return out
 
-    async def create_folder(self, mailbox: str, folder: str) -> bool:
-        created = await self._new_folder(
+    async def create_folder(self, mailbox: str, folder: str) -> int:
+        """A new folder's UIDVALIDITY; 0 when it exists already."""
+        return int(await self._new_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.UIDVALIDITY_SEQ, keys.mailbox_folders(mailbox)],
             args=[_new_uidvalidity(), folder],
-        )
-        return bool(created)
+        ))
+
+    async def rename_folder(self, mailbox: str, old: str, new: str) -> int:
+        """Move a folder, its messages and UIDs to a new name (UIDVALIDITY kept, RFC 3501 6.3.5
+        allows it); returns the UIDVALIDITY, 0 when ``old`` is missing or ``new`` exists."""
+        return int(await self._rename_folder(
+            keys=[keys.mailbox_meta(mailbox, old), keys.mailbox_meta(mailbox, new),
+                  keys.mailbox_uids(mailbox, old), keys.mailbox_uids(mailbox, new),
+                  keys.mailbox_txn(mailbox, old), keys.mailbox_txn(mailbox, new), keys.mailbox_folders(mailbox)],
+            args=[keys.mailbox_message_prefix(mailbox, old), keys.mailbox_message_prefix(mailbox, new), old, new],
+        ))
+
+    async def delete_folder(self, mailbox: str, folder: str) -> int:
+        """Forget a folder and its messages; returns the UIDVALIDITY it had (0: none)."""
+        return int(await self._delete_folder(
+            keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
+                  keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox)],
+            args=[keys.mailbox_message_prefix(mailbox, folder), folder],
+        ))
+
+    async def special_uses(self, mailbox: str) -> dict[str, str]:
+        """Folder -> RFC 6154 attribute."""
+        raw = await self._redis.hgetall(keys.mailbox_special_use(mailbox))
+        return {str(k): str(v) for k, v in raw.items() if k != PROVISIONED}
+
+    async def provisioned(self, mailbox: str) -> bool:
+        return bool(await self._redis.exists(keys.mailbox_special_use(mailbox)))
+
+    async def set_special_uses(self, mailbox: str, uses: dict[str, str | None]) -> None:
+        """Set (or, with None, drop) folders' special use; marks the account provisioned."""
+        key = keys.mailbox_special_use(mailbox)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, PROVISIONED, "1")
+            for folder, use in uses.items():
+                if use is None:
+                    pipe.hdel(key, folder)
+                else:
+                    pipe.hset(key, folder, use)
+            await pipe.execute()
+
+    async def subscriptions(self, mailbox: str) -> set[str] | None:
+        """Subscribed folder names; None when the account never changed one (all count)."""
+        key = keys.mailbox_subscriptions(mailbox)
+        names = {str(n) for n in await self._redis.smembers(key)}
+        if not names:
+            return None
+        return names - {PROVISIONED}
+
+    async def set_subscribed(self, mailbox: str, names: Iterable[str], subscribed: bool) -> None:
+        key = keys.mailbox_subscriptions(mailbox)
+        wanted = list(names)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, PROVISIONED)  # the set exists from now on, even with nothing subscribed
+            if wanted:
+                (pipe.sadd if subscribed else pipe.srem)(key, *wanted)
+            await pipe.execute()
 
     async def folders(self, mailbox: str) -> list[str]:
         names = {str(m) for m in await self._redis.smembers(keys.mailbox_folders(mailbox))}
@@ -488,25 +594,73 @@ class MailboxIndex:
 
     async def change_flags(
         self, mailbox: str, folder: str, uids: list[int], mode: str, flags: set[str], limit: int = 0
-    ) -> dict[int, frozenset[str] | None]:
+    ) -> tuple[dict[int, frozenset[str] | None], int]:
         """STORE FLAGS / +FLAGS / -FLAGS (``mode`` set, add, remove), atomically per message in
         Redis (R-MBX-3): two clients adding different flags at once both keep theirs, where
         writing a set computed from a session's copy lost one. Returns each message's flags
-        afterwards, None where it no longer exists; a message that would pass ``limit`` flags
-        is left as it was (its flags are returned and :data:`FLAG_LIMIT` is among them)."""
+        afterwards (None where it no longer exists) and the account's change counter that this
+        change took (the order Redis applied changes in, for the change log); a message that
+        would pass ``limit`` flags is left as it was (its flags are returned and
+        :data:`FLAG_LIMIT` is among them)."""
         if not uids:
-            return {}
+            return {}, 0
         prefix = keys.mailbox_message_prefix(mailbox, folder)
         rows = await self._change_flags(
-            keys=[prefix + str(uid) for uid in uids], args=[mode, limit, *sorted(flags)]
+            keys=[keys.mailbox_modseq(mailbox), *(prefix + str(uid) for uid in uids)],
+            args=[mode, limit, *sorted(flags)],
         )
         out: dict[int, frozenset[str] | None] = {}
-        for uid, row in zip(uids, rows, strict=True):
+        for uid, row in zip(uids, rows[1:], strict=True):
             if row == _GONE:
                 out[uid] = None
             else:
                 out[uid] = frozenset(f for f in str(row).split(" ") if f)
-        return out
+        return out, int(rows[0])
+
+    async def restore_folder(self, mailbox: str, folder: str, uidvalidity: int, uidnext: int,
+                             messages: list[RestoredMessage]) -> None:
+        """A rebuild writing back a folder as the change log describes it: its UIDVALIDITY, its
+        UIDNEXT and each message at its UID with its flags (RFC 3501 2.3.1.1: same UIDVALIDITY,
+        same UIDs)."""
+        prefix = keys.mailbox_message_prefix(mailbox, folder)
+        meta, uids, txns = (keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
+                            keys.mailbox_txn(mailbox, folder))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext])
+            pipe.sadd(keys.mailbox_folders(mailbox), folder)
+            for n, message in enumerate(messages, 1):
+                record = message.record
+                pipe.zadd(uids, {str(message.uid): message.uid})
+                pipe.hset(prefix + str(message.uid), items=[
+                    "blob", record.blob, "size", record.size, "date", record.received_unix_ms,
+                    "flags", " ".join(sorted(message.flags)), "txn", record.transaction_id, "seq", message.seq])
+                pipe.hset(txns, record.transaction_id, message.uid)
+                if n % 1000 == 0:
+                    await pipe.execute()
+            await pipe.execute()
+        await self.raise_uidvalidity(uidvalidity)
+
+    async def uidvalidity_counter(self) -> int | None:
+        """The last UIDVALIDITY given; None when Redis lost it."""
+        value = await self._redis.get(keys.UIDVALIDITY_SEQ)
+        return None if value is None else int(value)
+
+    async def raise_uidvalidity(self, uidvalidity: int) -> None:
+        """No folder made from now on gets a UIDVALIDITY at or below this one."""
+        await self._raise_counter(keys.UIDVALIDITY_SEQ, uidvalidity)
+
+    async def restore_counter(self, mailbox: str, modseq: int) -> None:
+        """The account's change counter after a rebuild: never below what the log has seen."""
+        await self._raise_counter(keys.mailbox_modseq(mailbox), modseq)
+
+    async def _raise_counter(self, key: str, value: int) -> None:
+        current = await self._redis.get(key)
+        if current is None or int(current) < value:
+            await self._redis.set(key, value)
+
+    async def new_uidvalidity(self) -> int:
+        """A UIDVALIDITY never given before (a rebuild renumbering a folder)."""
+        return int(await self._next_uidvalidity(keys=[keys.UIDVALIDITY_SEQ], args=[_new_uidvalidity()]))
 
     async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -539,63 +693,6 @@ def _new_uidvalidity() -> int:
     return int(time.time())
 
 
-async def expunge(
-    store: MessageStore, index: MailboxIndex, mailbox: str, folder: str, messages: list[IndexedMessage]
-) -> None:
-    """Remove messages for good: the tombstone is durable before the index forgets them."""
-    if not messages:
-        return
-    await store.record_expunge(mailbox, folder, [m.transaction_id for m in messages])
-    await index.remove(mailbox, folder, messages)
-
-
-async def rebuild_index(js: JetStreamContext, index: MailboxIndex) -> int:
-    """Flush the index and replay the MAIL stream; returns the number of records applied.
-
-    UIDs are reassigned in stream order; each folder gets a new UIDVALIDITY, as RFC 3501
-    requires whenever UIDs may differ from before.
-    """
-    await index.flush()
-    info = await js.stream_info(MAIL_STREAM)
-    last = int(info.state.last_seq)
-    if last == 0:
-        return 0
-    records: list[tuple[events_pb2.DeliveryRecord, int]] = []
-    expunged: set[tuple[str, str, str]] = set()
-    sub = await js.subscribe(
-        "rempart.mail.>",
-        stream=MAIL_STREAM,
-        ordered_consumer=True,
-        deliver_policy=jsapi.DeliverPolicy.ALL,
-    )
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            if msg.subject == MAIL_EXPUNGED_SUBJECT:
-                tomb = events_pb2.ExpungeRecord.FromString(msg.data)
-                for txn in tomb.transaction_ids:
-                    expunged.add((tomb.mailbox, tomb.folder or INBOX, txn))
-            else:
-                record = events_pb2.DeliveryRecord.FromString(msg.data)
-                record.ClearField("body")  # kept where it is: the index needs only the sequence
-                records.append((record, msg.metadata.sequence.stream))
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    applied = 0
-    for record, seq in records:
-        folder = record.folder or INBOX
-        keep = [m for m in record.local_mailboxes if (m, folder, record.transaction_id) not in expunged]
-        if not keep:
-            continue
-        del record.local_mailboxes[:]
-        record.local_mailboxes.extend(keep)
-        await index.apply(record, seq=seq)
-        applied += 1
-    return applied
-
-
 async def index_accepted(index: MailboxIndex, nc: NATS, record: events_pb2.DeliveryRecord, message: bytes, seq: int,
                          **log_extra: str) -> None:
     """Right after an accepted write: index the record now (the catch-up indexer covers a
@@ -611,39 +708,3 @@ async def index_accepted(index: MailboxIndex, nc: NATS, record: events_pb2.Deliv
             await nc.publish(mailbox_changed_subject(mailbox), b"INBOX")  # payload: the folder
     except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
         log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)
-
-
-async def run_indexer(
-    js: JetStreamContext, index: MailboxIndex, durable: str = "mailbox-indexer", wait_replicas: int = 0
-) -> None:
-    """Catch-up indexer: a durable pull consumer shared by every replica that runs it.
-
-    The edge indexes inline right after the ack; this covers an edge that died between the
-    ack and the index write, so that every acknowledged record reaches its mailboxes.
-
-    With ``wait_replicas`` (Redis with replicas, R-OPS-6), a batch is acked only once that many
-    Redis replicas have its index writes (WAIT): replication is asynchronous, and a primary lost
-    right after an ack would otherwise take index entries that nothing would write again. The
-    index's client must then hold one connection (``connect_redis(url, max_connections=1)``):
-    WAIT counts the writes made on its own connection.
-    """
-    sub = await js.pull_subscribe("rempart.mail.>", durable=durable, stream=MAIL_STREAM)
-    while True:
-        applied = []
-        for msg in await fetch_batch(sub, 50, 5, "indexer"):
-            if msg.subject == MAIL_EXPUNGED_SUBJECT:
-                await msg.ack()
-                continue
-            try:
-                await index.apply(events_pb2.DeliveryRecord.FromString(msg.data), seq=msg.metadata.sequence.stream)
-                applied.append(msg)
-            except (aioredis.RedisError, OSError) as exc:
-                log.warning("indexer could not apply a record, will retry: %s", exc)
-                await msg.nak(delay=1)
-        if applied and not await index.replicated(wait_replicas):
-            log.warning("index writes not yet on %d Redis replica(s): the batch is retried", wait_replicas)
-            for msg in applied:
-                await msg.nak(delay=1)
-            continue
-        for msg in applied:
-            await msg.ack()

@@ -9,7 +9,8 @@ import logging
 from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
-from rempart.common.mailstore import MailboxIndex, MessageStore, run_indexer
+from rempart.common.mailbox import Mailboxes, MailboxLog, run_indexer
+from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.redisconn import connect_redis
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import ServerTls
@@ -47,8 +48,9 @@ async def serve(settings: ImapPopSettings) -> None:
         rt.ops.add_check("auth", channel_check(auth.channel))
         index = MailboxIndex(rt.redis)
         store = await MessageStore.open(rt.js, settings.inline_body_max_bytes)
-        backend = Backend(settings=settings, redis=rt.redis, nc=rt.nc, store=store,
-                          index=index, config=rt.config, policy=policy, auth=auth, tls=tls,
+        mailboxes = Mailboxes(store, index, MailboxLog(rt.js))
+        backend = Backend(settings=settings, redis=rt.redis, nc=rt.nc, mailboxes=mailboxes, config=rt.config,
+                          policy=policy, auth=auth, tls=tls,
                           instance=rt.instance)
         if tls is not None:
             tls_policy = tls
@@ -63,9 +65,10 @@ async def serve(settings: ImapPopSettings) -> None:
         background: list[asyncio.Task[None]] = []
         if settings.run_indexer:
             # Waiting for replicas (WAIT) needs the writes and the WAIT on one connection.
-            indexer_index = MailboxIndex(connect_redis(settings.redis_url, max_connections=1)) \
-                if settings.redis_wait_replicas else index
-            indexer = run_indexer(rt.js, indexer_index, wait_replicas=settings.redis_wait_replicas)
+            indexer_mailboxes = Mailboxes(
+                store, MailboxIndex(connect_redis(settings.redis_url, max_connections=1)), mailboxes.log
+            ) if settings.redis_wait_replicas else mailboxes
+            indexer = run_indexer(rt.js, indexer_mailboxes, wait_replicas=settings.redis_wait_replicas)
             background.append(asyncio.create_task(indexer, name="indexer"))
         if tls is not None:
             background.append(asyncio.create_task(_reload_tls(tls), name="tls-reload"))

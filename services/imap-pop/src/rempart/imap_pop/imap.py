@@ -25,7 +25,7 @@ from nats.errors import Error as NatsError
 from rempart.common import mime as M
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import FLAG_LIMIT, BlobUnreadable, IndexedMessage, expunge
+from rempart.common.mailstore import FLAG_LIMIT, BlobUnreadable, IndexedMessage
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
 from rempart.imap_pop import replies as R
@@ -67,6 +67,7 @@ SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 STORE_BATCH = 500  # messages per atomic flag script call
+COPY_BATCH = 50  # messages read and stored per step of COPY/MOVE: bounded memory, one log record
 MAX_LITERALS_PER_COMMAND = 16
 
 Handler = Callable[[Command], Awaitable[None]]
@@ -369,7 +370,7 @@ class ImapSession(FolderCommands, Session):
     async def _login_reply(self, command: Command, decision: LoginDecision) -> None:
         if decision.outcome is LoginOutcome.OK:
             try:
-                await self.backend.provision_folders(self.account)
+                await self.backend.mailboxes.provision(self.account)
             except Exception as exc:  # noqa: BLE001 - missing default folders never block a login
                 log.warning("default folders not created: %s", exc, extra={"session": self.session_id})
             self.ok(command, f"[CAPABILITY {self.capabilities()}] Logged in")
@@ -431,13 +432,11 @@ class ImapSession(FolderCommands, Session):
         data = args[-1]
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[TRYCREATE] No such mailbox")
-        record, seq = await self.backend.store.append(self.account, folder, data, flags, internal_date_ms)
-        uids = await self.backend.index.apply(record, M.summarize(data), seq=seq)
-        status = await self.backend.index.status(self.account, folder)
+        [placed] = await self.backend.mailboxes.append(self.account, folder, [(data, flags, internal_date_ms)])
         await self.backend.publish_changed(self.account, folder)
         if self.folder == folder:
             await self.refresh(expunges=False)
-        self.ok(command, f"[APPENDUID {status.uidvalidity} {uids.get(self.account, 0)}] APPEND completed")
+        self.ok(command, f"[APPENDUID {placed.uidvalidity} {placed.uid}] APPEND completed")
 
     async def cmd_idle(self, command: Command) -> None:
         await self.stream.send(b"+ idling\r\n")
@@ -609,7 +608,8 @@ class ImapSession(FolderCommands, Session):
 
     async def _add_seen(self, seq: int, message: IndexedMessage) -> IndexedMessage:
         assert self.folder is not None
-        after = await self.backend.index.change_flags(self.account, self.folder, [message.uid], "add", {"\\Seen"})
+        after = await self.backend.mailboxes.change_flags(self.account, self.folder, self.uidvalidity, [message.uid],
+                                                          "add", {"\\Seen"})
         return self._keep_flags(seq, message, after.get(message.uid) or message.flags | {"\\Seen"})
 
     def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str]) -> IndexedMessage:
@@ -659,8 +659,8 @@ class ImapSession(FolderCommands, Session):
             batch = selected[start : start + STORE_BATCH]
             # Each message changes atomically in the index (R-MBX-3): another session's flags,
             # set meanwhile, are kept, and the answer shows them.
-            after = await self.backend.index.change_flags(
-                self.account, self.folder, [m.uid for _, m in batch], change, flags, MAX_FLAGS)
+            after = await self.backend.mailboxes.change_flags(
+                self.account, self.folder, self.uidvalidity, [m.uid for _, m in batch], change, flags, MAX_FLAGS)
             for seq, message in batch:
                 now = after.get(message.uid)
                 if now is None:
@@ -681,7 +681,7 @@ class ImapSession(FolderCommands, Session):
         assert self.folder is not None
         if not doomed:
             return
-        await expunge(self.backend.store, self.backend.index, self.account, self.folder, [m for _, m in doomed])
+        await self.backend.mailboxes.expunge(self.account, self.folder, self.uidvalidity, [m for _, m in doomed])
         for seq, _ in sorted(doomed, key=lambda x: x[0], reverse=True):
             del self.view[seq - 1]
             if announce:
@@ -719,21 +719,21 @@ class ImapSession(FolderCommands, Session):
         if not await self.backend.folder_exists(self.account, target):
             raise No("[TRYCREATE] No such mailbox")
         source_uids, target_uids = [], []
-        for _, message in selected:
-            data = await self.read_content(message)
+        uidvalidity = 0
+        for start in range(0, len(selected), COPY_BATCH):
+            batch = [m for _, m in selected[start : start + COPY_BATCH]]
             # RFC 3501 6.4.7: the copy keeps its flags and internal date.
-            record, seq = await self.backend.store.append(self.account, target, data, sorted(message.flags),
-                                                        message.internal_date_ms)
-            uids = await self.backend.index.apply(record, M.summarize(data), seq=seq)
-            source_uids.append(message.uid)
-            target_uids.append(uids[self.account])
-        status = await self.backend.index.status(self.account, target)
+            copies = [(await self.read_content(m), sorted(m.flags), m.internal_date_ms) for m in batch]
+            placed = await self.backend.mailboxes.append(self.account, target, copies)
+            source_uids += [m.uid for m in batch]
+            target_uids += [p.uid for p in placed]
+            uidvalidity = placed[-1].uidvalidity
         await self.backend.publish_changed(self.account, target)
         code = ""
         if source_uids:
             # RFC 4315: both sets in the same order; UIDs are handed out ascending, so
             # compressing each keeps the pairing.
-            code = f"[COPYUID {status.uidvalidity} {compress_numbers(source_uids)} {compress_numbers(target_uids)}] "
+            code = f"[COPYUID {uidvalidity} {compress_numbers(source_uids)} {compress_numbers(target_uids)}] "
         if command.name == "MOVE":
             if code:
                 self.out(f"* OK {code}Moved")

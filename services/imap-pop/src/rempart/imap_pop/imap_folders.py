@@ -7,8 +7,7 @@ delivery record or a tombstone first), so a rebuilt index shows the same folders
 
 from __future__ import annotations
 
-from rempart.common import mime as M
-from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.mailstore import INBOX, IndexedMessage
 from rempart.common.mime import quote
 from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token, text_of, wildcard_match
 from rempart.imap_pop.session import Backend
@@ -49,12 +48,15 @@ class FolderCommands:
         # RFC 5258 syntax is accepted (clients that know SPECIAL-USE send "LIST (SPECIAL-USE)
         # ..."): selection options, a list of patterns, RETURN options.
         args = list(command.args)
-        only_special = False
+        selection: set[str] = set()
+        returns: set[str] = set()
         if command.name == "LIST" and args and isinstance(args[0], list):
-            selection = args.pop(0)
-            assert isinstance(selection, list)
-            only_special = "SPECIAL-USE" in {text_of(o).upper() for o in selection}
+            options = args.pop(0)
+            assert isinstance(options, list)
+            selection = {text_of(o).upper() for o in options if not isinstance(o, list)}
         if command.name == "LIST" and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
+            if isinstance(args[3], list):
+                returns = {text_of(o).upper() for o in args[3] if not isinstance(o, list)}
             args = args[:2]
         if len(args) != 2:
             raise ImapSyntaxError(f"{command.name} needs reference and pattern")
@@ -68,24 +70,39 @@ class FolderCommands:
             self.out(f'* {command.name} (\\Noselect) "{DELIMITER}" ""')
             self.ok(command)
             return
-        folders = (await self.backend.index.folders(self.account))[:MAX_FOLDERS]
-        uses = await self.backend.special_uses(self.account)
-        names = set(folders)
-        # A folder whose parent does not exist (deleted, or made by another server) still
-        # needs its parent listed, as \Noselect, for "%" listings (RFC 3501 6.3.8).
-        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in folders for i in range(1, f.count(DELIMITER) + 1)}
+        folders = set((await self.backend.index.folders(self.account))[:MAX_FOLDERS])
+        uses = await self.backend.index.special_uses(self.account)
+        only_subscribed = command.name == "LSUB" or "SUBSCRIBED" in selection
+        subscribed: set[str] = set()
+        if only_subscribed or "SUBSCRIBED" in returns:
+            subscribed = set(sorted(await self.backend.mailboxes.subscriptions(self.account))[:MAX_FOLDERS])
+        # LSUB and LIST (SUBSCRIBED) list subscriptions, existing or not (RFC 3501 6.3.9, RFC
+        # 5258 3.1); LIST lists folders.
+        names = subscribed if only_subscribed else folders
+        # A name whose parent is not listed (deleted, or never subscribed) still needs its
+        # parent shown, as \Noselect, for "%" listings (RFC 3501 6.3.8, 6.3.9).
+        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in names for i in range(1, f.count(DELIMITER) + 1)}
         for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
             if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
                        for p in patterns):
                 continue
-            if only_special and folder not in uses:
+            if "SPECIAL-USE" in selection and folder not in uses:
                 continue
-            children = any(n.startswith(folder + DELIMITER) for n in names)
-            attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
-            if folder not in names:
-                attributes.insert(0, "\\Noselect")
-            if folder in uses:
-                attributes.append(uses[folder])
+            attributes = []
+            if command.name == "LSUB":
+                if folder not in names or folder not in folders:
+                    attributes.append("\\Noselect")
+            else:
+                if folder not in folders:
+                    attributes.append("\\NonExistent" if folder in names else "\\Noselect")
+                children = any(n.startswith(folder + DELIMITER) for n in folders)
+                attributes.append("\\HasChildren" if children else "\\HasNoChildren")
+                if folder in subscribed:
+                    attributes.append("\\Subscribed")
+                if folder in uses:
+                    attributes.append(uses[folder])
+            if only_subscribed and folder not in names and command.name != "LSUB":
+                continue  # RFC 5258: LIST (SUBSCRIBED) names only subscriptions
             self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}')
         self.ok(command)
 
@@ -136,7 +153,7 @@ class FolderCommands:
         if len(folders) + len(missing) > MAX_FOLDERS:
             raise No("[LIMIT] Too many mailboxes")
         for name in missing:
-            await self.backend.index.create_folder(self.account, name)
+            await self.backend.mailboxes.create_folder(self.account, name)
 
     async def cmd_delete(self, command: Command) -> None:
         if len(command.args) != 1:
@@ -147,11 +164,8 @@ class FolderCommands:
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
         # RFC 3501 6.3.4: the mailbox goes with its messages (Thunderbird's "Empty Trash"
-        # deletes folders that still hold mail); each removal is a durable tombstone first.
-        doomed = await self.backend.index.messages(self.account, folder)
-        await expunge(self.backend.store, self.backend.index, self.account, folder, doomed)
-        await self.backend.delete_folder(self.account, folder)
-        await self.backend.move_special_use(self.account, folder, None)
+        # deletes folders that still hold mail); the deletion is recorded before it is done.
+        await self.backend.mailboxes.delete_folder(self.account, folder)
         if self.folder == folder:
             self.folder = None
             self.view = []
@@ -176,36 +190,33 @@ class FolderCommands:
             moves += [(f, target + f[len(source):]) for f in folders if f.startswith(source + DELIMITER)]
         if any(new in folders for _, new in moves):
             raise No("[ALREADYEXISTS] Target mailbox exists")
-        await self._create_with_parents(target, folders)
+        # Parents of the new name are created; the folders themselves move with their
+        # messages, UIDs and UIDVALIDITY (one change each, no message copied).
+        await self._create_with_parents(DELIMITER.join(target.split(DELIMITER)[:-1]) or INBOX, folders)
         for old, new in moves:
-            await self._move_folder_contents(old, new)
-            if old != INBOX:
-                await self.backend.delete_folder(self.account, old)
-                await self.backend.move_special_use(self.account, old, new)
+            await self.backend.mailboxes.rename_folder(self.account, old, new)
             await self.backend.publish_changed(self.account, old)
         if self.folder in {old for old, _ in moves}:
             self.folder = None
             self.view = []
         self.ok(command)
 
-    async def _move_folder_contents(self, old: str, new: str) -> None:
-        """Through the durable path: each message is a new delivery record in ``new`` and a
-        tombstone in ``old``, so a rebuilt index shows the rename (renaming INBOX moves its mail
-        to the new folder and leaves INBOX empty, RFC 3501 6.3.5)."""
-        await self.backend.index.create_folder(self.account, new)
-        messages = await self.backend.index.messages(self.account, old)
-        for message in messages:
-            data = await self.read_content(message)
-            record, seq = await self.backend.store.append(self.account, new, data, sorted(message.flags),
-                                                        message.internal_date_ms)
-            await self.backend.index.apply(record, M.summarize(data), seq=seq)
-        await expunge(self.backend.store, self.backend.index, self.account, old, messages)
-
     async def cmd_subscribe(self, command: Command) -> None:
-        # Every folder is listed in LSUB: subscriptions are accepted and need no state.
+        # SUBSCRIBE and UNSUBSCRIBE (RFC 3501 6.3.6, 6.3.7): a name may be subscribed whether or
+        # not the folder exists; the change is recorded before the OK.
         if len(command.args) != 1:
             raise ImapSyntaxError(f"{command.name} needs a mailbox")
-        self.folder_name(command.args[0])
+        folder = self.folder_name(command.args[0])
+        subscribed = await self.backend.mailboxes.subscriptions(self.account)
+        if command.name == "SUBSCRIBE":
+            if folder not in subscribed and len(subscribed) >= MAX_FOLDERS:
+                raise No("[LIMIT] Too many subscriptions")
+            if folder not in subscribed:
+                await self.backend.mailboxes.subscribe(self.account, [folder], True)
+        elif folder in subscribed:
+            await self.backend.mailboxes.subscribe(self.account, [folder], False)
+        else:
+            raise No("[NONEXISTENT] Not subscribed")
         self.ok(command)
 
     async def cmd_namespace(self, command: Command) -> None:

@@ -11,7 +11,7 @@ import logging
 import re
 
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
-from rempart.common.mailstore import INBOX, IndexedMessage, expunge
+from rempart.common.mailstore import INBOX, IndexedMessage
 from rempart.common.mime import normalise, split_header
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError, SaslMalformed
@@ -29,6 +29,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 class Pop3Session(Session):
     user: str = ""
     messages: list[IndexedMessage]
+    uidvalidity: int = 0  # of INBOX when the maildrop was opened: names the folder in the change log
     deleted: set[int]
     closing: bool = False
     locked: bool = False
@@ -245,6 +246,7 @@ class Pop3Session(Session):
                     self.send(R.POP3_IN_USE)
                     return
                 self.locked = True
+                self.uidvalidity = (await self.backend.index.status(self.account, INBOX)).uidvalidity
                 self.messages = await self.backend.index.messages(self.account, INBOX)
             except Exception as exc:  # noqa: BLE001 - Redis down: fail closed, temporarily
                 log.warning("mailbox not readable: %s", exc, extra={"session": self.session_id})
@@ -379,7 +381,7 @@ class Pop3Session(Session):
         gone = [self.messages[i - 1] for i in sorted(self.deleted)]
         if gone:
             try:
-                await expunge(self.backend.store, self.backend.index, self.account, INBOX, gone)
+                await self.backend.mailboxes.expunge(self.account, INBOX, self.uidvalidity, gone)
             except Exception as exc:  # noqa: BLE001 - keep the messages; say so
                 log.warning("expunge failed: %s", exc, extra={"session": self.session_id})
                 self.send("-ERR [SYS/TEMP] Some deleted messages not removed")

@@ -21,6 +21,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
+from rempart.common.mailbox import Mailboxes
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
@@ -33,13 +34,6 @@ log = logging.getLogger(__name__)
 
 IMAP_SESSIONS = Counter("rempart_imap_sessions_total", "IMAP sessions accepted")
 POP3_SESSIONS = Counter("rempart_pop3_sessions_total", "POP3 sessions accepted")
-
-# RFC 6154: the folders every account has from its first login, with their special use.
-SPECIAL_USE_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
-# A field no folder can be named ('*' is refused in names): the hash exists once provisioned,
-# even after the user deleted every special folder, so they do not come back.
-_PROVISIONED = "*"
-
 
 # Only the owner renews or releases: a late session never frees a lock another one took.
 _LOCK_RENEW_LUA = """
@@ -63,8 +57,7 @@ class Backend:
     settings: ImapPopSettings
     redis: aioredis.Redis
     nc: NATS
-    store: MessageStore
-    index: MailboxIndex
+    mailboxes: Mailboxes  # every change to a mailbox goes through it (the change log first)
     config: SettingsCache
     policy: PolicyClient
     auth: AuthClient
@@ -78,6 +71,16 @@ class Backend:
     def __post_init__(self) -> None:
         self._lock_renew = self.redis.register_script(_LOCK_RENEW_LUA)
         self._lock_release = self.redis.register_script(_LOCK_RELEASE_LUA)
+
+    @property
+    def store(self) -> MessageStore:
+        """Where messages are read."""
+        return self.mailboxes.store
+
+    @property
+    def index(self) -> MailboxIndex:
+        """The mailbox index, for reading (changes go through :attr:`mailboxes`)."""
+        return self.mailboxes.index
 
     # RFC 1939 8 / RFC 3206: one POP3 session per maildrop, across replicas. The lock has a
     # short TTL that its session renews, so a crashed replica never locks a mailbox for long.
@@ -104,44 +107,8 @@ class Backend:
         except Exception as exc:  # noqa: BLE001 - an event must never break mail access
             log.warning("mailbox change event not published: %s", exc)
 
-    async def delete_folder(self, account: str, folder: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.srem(keys.mailbox_folders(account), folder)
-            pipe.delete(keys.mailbox_meta(account, folder), keys.mailbox_uids(account, folder),
-                        keys.mailbox_txn(account, folder))
-            await pipe.execute()
-
     async def folder_exists(self, account: str, folder: str) -> bool:
         return folder in await self.index.folders(account)
-
-    async def provision_folders(self, account: str) -> None:
-        """First login: create Sent, Drafts, Trash and Junk with their RFC 6154 attributes."""
-        key = keys.mailbox_special_use(account)
-        if await self.redis.exists(key):
-            return
-        for name in SPECIAL_USE_FOLDERS:
-            await self.index.create_folder(account, name)
-        fields = [_PROVISIONED, "1"]
-        for name, use in SPECIAL_USE_FOLDERS.items():
-            fields += [name, use]
-        await self.redis.hset(key, items=fields)
-
-    async def special_uses(self, account: str) -> dict[str, str]:
-        """Folder -> special-use attribute."""
-        raw = await self.redis.hgetall(keys.mailbox_special_use(account))
-        return {str(k): str(v) for k, v in raw.items() if k != _PROVISIONED}
-
-    async def move_special_use(self, account: str, old: str, new: str | None) -> None:
-        """A renamed special folder keeps its use (RFC 6154 2); a deleted one drops it."""
-        key = keys.mailbox_special_use(account)
-        use = await self.redis.hget(key, old)
-        if use is None:
-            return
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(key, old)
-            if new is not None:
-                pipe.hset(key, new, use)
-            await pipe.execute()
 
 
 @dataclass(eq=False)

@@ -9,6 +9,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,25 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _FlagChange:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FlagChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FlagChange.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FLAG_CHANGE_UNSPECIFIED: _FlagChange.ValueType  # 0
+    FLAG_CHANGE_SET: _FlagChange.ValueType  # 1
+    FLAG_CHANGE_ADD: _FlagChange.ValueType  # 2
+    FLAG_CHANGE_REMOVE: _FlagChange.ValueType  # 3
+
+class FlagChange(_FlagChange, metaclass=_FlagChangeEnumTypeWrapper): ...
+
+FLAG_CHANGE_UNSPECIFIED: FlagChange.ValueType  # 0
+FLAG_CHANGE_SET: FlagChange.ValueType  # 1
+FLAG_CHANGE_ADD: FlagChange.ValueType  # 2
+FLAG_CHANGE_REMOVE: FlagChange.ValueType  # 3
+Global___FlagChange: _TypeAlias = FlagChange  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
@@ -279,3 +299,283 @@ class MailboxChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MailboxChanged: _TypeAlias = MailboxChanged  # noqa: Y015
+
+@_typing.final
+class MailboxChange(_message.Message):
+    """The mailbox change log (DESIGN "The mailbox: one change log", SPEC R-MBX-1): every change to
+    an account's mailbox other than the arrival of a message's bytes (a DeliveryRecord on MAIL) is
+    one of these, on the MBXLOG stream, subject rempart.mbx.<account token>, acknowledged before
+    the client's OK. The Redis index is a projection of MAIL plus this log: a rebuild replays both
+    and gets back the same folders (with their UIDVALIDITY), UIDs, flags and subscriptions.
+    A folder is named by its UIDVALIDITY, which is unique across the server and never reused, so
+    a record stays true whatever renames come after it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FOLDER_CREATED_FIELD_NUMBER: _builtins.int
+    FOLDER_DELETED_FIELD_NUMBER: _builtins.int
+    FOLDER_RENAMED_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    FILED_FIELD_NUMBER: _builtins.int
+    FLAGS_CHANGED_FIELD_NUMBER: _builtins.int
+    EXPUNGED_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    time_unix_ms: _builtins.int
+    @_builtins.property
+    def folder_created(self) -> Global___FolderCreated: ...
+    @_builtins.property
+    def folder_deleted(self) -> Global___FolderDeleted: ...
+    @_builtins.property
+    def folder_renamed(self) -> Global___FolderRenamed: ...
+    @_builtins.property
+    def subscription(self) -> Global___Subscription: ...
+    @_builtins.property
+    def filed(self) -> Global___MessagesFiled: ...
+    @_builtins.property
+    def flags_changed(self) -> Global___FlagsChanged: ...
+    @_builtins.property
+    def expunged(self) -> Global___MessagesExpunged: ...
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        time_unix_ms: _builtins.int = ...,
+        folder_created: Global___FolderCreated | None = ...,
+        folder_deleted: Global___FolderDeleted | None = ...,
+        folder_renamed: Global___FolderRenamed | None = ...,
+        subscription: Global___Subscription | None = ...,
+        filed: Global___MessagesFiled | None = ...,
+        flags_changed: Global___FlagsChanged | None = ...,
+        expunged: Global___MessagesExpunged | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "expunged", b"expunged", "filed", b"filed", "flags_changed", b"flags_changed", "folder_created", b"folder_created", "folder_deleted", b"folder_deleted", "folder_renamed", b"folder_renamed", "subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "change", b"change", "expunged", b"expunged", "filed", b"filed", "flags_changed", b"flags_changed", "folder_created", b"folder_created", "folder_deleted", b"folder_deleted", "folder_renamed", b"folder_renamed", "subscription", b"subscription", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["folder_created", "folder_deleted", "folder_renamed", "subscription", "filed", "flags_changed", "expunged"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___MailboxChange: _TypeAlias = MailboxChange  # noqa: Y015
+
+@_typing.final
+class FolderCreated(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    SPECIAL_USE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uidvalidity: _builtins.int
+    special_use: _builtins.str
+    """RFC 6154 attribute ("\\\\Sent" ...), or empty"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        special_use: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "special_use", b"special_use", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FolderCreated: _TypeAlias = FolderCreated  # noqa: Y015
+
+@_typing.final
+class FolderDeleted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uidvalidity: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FolderDeleted: _TypeAlias = FolderDeleted  # noqa: Y015
+
+@_typing.final
+class FolderRenamed(_message.Message):
+    """A folder's new name, or a new UIDVALIDITY for it (a rebuild that had to give new UIDs), or both."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_NAME_FIELD_NUMBER: _builtins.int
+    NEW_NAME_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    NEW_UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    old_name: _builtins.str
+    new_name: _builtins.str
+    uidvalidity: _builtins.int
+    new_uidvalidity: _builtins.int
+    """0: unchanged"""
+    def __init__(
+        self,
+        *,
+        old_name: _builtins.str = ...,
+        new_name: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        new_uidvalidity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_name", b"new_name", "new_uidvalidity", b"new_uidvalidity", "old_name", b"old_name", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FolderRenamed: _TypeAlias = FolderRenamed  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    subscribed: _builtins.bool
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        subscribed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "subscribed", b"subscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class MessagesFiled(_message.Message):
+    """The UIDs that messages (named by their delivery record's transaction id) got in a folder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLDER_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    UIDNEXT_FIELD_NUMBER: _builtins.int
+    folder: _builtins.str
+    uidvalidity: _builtins.int
+    uidnext: _builtins.int
+    """the folder's UIDNEXT after these"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___FiledMessage]: ...
+    def __init__(
+        self,
+        *,
+        folder: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        messages: _abc.Iterable[Global___FiledMessage] | None = ...,
+        uidnext: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "messages", b"messages", "uidnext", b"uidnext", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessagesFiled: _TypeAlias = MessagesFiled  # noqa: Y015
+
+@_typing.final
+class FiledMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    transaction_id: _builtins.str
+    uid: _builtins.int
+    def __init__(
+        self,
+        *,
+        transaction_id: _builtins.str = ...,
+        uid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transaction_id", b"transaction_id", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FiledMessage: _TypeAlias = FiledMessage  # noqa: Y015
+
+@_typing.final
+class FlagsChanged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLDER_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    UIDS_FIELD_NUMBER: _builtins.int
+    MODSEQ_FIELD_NUMBER: _builtins.int
+    folder: _builtins.str
+    uidvalidity: _builtins.int
+    mode: Global___FlagChange.ValueType
+    modseq: _builtins.int
+    """the account's change counter this change took: replay order"""
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        folder: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        mode: Global___FlagChange.ValueType = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        uids: _abc.Iterable[_builtins.int] | None = ...,
+        modseq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "folder", b"folder", "mode", b"mode", "modseq", b"modseq", "uids", b"uids", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlagsChanged: _TypeAlias = FlagsChanged  # noqa: Y015
+
+@_typing.final
+class MessagesExpunged(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLDER_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    UIDS_FIELD_NUMBER: _builtins.int
+    folder: _builtins.str
+    uidvalidity: _builtins.int
+    @_builtins.property
+    def uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        folder: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        uids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "uids", b"uids", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessagesExpunged: _TypeAlias = MessagesExpunged  # noqa: Y015

@@ -1,0 +1,499 @@
+"""The mailbox write path and its change log (DESIGN "The mailbox: one change log", R-MBX-1).
+
+A message's bytes arrive once, in a delivery record on the MAIL stream (``mailstore``). Every
+other change to a mailbox is a :class:`MailboxChange` on the MBXLOG stream, under the account's
+subject: where messages were filed (folder, UIDVALIDITY, UID), flag changes, expunges, folders
+created, deleted and renamed, subscriptions. The Redis index is a projection of the two; a
+rebuild (:func:`rebuild_index`) replays them and gives back the same folders with the same
+UIDVALIDITY, the same UIDs, flags and subscriptions (RFC 3501 2.3.1.1).
+
+:class:`Mailboxes` is the one way to change a mailbox. Its order, for every change:
+- who wins is decided atomically in Redis (which UID a message gets, which of two CREATEs made
+  the folder, a message's flags after two concurrent STOREs, in the order of the account's
+  change counter), then that outcome is recorded in the log, then the client hears OK; a crash
+  in between leaves a change that nobody was told about;
+- a removal (EXPUNGE, DELETE) is recorded first, then forgotten by the index: what a client was
+  told is gone never comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from nats.js import JetStreamContext
+from nats.js import api as jsapi
+
+from rempart.common.events import (
+    MAIL_EXPUNGED_SUBJECT,
+    MAIL_STREAM,
+    MAILBOX_LOG_STREAM,
+    fetch_batch,
+    mailbox_log_subject,
+)
+from rempart.common.mailstore import (
+    FLAG_LIMIT,
+    INBOX,
+    PUBLISH_TIMEOUT,
+    Filed,
+    IndexedMessage,
+    MailboxIndex,
+    MessageStore,
+    RestoredMessage,
+)
+from rempart.common.mime import summarize
+from rempart.common.pb.events.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+# RFC 6154: the folders every account has from its first login, with their special use.
+SPECIAL_USE_FOLDERS = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
+# UIDs (or filed messages) per log record: far below NATS's 1 MiB payload even for 50,000 at once.
+RECORD_CHUNK = 10_000
+# How far above the log's and the clock's largest UIDVALIDITY a rebuild starts when Redis lost
+# its counter (see rebuild_index).
+UIDVALIDITY_MARGIN = 100_000
+_MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,
+          "remove": events_pb2.FLAG_CHANGE_REMOVE}
+
+
+class MailboxLog:
+    """Appends :class:`MailboxChange` records; each is acknowledged (fsynced) by JetStream."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+
+    async def write(self, changes: Sequence[events_pb2.MailboxChange]) -> None:
+        now = int(time.time() * 1000)
+        for change in changes:
+            change.time_unix_ms = change.time_unix_ms or now
+        await asyncio.gather(*(
+            self._js.publish(mailbox_log_subject(c.account), c.SerializeToString(), stream=MAILBOX_LOG_STREAM,
+                             timeout=PUBLISH_TIMEOUT)
+            for c in changes))
+
+
+def _chunks(items: Sequence[int], size: int = RECORD_CHUNK) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)] or [[]]
+
+
+class Mailboxes:
+    """The only writer of mailboxes: IMAP, POP3, the catch-up indexer and the rebuild use it."""
+
+    def __init__(self, store: MessageStore, index: MailboxIndex, log: MailboxLog) -> None:
+        self.store = store
+        self.index = index
+        self.log = log
+
+    # --- folders -------------------------------------------------------------------------------
+    async def create_folder(self, account: str, name: str, special_use: str = "") -> bool:
+        uidvalidity = await self.index.create_folder(account, name)
+        if not uidvalidity:
+            return False
+        await self.log.write([events_pb2.MailboxChange(account=account, folder_created=events_pb2.FolderCreated(
+            name=name, uidvalidity=uidvalidity, special_use=special_use))])
+        if special_use:
+            await self.index.set_special_uses(account, {name: special_use})
+        return True
+
+    async def provision(self, account: str) -> None:
+        """First login: Sent, Drafts, Trash and Junk with their RFC 6154 attributes, subscribed
+        with INBOX (as Dovecot's ``auto = subscribe``). Once only: folders the user deletes stay
+        deleted."""
+        if await self.index.provisioned(account):
+            return
+        for name, use in SPECIAL_USE_FOLDERS.items():
+            await self.create_folder(account, name, use)
+        await self.index.set_special_uses(account, {})
+        if await self.index.subscriptions(account) is None:
+            await self.subscribe(account, [INBOX, *SPECIAL_USE_FOLDERS], True)
+
+    async def delete_folder(self, account: str, name: str) -> None:
+        """RFC 3501 6.3.4: the folder goes with its messages; its subscription stays (6.3.6)."""
+        status = await self.index.status(account, name)
+        await self.log.write([events_pb2.MailboxChange(account=account, folder_deleted=events_pb2.FolderDeleted(
+            name=name, uidvalidity=status.uidvalidity))])
+        await self.index.delete_folder(account, name)
+        await self.index.set_special_uses(account, {name: None})
+
+    async def rename_folder(self, account: str, old: str, new: str) -> bool:
+        """One folder to a new name with its messages, UIDs and UIDVALIDITY; its special use and
+        subscription follow. Renaming INBOX leaves a new, empty INBOX (RFC 3501 6.3.5)."""
+        uidvalidity = await self.index.rename_folder(account, old, new)
+        if not uidvalidity:
+            return False
+        await self.log.write([events_pb2.MailboxChange(account=account, folder_renamed=events_pb2.FolderRenamed(
+            old_name=old, new_name=new, uidvalidity=uidvalidity))])
+        use = (await self.index.special_uses(account)).get(old)
+        if use:
+            await self.index.set_special_uses(account, {old: None, new: use})
+        subscribed = await self.index.subscriptions(account)
+        if subscribed is not None and old in subscribed and old != INBOX:
+            await self.subscribe(account, [old], False)
+            await self.subscribe(account, [new], True)
+        if old == INBOX:
+            await self.create_folder(account, INBOX)
+        return True
+
+    async def subscriptions(self, account: str) -> set[str]:
+        subscribed = await self.index.subscriptions(account)
+        return set(await self.index.folders(account)) if subscribed is None else subscribed
+
+    async def subscribe(self, account: str, names: Iterable[str], subscribed: bool) -> None:
+        wanted = list(names)
+        changes = []
+        if await self.index.subscriptions(account) is None:
+            # The first change: until now every folder counted as subscribed; say so first.
+            everything = await self.index.folders(account)
+            changes.append(events_pb2.MailboxChange(account=account, subscription=events_pb2.Subscription(
+                names=everything, subscribed=True)))
+            await self.index.set_subscribed(account, everything, True)
+        changes.append(events_pb2.MailboxChange(account=account, subscription=events_pb2.Subscription(
+            names=wanted, subscribed=subscribed)))
+        for change in changes:  # in order: the second must follow the first in the log
+            await self.log.write([change])
+        await self.index.set_subscribed(account, wanted, subscribed)
+
+    # --- messages ------------------------------------------------------------------------------
+    async def append(self, account: str, folder: str, messages: Sequence[tuple[bytes, Sequence[str], int]]
+                     ) -> list[Filed]:
+        """APPEND, COPY, MOVE: each message (bytes, flags, internal date in ms or 0) stored
+        durably, filed in the folder, and its UID recorded before the client hears it
+        (APPENDUID, COPYUID)."""
+        stored = []
+        for data, flags, internal_date_ms in messages:
+            record, seq = await self.store.append(account, folder, data, sorted(flags), internal_date_ms)
+            stored.append((record, seq, data))
+        filed = await self.file([(record, seq) for record, seq, _ in stored], [data for _, _, data in stored])
+        return [places[account] for places in filed]
+
+    async def file(self, records: Sequence[tuple[events_pb2.DeliveryRecord, int]],
+                   bodies: Sequence[bytes] | None = None) -> list[dict[str, Filed]]:
+        """Index delivery records (with their bytes when at hand, for the FETCH summary) and
+        record where each landed, one log record per account and folder. Idempotent: filing a
+        record again answers, and records, the same UIDs."""
+        out: list[dict[str, Filed]] = []
+        groups: dict[tuple[str, str, int], list[events_pb2.FiledMessage]] = {}
+        for n, (record, seq) in enumerate(records):
+            summary = summarize(bodies[n]) if bodies is not None else None
+            places = await self.index.file(record, summary, seq=seq)
+            for account, place in places.items():
+                groups.setdefault((account, place.folder, place.uidvalidity), []).append(
+                    events_pb2.FiledMessage(transaction_id=record.transaction_id, uid=place.uid))
+            out.append(places)
+        changes = []
+        for (account, folder, uidvalidity), filed in groups.items():
+            for i in range(0, len(filed), RECORD_CHUNK):
+                part = filed[i : i + RECORD_CHUNK]
+                changes.append(events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
+                    folder=folder, uidvalidity=uidvalidity, messages=part, uidnext=max(m.uid for m in part) + 1)))
+        await self.log.write(changes)
+        return out
+
+    async def change_flags(self, account: str, folder: str, uidvalidity: int, uids: list[int], mode: str,
+                           flags: set[str], limit: int = 0) -> dict[int, frozenset[str] | None]:
+        """STORE (and FETCH's implicit \\Seen): atomic per message in Redis (R-MBX-3), then
+        recorded with the account's change counter, so a replay applies concurrent changes in
+        the order Redis did."""
+        after, modseq = await self.index.change_flags(account, folder, uids, mode, flags, limit)
+        changed = [uid for uid, now in after.items() if now is not None and FLAG_LIMIT not in now]
+        if changed:
+            await self.log.write([
+                events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
+                    folder=folder, uidvalidity=uidvalidity, mode=_MODES[mode], flags=sorted(flags), uids=chunk,
+                    modseq=modseq))
+                for chunk in _chunks(changed)])
+        return after
+
+    async def expunge(self, account: str, folder: str, uidvalidity: int, messages: list[IndexedMessage]) -> None:
+        """Remove messages for good: recorded before the index forgets them."""
+        if not messages:
+            return
+        await self.log.write([
+            events_pb2.MailboxChange(account=account, expunged=events_pb2.MessagesExpunged(
+                folder=folder, uidvalidity=uidvalidity, uids=chunk))
+            for chunk in _chunks(sorted(m.uid for m in messages))])
+        await self.index.remove(account, folder, messages)
+
+
+async def run_indexer(
+    js: JetStreamContext, mailboxes: Mailboxes, durable: str = "mailbox-indexer", wait_replicas: int = 0
+) -> None:
+    """Catch-up indexer: a durable pull consumer shared by every replica that runs it.
+
+    The edge indexes inline right after the ack; this covers an edge that died between the ack
+    and the index write, and files every delivery in the change log (its UID recorded), so that
+    every acknowledged record reaches its mailboxes and a rebuild gives it the same UID. A
+    batch is acked only once its filing records are.
+
+    With ``wait_replicas`` (Redis with replicas, R-OPS-6), a batch is acked only once that many
+    Redis replicas have its index writes (WAIT): replication is asynchronous, and a primary lost
+    right after an ack would otherwise take index entries that nothing would write again. The
+    index's client must then hold one connection (``connect_redis(url, max_connections=1)``):
+    WAIT counts the writes made on its own connection.
+    """
+    sub = await js.pull_subscribe("rempart.mail.>", durable=durable, stream=MAIL_STREAM)
+    while True:
+        batch = await fetch_batch(sub, 50, 5, "indexer")
+        records = [(events_pb2.DeliveryRecord.FromString(m.data), int(m.metadata.sequence.stream))
+                   for m in batch if m.subject != MAIL_EXPUNGED_SUBJECT]
+        try:
+            if records:
+                await mailboxes.file(records)
+        except Exception as exc:  # noqa: BLE001 - Redis or NATS away: the whole batch is retried
+            log.warning("indexer could not file a batch, will retry: %s", exc)
+            for msg in batch:
+                await msg.nak(delay=1)
+            continue
+        if records and not await mailboxes.index.replicated(wait_replicas):
+            log.warning("index writes not yet on %d Redis replica(s): the batch is retried", wait_replicas)
+            for msg in batch:
+                await msg.nak(delay=1)
+            continue
+        for msg in batch:
+            await msg.ack()
+
+
+# --- rebuild ---------------------------------------------------------------------------------
+@dataclass
+class _Folder:
+    name: str
+    uidvalidity: int
+    uidnext: int = 1
+    filed: dict[int, str] = field(default_factory=dict)  # UID -> transaction id
+    expunged: set[int] = field(default_factory=set)
+    flag_changes: list[events_pb2.FlagsChanged] = field(default_factory=list)
+
+
+@dataclass
+class _Account:
+    folders: dict[int, _Folder] = field(default_factory=dict)  # by UIDVALIDITY
+    names: dict[str, int] = field(default_factory=dict)  # folder name -> UIDVALIDITY
+    gone: set[int] = field(default_factory=set)  # UIDVALIDITY of deleted folders
+    renumbered: dict[int, int] = field(default_factory=dict)  # old UIDVALIDITY -> new
+    special_uses: dict[str, str] = field(default_factory=dict)
+    provisioned: bool = False
+    subscriptions: set[str] | None = None
+    filed: set[str] = field(default_factory=set)  # transaction ids filed somewhere
+    modseq: int = 0
+
+    def folder(self, name: str, uidvalidity: int) -> _Folder | None:
+        """The folder a record names (by UIDVALIDITY); one named only by a filing record (made
+        implicitly, by a delivery) is created; None when it was deleted since."""
+        uidvalidity = self.renumbered.get(uidvalidity, uidvalidity)
+        if uidvalidity in self.gone:
+            return None
+        if uidvalidity not in self.folders:
+            if name in self.names:
+                return None  # a folder of that name with another UIDVALIDITY: this one is gone
+            self.folders[uidvalidity] = _Folder(name, uidvalidity)
+            self.names[name] = uidvalidity
+        return self.folders[uidvalidity]
+
+    def apply(self, change: events_pb2.MailboxChange) -> None:
+        kind = change.WhichOneof("change")
+        if kind == "folder_created":
+            c = change.folder_created
+            if c.name not in self.names and c.uidvalidity not in self.gone:
+                self.folders[c.uidvalidity] = _Folder(c.name, c.uidvalidity)
+                self.names[c.name] = c.uidvalidity
+            if c.special_use:
+                self.special_uses[c.name] = c.special_use
+                self.provisioned = True
+        elif kind == "folder_deleted":
+            d = change.folder_deleted
+            uidvalidity = self.renumbered.get(d.uidvalidity, d.uidvalidity)
+            gone = self.folders.pop(uidvalidity, None)
+            if gone is not None and self.names.get(gone.name) == uidvalidity:
+                del self.names[gone.name]
+            self.gone.add(uidvalidity)
+            self.special_uses.pop(d.name, None)
+        elif kind == "folder_renamed":
+            r = change.folder_renamed
+            folder = self.folder(r.old_name, r.uidvalidity)
+            if folder is None:
+                return
+            if r.new_name != folder.name:
+                if self.names.get(folder.name) == folder.uidvalidity:
+                    del self.names[folder.name]
+                if folder.name in self.special_uses:
+                    self.special_uses[r.new_name] = self.special_uses.pop(folder.name)
+                folder.name = r.new_name
+                self.names[r.new_name] = folder.uidvalidity
+            if r.new_uidvalidity and r.new_uidvalidity != folder.uidvalidity:
+                self.renumbered[folder.uidvalidity] = r.new_uidvalidity
+                del self.folders[folder.uidvalidity]
+                folder.uidvalidity = r.new_uidvalidity
+                self.folders[folder.uidvalidity] = folder
+                self.names[folder.name] = folder.uidvalidity
+        elif kind == "subscription":
+            s = change.subscription
+            if self.subscriptions is None:
+                self.subscriptions = set()
+            if s.subscribed:
+                self.subscriptions.update(s.names)
+            else:
+                self.subscriptions.difference_update(s.names)
+        elif kind == "filed":
+            f = change.filed
+            folder = self.folder(f.folder, f.uidvalidity)
+            if folder is None:
+                return
+            for message in f.messages:
+                folder.filed[message.uid] = message.transaction_id
+                folder.uidnext = max(folder.uidnext, message.uid + 1)
+                self.filed.add(message.transaction_id)
+            folder.uidnext = max(folder.uidnext, f.uidnext)
+        elif kind == "flags_changed":
+            fc = change.flags_changed
+            folder = self.folder(fc.folder, fc.uidvalidity)
+            if folder is not None:
+                folder.flag_changes.append(fc)
+            self.modseq = max(self.modseq, fc.modseq)
+        elif kind == "expunged":
+            e = change.expunged
+            folder = self.folder(e.folder, e.uidvalidity)
+            if folder is not None:
+                folder.expunged.update(e.uids)
+
+
+async def _read_stream(js: JetStreamContext, stream: str, subjects: str) -> list[tuple[str, bytes, int]]:
+    """Every message of a stream, in order: (subject, data, sequence)."""
+    last = int((await js.stream_info(stream)).state.last_seq)
+    out: list[tuple[str, bytes, int]] = []
+    if last == 0:
+        return out
+    sub = await js.subscribe(subjects, stream=stream, ordered_consumer=True, deliver_policy=jsapi.DeliverPolicy.ALL)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=5)
+            seq = int(msg.metadata.sequence.stream)
+            out.append((msg.subject, msg.data, seq))
+            if seq >= last:
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
+    """Flush the index and rebuild it from the MAIL stream and the change log; returns the
+    number of messages indexed. Run it with the edges stopped or draining (after a Redis loss).
+
+    Folders keep their UIDVALIDITY and messages their UIDs and flags, subscriptions and special
+    uses come back. A delivery the log has no UID for (filed by no one yet: the index was lost
+    right after it arrived) still gets into its folder, after the others; that folder then gets
+    a new UIDVALIDITY, recorded in the log, since a client may have seen that message under a
+    UID that is lost (RFC 3501 2.3.1.1). Records from before the change log existed are read as
+    before: in stream order, with their expunge tombstones, in folders with a new UIDVALIDITY.
+    """
+    index = mailboxes.index
+    deliveries: dict[str, tuple[events_pb2.DeliveryRecord, int]] = {}
+    order: list[str] = []
+    legacy_expunged: set[tuple[str, str, str]] = set()
+    for subject, data, seq in await _read_stream(js, MAIL_STREAM, "rempart.mail.>"):
+        if subject == MAIL_EXPUNGED_SUBJECT:
+            tomb = events_pb2.ExpungeRecord.FromString(data)
+            legacy_expunged.update((tomb.mailbox, tomb.folder or INBOX, t) for t in tomb.transaction_ids)
+            continue
+        record = events_pb2.DeliveryRecord.FromString(data)
+        if not record.local_mailboxes:
+            continue  # outbound only
+        record.ClearField("body")  # stays where it is: the index needs only the sequence
+        deliveries[record.transaction_id] = (record, seq)
+        order.append(record.transaction_id)
+    accounts: dict[str, _Account] = {}
+    for _, data, _ in await _read_stream(js, MAILBOX_LOG_STREAM, "rempart.mbx.>"):
+        change = events_pb2.MailboxChange.FromString(data)
+        accounts.setdefault(change.account, _Account()).apply(change)
+
+    # Deliveries that no filing record names: after the filed ones, in stream order.
+    unfiled: dict[tuple[str, str], list[str]] = {}
+    for txn in order:
+        record, _ = deliveries[txn]
+        folder_name = record.folder or INBOX
+        for account in record.local_mailboxes:
+            state = accounts.setdefault(account, _Account())
+            if txn not in state.filed and (account, folder_name, txn) not in legacy_expunged:
+                unfiled.setdefault((account, folder_name), []).append(txn)
+
+    await index.flush()
+    # Above every UIDVALIDITY ever given, so that a renumbered or new folder gets a larger one:
+    # those in the log, and the counter's last value. When Redis lost the counter too, the
+    # folders made just before the loss (an INBOX made by a first delivery, not filed yet) may
+    # have had values above the log's and the clock's (the counter runs ahead of the clock when
+    # many folders are made at once): a wide margin keeps the new ones above them.
+    logged = max((v for state in accounts.values()
+                  for v in (*state.folders, *state.gone, *state.renumbered.values())), default=0)
+    counter = await index.uidvalidity_counter()
+    if counter is None:
+        counter = max(logged, int(time.time())) + UIDVALIDITY_MARGIN
+    await index.raise_uidvalidity(max(logged, counter))
+    indexed = 0
+    for account, state in accounts.items():
+        changes = []
+        for (owner, folder_name), txns in unfiled.items():
+            if owner != account:
+                continue
+            new_uidvalidity = await index.new_uidvalidity()
+            folder = state.folders.get(state.names.get(folder_name, 0))
+            if folder is None:
+                folder = _Folder(folder_name, new_uidvalidity)
+                state.folders[new_uidvalidity] = folder
+                state.names[folder_name] = new_uidvalidity
+            else:
+                changes.append(events_pb2.MailboxChange(account=account, folder_renamed=events_pb2.FolderRenamed(
+                    old_name=folder_name, new_name=folder_name, uidvalidity=folder.uidvalidity,
+                    new_uidvalidity=new_uidvalidity)))
+                del state.folders[folder.uidvalidity]
+                folder.uidvalidity = state.names[folder_name] = new_uidvalidity
+                state.folders[new_uidvalidity] = folder
+            filed = []
+            for txn in txns:
+                filed.append(events_pb2.FiledMessage(transaction_id=txn, uid=folder.uidnext))
+                folder.filed[folder.uidnext] = txn
+                folder.uidnext += 1
+            for i in range(0, len(filed), RECORD_CHUNK):
+                changes.append(events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
+                    folder=folder_name, uidvalidity=folder.uidvalidity, messages=filed[i : i + RECORD_CHUNK],
+                    uidnext=folder.uidnext)))
+        # Recorded before the index shows them: the next rebuild gives the same answer.
+        for change in changes:
+            await mailboxes.log.write([change])
+        for folder in state.folders.values():
+            restored = []
+            for uid in sorted(set(folder.filed) - folder.expunged):
+                found = deliveries.get(folder.filed[uid])
+                if found is None:
+                    log.warning("rebuild: %s %s UID %d names a delivery that is not in the MAIL stream",
+                                account, folder.name, uid)
+                    continue
+                record, seq = found
+                restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes)))
+            await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, restored)
+            indexed += len(restored)
+        if state.provisioned or state.special_uses:
+            await index.set_special_uses(account, {n: u for n, u in state.special_uses.items() if n in state.names})
+        if state.subscriptions is not None:
+            await index.set_subscribed(account, state.subscriptions, True)
+        if state.modseq:
+            await index.restore_counter(account, state.modseq)
+    return indexed
+
+
+def _flags_of(uid: int, record: events_pb2.DeliveryRecord, changes: list[events_pb2.FlagsChanged]) -> frozenset[str]:
+    """A message's flags: those it arrived with, then every change to it in counter order."""
+    flags = set(record.flags)
+    for change in sorted(changes, key=lambda c: c.modseq):
+        if uid not in change.uids:
+            continue
+        if change.mode == events_pb2.FLAG_CHANGE_SET:
+            flags = set(change.flags)
+        elif change.mode == events_pb2.FLAG_CHANGE_ADD:
+            flags.update(change.flags)
+        elif change.mode == events_pb2.FLAG_CHANGE_REMOVE:
+            flags.difference_update(change.flags)
+    return frozenset(flags)
+

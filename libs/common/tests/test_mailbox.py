@@ -1,0 +1,177 @@
+"""The mailbox change log and the rebuild from it (DESIGN "The mailbox: one change log", R-MBX-1,
+R-MBX-3), against real Redis and NATS JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+
+from rempart.common.events import MAILBOX_LOG_STREAM, mailbox_log_subject
+from rempart.common.mailbox import Mailboxes, MailboxLog, rebuild_index, run_indexer
+from rempart.common.mailstore import INBOX, IndexedMessage, MailboxIndex, MessageStore
+from rempart.common.pb.events.v1 import events_pb2
+
+BOB = "bob@example.org"
+CAROL = "carol@example.org"
+
+
+async def open_mailboxes(redis: aioredis.Redis, nats_conn: NATS) -> Mailboxes:
+    js = nats_conn.jetstream()
+    return Mailboxes(await MessageStore.open(js), MailboxIndex(redis), MailboxLog(js))
+
+
+async def deliver(mailboxes: Mailboxes, subject: str, *accounts: str, file: bool = True) -> str:
+    """As the SMTP edge does (accept, index inline), then, with ``file``, as the catch-up
+    indexer does (file it in the change log)."""
+    record, seq = await mailboxes.store.accept(f"Subject: {subject}\r\n\r\nbody\r\n".encode(), mail_from="a@b.example",
+                                               local_mailboxes=list(accounts or [BOB]), remote_recipients=[])
+    await mailboxes.index.apply(record, seq=seq)
+    if file:
+        await mailboxes.file([(record, seq)])
+    return record.transaction_id
+
+
+async def snapshot(mailboxes: Mailboxes, account: str = BOB) -> dict[str, object]:
+    """What an IMAP client can see of an account: folders with UIDVALIDITY, UIDNEXT and each
+    message's UID, transaction and flags; special uses; subscriptions."""
+    index = mailboxes.index
+    folders = {}
+    for name in await index.folders(account):
+        status = await index.status(account, name)
+        messages = [(m.uid, m.transaction_id, sorted(m.flags)) for m in await index.messages(account, name)]
+        folders[name] = (status.uidvalidity, status.uidnext, messages)
+    return {"folders": folders, "uses": await index.special_uses(account),
+            "subscribed": sorted(await mailboxes.subscriptions(account))}
+
+
+async def test_r_mbx_1_rebuild_gives_back_folders_uids_flags_and_subscriptions(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    await mailboxes.provision(BOB)
+    for n in range(5):
+        await deliver(mailboxes, f"m{n}", BOB, CAROL)
+    inbox = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    await mailboxes.change_flags(BOB, INBOX, inbox, [1, 2], "add", {"\\Seen", "$Label1"})
+    await mailboxes.change_flags(BOB, INBOX, inbox, [2], "remove", {"$Label1"})
+    await mailboxes.change_flags(BOB, INBOX, inbox, [3], "set", {"\\Flagged"})
+    messages = await mailboxes.index.messages(BOB, INBOX)
+    await mailboxes.expunge(BOB, INBOX, inbox, [messages[3]])  # UID 4 is gone for good
+    # Folders: an empty one, one with mail, a renamed one (its mail, UIDs and special use move),
+    # a deleted one; COPY into one; subscriptions changed.
+    assert await mailboxes.create_folder(BOB, "Empty")
+    assert await mailboxes.create_folder(BOB, "Projects")
+    await mailboxes.append(BOB, "Projects", [(b"Subject: p1\r\n\r\nx\r\n", ["\\Draft"], 1_700_000_000_000),
+                                             (b"Subject: p2\r\n\r\ny\r\n", [], 0)])
+    assert await mailboxes.rename_folder(BOB, "Projects", "Archive/Projects")
+    assert await mailboxes.create_folder(BOB, "Archive")
+    assert await mailboxes.rename_folder(BOB, "Trash", "Bin")
+    assert await mailboxes.create_folder(BOB, "Doomed")
+    await mailboxes.append(BOB, "Doomed", [(b"Subject: d\r\n\r\nz\r\n", [], 0)])
+    await mailboxes.delete_folder(BOB, "Doomed")
+    await mailboxes.subscribe(BOB, ["Archive/Projects"], True)
+    await mailboxes.subscribe(BOB, ["Junk"], False)
+    before = {BOB: await snapshot(mailboxes, BOB), CAROL: await snapshot(mailboxes, CAROL)}
+    assert before[BOB]["uses"] == {"Sent": "\\Sent", "Drafts": "\\Drafts", "Bin": "\\Trash", "Junk": "\\Junk"}
+
+    await redis.flushall()  # the index is lost; the mail and its log are not
+    indexed = await rebuild_index(nats_conn.jetstream(), mailboxes)
+
+    assert indexed == 4 + 5 + 2
+    after = {BOB: await snapshot(mailboxes, BOB), CAROL: await snapshot(mailboxes, CAROL)}
+    assert after == before
+    folders = after[BOB]["folders"]
+    assert isinstance(folders, dict)
+    assert [(uid, flags) for uid, _, flags in folders[INBOX][2]] == [
+        (1, ["$Label1", "\\Seen"]), (2, ["\\Seen"]), (3, ["\\Flagged"]), (5, [])]
+    assert "Doomed" not in folders and "Empty" in folders and folders["Empty"][2] == []
+    # New folders after a rebuild still get a larger UIDVALIDITY than any before.
+    assert await mailboxes.create_folder(BOB, "Later")
+    later = (await mailboxes.index.status(BOB, "Later")).uidvalidity
+    assert later > max(v for v, _, _ in folders.values())
+
+
+async def test_r_mbx_3_concurrent_flag_changes_replay_in_the_order_redis_applied_them(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    await deliver(mailboxes, "m")
+    uidvalidity = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    # Many sessions at once: additions of different flags, a set, removals.
+    changes = [("add", {f"$k{n}"}) for n in range(20)] + [("set", {"\\Seen"})] + \
+              [("remove", {f"$k{n}"}) for n in range(0, 20, 3)] + [("add", {"\\Answered"})]
+    await asyncio.gather(*(mailboxes.change_flags(BOB, INBOX, uidvalidity, [1], mode, flags)
+                           for mode, flags in changes))
+    live = (await mailboxes.index.messages(BOB))[0].flags
+
+    await redis.flushall()
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+
+    assert (await mailboxes.index.messages(BOB))[0].flags == live
+
+
+async def test_r_mbx_1_mail_not_filed_yet_gets_a_new_uidvalidity_and_keeps_the_rest(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    for n in range(3):
+        await deliver(mailboxes, f"filed{n}")
+    assert await mailboxes.create_folder(BOB, "Other")
+    other = await mailboxes.index.status(BOB, "Other")
+    before = await mailboxes.index.status(BOB, INBOX)
+    late = await deliver(mailboxes, "late", file=False)  # indexed by the edge, Redis lost before filing
+
+    await redis.flushall()
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+
+    after = await mailboxes.index.status(BOB, INBOX)
+    messages = await mailboxes.index.messages(BOB, INBOX)
+    # A client may have seen the late message under a UID nobody recorded: INBOX gets a new
+    # UIDVALIDITY (RFC 3501 2.3.1.1); the filed ones keep their UIDs; the untouched folder
+    # keeps its UIDVALIDITY.
+    assert after.uidvalidity > before.uidvalidity
+    assert [m.uid for m in messages] == [1, 2, 3, 4] and messages[3].transaction_id == late
+    assert (await mailboxes.index.status(BOB, "Other")).uidvalidity == other.uidvalidity
+    # The renumbering is in the log: a second rebuild gives the same answer.
+    await redis.flushall()
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+    assert await mailboxes.index.status(BOB, INBOX) == after
+    assert [m.uid for m in await mailboxes.index.messages(BOB, INBOX)] == [1, 2, 3, 4]
+
+
+async def test_r_mbx_1_catch_up_indexer_files_what_the_edge_indexed(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    js = nats_conn.jetstream()
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    txns = [await deliver(mailboxes, f"m{n}", file=False) for n in range(4)]
+    indexer = asyncio.create_task(run_indexer(js, mailboxes, durable="test-indexer"))
+    try:
+        subject = mailbox_log_subject(BOB)
+        for _ in range(100):
+            info = await js.stream_info(MAILBOX_LOG_STREAM, subjects_filter=subject)
+            if info.state.messages:
+                break
+            await asyncio.sleep(0.05)
+        msg = await js.get_last_msg(MAILBOX_LOG_STREAM, subject)
+        change = events_pb2.MailboxChange.FromString(msg.data or b"")
+        assert change.WhichOneof("change") == "filed"
+        assert [(m.transaction_id, m.uid) for m in change.filed.messages] == list(zip(txns, [1, 2, 3, 4], strict=True))
+    finally:
+        indexer.cancel()
+    before = await mailboxes.index.status(BOB, INBOX)
+    await redis.flushall()
+    await rebuild_index(js, mailboxes)
+    assert await mailboxes.index.status(BOB, INBOX) == before  # filed: nothing renumbered
+
+
+async def test_r_mbx_1_expunge_of_more_than_a_record_holds(redis: aioredis.Redis, nats_conn: NATS) -> None:
+    # One EXPUNGE of 25,000 messages is split into records under NATS's payload limit.
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    uidvalidity = 7
+    messages = [IndexedMessage(uid, "", 0, 0, frozenset(), f"t{uid}") for uid in range(1, 25_001)]
+    await mailboxes.expunge(BOB, INBOX, uidvalidity, messages)
+    info = await nats_conn.jetstream().stream_info(MAILBOX_LOG_STREAM, subjects_filter=mailbox_log_subject(BOB))
+    assert info.state.messages == 3
