@@ -52,11 +52,11 @@ class Harness:
             data, mail_from="alice@example.net", local_mailboxes=[account], remote_recipients=[], folder=folder
         )
         # As in service: the edge indexes inline, the catch-up indexer files it in the change log.
-        uids = await self.backend.index.apply(record, seq=seq)
-        await self.backend.mailboxes.file([(record, seq)])
+        await self.backend.mailboxes.place(record, None, seq)
+        [places] = await self.backend.mailboxes.file([(record, seq)])
         if publish:
             await self.backend.publish_changed(account, folder or INBOX)
-        return uids[account]
+        return places[account].uid
 
 
 StartService = Callable[..., Awaitable[Harness]]

@@ -26,7 +26,7 @@ HEADER_SYNC = b"FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE M
 
 async def fill(harness, account: str, count: int, summaries: bool = True, first: int = 0) -> None:  # type: ignore[no-untyped-def]
     """``count`` messages through the durable path (blob + record acked), indexed as the edge does."""
-    store, index = harness.backend.store, harness.backend.index
+    store, mailboxes = harness.backend.store, harness.backend.mailboxes
     gate = asyncio.Semaphore(64)
 
     async def one(n: int) -> None:
@@ -34,7 +34,7 @@ async def fill(harness, account: str, count: int, summaries: bool = True, first:
         async with gate:
             record, seq = await store.accept(data, mail_from="alice@example.net", local_mailboxes=[account],
                                              remote_recipients=[])
-            await index.apply(record, summarize(data) if summaries else None, seq=seq)
+            await mailboxes.place(record, summarize(data) if summaries else None, seq)
 
     await asyncio.gather(*(one(n) for n in range(first, first + count)))
 

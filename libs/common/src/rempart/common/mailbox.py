@@ -12,6 +12,8 @@ UIDVALIDITY, the same UIDs, flags and subscriptions (RFC 3501 2.3.1.1).
   the folder, a message's flags after two concurrent STOREs, in the order of the account's
   change counter), then that outcome is recorded in the log, then the client hears OK; a crash
   in between leaves a change that nobody was told about;
+- a UID is handed out only below a mark the log has recorded for its folder (blocks of
+  RESERVE_BLOCK), so a rebuild never gives a UID that a client may have seen to another message;
 - a removal (EXPUNGE, DELETE) is recorded first, then forgotten by the index: what a client was
   told is gone never comes back.
 """
@@ -24,6 +26,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
 
@@ -32,6 +35,7 @@ from rempart.common.events import (
     MAIL_STREAM,
     MAILBOX_LOG_STREAM,
     fetch_batch,
+    mailbox_changed_subject,
     mailbox_log_subject,
 )
 from rempart.common.mailstore import (
@@ -44,7 +48,7 @@ from rempart.common.mailstore import (
     MessageStore,
     RestoredMessage,
 )
-from rempart.common.mime import summarize
+from rempart.common.mime import MessageSummary, summarize
 from rempart.common.pb.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,8 @@ RECORD_CHUNK = 10_000
 # How far above the log's and the clock's largest UIDVALIDITY a rebuild starts when Redis lost
 # its counter (see rebuild_index).
 UIDVALIDITY_MARGIN = 100_000
+# UIDs reserved in the change log at a time per folder: one log record per this many deliveries.
+RESERVE_BLOCK = 100
 _MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,
           "remove": events_pb2.FLAG_CHANGE_REMOVE}
 
@@ -178,8 +184,7 @@ class Mailboxes:
         out: list[dict[str, Filed]] = []
         groups: dict[tuple[str, str, int], list[events_pb2.FiledMessage]] = {}
         for n, (record, seq) in enumerate(records):
-            summary = summarize(bodies[n]) if bodies is not None else None
-            places = await self.index.file(record, summary, seq=seq)
+            places = await self.place(record, summarize(bodies[n]) if bodies is not None else None, seq)
             for account, place in places.items():
                 groups.setdefault((account, place.folder, place.uidvalidity), []).append(
                     events_pb2.FiledMessage(transaction_id=record.transaction_id, uid=place.uid))
@@ -192,6 +197,49 @@ class Mailboxes:
                     folder=folder, uidvalidity=uidvalidity, messages=part, uidnext=max(m.uid for m in part) + 1)))
         await self.log.write(changes)
         return out
+
+    async def place(self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None, seq: int
+                    ) -> dict[str, Filed]:
+        """Index a record in each of its mailboxes. A UID is handed out only below what the log
+        has reserved for its folder, so that a rebuild never gives a UID a client may have seen
+        to another message: past it, the next block is reserved in the log first."""
+        placed: dict[str, Filed] = {}
+        pending = list(record.local_mailboxes)
+        for _ in range(10):
+            reservations = []
+            for mailbox, place in (await self.index.file(record, pending, summary, seq=seq)).items():
+                if isinstance(place, Filed):
+                    placed[mailbox] = place
+                else:
+                    reservations.append((mailbox, place))
+            if not reservations:
+                return placed
+            await self.log.write([
+                events_pb2.MailboxChange(account=mailbox, filed=events_pb2.MessagesFiled(
+                    folder=r.folder, uidvalidity=r.uidvalidity, uidnext=r.uidnext + RESERVE_BLOCK))
+                for mailbox, r in reservations])
+            for mailbox, r in reservations:
+                await self.index.reserve(mailbox, r.folder, r.uidvalidity, r.uidnext + RESERVE_BLOCK)
+            pending = [mailbox for mailbox, _ in reservations]
+        raise RuntimeError(f"record {record.transaction_id}: no UID could be reserved")
+
+    async def deliver(self, nc: NATS, record: events_pb2.DeliveryRecord, message: bytes, seq: int,
+                      **log_extra: str) -> None:
+        """Right after an accepted write (the SMTP edge, a DSN): index the record now (the
+        catch-up indexer covers a failure, and files it in the log) and wake IMAP IDLE on every
+        imap-pop replica (IDLE's poll covers a lost announcement). Neither failure loses the
+        message, and each is logged as what it is."""
+        try:
+            # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
+            await self.place(record, summarize(message), seq)
+        except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
+            log.warning("inline indexing failed, left to the indexer: %s", exc, extra=log_extra)
+        try:
+            for mailbox in record.local_mailboxes:
+                await nc.publish(mailbox_changed_subject(mailbox), (record.folder or INBOX).encode())
+        except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
+            log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc,
+                        extra=log_extra)
 
     async def change_flags(self, account: str, folder: str, uidvalidity: int, uids: list[int], mode: str,
                            flags: set[str], limit: int = 0) -> dict[int, frozenset[str] | None]:
@@ -273,7 +321,6 @@ class _Account:
     folders: dict[int, _Folder] = field(default_factory=dict)  # by UIDVALIDITY
     names: dict[str, int] = field(default_factory=dict)  # folder name -> UIDVALIDITY
     gone: set[int] = field(default_factory=set)  # UIDVALIDITY of deleted folders
-    renumbered: dict[int, int] = field(default_factory=dict)  # old UIDVALIDITY -> new
     special_uses: dict[str, str] = field(default_factory=dict)
     provisioned: bool = False
     subscriptions: set[str] | None = None
@@ -283,7 +330,6 @@ class _Account:
     def folder(self, name: str, uidvalidity: int) -> _Folder | None:
         """The folder a record names (by UIDVALIDITY); one named only by a filing record (made
         implicitly, by a delivery) is created; None when it was deleted since."""
-        uidvalidity = self.renumbered.get(uidvalidity, uidvalidity)
         if uidvalidity in self.gone:
             return None
         if uidvalidity not in self.folders:
@@ -305,30 +351,22 @@ class _Account:
                 self.provisioned = True
         elif kind == "folder_deleted":
             d = change.folder_deleted
-            uidvalidity = self.renumbered.get(d.uidvalidity, d.uidvalidity)
-            gone = self.folders.pop(uidvalidity, None)
-            if gone is not None and self.names.get(gone.name) == uidvalidity:
+            gone = self.folders.pop(d.uidvalidity, None)
+            if gone is not None and self.names.get(gone.name) == d.uidvalidity:
                 del self.names[gone.name]
-            self.gone.add(uidvalidity)
+            self.gone.add(d.uidvalidity)
             self.special_uses.pop(d.name, None)
         elif kind == "folder_renamed":
             r = change.folder_renamed
             folder = self.folder(r.old_name, r.uidvalidity)
             if folder is None:
                 return
-            if r.new_name != folder.name:
-                if self.names.get(folder.name) == folder.uidvalidity:
-                    del self.names[folder.name]
-                if folder.name in self.special_uses:
-                    self.special_uses[r.new_name] = self.special_uses.pop(folder.name)
-                folder.name = r.new_name
-                self.names[r.new_name] = folder.uidvalidity
-            if r.new_uidvalidity and r.new_uidvalidity != folder.uidvalidity:
-                self.renumbered[folder.uidvalidity] = r.new_uidvalidity
-                del self.folders[folder.uidvalidity]
-                folder.uidvalidity = r.new_uidvalidity
-                self.folders[folder.uidvalidity] = folder
-                self.names[folder.name] = folder.uidvalidity
+            if self.names.get(folder.name) == folder.uidvalidity:
+                del self.names[folder.name]
+            if folder.name in self.special_uses:
+                self.special_uses[r.new_name] = self.special_uses.pop(folder.name)
+            folder.name = r.new_name
+            self.names[r.new_name] = folder.uidvalidity
         elif kind == "subscription":
             s = change.subscription
             if self.subscriptions is None:
@@ -382,12 +420,12 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
     """Flush the index and rebuild it from the MAIL stream and the change log; returns the
     number of messages indexed. Run it with the edges stopped or draining (after a Redis loss).
 
-    Folders keep their UIDVALIDITY and messages their UIDs and flags, subscriptions and special
-    uses come back. A delivery the log has no UID for (filed by no one yet: the index was lost
-    right after it arrived) still gets into its folder, after the others; that folder then gets
-    a new UIDVALIDITY, recorded in the log, since a client may have seen that message under a
-    UID that is lost (RFC 3501 2.3.1.1). Records from before the change log existed are read as
-    before: in stream order, with their expunge tombstones, in folders with a new UIDVALIDITY.
+    Folders keep their UIDVALIDITY and messages their UIDs and flags; subscriptions and special
+    uses come back. A delivery the log has no UID for (it arrived just before the index was
+    lost, or it predates the log) still gets into its folder, with a UID above every one the
+    log reserved for that folder: a UID a client may have seen is never given to another
+    message, so no UIDVALIDITY has to change (RFC 3501 2.3.1.1). Those UIDs are recorded, so
+    the next rebuild gives the same answer.
     """
     index = mailboxes.index
     deliveries: dict[str, tuple[events_pb2.DeliveryRecord, int]] = {}
@@ -426,7 +464,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
     # have had values above the log's and the clock's (the counter runs ahead of the clock when
     # many folders are made at once): a wide margin keeps the new ones above them.
     logged = max((v for state in accounts.values()
-                  for v in (*state.folders, *state.gone, *state.renumbered.values())), default=0)
+                  for v in (*state.folders, *state.gone)), default=0)
     counter = await index.uidvalidity_counter()
     if counter is None:
         counter = max(logged, int(time.time())) + UIDVALIDITY_MARGIN
@@ -437,19 +475,12 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
         for (owner, folder_name), txns in unfiled.items():
             if owner != account:
                 continue
-            new_uidvalidity = await index.new_uidvalidity()
             folder = state.folders.get(state.names.get(folder_name, 0))
             if folder is None:
-                folder = _Folder(folder_name, new_uidvalidity)
-                state.folders[new_uidvalidity] = folder
-                state.names[folder_name] = new_uidvalidity
-            else:
-                changes.append(events_pb2.MailboxChange(account=account, folder_renamed=events_pb2.FolderRenamed(
-                    old_name=folder_name, new_name=folder_name, uidvalidity=folder.uidvalidity,
-                    new_uidvalidity=new_uidvalidity)))
-                del state.folders[folder.uidvalidity]
-                folder.uidvalidity = state.names[folder_name] = new_uidvalidity
-                state.folders[new_uidvalidity] = folder
+                uidvalidity = await index.new_uidvalidity()
+                folder = state.folders[uidvalidity] = _Folder(folder_name, uidvalidity)
+                state.names[folder_name] = uidvalidity
+            # Above every UID the log reserved: none a client may have seen for another message.
             filed = []
             for txn in txns:
                 filed.append(events_pb2.FiledMessage(transaction_id=txn, uid=folder.uidnext))
@@ -460,8 +491,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
                     folder=folder_name, uidvalidity=folder.uidvalidity, messages=filed[i : i + RECORD_CHUNK],
                     uidnext=folder.uidnext)))
         # Recorded before the index shows them: the next rebuild gives the same answer.
-        for change in changes:
-            await mailboxes.log.write([change])
+        await mailboxes.log.write(changes)
         for folder in state.folders.values():
             restored = []
             for uid in sorted(set(folder.filed) - folder.expunged):
@@ -472,7 +502,8 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
                     continue
                 record, seq = found
                 restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes)))
-            await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, restored)
+            await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, folder.uidnext,
+                                       restored)
             indexed += len(restored)
         if state.provisioned or state.special_uses:
             await index.set_special_uses(account, {n: u for n, u in state.special_uses.items() if n in state.names})

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
@@ -34,9 +33,8 @@ from rempart.common.events import (
     MAIL_ACCEPTED_SUBJECT,
     MAIL_APPENDED_SUBJECT,
     MAIL_STREAM,
-    mailbox_changed_subject,
 )
-from rempart.common.mime import MessageSummary, summarize
+from rempart.common.mime import MessageSummary
 from rempart.common.pb.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -253,6 +251,15 @@ class Filed:
 
 
 @dataclass(frozen=True)
+class Reservation:
+    """A folder needs more UIDs reserved in the change log before it hands out ``uidnext``."""
+
+    folder: str
+    uidvalidity: int
+    uidnext: int
+
+
+@dataclass(frozen=True)
 class RestoredMessage:
     uid: int
     record: events_pb2.DeliveryRecord
@@ -312,12 +319,17 @@ return tonumber(v or 0)
 # Append one message to a folder unless this transaction is already there (idempotent).
 _APPEND_LUA = """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity'))} end
+if existing then return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0} end
 if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 0 then
   local v = redis.call('INCR', KEYS[5])
   if v < tonumber(ARGV[6]) then redis.call('SET', KEYS[5], ARGV[6]); v = tonumber(ARGV[6]) end
   redis.call('HSET', KEYS[1], 'uidvalidity', v, 'uidnext', 1)
   redis.call('SADD', KEYS[4], ARGV[8])
+end
+local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
+if tonumber(meta[2]) >= tonumber(meta[3] or '1') then
+  -- Past what the change log has reserved: the caller records a reservation first.
+  return {0, tonumber(meta[1]), tonumber(meta[2])}
 end
 local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
 redis.call('ZADD', KEYS[2], uid, uid)
@@ -327,7 +339,16 @@ if ARGV[10] ~= '' then
   redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
 end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
-return {uid, tonumber(redis.call('HGET', KEYS[1], 'uidvalidity'))}
+return {uid, tonumber(meta[1]), 0}
+"""
+
+# UIDs up to ARGV[2] (excluded) are recorded in the change log as reserved for this folder
+# instance (ARGV[1] its UIDVALIDITY); never lowered.
+_RESERVE_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'reserved')
+if meta[1] ~= ARGV[1] then return 0 end
+if tonumber(meta[2] or '0') < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'reserved', ARGV[2]) end
+return 1
 """
 
 
@@ -422,19 +443,17 @@ class MailboxIndex:
         self._summary_page = redis.register_script(_SUMMARY_PAGE_LUA)
         self._rename_folder = redis.register_script(_RENAME_FOLDER_LUA)
         self._next_uidvalidity = redis.register_script(_NEXT_UIDVALIDITY_LUA)
+        self._reserve = redis.register_script(_RESERVE_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
-    async def apply(
-        self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None = None, *, seq: int = 0
-    ) -> dict[str, int]:
-        """Index a delivery record; returns mailbox -> UID. Safe to call twice."""
-        return {mailbox: place.uid for mailbox, place in (await self.file(record, summary, seq=seq)).items()}
-
     async def file(
-        self, record: events_pb2.DeliveryRecord, summary: MessageSummary | None = None, *, seq: int = 0
-    ) -> dict[str, Filed]:
-        """Index a delivery record; returns mailbox -> where it is (UID, UIDVALIDITY). Safe to
-        call twice: the second call answers the first's place.
+        self, record: events_pb2.DeliveryRecord, mailboxes: Iterable[str], summary: MessageSummary | None = None, *,
+        seq: int = 0
+    ) -> dict[str, Filed | Reservation]:
+        """Index a delivery record in some of its mailboxes; returns mailbox -> where it is (UID,
+        UIDVALIDITY). Safe to call twice: the second call answers the first's place. A UID is
+        only handed out below what the change log has reserved for the folder; past it, the
+        answer is a :class:`Reservation` to record (:meth:`reserve`), then call again.
 
         With the message's summary (the delivery path has the bytes at hand), FETCH of
         headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (catch-up indexer,
@@ -445,9 +464,9 @@ class MailboxIndex:
             raise ValueError(f"record {record.transaction_id} has its body inline: its stream sequence is needed")
         folder = record.folder or INBOX
         size = summary.size if summary is not None else record.size
-        out: dict[str, Filed] = {}
-        for mailbox in record.local_mailboxes:
-            uid, uidvalidity = await self._append(
+        out: dict[str, Filed | Reservation] = {}
+        for mailbox in mailboxes:
+            uid, uidvalidity, uidnext = await self._append(
                 keys=[
                     keys.mailbox_meta(mailbox, folder),
                     keys.mailbox_uids(mailbox, folder),
@@ -468,8 +487,15 @@ class MailboxIndex:
                     seq,
                 ],
             )
-            out[mailbox] = Filed(folder, int(uidvalidity), int(uid))
+            if uid:
+                out[mailbox] = Filed(folder, int(uidvalidity), int(uid))
+            else:
+                out[mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
         return out
+
+    async def reserve(self, mailbox: str, folder: str, uidvalidity: int, up_to: int) -> None:
+        """UIDs below ``up_to`` may be handed out in this folder: the change log says so."""
+        await self._reserve(keys=[keys.mailbox_meta(mailbox, folder)], args=[uidvalidity, up_to])
 
     async def create_folder(self, mailbox: str, folder: str) -> int:
         """A new folder's UIDVALIDITY; 0 when it exists already."""
@@ -617,7 +643,7 @@ class MailboxIndex:
                 out[uid] = frozenset(f for f in str(row).split(" ") if f)
         return out, int(rows[0])
 
-    async def restore_folder(self, mailbox: str, folder: str, uidvalidity: int, uidnext: int,
+    async def restore_folder(self, mailbox: str, folder: str, uidvalidity: int, uidnext: int, reserved: int,
                              messages: list[RestoredMessage]) -> None:
         """A rebuild writing back a folder as the change log describes it: its UIDVALIDITY, its
         UIDNEXT and each message at its UID with its flags (RFC 3501 2.3.1.1: same UIDVALIDITY,
@@ -626,7 +652,7 @@ class MailboxIndex:
         meta, uids, txns = (keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                             keys.mailbox_txn(mailbox, folder))
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext])
+            pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext, "reserved", reserved])
             pipe.sadd(keys.mailbox_folders(mailbox), folder)
             for n, message in enumerate(messages, 1):
                 record = message.record
@@ -691,20 +717,3 @@ class MailboxIndex:
 def _new_uidvalidity() -> int:
     # Seconds since the epoch: grows across rebuilds, as RFC 3501 2.3.1.1 requires of a new one.
     return int(time.time())
-
-
-async def index_accepted(index: MailboxIndex, nc: NATS, record: events_pb2.DeliveryRecord, message: bytes, seq: int,
-                         **log_extra: str) -> None:
-    """Right after an accepted write: index the record now (the catch-up indexer covers a
-    failure) and wake IMAP IDLE on every imap-pop replica (IDLE's poll covers a lost
-    announcement). Neither failure loses the message, and each is logged as what it is."""
-    try:
-        # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
-        await index.apply(record, summarize(message), seq=seq)
-    except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
-        log.warning("inline indexing failed, left to the indexer: %s", exc, extra=log_extra)
-    try:
-        for mailbox in record.local_mailboxes:
-            await nc.publish(mailbox_changed_subject(mailbox), b"INBOX")  # payload: the folder
-    except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
-        log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)

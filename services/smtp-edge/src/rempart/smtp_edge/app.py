@@ -13,6 +13,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.events import IPS_BLOCKED
 from rempart.common.grpcutil import channel_check
 from rempart.common.ipblocks import read_block_event
+from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.tls import ServerTls
@@ -51,8 +52,7 @@ class SmtpEdge:
             hostname=self.settings.hostname,
             policy=self.policy,
             auth=self.auth,
-            store=store,
-            index=MailboxIndex(self.runtime.redis),
+            mailboxes=Mailboxes(store, MailboxIndex(self.runtime.redis), MailboxLog(self.runtime.js)),
             events=self.runtime.events,
             config=self.runtime.config,
             instance=self.runtime.instance,

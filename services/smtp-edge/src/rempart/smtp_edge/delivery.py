@@ -13,7 +13,8 @@ from prometheus_client import Counter, Histogram
 
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus
-from rempart.common.mailstore import MailboxIndex, MessageStore, index_accepted, new_transaction_id
+from rempart.common.mailbox import Mailboxes
+from rempart.common.mailstore import new_transaction_id
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.received import received_header
@@ -31,11 +32,9 @@ RDNS_WAIT_SECONDS = 0.5
 
 
 class Delivery:
-    def __init__(self, *, hostname: str, store: MessageStore, index: MailboxIndex, events: EventBus,
-                 config: SettingsCache) -> None:
+    def __init__(self, *, hostname: str, mailboxes: Mailboxes, events: EventBus, config: SettingsCache) -> None:
         self.hostname = hostname
-        self.store = store
-        self.index = index
+        self.mailboxes = mailboxes
         self.events = events
         self.config = config
 
@@ -51,7 +50,7 @@ class Delivery:
         message = await self._trace_headers(server, session, envelope, queue_id, verdict) + data
         started = time.monotonic()
         try:
-            record, seq = await asyncio.wait_for(self.store.accept(
+            record, seq = await asyncio.wait_for(self.mailboxes.store.accept(
                 message,
                 mail_from=strip_brackets(envelope.mail_from or ""),
                 local_mailboxes=state.local_mailboxes,
@@ -68,7 +67,7 @@ class Delivery:
             return replies.STORE_TEMPFAIL
         STORE_SECONDS.observe(time.monotonic() - started)
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
-        await index_accepted(self.index, self.events.connection, record, message, seq, session=state.session_id)
+        await self.mailboxes.deliver(self.events.connection, record, message, seq, session=state.session_id)
         await self.events.publish(
             "mail", "accepted", client_ip=state.client_ip, account=state.authenticated_account,
             session_id=state.session_id, protocol=server.listener.name, queue_id=record.transaction_id,

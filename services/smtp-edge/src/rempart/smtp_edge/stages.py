@@ -17,7 +17,7 @@ from rempart.common import sasl
 from rempart.common.clients import AuthClient, PolicyClient, PolicySession
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus
-from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.mailbox import Mailboxes
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
@@ -45,8 +45,7 @@ class EdgeHandler:
         hostname: str,
         policy: PolicyClient,
         auth: AuthClient,
-        store: MessageStore,
-        index: MailboxIndex,
+        mailboxes: Mailboxes,
         events: EventBus,
         config: SettingsCache,
         instance: str,
@@ -63,7 +62,7 @@ class EdgeHandler:
         self.proxy_cidrs = proxy_cidrs
         self.connections = ConnectionRegistry()
         self.logins = SmtpLogins(auth, config)
-        self.delivery = Delivery(hostname=hostname, store=store, index=index, events=events, config=config)
+        self.delivery = Delivery(hostname=hostname, mailboxes=mailboxes, events=events, config=config)
         self._background: set[asyncio.Task[policy_pb2.Verdict]] = set()
         self.draining = False
 

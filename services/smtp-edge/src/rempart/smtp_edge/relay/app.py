@@ -28,6 +28,7 @@ from prometheus_client import Gauge
 
 from rempart.common.directory import Directory
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM, fetch_batch
+from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.runtime import ServiceRuntime
@@ -83,8 +84,8 @@ class Relay:
             router=Router(settings.nameservers(), settings.dns_timeout_seconds, settings.mx_port),
             client=SmtpClient(settings.hostname, tls, settings.connect_timeout_seconds,
                               settings.command_timeout_seconds),
-            store=await MessageStore.open(rt.js, settings.inline_body_max_bytes),
-            index=MailboxIndex(rt.redis),
+            mailboxes=Mailboxes(await MessageStore.open(rt.js, settings.inline_body_max_bytes), MailboxIndex(rt.redis),
+                                MailboxLog(rt.js)),
             directory=Directory(rt.redis),
             events=rt.events,
             config=rt.config,

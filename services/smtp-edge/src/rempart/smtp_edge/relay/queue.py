@@ -37,7 +37,7 @@ from rempart.common import keys
 from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
-from rempart.common.mailstore import MailboxIndex, MessageStore, index_accepted
+from rempart.common.mailbox import Mailboxes
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
@@ -187,8 +187,7 @@ class RelayQueue:
     hostname: str
     router: Router
     client: SmtpClient
-    store: MessageStore
-    index: MailboxIndex
+    mailboxes: Mailboxes  # where bounces (DSN) are delivered, and where messages are read
     directory: Directory
     events: EventBus
     config: SettingsCache
@@ -227,7 +226,7 @@ class RelayQueue:
     async def _attempt(self, record: events_pb2.DeliveryRecord, due: list[str],
                        states: dict[str, RecipientState], settings: MailSettings) -> None:
         try:
-            data = strip_return_path(await self.store.record_body(record))
+            data = strip_return_path(await self.mailboxes.store.record_body(record))
         except Exception as exc:  # noqa: BLE001 - a store hiccup or a missing blob: retry, then expire
             log.error("cannot read the message to relay: %s", exc, extra={"queue_id": record.transaction_id})
             self._settle(record.transaction_id, {r: replies.BLOB_UNREADABLE for r in due}, states, settings, "")
@@ -401,7 +400,7 @@ class RelayQueue:
             will_retry_until_unix=expires if action == "delayed" else 0.0,
         ) for r in wanted]
         try:
-            original = await self.store.record_body(record)
+            original = await self.mailboxes.store.record_body(record)
         except Exception as exc:  # noqa: BLE001 - the DSN still goes, with what is known
             log.error("original unreadable for its DSN: %s", exc, extra={"queue_id": txn})
             original = f"X-Rempart-Queue-ID: {txn}\r\n".encode()
@@ -431,10 +430,10 @@ class RelayQueue:
         if local:
             # R-TLS-5: Return-Path at final delivery; a DSN's envelope sender is empty.
             message = b"Return-Path: <>\r\n" + message
-        record, seq = await self.store.accept(
+        record, seq = await self.mailboxes.store.accept(
             message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
         if local:
-            await index_accepted(self.index, self.events.connection, record, message, seq, dsn=transaction_id)
+            await self.mailboxes.deliver(self.events.connection, record, message, seq, dsn=transaction_id)
 
 
 def _dsn_value(record: events_pb2.DeliveryRecord, name: str, rcpt: str) -> str:

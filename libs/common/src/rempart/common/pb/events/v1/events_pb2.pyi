@@ -411,30 +411,26 @@ Global___FolderDeleted: _TypeAlias = FolderDeleted  # noqa: Y015
 
 @_typing.final
 class FolderRenamed(_message.Message):
-    """A folder's new name, or a new UIDVALIDITY for it (a rebuild that had to give new UIDs), or both."""
+    """A folder's new name; it keeps its UIDVALIDITY and UIDs."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OLD_NAME_FIELD_NUMBER: _builtins.int
     NEW_NAME_FIELD_NUMBER: _builtins.int
     UIDVALIDITY_FIELD_NUMBER: _builtins.int
-    NEW_UIDVALIDITY_FIELD_NUMBER: _builtins.int
     old_name: _builtins.str
     new_name: _builtins.str
     uidvalidity: _builtins.int
-    new_uidvalidity: _builtins.int
-    """0: unchanged"""
     def __init__(
         self,
         *,
         old_name: _builtins.str = ...,
         new_name: _builtins.str = ...,
         uidvalidity: _builtins.int = ...,
-        new_uidvalidity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_name", b"new_name", "new_uidvalidity", b"new_uidvalidity", "old_name", b"old_name", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_name", b"new_name", "old_name", b"old_name", "uidvalidity", b"uidvalidity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,7 +461,10 @@ Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
 
 @_typing.final
 class MessagesFiled(_message.Message):
-    """The UIDs that messages (named by their delivery record's transaction id) got in a folder."""
+    """The UIDs that messages (named by their delivery record's transaction id) got in a folder.
+    Without messages, a reservation: UIDs below uidnext may be handed out in this folder (a
+    rebuild gives mail it finds no UID for one at or above it, never one a client may have seen).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -476,7 +475,7 @@ class MessagesFiled(_message.Message):
     folder: _builtins.str
     uidvalidity: _builtins.int
     uidnext: _builtins.int
-    """the folder's UIDNEXT after these"""
+    """the folder's UIDNEXT after these, or the reservation's mark"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___FiledMessage]: ...
     def __init__(
