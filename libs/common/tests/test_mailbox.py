@@ -193,3 +193,38 @@ async def test_r_mbx_1_expunge_of_more_than_a_record_holds(redis: aioredis.Redis
     await mailboxes.expunge(BOB, INBOX, uidvalidity, messages)
     info = await nats_conn.jetstream().stream_info(MAILBOX_LOG_STREAM, subjects_filter=mailbox_log_subject(BOB))
     assert info.state.messages == 3
+
+
+async def test_r_mbx_5_copy_files_the_same_message_again_without_copying_it(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    js = nats_conn.jetstream()
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    big = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"  # a blob, not inline
+    record, seq = await mailboxes.store.accept(big, mail_from="", local_mailboxes=[BOB], remote_recipients=[])
+    await mailboxes.file([(record, seq)])
+    await deliver(mailboxes, "small")
+    inbox = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    await mailboxes.change_flags(BOB, INBOX, inbox, [1], "add", {"\\Flagged"})
+    assert await mailboxes.create_folder(BOB, "Keep")
+    mail_before = (await js.stream_info("MAIL")).state.messages
+    blobs_before = len(await (await js.object_store("MAILBLOBS")).list())
+
+    copies = await mailboxes.copy(BOB, INBOX, "Keep", [1, 2, 99])
+    again = await mailboxes.copy(BOB, INBOX, "Keep", [1])  # the same message twice: two copies
+
+    assert [(c.source_uid, c.place.uid) for c in copies + again] == [(1, 1), (2, 2), (99, 0), (1, 3)]
+    assert copies[0].flags == frozenset({"\\Flagged"})
+    assert (await js.stream_info("MAIL")).state.messages == mail_before  # no record written
+    assert len(await (await js.object_store("MAILBLOBS")).list()) == blobs_before  # no blob either
+    kept = await mailboxes.index.messages(BOB, "Keep")
+    assert [await mailboxes.store.read_message(m) for m in kept] == [big, b"Subject: small\r\n\r\nbody\r\n", big]
+    # The original is expunged; the copies stay, and survive a rebuild with their flags.
+    await mailboxes.expunge(BOB, INBOX, inbox, (await mailboxes.index.messages(BOB, INBOX))[:1])
+    before = await snapshot(mailboxes)
+    await redis.flushall()
+    await rebuild_index(js, mailboxes)
+    assert await snapshot(mailboxes) == before
+    kept = await mailboxes.index.messages(BOB, "Keep")
+    assert [sorted(m.flags) for m in kept] == [["\\Flagged"], [], ["\\Flagged"]]
+    assert await mailboxes.store.read_message(kept[2]) == big

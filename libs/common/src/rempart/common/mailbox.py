@@ -42,10 +42,12 @@ from rempart.common.mailstore import (
     FLAG_LIMIT,
     INBOX,
     PUBLISH_TIMEOUT,
+    Copied,
     Filed,
     IndexedMessage,
     MailboxIndex,
     MessageStore,
+    Reservation,
     RestoredMessage,
 )
 from rempart.common.mime import MessageSummary, summarize
@@ -214,12 +216,8 @@ class Mailboxes:
                     reservations.append((mailbox, place))
             if not reservations:
                 return placed
-            await self.log.write([
-                events_pb2.MailboxChange(account=mailbox, filed=events_pb2.MessagesFiled(
-                    folder=r.folder, uidvalidity=r.uidvalidity, uidnext=r.uidnext + RESERVE_BLOCK))
-                for mailbox, r in reservations])
-            for mailbox, r in reservations:
-                await self.index.reserve(mailbox, r.folder, r.uidvalidity, r.uidnext + RESERVE_BLOCK)
+            for mailbox, reservation in reservations:
+                await self._reserve(mailbox, reservation, RESERVE_BLOCK)
             pending = [mailbox for mailbox, _ in reservations]
         raise RuntimeError(f"record {record.transaction_id}: no UID could be reserved")
 
@@ -240,6 +238,50 @@ class Mailboxes:
         except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
             log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc,
                         extra=log_extra)
+
+    async def copy(self, account: str, source: str, target: str, uids: list[int]) -> list[Copied]:
+        """COPY and MOVE (RFC 3501 6.4.7, RFC 6851): the same messages filed again in ``target``
+        by reference (R-MBX-5: no byte copied, whatever the size), with the flags they have now;
+        recorded before the client hears COPYUID. Raises KeyError when ``target`` is gone."""
+        copies: list[Copied] = []
+        for start in range(0, len(uids), RECORD_CHUNK):
+            chunk = uids[start : start + RECORD_CHUNK]
+            for _ in range(10):
+                result = await self.index.copy(account, source, target, chunk)
+                if result is None:
+                    raise KeyError(target)
+                if isinstance(result, Reservation):
+                    await self._reserve(account, result, RESERVE_BLOCK)
+                    continue
+                done, modseq = result
+                await self._log_copies(account, target, [c for c in done if c.place.uid], modseq)
+                copies += done
+                break
+            else:
+                raise RuntimeError(f"COPY to {target}: no UID could be reserved")
+        return copies
+
+    async def _log_copies(self, account: str, folder: str, copies: list[Copied], modseq: int) -> None:
+        if not copies:
+            return
+        uidvalidity = copies[0].place.uidvalidity
+        changes = [events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
+            folder=folder, uidvalidity=uidvalidity, uidnext=copies[-1].place.uid + 1,
+            messages=[events_pb2.FiledMessage(transaction_id=c.identity, uid=c.place.uid) for c in copies]))]
+        # The flags the copies have (those of the originals at the moment of the copy).
+        by_flags: dict[frozenset[str], list[int]] = {}
+        for c in copies:
+            by_flags.setdefault(c.flags, []).append(c.place.uid)
+        changes += [events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
+            folder=folder, uidvalidity=uidvalidity, mode=events_pb2.FLAG_CHANGE_SET, flags=sorted(flags),
+            uids=uids, modseq=modseq)) for flags, uids in by_flags.items()]
+        await self.log.write(changes)
+
+    async def _reserve(self, account: str, reservation: Reservation, extra: int) -> None:
+        up_to = reservation.uidnext + extra
+        await self.log.write([events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
+            folder=reservation.folder, uidvalidity=reservation.uidvalidity, uidnext=up_to))])
+        await self.index.reserve(account, reservation.folder, reservation.uidvalidity, up_to)
 
     async def change_flags(self, account: str, folder: str, uidvalidity: int, uids: list[int], mode: str,
                            flags: set[str], limit: int = 0) -> dict[int, frozenset[str] | None]:
@@ -495,13 +537,15 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
         for folder in state.folders.values():
             restored = []
             for uid in sorted(set(folder.filed) - folder.expunged):
-                found = deliveries.get(folder.filed[uid])
+                identity = folder.filed[uid]
+                found = deliveries.get(identity.split("/", 1)[0])  # a copy names its delivery first
                 if found is None:
                     log.warning("rebuild: %s %s UID %d names a delivery that is not in the MAIL stream",
                                 account, folder.name, uid)
                     continue
                 record, seq = found
-                restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes)))
+                restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes),
+                                                identity))
             await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, folder.uidnext,
                                        restored)
             indexed += len(restored)

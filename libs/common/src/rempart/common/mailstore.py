@@ -157,7 +157,8 @@ class MessageStore:
             return await self.read_blob(message.blob)
         if not message.record_seq:
             raise BlobUnreadable(f"message {message.transaction_id}: no blob and no record sequence")
-        return await self.read_record_body(message.record_seq, message.transaction_id)
+        # A copy's identity is its delivery's transaction id, '/', a suffix (MailboxIndex.copy).
+        return await self.read_record_body(message.record_seq, message.transaction_id.split("/", 1)[0])
 
     async def read_record_body(self, seq: int, transaction_id: str = "") -> bytes:
         try:
@@ -260,11 +261,23 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Copied:
+    """One message of a COPY: its UID in the source, its place in the target (UID 0: it was
+    gone), the identity of the copy and its flags."""
+
+    source_uid: int
+    place: Filed
+    identity: str
+    flags: frozenset[str]
+
+
+@dataclass(frozen=True)
 class RestoredMessage:
     uid: int
     record: events_pb2.DeliveryRecord
     seq: int
     flags: frozenset[str]
+    identity: str = ""  # a copy's (delivery transaction id, '/', suffix); else the record's id
 
 
 @dataclass(frozen=True)
@@ -340,6 +353,38 @@ if ARGV[10] ~= '' then
 end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
 return {uid, tonumber(meta[1]), 0}
+"""
+
+# COPY by reference (R-MBX-5): each source message (ARGV[4..], UIDs; ARGV[1] the source
+# prefix) gets a new UID in the target folder (KEYS[1..3]) with the same body, summary and
+# flags, under a new identity (its delivery's transaction id, '/', ARGV[3], a counter): no byte
+# is copied. Reply: the target's UIDVALIDITY, the change counter taken (KEYS[4]), then per source
+# UID its new UID (0: gone), identity and flags; or {0, uidvalidity, uidnext} when the UIDs
+# needed pass what the log reserved, or {} when the target does not exist.
+_COPY_LUA = """
+local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
+if not meta[1] then return {} end
+local wanted = #ARGV - 3
+if tonumber(meta[2]) + wanted > tonumber(meta[3] or '1') then return {0, tonumber(meta[1]), tonumber(meta[2])} end
+local out = {tonumber(meta[1]), redis.call('INCR', KEYS[4])}
+for i = 4, #ARGV do
+  local source = ARGV[1] .. ARGV[i]
+  local row = redis.call('HGETALL', source)
+  if #row == 0 then
+    out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = ''
+  else
+    local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
+    local txn = redis.call('HGET', source, 'txn') or ''
+    local base = string.match(txn, '^[^/]*')
+    local identity = base .. '/' .. ARGV[3] .. (i - 3)
+    redis.call('HSET', ARGV[2] .. uid, unpack(row))
+    redis.call('HSET', ARGV[2] .. uid, 'txn', identity)
+    redis.call('ZADD', KEYS[2], uid, uid)
+    redis.call('HSET', KEYS[3], identity, uid)
+    out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
+  end
+end
+return out
 """
 
 # UIDs up to ARGV[2] (excluded) are recorded in the change log as reserved for this folder
@@ -444,6 +489,7 @@ class MailboxIndex:
         self._rename_folder = redis.register_script(_RENAME_FOLDER_LUA)
         self._next_uidvalidity = redis.register_script(_NEXT_UIDVALIDITY_LUA)
         self._reserve = redis.register_script(_RESERVE_LUA)
+        self._copy = redis.register_script(_COPY_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
     async def file(
@@ -492,6 +538,28 @@ class MailboxIndex:
             else:
                 out[mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
         return out
+
+    async def copy(self, mailbox: str, source: str, target: str, uids: list[int]
+                   ) -> tuple[list[Copied], int] | Reservation | None:
+        """COPY without copying: new entries in ``target`` for the same messages (body, summary,
+        flags as they are now in the index, not as a session last saw them). Returns the copies
+        (in the order of ``uids``; ``uid`` 0 where the source is gone) and the change counter
+        taken; a :class:`Reservation` when more UIDs must be reserved first; None when the
+        target folder does not exist."""
+        reply = await self._copy(
+            keys=[keys.mailbox_meta(mailbox, target), keys.mailbox_uids(mailbox, target),
+                  keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox)],
+            args=[keys.mailbox_message_prefix(mailbox, source), keys.mailbox_message_prefix(mailbox, target),
+                  os.urandom(6).hex(), *uids])
+        if not reply:
+            return None
+        if int(reply[0]) == 0:
+            return Reservation(target, int(reply[1]), int(reply[2]) + len(uids))
+        uidvalidity, modseq = int(reply[0]), int(reply[1])
+        copies = [Copied(source_uid, Filed(target, uidvalidity, int(reply[2 + 3 * i])), str(reply[3 + 3 * i]),
+                         frozenset(f for f in str(reply[4 + 3 * i]).split(" ") if f))
+                  for i, source_uid in enumerate(uids)]
+        return copies, modseq
 
     async def reserve(self, mailbox: str, folder: str, uidvalidity: int, up_to: int) -> None:
         """UIDs below ``up_to`` may be handed out in this folder: the change log says so."""
@@ -657,10 +725,11 @@ class MailboxIndex:
             for n, message in enumerate(messages, 1):
                 record = message.record
                 pipe.zadd(uids, {str(message.uid): message.uid})
+                identity = message.identity or record.transaction_id
                 pipe.hset(prefix + str(message.uid), items=[
                     "blob", record.blob, "size", record.size, "date", record.received_unix_ms,
-                    "flags", " ".join(sorted(message.flags)), "txn", record.transaction_id, "seq", message.seq])
-                pipe.hset(txns, record.transaction_id, message.uid)
+                    "flags", " ".join(sorted(message.flags)), "txn", identity, "seq", message.seq])
+                pipe.hset(txns, identity, message.uid)
                 if n % 1000 == 0:
                     await pipe.execute()
             await pipe.execute()

@@ -67,7 +67,6 @@ SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 STORE_BATCH = 500  # messages per atomic flag script call
-COPY_BATCH = 50  # messages read and stored per step of COPY/MOVE: bounded memory, one log record
 MAX_LITERALS_PER_COMMAND = 16
 
 Handler = Callable[[Command], Awaitable[None]]
@@ -718,16 +717,15 @@ class ImapSession(FolderCommands, Session):
         target = self.folder_name(command.args[1])
         if not await self.backend.folder_exists(self.account, target):
             raise No("[TRYCREATE] No such mailbox")
-        source_uids, target_uids = [], []
-        uidvalidity = 0
-        for start in range(0, len(selected), COPY_BATCH):
-            batch = [m for _, m in selected[start : start + COPY_BATCH]]
-            # RFC 3501 6.4.7: the copy keeps its flags and internal date.
-            copies = [(await self.read_content(m), sorted(m.flags), m.internal_date_ms) for m in batch]
-            placed = await self.backend.mailboxes.append(self.account, target, copies)
-            source_uids += [m.uid for m in batch]
-            target_uids += [p.uid for p in placed]
-            uidvalidity = placed[-1].uidvalidity
+        # By reference: no message is read or stored again, whatever its size (R-MBX-5).
+        try:
+            assert self.folder is not None
+            copies = await self.backend.mailboxes.copy(self.account, self.folder, target, [m.uid for _, m in selected])
+        except KeyError:
+            raise No("[TRYCREATE] No such mailbox") from None
+        done = [c for c in copies if c.place.uid]
+        source_uids, target_uids = [c.source_uid for c in done], [c.place.uid for c in done]
+        uidvalidity = done[0].place.uidvalidity if done else 0
         await self.backend.publish_changed(self.account, target)
         code = ""
         if source_uids:
@@ -737,7 +735,8 @@ class ImapSession(FolderCommands, Session):
         if command.name == "MOVE":
             if code:
                 self.out(f"* OK {code}Moved")
-            await self._expunge(selected, announce=True)
+            moved = set(source_uids)
+            await self._expunge([(seq, m) for seq, m in selected if m.uid in moved], announce=True)
             self.ok(command)
             return
         self.ok(command, f"{code}{'UID ' if command.uid else ''}COPY completed")
