@@ -34,7 +34,7 @@ async def test_r_mbx_5_move_of_50000_messages_by_reference(service, nats_conn) -
         imap.login(BOB, BOB_PASSWORD)
         imap.select("INBOX")
         started = time.monotonic()
-        typ, data = imap.uid("MOVE", "1:*", "Archive")
+        typ, _ = imap.uid("MOVE", "1:*", "Archive")
         took = time.monotonic() - started
         copyuid = [line for line in imap.untagged_responses.get("OK", []) if b"COPYUID" in line]
         inbox = imap.status("INBOX", "(MESSAGES)")[1]
