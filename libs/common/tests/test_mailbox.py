@@ -83,8 +83,13 @@ async def test_r_mbx_1_rebuild_gives_back_folders_uids_flags_and_subscriptions(
     next_before = await uidnexts(mailboxes)
     assert before[BOB]["uses"] == {"Sent": "\\Sent", "Drafts": "\\Drafts", "Bin": "\\Trash", "Junk": "\\Junk"}
 
+    highest_before = (await mailboxes.index.status(BOB, INBOX)).highestmodseq
     await redis.flushall()  # the index is lost; the mail and its log are not
     indexed = await rebuild_index(nats_conn.jetstream(), mailboxes)
+    # RFC 7162: MODSEQ never goes back; a client resynchronising from before the loss is told
+    # every flag, and (the expunge history being gone) every UID it cannot find.
+    assert (await mailboxes.index.status(BOB, INBOX)).highestmodseq > highest_before
+    assert (await mailboxes.index.vanished(BOB, INBOX, highest_before))[1] is False
 
     assert indexed == 4 + 5 + 2
     after = {BOB: await snapshot(mailboxes, BOB), CAROL: await snapshot(mailboxes, CAROL)}

@@ -142,6 +142,11 @@ def mailbox_subscriptions(mailbox: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:subscriptions"
 
 
+def mailbox_vanished(mailbox: str, folder: str) -> str:
+    """Sorted set UID -> MODSEQ of its expunge (QRESYNC, RFC 7162 3.2.5)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:vanished"
+
+
 def mailbox_modseq(mailbox: str) -> str:
     """The account's change counter: each flag change takes the next value, which orders the
     change log's flag records the way Redis applied them."""

@@ -39,11 +39,11 @@ from rempart.common.events import (
     mailbox_log_subject,
 )
 from rempart.common.mailstore import (
-    FLAG_LIMIT,
     INBOX,
     PUBLISH_TIMEOUT,
     Copied,
     Filed,
+    FlagState,
     IndexedMessage,
     MailboxIndex,
     MessageStore,
@@ -62,6 +62,7 @@ RECORD_CHUNK = 10_000
 # How far above the log's and the clock's largest UIDVALIDITY a rebuild starts when Redis lost
 # its counter (see rebuild_index).
 UIDVALIDITY_MARGIN = 100_000
+MODSEQ_MARGIN = 1_000_000
 # UIDs reserved in the change log at a time per folder: one log record per this many deliveries.
 RESERVE_BLOCK = 100
 _MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,
@@ -185,18 +186,21 @@ class Mailboxes:
         record again answers, and records, the same UIDs."""
         out: list[dict[str, Filed]] = []
         groups: dict[tuple[str, str, int], list[events_pb2.FiledMessage]] = {}
+        modseqs: dict[str, int] = {}
         for n, (record, seq) in enumerate(records):
             places = await self.place(record, summarize(bodies[n]) if bodies is not None else None, seq)
             for account, place in places.items():
                 groups.setdefault((account, place.folder, place.uidvalidity), []).append(
                     events_pb2.FiledMessage(transaction_id=record.transaction_id, uid=place.uid))
+                modseqs[account] = max(modseqs.get(account, 0), place.modseq)
             out.append(places)
         changes = []
         for (account, folder, uidvalidity), filed in groups.items():
             for i in range(0, len(filed), RECORD_CHUNK):
                 part = filed[i : i + RECORD_CHUNK]
                 changes.append(events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
-                    folder=folder, uidvalidity=uidvalidity, messages=part, uidnext=max(m.uid for m in part) + 1)))
+                    folder=folder, uidvalidity=uidvalidity, messages=part, uidnext=max(m.uid for m in part) + 1,
+                    modseq=modseqs[account])))
         await self.log.write(changes)
         return out
 
@@ -266,7 +270,7 @@ class Mailboxes:
             return
         uidvalidity = copies[0].place.uidvalidity
         changes = [events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
-            folder=folder, uidvalidity=uidvalidity, uidnext=copies[-1].place.uid + 1,
+            folder=folder, uidvalidity=uidvalidity, uidnext=copies[-1].place.uid + 1, modseq=modseq,
             messages=[events_pb2.FiledMessage(transaction_id=c.identity, uid=c.place.uid) for c in copies]))]
         # The flags the copies have (those of the originals at the moment of the copy).
         by_flags: dict[frozenset[str], list[int]] = {}
@@ -284,12 +288,13 @@ class Mailboxes:
         await self.index.reserve(account, reservation.folder, reservation.uidvalidity, up_to)
 
     async def change_flags(self, account: str, folder: str, uidvalidity: int, uids: list[int], mode: str,
-                           flags: set[str], limit: int = 0) -> dict[int, frozenset[str] | None]:
+                           flags: set[str], limit: int = 0, unchanged_since: int | None = None
+                           ) -> dict[int, FlagState | None]:
         """STORE (and FETCH's implicit \\Seen): atomic per message in Redis (R-MBX-3), then
-        recorded with the account's change counter, so a replay applies concurrent changes in
-        the order Redis did."""
-        after, modseq = await self.index.change_flags(account, folder, uids, mode, flags, limit)
-        changed = [uid for uid, now in after.items() if now is not None and FLAG_LIMIT not in now]
+        recorded with the MODSEQ it took, so a replay applies concurrent changes in the order
+        Redis did. ``unchanged_since``: RFC 7162's conditional STORE."""
+        after, modseq = await self.index.change_flags(account, folder, uids, mode, flags, limit, unchanged_since)
+        changed = [uid for uid, now in after.items() if now is not None and now.modseq == modseq]
         if changed:
             await self.log.write([
                 events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
@@ -302,9 +307,10 @@ class Mailboxes:
         """Remove messages for good: recorded before the index forgets them."""
         if not messages:
             return
+        modseq = await self.index.counter(account) + 1
         await self.log.write([
             events_pb2.MailboxChange(account=account, expunged=events_pb2.MessagesExpunged(
-                folder=folder, uidvalidity=uidvalidity, uids=chunk))
+                folder=folder, uidvalidity=uidvalidity, uids=chunk, modseq=modseq))
             for chunk in _chunks(sorted(m.uid for m in messages))])
         await self.index.remove(account, folder, messages)
 
@@ -427,6 +433,7 @@ class _Account:
                 folder.uidnext = max(folder.uidnext, message.uid + 1)
                 self.filed.add(message.transaction_id)
             folder.uidnext = max(folder.uidnext, f.uidnext)
+            self.modseq = max(self.modseq, f.modseq)
         elif kind == "flags_changed":
             fc = change.flags_changed
             folder = self.folder(fc.folder, fc.uidvalidity)
@@ -435,6 +442,7 @@ class _Account:
             self.modseq = max(self.modseq, fc.modseq)
         elif kind == "expunged":
             e = change.expunged
+            self.modseq = max(self.modseq, e.modseq)
             folder = self.folder(e.folder, e.uidvalidity)
             if folder is not None:
                 folder.expunged.update(e.uids)
@@ -534,6 +542,10 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
                     uidnext=folder.uidnext)))
         # Recorded before the index shows them: the next rebuild gives the same answer.
         await mailboxes.log.write(changes)
+        # Above every MODSEQ a client may have seen: the log's, plus a margin for the changes
+        # made just before the loss and not recorded with their counter (RFC 7162: a MODSEQ
+        # never goes back).
+        modseq = state.modseq + MODSEQ_MARGIN
         for folder in state.folders.values():
             restored = []
             for uid in sorted(set(folder.filed) - folder.expunged):
@@ -547,14 +559,13 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
                 restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes),
                                                 identity))
             await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, folder.uidnext,
-                                       restored)
+                                       restored, modseq)
             indexed += len(restored)
         if state.provisioned or state.special_uses:
             await index.set_special_uses(account, {n: u for n, u in state.special_uses.items() if n in state.names})
         if state.subscriptions is not None:
             await index.set_subscribed(account, state.subscriptions, True)
-        if state.modseq:
-            await index.restore_counter(account, state.modseq)
+        await index.restore_counter(account, modseq)
     return indexed
 
 

@@ -221,6 +221,7 @@ class IndexedMessage:
     flags: frozenset[str]
     transaction_id: str
     record_seq: int = 0  # the MAIL stream sequence of its record (where an inline body is)
+    modseq: int = 0  # RFC 7162: the account's change counter at its last change
 
 
 # The summary's fields in a message's index hash (hdr, env, bdy, bs). The header block is kept as Latin-1 text:
@@ -249,6 +250,7 @@ class Filed:
     folder: str
     uidvalidity: int
     uid: int
+    modseq: int = 0  # the change counter after it was filed (at least)
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,7 @@ class FolderStatus:
     uidvalidity: int
     uidnext: int
     exists: int
+    highestmodseq: int = 1  # RFC 7162 3.1.2.1
 
 
 # A new folder's UIDVALIDITY: strictly greater than any given before, even after a flush in
@@ -315,6 +318,7 @@ end
 redis.call('RENAME', KEYS[1], KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('RENAME', KEYS[3], KEYS[4]) end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[6]) end
+if redis.call('EXISTS', KEYS[8]) == 1 then redis.call('RENAME', KEYS[8], KEYS[9]) end
 redis.call('SREM', KEYS[7], ARGV[3])
 redis.call('SADD', KEYS[7], ARGV[4])
 return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
@@ -324,7 +328,7 @@ return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
 _DELETE_FOLDER_LUA = """
 local v = redis.call('HGET', KEYS[1], 'uidvalidity')
 for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do redis.call('DEL', ARGV[1] .. uid) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('SREM', KEYS[4], ARGV[2])
 return tonumber(v or 0)
 """
@@ -332,7 +336,10 @@ return tonumber(v or 0)
 # Append one message to a folder unless this transaction is already there (idempotent).
 _APPEND_LUA = """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0} end
+if existing then
+  return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0,
+          tonumber(redis.call('GET', KEYS[6]) or '0')}
+end
 if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 0 then
   local v = redis.call('INCR', KEYS[5])
   if v < tonumber(ARGV[6]) then redis.call('SET', KEYS[5], ARGV[6]); v = tonumber(ARGV[6]) end
@@ -342,17 +349,19 @@ end
 local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
 if tonumber(meta[2]) >= tonumber(meta[3] or '1') then
   -- Past what the change log has reserved: the caller records a reservation first.
-  return {0, tonumber(meta[1]), tonumber(meta[2])}
+  return {0, tonumber(meta[1]), tonumber(meta[2]), 0}
 end
 local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
+local modseq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], 'highestmodseq', modseq)
 redis.call('ZADD', KEYS[2], uid, uid)
 redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
-           'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13])
+           'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13], 'modseq', modseq)
 if ARGV[10] ~= '' then
   redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
 end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
-return {uid, tonumber(meta[1]), 0}
+return {uid, tonumber(meta[1]), 0, modseq}
 """
 
 # COPY by reference (R-MBX-5): each source message (ARGV[4..], UIDs; ARGV[1] the source
@@ -378,12 +387,13 @@ for i = 4, #ARGV do
     local base = string.match(txn, '^[^/]*')
     local identity = base .. '/' .. ARGV[3] .. (i - 3)
     redis.call('HSET', ARGV[2] .. uid, unpack(row))
-    redis.call('HSET', ARGV[2] .. uid, 'txn', identity)
+    redis.call('HSET', ARGV[2] .. uid, 'txn', identity, 'modseq', out[2])
     redis.call('ZADD', KEYS[2], uid, uid)
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
   end
 end
+redis.call('HSET', KEYS[1], 'highestmodseq', out[2])
 return out
 """
 
@@ -404,14 +414,14 @@ return 1
 """
 
 
-# A page of a folder's messages: uid, blob, size, date, flags, txn, seq for each, in UID order.
+# A page of a folder's messages: uid, blob, size, date, flags, txn, seq, modseq for each, in UID order.
 _LIST_PAGE_LUA = """
 local uids = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3])
 local out = {}
 for _, uid in ipairs(uids) do
-  local row = redis.call('HMGET', ARGV[1] .. uid, 'blob', 'size', 'date', 'flags', 'txn', 'seq')
+  local row = redis.call('HMGET', ARGV[1] .. uid, 'blob', 'size', 'date', 'flags', 'txn', 'seq', 'modseq')
   out[#out + 1] = uid
-  for j = 1, 6 do out[#out + 1] = row[j] or '' end
+  for j = 1, 7 do out[#out + 1] = row[j] or '' end
 end
 return out
 """
@@ -429,27 +439,46 @@ LIST_PAGE = 5000
 # A member no folder can have ('*' is refused in names): the special-use hash and the
 # subscription set exist once set up, even when every entry is gone.
 PROVISIONED = "*"
+# In a flag change's reply: the message is gone; it was left as it was (too many flags, or
+# changed since UNCHANGEDSINCE).
+_GONE = "\0"
+FLAG_LIMIT = "\0limit"
+FLAG_MODIFIED = "\0modified"
+# Expunged UIDs kept per folder for QRESYNC's VANISHED; older ones are reported as a range.
+VANISHED_KEPT = 100_000
+
+
+@dataclass(frozen=True)
+class FlagState:
+    flags: frozenset[str]
+    modseq: int
 
 
 # Flags of several messages changed in one atomic step each: ARGV[1] set|add|remove,
-# ARGV[2] the most flags a message may carry (0: no limit), ARGV[3..] the flags; KEYS[1] is
-# the account's change counter, KEYS[2..] the messages. The reply's last item is the counter's
-# new value: the change's place in the order Redis applied changes in.
-_GONE = "\0"
-FLAG_LIMIT = "\0limit"
+# ARGV[2] the most flags a message may carry (0: no limit), ARGV[3] UNCHANGEDSINCE (RFC 7162
+# 3.1.3; empty: none), ARGV[4..] the flags; KEYS[1] the account's change counter (MODSEQ), KEYS[2]
+# the folder's meta, KEYS[3..] the messages. Reply: the MODSEQ this change took, then for each
+# message its flags and its MODSEQ afterwards ('\0' for a message that is gone; the flags end in
+# ' \0limit' or ' \0modified' where the message was left as it was).
 _CHANGE_FLAGS_LUA = """
-local out = {}
-for i = 2, #KEYS do
+local modseq = redis.call('INCR', KEYS[1])
+local out = {modseq}
+local since = tonumber(ARGV[3])  -- nil: no UNCHANGEDSINCE
+local changed = false
+for i = 3, #KEYS do
   local key = KEYS[i]
-  local current = redis.call('HGET', key, 'flags')
+  local row = redis.call('HMGET', key, 'flags', 'modseq')
+  local current, mine = row[1], tonumber(row[2] or '0')
   if not current then
-    out[i] = '\0'
+    out[#out + 1] = '\0'; out[#out + 1] = 0
+  elseif since ~= nil and mine > since then
+    out[#out + 1] = current .. ' \0modified'; out[#out + 1] = mine
   else
     local set, count = {}, 0
     if ARGV[1] ~= 'set' then
       for flag in string.gmatch(current, '%S+') do set[flag] = true; count = count + 1 end
     end
-    for j = 3, #ARGV do
+    for j = 4, #ARGV do
       local flag = ARGV[j]
       if ARGV[1] == 'remove' then
         if set[flag] then set[flag] = nil; count = count - 1 end
@@ -459,19 +488,44 @@ for i = 2, #KEYS do
     end
     local limit = tonumber(ARGV[2])
     if limit > 0 and count > limit then
-      out[i] = current .. ' \0limit'
+      out[#out + 1] = current .. ' \0limit'; out[#out + 1] = mine
     else
       local list = {}
       for flag in pairs(set) do list[#list + 1] = flag end
       table.sort(list)
       local joined = table.concat(list, ' ')
-      if joined ~= current then redis.call('HSET', key, 'flags', joined) end
-      out[i] = joined
+      if joined ~= current then
+        redis.call('HSET', key, 'flags', joined, 'modseq', modseq)
+        mine = modseq
+        changed = true
+      end
+      out[#out + 1] = joined; out[#out + 1] = mine
     end
   end
 end
-out[1] = redis.call('INCR', KEYS[1])
+if changed then redis.call('HSET', KEYS[2], 'highestmodseq', modseq) end
 return out
+"""
+
+# EXPUNGE: the messages leave the folder; their UIDs are kept with the MODSEQ of their removal
+# for QRESYNC's VANISHED (RFC 7162 3.2.5), the oldest forgotten past ARGV[2] of them (the
+# folder's 'vanishedfloor' says from which MODSEQ on the list is complete). KEYS: the account's
+# counter, meta, UIDs, vanished; ARGV[1] the message prefix, ARGV[3..] the UIDs.
+_REMOVE_LUA = """
+local modseq = redis.call('INCR', KEYS[1])
+for i = 3, #ARGV do
+  redis.call('ZREM', KEYS[3], ARGV[i])
+  redis.call('DEL', ARGV[1] .. ARGV[i])
+  redis.call('ZADD', KEYS[4], modseq, ARGV[i])
+end
+redis.call('HSET', KEYS[2], 'highestmodseq', modseq)
+local extra = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[2])
+if extra > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[4], extra - 1, extra - 1, 'WITHSCORES')
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, extra - 1)
+  redis.call('HSET', KEYS[2], 'vanishedfloor', oldest[2])
+end
+return modseq
 """
 
 
@@ -490,6 +544,7 @@ class MailboxIndex:
         self._next_uidvalidity = redis.register_script(_NEXT_UIDVALIDITY_LUA)
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._copy = redis.register_script(_COPY_LUA)
+        self._remove = redis.register_script(_REMOVE_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
     async def file(
@@ -512,13 +567,14 @@ class MailboxIndex:
         size = summary.size if summary is not None else record.size
         out: dict[str, Filed | Reservation] = {}
         for mailbox in mailboxes:
-            uid, uidvalidity, uidnext = await self._append(
+            uid, uidvalidity, uidnext, modseq = await self._append(
                 keys=[
                     keys.mailbox_meta(mailbox, folder),
                     keys.mailbox_uids(mailbox, folder),
                     keys.mailbox_txn(mailbox, folder),
                     keys.mailbox_folders(mailbox),
                     keys.UIDVALIDITY_SEQ,
+                    keys.mailbox_modseq(mailbox),
                 ],
                 args=[
                     record.transaction_id,
@@ -534,7 +590,7 @@ class MailboxIndex:
                 ],
             )
             if uid:
-                out[mailbox] = Filed(folder, int(uidvalidity), int(uid))
+                out[mailbox] = Filed(folder, int(uidvalidity), int(uid), int(modseq))
             else:
                 out[mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
         return out
@@ -556,7 +612,7 @@ class MailboxIndex:
         if int(reply[0]) == 0:
             return Reservation(target, int(reply[1]), int(reply[2]) + len(uids))
         uidvalidity, modseq = int(reply[0]), int(reply[1])
-        copies = [Copied(source_uid, Filed(target, uidvalidity, int(reply[2 + 3 * i])), str(reply[3 + 3 * i]),
+        copies = [Copied(source_uid, Filed(target, uidvalidity, int(reply[2 + 3 * i]), modseq), str(reply[3 + 3 * i]),
                          frozenset(f for f in str(reply[4 + 3 * i]).split(" ") if f))
                   for i, source_uid in enumerate(uids)]
         return copies, modseq
@@ -578,7 +634,8 @@ class MailboxIndex:
         return int(await self._rename_folder(
             keys=[keys.mailbox_meta(mailbox, old), keys.mailbox_meta(mailbox, new),
                   keys.mailbox_uids(mailbox, old), keys.mailbox_uids(mailbox, new),
-                  keys.mailbox_txn(mailbox, old), keys.mailbox_txn(mailbox, new), keys.mailbox_folders(mailbox)],
+                  keys.mailbox_txn(mailbox, old), keys.mailbox_txn(mailbox, new), keys.mailbox_folders(mailbox),
+                  keys.mailbox_vanished(mailbox, old), keys.mailbox_vanished(mailbox, new)],
             args=[keys.mailbox_message_prefix(mailbox, old), keys.mailbox_message_prefix(mailbox, new), old, new],
         ))
 
@@ -586,7 +643,8 @@ class MailboxIndex:
         """Forget a folder and its messages; returns the UIDVALIDITY it had (0: none)."""
         return int(await self._delete_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
-                  keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox)],
+                  keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox),
+                  keys.mailbox_vanished(mailbox, folder)],
             args=[keys.mailbox_message_prefix(mailbox, folder), folder],
         ))
 
@@ -636,9 +694,17 @@ class MailboxIndex:
         meta = keys.mailbox_meta(mailbox, folder)
         if not await self._redis.exists(meta):
             await self.create_folder(mailbox, folder)
-        raw = await self._redis.hmget(meta, ["uidvalidity", "uidnext"])
+        raw = await self._redis.hmget(meta, ["uidvalidity", "uidnext", "highestmodseq"])
         exists = await self._redis.zcard(keys.mailbox_uids(mailbox, folder))
-        return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists))
+        return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists), int(raw[2] or 1))
+
+    async def vanished(self, mailbox: str, folder: str, since: int) -> tuple[list[int], bool]:
+        """UIDs expunged with a MODSEQ above ``since`` (RFC 7162 3.2.5), and whether the list is
+        complete (False when older removals were forgotten: the caller then reports every UID
+        it cannot find, as the RFC allows)."""
+        floor = await self._redis.hget(keys.mailbox_meta(mailbox, folder), "vanishedfloor")
+        uids = await self._redis.zrangebyscore(keys.mailbox_vanished(mailbox, folder), f"({since}", "+inf")
+        return sorted(int(str(u)) for u in uids), since >= int(floor or 0)
 
     async def messages(self, mailbox: str, folder: str = INBOX) -> list[IndexedMessage]:
         # The light fields only, a page of UIDs per script call: one reply per page instead of
@@ -650,8 +716,8 @@ class MailboxIndex:
                 keys=[keys.mailbox_uids(mailbox, folder)],
                 args=[keys.mailbox_message_prefix(mailbox, folder), start, start + LIST_PAGE - 1],
             )
-            for i in range(0, len(page), 7):
-                uid, blob, size, date, flags, txn, seq = page[i : i + 7]
+            for i in range(0, len(page), 8):
+                uid, blob, size, date, flags, txn, seq, modseq = page[i : i + 8]
                 if not blob and not txn:
                     continue  # expunged between the ZRANGE and the HMGET of another page
                 out.append(
@@ -663,9 +729,10 @@ class MailboxIndex:
                         flags=frozenset(f for f in str(flags or "").split(" ") if f),
                         transaction_id=str(txn or ""),
                         record_seq=int(seq or 0),
+                        modseq=int(modseq or 0),
                     )
                 )
-            if len(page) < 7 * LIST_PAGE:
+            if len(page) < 8 * LIST_PAGE:
                 return out
             start += LIST_PAGE
 
@@ -687,32 +754,35 @@ class MailboxIndex:
         await self._store_summary(keys=[key], args=[summary.size, *_summary_values(summary)])
 
     async def change_flags(
-        self, mailbox: str, folder: str, uids: list[int], mode: str, flags: set[str], limit: int = 0
-    ) -> tuple[dict[int, frozenset[str] | None], int]:
+        self, mailbox: str, folder: str, uids: list[int], mode: str, flags: set[str], limit: int = 0,
+        unchanged_since: int | None = None,
+    ) -> tuple[dict[int, FlagState | None], int]:
         """STORE FLAGS / +FLAGS / -FLAGS (``mode`` set, add, remove), atomically per message in
         Redis (R-MBX-3): two clients adding different flags at once both keep theirs, where
-        writing a set computed from a session's copy lost one. Returns each message's flags
-        afterwards (None where it no longer exists) and the account's change counter that this
-        change took (the order Redis applied changes in, for the change log); a message that
-        would pass ``limit`` flags is left as it was (its flags are returned and
-        :data:`FLAG_LIMIT` is among them)."""
+        writing a set computed from a session's copy lost one. Returns each message's flags and
+        MODSEQ afterwards (None where it no longer exists) and the MODSEQ this change took (the
+        order Redis applied changes in, for the change log). A message left as it was carries
+        :data:`FLAG_LIMIT` (it would pass ``limit`` flags) or :data:`FLAG_MODIFIED` (changed
+        since ``unchanged_since``, RFC 7162 3.1.3) among its flags."""
         if not uids:
             return {}, 0
         prefix = keys.mailbox_message_prefix(mailbox, folder)
         rows = await self._change_flags(
-            keys=[keys.mailbox_modseq(mailbox), *(prefix + str(uid) for uid in uids)],
-            args=[mode, limit, *sorted(flags)],
+            keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
+                  *(prefix + str(uid) for uid in uids)],
+            args=[mode, limit, "" if unchanged_since is None else unchanged_since, *sorted(flags)],
         )
-        out: dict[int, frozenset[str] | None] = {}
-        for uid, row in zip(uids, rows[1:], strict=True):
+        out: dict[int, FlagState | None] = {}
+        for i, uid in enumerate(uids):
+            row, modseq = rows[1 + 2 * i], rows[2 + 2 * i]
             if row == _GONE:
                 out[uid] = None
             else:
-                out[uid] = frozenset(f for f in str(row).split(" ") if f)
+                out[uid] = FlagState(frozenset(f for f in str(row).split(" ") if f), int(modseq))
         return out, int(rows[0])
 
     async def restore_folder(self, mailbox: str, folder: str, uidvalidity: int, uidnext: int, reserved: int,
-                             messages: list[RestoredMessage]) -> None:
+                             messages: list[RestoredMessage], modseq: int = 1) -> None:
         """A rebuild writing back a folder as the change log describes it: its UIDVALIDITY, its
         UIDNEXT and each message at its UID with its flags (RFC 3501 2.3.1.1: same UIDVALIDITY,
         same UIDs)."""
@@ -720,7 +790,11 @@ class MailboxIndex:
         meta, uids, txns = (keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                             keys.mailbox_txn(mailbox, folder))
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext, "reserved", reserved])
+            # Every message and the folder at one MODSEQ, the expunge history complete from it on:
+            # a client resynchronising from before gets every flag and every missing UID (RFC
+            # 7162 allows more than the changes).
+            pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext, "reserved", reserved,
+                                   "highestmodseq", modseq, "vanishedfloor", modseq])
             pipe.sadd(keys.mailbox_folders(mailbox), folder)
             for n, message in enumerate(messages, 1):
                 record = message.record
@@ -728,7 +802,8 @@ class MailboxIndex:
                 identity = message.identity or record.transaction_id
                 pipe.hset(prefix + str(message.uid), items=[
                     "blob", record.blob, "size", record.size, "date", record.received_unix_ms,
-                    "flags", " ".join(sorted(message.flags)), "txn", identity, "seq", message.seq])
+                    "flags", " ".join(sorted(message.flags)), "txn", identity, "seq", message.seq,
+                    "modseq", modseq])
                 pipe.hset(txns, identity, message.uid)
                 if n % 1000 == 0:
                     await pipe.execute()
@@ -744,6 +819,10 @@ class MailboxIndex:
         """No folder made from now on gets a UIDVALIDITY at or below this one."""
         await self._raise_counter(keys.UIDVALIDITY_SEQ, uidvalidity)
 
+    async def counter(self, mailbox: str) -> int:
+        """The account's change counter (the last MODSEQ given)."""
+        return int(await self._redis.get(keys.mailbox_modseq(mailbox)) or 0)
+
     async def restore_counter(self, mailbox: str, modseq: int) -> None:
         """The account's change counter after a rebuild: never below what the log has seen."""
         await self._raise_counter(keys.mailbox_modseq(mailbox), modseq)
@@ -757,12 +836,18 @@ class MailboxIndex:
         """A UIDVALIDITY never given before (a rebuild renumbering a folder)."""
         return int(await self._next_uidvalidity(keys=[keys.UIDVALIDITY_SEQ], args=[_new_uidvalidity()]))
 
-    async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for message in messages:
-                pipe.zrem(keys.mailbox_uids(mailbox, folder), message.uid)
-                pipe.delete(keys.mailbox_message(mailbox, folder, message.uid))
-            await pipe.execute()
+    async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]) -> int:
+        """Expunge messages from the index; returns the MODSEQ of the removal."""
+        if not messages:
+            return 0
+        modseq = 0
+        for start in range(0, len(messages), 5000):
+            modseq = int(await self._remove(
+                keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
+                      keys.mailbox_uids(mailbox, folder), keys.mailbox_vanished(mailbox, folder)],
+                args=[keys.mailbox_message_prefix(mailbox, folder), VANISHED_KEPT,
+                      *(m.uid for m in messages[start : start + 5000])]))
+        return modseq
 
     async def replicated(self, replicas: int, timeout_ms: int = 1000) -> bool:
         """Whether this connection's writes so far reached ``replicas`` Redis replicas (WAIT);

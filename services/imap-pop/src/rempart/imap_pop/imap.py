@@ -25,7 +25,7 @@ from nats.errors import Error as NatsError
 from rempart.common import mime as M
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import FLAG_LIMIT, BlobUnreadable, IndexedMessage
+from rempart.common.mailstore import FLAG_LIMIT, FLAG_MODIFIED, BlobUnreadable, IndexedMessage
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
 from rempart.imap_pop import replies as R
@@ -77,6 +77,10 @@ class ImapSession(FolderCommands, Session):
     readonly: bool = False
     view: list[IndexedMessage]
     uidvalidity: int = 0
+    # RFC 7162: CONDSTORE is on once a client used it (ENABLE, SELECT (CONDSTORE), MODSEQ,
+    # CHANGEDSINCE, UNCHANGEDSINCE); QRESYNC only after ENABLE QRESYNC.
+    condstore: bool = False
+    qresync: bool = False
     closing: bool = False
     changed: asyncio.Event
 
@@ -90,7 +94,7 @@ class ImapSession(FolderCommands, Session):
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
-                "UNSELECT", "CHILDREN", "SPECIAL-USE"]
+                "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
         if not self.account:
             if self.tls_available():
                 caps.append("STARTTLS")
@@ -384,8 +388,11 @@ class ImapSession(FolderCommands, Session):
 
 
     async def cmd_select(self, command: Command) -> None:
-        if len(command.args) < 1:
+        if not 1 <= len(command.args) <= 2:
             raise ImapSyntaxError("SELECT needs a mailbox")
+        resync = self._select_parameters(command.args[1] if len(command.args) == 2 else [])
+        if self.folder is not None and self.qresync:
+            self.out("* OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         self.folder = None
         self.view = []
         folder = self.folder_name(command.args[0])
@@ -405,13 +412,81 @@ class ImapSession(FolderCommands, Session):
             self.out(f"* OK [UNSEEN {unseen}] First unseen")
         self.out(f"* OK [UIDVALIDITY {status.uidvalidity}] UIDs valid")
         self.out(f"* OK [UIDNEXT {status.uidnext}] Predicted next UID")
+        # RFC 7162 3.1.2.1: mod-sequences are kept for every folder, so always said.
+        self.out(f"* OK [HIGHESTMODSEQ {max(status.highestmodseq, self._view_modseq())}] Highest")
         permanent = "()" if self.readonly else "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
         self.out(f"* OK [PERMANENTFLAGS {permanent}] Limited")
+        if resync is not None and resync[0] == status.uidvalidity:
+            await self._resynchronise(resync[1], resync[2])
         self.ok(command, f"[{'READ-ONLY' if self.readonly else 'READ-WRITE'}] {command.name} completed")
 
+    def _select_parameters(self, token: Token) -> tuple[int, int, SequenceSet | None] | None:
+        """SELECT/EXAMINE parameters (RFC 7162 3.1.8, 3.2.5): CONDSTORE, or QRESYNC (UIDVALIDITY
+        MODSEQ [known UIDs [sequence match data]]); the QRESYNC ones are returned."""
+        if not isinstance(token, list):
+            raise ImapSyntaxError("bad SELECT parameters")
+        resync = None
+        items = list(token)
+        while items:
+            name = text_of(items.pop(0)).upper()
+            if name == "CONDSTORE":
+                self.condstore = True
+            elif name == "QRESYNC" and items and isinstance(items[0], list):
+                if not self.qresync:
+                    raise ImapSyntaxError("QRESYNC is not enabled")
+                values = items.pop(0)
+                assert isinstance(values, list)
+                if len(values) < 2 or not all(isinstance(v, Atom) and str(v).isdigit() for v in values[:2]):
+                    raise ImapSyntaxError("bad QRESYNC parameters")
+                known = None
+                if len(values) >= 3 and not isinstance(values[2], list):
+                    known = parse_sequence_set(text_of(values[2]), self._largest_uid_hint())
+                resync = (int(str(values[0])), int(str(values[1])), known)
+            else:
+                raise ImapSyntaxError("unknown SELECT parameter")
+        return resync
+
+    def _largest_uid_hint(self) -> int:
+        return 2**32 - 1  # "*" in a client's known UIDs: any
+
+    def _view_modseq(self) -> int:
+        return max((m.modseq for m in self.view), default=0)
+
+    async def _resynchronise(self, since: int, known: SequenceSet | None) -> None:
+        """QRESYNC (RFC 7162 3.2.5.1): what vanished since the client's MODSEQ, then the flags
+        of what changed since it."""
+        assert self.folder is not None
+        await self._send_vanished(since, known, earlier=True)
+        for seq, message in enumerate(self.view, 1):
+            if message.modseq > since:
+                self.out(f"* {seq} FETCH ({self._changed_items(message, command_uid=True)})")
+
+    async def _send_vanished(self, since: int, within: SequenceSet | None, earlier: bool) -> None:
+        """``* VANISHED (EARLIER)`` for the UIDs expunged since ``since`` (in ``within``). When
+        the folder forgot that far back, every UID the client may know that is not here."""
+        assert self.folder is not None
+        uids, complete = await self.backend.index.vanished(self.account, self.folder, since)
+        if not complete:
+            status = await self.backend.index.status(self.account, self.folder)
+            present = {m.uid for m in self.view}
+            uids = [u for u in range(1, status.uidnext) if u not in present]
+        if within is not None:
+            uids = [u for u in uids if in_sequence_set(u, within)]
+        if uids:
+            self.out(f"* VANISHED {'(EARLIER) ' if earlier else ''}{compress_numbers(uids)}")
 
     async def cmd_enable(self, command: Command) -> None:
-        self.out("* ENABLED")
+        # RFC 5161: ENABLED lists what this command turned on; others are ignored.
+        enabled = []
+        for token in command.args:
+            name = text_of(token).upper()
+            if name == "CONDSTORE" and not self.condstore:
+                self.condstore = True
+                enabled.append(name)
+            elif name == "QRESYNC" and not self.qresync:
+                self.condstore = self.qresync = True  # RFC 7162 3.2.3: QRESYNC implies CONDSTORE
+                enabled.append(name)
+        self.out(" ".join(["* ENABLED", *enabled]))
         self.ok(command)
 
     async def cmd_append(self, command: Command) -> None:
@@ -489,15 +564,14 @@ class ImapSession(FolderCommands, Session):
         current = await self.backend.index.messages(self.account, self.folder)
         by_uid = {m.uid: m for m in current}
         if expunges:
-            for seq in range(len(self.view), 0, -1):
-                if self.view[seq - 1].uid not in by_uid:
-                    del self.view[seq - 1]
-                    self.out(f"* {seq} EXPUNGE")
+            gone = [(seq, m) for seq, m in enumerate(self.view, 1) if m.uid not in by_uid]
+            self._forget(gone)
         for seq, old in enumerate(self.view, 1):
             new = by_uid.get(old.uid)
-            if new is not None and new.flags != old.flags:
+            if new is not None and (new.flags != old.flags or new.modseq != old.modseq):
                 self.view[seq - 1] = new
-                self.out(f"* {seq} FETCH (FLAGS {flags_text(new.flags)})")
+                if new.flags != old.flags:
+                    self.out(f"* {seq} FETCH ({self._changed_items(new, command_uid=False)})")
         highest = self.view[-1].uid if self.view else 0
         added = [m for m in current if m.uid > highest]
         if added:
@@ -506,6 +580,28 @@ class ImapSession(FolderCommands, Session):
             # RFC 3501 7.3.2: RECENT accompanies a size change. No message is ever \Recent
             # here (sessions on many replicas cannot agree on "first to see it"): always 0.
             self.out("* 0 RECENT")
+
+    def _changed_items(self, message: IndexedMessage, command_uid: bool, flags: bool = True) -> str:
+        """The items of an unsolicited or STORE FETCH response: UID when asked or with QRESYNC
+        (RFC 7162 3.2.4), FLAGS, MODSEQ with CONDSTORE (3.1.4)."""
+        items = []
+        if command_uid or self.qresync:
+            items.append(f"UID {message.uid}")
+        if flags:
+            items.append(f"FLAGS {flags_text(message.flags)}")
+        if self.condstore:
+            items.append(f"MODSEQ ({message.modseq})")
+        return " ".join(items)
+
+    def _forget(self, gone: list[tuple[int, IndexedMessage]]) -> None:
+        """Expunged messages leave the view, said as EXPUNGE, or VANISHED with QRESYNC (RFC
+        7162 3.2.10)."""
+        for seq, _ in sorted(gone, key=lambda x: x[0], reverse=True):
+            del self.view[seq - 1]
+            if not self.qresync:
+                self.out(f"* {seq} EXPUNGE")
+        if self.qresync and gone:
+            self.out(f"* VANISHED {compress_numbers(sorted(m.uid for _, m in gone))}")
 
     def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
         if uid:
@@ -551,12 +647,26 @@ class ImapSession(FolderCommands, Session):
         return header_of
 
     async def cmd_fetch(self, command: Command) -> None:
-        if len(command.args) != 2:
+        if len(command.args) not in (2, 3):
             raise ImapSyntaxError("FETCH needs a sequence set and items")
+        changed_since, vanished = self._fetch_modifiers(command)
+        if changed_since is not None:
+            await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
         selected = self._select(text_of(command.args[0]), command.uid)
         items = parse_fetch_items(command.args[1])
         if command.uid and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))
+        if any(i.name == "MODSEQ" for i in items):
+            self.condstore = True
+        if changed_since is not None:
+            # RFC 7162 3.1.4.1: only what changed since, with its MODSEQ; 3.2.6: and, with
+            # VANISHED, what was expunged since among the UIDs asked for.
+            if vanished:
+                await self._send_vanished(changed_since, parse_sequence_set(
+                    text_of(command.args[0]), self.view[-1].uid if self.view else 0), earlier=True)
+            selected = [(seq, m) for seq, m in selected if m.modseq > changed_since]
+            if not any(i.name == "MODSEQ" for i in items):
+                items.append(FetchItem("MODSEQ"))
         plan = FetchPlan(items)
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
@@ -593,6 +703,8 @@ class ImapSession(FolderCommands, Session):
                 parts = [render_item(item, message, data, summary) for item in items]
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
                     parts.append(f"FLAGS {flags_text(message.flags)}".encode())
+                if flags_changed and self.condstore and not any(i.name == "MODSEQ" for i in items):
+                    parts.append(f"MODSEQ ({message.modseq})".encode())  # RFC 7162 3.1.4.1
                 answer.append(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n")
             self.stream.write(b"".join(answer))
             # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of
@@ -605,15 +717,36 @@ class ImapSession(FolderCommands, Session):
 
 
 
+    def _fetch_modifiers(self, command: Command) -> tuple[int | None, bool]:
+        """FETCH modifiers (RFC 7162 3.1.4.1, 3.2.6): (CHANGEDSINCE n [VANISHED])."""
+        if len(command.args) != 3:
+            return None, False
+        modifiers = command.args[2]
+        if not isinstance(modifiers, list):
+            raise ImapSyntaxError("bad FETCH modifiers")
+        words = [text_of(m).upper() for m in modifiers if not isinstance(m, list)]
+        if len(words) != len(modifiers) or len(words) < 2 or words[0] != "CHANGEDSINCE" or not words[1].isdigit():
+            raise ImapSyntaxError("bad FETCH modifiers")
+        vanished = words[2:] == ["VANISHED"]
+        if words[2:] and not vanished:
+            raise ImapSyntaxError("bad FETCH modifiers")
+        if vanished and not (command.uid and self.qresync):
+            raise ImapSyntaxError("VANISHED needs UID FETCH and ENABLE QRESYNC")
+        self.condstore = True
+        return int(words[1]), vanished
+
     async def _add_seen(self, seq: int, message: IndexedMessage) -> IndexedMessage:
         assert self.folder is not None
         after = await self.backend.mailboxes.change_flags(self.account, self.folder, self.uidvalidity, [message.uid],
                                                           "add", {"\\Seen"})
-        return self._keep_flags(seq, message, after.get(message.uid) or message.flags | {"\\Seen"})
+        now = after.get(message.uid)
+        if now is None:
+            return self._keep_flags(seq, message, message.flags | {"\\Seen"}, message.modseq)
+        return self._keep_flags(seq, message, now.flags, now.modseq)
 
-    def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str]) -> IndexedMessage:
+    def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str], modseq: int) -> IndexedMessage:
         # Only the flags change: the rest (where the body is, inline or a blob) stays as indexed.
-        updated = dataclasses.replace(message, flags=flags)
+        updated = dataclasses.replace(message, flags=flags, modseq=modseq)
         self.view[seq - 1] = updated
         return updated
 
@@ -637,43 +770,63 @@ class ImapSession(FolderCommands, Session):
         return flags
 
     async def cmd_store(self, command: Command) -> None:
-        if len(command.args) != 3 or not isinstance(command.args[1], Atom):
+        args = list(command.args)
+        unchanged_since = None
+        if len(args) == 4 and isinstance(args[1], list):
+            # RFC 7162 3.1.3: STORE set (UNCHANGEDSINCE n) item flags
+            modifier = args.pop(1)
+            assert isinstance(modifier, list)
+            if len(modifier) != 2 or text_of(modifier[0]).upper() != "UNCHANGEDSINCE" \
+                    or not text_of(modifier[1]).isdigit():
+                raise ImapSyntaxError("bad STORE modifier")
+            unchanged_since = int(text_of(modifier[1]))
+            self.condstore = True
+        if len(args) != 3 or not isinstance(args[1], Atom):
             raise ImapSyntaxError("STORE needs a sequence set, an item and flags")
         if self.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
-        selected = self._select(text_of(command.args[0]), command.uid)
-        item = str(command.args[1]).upper()
+        selected = self._select(text_of(args[0]), command.uid)
+        item = str(args[1]).upper()
         silent = item.endswith(".SILENT")
         mode = item.removesuffix(".SILENT")
         if mode not in ("FLAGS", "+FLAGS", "-FLAGS"):
             raise ImapSyntaxError("bad STORE item")
-        value = command.args[2]
+        value = args[2]
         flags = self._parse_flags(value if isinstance(value, list) else [value])
         if len(flags) > MAX_FLAGS:
             raise No("[LIMIT] Too many flags")
         assert self.folder is not None
         over_limit = False
+        modified: list[int] = []
         change = {"FLAGS": "set", "+FLAGS": "add", "-FLAGS": "remove"}[mode]
         for start in range(0, len(selected), STORE_BATCH):
             batch = selected[start : start + STORE_BATCH]
             # Each message changes atomically in the index (R-MBX-3): another session's flags,
             # set meanwhile, are kept, and the answer shows them.
             after = await self.backend.mailboxes.change_flags(
-                self.account, self.folder, self.uidvalidity, [m.uid for _, m in batch], change, flags, MAX_FLAGS)
+                self.account, self.folder, self.uidvalidity, [m.uid for _, m in batch], change, flags, MAX_FLAGS,
+                unchanged_since)
             for seq, message in batch:
                 now = after.get(message.uid)
                 if now is None:
                     continue  # expunged by another session; its EXPUNGE comes with the next refresh
-                if FLAG_LIMIT in now:
-                    over_limit, now = True, now - {FLAG_LIMIT}
-                message = self._keep_flags(seq, message, now)
-                if not silent:
-                    uid = f"UID {message.uid} " if command.uid else ""
-                    self.out(f"* {seq} FETCH ({uid}FLAGS {flags_text(message.flags)})")
+                current = now.flags
+                if FLAG_MODIFIED in current:
+                    modified.append(message.uid if command.uid else seq)
+                    current -= {FLAG_MODIFIED}
+                if FLAG_LIMIT in current:
+                    over_limit, current = True, current - {FLAG_LIMIT}
+                message = self._keep_flags(seq, message, current, now.modseq)
+                if not silent or self.condstore:
+                    # With CONDSTORE, .SILENT still reports the new MODSEQ (RFC 7162 3.1.3).
+                    self.out(f"* {seq} FETCH ({self._changed_items(message, command.uid, flags=not silent)})")
         if selected:
             await self.backend.publish_changed(self.account, self.folder)
         if over_limit:
             raise No("[LIMIT] Too many flags")
+        if modified:
+            self.ok(command, f"[MODIFIED {compress_numbers(sorted(modified))}] Conditional STORE failed")
+            return
         self.ok(command)
 
     async def _expunge(self, doomed: list[tuple[int, IndexedMessage]], announce: bool) -> None:
@@ -681,10 +834,11 @@ class ImapSession(FolderCommands, Session):
         if not doomed:
             return
         await self.backend.mailboxes.expunge(self.account, self.folder, self.uidvalidity, [m for _, m in doomed])
-        for seq, _ in sorted(doomed, key=lambda x: x[0], reverse=True):
-            del self.view[seq - 1]
-            if announce:
-                self.out(f"* {seq} EXPUNGE")
+        if announce:
+            self._forget(doomed)
+        else:
+            for seq, _ in sorted(doomed, key=lambda x: x[0], reverse=True):
+                del self.view[seq - 1]
         await self.backend.publish_changed(self.account, self.folder)
 
     async def cmd_expunge(self, command: Command) -> None:
@@ -749,15 +903,23 @@ class ImapSession(FolderCommands, Session):
             args = args[2:]
         if not args:
             raise ImapSyntaxError("SEARCH needs criteria")
-        query = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0).parse()
+        parser = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0)
+        query = parser.parse()
+        if parser.uses_modseq:
+            self.condstore = True
+            await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
         found: list[int] = []
+        highest = 0
         numbered = list(enumerate(self.view, 1))
         for window in read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
             contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
             for seq, message in window:
                 if query.match(seq, message, contents.get(message.uid, b"")):
                     found.append(message.uid if command.uid else seq)
-        self.out("* SEARCH" + "".join(f" {n}" for n in found))
+                    highest = max(highest, message.modseq)
+        # RFC 7162 3.1.5: with a MODSEQ key, the highest MODSEQ of what matched.
+        tail = f" (MODSEQ {highest})" if parser.uses_modseq and found else ""
+        self.out("* SEARCH" + "".join(f" {n}" for n in found) + tail)
         self.ok(command)
 
 

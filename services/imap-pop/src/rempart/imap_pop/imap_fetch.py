@@ -27,7 +27,7 @@ class FetchPlan:
         self.needs_summary = False
         self.needs_header = False
         for item in items:
-            if item.name in ("FLAGS", "UID", "INTERNALDATE"):
+            if item.name in ("FLAGS", "UID", "INTERNALDATE", "MODSEQ"):
                 continue
             if item.name == "RFC822.SIZE":
                 continue  # the index keeps the size
@@ -87,6 +87,8 @@ def render_item(item: FetchItem, message: IndexedMessage, data: bytes,
         return f"UID {message.uid}".encode()
     if name == "FLAGS":
         return f"FLAGS {flags_text(message.flags)}".encode()
+    if name == "MODSEQ":
+        return f"MODSEQ ({message.modseq})".encode()  # RFC 7162 3.1.4
     if name == "RFC822.SIZE":
         return f"RFC822.SIZE {summary.size if summary is not None else message.size}".encode()
     if name == "INTERNALDATE":

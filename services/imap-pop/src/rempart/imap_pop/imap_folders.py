@@ -125,6 +125,8 @@ class FolderCommands:
                 out.append(f"UIDNEXT {status.uidnext}")
             elif name == "UIDVALIDITY":
                 out.append(f"UIDVALIDITY {status.uidvalidity}")
+            elif name == "HIGHESTMODSEQ":
+                out.append(f"HIGHESTMODSEQ {status.highestmodseq}")  # RFC 7162 3.1.9
             elif name == "UNSEEN":
                 if messages is None:
                     messages = await self.backend.index.messages(self.account, folder)

@@ -100,6 +100,7 @@ class SearchParser:
         self.largest_uid = largest_uid
         self.needs_content = False  # header fields at least (the index's summary has them)
         self.needs_body = False  # BODY / TEXT: the message itself
+        self.uses_modseq = False  # RFC 7162 3.1.5 MODSEQ: the answer carries the highest MODSEQ
 
     def parse(self) -> SearchQuery:
         tests = []
@@ -121,6 +122,7 @@ class SearchParser:
             query = inner.parse()
             self.needs_content |= inner.needs_content
             self.needs_body |= inner.needs_body
+            self.uses_modseq |= inner.uses_modseq
             return query.test
         key = text_of(token).upper()
         flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
@@ -141,6 +143,18 @@ class SearchParser:
         if key == "OR":
             left, right = self._key(), self._key()
             return lambda s, m, c: left(s, m, c) or right(s, m, c)
+        if key == "MODSEQ":
+            # MODSEQ [entry-name entry-type-req] mod-sequence-valzer (RFC 7162 3.1.5): the
+            # per-flag entries are answered with the message's MODSEQ, as RFC 7162 allows.
+            value = text_of(self._next())
+            if not value.isdigit() and self.pos + 1 < len(self.tokens):
+                self._next()  # entry-type-req (priv, shared, all)
+                value = text_of(self._next())
+            if not value.isdigit():
+                raise ImapSyntaxError("bad MODSEQ")
+            self.uses_modseq = True
+            since = int(value)
+            return lambda _s, m, _c: m.modseq >= since
         if key == "UID":
             ranges = parse_sequence_set(text_of(self._next()), self.largest_uid)
             return lambda _s, m, _c: in_sequence_set(m.uid, ranges)

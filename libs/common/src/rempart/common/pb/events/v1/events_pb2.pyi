@@ -472,10 +472,13 @@ class MessagesFiled(_message.Message):
     UIDVALIDITY_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     UIDNEXT_FIELD_NUMBER: _builtins.int
+    MODSEQ_FIELD_NUMBER: _builtins.int
     folder: _builtins.str
     uidvalidity: _builtins.int
     uidnext: _builtins.int
     """the folder's UIDNEXT after these, or the reservation's mark"""
+    modseq: _builtins.int
+    """the account's change counter (RFC 7162 MODSEQ) was at least this"""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___FiledMessage]: ...
     def __init__(
@@ -485,10 +488,11 @@ class MessagesFiled(_message.Message):
         uidvalidity: _builtins.int = ...,
         messages: _abc.Iterable[Global___FiledMessage] | None = ...,
         uidnext: _builtins.int = ...,
+        modseq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "messages", b"messages", "uidnext", b"uidnext", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "messages", b"messages", "modseq", b"modseq", "uidnext", b"uidnext", "uidvalidity", b"uidvalidity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -560,8 +564,11 @@ class MessagesExpunged(_message.Message):
     FOLDER_FIELD_NUMBER: _builtins.int
     UIDVALIDITY_FIELD_NUMBER: _builtins.int
     UIDS_FIELD_NUMBER: _builtins.int
+    MODSEQ_FIELD_NUMBER: _builtins.int
     folder: _builtins.str
     uidvalidity: _builtins.int
+    modseq: _builtins.int
+    """the account's change counter was at least this"""
     @_builtins.property
     def uids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -570,10 +577,11 @@ class MessagesExpunged(_message.Message):
         folder: _builtins.str = ...,
         uidvalidity: _builtins.int = ...,
         uids: _abc.Iterable[_builtins.int] | None = ...,
+        modseq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "uids", b"uids", "uidvalidity", b"uidvalidity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folder", b"folder", "modseq", b"modseq", "uids", b"uids", "uidvalidity", b"uidvalidity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,123 @@
+"""CONDSTORE and QRESYNC (RFC 7162, R-MBX-4), following the RFC's examples with this server's
+MODSEQ values: HIGHESTMODSEQ at SELECT, MODSEQ in FETCH, CHANGEDSINCE, conditional STORE with
+[MODIFIED], SEARCH MODSEQ, STATUS HIGHESTMODSEQ, and a client reconnecting with QRESYNC gets
+exactly the flag changes and the VANISHED UIDs since its MODSEQ."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from imappop_helpers import BOB, BOB_PASSWORD, raw_connect, simple_message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def session(port: int, *commands: str) -> list[list[bytes]]:
+    """Log in, then each command tagged c1, c2...; every command's lines (tagged one last)."""
+    raw = raw_connect(port)
+    raw.line()
+    raw.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\n'.encode())
+    assert raw.until(b"a ")[-1].startswith(b"a OK")
+    out = []
+    for n, text in enumerate(commands, 1):
+        raw.send(f"c{n} {text}\r\n".encode())
+        out.append(raw.until(f"c{n} ".encode()))
+    raw.send(b"z LOGOUT\r\n")
+    return out
+
+
+def modseq_of(lines: list[bytes], uid: int) -> int:
+    for line in lines:
+        if re.search(rb"\bUID %d\b" % uid, line):
+            return int(re.search(rb"MODSEQ \((\d+)\)", line).group(1))  # type: ignore[union-attr]
+    raise AssertionError(f"no MODSEQ for UID {uid} in {lines}")
+
+
+def highest(lines: list[bytes]) -> int:
+    return int(re.search(rb"HIGHESTMODSEQ (\d+)", b"\n".join(lines)).group(1))  # type: ignore[union-attr]
+
+
+async def test_r_mbx_4_condstore_select_fetch_store_search_status(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 10):
+        await service.deliver(simple_message(f"m{n}"))
+    port = service.ports["imap"]
+
+    caps, select, fetch = await asyncio.to_thread(
+        session, port, "CAPABILITY", "SELECT INBOX (CONDSTORE)", "UID FETCH 1:* (FLAGS MODSEQ)")
+    assert b"CONDSTORE" in caps[0] and b"QRESYNC" in caps[0]
+    top = highest(select)
+    modseqs = {uid: modseq_of(fetch, uid) for uid in range(1, 10)}
+    assert max(modseqs.values()) == top and len(set(modseqs.values())) == 9  # one change each
+
+    # RFC 7162 3.1.3 example: STORE 7,5,9 (UNCHANGEDSINCE m) +FLAGS.SILENT (\Deleted), where 7 and
+    # 9 changed after m (here: another session flagged them).
+    await asyncio.to_thread(session, port, "SELECT INBOX", "STORE 7,9 +FLAGS ($Other)")
+    store, status, changed, search = (await asyncio.to_thread(
+        session, port, "SELECT INBOX",
+        f"STORE 7,5,9 (UNCHANGEDSINCE {top}) +FLAGS.SILENT (\\Deleted)",
+        "STATUS INBOX (HIGHESTMODSEQ)",
+        f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {top})",
+        f"SEARCH MODSEQ {top + 1}",
+    ))[1:]
+    assert store[-1] == b"c2 OK [MODIFIED 7,9] Conditional STORE failed"
+    five = [line for line in store if line.startswith(b"* 5 FETCH")]
+    assert len(five) == 1 and b"FLAGS" not in five[0] and b"MODSEQ (" in five[0]  # .SILENT: MODSEQ only
+    new_top = highest(status)
+    assert new_top > top
+    # CHANGEDSINCE: only 5, 7 and 9 changed, each with its MODSEQ, FLAGS as asked.
+    lines = [line for line in changed if line.startswith(b"* ")]
+    assert [int(re.search(rb"UID (\d+)", line).group(1)) for line in lines] == [5, 7, 9]  # type: ignore[union-attr]
+    assert all(b"MODSEQ (" in line for line in lines)
+    assert b"\\Deleted" in lines[0] and b"$Other" in lines[1] and b"\\Deleted" not in lines[1]
+    assert search[0] == f"* SEARCH 5 7 9 (MODSEQ {new_top})".encode()
+
+
+async def test_r_mbx_4_qresync_reconnect_gets_exactly_the_changes_and_vanished(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 11):
+        await service.deliver(simple_message(f"m{n}"))
+    port = service.ports["imap"]
+    first = await asyncio.to_thread(session, port, "ENABLE QRESYNC", "SELECT INBOX")
+    assert first[0][0] == b"* ENABLED QRESYNC"
+    uidvalidity = int(re.search(rb"UIDVALIDITY (\d+)", b"\n".join(first[1])).group(1))  # type: ignore[union-attr]
+    known = highest(first[1])
+
+    # While the client is away: another session flags 2 and 6, expunges 3, 4 and 8; new mail.
+    await asyncio.to_thread(session, port, "SELECT INBOX", "UID STORE 2,6 +FLAGS (\\Flagged)",
+                            "UID STORE 3,4,8 +FLAGS (\\Deleted)", "EXPUNGE")
+    await service.deliver(simple_message("m11"))
+
+    back = await asyncio.to_thread(
+        session, port, "ENABLE QRESYNC", f"SELECT INBOX (QRESYNC ({uidvalidity} {known} 1:10))",
+        f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {known} VANISHED)")
+    select = back[1]
+    assert b"* VANISHED (EARLIER) 3:4,8" in select
+    fetched = [line for line in select if b" FETCH " in line]
+    # Exactly the changes: 2 and 6 re-flagged, 11 new (its MODSEQ is above the client's too).
+    assert [int(re.search(rb"UID (\d+)", line).group(1)) for line in fetched] == [2, 6, 11]  # type: ignore[union-attr]
+    assert all(b"MODSEQ (" in line and b"FLAGS (" in line for line in fetched)
+    assert b"\\Flagged" in fetched[0] and b"\\Flagged" in fetched[1]
+    assert highest(select) > known
+    # UID FETCH (CHANGEDSINCE ... VANISHED) says the same (RFC 7162 3.2.6).
+    assert back[2][0] == b"* VANISHED (EARLIER) 3:4,8"
+
+    # A wrong UIDVALIDITY gets no resynchronisation (RFC 7162 3.2.5.1: a full one is needed).
+    wrong = await asyncio.to_thread(session, port, "ENABLE QRESYNC", f"SELECT INBOX (QRESYNC (1 {known}))")
+    assert not any(b"VANISHED" in line or b" FETCH " in line for line in wrong[1])
+    # QRESYNC without ENABLE is refused.
+    refused = await asyncio.to_thread(session, port, f"SELECT INBOX (QRESYNC ({uidvalidity} {known}))")
+    assert refused[0][-1].startswith(b"c1 BAD")
+
+
+async def test_r_mbx_4_with_qresync_expunges_are_vanished_responses(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 6):
+        await service.deliver(simple_message(f"m{n}"))
+    out = await asyncio.to_thread(
+        session, service.ports["imap"], "ENABLE QRESYNC", "SELECT INBOX", "STORE 2,4 +FLAGS.SILENT (\\Deleted)",
+        "EXPUNGE", "SELECT Drafts")
+    assert b"* VANISHED 2,4" in out[3] and not any(b"EXPUNGE" in line for line in out[3][:-1])
+    # STORE with QRESYNC: UID and MODSEQ in the FETCH responses even for .SILENT (RFC 7162 3.2.4).
+    assert all(b"UID " in line and b"MODSEQ (" in line for line in out[2][:-1])
+    assert out[4][0] == b"* OK [CLOSED] Previous mailbox closed"
+
