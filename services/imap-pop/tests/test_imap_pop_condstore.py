@@ -121,3 +121,38 @@ async def test_r_mbx_4_with_qresync_expunges_are_vanished_responses(service) -> 
     assert all(b"UID " in line and b"MODSEQ (" in line for line in out[2][:-1])
     assert out[4][0] == b"* OK [CLOSED] Previous mailbox closed"
 
+
+
+async def test_r_mbx_2_noop_reports_what_another_session_changed_and_reads_only_that(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 301):
+        await service.deliver(simple_message(f"m{n}"), publish=False)
+    index = service.backend.index
+    loaded: list[int] = []
+    whole = index.messages
+
+    async def counting(account: str, folder: str = "INBOX"):  # type: ignore[no-untyped-def]
+        loaded.append(1)
+        return await whole(account, folder)
+
+    index.messages = counting  # a spy: counts whole-folder loads, the real method answers
+
+    def run() -> list[list[bytes]]:
+        watcher = raw_connect(service.ports["imap"])
+        watcher.line()
+        watcher.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        watcher.until(b"b ")
+        other = session(service.ports["imap"], "SELECT INBOX", "STORE 5 +FLAGS (\\Flagged)",
+                        "STORE 7 +FLAGS (\\Deleted)", "EXPUNGE")
+        assert other[-1][-1].startswith(b"c4 OK")
+        watcher.send(b"c NOOP\r\n")
+        first = watcher.until(b"c ")
+        watcher.send(b"d NOOP\r\n")
+        second = watcher.until(b"d ")
+        return [first, second]
+
+    loads_before = len(loaded)
+    first, second = await asyncio.to_thread(run)
+    # The other session's SELECT loads the folder once; the watcher's NOOPs load nothing whole.
+    assert len(loaded) - loads_before == 2  # the watcher's SELECT and the other's
+    assert first == [b"* 7 EXPUNGE", b"* 5 FETCH (FLAGS (\\Flagged))", b"c OK NOOP completed"]
+    assert second == [b"d OK NOOP completed"]

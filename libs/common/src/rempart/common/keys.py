@@ -147,6 +147,11 @@ def mailbox_vanished(mailbox: str, folder: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:vanished"
 
 
+def mailbox_changes(mailbox: str, folder: str) -> str:
+    """Sorted set UID -> MODSEQ of its last change: what a session catches up with (R-MBX-2)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:bymodseq"
+
+
 def mailbox_modseq(mailbox: str) -> str:
     """The account's change counter: each flag change takes the next value, which orders the
     change log's flag records the way Redis applied them."""

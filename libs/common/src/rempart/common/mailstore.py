@@ -287,7 +287,7 @@ class FolderStatus:
     uidvalidity: int
     uidnext: int
     exists: int
-    highestmodseq: int = 1  # RFC 7162 3.1.2.1
+    highestmodseq: int = 0  # the last MODSEQ of a change in it (0: none yet; RFC 7162 shows at least 1)
 
 
 # A new folder's UIDVALIDITY: strictly greater than any given before, even after a flush in
@@ -319,6 +319,7 @@ redis.call('RENAME', KEYS[1], KEYS[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('RENAME', KEYS[3], KEYS[4]) end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('RENAME', KEYS[5], KEYS[6]) end
 if redis.call('EXISTS', KEYS[8]) == 1 then redis.call('RENAME', KEYS[8], KEYS[9]) end
+if redis.call('EXISTS', KEYS[10]) == 1 then redis.call('RENAME', KEYS[10], KEYS[11]) end
 redis.call('SREM', KEYS[7], ARGV[3])
 redis.call('SADD', KEYS[7], ARGV[4])
 return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
@@ -328,7 +329,7 @@ return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
 _DELETE_FOLDER_LUA = """
 local v = redis.call('HGET', KEYS[1], 'uidvalidity')
 for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do redis.call('DEL', ARGV[1] .. uid) end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[4], ARGV[2])
 return tonumber(v or 0)
 """
@@ -354,6 +355,7 @@ end
 local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
 local modseq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], 'highestmodseq', modseq)
+redis.call('ZADD', KEYS[7], modseq, uid)
 redis.call('ZADD', KEYS[2], uid, uid)
 redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
            'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13], 'modseq', modseq)
@@ -388,6 +390,7 @@ for i = 4, #ARGV do
     local identity = base .. '/' .. ARGV[3] .. (i - 3)
     redis.call('HSET', ARGV[2] .. uid, unpack(row))
     redis.call('HSET', ARGV[2] .. uid, 'txn', identity, 'modseq', out[2])
+    redis.call('ZADD', KEYS[5], out[2], uid)
     redis.call('ZADD', KEYS[2], uid, uid)
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
@@ -426,6 +429,23 @@ end
 return out
 """
 
+# The messages changed (flags, or new) after a MODSEQ, in UID order, as _LIST_PAGE_LUA gives
+# them; {} when more than ARGV[3] of them (the caller reloads the folder instead).
+_CHANGED_SINCE_LUA = """
+local uids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'LIMIT', 0, tonumber(ARGV[3]) + 1)
+if #uids > tonumber(ARGV[3]) then return {'overflow'} end
+local numbers = {}
+for _, uid in ipairs(uids) do numbers[#numbers + 1] = tonumber(uid) end
+table.sort(numbers)
+local out = {}
+for _, uid in ipairs(numbers) do
+  local row = redis.call('HMGET', ARGV[1] .. uid, 'blob', 'size', 'date', 'flags', 'txn', 'seq', 'modseq')
+  out[#out + 1] = uid
+  for j = 1, 7 do out[#out + 1] = row[j] or '' end
+end
+return out
+"""
+
 # Summaries of some messages: size, hdr, env, bdy, bs for each UID in ARGV[2..].
 _SUMMARY_PAGE_LUA = """
 local out = {}
@@ -456,16 +476,17 @@ class FlagState:
 
 # Flags of several messages changed in one atomic step each: ARGV[1] set|add|remove,
 # ARGV[2] the most flags a message may carry (0: no limit), ARGV[3] UNCHANGEDSINCE (RFC 7162
-# 3.1.3; empty: none), ARGV[4..] the flags; KEYS[1] the account's change counter (MODSEQ), KEYS[2]
-# the folder's meta, KEYS[3..] the messages. Reply: the MODSEQ this change took, then for each
-# message its flags and its MODSEQ afterwards ('\0' for a message that is gone; the flags end in
-# ' \0limit' or ' \0modified' where the message was left as it was).
+# 3.1.3; empty: none), ARGV[4..] the flags; KEYS[1] the account's change counter (MODSEQ),
+# KEYS[2] the folder's meta, KEYS[3] its messages by MODSEQ, KEYS[4..] the messages. Reply: the
+# MODSEQ this change took, then for each message its flags and its MODSEQ afterwards ('\0' for a
+# message that is gone; the flags end in ' \0limit' or ' \0modified' where the message was left
+# as it was).
 _CHANGE_FLAGS_LUA = """
 local modseq = redis.call('INCR', KEYS[1])
 local out = {modseq}
 local since = tonumber(ARGV[3])  -- nil: no UNCHANGEDSINCE
 local changed = false
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local key = KEYS[i]
   local row = redis.call('HMGET', key, 'flags', 'modseq')
   local current, mine = row[1], tonumber(row[2] or '0')
@@ -496,6 +517,7 @@ for i = 3, #KEYS do
       local joined = table.concat(list, ' ')
       if joined ~= current then
         redis.call('HSET', key, 'flags', joined, 'modseq', modseq)
+        redis.call('ZADD', KEYS[3], modseq, string.match(key, '(%d+)$'))
         mine = modseq
         changed = true
       end
@@ -515,6 +537,7 @@ _REMOVE_LUA = """
 local modseq = redis.call('INCR', KEYS[1])
 for i = 3, #ARGV do
   redis.call('ZREM', KEYS[3], ARGV[i])
+  redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('DEL', ARGV[1] .. ARGV[i])
   redis.call('ZADD', KEYS[4], modseq, ARGV[i])
 end
@@ -545,6 +568,7 @@ class MailboxIndex:
         self._reserve = redis.register_script(_RESERVE_LUA)
         self._copy = redis.register_script(_COPY_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
+        self._changed_since = redis.register_script(_CHANGED_SINCE_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
     async def file(
@@ -575,6 +599,7 @@ class MailboxIndex:
                     keys.mailbox_folders(mailbox),
                     keys.UIDVALIDITY_SEQ,
                     keys.mailbox_modseq(mailbox),
+                    keys.mailbox_changes(mailbox, folder),
                 ],
                 args=[
                     record.transaction_id,
@@ -604,7 +629,8 @@ class MailboxIndex:
         target folder does not exist."""
         reply = await self._copy(
             keys=[keys.mailbox_meta(mailbox, target), keys.mailbox_uids(mailbox, target),
-                  keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox)],
+                  keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox),
+                  keys.mailbox_changes(mailbox, target)],
             args=[keys.mailbox_message_prefix(mailbox, source), keys.mailbox_message_prefix(mailbox, target),
                   os.urandom(6).hex(), *uids])
         if not reply:
@@ -635,7 +661,8 @@ class MailboxIndex:
             keys=[keys.mailbox_meta(mailbox, old), keys.mailbox_meta(mailbox, new),
                   keys.mailbox_uids(mailbox, old), keys.mailbox_uids(mailbox, new),
                   keys.mailbox_txn(mailbox, old), keys.mailbox_txn(mailbox, new), keys.mailbox_folders(mailbox),
-                  keys.mailbox_vanished(mailbox, old), keys.mailbox_vanished(mailbox, new)],
+                  keys.mailbox_vanished(mailbox, old), keys.mailbox_vanished(mailbox, new),
+                  keys.mailbox_changes(mailbox, old), keys.mailbox_changes(mailbox, new)],
             args=[keys.mailbox_message_prefix(mailbox, old), keys.mailbox_message_prefix(mailbox, new), old, new],
         ))
 
@@ -644,7 +671,7 @@ class MailboxIndex:
         return int(await self._delete_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                   keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox),
-                  keys.mailbox_vanished(mailbox, folder)],
+                  keys.mailbox_vanished(mailbox, folder), keys.mailbox_changes(mailbox, folder)],
             args=[keys.mailbox_message_prefix(mailbox, folder), folder],
         ))
 
@@ -696,7 +723,7 @@ class MailboxIndex:
             await self.create_folder(mailbox, folder)
         raw = await self._redis.hmget(meta, ["uidvalidity", "uidnext", "highestmodseq"])
         exists = await self._redis.zcard(keys.mailbox_uids(mailbox, folder))
-        return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists), int(raw[2] or 1))
+        return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists), int(raw[2] or 0))
 
     async def vanished(self, mailbox: str, folder: str, since: int) -> tuple[list[int], bool]:
         """UIDs expunged with a MODSEQ above ``since`` (RFC 7162 3.2.5), and whether the list is
@@ -716,25 +743,21 @@ class MailboxIndex:
                 keys=[keys.mailbox_uids(mailbox, folder)],
                 args=[keys.mailbox_message_prefix(mailbox, folder), start, start + LIST_PAGE - 1],
             )
-            for i in range(0, len(page), 8):
-                uid, blob, size, date, flags, txn, seq, modseq = page[i : i + 8]
-                if not blob and not txn:
-                    continue  # expunged between the ZRANGE and the HMGET of another page
-                out.append(
-                    IndexedMessage(
-                        uid=int(uid),
-                        blob=str(blob),
-                        size=int(size or 0),
-                        internal_date_ms=int(date or 0),
-                        flags=frozenset(f for f in str(flags or "").split(" ") if f),
-                        transaction_id=str(txn or ""),
-                        record_seq=int(seq or 0),
-                        modseq=int(modseq or 0),
-                    )
-                )
+            out.extend(_rows(page))
             if len(page) < 8 * LIST_PAGE:
                 return out
             start += LIST_PAGE
+
+    async def changed_since(self, mailbox: str, folder: str, modseq: int, most: int = 5000
+                            ) -> list[IndexedMessage] | None:
+        """The messages whose flags changed or that arrived after ``modseq`` (R-MBX-2: what a
+        selected session needs to catch up costs what changed, not the folder's size); None when
+        more than ``most`` did."""
+        page = await self._changed_since(keys=[keys.mailbox_changes(mailbox, folder)],
+                                         args=[keys.mailbox_message_prefix(mailbox, folder), modseq, most])
+        if page == ["overflow"]:
+            return None
+        return _rows(page)
 
     async def summaries(self, mailbox: str, folder: str, uids: Iterable[int]) -> dict[int, MessageSummary | None]:
         """The kept summaries of some messages, in one round trip (None where not computed yet)."""
@@ -769,7 +792,7 @@ class MailboxIndex:
         prefix = keys.mailbox_message_prefix(mailbox, folder)
         rows = await self._change_flags(
             keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
-                  *(prefix + str(uid) for uid in uids)],
+                  keys.mailbox_changes(mailbox, folder), *(prefix + str(uid) for uid in uids)],
             args=[mode, limit, "" if unchanged_since is None else unchanged_since, *sorted(flags)],
         )
         out: dict[int, FlagState | None] = {}
@@ -789,6 +812,7 @@ class MailboxIndex:
         prefix = keys.mailbox_message_prefix(mailbox, folder)
         meta, uids, txns = (keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                             keys.mailbox_txn(mailbox, folder))
+        changes = keys.mailbox_changes(mailbox, folder)
         async with self._redis.pipeline(transaction=False) as pipe:
             # Every message and the folder at one MODSEQ, the expunge history complete from it on:
             # a client resynchronising from before gets every flag and every missing UID (RFC
@@ -799,6 +823,7 @@ class MailboxIndex:
             for n, message in enumerate(messages, 1):
                 record = message.record
                 pipe.zadd(uids, {str(message.uid): message.uid})
+                pipe.zadd(changes, {str(message.uid): modseq})
                 identity = message.identity or record.transaction_id
                 pipe.hset(prefix + str(message.uid), items=[
                     "blob", record.blob, "size", record.size, "date", record.received_unix_ms,
@@ -844,7 +869,8 @@ class MailboxIndex:
         for start in range(0, len(messages), 5000):
             modseq = int(await self._remove(
                 keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
-                      keys.mailbox_uids(mailbox, folder), keys.mailbox_vanished(mailbox, folder)],
+                      keys.mailbox_uids(mailbox, folder), keys.mailbox_vanished(mailbox, folder),
+                      keys.mailbox_changes(mailbox, folder)],
                 args=[keys.mailbox_message_prefix(mailbox, folder), VANISHED_KEPT,
                       *(m.uid for m in messages[start : start + 5000])]))
         return modseq
@@ -866,6 +892,20 @@ class MailboxIndex:
         async for key in self._redis.scan_iter(match=keys.MAILBOX_ALL_PATTERN, count=1000):
             removed += int(await self._redis.delete(key))
         return removed
+
+
+def _rows(page: list[str]) -> list[IndexedMessage]:
+    """The flat reply of _LIST_PAGE_LUA / _CHANGED_SINCE_LUA as messages."""
+    out = []
+    for i in range(0, len(page), 8):
+        uid, blob, size, date, flags, txn, seq, modseq = page[i : i + 8]
+        if not blob and not txn:
+            continue  # expunged between the ZRANGE and the HMGET of another page
+        out.append(IndexedMessage(
+            uid=int(uid), blob=str(blob), size=int(size or 0), internal_date_ms=int(date or 0),
+            flags=frozenset(f for f in str(flags or "").split(" ") if f), transaction_id=str(txn or ""),
+            record_seq=int(seq or 0), modseq=int(modseq or 0)))
+    return out
 
 
 def _new_uidvalidity() -> int:

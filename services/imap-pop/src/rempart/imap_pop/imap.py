@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -81,6 +82,7 @@ class ImapSession(FolderCommands, Session):
     # CHANGEDSINCE, UNCHANGEDSINCE); QRESYNC only after ENABLE QRESYNC.
     condstore: bool = False
     qresync: bool = False
+    seen_modseq: int = 0  # the folder's HIGHESTMODSEQ when the view was last brought up to date
     closing: bool = False
     changed: asyncio.Event
 
@@ -400,6 +402,7 @@ class ImapSession(FolderCommands, Session):
             raise No("[NONEXISTENT] No such mailbox")
         status = await self.backend.index.status(self.account, folder)
         self.view = await self.backend.index.messages(self.account, folder)
+        self.seen_modseq = status.highestmodseq  # read before the messages: nothing after it is missed
         self.folder = folder
         self.readonly = command.name == "EXAMINE"
         self.uidvalidity = status.uidvalidity
@@ -413,7 +416,7 @@ class ImapSession(FolderCommands, Session):
         self.out(f"* OK [UIDVALIDITY {status.uidvalidity}] UIDs valid")
         self.out(f"* OK [UIDNEXT {status.uidnext}] Predicted next UID")
         # RFC 7162 3.1.2.1: mod-sequences are kept for every folder, so always said.
-        self.out(f"* OK [HIGHESTMODSEQ {max(status.highestmodseq, self._view_modseq())}] Highest")
+        self.out(f"* OK [HIGHESTMODSEQ {max(status.highestmodseq, self._view_modseq(), 1)}] Highest")
         permanent = "()" if self.readonly else "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
         self.out(f"* OK [PERMANENTFLAGS {permanent}] Limited")
         if resync is not None and resync[0] == status.uidvalidity:
@@ -558,22 +561,64 @@ class ImapSession(FolderCommands, Session):
 
     # Selected
     async def refresh(self, expunges: bool) -> None:
-        """Tell the client what changed since it last looked (RFC 3501 7.3, 7.4.1)."""
+        """Tell the client what changed since it last looked (RFC 3501 7.3, 7.4.1). What it costs
+        is what changed (R-MBX-2): the folder's MODSEQ first, then only the changed messages
+        and the expunged UIDs since the view was last brought up to date."""
         if self.folder is None:
             return
+        status = await self.backend.index.status(self.account, self.folder)
+        if status.highestmodseq == self.seen_modseq:
+            return
+        changed = await self.backend.index.changed_since(self.account, self.folder, self.seen_modseq)
+        gone: list[int] | None = []
+        if expunges:
+            uids, complete = await self.backend.index.vanished(self.account, self.folder, self.seen_modseq)
+            gone = uids if complete else None
+        if changed is None or gone is None:
+            await self._reload(expunges, status.highestmodseq)
+            return
+        if expunges:
+            wanted = set(gone)
+            self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid in wanted])
+        self._take([m for m in changed if self._position(m.uid) is not None])
+        highest = self.view[-1].uid if self.view else 0
+        self._add([m for m in changed if m.uid > highest])
+        if expunges:
+            # Expunges not yet said keep the view behind: until then the same changes are
+            # looked at again (and found already known).
+            self.seen_modseq = status.highestmodseq
+
+    async def _reload(self, expunges: bool, highestmodseq: int) -> None:
+        """The whole folder compared with the view (too many changes, or history forgotten)."""
+        assert self.folder is not None
         current = await self.backend.index.messages(self.account, self.folder)
         by_uid = {m.uid: m for m in current}
         if expunges:
-            gone = [(seq, m) for seq, m in enumerate(self.view, 1) if m.uid not in by_uid]
-            self._forget(gone)
-        for seq, old in enumerate(self.view, 1):
-            new = by_uid.get(old.uid)
-            if new is not None and (new.flags != old.flags or new.modseq != old.modseq):
-                self.view[seq - 1] = new
-                if new.flags != old.flags:
-                    self.out(f"* {seq} FETCH ({self._changed_items(new, command_uid=False)})")
+            self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid not in by_uid])
+        self._take([m for m in current if self._position(m.uid) is not None])
         highest = self.view[-1].uid if self.view else 0
-        added = [m for m in current if m.uid > highest]
+        self._add([m for m in current if m.uid > highest])
+        if expunges:
+            self.seen_modseq = highestmodseq
+
+    def _position(self, uid: int) -> int | None:
+        """The view's index of a UID (the view is in UID order)."""
+        i = bisect.bisect_left(self.view, uid, key=lambda m: m.uid)
+        return i if i < len(self.view) and self.view[i].uid == uid else None
+
+    def _take(self, updates: list[IndexedMessage]) -> None:
+        """New flags of messages in the view, said as FETCH."""
+        for new in updates:
+            i = self._position(new.uid)
+            if i is None:
+                continue
+            old = self.view[i]
+            if new.flags != old.flags or new.modseq != old.modseq:
+                self.view[i] = new
+                if new.flags != old.flags:
+                    self.out(f"* {i + 1} FETCH ({self._changed_items(new, command_uid=False)})")
+
+    def _add(self, added: list[IndexedMessage]) -> None:
         if added:
             self.view.extend(added)
             self.out(f"* {len(self.view)} EXISTS")
@@ -604,16 +649,23 @@ class ImapSession(FolderCommands, Session):
             self.out(f"* VANISHED {compress_numbers(sorted(m.uid for _, m in gone))}")
 
     def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
+        """The (sequence number, message) pairs of a sequence or UID set: a binary search per
+        range, so one message costs O(log n) whatever the folder's size (R-MBX-2)."""
         if uid:
             largest = self.view[-1].uid if self.view else 0
-            ranges = parse_sequence_set(text, largest)
+            out: list[tuple[int, IndexedMessage]] = []
+            for low, high in parse_sequence_set(text, largest):
+                start = bisect.bisect_left(self.view, low, key=lambda m: m.uid)
+                end = bisect.bisect_right(self.view, high, key=lambda m: m.uid)
+                out.extend((i + 1, self.view[i]) for i in range(start, end))
             # RFC 3501 6.4.8: "n:*" always includes the highest UID, even below n.
-            return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(m.uid, ranges)
-                    or (m is self.view[-1] and _star_range_hits(text, ranges, m.uid))]
+            if "*" in text and self.view and (not out or out[-1][1] is not self.view[-1]):
+                out.append((len(self.view), self.view[-1]))
+            return out
         ranges = parse_sequence_set(text, len(self.view))
         if any(high > len(self.view) for _, high in ranges):
             raise No("Invalid message sequence number", bad=True)
-        return [(i, m) for i, m in enumerate(self.view, 1) if in_sequence_set(i, ranges)]
+        return [(i, self.view[i - 1]) for low, high in ranges for i in range(low, high + 1)]
 
     async def read_content(self, message: IndexedMessage) -> bytes:
         return M.normalise(await self.backend.store.read_message(message))
@@ -921,11 +973,6 @@ class ImapSession(FolderCommands, Session):
         tail = f" (MODSEQ {highest})" if parser.uses_modseq and found else ""
         self.out("* SEARCH" + "".join(f" {n}" for n in found) + tail)
         self.ok(command)
-
-
-
-def _star_range_hits(text: str, ranges: SequenceSet, uid: int) -> bool:
-    return "*" in text and any(high == uid for _, high in ranges)
 
 
 

@@ -126,7 +126,7 @@ class FolderCommands:
             elif name == "UIDVALIDITY":
                 out.append(f"UIDVALIDITY {status.uidvalidity}")
             elif name == "HIGHESTMODSEQ":
-                out.append(f"HIGHESTMODSEQ {status.highestmodseq}")  # RFC 7162 3.1.9
+                out.append(f"HIGHESTMODSEQ {max(status.highestmodseq, 1)}")  # RFC 7162 3.1.9: at least 1
             elif name == "UNSEEN":
                 if messages is None:
                     messages = await self.backend.index.messages(self.account, folder)
