@@ -156,3 +156,13 @@ async def test_r_mbx_2_noop_reports_what_another_session_changed_and_reads_only_
     assert len(loaded) - loads_before == 2  # the watcher's SELECT and the other's
     assert first == [b"* 7 EXPUNGE", b"* 5 FETCH (FLAGS (\\Flagged))", b"c OK NOOP completed"]
     assert second == [b"d OK NOOP completed"]
+
+
+async def test_bad_numbers_in_condstore_commands_are_bad_not_server_errors(service) -> None:  # type: ignore[no-untyped-def]
+    await service.deliver(simple_message("m"))
+    out = await asyncio.to_thread(
+        session, service.ports["imap"], "SELECT INBOX", "FETCH 1 (FLAGS) (CHANGEDSINCE ²)",
+        "FETCH 1 (FLAGS) (CHANGEDSINCE 99999999999999999999999)", "STORE 1 (UNCHANGEDSINCE x) +FLAGS (a)",
+        "SEARCH LARGER ²", "SEARCH MODSEQ 1", "UID FETCH 1 (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+    assert [lines[-1].split(b" ")[1] for lines in out[1:6]] == [b"BAD"] * 4 + [b"OK"]
+    assert out[6][-1].startswith(b"c7 BAD")  # VANISHED needs ENABLE QRESYNC

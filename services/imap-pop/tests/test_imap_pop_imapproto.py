@@ -10,9 +10,14 @@ from rempart.imap_pop.imapproto import (
     FetchItem,
     ImapSyntaxError,
     compress_numbers,
+    format_ranges,
     in_sequence_set,
+    intersect_ranges,
     literal_at_end,
+    missing_numbers,
+    number_ranges,
     parse_fetch_items,
+    parse_number,
     parse_sequence_set,
     split_tag,
     tokenize,
@@ -121,3 +126,21 @@ def test_list_pattern_that_backtracks_a_regex_is_linear() -> None:
     for pattern in ("*" * 10 + "x", "%*" * 20 + "x", "*a" * 30 + "x", "%" * 500 + "x"):
         assert not wildcard_match(pattern, name)
     assert wildcard_match("%*" * 20 + "a", name)
+
+
+def test_numbers_are_ascii_digits_within_63_bits() -> None:
+    assert parse_number("0") == 0 and parse_number("9223372036854775807") == 2**63 - 1
+    # Unicode digits pass str.isdigit() and then break int(); a 10,000-digit number costs time.
+    for bad in ("²", "١٢", "", "-1", "+1", "1e3", "9223372036854775808", "9" * 10_000):
+        assert parse_number(bad) is None, bad
+
+
+def test_ranges_for_vanished_cost_what_is_present() -> None:
+    assert number_ranges([7, 1, 3, 2, 3]) == [(1, 3), (7, 7)]
+    assert compress_numbers([7, 1, 3, 2]) == "1:3,7"
+    assert missing_numbers([2, 3, 9], 12) == [(1, 1), (4, 8), (10, 11)]
+    assert missing_numbers([], 1) == [] and missing_numbers([1, 2], 3) == []
+    # The span is 4 billion; the work is the three numbers present.
+    assert missing_numbers([5, 6, 7], 2**32) == [(1, 4), (8, 2**32 - 1)]
+    assert intersect_ranges([(1, 4), (8, 20)], [(3, 10), (15, 15)]) == [(3, 4), (8, 10), (15, 15)]
+    assert format_ranges([(1, 4), (8, 8)]) == "1:4,8"

@@ -51,9 +51,13 @@ from rempart.imap_pop.imapproto import (
     SequenceSet,
     Token,
     compress_numbers,
-    in_sequence_set,
+    format_ranges,
+    intersect_ranges,
     literal_at_end,
+    missing_numbers,
+    number_ranges,
     parse_fetch_items,
+    parse_number,
     parse_sequence_set,
     split_tag,
     text_of,
@@ -439,12 +443,13 @@ class ImapSession(FolderCommands, Session):
                     raise ImapSyntaxError("QRESYNC is not enabled")
                 values = items.pop(0)
                 assert isinstance(values, list)
-                if len(values) < 2 or not all(isinstance(v, Atom) and str(v).isdigit() for v in values[:2]):
+                numbers = [parse_number(str(v)) if isinstance(v, Atom) else None for v in values[:2]]
+                if len(numbers) < 2 or numbers[0] is None or numbers[1] is None:
                     raise ImapSyntaxError("bad QRESYNC parameters")
                 known = None
                 if len(values) >= 3 and not isinstance(values[2], list):
                     known = parse_sequence_set(text_of(values[2]), self._largest_uid_hint())
-                resync = (int(str(values[0])), int(str(values[1])), known)
+                resync = (numbers[0], numbers[1], known)
             else:
                 raise ImapSyntaxError("unknown SELECT parameter")
         return resync
@@ -469,14 +474,15 @@ class ImapSession(FolderCommands, Session):
         the folder forgot that far back, every UID the client may know that is not here."""
         assert self.folder is not None
         uids, complete = await self.backend.index.vanished(self.account, self.folder, since)
-        if not complete:
+        if complete:
+            ranges = number_ranges(uids)
+        else:
             status = await self.backend.index.status(self.account, self.folder)
-            present = {m.uid for m in self.view}
-            uids = [u for u in range(1, status.uidnext) if u not in present]
+            ranges = missing_numbers([m.uid for m in self.view], status.uidnext)
         if within is not None:
-            uids = [u for u in uids if in_sequence_set(u, within)]
-        if uids:
-            self.out(f"* VANISHED {'(EARLIER) ' if earlier else ''}{compress_numbers(uids)}")
+            ranges = intersect_ranges(ranges, within)
+        if ranges:
+            self.out(f"* VANISHED {'(EARLIER) ' if earlier else ''}{format_ranges(ranges)}")
 
     async def cmd_enable(self, command: Command) -> None:
         # RFC 5161: ENABLED lists what this command turned on; others are ignored.
@@ -777,7 +783,8 @@ class ImapSession(FolderCommands, Session):
         if not isinstance(modifiers, list):
             raise ImapSyntaxError("bad FETCH modifiers")
         words = [text_of(m).upper() for m in modifiers if not isinstance(m, list)]
-        if len(words) != len(modifiers) or len(words) < 2 or words[0] != "CHANGEDSINCE" or not words[1].isdigit():
+        since = parse_number(words[1]) if len(words) >= 2 else None
+        if len(words) != len(modifiers) or words[0] != "CHANGEDSINCE" or since is None:
             raise ImapSyntaxError("bad FETCH modifiers")
         vanished = words[2:] == ["VANISHED"]
         if words[2:] and not vanished:
@@ -785,7 +792,7 @@ class ImapSession(FolderCommands, Session):
         if vanished and not (command.uid and self.qresync):
             raise ImapSyntaxError("VANISHED needs UID FETCH and ENABLE QRESYNC")
         self.condstore = True
-        return int(words[1]), vanished
+        return since, vanished
 
     async def _add_seen(self, seq: int, message: IndexedMessage) -> IndexedMessage:
         assert self.folder is not None
@@ -828,10 +835,9 @@ class ImapSession(FolderCommands, Session):
             # RFC 7162 3.1.3: STORE set (UNCHANGEDSINCE n) item flags
             modifier = args.pop(1)
             assert isinstance(modifier, list)
-            if len(modifier) != 2 or text_of(modifier[0]).upper() != "UNCHANGEDSINCE" \
-                    or not text_of(modifier[1]).isdigit():
+            unchanged_since = parse_number(text_of(modifier[1])) if len(modifier) == 2 else None
+            if unchanged_since is None or text_of(modifier[0]).upper() != "UNCHANGEDSINCE":
                 raise ImapSyntaxError("bad STORE modifier")
-            unchanged_since = int(text_of(modifier[1]))
             self.condstore = True
         if len(args) != 3 or not isinstance(args[1], Atom):
             raise ImapSyntaxError("STORE needs a sequence set, an item and flags")

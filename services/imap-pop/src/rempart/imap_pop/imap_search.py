@@ -9,7 +9,14 @@ from collections.abc import Callable
 
 from rempart.common import mime as M
 from rempart.common.mailstore import IndexedMessage
-from rempart.imap_pop.imapproto import ImapSyntaxError, Token, in_sequence_set, parse_sequence_set, text_of
+from rempart.imap_pop.imapproto import (
+    ImapSyntaxError,
+    Token,
+    in_sequence_set,
+    parse_number,
+    parse_sequence_set,
+    text_of,
+)
 
 SEARCH_DECODE_LIMIT = 1024 * 1024
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
@@ -146,23 +153,23 @@ class SearchParser:
         if key == "MODSEQ":
             # MODSEQ [entry-name entry-type-req] mod-sequence-valzer (RFC 7162 3.1.5): the
             # per-flag entries are answered with the message's MODSEQ, as RFC 7162 allows.
-            value = text_of(self._next())
-            if not value.isdigit() and self.pos + 1 < len(self.tokens):
+            value = parse_number(text_of(self._next()))
+            if value is None and self.pos + 1 < len(self.tokens):
                 self._next()  # entry-type-req (priv, shared, all)
-                value = text_of(self._next())
-            if not value.isdigit():
+                value = parse_number(text_of(self._next()))
+            if value is None:
                 raise ImapSyntaxError("bad MODSEQ")
             self.uses_modseq = True
-            since = int(value)
+            since = value
             return lambda _s, m, _c: m.modseq >= since
         if key == "UID":
             ranges = parse_sequence_set(text_of(self._next()), self.largest_uid)
             return lambda _s, m, _c: in_sequence_set(m.uid, ranges)
         if key in ("LARGER", "SMALLER"):
-            size_text = text_of(self._next())
-            if not size_text.isdigit():
+            parsed = parse_number(text_of(self._next()))
+            if parsed is None:
                 raise ImapSyntaxError("bad size")
-            size = int(size_text)
+            size = parsed
             if key == "LARGER":
                 return lambda _s, m, _c: m.size > size
             return lambda _s, m, _c: m.size < size

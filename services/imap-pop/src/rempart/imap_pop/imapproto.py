@@ -225,17 +225,66 @@ def in_sequence_set(value: int, ranges: SequenceSet) -> bool:
     return i >= 0 and ranges[i][0] <= value <= ranges[i][1]
 
 
-def compress_numbers(values: list[int]) -> str:
-    """UIDs as a compact set: 1:3,7 (for COPYUID and SEARCH-like replies)."""
-    out: list[str] = []
+_NUMBER_RE = re.compile(r"[0-9]{1,20}")
+MAX_NUMBER = 2**63 - 1  # RFC 7162 mod-sequences are 63-bit; sizes and UIDs are smaller
+
+
+def parse_number(text: str) -> int | None:
+    """An unsigned decimal (ASCII digits only: ``str.isdigit`` takes "²"), at most 2**63 - 1."""
+    if not _NUMBER_RE.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= MAX_NUMBER else None
+
+
+def missing_numbers(present: list[int], below: int) -> SequenceSet:
+    """The ranges of 1..below-1 not in ``present`` (sorted): computed from the gaps, so the cost
+    follows the numbers present, not the span."""
+    out: SequenceSet = []
+    expected = 1
+    for value in present:
+        if value >= below:
+            break
+        if value > expected:
+            out.append((expected, value - 1))
+        expected = max(expected, value + 1)
+    if expected < below:
+        out.append((expected, below - 1))
+    return out
+
+
+def format_ranges(ranges: SequenceSet) -> str:
+    return ",".join(f"{low}" if low == high else f"{low}:{high}" for low, high in ranges)
+
+
+def intersect_ranges(a: SequenceSet, b: SequenceSet) -> SequenceSet:
+    out: SequenceSet = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        low, high = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if low <= high:
+            out.append((low, high))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def number_ranges(values: list[int]) -> SequenceSet:
+    """Numbers as sorted, disjoint ranges: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    out: SequenceSet = []
     for value in sorted(set(values)):
-        if out and "-" not in out[-1]:
-            last = out[-1].split(":")
-            if int(last[-1]) + 1 == value:
-                out[-1] = f"{last[0]}:{value}"
-                continue
-        out.append(str(value))
-    return ",".join(out)
+        if out and out[-1][1] + 1 == value:
+            out[-1] = (out[-1][0], value)
+        else:
+            out.append((value, value))
+    return out
+
+
+def compress_numbers(values: list[int]) -> str:
+    """UIDs as a compact set: 1:3,7 (for COPYUID, VANISHED, MODIFIED)."""
+    return format_ranges(number_ranges(values))
 
 
 # FETCH items (RFC 3501 6.4.5).
