@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import imaplib
 import time
 
 import pytest
-from imappop_helpers import BOB, BOB_PASSWORD, UNTRUSTED_IP, raw_connect
+from imappop_helpers import BOB, BOB_PASSWORD, UNTRUSTED_IP, SourceIMAP, raw_connect
 from scramp import ScramClient
 
 from rempart.common import keys
@@ -18,6 +19,7 @@ from rempart.common.config import SettingsStore
 from rempart.common.events import IPS_BLOCKED
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.testing.polling import eventually
 from rempart.imap_pop import replies as R
 
 pytestmark = pytest.mark.timeout(60)
@@ -370,3 +372,36 @@ async def test_r_ips_6_block_of_an_ipv6_prefix_closes_every_session_inside_it(
         return outside.until(b"n ")
 
     assert await asyncio.to_thread(noop) == [b"n OK NOOP completed"]
+
+
+async def test_imap_sessions_per_account_are_limited_across_replicas(start_service, redis) -> None:  # type: ignore[no-untyped-def]
+    # Two replicas share the count (Redis); a third session of the account is refused with
+    # [LIMIT] and the connection stays usable; a logout frees a place.
+    first = await start_service(imap_max_sessions_per_account=2)
+    second = await start_service(imap_max_sessions_per_account=2)
+
+    def run() -> tuple[str, str, str]:
+        a = SourceIMAP(first.ports["imap"])
+        a.login(BOB, BOB_PASSWORD)
+        b = SourceIMAP(second.ports["imap"])
+        b.login(BOB, BOB_PASSWORD)
+        c = SourceIMAP(second.ports["imap"])
+        try:
+            c.login(BOB, BOB_PASSWORD)
+            refused = "logged in"
+        except imaplib.IMAP4.error as exc:
+            refused = str(exc)
+        still = c.noop()[0]  # the refused connection is still usable
+        a.logout()
+        typ = c.login(BOB, BOB_PASSWORD)[0]
+        b.logout()
+        c.logout()
+        return refused, still, typ
+
+    refused, still, typ = await asyncio.to_thread(run)
+    assert "[LIMIT] Too many connections for this account" in refused
+    assert still == "OK" and typ == "OK"
+    async def released() -> bool:  # every place released once the sessions end
+        return await redis.zcard(keys.imap_account_sessions(BOB)) == 0
+
+    await eventually(released, timeout=5, what="the sessions' places released")

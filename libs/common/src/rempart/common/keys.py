@@ -158,6 +158,11 @@ def mailbox_modseq(mailbox: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:modseq"
 
 
+def imap_account_sessions(account: str) -> str:
+    """Sorted set session id -> expiry (ms): an account's IMAP sessions on every replica."""
+    return f"{PREFIX}imap:sessions:{{{account}}}"
+
+
 def pop3_maildrop_lock(mailbox: str) -> str:
     """RFC 1939 4 / RFC 3206 [IN-USE]: one POP3 session per maildrop, short TTL, refreshed."""
     return f"{PREFIX}pop3:lock:{{{mailbox}}}"

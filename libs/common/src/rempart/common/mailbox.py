@@ -39,6 +39,8 @@ from rempart.common.events import (
     mailbox_log_subject,
 )
 from rempart.common.mailstore import (
+    FLAG_LIMIT,
+    FLAG_MODIFIED,
     INBOX,
     PUBLISH_TIMEOUT,
     Copied,
@@ -99,8 +101,14 @@ class Mailboxes:
 
     # --- folders -------------------------------------------------------------------------------
     async def create_folder(self, account: str, name: str, special_use: str = "") -> bool:
+        """A new folder, recorded; False when it exists (recorded again then: a CREATE cut by a
+        crash after Redis made it is retried, answered "exists", and must not vanish at the
+        next rebuild)."""
         uidvalidity = await self.index.create_folder(account, name)
         if not uidvalidity:
+            status = await self.index.status(account, name)
+            await self.log.write([events_pb2.MailboxChange(account=account, folder_created=events_pb2.FolderCreated(
+                name=name, uidvalidity=status.uidvalidity))])
             return False
         await self.log.write([events_pb2.MailboxChange(account=account, folder_created=events_pb2.FolderCreated(
             name=name, uidvalidity=uidvalidity, special_use=special_use))])
@@ -294,7 +302,10 @@ class Mailboxes:
         recorded with the MODSEQ it took, so a replay applies concurrent changes in the order
         Redis did. ``unchanged_since``: RFC 7162's conditional STORE."""
         after, modseq = await self.index.change_flags(account, folder, uids, mode, flags, limit, unchanged_since)
-        changed = [uid for uid, now in after.items() if now is not None and now.modseq == modseq]
+        # Every message the change applies to, even those it left as they were: a STORE retried
+        # after a crash finds its flags already set in Redis, and its OK must still mean "in the log".
+        changed = [uid for uid, now in after.items()
+                   if now is not None and FLAG_LIMIT not in now.flags and FLAG_MODIFIED not in now.flags]
         if changed:
             await self.log.write([
                 events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(

@@ -86,6 +86,7 @@ class ImapSession(FolderCommands, Session):
     # CHANGEDSINCE, UNCHANGEDSINCE); QRESYNC only after ENABLE QRESYNC.
     condstore: bool = False
     qresync: bool = False
+    _claim: asyncio.Task[None] | None = None  # renews this session's place among the account's
     seen_modseq: int = 0  # the folder's HIGHESTMODSEQ when the view was last brought up to date
     closing: bool = False
     changed: asyncio.Event
@@ -158,6 +159,24 @@ class ImapSession(FolderCommands, Session):
                     await subscription.unsubscribe()
                 except Exception as exc:  # noqa: BLE001 - NATS gone at shutdown
                     log.debug("unsubscribe failed: %s", exc)
+            await self._release_claim()
+
+    async def _keep_claim(self, account: str) -> None:
+        """Renew this session's place among the account's sessions while it lives."""
+        while True:
+            await asyncio.sleep(self.backend.settings.imap_session_claim_seconds / 3)
+            try:
+                await self.backend.claim_session(account, self.session_id)
+            except Exception as exc:  # noqa: BLE001 - Redis away: the place expires by itself
+                log.debug("session claim not renewed: %s", exc)
+
+    async def _release_claim(self) -> None:
+        if self._claim is None:
+            return
+        self._claim.cancel()
+        self._claim = None
+        with contextlib.suppress(Exception):
+            await self.backend.release_session(self.account, self.session_id)
 
     async def _on_changed(self, _msg: Msg) -> None:
         self.changed.set()
@@ -378,6 +397,20 @@ class ImapSession(FolderCommands, Session):
 
     async def _login_reply(self, command: Command, decision: LoginDecision) -> None:
         if decision.outcome is LoginOutcome.OK:
+            account = self.account
+            try:
+                claimed = await self.backend.claim_session(account, self.session_id)
+            except Exception as exc:  # noqa: BLE001 - Redis away: fail closed, temporarily
+                log.warning("session count not available: %s", exc, extra={"session": self.session_id})
+                self.account = ""
+                self.out(f"{command.tag} {R.IMAP_TEMPFAIL}")
+                return
+            if not claimed:
+                log.info("too many IMAP sessions", extra={"session": self.session_id, "account": account})
+                self.account = ""
+                self.out(f"{command.tag} {R.IMAP_TOO_MANY_ACCOUNT_SESSIONS}")
+                return
+            self._claim = asyncio.create_task(self._keep_claim(account), name="imap-claim")
             try:
                 await self.backend.mailboxes.provision(self.account)
             except Exception as exc:  # noqa: BLE001 - missing default folders never block a login

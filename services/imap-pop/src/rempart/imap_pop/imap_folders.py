@@ -210,15 +210,10 @@ class FolderCommands:
             raise ImapSyntaxError(f"{command.name} needs a mailbox")
         folder = self.folder_name(command.args[0])
         subscribed = await self.backend.mailboxes.subscriptions(self.account)
-        if command.name == "SUBSCRIBE":
-            if folder not in subscribed and len(subscribed) >= MAX_FOLDERS:
-                raise No("[LIMIT] Too many subscriptions")
-            if folder not in subscribed:
-                await self.backend.mailboxes.subscribe(self.account, [folder], True)
-        elif folder in subscribed:
-            await self.backend.mailboxes.subscribe(self.account, [folder], False)
-        else:
-            raise No("[NONEXISTENT] Not subscribed")
+        if command.name == "SUBSCRIBE" and folder not in subscribed and len(subscribed) >= MAX_FOLDERS:
+            raise No("[LIMIT] Too many subscriptions")
+        # Recorded even when Redis has it already: a retry after a crash must land in the log.
+        await self.backend.mailboxes.subscribe(self.account, [folder], command.name == "SUBSCRIBE")
         self.ok(command)
 
     async def cmd_namespace(self, command: Command) -> None:

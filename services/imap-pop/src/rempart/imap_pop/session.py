@@ -35,6 +35,21 @@ log = logging.getLogger(__name__)
 IMAP_SESSIONS = Counter("rempart_imap_sessions_total", "IMAP sessions accepted")
 POP3_SESSIONS = Counter("rempart_pop3_sessions_total", "POP3 sessions accepted")
 
+# An account's IMAP sessions (R-LIM): drop the expired, then take a place unless the account
+# has ARGV[3] already (0: no limit); renewing is taking it again. Server time, so replicas agree.
+_CLAIM_SESSION_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(ARGV[3])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
 # Only the owner renews or releases: a late session never frees a lock another one took.
 _LOCK_RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -71,6 +86,7 @@ class Backend:
     def __post_init__(self) -> None:
         self._lock_renew = self.redis.register_script(_LOCK_RENEW_LUA)
         self._lock_release = self.redis.register_script(_LOCK_RELEASE_LUA)
+        self._claim_session = self.redis.register_script(_CLAIM_SESSION_LUA)
 
     @property
     def store(self) -> MessageStore:
@@ -94,6 +110,15 @@ class Backend:
 
     async def release_maildrop(self, account: str, owner: str) -> None:
         await self._lock_release(keys=[keys.pop3_maildrop_lock(account)], args=[owner])
+
+    async def claim_session(self, account: str, session_id: str) -> bool:
+        """A place among the account's IMAP sessions (taken, or renewed); False at the limit."""
+        ttl_ms = int(self.settings.imap_session_claim_seconds * 1000)
+        return bool(await self._claim_session(keys=[keys.imap_account_sessions(account)],
+                                              args=[session_id, ttl_ms, self.settings.imap_max_sessions_per_account]))
+
+    async def release_session(self, account: str, session_id: str) -> None:
+        await self.redis.zrem(keys.imap_account_sessions(account), session_id)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -29,6 +29,12 @@ class ImapPopSettings(EdgeSettings):
     # After a closing error (too many bad commands, a lost command stream), keep reading and
     # dropping input this long so the client reads our last line instead of a TCP reset.
     linger_seconds: float = Field(default=1.0, ge=0)
+    # IMAP sessions one account may hold at once, over every replica (0: no limit). Thunderbird
+    # keeps up to 5 per profile; a phone and a laptop or two stay far below.
+    imap_max_sessions_per_account: int = Field(default=50, ge=0)
+    # A session's place among them lives this long unless the session renews it (a replica that
+    # dies frees its places by themselves).
+    imap_session_claim_seconds: float = Field(default=120.0, ge=5)
     # RFC 3206 [IN-USE]: the POP3 maildrop lock lives this long unless its session renews it.
     pop3_lock_seconds: float = Field(default=60.0, ge=1)
     # IDLE wakes on rempart.mailbox.<id>.changed; this poll catches a missed event.
