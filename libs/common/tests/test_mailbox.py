@@ -233,3 +233,23 @@ async def test_r_mbx_5_copy_files_the_same_message_again_without_copying_it(
     kept = await mailboxes.index.messages(BOB, "Keep")
     assert [sorted(m.flags) for m in kept] == [["\\Flagged"], [], ["\\Flagged"]]
     assert await mailboxes.store.read_message(kept[2]) == big
+
+
+async def test_r_mbx_5_usage_follows_deliveries_copies_expunges_and_rebuilds(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    for n in range(4):
+        await deliver(mailboxes, f"m{n}")  # "Subject: mN\r\n\r\nbody\r\n": 21 bytes each
+    assert await mailboxes.index.usage(BOB) == (84, 4)
+    assert await mailboxes.create_folder(BOB, "Keep")
+    await mailboxes.copy(BOB, INBOX, "Keep", [1, 2])
+    assert await mailboxes.index.usage(BOB) == (126, 6)  # a copy counts (RFC 9208)
+    uidvalidity = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    await mailboxes.expunge(BOB, INBOX, uidvalidity, (await mailboxes.index.messages(BOB, INBOX))[:3])
+    assert await mailboxes.index.usage(BOB) == (63, 3)
+    await redis.flushall()
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+    assert await mailboxes.index.usage(BOB) == (63, 3)
+    await mailboxes.delete_folder(BOB, "Keep")
+    assert await mailboxes.index.usage(BOB) == (21, 1)

@@ -166,3 +166,28 @@ async def test_bad_numbers_in_condstore_commands_are_bad_not_server_errors(servi
         "SEARCH LARGER ²", "SEARCH MODSEQ 1", "UID FETCH 1 (FLAGS) (CHANGEDSINCE 1 VANISHED)")
     assert [lines[-1].split(b" ")[1] for lines in out[1:6]] == [b"BAD"] * 4 + [b"OK"]
     assert out[6][-1].startswith(b"c7 BAD")  # VANISHED needs ENABLE QRESYNC
+
+
+async def test_r_mbx_5_quota_getquotaroot_append_and_copy(service, redis) -> None:  # type: ignore[no-untyped-def]
+    from rempart.common.config import SettingsStore
+
+    port = service.ports["imap"]
+    await service.deliver(simple_message("first", body="x" * 3000 + "\r\n"))
+    unlimited = await asyncio.to_thread(session, port, "GETQUOTAROOT INBOX", 'GETQUOTA ""', "SETQUOTA \"\" (STORAGE 1)")
+    assert unlimited[0] == [b'* QUOTAROOT "INBOX"', b"c1 OK GETQUOTAROOT completed"]
+    assert unlimited[1][-1].startswith(b"c2 NO [NONEXISTENT]") and unlimited[2][-1].startswith(b"c3 NO [NOPERM]")
+
+    await SettingsStore(redis).put_doc(f"account:{BOB}", {"limits": {"mailbox_quota_mb": 1}})
+    await service.backend.config.refresh(force=True)
+    big = "y" * (600 * 1024)
+    out = await asyncio.to_thread(
+        session, port, "GETQUOTAROOT INBOX",
+        f"APPEND INBOX {{{len(big) + 16}+}}\r\nSubject: big\r\n\r\n{big}",
+        "SELECT INBOX", "COPY 1:* INBOX", "GETQUOTA \"\"")
+    used_kib = int(re.search(rb"STORAGE (\d+) 1024", out[0][1]).group(1))  # type: ignore[union-attr]
+    assert out[0][0] == b'* QUOTAROOT "INBOX" ""' and 3 <= used_kib <= 4
+    assert out[1][-1].startswith(b"c2 OK [APPENDUID")  # 600 KiB fits in 1 MiB
+    assert out[3][-1] == b"c4 NO [OVERQUOTA] Quota exceeded (mailbox for user is full)"  # copies count
+    assert int(re.search(rb"STORAGE (\d+) 1024", out[4][0]).group(1)) >= 600  # type: ignore[union-attr]
+    again = await asyncio.to_thread(session, port, f"APPEND INBOX {{{len(big) + 16}+}}\r\nSubject: big\r\n\r\n{big}")
+    assert again[0][-1] == b"c1 NO [OVERQUOTA] Quota exceeded (mailbox for user is full)"

@@ -230,3 +230,20 @@ async def test_r_lim_7_real_size_at_data(policy: Policy) -> None:
     await policy.settings({"limits": {"max_message_size": 2048}})
     verdict = await policy.check(pb.STAGE_DATA, message_size=2049)
     assert reply(verdict) == (pb.ACTION_REJECT, 552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+# R-MBX-5 --------------------------------------------------------------------------------------
+async def test_r_mbx_5_full_mailbox_is_452_at_rcpt_for_the_account_and_its_aliases(policy: Policy) -> None:
+    from rempart.common import keys
+
+    await policy.settings({"limits": {"mailbox_quota_mb": 1}}, scope=f"account:{BOB}")
+    await policy.redis.hset(keys.mailbox_usage(BOB), mapping={"bytes": 1024 * 1024 - 1, "messages": 3})
+    assert (await policy.rcpt(BOB)).action == pb.ACTION_ACCEPT  # under the quota: accepted
+    await policy.redis.hincrby(keys.mailbox_usage(BOB), "bytes", 1)
+    verdict = await policy.rcpt(BOB)
+    assert reply(verdict) == (pb.ACTION_TEMPFAIL, 452, "4.2.2", "<bob@example.org>... Mailbox full, try again later")
+    assert verdict.rule == "R-MBX-5"
+    # An alias reaching the full mailbox waits too, for all its members (no partial delivery).
+    assert (await policy.rcpt("sales@example.org")).code == 452
+    # Another account has no quota: unaffected.
+    assert (await policy.rcpt("alice@example.org")).action == pb.ACTION_ACCEPT

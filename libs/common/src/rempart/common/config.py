@@ -66,6 +66,9 @@ class LimitSettings(_Section):
     max_recipients: int = Field(default=32768, ge=1)
     max_hops: int = Field(default=20, ge=1)
     max_message_size: int = Field(default=50 * 1024 * 1024, ge=1024)
+    # R-MBX-5: what an account's folders may hold, in MiB (0 = no limit). Over it: 452 4.2.2 at
+    # RCPT, NO [OVERQUOTA] at APPEND and COPY; IMAP GETQUOTAROOT shows it (RFC 9208).
+    mailbox_quota_mb: int = Field(default=0, ge=0)
     outbound_max_recipients_per_connection: int = Field(default=100, ge=1)
 
 
@@ -228,7 +231,7 @@ class MailSettings(_Section):
 # What a domain or an account may override (SPEC "Scopes"); other sections are server-only.
 SCOPED_FIELDS: dict[str, set[str]] = {
     "recipients": {"unknown_recipient_action", "catch_all_address"},
-    "limits": {"max_messages_per_day", "domain_max_messages_per_day", "max_message_size"},
+    "limits": {"max_messages_per_day", "domain_max_messages_per_day", "max_message_size", "mailbox_quota_mb"},
     "login": {"allowed_ips"},
 }
 

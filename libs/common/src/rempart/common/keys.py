@@ -147,6 +147,11 @@ def mailbox_vanished(mailbox: str, folder: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:vanished"
 
 
+def mailbox_usage(mailbox: str) -> str:
+    """Hash bytes, messages: what the account's folders hold (RFC 9208 QUOTA, R-MBX-5)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:usage"
+
+
 def mailbox_changes(mailbox: str, folder: str) -> str:
     """Sorted set UID -> MODSEQ of its last change: what a session catches up with (R-MBX-2)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:bymodseq"

@@ -328,7 +328,11 @@ return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
 # A folder and everything in it leaves the index; returns its UIDVALIDITY (0: there was none).
 _DELETE_FOLDER_LUA = """
 local v = redis.call('HGET', KEYS[1], 'uidvalidity')
-for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do redis.call('DEL', ARGV[1] .. uid) end
+for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  redis.call('HINCRBY', KEYS[7], 'bytes', -tonumber(redis.call('HGET', ARGV[1] .. uid, 'size') or '0'))
+  redis.call('HINCRBY', KEYS[7], 'messages', -1)
+  redis.call('DEL', ARGV[1] .. uid)
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[4], ARGV[2])
 return tonumber(v or 0)
@@ -357,6 +361,8 @@ local modseq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], 'highestmodseq', modseq)
 redis.call('ZADD', KEYS[7], modseq, uid)
 redis.call('ZADD', KEYS[2], uid, uid)
+redis.call('HINCRBY', KEYS[8], 'bytes', ARGV[3])
+redis.call('HINCRBY', KEYS[8], 'messages', 1)
 redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
            'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13], 'modseq', modseq)
 if ARGV[10] ~= '' then
@@ -391,6 +397,8 @@ for i = 4, #ARGV do
     redis.call('HSET', ARGV[2] .. uid, unpack(row))
     redis.call('HSET', ARGV[2] .. uid, 'txn', identity, 'modseq', out[2])
     redis.call('ZADD', KEYS[5], out[2], uid)
+    redis.call('HINCRBY', KEYS[6], 'bytes', tonumber(redis.call('HGET', source, 'size') or '0'))
+    redis.call('HINCRBY', KEYS[6], 'messages', 1)
     redis.call('ZADD', KEYS[2], uid, uid)
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
@@ -536,7 +544,10 @@ return out
 _REMOVE_LUA = """
 local modseq = redis.call('INCR', KEYS[1])
 for i = 3, #ARGV do
-  redis.call('ZREM', KEYS[3], ARGV[i])
+  if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
+    redis.call('HINCRBY', KEYS[6], 'bytes', -tonumber(redis.call('HGET', ARGV[1] .. ARGV[i], 'size') or '0'))
+    redis.call('HINCRBY', KEYS[6], 'messages', -1)
+  end
   redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('DEL', ARGV[1] .. ARGV[i])
   redis.call('ZADD', KEYS[4], modseq, ARGV[i])
@@ -600,6 +611,7 @@ class MailboxIndex:
                     keys.UIDVALIDITY_SEQ,
                     keys.mailbox_modseq(mailbox),
                     keys.mailbox_changes(mailbox, folder),
+                    keys.mailbox_usage(mailbox),
                 ],
                 args=[
                     record.transaction_id,
@@ -630,7 +642,7 @@ class MailboxIndex:
         reply = await self._copy(
             keys=[keys.mailbox_meta(mailbox, target), keys.mailbox_uids(mailbox, target),
                   keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox),
-                  keys.mailbox_changes(mailbox, target)],
+                  keys.mailbox_changes(mailbox, target), keys.mailbox_usage(mailbox)],
             args=[keys.mailbox_message_prefix(mailbox, source), keys.mailbox_message_prefix(mailbox, target),
                   os.urandom(6).hex(), *uids])
         if not reply:
@@ -671,7 +683,8 @@ class MailboxIndex:
         return int(await self._delete_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                   keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox),
-                  keys.mailbox_vanished(mailbox, folder), keys.mailbox_changes(mailbox, folder)],
+                  keys.mailbox_vanished(mailbox, folder), keys.mailbox_changes(mailbox, folder),
+                  keys.mailbox_usage(mailbox)],
             args=[keys.mailbox_message_prefix(mailbox, folder), folder],
         ))
 
@@ -832,6 +845,8 @@ class MailboxIndex:
                 pipe.hset(txns, identity, message.uid)
                 if n % 1000 == 0:
                     await pipe.execute()
+            pipe.hincrby(keys.mailbox_usage(mailbox), "bytes", sum(m.record.size for m in messages))
+            pipe.hincrby(keys.mailbox_usage(mailbox), "messages", len(messages))
             await pipe.execute()
         await self.raise_uidvalidity(uidvalidity)
 
@@ -843,6 +858,11 @@ class MailboxIndex:
     async def raise_uidvalidity(self, uidvalidity: int) -> None:
         """No folder made from now on gets a UIDVALIDITY at or below this one."""
         await self._raise_counter(keys.UIDVALIDITY_SEQ, uidvalidity)
+
+    async def usage(self, mailbox: str) -> tuple[int, int]:
+        """What an account's mailbox holds: bytes and messages, every folder, copies counted."""
+        raw = await self._redis.hmget(keys.mailbox_usage(mailbox), ["bytes", "messages"])
+        return max(0, int(raw[0] or 0)), max(0, int(raw[1] or 0))
 
     async def counter(self, mailbox: str) -> int:
         """The account's change counter (the last MODSEQ given)."""
@@ -870,7 +890,7 @@ class MailboxIndex:
             modseq = int(await self._remove(
                 keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
                       keys.mailbox_uids(mailbox, folder), keys.mailbox_vanished(mailbox, folder),
-                      keys.mailbox_changes(mailbox, folder)],
+                      keys.mailbox_changes(mailbox, folder), keys.mailbox_usage(mailbox)],
                 args=[keys.mailbox_message_prefix(mailbox, folder), VANISHED_KEPT,
                       *(m.uid for m in messages[start : start + 5000])]))
         return modseq

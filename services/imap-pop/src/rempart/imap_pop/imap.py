@@ -101,7 +101,8 @@ class ImapSession(FolderCommands, Session):
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
-                "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC"]
+                "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC",
+                "QUOTA", "QUOTA=RES-STORAGE"]
         if not self.account:
             if self.tls_available():
                 caps.append("STARTTLS")
@@ -285,7 +286,8 @@ class ImapSession(FolderCommands, Session):
             "STATUS": self.cmd_status, "CREATE": self.cmd_create, "DELETE": self.cmd_delete,
             "SUBSCRIBE": self.cmd_subscribe, "UNSUBSCRIBE": self.cmd_subscribe, "RENAME": self.cmd_rename,
             "APPEND": self.cmd_append, "NAMESPACE": self.cmd_namespace, "ENABLE": self.cmd_enable,
-            "IDLE": self.cmd_idle,
+            "IDLE": self.cmd_idle, "GETQUOTAROOT": self.cmd_getquotaroot, "GETQUOTA": self.cmd_getquota,
+            "SETQUOTA": self.cmd_setquota,
         }
         if self.folder is None:
             return authenticated
@@ -548,11 +550,51 @@ class ImapSession(FolderCommands, Session):
         data = args[-1]
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[TRYCREATE] No such mailbox")
+        await self._check_quota(len(data))
         [placed] = await self.backend.mailboxes.append(self.account, folder, [(data, flags, internal_date_ms)])
         await self.backend.publish_changed(self.account, folder)
         if self.folder == folder:
             await self.refresh(expunges=False)
         self.ok(command, f"[APPENDUID {placed.uidvalidity} {placed.uid}] APPEND completed")
+
+    # Quota (RFC 9208, R-MBX-5): one quota root, "", for the whole account, STORAGE in KiB.
+    async def _quota_bytes(self) -> int:
+        domain = self.account.rpartition("@")[2]
+        return (await self.backend.config.effective(domain, self.account)).limits.mailbox_quota_mb * 1024 * 1024
+
+    async def _check_quota(self, adding: int) -> None:
+        limit = await self._quota_bytes()
+        if limit and (await self.backend.index.usage(self.account))[0] + adding > limit:
+            raise No("[OVERQUOTA] Quota exceeded (mailbox for user is full)")
+
+    async def _send_quota(self) -> None:
+        used = (await self.backend.index.usage(self.account))[0]
+        limit = await self._quota_bytes()
+        self.out(f'* QUOTA "" (STORAGE {(used + 1023) // 1024} {limit // 1024})')
+
+    async def cmd_getquotaroot(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("GETQUOTAROOT needs a mailbox")
+        folder = self.folder_name(command.args[0])
+        if not await self.backend.folder_exists(self.account, folder):
+            raise No("[NONEXISTENT] No such mailbox")
+        if not await self._quota_bytes():
+            self.out(f"* QUOTAROOT {M.quote(folder)}")  # no quota applies
+        else:
+            self.out(f'* QUOTAROOT {M.quote(folder)} ""')
+            await self._send_quota()
+        self.ok(command)
+
+    async def cmd_getquota(self, command: Command) -> None:
+        if len(command.args) != 1:
+            raise ImapSyntaxError("GETQUOTA needs a quota root")
+        if text_of(command.args[0]) != "" or not await self._quota_bytes():
+            raise No("[NONEXISTENT] No such quota root")
+        await self._send_quota()
+        self.ok(command)
+
+    async def cmd_setquota(self, command: Command) -> None:
+        raise No("[NOPERM] Quotas are set by the administrator")
 
     async def cmd_idle(self, command: Command) -> None:
         await self.stream.send(b"+ idling\r\n")
@@ -745,8 +787,8 @@ class ImapSession(FolderCommands, Session):
             await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
         selected = self._select(text_of(command.args[0]), command.uid)
         items = parse_fetch_items(command.args[1])
-        if command.uid and not any(i.name == "UID" for i in items):
-            items.insert(0, FetchItem("UID"))
+        if (command.uid or self.qresync) and not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))  # with QRESYNC, every FETCH response (RFC 7162 3.2.4)
         if any(i.name == "MODSEQ" for i in items):
             self.condstore = True
         if changed_since is not None:
@@ -962,6 +1004,7 @@ class ImapSession(FolderCommands, Session):
         target = self.folder_name(command.args[1])
         if not await self.backend.folder_exists(self.account, target):
             raise No("[TRYCREATE] No such mailbox")
+        await self._check_quota(sum(m.size for _, m in selected))  # copies count (RFC 9208 5.1)
         # By reference: no message is read or stored again, whatever its size (R-MBX-5).
         try:
             assert self.folder is not None

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from rempart.common import keys
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import intrusion, replies
 from rempart.policy.addresses import AddressError, parse_address
-from rempart.policy.decision import CheckContext, Decision, accept, reject
+from rempart.policy.decision import CheckContext, Decision, accept, reject, tempfail
 from rempart.policy.srs import SrsError, looks_like_srs
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,23 @@ async def check_local_recipient(ctx: CheckContext) -> Decision | None:
         targets = await ctx.directory.resolve(recipient.address)
     if targets:
         local, remote = await _split_targets(ctx, targets)
+        if any([await _over_quota(ctx, mailbox) for mailbox in local]):
+            # R-MBX-5: the whole recipient waits (the sender retries), so an alias never
+            # delivers to some members and silently not to a full one.
+            return tempfail(452, "4.2.2", replies.mailbox_full(recipient.address), "R-MBX-5")
         # Forwarding off-site through a local alias is relaying the domain's owner allowed.
         rule = "" if targets == [recipient.address] else "R-DOM-2"
         return await rewrite_for_forwarding(ctx, accept(rule, local_mailboxes=local, remote_recipients=remote), domain)
     return await rewrite_for_forwarding(ctx, await _unknown_recipient(ctx, domain, recipient.address), domain)
+
+
+async def _over_quota(ctx: CheckContext, mailbox: str) -> bool:
+    """Whether a local mailbox holds its quota or more (R-MBX-5; 0 MiB = no quota)."""
+    limit = (await ctx.config.effective(mailbox.rpartition("@")[2], mailbox)).limits.mailbox_quota_mb
+    if not limit:
+        return False
+    used = int(await ctx.redis.hget(keys.mailbox_usage(mailbox), "bytes") or 0)
+    return used >= limit * 1024 * 1024
 
 
 def _bypassed(domain: str, entries: list[str]) -> bool:

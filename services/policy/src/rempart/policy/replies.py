@@ -17,6 +17,11 @@ def intrusion_prevention_active(ip: str) -> str:
     return f"Intrusion prevention active for [{ip}]"
 
 
+# R-MBX-5
+def mailbox_full(address: str) -> str:
+    return f"<{address}>... Mailbox full, try again later"
+
+
 # R-DOM-1
 def unknown_user(address: str) -> str:
     return f"<{address}>... Unknown user"

@@ -70,6 +70,8 @@ HELP: dict[str, str] = {
     "limits.max_recipients": "Most RCPT TO in one incoming transaction (R-LIM-4).",
     "limits.max_hops": "Most Received headers before a message is refused as looping (R-LIM-5).",
     "limits.max_message_size": "Largest message in bytes, announced in EHLO SIZE (R-LIM-7).",
+    "limits.mailbox_quota_mb": "What an account's folders may hold, in MiB; 0 = no quota. Over it: 452 at RCPT, "
+                               "NO [OVERQUOTA] at IMAP APPEND (R-MBX-5).",
     "limits.outbound_max_recipients_per_connection": "Most recipients per outgoing connection (R-LIM-6).",
     "dns.dnsbl_zones": "DNS blocklists to query, one per line; the guide advises two or three at most (R-DNS-1).",
     "dns.reputation_zone": "An IP reputation zone; its answer is logged and added to the trace (R-DNS-2).",
