@@ -17,13 +17,24 @@ the first time; the files are in the OS page cache on both sides, having just be
 * header sync: ``FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (FROM TO SUBJECT DATE MESSAGE-ID)])``;
 * full bodies: ``FETCH 1:* BODY.PEEK[]``.
 
+Then, on fresh connections (issue 9), with the INBOX's UIDs read by ``UID SEARCH ALL`` (1..N on
+both: Rempart numbers a new account's APPENDs from 1, Dovecot a new maildir's files from 1):
+
+* one message per round trip: 20 connections at once, each logged in with INBOX selected, send
+  ``UID FETCH <uid> (FLAGS BODY.PEEK[])`` for UIDs drawn from a fixed seed, one command at a time,
+  ``--round-trips`` commands each (100 with ``--quick``, 300 otherwise); messages per second from
+  the first command to the last reply, and the commands that failed;
+* ``SELECT INBOX`` then ``UID FETCH <middle UID> (FLAGS BODY.PEEK[HEADER])``, timed together on a
+  new connection just logged in, 5 times (a new connection each time); the median in ms.
+
 Prints messages per second (and MB/s of literal data) for each run and the ratio
-Rempart/Dovecot. A FETCH that ends in ``NO``/``BAD``, returns fewer messages than the mailbox
-holds, loses its connection or runs out of time is reported as FAILED with what arrived before,
-and the benchmark goes on with the next measurement (exit code 1 at the end).
+Rempart/Dovecot (for the SELECT latency Dovecot/Rempart, so that above 1 is Rempart ahead there
+too). A FETCH that ends in ``NO``/``BAD``, returns fewer messages than the mailbox holds, loses
+its connection or runs out of time is reported as FAILED with what arrived before, and the
+benchmark goes on with the next measurement (exit code 1 at the end).
 Needs root for Dovecot (apt-get, and Dovecot's own privilege separation).
 
-    tools/bench_imap.py [--quick] [--messages N] [--only rempart|dovecot] [--keep]
+    tools/bench_imap.py [--quick] [--messages N] [--round-trips N] [--only rempart|dovecot] [--keep]
 """
 
 from __future__ import annotations
@@ -39,12 +50,14 @@ import re
 import shutil
 import signal
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 # Installing Debian's Dovecot is the IMAP login benchmark's; one copy serves both (tools/ is on
 # sys.path when a benchmark runs as a script).
@@ -65,6 +78,11 @@ RUNS = ("first", "repeat")
 APPEND_WINDOW = 64  # APPENDs in flight on the filling connection (LITERAL+: no round trip each)
 LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
 FETCH_LINE = re.compile(rb"^\* \d+ FETCH ")
+ROUND_TRIP_CONNECTIONS = 20
+ROUND_TRIP_SEED = 9  # the UIDs each connection fetches: the same sequence on both servers
+ROUND_TRIP_WHAT = f"UID FETCH one message per round trip, {ROUND_TRIP_CONNECTIONS} connections"
+LATENCY_SAMPLES = 5
+LATENCY_WHAT = "SELECT + single-UID FETCH"
 WORDS = ("mail relay policy header mailbox index stream replica folder message account server "
          "client session fetch flags archive report quarter budget meeting draft review notes").split()
 
@@ -196,6 +214,22 @@ class ImapConnection:
                     raise ImapError(f"SELECT {folder}: {line[:300]!r}")
                 return exists, time.perf_counter() - started
 
+    async def uid_search_all(self) -> list[int]:
+        """``UID SEARCH ALL`` in the selected folder: its UIDs, ascending."""
+        tag = self.next_tag()
+        self.writer.write(f"{tag} UID SEARCH ALL\r\n".encode())
+        uids: list[int] = []
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ImapError("connection closed during UID SEARCH")
+            if line.startswith(b"* SEARCH"):
+                uids += (int(word) for word in line.split()[2:] if word.isdigit())
+            elif line.startswith(tag.encode() + b" "):
+                if not line.startswith(tag.encode() + b" OK"):
+                    raise ImapError(f"UID SEARCH ALL: {line[:300]!r}")
+                return sorted(uids)
+
     async def append_all(self, folder: str, messages: list[bytes]) -> float:
         """APPEND every message with LITERAL+, ``APPEND_WINDOW`` in flight; returns the seconds."""
         started = time.perf_counter()
@@ -317,9 +351,236 @@ async def measure_fetches(target: str, port: int, cafile: str, user: str, passwo
 
 
 # ---------------------------------------------------------------------------------------------
+# One message per round trip over many connections, and SELECT latency (issue 9)
+# ---------------------------------------------------------------------------------------------
+CONNECTION_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ImapError)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@dataclass
+class RoundTrips:
+    """``UID FETCH`` of one message per command, one command at a time on each connection."""
+
+    target: str
+    per_connection: int
+    messages: int = 0  # commands answered OK with one message
+    failed: int = 0  # commands answered otherwise, or never (their connection lost)
+    literal_bytes: int = 0
+    seconds: float = 0.0  # from the first command to the last reply
+    failure: str = ""  # why the measurement did not start or did not finish
+    first_error: str = ""
+
+    @property
+    def expected(self) -> int:
+        return ROUND_TRIP_CONNECTIONS * self.per_connection
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and not self.failed and self.messages == self.expected
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def fail(self, commands: int, reason: str) -> None:
+        self.failed += commands
+        self.first_error = self.first_error or reason
+
+    def line(self) -> str:
+        figures = (f"{self.rate:,.0f} msg/s ({self.messages:,}/{self.expected:,} in {self.seconds:.2f} s, "
+                   f"{self.failed:,} failed; {self.per_connection:,} per connection, "
+                   f"literals {self.literal_bytes / 1e6:.2f} MB)")
+        if self.ok:
+            return f"RESULT {self.target} {ROUND_TRIP_WHAT}: {figures}"
+        if self.failure:
+            reason = self.failure
+        elif self.failed:
+            reason = f"{self.failed:,} commands failed, the first: {self.first_error}"
+        else:
+            reason = f"only {self.messages:,} of {self.expected:,} messages answered"
+        return f"RESULT {self.target} {ROUND_TRIP_WHAT}: FAILED: {reason}; before that: {figures}"
+
+
+@dataclass
+class Latency:
+    """``SELECT INBOX`` and one ``UID FETCH``, timed together, on connections just logged in."""
+
+    target: str
+    samples: list[float] = field(default_factory=list)  # seconds, SELECT and UID FETCH together
+    selects: list[float] = field(default_factory=list)  # seconds, SELECT alone
+    failure: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and len(self.samples) == LATENCY_SAMPLES
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples) * 1000 if self.samples else 0.0
+
+    def line(self) -> str:
+        figures = "no sample"
+        if self.samples:
+            figures = (f"median {self.median_ms:.1f} ms over {len(self.samples)} new connections "
+                       f"(min {min(self.samples) * 1000:.1f}, max {max(self.samples) * 1000:.1f}; "
+                       f"SELECT alone median {statistics.median(self.selects) * 1000:.1f} ms)")
+        if self.ok:
+            return f"RESULT {self.target} {LATENCY_WHAT}: {figures}"
+        reason = self.failure or f"only {len(self.samples)} of {LATENCY_SAMPLES} samples"
+        return f"RESULT {self.target} {LATENCY_WHAT}: FAILED: {reason}; before that: {figures}"
+
+
+Result: TypeAlias = Measure | RoundTrips | Latency
+
+
+async def open_selected(port: int, cafile: str, user: str, password: str) -> ImapConnection:
+    """A new connection, logged in, with INBOX selected."""
+    connection = await ImapConnection.open(port, cafile)
+    try:
+        await connection.login(user, password)
+        await connection.select()
+    except BaseException:
+        connection.writer.close()
+        raise
+    return connection
+
+
+async def inbox_uids(port: int, cafile: str, user: str, password: str) -> list[int]:
+    connection = await open_selected(port, cafile, user, password)
+    try:
+        return await connection.uid_search_all()
+    finally:
+        await connection.close()
+
+
+async def fetch_one_per_round_trip(connection: ImapConnection, uids: list[int], result: RoundTrips,
+                                   start: asyncio.Event) -> float:
+    """Once ``start`` is set, ``UID FETCH`` each of ``uids`` in turn; returns the time of the last reply."""
+    await start.wait()
+    for done, uid in enumerate(uids):
+        try:
+            response = await connection.command(f"UID FETCH {uid} (FLAGS BODY.PEEK[])")
+        except CONNECTION_ERRORS as exc:
+            result.fail(len(uids) - done, f"UID FETCH {uid}: connection error: {describe(exc)}")
+            break
+        if not response.tagged:
+            result.fail(len(uids) - done, f"UID FETCH {uid}: connection closed before the tagged reply")
+            break
+        if response.tagged.split(b" ", 2)[1:2] == [b"OK"] and response.untagged == 1:
+            result.messages += 1
+            result.literal_bytes += response.literal_bytes
+        else:
+            result.fail(1, f"UID FETCH {uid}: {response.untagged} FETCH responses, "
+                           f"{response.tagged.decode(errors='replace')[:300]}")
+    return time.perf_counter()
+
+
+async def measure_round_trips(target: str, port: int, cafile: str, user: str, password: str, uids: list[int],
+                              per_connection: int, timeout: float) -> RoundTrips:
+    """``ROUND_TRIP_CONNECTIONS`` connections log in and select, then all fetch at once, one message
+    per command; the UIDs come from a fixed seed per connection (the same on both servers).
+
+    The connections log in one after the other: 20 Argon2id verifications at once on 2 cores
+    outlast Rempart's deadline for its call to auth (some logins then get ``NO [UNAVAILABLE]``),
+    and logins are bench_auth's measurement, not this one's."""
+    result = RoundTrips(target, per_connection)
+    picks = [random.Random(ROUND_TRIP_SEED + n).choices(uids, k=per_connection)
+             for n in range(ROUND_TRIP_CONNECTIONS)]
+    connections: list[ImapConnection] = []
+    started: float | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in picks:
+                connections.append(await open_selected(port, cafile, user, password))
+            start = asyncio.Event()
+            workers = [asyncio.create_task(fetch_one_per_round_trip(connection, chosen, result, start))
+                       for connection, chosen in zip(connections, picks, strict=True)]
+            started = time.perf_counter()
+            start.set()
+            result.seconds = max(await asyncio.gather(*workers)) - started
+    except TimeoutError:
+        result.failure = f"not done within {timeout:.0f} s"
+        if started is not None:
+            result.seconds = time.perf_counter() - started
+    except CONNECTION_ERRORS as exc:  # only while opening: the workers catch their own
+        result.failure = (f"connection {len(connections) + 1} of {len(picks)} could not log in and select: "
+                          f"{describe(exc)}")
+    finally:
+        await asyncio.gather(*(connection.close() for connection in connections))
+    return result
+
+
+async def measure_latency(target: str, port: int, cafile: str, user: str, password: str, uid: int,
+                          timeout: float) -> Latency:
+    """``LATENCY_SAMPLES`` times, on a new connection once logged in: ``SELECT INBOX`` then
+    ``UID FETCH uid (FLAGS BODY.PEEK[HEADER])``, timed from sending SELECT to the FETCH's tagged reply."""
+    result = Latency(target)
+    try:
+        for _ in range(LATENCY_SAMPLES):
+            async with asyncio.timeout(timeout):
+                connection = await ImapConnection.open(port, cafile)
+                try:
+                    await connection.login(user, password)
+                    started = time.perf_counter()
+                    _, select_seconds = await connection.select()
+                    response = await connection.command(f"UID FETCH {uid} (FLAGS BODY.PEEK[HEADER])")
+                    seconds = time.perf_counter() - started
+                finally:
+                    await connection.close()
+            if response.tagged.split(b" ", 2)[1:2] != [b"OK"] or response.untagged != 1:
+                result.failure = (f"UID FETCH {uid}: {response.untagged} FETCH responses, "
+                                  f"{response.tagged.decode(errors='replace')[:300] or 'connection closed'}")
+                break
+            result.samples.append(seconds)
+            result.selects.append(select_seconds)
+    except TimeoutError:
+        result.failure = f"a sample took over {timeout:.0f} s"
+    except CONNECTION_ERRORS as exc:
+        result.failure = describe(exc)
+    return result
+
+
+async def measure_round_trips_and_latency(target: str, port: int, cafile: str, user: str, password: str,
+                                          expected: int, args: argparse.Namespace) -> list[Result]:
+    round_trips, latency = RoundTrips(target, args.round_trips), Latency(target)
+    uids: list[int] = []
+    try:
+        async with asyncio.timeout(args.timeout):
+            uids = await inbox_uids(port, cafile, user, password)
+    except CONNECTION_ERRORS as exc:  # TimeoutError included
+        round_trips.failure = latency.failure = f"UID SEARCH ALL: {describe(exc)}"
+    if uids == list(range(1, expected + 1)):
+        log(f"{target}: UID SEARCH ALL: UIDs 1..{expected:,}")
+    elif uids:
+        log(f"{target}: WARNING: UID SEARCH ALL: {len(uids):,} UIDs from {uids[0]} to {uids[-1]}, "
+            f"not 1..{expected:,}; fetching those")
+    elif not round_trips.failure:
+        round_trips.failure = latency.failure = "UID SEARCH ALL found no message"
+    if uids:
+        load = os.getloadavg()[0]
+        round_trips = await measure_round_trips(target, port, cafile, user, password, uids, args.round_trips,
+                                                args.timeout)
+        log(f"{round_trips.line().removeprefix('RESULT ')} (load average {load:.1f})")
+        load = os.getloadavg()[0]
+        latency = await measure_latency(target, port, cafile, user, password, uids[len(uids) // 2], args.timeout)
+        log(f"{latency.line().removeprefix('RESULT ')} (load average {load:.1f})")
+    return [round_trips, latency]
+
+
+async def measure_target(target: str, port: int, cafile: str, user: str, password: str, expected: int,
+                         args: argparse.Namespace) -> list[Result]:
+    """Every measurement on one server: the FETCH 1:* runs, then the round trips and the latency."""
+    results: list[Result] = [*await measure_fetches(target, port, cafile, user, password, expected, args.timeout)]
+    return results + await measure_round_trips_and_latency(target, port, cafile, user, password, expected, args)
+
+
+# ---------------------------------------------------------------------------------------------
 # Rempart
 # ---------------------------------------------------------------------------------------------
-def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Measure]:
+def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Result]:
     stack = Stack(workdir=workdir / "rempart")
     try:
         log(f"starting the Rempart suite (logs in {stack.workdir})")
@@ -345,8 +606,8 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
         log(f"rempart: APPEND {len(messages):,} messages to {user}'s INBOX")
         seconds = asyncio.run(asyncio.wait_for(fill(), args.timeout))
         log(f"rempart: filled in {seconds:.1f} s ({len(messages) / seconds:.0f} APPEND/s)")
-        results = asyncio.run(measure_fetches("rempart", port, stack.cert_file, user, password, len(messages),
-                                              args.timeout))
+        results = asyncio.run(measure_target("rempart", port, stack.cert_file, user, password, len(messages),
+                                             args))
         for name, proc in stack.procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} died during the benchmark:\n{stack.log_tail(name)}")
@@ -391,6 +652,10 @@ service imap-login {{
     ssl = yes
   }}
 }}
+protocol imap {{
+  # The default, 10 per user and IP, would refuse the round-trip measurement's 20 connections.
+  mail_max_userip_connections = 100
+}}
 """
 
 
@@ -408,7 +673,7 @@ def write_maildir(home: Path, messages: list[bytes], uid: int, gid: int) -> None
         os.chown(path, uid, gid)
 
 
-def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Measure]:
+def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]) -> list[Result]:
     binary = ensure_dovecot()
     base = workdir / "dovecot"
     for sub in ("run", "state", "home"):
@@ -438,8 +703,8 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
             log_file = base / "dovecot.log"
             tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
             raise RuntimeError(f"Dovecot did not start: {exc}\n{tail}") from exc
-        return asyncio.run(measure_fetches("dovecot", port, pair.cert_file, DOVECOT_USER, password, len(messages),
-                                           args.timeout))
+        return asyncio.run(measure_target("dovecot", port, pair.cert_file, DOVECOT_USER, password, len(messages),
+                                          args))
     finally:
         stop_process_group(proc)
 
@@ -460,6 +725,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=10_000, help="messages in the INBOX (default 10,000)")
     parser.add_argument("--quick", action="store_true", help="1,000 messages (a smoke run)")
+    parser.add_argument("--round-trips", type=int,
+                        help=f"UID FETCH commands per connection in the {ROUND_TRIP_CONNECTIONS}-connection "
+                             "measurement (default 300, 100 with --quick)")
     parser.add_argument("--only", choices=("rempart", "dovecot"), help="run one side only")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound on each FETCH, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
@@ -468,15 +736,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.messages = min(args.messages, 1_000)
     if args.messages < 1:
         parser.error("--messages must be positive")
+    if args.round_trips is None:
+        args.round_trips = 100 if args.quick else 300
+    if args.round_trips < 1:
+        parser.error("--round-trips must be positive")
     return args
 
 
-def summary(results: list[Measure], args: argparse.Namespace) -> None:
+def summary(results: list[Result], args: argparse.Namespace) -> None:
     print(f"\nIMAP read benchmark: one IMAPS connection, {args.messages:,} messages of about 2 KB in INBOX, "
           f"{os.cpu_count()} cores")
-    for result in results:
+    measures = [r for r in results if isinstance(r, Measure)]
+    for result in measures:
         print(result.line())
-    by_key = {(r.target, r.what, r.run): r for r in results}
+    by_key = {(r.target, r.what, r.run): r for r in measures}
     for what in FETCHES:
         for run in RUNS:
             ours, theirs = by_key.get(("rempart", what, run)), by_key.get(("dovecot", what, run))
@@ -488,6 +761,32 @@ def summary(results: list[Measure], args: argparse.Namespace) -> None:
             else:
                 failed = " and ".join(m.target for m in (ours, theirs) if not m.ok)
                 print(f"ratio rempart/dovecot {what} ({run}): none, the FETCH failed on {failed}")
+    summary_round_trips_and_latency(results)
+
+
+def summary_round_trips_and_latency(results: list[Result]) -> None:
+    round_trips = {r.target: r for r in results if isinstance(r, RoundTrips)}
+    latencies = {r.target: r for r in results if isinstance(r, Latency)}
+    for line in [r.line() for r in round_trips.values()] + [r.line() for r in latencies.values()]:
+        print(line)
+    ours, theirs = round_trips.get("rempart"), round_trips.get("dovecot")
+    if ours is not None and theirs is not None:
+        if ours.ok and theirs.ok and theirs.rate > 0:
+            print(f"ratio rempart/dovecot {ROUND_TRIP_WHAT}: {ours.rate / theirs.rate:.2f} "
+                  f"({ours.rate:,.0f} vs {theirs.rate:,.0f} msg/s)")
+        else:
+            failed = " and ".join(m.target for m in (ours, theirs) if not m.ok)
+            print(f"ratio rempart/dovecot {ROUND_TRIP_WHAT}: none, it failed on {failed}")
+    mine, other = latencies.get("rempart"), latencies.get("dovecot")
+    if mine is not None and other is not None:
+        # Lower is better here: Dovecot/Rempart, so that above 1 means Rempart ahead, as in the other ratios.
+        if mine.ok and other.ok and mine.median_ms > 0:
+            print(f"ratio dovecot/rempart {LATENCY_WHAT} latency: {other.median_ms / mine.median_ms:.2f} "
+                  f"(median {mine.median_ms:.1f} vs {other.median_ms:.1f} ms: Rempart takes "
+                  f"{mine.median_ms / max(other.median_ms, 1e-9):.2f} times Dovecot's time)")
+        else:
+            failed = " and ".join(m.target for m in (mine, other) if not m.ok)
+            print(f"ratio dovecot/rempart {LATENCY_WHAT} latency: none, it failed on {failed}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rempart-bench-imap-"))
     messages = make_messages(args.messages)
     log(f"{len(messages):,} messages, {sum(map(len, messages)) / len(messages):,.0f} bytes on average")
-    results: list[Measure] = []
+    results: list[Result] = []
     failed = False
     sides = [("rempart", bench_rempart), ("dovecot", bench_dovecot)]
     try:
