@@ -135,15 +135,25 @@ async def test_rename_inbox_moves_its_messages_durably_and_leaves_inbox_empty(se
     assert len(await service.backend.index.messages(BOB, "Old mail")) == 2
 
 
-async def test_recent_stays_zero_and_rfc_correct_unselect_keeps_deleted(service) -> None:  # type: ignore[no-untyped-def]
+async def test_rfc_3501_recent_for_the_first_session_only_and_unselect_keeps_deleted(service) -> None:  # type: ignore[no-untyped-def]
     await service.deliver(simple_message("Fresh"))
+    await service.deliver(simple_message("Also fresh"))
 
     def run() -> dict[str, object]:
-        imap = login(service.ports["imap"])
         out: dict[str, object] = {}
+        imap = login(service.ports["imap"])
+        out["status_before"] = imap.status("INBOX", "(RECENT)")[1]
+        imap.select("INBOX", readonly=True)  # EXAMINE sees them recent and takes nothing
+        out["examine"] = imap.untagged_responses.get("RECENT")
         imap.select("INBOX")
         out["recent"] = imap.untagged_responses.get("RECENT")
+        imap.store("1", "+FLAGS", "(\\Seen)")
         out["search"] = [imap.search(None, key)[1] for key in ("RECENT", "NEW", "OLD", "UNSEEN")]
+        other = login(service.ports["imap"])  # a second session: not the first to see them
+        other.select("INBOX")
+        out["other"] = [other.untagged_responses.get("RECENT"), other.search(None, "RECENT")[1]]
+        out["status_after"] = other.status("INBOX", "(RECENT)")[1]
+        other.logout()
         imap.store("1", "+FLAGS", "(\\Recent \\Deleted)")
         out["flags"] = imap.fetch("1", "(FLAGS)")[1]
         out["unselect"] = imap._simple_command("UNSELECT")[0]
@@ -156,16 +166,19 @@ async def test_recent_stays_zero_and_rfc_correct_unselect_keeps_deleted(service)
         return out
 
     out = await asyncio.to_thread(run)
-    assert out["recent"] == [b"0"]
-    assert out["search"] == [[b""], [b""], [b"1"], [b"1"]]
-    assert out["flags"] == [b"1 (FLAGS (\\Deleted))"]  # \Recent is the server's, never stored
+    assert out["status_before"] == [b'"INBOX" (RECENT 2)'] and out["examine"] == [b"2"]
+    assert out["recent"] == [b"2"]
+    assert out["search"] == [[b"1 2"], [b"2"], [b""], [b"2"]]  # NEW is RECENT UNSEEN
+    assert out["other"] == [[b"0"], [b""]] and out["status_after"] == [b'"INBOX" (RECENT 0)']
+    # \Recent is the server's: a client cannot set it, and it shows only to its first session.
+    assert out["flags"] == [b"1 (FLAGS (\\Deleted \\Recent \\Seen))"]
     assert out["unselect"] == "OK"
     status = out["status"]
     assert isinstance(status, list)
     uidvalidity = status[0].split(b"UIDVALIDITY ")[1].split(b" ")[0]
-    assert status == [b'"INBOX" (MESSAGES 1 RECENT 0 UIDNEXT 2 UIDVALIDITY ' + uidvalidity + b" UNSEEN 1)"]
+    assert status == [b'"INBOX" (MESSAGES 2 RECENT 0 UIDNEXT 3 UIDVALIDITY ' + uidvalidity + b" UNSEEN 1)"]
     assert out["still_there"] == [b"1"]
-    assert out["after_close"] == [b'"INBOX" (MESSAGES 0)']
+    assert out["after_close"] == [b'"INBOX" (MESSAGES 1)']  # the \\Deleted one went
 
 
 async def test_uid_search_dates_sizes_not_or_text_and_decoded_body(service) -> None:  # type: ignore[no-untyped-def]
@@ -278,7 +291,7 @@ async def test_fetch_multipart_sections_and_bodystructure(service) -> None:  # t
     # Every byte of a section is the stored byte: the parts add up to the message.
     assert content("1.1") in data and content("2") in data
     assert out["unseen_after_peek"] == [b"1"]
-    assert out["flags_after_fetch"] == [b"1 (FLAGS (\\Seen))"]  # BODY[1.1], unlike PEEK, sets \Seen
+    assert out["flags_after_fetch"] == [b"1 (FLAGS (\\Recent \\Seen))"]  # BODY[1.1], unlike PEEK, sets \Seen
 
 
 async def test_rfc_4315_appenduid_and_copyuid_codes(service) -> None:  # type: ignore[no-untyped-def]

@@ -154,7 +154,8 @@ async def test_r_mbx_2_noop_reports_what_another_session_changed_and_reads_only_
     first, second = await asyncio.to_thread(run)
     # The other session's SELECT loads the folder once; the watcher's NOOPs load nothing whole.
     assert len(loaded) - loads_before == 2  # the watcher's SELECT and the other's
-    assert first == [b"* 7 EXPUNGE", b"* 5 FETCH (FLAGS (\\Flagged))", b"c OK NOOP completed"]
+    # The watcher selected first: every message is \Recent for it (RFC 3501 2.3.2).
+    assert first == [b"* 7 EXPUNGE", b"* 5 FETCH (FLAGS (\\Flagged \\Recent))", b"c OK NOOP completed"]
     assert second == [b"d OK NOOP completed"]
 
 

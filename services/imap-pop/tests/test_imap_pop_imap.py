@@ -176,7 +176,7 @@ async def test_fetch_store_expunge(service) -> None:  # type: ignore[no-untyped-
     assert out["exists"] == [b"2"]
     meta = out["meta"]
     assert isinstance(meta, list)
-    assert b"UID 1 FLAGS () RFC822.SIZE" in meta[0]
+    assert b"UID 1 FLAGS (\\Recent) RFC822.SIZE" in meta[0]  # the first session to see it
     assert b'ENVELOPE ("Sat, 28 Nov 2026 10:00:00 +0000" "First" (("Alice" NIL "alice" "example.net"))' in meta[0]
     assert b'BODYSTRUCTURE ("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL "7BIT" 23 2 NIL NIL NIL NIL)' in meta[0]
     assert out["subject"] == b"Subject: Second\r\n\r\n"
@@ -185,7 +185,7 @@ async def test_fetch_store_expunge(service) -> None:  # type: ignore[no-untyped-
     body = out["body"]
     assert isinstance(body, list) and body[0][1] == simple_message("First")
     assert b"\\Seen" in str(out["seen"]).encode()
-    assert out["store"] == [b"1 (FLAGS (\\Deleted \\Seen))"]
+    assert out["store"] == [b"1 (FLAGS (\\Deleted \\Recent \\Seen))"]
     assert out["deleted"] == [b"1"]
     assert out["unseen"] == [b"2"]
     assert out["subject_search"] == [b"2"]
@@ -494,11 +494,12 @@ async def test_r_mbx_3_two_clients_adding_flags_at_once_both_keep_theirs(service
             second.sock.close()
 
     first_reply, second_reply, removed, final = await asyncio.to_thread(run)
-    assert first_reply == [b"* 1 FETCH (FLAGS (\\Flagged))", b"a OK STORE completed"]
+    # The first client selected first: the message is \Recent for it only (RFC 3501 2.3.2).
+    assert first_reply == [b"* 1 FETCH (FLAGS (\\Flagged \\Recent))", b"a OK STORE completed"]
     # The second client's answer shows the first one's flag too (RFC 3501 6.4.6: the flags after).
     assert second_reply == [b"* 1 FETCH (FLAGS ($Work \\Flagged))", b"b OK STORE completed"]
     assert removed == [b"* 1 FETCH (FLAGS (\\Flagged))", b"c OK STORE completed"]
-    assert final[-2:] == [b"* 1 FETCH (FLAGS (\\Flagged))", b"d OK FETCH completed"]
+    assert final[-2:] == [b"* 1 FETCH (FLAGS (\\Flagged \\Recent))", b"d OK FETCH completed"]
 
 
 async def test_r_mbx_3_concurrent_flag_storms_lose_nothing(service) -> None:  # type: ignore[no-untyped-def]

@@ -372,6 +372,17 @@ redis.call('HSET', KEYS[3], ARGV[1], uid)
 return {uid, tonumber(meta[1]), 0, modseq}
 """
 
+# RFC 3501 \Recent: the first session to see a message gets it as recent. The folder keeps the
+# first UID no session has seen yet; a session takes everything below ARGV[1] and learns from
+# which UID on they are its own (the reply).
+_CLAIM_RECENT_LUA = """
+local first = tonumber(redis.call('HGET', KEYS[1], 'recentfrom') or '1')
+if redis.call('EXISTS', KEYS[1]) == 1 and tonumber(ARGV[1]) > first then
+  redis.call('HSET', KEYS[1], 'recentfrom', ARGV[1])
+end
+return first
+"""
+
 # COPY by reference (R-MBX-5): each source message (ARGV[4..], UIDs; ARGV[1] the source
 # prefix) gets a new UID in the target folder (KEYS[1..3]) with the same body, summary and
 # flags, under a new identity (its delivery's transaction id, '/', ARGV[3], a counter): no byte
@@ -580,6 +591,7 @@ class MailboxIndex:
         self._copy = redis.register_script(_COPY_LUA)
         self._remove = redis.register_script(_REMOVE_LUA)
         self._changed_since = redis.register_script(_CHANGED_SINCE_LUA)
+        self._claim_recent = redis.register_script(_CLAIM_RECENT_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
 
     async def file(
@@ -831,7 +843,7 @@ class MailboxIndex:
             # a client resynchronising from before gets every flag and every missing UID (RFC
             # 7162 allows more than the changes).
             pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext, "reserved", reserved,
-                                   "highestmodseq", modseq, "vanishedfloor", modseq])
+                                   "highestmodseq", modseq, "vanishedfloor", modseq, "recentfrom", uidnext])
             pipe.sadd(keys.mailbox_folders(mailbox), folder)
             for n, message in enumerate(messages, 1):
                 record = message.record
@@ -858,6 +870,20 @@ class MailboxIndex:
     async def raise_uidvalidity(self, uidvalidity: int) -> None:
         """No folder made from now on gets a UIDVALIDITY at or below this one."""
         await self._raise_counter(keys.UIDVALIDITY_SEQ, uidvalidity)
+
+    async def claim_recent(self, mailbox: str, folder: str, below: int) -> int:
+        """Take the messages below UID ``below`` that no session has seen (RFC 3501 \\Recent);
+        returns the first UID of those now this session's recent ones."""
+        return int(await self._claim_recent(keys=[keys.mailbox_meta(mailbox, folder)], args=[below]))
+
+    async def recent_from(self, mailbox: str, folder: str) -> int:
+        """The first UID no session has seen yet (EXAMINE shows them as recent, taking nothing)."""
+        return int(await self._redis.hget(keys.mailbox_meta(mailbox, folder), "recentfrom") or 1)
+
+    async def recent_count(self, mailbox: str, folder: str) -> int:
+        """Messages no session has seen yet (STATUS RECENT)."""
+        first = await self.recent_from(mailbox, folder)
+        return int(await self._redis.zcount(keys.mailbox_uids(mailbox, folder), first, "+inf"))
 
     async def usage(self, mailbox: str) -> tuple[int, int]:
         """What an account's mailbox holds: bytes and messages, every folder, copies counted."""

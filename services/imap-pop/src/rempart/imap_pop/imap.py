@@ -86,8 +86,9 @@ class ImapSession(FolderCommands, Session):
     # CHANGEDSINCE, UNCHANGEDSINCE); QRESYNC only after ENABLE QRESYNC.
     condstore: bool = False
     qresync: bool = False
-    _claim: asyncio.Task[None] | None = None  # renews this session's place among the account's
+    _claim: asyncio.Task[None] | None = None  # renews this session's place among the account's sessions
     seen_modseq: int = 0  # the folder's HIGHESTMODSEQ when the view was last brought up to date
+    recent: set[int]  # UIDs that are \Recent in this session (RFC 3501 2.3.2)
     closing: bool = False
     changed: asyncio.Event
 
@@ -117,6 +118,7 @@ class ImapSession(FolderCommands, Session):
     # Session loop
     async def run(self) -> None:
         self.view = []
+        self.recent = set()
         self.changed = asyncio.Event()
         verdict = await self.connect_verdict()
         if verdict.action == policy_pb2.ACTION_TEMPFAIL:
@@ -448,7 +450,13 @@ class ImapSession(FolderCommands, Session):
         self.changed.clear()
         self.out(f"* FLAGS {FLAGS_LIST}")
         self.out(f"* {len(self.view)} EXISTS")
-        self.out("* 0 RECENT")
+        if self.readonly:  # EXAMINE takes no message's \Recent away (RFC 3501 6.3.2)
+            first = await self.backend.index.recent_from(self.account, folder)
+            self.recent = {m.uid for m in self.view if m.uid >= first}
+        else:
+            first = await self.backend.index.claim_recent(self.account, folder, self._next_uid())
+            self.recent = {m.uid for m in self.view if m.uid >= first}
+        self.out(f"* {len(self.recent)} RECENT")
         unseen = next((i for i, m in enumerate(self.view, 1) if "\\Seen" not in m.flags), None)
         if unseen is not None:
             self.out(f"* OK [UNSEEN {unseen}] First unseen")
@@ -488,6 +496,14 @@ class ImapSession(FolderCommands, Session):
             else:
                 raise ImapSyntaxError("unknown SELECT parameter")
         return resync
+
+    def _next_uid(self) -> int:
+        return self.view[-1].uid + 1 if self.view else 1
+
+    def _shown(self, message: IndexedMessage) -> IndexedMessage:
+        """The message as FETCH shows it: with \\Recent when it is recent in this session."""
+        return dataclasses.replace(message, flags=message.flags | {"\\Recent"}) if message.uid in self.recent \
+            else message
 
     def _largest_uid_hint(self) -> int:
         return 2**32 - 1  # "*" in a client's known UIDs: any
@@ -663,7 +679,7 @@ class ImapSession(FolderCommands, Session):
             self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid in wanted])
         self._take([m for m in changed if self._position(m.uid) is not None])
         highest = self.view[-1].uid if self.view else 0
-        self._add([m for m in changed if m.uid > highest])
+        await self._add([m for m in changed if m.uid > highest])
         if expunges:
             # Expunges not yet said keep the view behind: until then the same changes are
             # looked at again (and found already known).
@@ -678,7 +694,7 @@ class ImapSession(FolderCommands, Session):
             self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid not in by_uid])
         self._take([m for m in current if self._position(m.uid) is not None])
         highest = self.view[-1].uid if self.view else 0
-        self._add([m for m in current if m.uid > highest])
+        await self._add([m for m in current if m.uid > highest])
         if expunges:
             self.seen_modseq = highestmodseq
 
@@ -699,13 +715,15 @@ class ImapSession(FolderCommands, Session):
                 if new.flags != old.flags:
                     self.out(f"* {i + 1} FETCH ({self._changed_items(new, command_uid=False)})")
 
-    def _add(self, added: list[IndexedMessage]) -> None:
+    async def _add(self, added: list[IndexedMessage]) -> None:
         if added:
             self.view.extend(added)
+            if not self.readonly and self.folder is not None:
+                # The first session told of a message has it as \Recent, on whichever replica.
+                first = await self.backend.index.claim_recent(self.account, self.folder, self._next_uid())
+                self.recent |= {m.uid for m in added if m.uid >= first}
             self.out(f"* {len(self.view)} EXISTS")
-            # RFC 3501 7.3.2: RECENT accompanies a size change. No message is ever \Recent
-            # here (sessions on many replicas cannot agree on "first to see it"): always 0.
-            self.out("* 0 RECENT")
+            self.out(f"* {len(self.recent)} RECENT")  # RFC 3501 7.3.2: with a size change
 
     def _changed_items(self, message: IndexedMessage, command_uid: bool, flags: bool = True) -> str:
         """The items of an unsolicited or STORE FETCH response: UID when asked or with QRESYNC
@@ -714,7 +732,7 @@ class ImapSession(FolderCommands, Session):
         if command_uid or self.qresync:
             items.append(f"UID {message.uid}")
         if flags:
-            items.append(f"FLAGS {flags_text(message.flags)}")
+            items.append(f"FLAGS {flags_text(self._shown(message).flags)}")
         if self.condstore:
             items.append(f"MODSEQ ({message.modseq})")
         return " ".join(items)
@@ -722,8 +740,9 @@ class ImapSession(FolderCommands, Session):
     def _forget(self, gone: list[tuple[int, IndexedMessage]]) -> None:
         """Expunged messages leave the view, said as EXPUNGE, or VANISHED with QRESYNC (RFC
         7162 3.2.10)."""
-        for seq, _ in sorted(gone, key=lambda x: x[0], reverse=True):
+        for seq, message in sorted(gone, key=lambda x: x[0], reverse=True):
             del self.view[seq - 1]
+            self.recent.discard(message.uid)
             if not self.qresync:
                 self.out(f"* {seq} EXPUNGE")
         if self.qresync and gone:
@@ -833,9 +852,10 @@ class ImapSession(FolderCommands, Session):
                 if sets_seen and "\\Seen" not in message.flags:
                     message = await self._add_seen(seq, message)
                     flags_changed = True
-                parts = [render_item(item, message, data, summary) for item in items]
+                shown = self._shown(message)
+                parts = [render_item(item, shown, data, summary) for item in items]
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
-                    parts.append(f"FLAGS {flags_text(message.flags)}".encode())
+                    parts.append(f"FLAGS {flags_text(shown.flags)}".encode())
                 if flags_changed and self.condstore and not any(i.name == "MODSEQ" for i in items):
                     parts.append(f"MODSEQ ({message.modseq})".encode())  # RFC 7162 3.1.4.1
                 answer.append(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n")
@@ -1037,7 +1057,7 @@ class ImapSession(FolderCommands, Session):
             args = args[2:]
         if not args:
             raise ImapSyntaxError("SEARCH needs criteria")
-        parser = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0)
+        parser = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0, self.recent)
         query = parser.parse()
         if parser.uses_modseq:
             self.condstore = True

@@ -120,7 +120,7 @@ class FolderCommands:
             if name == "MESSAGES":
                 out.append(f"MESSAGES {status.exists}")
             elif name == "RECENT":
-                out.append("RECENT 0")
+                out.append(f"RECENT {await self.backend.index.recent_count(self.account, folder)}")
             elif name == "UIDNEXT":
                 out.append(f"UIDNEXT {status.uidnext}")
             elif name == "UIDVALIDITY":

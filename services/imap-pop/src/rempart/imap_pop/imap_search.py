@@ -100,8 +100,10 @@ def _sent_date_test(key: str, day: datetime.date) -> Callable[[int, IndexedMessa
 class SearchParser:
     """SEARCH keys (RFC 3501 6.4.4), the common ones."""
 
-    def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int) -> None:
+    def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int,
+                 recent: set[int] | frozenset[int] = frozenset()) -> None:
         self.tokens = tokens
+        self.recent = recent  # UIDs \Recent in the session
         self.pos = 0
         self.largest_seq = largest_seq
         self.largest_uid = largest_uid
@@ -125,7 +127,7 @@ class SearchParser:
     def _key(self) -> Callable[[int, IndexedMessage, bytes], bool]:
         token = self._next()
         if isinstance(token, list):
-            inner = SearchParser(token, self.largest_seq, self.largest_uid)
+            inner = SearchParser(token, self.largest_seq, self.largest_uid, self.recent)
             query = inner.parse()
             self.needs_content |= inner.needs_content
             self.needs_body |= inner.needs_body
@@ -134,10 +136,15 @@ class SearchParser:
         key = text_of(token).upper()
         flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
                  "DRAFT": "\\Draft"}
-        if key == "ALL" or key == "OLD":
+        recent = self.recent
+        if key == "ALL":
             return lambda _s, _m, _c: True
-        if key in ("NEW", "RECENT"):
-            return lambda _s, _m, _c: False
+        if key == "RECENT":
+            return lambda _s, m, _c: m.uid in recent
+        if key == "OLD":
+            return lambda _s, m, _c: m.uid not in recent
+        if key == "NEW":  # RFC 3501 6.4.4: RECENT UNSEEN
+            return lambda _s, m, _c: m.uid in recent and "\\Seen" not in m.flags
         if key in flags:
             return _flag_test(flags[key], True)
         if key.startswith("UN") and key[2:] in flags:
