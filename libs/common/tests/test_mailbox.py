@@ -7,6 +7,7 @@ import asyncio
 
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
 
 from rempart.common.events import MAILBOX_LOG_STREAM, mailbox_log_subject
 from rempart.common.mailbox import Mailboxes, MailboxLog, rebuild_index, run_indexer
@@ -253,3 +254,47 @@ async def test_r_mbx_5_usage_follows_deliveries_copies_expunges_and_rebuilds(
     assert await mailboxes.index.usage(BOB) == (63, 3)
     await mailboxes.delete_folder(BOB, "Keep")
     assert await mailboxes.index.usage(BOB) == (21, 1)
+
+
+async def test_r_mbx_5_the_last_reference_frees_the_blob_and_the_record(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    js = nats_conn.jetstream()
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    blobs = await js.object_store("MAILBLOBS")
+    big = b"Subject: big\r\n\r\n" + b"x" * 200_000 + b"\r\n"  # a blob, not inline
+
+    async def stored(record_seq: int) -> bool:
+        try:
+            await js.get_msg("MAIL", seq=record_seq, direct=True)
+            return True
+        except NotFoundError:
+            return False
+
+    async def accept(data: bytes, accounts: list[str], remote: list[str] | None = None) -> tuple[str, int]:
+        record, seq = await mailboxes.store.accept(data, mail_from="a@b.example", local_mailboxes=accounts,
+                                                   remote_recipients=remote or [])
+        await mailboxes.place(record, None, seq)
+        return record.blob, seq
+
+    blob, big_seq = await accept(big, [BOB])
+    _, shared_seq = await accept(b"Subject: both\r\n\r\nx\r\n", [BOB, CAROL])
+    _, outbound_seq = await accept(b"Subject: out\r\n\r\nx\r\n", [BOB], ["far@remote.example"])
+    assert await mailboxes.create_folder(BOB, "Trash2")
+    await mailboxes.copy(BOB, INBOX, "Trash2", [1])
+    inbox = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    # Bob expunges everything from INBOX: the big one lives on in Trash2, the shared one in
+    # Carol's INBOX, the outbound one in its record for the relay.
+    await mailboxes.expunge(BOB, INBOX, inbox, await mailboxes.index.messages(BOB, INBOX))
+    assert blob in [o.name for o in await blobs.list()]
+    assert await stored(big_seq) and await stored(shared_seq) and await stored(outbound_seq)
+    size_before = (await js.stream_info("OBJ_MAILBLOBS")).state.bytes
+    # "Empty Trash": the last reference to the big one goes, and its bytes with it.
+    await mailboxes.delete_folder(BOB, "Trash2")
+    assert (await js.stream_info("OBJ_MAILBLOBS")).state.bytes < size_before - 200_000
+    assert not await stored(big_seq)
+    # Carol's copy of the shared one was the last: freed when she expunges it.
+    carol = (await mailboxes.index.status(CAROL, INBOX)).uidvalidity
+    await mailboxes.expunge(CAROL, INBOX, carol, await mailboxes.index.messages(CAROL, INBOX))
+    assert not await stored(shared_seq)
+    assert await stored(outbound_seq)  # still the relay's

@@ -147,6 +147,15 @@ def mailbox_vanished(mailbox: str, folder: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:vanished"
 
 
+# How many index entries (every account, every folder, copies too) refer to a delivery: the
+# last one going away frees its bytes (R-MBX-5). Under rp:mbx:, so a rebuild counts them anew.
+MESSAGE_REFS_PREFIX = PREFIX + "mbx:ref:"
+
+
+def message_refs(transaction_id: str) -> str:
+    return MESSAGE_REFS_PREFIX + transaction_id
+
+
 def mailbox_usage(mailbox: str) -> str:
     """Hash bytes, messages: what the account's folders hold (RFC 9208 QUOTA, R-MBX-5)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:usage"

@@ -49,6 +49,7 @@ from rempart.common.mailstore import (
     IndexedMessage,
     MailboxIndex,
     MessageStore,
+    Reclaimable,
     Reservation,
     RestoredMessage,
 )
@@ -133,7 +134,8 @@ class Mailboxes:
         status = await self.index.status(account, name)
         await self.log.write([events_pb2.MailboxChange(account=account, folder_deleted=events_pb2.FolderDeleted(
             name=name, uidvalidity=status.uidvalidity))])
-        await self.index.delete_folder(account, name)
+        _, gone = await self.index.delete_folder(account, name)
+        await self._reclaim(gone)
         await self.index.set_special_uses(account, {name: None})
 
     async def rename_folder(self, account: str, old: str, new: str) -> bool:
@@ -323,7 +325,17 @@ class Mailboxes:
             events_pb2.MailboxChange(account=account, expunged=events_pb2.MessagesExpunged(
                 folder=folder, uidvalidity=uidvalidity, uids=chunk, modseq=modseq))
             for chunk in _chunks(sorted(m.uid for m in messages))])
-        await self.index.remove(account, folder, messages)
+        _, gone = await self.index.remove(account, folder, messages)
+        await self._reclaim(gone)
+
+    async def _reclaim(self, gone: list[Reclaimable]) -> None:
+        """The bytes of deliveries nothing refers to any more (R-MBX-5). Best effort: a failure
+        leaves them stored (space, never mail, is what it costs) and is logged."""
+        for delivery in gone:
+            try:
+                await self.store.reclaim(delivery)
+            except Exception as exc:  # noqa: BLE001 - NATS away: the bytes stay
+                log.warning("space of %s not reclaimed: %s", delivery.transaction_id, exc)
 
 
 async def run_indexer(
@@ -460,10 +472,13 @@ class _Account:
 
 
 async def _read_stream(js: JetStreamContext, stream: str, subjects: str) -> list[tuple[str, bytes, int]]:
-    """Every message of a stream, in order: (subject, data, sequence)."""
-    last = int((await js.stream_info(stream)).state.last_seq)
+    """Every message of a stream, in order: (subject, data, sequence). Messages deleted from it
+    (space reclaimed, R-MBX-5) leave gaps: reading stops at the last sequence or once as many
+    messages as the stream holds have come."""
+    state = (await js.stream_info(stream)).state
+    last, count = int(state.last_seq), int(state.messages)
     out: list[tuple[str, bytes, int]] = []
-    if last == 0:
+    if last == 0 or count == 0:
         return out
     sub = await js.subscribe(subjects, stream=stream, ordered_consumer=True, deliver_policy=jsapi.DeliverPolicy.ALL)
     try:
@@ -471,7 +486,7 @@ async def _read_stream(js: JetStreamContext, stream: str, subjects: str) -> list
             msg = await sub.next_msg(timeout=5)
             seq = int(msg.metadata.sequence.stream)
             out.append((msg.subject, msg.data, seq))
-            if seq >= last:
+            if seq >= last or len(out) >= count:
                 return out
     finally:
         await sub.unsubscribe()

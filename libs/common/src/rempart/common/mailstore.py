@@ -144,6 +144,24 @@ class MessageStore:
             internal_date_ms=internal_date_ms,
         )
 
+    async def reclaim(self, gone: Reclaimable) -> bool:
+        """Free a delivery nothing refers to any more (R-MBX-5): its blob and its record. A
+        record that still names remote recipients stays (the relay may need it). False when
+        nothing was deleted."""
+        if not gone.seq:
+            return False
+        try:
+            raw = await self._js.get_msg(MAIL_STREAM, seq=gone.seq, direct=True)
+        except NotFoundError:
+            return False
+        record = events_pb2.DeliveryRecord.FromString(raw.data or b"")
+        if record.transaction_id != gone.transaction_id or record.remote_recipients:
+            return False
+        if record.blob:
+            await self.delete_blob(record.blob)
+        await self._js.delete_msg(MAIL_STREAM, gone.seq)
+        return True
+
     async def delete_blob(self, name: str) -> None:
         """Purge a blob's chunks (its metadata stays, marked deleted)."""
         await self._blobs.delete(name)
@@ -263,6 +281,15 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Reclaimable:
+    """A delivery no index entry refers to any more: its blob and record can go (R-MBX-5)."""
+
+    transaction_id: str
+    blob: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class Copied:
     """One message of a COPY: its UID in the source, its place in the target (UID 0: it was
     gone), the identity of the copy and its flags."""
@@ -325,17 +352,39 @@ redis.call('SADD', KEYS[7], ARGV[4])
 return tonumber(redis.call('HGET', KEYS[2], 'uidvalidity'))
 """
 
+# Shared by the scripts that drop messages (ARGV[3] is the prefix of the reference counters).
+_UNREF_LUA = """
+local ARGV_REF = ARGV[3]
+-- One reference to a message's delivery fewer (R-MBX-5); the last one reports the delivery
+-- (transaction id, blob, record sequence) so that its bytes can be deleted.
+local function unref(key, gone)
+  local row = redis.call('HMGET', key, 'txn', 'blob', 'seq')
+  if not row[1] then return end
+  local base = string.match(row[1], '^[^/]*')
+  local left = redis.call('DECR', ARGV_REF .. base)
+  if left <= 0 then
+    redis.call('DEL', ARGV_REF .. base)
+    if left == 0 then
+      gone[#gone + 1] = base; gone[#gone + 1] = row[2] or ''; gone[#gone + 1] = row[3] or ''
+    end
+  end
+end
+"""
+
 # A folder and everything in it leaves the index; returns its UIDVALIDITY (0: there was none).
-_DELETE_FOLDER_LUA = """
+_DELETE_FOLDER_LUA = _UNREF_LUA + """
+local gone = {}
 local v = redis.call('HGET', KEYS[1], 'uidvalidity')
 for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   redis.call('HINCRBY', KEYS[7], 'bytes', -tonumber(redis.call('HGET', ARGV[1] .. uid, 'size') or '0'))
   redis.call('HINCRBY', KEYS[7], 'messages', -1)
+  unref(ARGV[1] .. uid, gone)
   redis.call('DEL', ARGV[1] .. uid)
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6])
 redis.call('SREM', KEYS[4], ARGV[2])
-return tonumber(v or 0)
+table.insert(gone, 1, tonumber(v or 0))
+return gone
 """
 
 # Append one message to a folder unless this transaction is already there (idempotent).
@@ -363,6 +412,9 @@ redis.call('ZADD', KEYS[7], modseq, uid)
 redis.call('ZADD', KEYS[2], uid, uid)
 redis.call('HINCRBY', KEYS[8], 'bytes', ARGV[3])
 redis.call('HINCRBY', KEYS[8], 'messages', 1)
+-- Its references: one per recipient mailbox, counted once when the first is placed, so a
+-- recipient placed late (by the catch-up indexer) is never left without its bytes.
+if redis.call('EXISTS', KEYS[9]) == 0 then redis.call('SET', KEYS[9], ARGV[14]) end
 redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
            'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13], 'modseq', modseq)
 if ARGV[10] ~= '' then
@@ -392,10 +444,10 @@ return first
 _COPY_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
 if not meta[1] then return {} end
-local wanted = #ARGV - 3
+local wanted = #ARGV - 4
 if tonumber(meta[2]) + wanted > tonumber(meta[3] or '1') then return {0, tonumber(meta[1]), tonumber(meta[2])} end
 local out = {tonumber(meta[1]), redis.call('INCR', KEYS[4])}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local source = ARGV[1] .. ARGV[i]
   local row = redis.call('HGETALL', source)
   if #row == 0 then
@@ -404,12 +456,14 @@ for i = 4, #ARGV do
     local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
     local txn = redis.call('HGET', source, 'txn') or ''
     local base = string.match(txn, '^[^/]*')
-    local identity = base .. '/' .. ARGV[3] .. (i - 3)
+    local identity = base .. '/' .. ARGV[3] .. (i - 4)
     redis.call('HSET', ARGV[2] .. uid, unpack(row))
     redis.call('HSET', ARGV[2] .. uid, 'txn', identity, 'modseq', out[2])
     redis.call('ZADD', KEYS[5], out[2], uid)
     redis.call('HINCRBY', KEYS[6], 'bytes', tonumber(redis.call('HGET', source, 'size') or '0'))
     redis.call('HINCRBY', KEYS[6], 'messages', 1)
+    -- Counted only where the delivery is (mail from before the counters is never freed).
+    if redis.call('EXISTS', ARGV[4] .. base) == 1 then redis.call('INCR', ARGV[4] .. base) end
     redis.call('ZADD', KEYS[2], uid, uid)
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
@@ -552,12 +606,14 @@ return out
 # for QRESYNC's VANISHED (RFC 7162 3.2.5), the oldest forgotten past ARGV[2] of them (the
 # folder's 'vanishedfloor' says from which MODSEQ on the list is complete). KEYS: the account's
 # counter, meta, UIDs, vanished; ARGV[1] the message prefix, ARGV[3..] the UIDs.
-_REMOVE_LUA = """
+_REMOVE_LUA = _UNREF_LUA + """
+local gone = {}
 local modseq = redis.call('INCR', KEYS[1])
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
     redis.call('HINCRBY', KEYS[6], 'bytes', -tonumber(redis.call('HGET', ARGV[1] .. ARGV[i], 'size') or '0'))
     redis.call('HINCRBY', KEYS[6], 'messages', -1)
+    unref(ARGV[1] .. ARGV[i], gone)
   end
   redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('DEL', ARGV[1] .. ARGV[i])
@@ -570,7 +626,8 @@ if extra > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, extra - 1)
   redis.call('HSET', KEYS[2], 'vanishedfloor', oldest[2])
 end
-return modseq
+table.insert(gone, 1, modseq)
+return gone
 """
 
 
@@ -624,6 +681,7 @@ class MailboxIndex:
                     keys.mailbox_modseq(mailbox),
                     keys.mailbox_changes(mailbox, folder),
                     keys.mailbox_usage(mailbox),
+                    keys.message_refs(record.transaction_id),
                 ],
                 args=[
                     record.transaction_id,
@@ -636,6 +694,7 @@ class MailboxIndex:
                     folder,
                     *_summary_values(summary),
                     seq,
+                    len(record.local_mailboxes),
                 ],
             )
             if uid:
@@ -656,7 +715,7 @@ class MailboxIndex:
                   keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox),
                   keys.mailbox_changes(mailbox, target), keys.mailbox_usage(mailbox)],
             args=[keys.mailbox_message_prefix(mailbox, source), keys.mailbox_message_prefix(mailbox, target),
-                  os.urandom(6).hex(), *uids])
+                  os.urandom(6).hex(), keys.MESSAGE_REFS_PREFIX, *uids])
         if not reply:
             return None
         if int(reply[0]) == 0:
@@ -690,15 +749,17 @@ class MailboxIndex:
             args=[keys.mailbox_message_prefix(mailbox, old), keys.mailbox_message_prefix(mailbox, new), old, new],
         ))
 
-    async def delete_folder(self, mailbox: str, folder: str) -> int:
-        """Forget a folder and its messages; returns the UIDVALIDITY it had (0: none)."""
-        return int(await self._delete_folder(
+    async def delete_folder(self, mailbox: str, folder: str) -> tuple[int, list[Reclaimable]]:
+        """Forget a folder and its messages; returns the UIDVALIDITY it had (0: none) and the
+        deliveries nothing refers to any more."""
+        reply = await self._delete_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                   keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox),
                   keys.mailbox_vanished(mailbox, folder), keys.mailbox_changes(mailbox, folder),
                   keys.mailbox_usage(mailbox)],
-            args=[keys.mailbox_message_prefix(mailbox, folder), folder],
-        ))
+            args=[keys.mailbox_message_prefix(mailbox, folder), folder, keys.MESSAGE_REFS_PREFIX],
+        )
+        return int(reply[0]), _reclaimable(reply[1:])
 
     async def special_uses(self, mailbox: str) -> dict[str, str]:
         """Folder -> RFC 6154 attribute."""
@@ -855,6 +916,7 @@ class MailboxIndex:
                     "flags", " ".join(sorted(message.flags)), "txn", identity, "seq", message.seq,
                     "modseq", modseq])
                 pipe.hset(txns, identity, message.uid)
+                pipe.incr(keys.message_refs(record.transaction_id))
                 if n % 1000 == 0:
                     await pipe.execute()
             pipe.hincrby(keys.mailbox_usage(mailbox), "bytes", sum(m.record.size for m in messages))
@@ -907,19 +969,23 @@ class MailboxIndex:
         """A UIDVALIDITY never given before (a rebuild renumbering a folder)."""
         return int(await self._next_uidvalidity(keys=[keys.UIDVALIDITY_SEQ], args=[_new_uidvalidity()]))
 
-    async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]) -> int:
-        """Expunge messages from the index; returns the MODSEQ of the removal."""
+    async def remove(self, mailbox: str, folder: str, messages: list[IndexedMessage]
+                     ) -> tuple[int, list[Reclaimable]]:
+        """Expunge messages from the index; returns the MODSEQ of the removal and the
+        deliveries nothing refers to any more."""
         if not messages:
-            return 0
-        modseq = 0
+            return 0, []
+        modseq, gone = 0, []
         for start in range(0, len(messages), 5000):
-            modseq = int(await self._remove(
+            reply = await self._remove(
                 keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
                       keys.mailbox_uids(mailbox, folder), keys.mailbox_vanished(mailbox, folder),
                       keys.mailbox_changes(mailbox, folder), keys.mailbox_usage(mailbox)],
-                args=[keys.mailbox_message_prefix(mailbox, folder), VANISHED_KEPT,
-                      *(m.uid for m in messages[start : start + 5000])]))
-        return modseq
+                args=[keys.mailbox_message_prefix(mailbox, folder), VANISHED_KEPT, keys.MESSAGE_REFS_PREFIX,
+                      *(m.uid for m in messages[start : start + 5000])])
+            modseq = int(reply[0])
+            gone += _reclaimable(reply[1:])
+        return modseq, gone
 
     async def replicated(self, replicas: int, timeout_ms: int = 1000) -> bool:
         """Whether this connection's writes so far reached ``replicas`` Redis replicas (WAIT);
@@ -938,6 +1004,10 @@ class MailboxIndex:
         async for key in self._redis.scan_iter(match=keys.MAILBOX_ALL_PATTERN, count=1000):
             removed += int(await self._redis.delete(key))
         return removed
+
+
+def _reclaimable(flat: list[str]) -> list[Reclaimable]:
+    return [Reclaimable(str(flat[i]), str(flat[i + 1]), int(flat[i + 2] or 0)) for i in range(0, len(flat), 3)]
 
 
 def _rows(page: list[str]) -> list[IndexedMessage]:
