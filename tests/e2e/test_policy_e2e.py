@@ -591,7 +591,8 @@ def test_r_ips_3_unknown_recipients_block_ip(env: Env) -> None:
 def test_r_ips_6_thunderbird_and_a_phone_behind_one_nat_stay_unblocked(env: Env) -> None:
     """Thunderbird keeps up to 5 IMAP connections, a phone one more, and both reconnect: far more
     than R-IPS-2's 5 connections a minute from one IP. After the first login the IP is known
-    (R-IPS-6), and none of the later connections counts."""
+    (R-IPS-6), and none of the later connections counts. Each session talks as Thunderbird does
+    with CONDSTORE (RFC 7162): ENABLE, SELECT (CONDSTORE), UID FETCH (CHANGEDSINCE)."""
     household, stranger = "127.0.0.61", "127.0.0.62"
     user, password = env.demo["user"], env.demo["user_password"]
     sessions: list[imaplib.IMAP4] = []
@@ -603,7 +604,11 @@ def test_r_ips_6_thunderbird_and_a_phone_behind_one_nat_stay_unblocked(env: Env)
         connections += 1
         sessions.append(client)
         assert client.login(user, password)[0] == "OK"
-        assert client.select("INBOX")[0] == "OK"
+        assert client.enable("CONDSTORE")[0] == "OK"
+        typ, _ = client._simple_command("SELECT", "INBOX", "(CONDSTORE)")
+        assert typ == "OK" and client.untagged_responses.get("OK") is not None
+        client.state = "SELECTED"
+        assert client.uid("FETCH", "1:*", "(FLAGS) (CHANGEDSINCE 1)")[0] == "OK"
 
     try:
         for _ in range(6):  # Thunderbird's cached connections and the phone's
