@@ -286,15 +286,18 @@ async def test_r_mbx_5_the_last_reference_frees_the_blob_and_the_record(
     # Bob expunges everything from INBOX: the big one lives on in Trash2, the shared one in
     # Carol's INBOX, the outbound one in its record for the relay.
     await mailboxes.expunge(BOB, INBOX, inbox, await mailboxes.index.messages(BOB, INBOX))
+    await mailboxes.settle()
     assert blob in [o.name for o in await blobs.list()]
     assert await stored(big_seq) and await stored(shared_seq) and await stored(outbound_seq)
     size_before = (await js.stream_info("OBJ_MAILBLOBS")).state.bytes
     # "Empty Trash": the last reference to the big one goes, and its bytes with it.
     await mailboxes.delete_folder(BOB, "Trash2")
+    await mailboxes.settle()  # the bytes go in the background
     assert (await js.stream_info("OBJ_MAILBLOBS")).state.bytes < size_before - 200_000
     assert not await stored(big_seq)
     # Carol's copy of the shared one was the last: freed when she expunges it.
     carol = (await mailboxes.index.status(CAROL, INBOX)).uidvalidity
     await mailboxes.expunge(CAROL, INBOX, carol, await mailboxes.index.messages(CAROL, INBOX))
+    await mailboxes.settle()
     assert not await stored(shared_seq)
     assert await stored(outbound_seq)  # still the relay's

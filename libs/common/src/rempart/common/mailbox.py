@@ -66,6 +66,7 @@ RECORD_CHUNK = 10_000
 # its counter (see rebuild_index).
 UIDVALIDITY_MARGIN = 100_000
 MODSEQ_MARGIN = 1_000_000
+RECLAIMS_IN_FLIGHT = 16
 # UIDs reserved in the change log at a time per folder: one log record per this many deliveries.
 RESERVE_BLOCK = 100
 _MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,
@@ -99,6 +100,7 @@ class Mailboxes:
         self.store = store
         self.index = index
         self.log = log
+        self._reclaiming: set[asyncio.Task[None]] = set()
 
     # --- folders -------------------------------------------------------------------------------
     async def create_folder(self, account: str, name: str, special_use: str = "") -> bool:
@@ -329,13 +331,31 @@ class Mailboxes:
         await self._reclaim(gone)
 
     async def _reclaim(self, gone: list[Reclaimable]) -> None:
-        """The bytes of deliveries nothing refers to any more (R-MBX-5). Best effort: a failure
-        leaves them stored (space, never mail, is what it costs) and is logged."""
-        for delivery in gone:
-            try:
-                await self.store.reclaim(delivery)
-            except Exception as exc:  # noqa: BLE001 - NATS away: the bytes stay
-                log.warning("space of %s not reclaimed: %s", delivery.transaction_id, exc)
+        """Free the bytes of deliveries nothing refers to any more (R-MBX-5), in the background:
+        emptying a Trash of 50,000 messages answers at once. Best effort: a failure leaves the
+        bytes stored (space, never mail, is what it costs) and is logged."""
+        if not gone:
+            return
+        task = asyncio.create_task(self._free(gone), name="reclaim")
+        self._reclaiming.add(task)
+        task.add_done_callback(self._reclaiming.discard)
+
+    async def _free(self, gone: list[Reclaimable]) -> None:
+        gate = asyncio.Semaphore(RECLAIMS_IN_FLIGHT)
+
+        async def one(delivery: Reclaimable) -> None:
+            async with gate:
+                try:
+                    await self.store.reclaim(delivery)
+                except Exception as exc:  # noqa: BLE001 - NATS away: the bytes stay
+                    log.warning("space of %s not reclaimed: %s", delivery.transaction_id, exc)
+
+        await asyncio.gather(*(one(d) for d in gone))
+
+    async def settle(self) -> None:
+        """Wait for the space being reclaimed (tests; a clean shutdown)."""
+        while self._reclaiming:
+            await asyncio.gather(*self._reclaiming, return_exceptions=True)
 
 
 async def run_indexer(

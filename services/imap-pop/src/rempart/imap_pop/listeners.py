@@ -170,4 +170,7 @@ class ImapPopServer:
         # The last disconnect reports reach policy, or give up with the grace period.
         if self.backend.background:
             await asyncio.wait(set(self.backend.background), timeout=max(grace, 0.1))
+        # Space still being reclaimed: finished if it can be (what is left stays stored).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.backend.mailboxes.settle(), timeout=max(grace, 0.1))
         log.info("drained", extra={"left": len(self._sessions)})
