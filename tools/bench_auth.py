@@ -339,7 +339,9 @@ def ensure_dovecot() -> str:
 
 
 def dovecot_conf(base: Path, port: int, cert_file: str, key_file: str, passwd: Path, uid: int, gid: int) -> str:
-    return f"""# Private benchmark instance (tools/bench_auth.py); nothing system-wide is touched.
+    """A private Dovecot (bench_auth and bench_imap): as many connections per user and IP as a
+    benchmark opens, and no cache of verified passwords."""
+    return f"""# Private benchmark instance (tools/bench_*.py); nothing system-wide is touched.
 protocols = imap
 listen = 127.0.0.1
 base_dir = {base}/run

@@ -61,7 +61,7 @@ from typing import TypeAlias
 
 # Installing Debian's Dovecot is the IMAP login benchmark's; one copy serves both (tools/ is on
 # sys.path when a benchmark runs as a script).
-from bench_auth import ensure_dovecot
+from bench_auth import dovecot_conf, ensure_dovecot
 
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
 from rempart.common.testing.localstack import free_port, wait_for_port
@@ -619,46 +619,6 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
 # ---------------------------------------------------------------------------------------------
 # Dovecot
 # ---------------------------------------------------------------------------------------------
-def dovecot_config(base: Path, port: int, cert_file: str, key_file: str, passwd: Path, uid: int, gid: int) -> str:
-    return f"""# Private benchmark instance (tools/bench_imap.py); nothing system-wide is touched.
-protocols = imap
-listen = 127.0.0.1
-base_dir = {base}/run
-state_dir = {base}/state
-log_path = {base}/dovecot.log
-info_log_path = {base}/dovecot.log
-ssl = required
-ssl_cert = <{cert_file}
-ssl_key = <{key_file}
-ssl_min_protocol = TLSv1.2
-auth_mechanisms = plain login
-mail_location = maildir:~/Maildir
-first_valid_uid = {uid}
-first_valid_gid = {gid}
-passdb {{
-  driver = passwd-file
-  args = {passwd}
-}}
-userdb {{
-  driver = static
-  args = uid={uid} gid={gid} home={base}/home/%u
-}}
-service imap-login {{
-  inet_listener imap {{
-    port = 0
-  }}
-  inet_listener imaps {{
-    port = {port}
-    ssl = yes
-  }}
-}}
-protocol imap {{
-  # The default, 10 per user and IP, would refuse the round-trip measurement's 20 connections.
-  mail_max_userip_connections = 100
-}}
-"""
-
-
 def write_maildir(home: Path, messages: list[bytes], uid: int, gid: int) -> None:
     """The INBOX as a maildir: one file per message in cur/, no flags (":2,"), sizes in the name."""
     maildir = home / "Maildir"
@@ -691,7 +651,7 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
     os.chown(base / "home", uid, gid)
     port = free_port()
     conf = base / "dovecot.conf"
-    conf.write_text(dovecot_config(base, port, pair.cert_file, pair.key_file, passwd, uid, gid))
+    conf.write_text(dovecot_conf(base, port, pair.cert_file, pair.key_file, passwd, uid, gid))
     log(f"dovecot: starting on 127.0.0.1:{port} (config {conf})")
     with open(base / "stdout.log", "wb") as out:
         proc = subprocess.Popen([binary, "-F", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
