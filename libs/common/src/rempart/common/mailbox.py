@@ -94,7 +94,8 @@ def _chunks(items: Sequence[int], size: int = RECORD_CHUNK) -> list[list[int]]:
 
 
 class Mailboxes:
-    """The only writer of mailboxes: IMAP, POP3, the catch-up indexer and the rebuild use it."""
+    """The only writer of mailboxes: IMAP, POP3, the SMTP edge, the relay (DSNs), the catch-up
+    indexer and the rebuild use it."""
 
     def __init__(self, store: MessageStore, index: MailboxIndex, log: MailboxLog) -> None:
         self.store = store
@@ -137,7 +138,7 @@ class Mailboxes:
         await self.log.write([events_pb2.MailboxChange(account=account, folder_deleted=events_pb2.FolderDeleted(
             name=name, uidvalidity=status.uidvalidity))])
         _, gone = await self.index.delete_folder(account, name)
-        await self._reclaim(gone)
+        self._reclaim(gone)
         await self.index.set_special_uses(account, {name: None})
 
     async def rename_folder(self, account: str, old: str, new: str) -> bool:
@@ -328,9 +329,9 @@ class Mailboxes:
                 folder=folder, uidvalidity=uidvalidity, uids=chunk, modseq=modseq))
             for chunk in _chunks(sorted(m.uid for m in messages))])
         _, gone = await self.index.remove(account, folder, messages)
-        await self._reclaim(gone)
+        self._reclaim(gone)
 
-    async def _reclaim(self, gone: list[Reclaimable]) -> None:
+    def _reclaim(self, gone: list[Reclaimable]) -> None:
         """Free the bytes of deliveries nothing refers to any more (R-MBX-5), in the background:
         emptying a Trash of 50,000 messages answers at once. Best effort: a failure leaves the
         bytes stored (space, never mail, is what it costs) and is logged."""

@@ -320,19 +320,28 @@ class FolderStatus:
 # A new folder's UIDVALIDITY: strictly greater than any given before, even after a flush in
 # the same second (RFC 3501 2.3.1.1: new UIDs must come with a new, larger UIDVALIDITY).
 # Returns it, or 0 when the folder exists.
-_NEW_FOLDER_LUA = """
-if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 1 then return 0 end
-local v = redis.call('INCR', KEYS[2])
-if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[2], ARGV[1]); v = tonumber(ARGV[1]) end
-redis.call('HSET', KEYS[1], 'uidvalidity', v, 'uidnext', 1)
-redis.call('SADD', KEYS[3], ARGV[2])
-return v
+_UIDVALIDITY_LUA = """
+local function next_uidvalidity(counter, floor)
+  local v = redis.call('INCR', counter)
+  if v < tonumber(floor) then redis.call('SET', counter, floor); v = tonumber(floor) end
+  return v
+end
+-- A folder (its meta hash), listed among the account's folders, with a new UIDVALIDITY.
+local function make_folder(meta, counter, floor, folders, name)
+  local v = next_uidvalidity(counter, floor)
+  redis.call('HSET', meta, 'uidvalidity', v, 'uidnext', 1)
+  redis.call('SADD', folders, name)
+  return v
+end
 """
 
-_NEXT_UIDVALIDITY_LUA = """
-local v = redis.call('INCR', KEYS[1])
-if v < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]); v = tonumber(ARGV[1]) end
-return v
+_NEW_FOLDER_LUA = _UIDVALIDITY_LUA + """
+if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 1 then return 0 end
+return make_folder(KEYS[1], KEYS[2], ARGV[1], KEYS[3], ARGV[2])
+"""
+
+_NEXT_UIDVALIDITY_LUA = _UIDVALIDITY_LUA + """
+return next_uidvalidity(KEYS[1], ARGV[1])
 """
 
 # A folder's keys under a new name (RENAME): meta, UIDs, transaction map and each message's
@@ -388,17 +397,14 @@ return gone
 """
 
 # Append one message to a folder unless this transaction is already there (idempotent).
-_APPEND_LUA = """
+_APPEND_LUA = _UIDVALIDITY_LUA + """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
 if existing then
   return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0,
           tonumber(redis.call('GET', KEYS[6]) or '0')}
 end
 if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 0 then
-  local v = redis.call('INCR', KEYS[5])
-  if v < tonumber(ARGV[6]) then redis.call('SET', KEYS[5], ARGV[6]); v = tonumber(ARGV[6]) end
-  redis.call('HSET', KEYS[1], 'uidvalidity', v, 'uidnext', 1)
-  redis.call('SADD', KEYS[4], ARGV[8])
+  make_folder(KEYS[1], KEYS[5], ARGV[6], KEYS[4], ARGV[8])
 end
 local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
 if tonumber(meta[2]) >= tonumber(meta[3] or '1') then
@@ -894,7 +900,8 @@ class MailboxIndex:
                              messages: list[RestoredMessage], modseq: int = 1) -> None:
         """A rebuild writing back a folder as the change log describes it: its UIDVALIDITY, its
         UIDNEXT and each message at its UID with its flags (RFC 3501 2.3.1.1: same UIDVALIDITY,
-        same UIDs)."""
+        same UIDs). The UIDVALIDITY counter is the caller's to raise (:meth:`raise_uidvalidity`,
+        once for every folder)."""
         prefix = keys.mailbox_message_prefix(mailbox, folder)
         meta, uids, txns = (keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                             keys.mailbox_txn(mailbox, folder))
@@ -922,7 +929,6 @@ class MailboxIndex:
             pipe.hincrby(keys.mailbox_usage(mailbox), "bytes", sum(m.record.size for m in messages))
             pipe.hincrby(keys.mailbox_usage(mailbox), "messages", len(messages))
             await pipe.execute()
-        await self.raise_uidvalidity(uidvalidity)
 
     async def uidvalidity_counter(self) -> int | None:
         """The last UIDVALIDITY given; None when Redis lost it."""

@@ -72,6 +72,7 @@ SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 STORE_BATCH = 500  # messages per atomic flag script call
+ANY_UID = 2**32 - 1  # "*" in a client's known UIDs (QRESYNC): any
 MAX_LITERALS_PER_COMMAND = 16
 
 Handler = Callable[[Command], Awaitable[None]]
@@ -463,7 +464,7 @@ class ImapSession(FolderCommands, Session):
         self.out(f"* OK [UIDVALIDITY {status.uidvalidity}] UIDs valid")
         self.out(f"* OK [UIDNEXT {status.uidnext}] Predicted next UID")
         # RFC 7162 3.1.2.1: mod-sequences are kept for every folder, so always said.
-        self.out(f"* OK [HIGHESTMODSEQ {max(status.highestmodseq, self._view_modseq(), 1)}] Highest")
+        self.out(f"* OK [HIGHESTMODSEQ {max(status.highestmodseq, 1)}] Highest")  # at least 1 (RFC 7162)
         permanent = "()" if self.readonly else "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
         self.out(f"* OK [PERMANENTFLAGS {permanent}] Limited")
         if resync is not None and resync[0] == status.uidvalidity:
@@ -491,7 +492,7 @@ class ImapSession(FolderCommands, Session):
                     raise ImapSyntaxError("bad QRESYNC parameters")
                 known = None
                 if len(values) >= 3 and not isinstance(values[2], list):
-                    known = parse_sequence_set(text_of(values[2]), self._largest_uid_hint())
+                    known = parse_sequence_set(text_of(values[2]), ANY_UID)
                 resync = (numbers[0], numbers[1], known)
             else:
                 raise ImapSyntaxError("unknown SELECT parameter")
@@ -504,12 +505,6 @@ class ImapSession(FolderCommands, Session):
         """The message as FETCH shows it: with \\Recent when it is recent in this session."""
         return dataclasses.replace(message, flags=message.flags | {"\\Recent"}) if message.uid in self.recent \
             else message
-
-    def _largest_uid_hint(self) -> int:
-        return 2**32 - 1  # "*" in a client's known UIDs: any
-
-    def _view_modseq(self) -> int:
-        return max((m.modseq for m in self.view), default=0)
 
     async def _resynchronise(self, since: int, known: SequenceSet | None) -> None:
         """QRESYNC (RFC 7162 3.2.5.1): what vanished since the client's MODSEQ, then the flags
@@ -737,15 +732,15 @@ class ImapSession(FolderCommands, Session):
             items.append(f"MODSEQ ({message.modseq})")
         return " ".join(items)
 
-    def _forget(self, gone: list[tuple[int, IndexedMessage]]) -> None:
-        """Expunged messages leave the view, said as EXPUNGE, or VANISHED with QRESYNC (RFC
-        7162 3.2.10)."""
+    def _forget(self, gone: list[tuple[int, IndexedMessage]], announce: bool = True) -> None:
+        """Expunged messages leave the view, said (``announce``) as EXPUNGE, or VANISHED with
+        QRESYNC (RFC 7162 3.2.10); CLOSE says nothing (RFC 3501 6.4.2)."""
         for seq, message in sorted(gone, key=lambda x: x[0], reverse=True):
             del self.view[seq - 1]
             self.recent.discard(message.uid)
-            if not self.qresync:
+            if announce and not self.qresync:
                 self.out(f"* {seq} EXPUNGE")
-        if self.qresync and gone:
+        if announce and self.qresync and gone:
             self.out(f"* VANISHED {compress_numbers(sorted(m.uid for _, m in gone))}")
 
     def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
@@ -987,11 +982,7 @@ class ImapSession(FolderCommands, Session):
         if not doomed:
             return
         await self.backend.mailboxes.expunge(self.account, self.folder, self.uidvalidity, [m for _, m in doomed])
-        if announce:
-            self._forget(doomed)
-        else:
-            for seq, _ in sorted(doomed, key=lambda x: x[0], reverse=True):
-                del self.view[seq - 1]
+        self._forget(doomed, announce)
         await self.backend.publish_changed(self.account, self.folder)
 
     async def cmd_expunge(self, command: Command) -> None:

@@ -1,8 +1,9 @@
 """IMAP's folder commands (RFC 3501 6.3: LIST, LSUB, STATUS, CREATE, DELETE, RENAME, SUBSCRIBE,
 NAMESPACE; SPECIAL-USE, RFC 6154), mixed into :class:`rempart.imap_pop.imap.ImapSession`.
 
-Folders are the Redis index's; every change to their messages takes the durable path (a
-delivery record or a tombstone first), so a rebuilt index shows the same folders.
+Every change to folders and subscriptions goes through the mailbox write path
+(:class:`rempart.common.mailbox.Mailboxes`), which records it in the change log, so a rebuilt
+index shows the same folders.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ class FolderCommands:
         raise NotImplementedError
 
     def ok(self, command: Command, text: str = "") -> None:
-        raise NotImplementedError
-
-    async def read_content(self, message: IndexedMessage) -> bytes:
         raise NotImplementedError
 
     def folder_name(self, token: Token) -> str:
