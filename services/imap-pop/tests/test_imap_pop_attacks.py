@@ -364,3 +364,30 @@ async def test_list_pattern_built_to_backtrack_answers_at_once(service) -> None:
     assert matching[-1] == b"e OK LIST completed" and any(b"a" * 60 in line for line in matching)
     assert too_long == [b"f BAD LIST pattern too long"]
     assert await asyncio.to_thread(still_serving, service.ports["imap"]) == b"z OK NOOP completed"
+
+
+async def test_non_ascii_digits_are_protocol_errors_on_imap_and_pop3(service) -> None:  # type: ignore[no-untyped-def]
+    # "²" passes str.isdigit() and then breaks int(): a server error before, now a plain refusal.
+    await service.deliver(b"Subject: x\r\n\r\nbody\r\n")
+
+    def imap() -> list[bytes]:
+        raw = raw_connect(service.ports["imap"])
+        raw.line()
+        raw.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        raw.until(b"b ")
+        raw.send("c FETCH ² FLAGS\r\nd SEARCH ²\r\ne UID FETCH 1:² FLAGS\r\nf NOOP\r\n".encode())
+        return [line for line in raw.until(b"f ") if not line.startswith(b"* ")]
+
+    def pop3() -> list[bytes]:
+        raw = raw_connect(service.ports["pop3"])
+        raw.line()
+        raw.send(f"USER {BOB}\r\nPASS {BOB_PASSWORD}\r\n".encode())
+        raw.line()
+        raw.line()
+        raw.send("RETR ²\r\nTOP 1 ²\r\nLIST 1\r\nQUIT\r\n".encode())
+        return [raw.line() for _ in range(3)]
+
+    answers = await asyncio.to_thread(imap)
+    assert [line.split(b" ")[:2] for line in answers] == [[b"c", b"BAD"], [b"d", b"BAD"], [b"e", b"BAD"],
+                                                          [b"f", b"OK"]]
+    assert await asyncio.to_thread(pop3) == [b"-ERR Bad message number", b"-ERR Usage: TOP msg lines", b"+OK 1 20"]

@@ -144,3 +144,14 @@ def test_ranges_for_vanished_cost_what_is_present() -> None:
     assert missing_numbers([5, 6, 7], 2**32) == [(1, 4), (8, 2**32 - 1)]
     assert intersect_ranges([(1, 4), (8, 20)], [(3, 10), (15, 15)]) == [(3, 4), (8, 10), (15, 15)]
     assert format_ranges([(1, 4), (8, 8)]) == "1:4,8"
+
+
+def test_non_ascii_digits_are_syntax_errors_not_crashes() -> None:
+    # Found by the fuzz test: "²" passes str.isdigit() and then breaks int().
+    for bad in ("²", "1:²", "\u0661"):
+        with pytest.raises(ImapSyntaxError):
+            parse_sequence_set(bad, 10)
+    with pytest.raises(ImapSyntaxError):
+        parse_fetch_items(Atom("BODY[1.²]"))
+    with pytest.raises(ImapSyntaxError):
+        parse_fetch_items(Atom("BODY[" + "1" * 5000 + "]"))

@@ -207,7 +207,7 @@ class SearchParser:
                 raise ImapSyntaxError("bad date")
             self.needs_content = True
             return _sent_date_test(key, sent)
-        if key[:1].isdigit() or key[:1] == "*":
+        if key and key[0] in "0123456789*":
             ranges = parse_sequence_set(key, self.largest_seq)
             return lambda s, _m, _c: in_sequence_set(s, ranges)
         raise ImapSyntaxError(f"unknown search key {key[:30]}")

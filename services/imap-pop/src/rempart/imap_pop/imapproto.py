@@ -211,9 +211,9 @@ def parse_sequence_set(text: str, largest: int) -> SequenceSet:
 def _seq_number(text: str, largest: int) -> int:
     if text == "*":
         return largest
-    if not text.isdigit() or text.startswith("0") or len(text) > 10:
+    value = parse_number(text)
+    if value is None or text.startswith("0") or len(text) > 10:
         raise ImapSyntaxError("bad sequence number")
-    value = int(text)
     if value > 0xFFFFFFFF:
         raise ImapSyntaxError("sequence number too large")
     return value
@@ -376,9 +376,9 @@ def _section(text: str) -> tuple[tuple[int, ...], str, tuple[str, ...]]:
         spec = spec[:paren].strip()
     part: list[int] = []
     pieces = spec.split(".") if spec else []
-    while pieces and pieces[0].isdigit():
-        number = int(pieces.pop(0))
-        if number == 0 or len(part) >= 20:
+    while pieces and (number := parse_number(pieces[0])) is not None:
+        pieces.pop(0)
+        if number == 0 or number > 0xFFFFFFFF or len(part) >= 20:
             raise ImapSyntaxError("bad section part")
         part.append(number)
     section = ".".join(pieces).upper()

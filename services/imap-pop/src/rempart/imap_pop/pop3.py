@@ -16,6 +16,7 @@ from rempart.common.mime import normalise, split_header
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError, SaslMalformed
 from rempart.imap_pop import replies as R
+from rempart.imap_pop.imapproto import parse_number
 from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
 
@@ -284,11 +285,11 @@ class Pop3Session(Session):
             log.warning("maildrop lock not released: %s", exc, extra={"session": self.session_id})
 
     def _message(self, arg: str) -> tuple[int, IndexedMessage] | None:
-        number = arg.split(" ")[0]
-        if not number.isdigit() or len(number) > 9:
+        text = arg.split(" ")[0]
+        index = parse_number(text)
+        if index is None or len(text) > 9:
             self.send("-ERR Bad message number")
             return None
-        index = int(number)
         if not 1 <= index <= len(self.messages) or index in self.deleted:
             self.send("-ERR No such message")
             return None
@@ -351,7 +352,7 @@ class Pop3Session(Session):
 
     async def top(self, arg: str) -> None:
         args = arg.split(" ")
-        if len(args) != 2 or not args[1].isdigit():
+        if len(args) != 2 or parse_number(args[1]) is None:
             self.send("-ERR Usage: TOP msg lines")
             return
         found = self._message(args[0])
