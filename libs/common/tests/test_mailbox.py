@@ -128,6 +128,59 @@ async def test_r_mbx_3_concurrent_flag_changes_replay_in_the_order_redis_applied
     assert (await mailboxes.index.messages(BOB))[0].flags == live
 
 
+async def test_r_mbx_1_a_copy_and_a_store_cut_before_their_log_write_are_recorded_later(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    """A replica killed between Redis's decision and the log write (the MOVE cut by kill -9 in
+    the e2e durability test): the index has the copy and the flag, the log does not. The
+    journal that Redis keeps with the change lets the next login (or the rebuild) record them,
+    so a rebuild shows what the live index showed."""
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    await mailboxes.provision(BOB)
+    await deliver(mailboxes, "to archive")
+    await deliver(mailboxes, "to flag")
+    await deliver(mailboxes, "archived whole")
+    assert await mailboxes.create_folder(BOB, "Archive")
+    await mailboxes.copy(BOB, INBOX, "Archive", [3])  # logged, and UIDs reserved in the log
+    inbox = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    # What Mailboxes.copy and change_flags do first, with the log write that follows cut off.
+    copied = await mailboxes.index.copy(BOB, INBOX, "Archive", [1])
+    assert isinstance(copied, tuple) and copied[0][0].place.uid == 2
+    _, _, entry = await mailboxes.index.change_flags(BOB, INBOX, inbox, [2], "add", {"$Important"})
+    assert entry
+    assert len(await mailboxes.index.journal(BOB)) == 2
+    live = await snapshot(mailboxes)
+
+    assert await mailboxes.recover(BOB) == 2  # the next login
+    assert await mailboxes.index.journal(BOB) == {}
+    assert await mailboxes.recover(BOB) == 0
+    await redis.flushall()
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+    assert await snapshot(mailboxes) == live
+    folders = live["folders"]
+    assert isinstance(folders, dict) and [m[0] for m in folders["Archive"][1]] == [1, 2]
+
+    # Without a login in between, the rebuild itself records the journal before it flushes.
+    await mailboxes.copy(BOB, INBOX, "Archive", [3])  # a rebuild leaves no UID headroom: reserve
+    copied = await mailboxes.index.copy(BOB, INBOX, "Archive", [2])
+    assert isinstance(copied, tuple)
+    live = await snapshot(mailboxes)
+    await rebuild_index(nats_conn.jetstream(), mailboxes)
+    assert await snapshot(mailboxes) == live
+
+
+async def test_r_mbx_1_completed_copies_and_stores_leave_no_journal(redis: aioredis.Redis, nats_conn: NATS) -> None:
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    await deliver(mailboxes, "m")
+    assert await mailboxes.create_folder(BOB, "Archive")
+    inbox = (await mailboxes.index.status(BOB, INBOX)).uidvalidity
+    await mailboxes.copy(BOB, INBOX, "Archive", [1])
+    await mailboxes.change_flags(BOB, INBOX, inbox, [1], "add", {"\\Seen"})
+    await mailboxes.change_flags(BOB, INBOX, inbox, [1], "add", {"\\Seen"})  # changes nothing
+    assert await mailboxes.index.journal(BOB) == {}
+    assert await redis.exists(f"rp:mbx:{{{BOB}}}:journal") == 0
+
+
 async def test_r_mbx_1_mail_not_filed_yet_comes_back_above_every_reserved_uid(
     redis: aioredis.Redis, nats_conn: NATS
 ) -> None:

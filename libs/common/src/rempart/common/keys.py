@@ -166,6 +166,19 @@ def mailbox_changes(mailbox: str, folder: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:bymodseq"
 
 
+def mailbox_journal(mailbox: str) -> str:
+    """Hash name -> a change Redis made that the change log may not have yet (``mailstore``)."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:journal"
+
+
+MAILBOX_JOURNAL_PATTERN = PREFIX + "mbx:{*}:journal"
+
+
+def account_of_mailbox_key(key: str) -> str:
+    """The account a per-account mailbox key belongs to (what its braces hold)."""
+    return key[key.index("{") + 1 : key.rindex("}")]
+
+
 def mailbox_modseq(mailbox: str) -> str:
     """The account's change counter: each flag change takes the next value, which orders the
     change log's flag records the way Redis applied them."""

@@ -270,8 +270,9 @@ class Mailboxes:
                 if isinstance(result, Reservation):
                     await self._reserve(account, result, RESERVE_BLOCK)
                     continue
-                done, modseq = result
+                done, modseq, entry = result
                 await self._log_copies(account, target, [c for c in done if c.place.uid], modseq)
+                await self.index.forget_journal(account, [entry])
                 copies += done
                 break
             else:
@@ -279,20 +280,7 @@ class Mailboxes:
         return copies
 
     async def _log_copies(self, account: str, folder: str, copies: list[Copied], modseq: int) -> None:
-        if not copies:
-            return
-        uidvalidity = copies[0].place.uidvalidity
-        changes = [events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
-            folder=folder, uidvalidity=uidvalidity, uidnext=copies[-1].place.uid + 1, modseq=modseq,
-            messages=[events_pb2.FiledMessage(transaction_id=c.identity, uid=c.place.uid) for c in copies]))]
-        # The flags the copies have (those of the originals at the moment of the copy).
-        by_flags: dict[frozenset[str], list[int]] = {}
-        for c in copies:
-            by_flags.setdefault(c.flags, []).append(c.place.uid)
-        changes += [events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
-            folder=folder, uidvalidity=uidvalidity, mode=events_pb2.FLAG_CHANGE_SET, flags=sorted(flags),
-            uids=uids, modseq=modseq)) for flags, uids in by_flags.items()]
-        await self.log.write(changes)
+        await self.log.write(_copy_changes(account, folder, copies, modseq))
 
     async def _reserve(self, account: str, reservation: Reservation, extra: int) -> None:
         up_to = reservation.uidnext + extra
@@ -306,18 +294,42 @@ class Mailboxes:
         """STORE (and FETCH's implicit \\Seen): atomic per message in Redis (R-MBX-3), then
         recorded with the MODSEQ it took, so a replay applies concurrent changes in the order
         Redis did. ``unchanged_since``: RFC 7162's conditional STORE."""
-        after, modseq = await self.index.change_flags(account, folder, uids, mode, flags, limit, unchanged_since)
+        after, modseq, entry = await self.index.change_flags(account, folder, uidvalidity, uids, mode, flags, limit,
+                                                             unchanged_since)
         # Every message the change applies to, even those it left as they were: a STORE retried
         # after a crash finds its flags already set in Redis, and its OK must still mean "in the log".
         changed = [uid for uid, now in after.items()
                    if now is not None and FLAG_LIMIT not in now.flags and FLAG_MODIFIED not in now.flags]
         if changed:
-            await self.log.write([
-                events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
-                    folder=folder, uidvalidity=uidvalidity, mode=_MODES[mode], flags=sorted(flags), uids=chunk,
-                    modseq=modseq))
-                for chunk in _chunks(changed)])
+            await self.log.write(_flag_changes(account, folder, uidvalidity, mode, flags, changed, modseq))
+        if entry:
+            await self.index.forget_journal(account, [entry])
         return after
+
+    async def recover(self, account: str) -> int:
+        """Record in the change log what Redis did for a replica that was killed before it
+        could (a COPY's new UIDs, a STORE's flags: the journal, see ``MailboxIndex.journal``), so
+        that the index and the log tell the same story and a rebuild keeps them. Run at each
+        login and before a rebuild. Recording a change twice is harmless (a replay applies the
+        same UIDs, and flags by MODSEQ). Returns how many entries were recorded."""
+        entries = await self.index.journal(account)
+        changes: list[events_pb2.MailboxChange] = []
+        for entry in entries.values():
+            folder, uidvalidity, modseq = str(entry["f"]), int(entry["v"]), int(entry["m"])
+            if entry["k"] == "copy":
+                copies = [Copied(0, Filed(folder, uidvalidity, int(uid), modseq), str(identity),
+                                 frozenset(f for f in str(flags).split(" ") if f))
+                          for uid, identity, flags in entry["c"]]
+                changes += _copy_changes(account, folder, copies, modseq)
+            elif entry["k"] == "flags":
+                changes += _flag_changes(account, folder, uidvalidity, str(entry["mode"]),
+                                         set(entry["fl"] or []), [int(u) for u in entry["u"] or []], modseq)
+        if changes:
+            await self.log.write(changes)
+            log.info("recorded %d change(s) a stopped replica had made but not logged", len(entries),
+                     extra={"account": account})
+        await self.index.forget_journal(account, entries)
+        return len(entries)
 
     async def expunge(self, account: str, folder: str, uidvalidity: int, messages: list[IndexedMessage]) -> None:
         """Remove messages for good: recorded before the index forgets them."""
@@ -525,6 +537,9 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
     the next rebuild gives the same answer.
     """
     index = mailboxes.index
+    # What Redis did that the log may not have yet goes to the log before the index is flushed.
+    for account in await index.journaled_accounts():
+        await mailboxes.recover(account)
     deliveries: dict[str, tuple[events_pb2.DeliveryRecord, int]] = {}
     order: list[str] = []
     legacy_expunged: set[tuple[str, str, str]] = set()
@@ -614,6 +629,31 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
             await index.set_subscribed(account, state.subscriptions, True)
         await index.restore_counter(account, modseq)
     return indexed
+
+
+def _copy_changes(account: str, folder: str, copies: list[Copied], modseq: int) -> list[events_pb2.MailboxChange]:
+    """The log records of a COPY: where the copies were filed, and the flags they have (those
+    of the originals at the moment of the copy)."""
+    if not copies:
+        return []
+    uidvalidity = copies[0].place.uidvalidity
+    changes = [events_pb2.MailboxChange(account=account, filed=events_pb2.MessagesFiled(
+        folder=folder, uidvalidity=uidvalidity, uidnext=max(c.place.uid for c in copies) + 1, modseq=modseq,
+        messages=[events_pb2.FiledMessage(transaction_id=c.identity, uid=c.place.uid) for c in copies]))]
+    by_flags: dict[frozenset[str], list[int]] = {}
+    for c in copies:
+        by_flags.setdefault(c.flags, []).append(c.place.uid)
+    changes += [events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
+        folder=folder, uidvalidity=uidvalidity, mode=events_pb2.FLAG_CHANGE_SET, flags=sorted(flags),
+        uids=uids, modseq=modseq)) for flags, uids in by_flags.items()]
+    return changes
+
+
+def _flag_changes(account: str, folder: str, uidvalidity: int, mode: str, flags: set[str], uids: list[int],
+                  modseq: int) -> list[events_pb2.MailboxChange]:
+    return [events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
+        folder=folder, uidvalidity=uidvalidity, mode=_MODES[mode], flags=sorted(flags), uids=chunk, modseq=modseq))
+        for chunk in _chunks(uids)]
 
 
 def _flags_of(uid: int, record: events_pb2.DeliveryRecord, changes: list[events_pb2.FlagsChanged]) -> frozenset[str]:

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 from nats.js import JetStreamContext
@@ -441,19 +442,22 @@ end
 return first
 """
 
-# COPY by reference (R-MBX-5): each source message (ARGV[4..], UIDs; ARGV[1] the source
-# prefix) gets a new UID in the target folder (KEYS[1..3]) with the same body, summary and
-# flags, under a new identity (its delivery's transaction id, '/', ARGV[3], a counter): no byte
-# is copied. Reply: the target's UIDVALIDITY, the change counter taken (KEYS[4]), then per source
-# UID its new UID (0: gone), identity and flags; or {0, uidvalidity, uidnext} when the UIDs
-# needed pass what the log reserved, or {} when the target does not exist.
+# COPY by reference (R-MBX-5): each source message (ARGV[6..], UIDs; ARGV[1] the source
+# prefix) gets a new UID in the target folder (KEYS[1..3], named ARGV[5]) with the same body,
+# summary and flags, under a new identity (its delivery's transaction id, '/', ARGV[3], a
+# counter): no byte is copied. What was done is also kept in the account's journal (KEYS[7],
+# under ARGV[3]) until the change log has it (see _JOURNAL). Reply: the target's UIDVALIDITY, the
+# change counter taken (KEYS[4]), then per source UID its new UID (0: gone), identity and
+# flags; or {0, uidvalidity, uidnext} when the UIDs needed pass what the log reserved, or {}
+# when the target does not exist.
 _COPY_LUA = """
 local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
 if not meta[1] then return {} end
-local wanted = #ARGV - 4
+local wanted = #ARGV - 5
 if tonumber(meta[2]) + wanted > tonumber(meta[3] or '1') then return {0, tonumber(meta[1]), tonumber(meta[2])} end
 local out = {tonumber(meta[1]), redis.call('INCR', KEYS[4])}
-for i = 5, #ARGV do
+local journal = {}
+for i = 6, #ARGV do
   local source = ARGV[1] .. ARGV[i]
   local row = redis.call('HGETALL', source)
   if #row == 0 then
@@ -462,7 +466,7 @@ for i = 5, #ARGV do
     local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
     local txn = redis.call('HGET', source, 'txn') or ''
     local base = string.match(txn, '^[^/]*')
-    local identity = base .. '/' .. ARGV[3] .. (i - 4)
+    local identity = base .. '/' .. ARGV[3] .. (i - 5)
     redis.call('HSET', ARGV[2] .. uid, unpack(row))
     redis.call('HSET', ARGV[2] .. uid, 'txn', identity, 'modseq', out[2])
     redis.call('ZADD', KEYS[5], out[2], uid)
@@ -473,9 +477,13 @@ for i = 5, #ARGV do
     redis.call('ZADD', KEYS[2], uid, uid)
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
+    journal[#journal + 1] = {uid, identity, out[#out]}
   end
 end
 redis.call('HSET', KEYS[1], 'highestmodseq', out[2])
+if #journal > 0 then
+  redis.call('HSET', KEYS[7], ARGV[3], cjson.encode({k = 'copy', f = ARGV[5], v = out[1], m = out[2], c = journal}))
+end
 return out
 """
 
@@ -555,17 +563,19 @@ class FlagState:
 
 # Flags of several messages changed in one atomic step each: ARGV[1] set|add|remove,
 # ARGV[2] the most flags a message may carry (0: no limit), ARGV[3] UNCHANGEDSINCE (RFC 7162
-# 3.1.3; empty: none), ARGV[4..] the flags; KEYS[1] the account's change counter (MODSEQ),
-# KEYS[2] the folder's meta, KEYS[3] its messages by MODSEQ, KEYS[4..] the messages. Reply: the
-# MODSEQ this change took, then for each message its flags and its MODSEQ afterwards ('\0' for a
-# message that is gone; the flags end in ' \0limit' or ' \0modified' where the message was left
-# as it was).
+# 3.1.3; empty: none), ARGV[4] the journal entry's name, ARGV[5] and ARGV[6] the folder's name
+# and UIDVALIDITY, ARGV[7..] the flags; KEYS[1] the account's change counter (MODSEQ), KEYS[2]
+# the folder's meta, KEYS[3] its messages by MODSEQ, KEYS[4] the account's journal, KEYS[5..] the
+# messages. Reply: the MODSEQ this change took (negative when a message changed and the change
+# was journaled), then for each message its flags and its MODSEQ afterwards ('\0' for a message
+# that is gone; the flags end in ' \0limit' or ' \0modified' where the message was left as it
+# was).
 _CHANGE_FLAGS_LUA = """
 local modseq = redis.call('INCR', KEYS[1])
 local out = {modseq}
 local since = tonumber(ARGV[3])  -- nil: no UNCHANGEDSINCE
-local changed = false
-for i = 4, #KEYS do
+local changed = {}
+for i = 5, #KEYS do
   local key = KEYS[i]
   local row = redis.call('HMGET', key, 'flags', 'modseq')
   local current, mine = row[1], tonumber(row[2] or '0')
@@ -578,7 +588,7 @@ for i = 4, #KEYS do
     if ARGV[1] ~= 'set' then
       for flag in string.gmatch(current, '%S+') do set[flag] = true; count = count + 1 end
     end
-    for j = 4, #ARGV do
+    for j = 7, #ARGV do
       local flag = ARGV[j]
       if ARGV[1] == 'remove' then
         if set[flag] then set[flag] = nil; count = count - 1 end
@@ -595,16 +605,24 @@ for i = 4, #KEYS do
       table.sort(list)
       local joined = table.concat(list, ' ')
       if joined ~= current then
+        local uid = string.match(key, '(%d+)$')
         redis.call('HSET', key, 'flags', joined, 'modseq', modseq)
-        redis.call('ZADD', KEYS[3], modseq, string.match(key, '(%d+)$'))
+        redis.call('ZADD', KEYS[3], modseq, uid)
         mine = modseq
-        changed = true
+        changed[#changed + 1] = tonumber(uid)
       end
       out[#out + 1] = joined; out[#out + 1] = mine
     end
   end
 end
-if changed then redis.call('HSET', KEYS[2], 'highestmodseq', modseq) end
+if #changed > 0 then
+  redis.call('HSET', KEYS[2], 'highestmodseq', modseq)
+  local flags = {}
+  for j = 7, #ARGV do flags[#flags + 1] = ARGV[j] end
+  redis.call('HSET', KEYS[4], ARGV[4], cjson.encode({k = 'flags', f = ARGV[5], v = tonumber(ARGV[6]), m = modseq,
+                                                   mode = ARGV[1], fl = flags, u = changed}))
+  out[1] = -modseq  -- journaled: the caller clears the entry once the change log has it
+end
 return out
 """
 
@@ -710,18 +728,20 @@ class MailboxIndex:
         return out
 
     async def copy(self, mailbox: str, source: str, target: str, uids: list[int]
-                   ) -> tuple[list[Copied], int] | Reservation | None:
+                   ) -> tuple[list[Copied], int, str] | Reservation | None:
         """COPY without copying: new entries in ``target`` for the same messages (body, summary,
         flags as they are now in the index, not as a session last saw them). Returns the copies
-        (in the order of ``uids``; ``uid`` 0 where the source is gone) and the change counter
-        taken; a :class:`Reservation` when more UIDs must be reserved first; None when the
-        target folder does not exist."""
+        (in the order of ``uids``; ``uid`` 0 where the source is gone), the change counter taken
+        and the name of the journal entry that holds them until the change log does (see
+        :meth:`journal`); a :class:`Reservation` when more UIDs must be reserved first; None
+        when the target folder does not exist."""
+        entry = os.urandom(6).hex()
         reply = await self._copy(
             keys=[keys.mailbox_meta(mailbox, target), keys.mailbox_uids(mailbox, target),
                   keys.mailbox_txn(mailbox, target), keys.mailbox_modseq(mailbox),
-                  keys.mailbox_changes(mailbox, target), keys.mailbox_usage(mailbox)],
+                  keys.mailbox_changes(mailbox, target), keys.mailbox_usage(mailbox), keys.mailbox_journal(mailbox)],
             args=[keys.mailbox_message_prefix(mailbox, source), keys.mailbox_message_prefix(mailbox, target),
-                  os.urandom(6).hex(), keys.MESSAGE_REFS_PREFIX, *uids])
+                  entry, keys.MESSAGE_REFS_PREFIX, target, *uids])
         if not reply:
             return None
         if int(reply[0]) == 0:
@@ -730,7 +750,27 @@ class MailboxIndex:
         copies = [Copied(source_uid, Filed(target, uidvalidity, int(reply[2 + 3 * i]), modseq), str(reply[3 + 3 * i]),
                          frozenset(f for f in str(reply[4 + 3 * i]).split(" ") if f))
                   for i, source_uid in enumerate(uids)]
-        return copies, modseq
+        return copies, modseq, entry
+
+    async def journal(self, mailbox: str) -> dict[str, dict[str, Any]]:
+        """Changes Redis made that the change log may not have yet (a COPY's new UIDs, a
+        STORE's flags): name -> the change, as the scripts wrote it. An entry stays from the
+        moment Redis decides until :meth:`forget_journal`, after the log write: a replica killed
+        in between leaves it for :meth:`Mailboxes.recover`."""
+        raw = await self._redis.hgetall(keys.mailbox_journal(mailbox))
+        return {str(name): json.loads(value) for name, value in raw.items()}
+
+    async def forget_journal(self, mailbox: str, names: Iterable[str]) -> None:
+        names = list(names)
+        if names:
+            await self._redis.hdel(keys.mailbox_journal(mailbox), *names)
+
+    async def journaled_accounts(self) -> list[str]:
+        """Every account with a journal entry (a rebuild logs them before it flushes)."""
+        found = []
+        async for key in self._redis.scan_iter(match=keys.MAILBOX_JOURNAL_PATTERN, count=1000):
+            found.append(keys.account_of_mailbox_key(str(key)))
+        return found
 
     async def reserve(self, mailbox: str, folder: str, uidvalidity: int, up_to: int) -> None:
         """UIDs below ``up_to`` may be handed out in this folder: the change log says so."""
@@ -869,23 +909,27 @@ class MailboxIndex:
         await self._store_summary(keys=[key], args=[summary.size, *_summary_values(summary)])
 
     async def change_flags(
-        self, mailbox: str, folder: str, uids: list[int], mode: str, flags: set[str], limit: int = 0,
-        unchanged_since: int | None = None,
-    ) -> tuple[dict[int, FlagState | None], int]:
+        self, mailbox: str, folder: str, uidvalidity: int, uids: list[int], mode: str, flags: set[str],
+        limit: int = 0, unchanged_since: int | None = None,
+    ) -> tuple[dict[int, FlagState | None], int, str]:
         """STORE FLAGS / +FLAGS / -FLAGS (``mode`` set, add, remove), atomically per message in
         Redis (R-MBX-3): two clients adding different flags at once both keep theirs, where
         writing a set computed from a session's copy lost one. Returns each message's flags and
         MODSEQ afterwards (None where it no longer exists) and the MODSEQ this change took (the
         order Redis applied changes in, for the change log). A message left as it was carries
         :data:`FLAG_LIMIT` (it would pass ``limit`` flags) or :data:`FLAG_MODIFIED` (changed
-        since ``unchanged_since``, RFC 7162 3.1.3) among its flags."""
+        since ``unchanged_since``, RFC 7162 3.1.3) among its flags. The third value names the
+        journal entry of the change ("" when no message changed; see :meth:`journal`)."""
         if not uids:
-            return {}, 0
+            return {}, 0, ""
         prefix = keys.mailbox_message_prefix(mailbox, folder)
+        entry = os.urandom(6).hex()
         rows = await self._change_flags(
             keys=[keys.mailbox_modseq(mailbox), keys.mailbox_meta(mailbox, folder),
-                  keys.mailbox_changes(mailbox, folder), *(prefix + str(uid) for uid in uids)],
-            args=[mode, limit, "" if unchanged_since is None else unchanged_since, *sorted(flags)],
+                  keys.mailbox_changes(mailbox, folder), keys.mailbox_journal(mailbox),
+                  *(prefix + str(uid) for uid in uids)],
+            args=[mode, limit, "" if unchanged_since is None else unchanged_since, entry, folder, uidvalidity,
+                  *sorted(flags)],
         )
         out: dict[int, FlagState | None] = {}
         for i, uid in enumerate(uids):
@@ -894,7 +938,8 @@ class MailboxIndex:
                 out[uid] = None
             else:
                 out[uid] = FlagState(frozenset(f for f in str(row).split(" ") if f), int(modseq))
-        return out, int(rows[0])
+        taken = int(rows[0])
+        return out, abs(taken), entry if taken < 0 else ""
 
     async def restore_folder(self, mailbox: str, folder: str, uidvalidity: int, uidnext: int, reserved: int,
                              messages: list[RestoredMessage], modseq: int = 1) -> None:

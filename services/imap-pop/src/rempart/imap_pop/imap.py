@@ -418,8 +418,10 @@ class ImapSession(FolderCommands, Session):
             self._claim = asyncio.create_task(self._keep_claim(account), name="imap-claim")
             try:
                 await self.backend.mailboxes.provision(self.account)
+                await self.backend.mailboxes.recover(self.account)
             except Exception as exc:  # noqa: BLE001 - missing default folders never block a login
-                log.warning("default folders not created: %s", exc, extra={"session": self.session_id})
+                log.warning("default folders not created or journal not recorded: %s", exc,
+                            extra={"session": self.session_id})
             self.ok(command, f"[CAPABILITY {self.capabilities()}] Logged in")
             return
         failed = decision.outcome is LoginOutcome.FAILED
