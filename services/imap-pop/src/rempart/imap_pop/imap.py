@@ -103,7 +103,8 @@ class ImapSession(FolderCommands, Session):
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE", "UIDPLUS", "MOVE",
-                "UNSELECT", "CHILDREN", "SPECIAL-USE", "CONDSTORE", "QRESYNC",
+                "UNSELECT", "CHILDREN", "SPECIAL-USE", "CREATE-SPECIAL-USE", "LIST-EXTENDED", "LIST-STATUS",
+                "ESEARCH", "CONDSTORE", "QRESYNC",
                 "QUOTA", "QUOTA=RES-STORAGE"]
         if not self.account:
             if self.tls_available():
@@ -1044,6 +1045,15 @@ class ImapSession(FolderCommands, Session):
 
     async def cmd_search(self, command: Command) -> None:
         args = list(command.args)
+        returns: list[str] | None = None  # RFC 4731 ESEARCH: SEARCH RETURN (MIN MAX ALL COUNT)
+        if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "RETURN":
+            if not isinstance(args[1], list) or any(isinstance(o, list) for o in args[1]):
+                raise ImapSyntaxError("SEARCH RETURN needs a list of options")
+            returns = [text_of(o).upper() for o in args[1]]
+            if any(o not in ESEARCH_RETURNS for o in returns):
+                raise ImapSyntaxError("unknown SEARCH RETURN option")
+            returns = returns or ["ALL"]  # RFC 4731 3.1: RETURN () means ALL
+            args = args[2:]
         if len(args) >= 2 and isinstance(args[0], Atom) and args[0].upper() == "CHARSET":
             if text_of(args[1]).upper() not in ("UTF-8", "US-ASCII"):
                 raise No("[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
@@ -1064,10 +1074,36 @@ class ImapSession(FolderCommands, Session):
                 if query.match(seq, message, contents.get(message.uid, b"")):
                     found.append(message.uid if command.uid else seq)
                     highest = max(highest, message.modseq)
+        if returns is not None:
+            self.out(esearch_response(command.tag, command.uid, returns, found,
+                                      highest if parser.uses_modseq else 0))
+            self.ok(command)
+            return
         # RFC 7162 3.1.5: with a MODSEQ key, the highest MODSEQ of what matched.
         tail = f" (MODSEQ {highest})" if parser.uses_modseq and found else ""
         self.out("* SEARCH" + "".join(f" {n}" for n in found) + tail)
         self.ok(command)
+
+
+ESEARCH_RETURNS = ("MIN", "MAX", "ALL", "COUNT")
+
+
+def esearch_response(tag: str, uid: bool, returns: list[str], found: list[int], modseq: int) -> str:
+    """RFC 4731 3.1: ``* ESEARCH (TAG "a1") UID MIN 2 COUNT 3``; MIN, MAX and ALL are left out
+    when nothing matched, COUNT is always given when asked; with a MODSEQ search key, the
+    highest MODSEQ of what matched (RFC 7162 3.1.5)."""
+    parts = [f'* ESEARCH (TAG "{tag}")'] + (["UID"] if uid else [])
+    if found and "MIN" in returns:
+        parts.append(f"MIN {min(found)}")
+    if found and "MAX" in returns:
+        parts.append(f"MAX {max(found)}")
+    if found and "ALL" in returns:
+        parts.append(f"ALL {compress_numbers(sorted(found))}")
+    if "COUNT" in returns:
+        parts.append(f"COUNT {len(found)}")
+    if found and modseq:
+        parts.append(f"MODSEQ {modseq}")
+    return " ".join(parts)
 
 
 

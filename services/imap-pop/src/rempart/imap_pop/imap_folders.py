@@ -14,6 +14,13 @@ from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token
 from rempart.imap_pop.session import Backend
 
 MAX_FOLDERS = 1000
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ")
+# RFC 5258 LIST-EXTENDED (REMOTE: no remote mailboxes here, so it changes nothing), RFC 6154.
+LIST_SELECTION = {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
+LIST_RETURNS = {"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"}
+# RFC 6154 CREATE-SPECIAL-USE: the uses a folder can be made with (\All and \Flagged name
+# virtual folders, which this store does not have).
+CREATABLE_USES = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 MAX_FOLDER_NAME = 200
 MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
 DELIMITER = "/"
@@ -48,13 +55,35 @@ class FolderCommands:
         args = list(command.args)
         selection: set[str] = set()
         returns: set[str] = set()
+        status_items: list[str] | None = None  # RFC 5819 LIST-STATUS
         if command.name == "LIST" and args and isinstance(args[0], list):
             options = args.pop(0)
             assert isinstance(options, list)
-            selection = {text_of(o).upper() for o in options if not isinstance(o, list)}
+            if any(isinstance(o, list) for o in options):
+                raise ImapSyntaxError("LIST selection options are atoms")
+            selection = {text_of(o).upper() for o in options}
+            # RFC 5258 3.1: an unknown option is an error; RECURSIVEMATCH needs another one.
+            if selection - LIST_SELECTION or selection == {"RECURSIVEMATCH"}:
+                raise ImapSyntaxError("unknown LIST selection option")
         if command.name == "LIST" and len(args) == 4 and isinstance(args[2], Atom) and args[2].upper() == "RETURN":
-            if isinstance(args[3], list):
-                returns = {text_of(o).upper() for o in args[3] if not isinstance(o, list)}
+            if not isinstance(args[3], list):
+                raise ImapSyntaxError("LIST RETURN needs a list")
+            options = list(args[3])
+            while options:
+                option = options.pop(0)
+                if isinstance(option, list):
+                    raise ImapSyntaxError("misplaced list in LIST RETURN")
+                name = text_of(option).upper()
+                if name == "STATUS":
+                    if not options or not isinstance(options[0], list):
+                        raise ImapSyntaxError("RETURN STATUS needs a list of items")
+                    items = options.pop(0)
+                    assert isinstance(items, list)
+                    status_items = self._status_items(items)  # checked before any output
+                elif name in LIST_RETURNS:
+                    returns.add(name)
+                else:
+                    raise ImapSyntaxError("unknown LIST RETURN option")
             args = args[:2]
         if len(args) != 2:
             raise ImapSyntaxError(f"{command.name} needs reference and pattern")
@@ -80,12 +109,19 @@ class FolderCommands:
         # A name whose parent is not listed (deleted, or never subscribed) still needs its
         # parent shown, as \Noselect, for "%" listings (RFC 3501 6.3.8, 6.3.9).
         implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in names for i in range(1, f.count(DELIMITER) + 1)}
+        recursive = "RECURSIVEMATCH" in selection and only_subscribed
         for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
             if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
                        for p in patterns):
                 continue
             if "SPECIAL-USE" in selection and folder not in uses:
                 continue
+            extended = ""
+            if recursive and folder not in names:
+                # RFC 5258 3.5: a parent listed because a child matched the selection.
+                if not any(n.startswith(folder + DELIMITER) for n in names):
+                    continue
+                extended = ' ("CHILDINFO" ("SUBSCRIBED"))'
             attributes = []
             if command.name == "LSUB":
                 if folder not in names or folder not in folders:
@@ -99,22 +135,38 @@ class FolderCommands:
                     attributes.append("\\Subscribed")
                 if folder in uses:
                     attributes.append(uses[folder])
-            if only_subscribed and folder not in names and command.name != "LSUB":
+            if only_subscribed and folder not in names and command.name != "LSUB" and not extended:
                 continue  # RFC 5258: LIST (SUBSCRIBED) names only subscriptions
-            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}')
+            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}{extended}')
+            if status_items is not None and folder in folders:
+                # RFC 5819: the STATUS of each selectable folder listed, right after its line.
+                self.out(f"* STATUS {quote(folder)} ({await self._status_of(folder, status_items)})")
         self.ok(command)
 
     async def cmd_status(self, command: Command) -> None:
         if len(command.args) != 2 or not isinstance(command.args[1], list):
             raise ImapSyntaxError("STATUS needs a mailbox and a list")
         folder = self.folder_name(command.args[0])
+        items = self._status_items(command.args[1])
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
+        self.out(f"* STATUS {quote(folder)} ({await self._status_of(folder, items)})")
+        self.ok(command)
+
+    @staticmethod
+    def _status_items(items: list[Token]) -> list[str]:
+        names = [text_of(item).upper() if not isinstance(item, list) else "" for item in items]
+        if not names or any(n not in STATUS_ITEMS for n in names):
+            raise ImapSyntaxError("unknown STATUS item")
+        return names
+
+    async def _status_of(self, folder: str, items: list[str]) -> str:
+        """The STATUS items of a folder (RFC 3501 6.3.10, RFC 7162 3.1.9), as STATUS and LIST
+        RETURN (STATUS) give them."""
         status = await self.backend.index.status(self.account, folder)
         out = []
         messages: list[IndexedMessage] | None = None
-        for item in command.args[1]:
-            name = text_of(item).upper()
+        for name in items:
             if name == "MESSAGES":
                 out.append(f"MESSAGES {status.exists}")
             elif name == "RECENT":
@@ -130,22 +182,33 @@ class FolderCommands:
                     messages = await self.backend.index.messages(self.account, folder)
                 unseen = sum(1 for m in messages if "\\Seen" not in m.flags)
                 out.append(f"UNSEEN {unseen}")
-            else:
-                raise ImapSyntaxError("unknown STATUS item")
-        self.out(f"* STATUS {quote(folder)} ({' '.join(out)})")
-        self.ok(command)
+        return " ".join(out)
 
     async def cmd_create(self, command: Command) -> None:
-        if len(command.args) != 1:
+        if len(command.args) not in (1, 2):
             raise ImapSyntaxError("CREATE needs a mailbox")
         folder = self.folder_name(command.args[0])
+        use = self._create_use(command.args[1]) if len(command.args) == 2 else ""
         folders = await self.backend.index.folders(self.account)
         if folder in folders:
             raise No("[ALREADYEXISTS] Mailbox exists")
-        await self._create_with_parents(folder, folders)
+        await self._create_with_parents(folder, folders, use)
         self.ok(command)
 
-    async def _create_with_parents(self, folder: str, folders: list[str]) -> None:
+    @staticmethod
+    def _create_use(parameters: Token) -> str:
+        """RFC 6154 3: ``CREATE name (USE (\\Archive))``; one use per folder here."""
+        if (not isinstance(parameters, list) or len(parameters) != 2 or isinstance(parameters[0], list)
+                or text_of(parameters[0]).upper() != "USE" or not isinstance(parameters[1], list)):
+            raise ImapSyntaxError("CREATE takes (USE (attribute))")
+        uses = [text_of(a) if not isinstance(a, list) else "" for a in parameters[1]]
+        known = {u.lower(): u for u in CREATABLE_USES}
+        if len(uses) != 1 or uses[0].lower() not in known:
+            raise No("[USEATTR] Special-use attribute not supported (one of "
+                     f"{' '.join(sorted(CREATABLE_USES))})")
+        return known[uses[0].lower()]
+
+    async def _create_with_parents(self, folder: str, folders: list[str], use: str = "") -> None:
         """RFC 3501 6.3.3: creating a/b/c also creates a and a/b when they are missing."""
         pieces = folder.split(DELIMITER)
         wanted = [DELIMITER.join(pieces[:i]) for i in range(1, len(pieces) + 1)]
@@ -153,7 +216,7 @@ class FolderCommands:
         if len(folders) + len(missing) > MAX_FOLDERS:
             raise No("[LIMIT] Too many mailboxes")
         for name in missing:
-            await self.backend.mailboxes.create_folder(self.account, name)
+            await self.backend.mailboxes.create_folder(self.account, name, use if name == folder else "")
 
     async def cmd_delete(self, command: Command) -> None:
         if len(command.args) != 1:
