@@ -135,6 +135,14 @@ async def test_r_mbx_2_noop_reports_what_another_session_changed_and_reads_only_
         return await whole(account, folder)
 
     index.messages = counting  # a spy: counts whole-folder loads, the real method answers
+    uid_reads: list[int] = []
+    all_uids = index.uids
+
+    async def counting_uids(account: str, folder: str = "INBOX"):  # type: ignore[no-untyped-def]
+        uid_reads.append(1)
+        return await all_uids(account, folder)
+
+    index.uids = counting_uids
 
     def run() -> list[list[bytes]]:
         watcher = raw_connect(service.ports["imap"])
@@ -152,8 +160,10 @@ async def test_r_mbx_2_noop_reports_what_another_session_changed_and_reads_only_
 
     loads_before = len(loaded)
     first, second = await asyncio.to_thread(run)
-    # The other session's SELECT loads the folder once; the watcher's NOOPs load nothing whole.
-    assert len(loaded) - loads_before == 2  # the watcher's SELECT and the other's
+    # No SELECT loads the folder's messages (only their UIDs: the first reads them whole, the
+    # second starts from what the first saved), and the watcher's NOOPs read only what changed.
+    assert len(loaded) - loads_before == 0
+    assert len(uid_reads) == 1
     # The watcher selected first: every message is \Recent for it (RFC 3501 2.3.2).
     assert first == [b"* 7 EXPUNGE", b"* 5 FETCH (FLAGS (\\Flagged \\Recent))", b"c OK NOOP completed"]
     assert second == [b"d OK NOOP completed"]

@@ -7,7 +7,7 @@ import asyncio
 import imaplib
 
 import pytest
-from imappop_helpers import BOB, BOB_PASSWORD, simple_message
+from imappop_helpers import BOB, BOB_PASSWORD, raw_connect, simple_message
 from test_imap_pop_condstore import session
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,3 +87,73 @@ async def test_r_mbx_4_create_special_use(service) -> None:  # type: ignore[no-u
     assert bad_typ == "NO" and "USEATTR" in bad
     assert any(b"\\Archive" in line and b"Old-Mail" in line for line in special)
     assert not any(b"Everything" in line for line in special)
+
+
+# --- SELECT from the saved UIDs (R-MBX-2) -------------------------------------------------------
+def opened(port: int) -> tuple[list[bytes], list[bytes]]:
+    """What a new session is told at SELECT (the untagged lines that describe the folder) and
+    what UID FETCH 1:* (FLAGS) gives then."""
+    select, fetch = session(port, "SELECT INBOX", "UID FETCH 1:* (FLAGS)")
+    told = [line for line in select if b"EXISTS" in line or b"UNSEEN" in line or b"UIDNEXT" in line]
+    return told, [line.replace(b" \\Recent", b"").replace(b"\\Recent ", b"").replace(b"\\Recent", b"")
+                  for line in fetch]
+
+
+async def test_r_mbx_2_select_from_saved_uids_matches_a_full_read(service, redis) -> None:  # type: ignore[no-untyped-def]
+    """SELECT starts from the UIDs a session saved plus the changes since; after each round of
+    changes by another session (flags, \\Seen taken and given, expunges, new mail) a new
+    session is told exactly what it is told when the folder is read whole."""
+    import random
+
+    from rempart.common import keys
+
+    for n in range(1, 41):
+        await service.deliver(simple_message(f"m{n}"))
+    port = service.ports["imap"]
+    rng = random.Random(9)
+    await asyncio.to_thread(session, port, "SELECT INBOX", "STORE 1:10 +FLAGS (\\Seen)")
+    for _ in range(8):
+        # The saved UIDs are brought up to date by this SELECT...
+        cached = await asyncio.to_thread(opened, port)
+        assert await redis.exists(keys.mailbox_uid_cache(BOB, "INBOX"))
+        # ...and match a read of the whole folder.
+        await redis.delete(keys.mailbox_uid_cache(BOB, "INBOX"))
+        assert await asyncio.to_thread(opened, port) == cached
+        commands = ["SELECT INBOX"]
+        for _ in range(rng.randint(1, 4)):
+            kind = rng.choice(["seen", "unseen", "delete", "flag"])
+            seq = rng.randint(1, 30)
+            commands.append({"seen": f"STORE 1:{seq} +FLAGS (\\Seen)", "unseen": f"STORE {seq} -FLAGS (\\Seen)",
+                             "delete": f"STORE {seq} +FLAGS (\\Deleted)", "flag": f"STORE {seq} +FLAGS ($X)"}[kind])
+        commands.append("EXPUNGE")
+        await asyncio.to_thread(session, port, *commands)
+        for n in range(rng.randint(0, 2)):
+            await service.deliver(simple_message(f"new {n}"))
+    told, _ = await asyncio.to_thread(opened, port)
+    assert any(b"EXISTS" in line for line in told)
+
+
+async def test_r_mbx_2_fetch_of_a_message_expunged_elsewhere_is_expungeissued(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 6):
+        await service.deliver(simple_message(f"m{n}"))
+
+    def run() -> tuple[list[bytes], list[bytes], list[bytes]]:
+        watcher = raw_connect(service.ports["imap"])
+        watcher.line()
+        watcher.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        watcher.until(b"b ")
+        session(service.ports["imap"], "SELECT INBOX", "STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
+        # The watcher never loaded message 3: it is gone when it asks, and not yet announced.
+        watcher.send(b"c FETCH 2:4 (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+        fetched = watcher.until(b"c ")
+        watcher.send(b"d NOOP\r\n")
+        noop = watcher.until(b"d ")
+        watcher.send(b"e FETCH 3 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+        after = watcher.until(b"e ")
+        return fetched, noop, after
+
+    fetched, noop, after = await asyncio.to_thread(run)
+    assert fetched[-1].startswith(b"c NO [EXPUNGEISSUED]")
+    assert sum(1 for line in fetched if b" FETCH (" in line) == 2  # 2 and 4 still served
+    assert b"* 3 EXPUNGE" in noop
+    assert after[-1].startswith(b"e OK") and any(b"m4" in line for line in after)  # 4 is now number 3

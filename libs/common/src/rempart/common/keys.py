@@ -166,6 +166,11 @@ def mailbox_changes(mailbox: str, folder: str) -> str:
     return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:bymodseq"
 
 
+def mailbox_uid_cache(mailbox: str, folder: str) -> str:
+    """A folder's UIDs at a MODSEQ (``mailstore.UidCache``): what SELECT starts from."""
+    return f"{PREFIX}mbx:{{{mailbox}}}:{folder}:uidcache"
+
+
 def mailbox_journal(mailbox: str) -> str:
     """Hash name -> a change Redis made that the change log may not have yet (``mailstore``)."""
     return f"{PREFIX}mbx:{{{mailbox}}}:journal"

@@ -13,13 +13,14 @@ folder), and can be rebuilt from the stream.
 
 from __future__ import annotations
 
+import array
 import base64
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,6 +302,19 @@ class Copied:
     flags: frozenset[str]
 
 
+@dataclass
+class UidCache:
+    """A folder's UIDs at a MODSEQ, kept in Redis so that SELECT of a large folder reads one
+    value and the changes since, instead of the whole folder (R-MBX-2): every UID, ascending,
+    and the first without \\Seen (0: none). Only valid for the folder instance of its
+    UIDVALIDITY. Any session may rewrite it; each value is consistent on its own."""
+
+    uidvalidity: int
+    modseq: int
+    first_unseen: int
+    uids: array.array[int]
+
+
 @dataclass(frozen=True)
 class RestoredMessage:
     uid: int
@@ -516,6 +530,31 @@ end
 return out
 """
 
+# Some messages by UID, as _LIST_PAGE_LUA gives them (an expunged one: its UID and empty fields).
+_BY_UID_LUA = """
+local out = {}
+for i = 2, #ARGV do
+  local row = redis.call('HMGET', ARGV[1] .. ARGV[i], 'blob', 'size', 'date', 'flags', 'txn', 'seq', 'modseq')
+  out[#out + 1] = ARGV[i]
+  for j = 1, 7 do out[#out + 1] = row[j] or '' end
+end
+return out
+"""
+
+# The first message from UID ARGV[2] on without \\Seen (its UID; 0: none), read a page at a time.
+_FIRST_UNSEEN_LUA = """
+local from = ARGV[2]
+while true do
+  local uids = redis.call('ZRANGEBYSCORE', KEYS[1], from, '+inf', 'LIMIT', 0, 500)
+  if #uids == 0 then return 0 end
+  for _, uid in ipairs(uids) do
+    local flags = redis.call('HGET', ARGV[1] .. uid, 'flags')
+    if flags and not string.find(' ' .. flags .. ' ', ' \\\\Seen ', 1, true) then return tonumber(uid) end
+  end
+  from = '(' .. uids[#uids]
+end
+"""
+
 # The messages changed (flags, or new) after a MODSEQ, in UID order, as _LIST_PAGE_LUA gives
 # them; {} when more than ARGV[3] of them (the caller reloads the folder instead).
 _CHANGED_SINCE_LUA = """
@@ -674,6 +713,8 @@ class MailboxIndex:
         self._changed_since = redis.register_script(_CHANGED_SINCE_LUA)
         self._claim_recent = redis.register_script(_CLAIM_RECENT_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
+        self._by_uid = redis.register_script(_BY_UID_LUA)
+        self._first_unseen = redis.register_script(_FIRST_UNSEEN_LUA)
 
     async def file(
         self, record: events_pb2.DeliveryRecord, mailboxes: Iterable[str], summary: MessageSummary | None = None, *,
@@ -786,6 +827,7 @@ class MailboxIndex:
     async def rename_folder(self, mailbox: str, old: str, new: str) -> int:
         """Move a folder, its messages and UIDs to a new name (UIDVALIDITY kept, RFC 3501 6.3.5
         allows it); returns the UIDVALIDITY, 0 when ``old`` is missing or ``new`` exists."""
+        await self._redis.delete(keys.mailbox_uid_cache(mailbox, old))  # a cache is per name: dropped
         return int(await self._rename_folder(
             keys=[keys.mailbox_meta(mailbox, old), keys.mailbox_meta(mailbox, new),
                   keys.mailbox_uids(mailbox, old), keys.mailbox_uids(mailbox, new),
@@ -798,6 +840,7 @@ class MailboxIndex:
     async def delete_folder(self, mailbox: str, folder: str) -> tuple[int, list[Reclaimable]]:
         """Forget a folder and its messages; returns the UIDVALIDITY it had (0: none) and the
         deliveries nothing refers to any more."""
+        await self._redis.delete(keys.mailbox_uid_cache(mailbox, folder))
         reply = await self._delete_folder(
             keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder),
                   keys.mailbox_txn(mailbox, folder), keys.mailbox_folders(mailbox),
@@ -879,6 +922,44 @@ class MailboxIndex:
             if len(page) < 8 * LIST_PAGE:
                 return out
             start += LIST_PAGE
+
+    async def uids(self, mailbox: str, folder: str = INBOX) -> array.array[int]:
+        """Every UID of a folder, ascending (one ZRANGE; no message's fields)."""
+        raw = await self._redis.zrange(keys.mailbox_uids(mailbox, folder), 0, -1)  # by score: the UID
+        return array.array("I", (int(str(u)) for u in raw))
+
+    async def messages_by_uid(self, mailbox: str, folder: str, uids: Sequence[int]) -> dict[int, IndexedMessage]:
+        """The light fields of some messages (those still there), a page per script call."""
+        out: dict[int, IndexedMessage] = {}
+        prefix = keys.mailbox_message_prefix(mailbox, folder)
+        for start in range(0, len(uids), LIST_PAGE):
+            page = await self._by_uid(args=[prefix, *uids[start : start + LIST_PAGE]])
+            out.update((m.uid, m) for m in _rows(page))
+        return out
+
+    async def first_unseen(self, mailbox: str, folder: str, from_uid: int = 1) -> int:
+        """The UID of the first message at or above ``from_uid`` without \\Seen; 0 when none.
+        Costs the messages it passes over."""
+        return int(await self._first_unseen(keys=[keys.mailbox_uids(mailbox, folder)],
+                                            args=[keys.mailbox_message_prefix(mailbox, folder), from_uid]))
+
+    async def uid_cache(self, mailbox: str, folder: str) -> UidCache | None:
+        """A folder's UIDs as some session last saw them (see :class:`UidCache`), or None."""
+        raw = await self._redis.get(keys.mailbox_uid_cache(mailbox, folder))
+        if not raw:
+            return None
+        try:
+            uidvalidity, modseq, first_unseen, packed = str(raw).split(" ", 3)
+            uids = array.array("I")
+            uids.frombytes(base64.b64decode(packed))
+            return UidCache(int(uidvalidity), int(modseq), int(first_unseen), uids)
+        except ValueError:
+            return None  # written by another version: rebuilt from the folder
+
+    async def save_uid_cache(self, mailbox: str, folder: str, cache: UidCache) -> None:
+        value = f"{cache.uidvalidity} {cache.modseq} {cache.first_unseen} " + \
+            base64.b64encode(cache.uids.tobytes()).decode()
+        await self._redis.set(keys.mailbox_uid_cache(mailbox, folder), value)
 
     async def changed_since(self, mailbox: str, folder: str, modseq: int, most: int = 5000
                             ) -> list[IndexedMessage] | None:

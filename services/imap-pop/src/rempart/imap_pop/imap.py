@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import bisect
 import contextlib
 import dataclasses
 import datetime
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -26,7 +25,14 @@ from nats.errors import Error as NatsError
 from rempart.common import mime as M
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
-from rempart.common.mailstore import FLAG_LIMIT, FLAG_MODIFIED, BlobUnreadable, IndexedMessage
+from rempart.common.mailstore import (
+    FLAG_LIMIT,
+    FLAG_MODIFIED,
+    BlobUnreadable,
+    FolderStatus,
+    IndexedMessage,
+    UidCache,
+)
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError
 from rempart.imap_pop import replies as R
@@ -41,6 +47,7 @@ from rempart.imap_pop.imap_fetch import (
 )
 from rempart.imap_pop.imap_folders import FolderCommands
 from rempart.imap_pop.imap_search import SearchParser, SearchQuery
+from rempart.imap_pop.imap_view import FolderView, gone, is_gone
 from rempart.imap_pop.imapproto import (
     Atom,
     CloseSession,
@@ -81,7 +88,7 @@ Handler = Callable[[Command], Awaitable[None]]
 class ImapSession(FolderCommands, Session):
     folder: str | None = None
     readonly: bool = False
-    view: list[IndexedMessage]
+    view: FolderView
     uidvalidity: int = 0
     # RFC 7162: CONDSTORE is on once a client used it (ENABLE, SELECT (CONDSTORE), MODSEQ,
     # CHANGEDSINCE, UNCHANGEDSINCE); QRESYNC only after ENABLE QRESYNC.
@@ -119,7 +126,7 @@ class ImapSession(FolderCommands, Session):
 
     # Session loop
     async def run(self) -> None:
-        self.view = []
+        self.view = FolderView()
         self.recent = set()
         self.changed = asyncio.Event()
         verdict = await self.connect_verdict()
@@ -310,6 +317,7 @@ class ImapSession(FolderCommands, Session):
             return
         try:
             await handler(command)
+            self.view.trim()  # bounded memory between commands, whatever the last one touched
         except ImapSyntaxError as exc:
             self.out(f"{command.tag} BAD {exc}")
             await self._count_bad()
@@ -441,12 +449,12 @@ class ImapSession(FolderCommands, Session):
         if self.folder is not None and self.qresync:
             self.out("* OK [CLOSED] Previous mailbox closed")  # RFC 7162 3.2.11
         self.folder = None
-        self.view = []
+        self.view = FolderView()
         folder = self.folder_name(command.args[0])
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
         status = await self.backend.index.status(self.account, folder)
-        self.view = await self.backend.index.messages(self.account, folder)
+        self.view, first_unseen = await self._open_view(folder, status)
         self.seen_modseq = status.highestmodseq  # read before the messages: nothing after it is missed
         self.folder = folder
         self.readonly = command.name == "EXAMINE"
@@ -456,14 +464,13 @@ class ImapSession(FolderCommands, Session):
         self.out(f"* {len(self.view)} EXISTS")
         if self.readonly:  # EXAMINE takes no message's \Recent away (RFC 3501 6.3.2)
             first = await self.backend.index.recent_from(self.account, folder)
-            self.recent = {m.uid for m in self.view if m.uid >= first}
         else:
             first = await self.backend.index.claim_recent(self.account, folder, self._next_uid())
-            self.recent = {m.uid for m in self.view if m.uid >= first}
+        self.recent = set(self.view.from_uid(first))
         self.out(f"* {len(self.recent)} RECENT")
-        unseen = next((i for i, m in enumerate(self.view, 1) if "\\Seen" not in m.flags), None)
+        unseen = self.view.position(first_unseen) if first_unseen else None
         if unseen is not None:
-            self.out(f"* OK [UNSEEN {unseen}] First unseen")
+            self.out(f"* OK [UNSEEN {unseen + 1}] First unseen")
         self.out(f"* OK [UIDVALIDITY {status.uidvalidity}] UIDs valid")
         self.out(f"* OK [UIDNEXT {status.uidnext}] Predicted next UID")
         # RFC 7162 3.1.2.1: mod-sequences are kept for every folder, so always said.
@@ -501,8 +508,56 @@ class ImapSession(FolderCommands, Session):
                 raise ImapSyntaxError("unknown SELECT parameter")
         return resync
 
+    async def _open_view(self, folder: str, status: FolderStatus) -> tuple[FolderView, int]:
+        """The folder's UIDs and its first unseen UID (0: none), from the UIDs a session last
+        saved for it plus the changes since (R-MBX-2: SELECT of a large folder costs what
+        changed), or read whole when there is nothing to start from. Saved back when changed."""
+        index = self.backend.index
+        cache = await index.uid_cache(self.account, folder)
+        view: FolderView | None = None
+        first_unseen = 0
+        if cache is not None and cache.uidvalidity == status.uidvalidity:
+            if cache.modseq == status.highestmodseq:
+                return FolderView(cache.uids), cache.first_unseen
+            changed = await index.changed_since(self.account, folder, cache.modseq)
+            vanished, complete = await index.vanished(self.account, folder, cache.modseq)
+            if changed is not None and complete:
+                view = FolderView(cache.uids)
+                view.remove(set(vanished))
+                view.append(m for m in changed if m.uid > view.last_uid)
+                for message in changed:
+                    if view.position(message.uid) is not None:
+                        view.put(message)
+                first_unseen = cache.first_unseen
+                if first_unseen and (view.position(first_unseen) is None or any(
+                        m.uid == first_unseen and "\\Seen" in m.flags for m in changed)):
+                    first_unseen = await index.first_unseen(self.account, folder, first_unseen)
+                first_unseen = min([u for u in (first_unseen, *(m.uid for m in changed if "\\Seen" not in m.flags))
+                                    if u], default=0)
+        if view is None:
+            view = FolderView(await index.uids(self.account, folder))
+            first_unseen = await index.first_unseen(self.account, folder)
+        await index.save_uid_cache(self.account, folder, UidCache(status.uidvalidity, status.highestmodseq,
+                                                                  first_unseen, view.uids))
+        return view, first_unseen
+
+    async def _load(self, indexes: Iterable[int]) -> None:
+        """The fields of the view's messages at these indexes, read where not loaded; one
+        expunged elsewhere and not yet announced stays in the view, with nothing to read."""
+        assert self.folder is not None
+        missing = self.view.missing(indexes)
+        if missing:
+            found = await self.backend.index.messages_by_uid(self.account, self.folder, missing)
+            for uid in missing:
+                self.view.put(found.get(uid) or gone(uid))
+
+    async def _all(self) -> list[tuple[int, IndexedMessage]]:
+        """Every message of the view with its sequence number (SEARCH, EXPUNGE): loaded."""
+        await self._load(range(len(self.view)))
+        return [(i + 1, self.view.message(i)) for i in range(len(self.view))]
+
     def _next_uid(self) -> int:
-        return self.view[-1].uid + 1 if self.view else 1
+        return self.view.last_uid + 1
 
     def _shown(self, message: IndexedMessage) -> IndexedMessage:
         """The message as FETCH shows it: with \\Recent when it is recent in this session."""
@@ -514,9 +569,17 @@ class ImapSession(FolderCommands, Session):
         of what changed since it."""
         assert self.folder is not None
         await self._send_vanished(since, known, earlier=True)
-        for seq, message in enumerate(self.view, 1):
-            if message.modseq > since:
-                self.out(f"* {seq} FETCH ({self._changed_items(message, command_uid=True)})")
+        changed = await self.backend.index.changed_since(self.account, self.folder, since)
+        if changed is None:  # more changes than worth asking for one by one: every message
+            for seq, message in await self._all():
+                if message.modseq > since:
+                    self.out(f"* {seq} FETCH ({self._changed_items(message, command_uid=True)})")
+            return
+        for message in changed:
+            i = self.view.position(message.uid)
+            if i is not None and message.modseq > since:
+                self.view.put(message)
+                self.out(f"* {i + 1} FETCH ({self._changed_items(message, command_uid=True)})")
 
     async def _send_vanished(self, since: int, within: SequenceSet | None, earlier: bool) -> None:
         """``* VANISHED (EARLIER)`` for the UIDs expunged since ``since`` (in ``within``). When
@@ -527,7 +590,7 @@ class ImapSession(FolderCommands, Session):
             ranges = number_ranges(uids)
         else:
             status = await self.backend.index.status(self.account, self.folder)
-            ranges = missing_numbers([m.uid for m in self.view], status.uidnext)
+            ranges = missing_numbers(list(self.view.uids), status.uidnext)
         if within is not None:
             ranges = intersect_ranges(ranges, within)
         if ranges:
@@ -673,10 +736,9 @@ class ImapSession(FolderCommands, Session):
             await self._reload(expunges, status.highestmodseq)
             return
         if expunges:
-            wanted = set(gone)
-            self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid in wanted])
-        self._take([m for m in changed if self._position(m.uid) is not None])
-        highest = self.view[-1].uid if self.view else 0
+            self._forget(gone)
+        self._take([m for m in changed if self.view.position(m.uid) is not None])
+        highest = self.view.last_uid
         await self._add([m for m in changed if m.uid > highest])
         if expunges:
             # Expunges not yet said keep the view behind: until then the same changes are
@@ -689,33 +751,29 @@ class ImapSession(FolderCommands, Session):
         current = await self.backend.index.messages(self.account, self.folder)
         by_uid = {m.uid: m for m in current}
         if expunges:
-            self._forget([(seq, m) for seq, m in enumerate(self.view, 1) if m.uid not in by_uid])
-        self._take([m for m in current if self._position(m.uid) is not None])
-        highest = self.view[-1].uid if self.view else 0
+            self._forget([uid for uid in self.view.uids if uid not in by_uid])
+        self._take([m for m in current if self.view.position(m.uid) is not None])
+        highest = self.view.last_uid
         await self._add([m for m in current if m.uid > highest])
         if expunges:
             self.seen_modseq = highestmodseq
 
-    def _position(self, uid: int) -> int | None:
-        """The view's index of a UID (the view is in UID order)."""
-        i = bisect.bisect_left(self.view, uid, key=lambda m: m.uid)
-        return i if i < len(self.view) and self.view[i].uid == uid else None
-
     def _take(self, updates: list[IndexedMessage]) -> None:
-        """New flags of messages in the view, said as FETCH."""
+        """New flags of messages in the view, said as FETCH (for a message whose fields were
+        not loaded, always: it changed after the view was made)."""
         for new in updates:
-            i = self._position(new.uid)
+            i = self.view.position(new.uid)
             if i is None:
                 continue
-            old = self.view[i]
-            if new.flags != old.flags or new.modseq != old.modseq:
-                self.view[i] = new
-                if new.flags != old.flags:
+            old = self.view.loaded.get(new.uid)
+            if old is None or new.flags != old.flags or new.modseq != old.modseq:
+                self.view.put(new)
+                if old is None or new.flags != old.flags:
                     self.out(f"* {i + 1} FETCH ({self._changed_items(new, command_uid=False)})")
 
     async def _add(self, added: list[IndexedMessage]) -> None:
         if added:
-            self.view.extend(added)
+            self.view.append(added)
             if not self.readonly and self.folder is not None:
                 # The first session told of a message has it as \Recent, on whichever replica.
                 first = await self.backend.index.claim_recent(self.account, self.folder, self._next_uid())
@@ -735,35 +793,40 @@ class ImapSession(FolderCommands, Session):
             items.append(f"MODSEQ ({message.modseq})")
         return " ".join(items)
 
-    def _forget(self, gone: list[tuple[int, IndexedMessage]], announce: bool = True) -> None:
+    def _forget(self, uids: Iterable[int], announce: bool = True) -> None:
         """Expunged messages leave the view, said (``announce``) as EXPUNGE, or VANISHED with
         QRESYNC (RFC 7162 3.2.10); CLOSE says nothing (RFC 3501 6.4.2)."""
-        for seq, message in sorted(gone, key=lambda x: x[0], reverse=True):
-            del self.view[seq - 1]
-            self.recent.discard(message.uid)
-            if announce and not self.qresync:
-                self.out(f"* {seq} EXPUNGE")
-        if announce and self.qresync and gone:
-            self.out(f"* VANISHED {compress_numbers(sorted(m.uid for _, m in gone))}")
+        positions = sorted(((i, uid) for uid in set(uids) if (i := self.view.position(uid)) is not None),
+                           reverse=True)
+        if not positions:
+            return
+        if announce and not self.qresync:
+            # Highest first: each number is still right when the client reads it (RFC 3501 7.4.1).
+            self.out("".join(f"* {i + 1} EXPUNGE\r\n" for i, _ in positions).removesuffix("\r\n"))
+        gone_uids = {uid for _, uid in positions}
+        self.view.remove(gone_uids)
+        self.recent -= gone_uids
+        if announce and self.qresync:
+            self.out(f"* VANISHED {compress_numbers(sorted(gone_uids))}")
 
-    def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
-        """The (sequence number, message) pairs of a sequence or UID set: a binary search per
-        range, so one message costs O(log n) whatever the folder's size (R-MBX-2)."""
+    async def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
+        """The (sequence number, message) pairs of a sequence or UID set, their fields loaded:
+        a binary search per range, so one message costs O(log n) whatever the folder's size
+        (R-MBX-2)."""
+        indexes: list[int] = []
         if uid:
-            largest = self.view[-1].uid if self.view else 0
-            out: list[tuple[int, IndexedMessage]] = []
-            for low, high in parse_sequence_set(text, largest):
-                start = bisect.bisect_left(self.view, low, key=lambda m: m.uid)
-                end = bisect.bisect_right(self.view, high, key=lambda m: m.uid)
-                out.extend((i + 1, self.view[i]) for i in range(start, end))
+            for low, high in parse_sequence_set(text, self.view.last_uid):
+                indexes.extend(self.view.between(low, high))
             # RFC 3501 6.4.8: "n:*" always includes the highest UID, even below n.
-            if "*" in text and self.view and (not out or out[-1][1] is not self.view[-1]):
-                out.append((len(self.view), self.view[-1]))
-            return out
-        ranges = parse_sequence_set(text, len(self.view))
-        if any(high > len(self.view) for _, high in ranges):
-            raise No("Invalid message sequence number", bad=True)
-        return [(i, self.view[i - 1]) for low, high in ranges for i in range(low, high + 1)]
+            if "*" in text and self.view and (not indexes or indexes[-1] != len(self.view) - 1):
+                indexes.append(len(self.view) - 1)
+        else:
+            ranges = parse_sequence_set(text, len(self.view))
+            if any(high > len(self.view) for _, high in ranges):
+                raise No("Invalid message sequence number", bad=True)
+            indexes = [i - 1 for low, high in ranges for i in range(low, high + 1)]
+        await self._load(indexes)
+        return [(i + 1, self.view.message(i)) for i in indexes]
 
     async def read_content(self, message: IndexedMessage) -> bytes:
         return M.normalise(await self.backend.store.read_message(message))
@@ -802,7 +865,7 @@ class ImapSession(FolderCommands, Session):
         changed_since, vanished = self._fetch_modifiers(command)
         if changed_since is not None:
             await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
-        selected = self._select(text_of(command.args[0]), command.uid)
+        selected = await self._select(text_of(command.args[0]), command.uid)
         items = parse_fetch_items(command.args[1])
         if (command.uid or self.qresync) and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))  # with QRESYNC, every FETCH response (RFC 7162 3.2.4)
@@ -813,7 +876,7 @@ class ImapSession(FolderCommands, Session):
             # VANISHED, what was expunged since among the UIDs asked for.
             if vanished:
                 await self._send_vanished(changed_since, parse_sequence_set(
-                    text_of(command.args[0]), self.view[-1].uid if self.view else 0), earlier=True)
+                    text_of(command.args[0]), self.view.last_uid), earlier=True)
             selected = [(seq, m) for seq, m in selected if m.modseq > changed_since]
             if not any(i.name == "MODSEQ" for i in items):
                 items.append(FetchItem("MODSEQ"))
@@ -821,6 +884,9 @@ class ImapSession(FolderCommands, Session):
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
         )
+        expunged = [m for _, m in selected if is_gone(m)]
+        if expunged:
+            selected = [(seq, m) for seq, m in selected if not is_gone(m)]
         unreadable = 0
         for window in read_windows(selected, plan.needs_body):
             summaries: dict[int, M.MessageSummary | None] = {}
@@ -864,6 +930,9 @@ class ImapSession(FolderCommands, Session):
                 await self.stream.writer.drain()
         if unreadable:
             raise No(f"[UNAVAILABLE] {unreadable} message(s) could not be read now, try again")
+        if expunged:
+            # RFC 2180 4.1.2, RFC 5530: expunged by another session; the EXPUNGE follows.
+            raise No("[EXPUNGEISSUED] Some of the requested messages no longer exist")
         self.ok(command)
 
 
@@ -899,7 +968,7 @@ class ImapSession(FolderCommands, Session):
     def _keep_flags(self, seq: int, message: IndexedMessage, flags: frozenset[str], modseq: int) -> IndexedMessage:
         # Only the flags change: the rest (where the body is, inline or a blob) stays as indexed.
         updated = dataclasses.replace(message, flags=flags, modseq=modseq)
-        self.view[seq - 1] = updated
+        self.view.put(updated)
         return updated
 
     def _parse_flags(self, tokens: list[Token]) -> set[str]:
@@ -936,7 +1005,7 @@ class ImapSession(FolderCommands, Session):
             raise ImapSyntaxError("STORE needs a sequence set, an item and flags")
         if self.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
-        selected = self._select(text_of(args[0]), command.uid)
+        selected = await self._select(text_of(args[0]), command.uid)
         item = str(args[1]).upper()
         silent = item.endswith(".SILENT")
         mode = item.removesuffix(".SILENT")
@@ -982,31 +1051,32 @@ class ImapSession(FolderCommands, Session):
 
     async def _expunge(self, doomed: list[tuple[int, IndexedMessage]], announce: bool) -> None:
         assert self.folder is not None
+        doomed = [(seq, m) for seq, m in doomed if not is_gone(m)]
         if not doomed:
             return
         await self.backend.mailboxes.expunge(self.account, self.folder, self.uidvalidity, [m for _, m in doomed])
-        self._forget(doomed, announce)
+        self._forget((m.uid for _, m in doomed), announce)
         await self.backend.publish_changed(self.account, self.folder)
 
     async def cmd_expunge(self, command: Command) -> None:
         if self.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
-        doomed = [(i, m) for i, m in enumerate(self.view, 1) if "\\Deleted" in m.flags]
         if command.uid:
             if len(command.args) != 1:
                 raise ImapSyntaxError("UID EXPUNGE needs a UID set")
-            wanted = {m.uid for _, m in self._select(text_of(command.args[0]), uid=True)}
-            doomed = [(i, m) for i, m in doomed if m.uid in wanted]
+            candidates = await self._select(text_of(command.args[0]), uid=True)
+        else:
+            candidates = await self._all()
+        doomed = [(i, m) for i, m in candidates if "\\Deleted" in m.flags]
         await self._expunge(doomed, announce=True)
         self.ok(command)
 
     async def cmd_close(self, command: Command) -> None:
         if command.name == "CLOSE" and not self.readonly:
             # RFC 3501 6.4.2: CLOSE expunges silently.
-            await self._expunge([(i, m) for i, m in enumerate(self.view, 1) if "\\Deleted" in m.flags],
-                                announce=False)
+            await self._expunge([(i, m) for i, m in await self._all() if "\\Deleted" in m.flags], announce=False)
         self.folder = None
-        self.view = []
+        self.view = FolderView()
         self.ok(command)
 
     async def cmd_copy(self, command: Command) -> None:
@@ -1014,7 +1084,7 @@ class ImapSession(FolderCommands, Session):
             raise ImapSyntaxError(f"{command.name} needs a sequence set and a mailbox")
         if command.name == "MOVE" and self.readonly:
             raise No("[READ-ONLY] Mailbox is read-only")
-        selected = self._select(text_of(command.args[0]), command.uid)
+        selected = await self._select(text_of(command.args[0]), command.uid)
         target = self.folder_name(command.args[1])
         if not await self.backend.folder_exists(self.account, target):
             raise No("[TRYCREATE] No such mailbox")
@@ -1060,14 +1130,14 @@ class ImapSession(FolderCommands, Session):
             args = args[2:]
         if not args:
             raise ImapSyntaxError("SEARCH needs criteria")
-        parser = SearchParser(args, len(self.view), self.view[-1].uid if self.view else 0, self.recent)
+        parser = SearchParser(args, len(self.view), self.view.last_uid, self.recent)
         query = parser.parse()
         if parser.uses_modseq:
             self.condstore = True
             await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
         found: list[int] = []
         highest = 0
-        numbered = list(enumerate(self.view, 1))
+        numbered = await self._all()
         for window in read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
             contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
             for seq, message in window:

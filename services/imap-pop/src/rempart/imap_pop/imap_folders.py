@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rempart.common.mailstore import INBOX, IndexedMessage
 from rempart.common.mime import quote
+from rempart.imap_pop.imap_view import FolderView
 from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token, text_of, wildcard_match
 from rempart.imap_pop.session import Backend
 
@@ -32,7 +33,7 @@ class FolderCommands:
     backend: Backend
     account: str
     folder: str | None
-    view: list[IndexedMessage]
+    view: FolderView
 
     def out(self, line: str | bytes) -> None:
         raise NotImplementedError
@@ -231,7 +232,7 @@ class FolderCommands:
         await self.backend.mailboxes.delete_folder(self.account, folder)
         if self.folder == folder:
             self.folder = None
-            self.view = []
+            self.view = FolderView()
         await self.backend.publish_changed(self.account, folder)
         self.ok(command)
 
@@ -261,7 +262,7 @@ class FolderCommands:
             await self.backend.publish_changed(self.account, old)
         if self.folder in {old for old, _ in moves}:
             self.folder = None
-            self.view = []
+            self.view = FolderView()
         self.ok(command)
 
     async def cmd_subscribe(self, command: Command) -> None:
