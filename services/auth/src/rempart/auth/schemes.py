@@ -16,8 +16,10 @@ import hmac
 import re
 import warnings
 
-from argon2 import PasswordHasher, Type, extract_parameters
-from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from argon2 import Type, extract_parameters
+from argon2.exceptions import InvalidHashError
+
+from rempart.auth.argon2id import verify_argon2id
 
 with warnings.catch_warnings():
     # crypt is deprecated (PEP 594) but present in 3.11, and it is the system's own crypt(3):
@@ -42,7 +44,6 @@ MAX_SSHA_SALT = 64
 
 _BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _SHA512_CRYPT = re.compile(r"\$6\$(?:rounds=(\d{1,9})\$)?[^$:\s]{1,16}\$[./A-Za-z0-9]{86}")
-_verifier = PasswordHasher(type=Type.ID)
 
 
 class ImportRefused(ValueError):
@@ -108,10 +109,7 @@ def verify_imported(stored: str, password: str) -> bool:
     scheme = scheme_of(stored)
     body = stored[len(scheme) :]
     if scheme == ARGON2ID:
-        try:
-            return _verifier.verify(body, password)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            return False
+        return verify_argon2id(body, password)
     if scheme in (BLF_CRYPT, SHA512_CRYPT):
         try:
             computed = crypt.crypt(password, body)
