@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import pytest
+
+from rempart.common.directory import Account
 from rempart.common.pb.auth.v1 import auth_pb2
 
 if TYPE_CHECKING:
@@ -84,3 +89,45 @@ async def test_r_log_2_reply_carries_the_directory_role(auth: AuthHarness) -> No
     assert (await auth.set_password("root@example.org", "Granite-Owl-71-Sky")).ok
     reply = await auth.login("root@example.org", "Granite-Owl-71-Sky", protocol="admin")
     assert (reply.status, reply.account, reply.role) == (OK, "root@example.org", "superadmin")
+
+
+async def test_r_log_2_a_login_reads_the_account_record_once(
+    auth: AuthHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await auth.directory.add_alias("robert@example.org", [BOB])
+    await auth.server_settings({"login": {"failure_delay_ms": 0, "aliases_as_login": True}})
+    directory = auth.service.servicer.login.directory
+    real = directory.get_account
+    reads: list[str] = []
+
+    async def counting(address: str) -> Account | None:
+        reads.append(address)
+        return await real(address)
+
+    monkeypatch.setattr(directory, "get_account", counting)
+    for typed in (BOB, "robert@example.org"):
+        reads.clear()
+        reply = await auth.login(typed, GOOD)
+        assert reply.status == OK and reply.account == BOB and reply.role == "user"
+        assert reads.count(BOB) == 1, (typed, reads)
+    reads.clear()
+    reply = await auth.login("bob", GOOD)  # a bare name is matched without reading the record
+    assert reply.status == OK and reply.account == BOB
+    assert reads == [BOB]
+
+
+async def test_r_log_4_an_account_disabled_during_the_slow_down_wait_is_refused(
+    make_auth: Callable[..., Awaitable[AuthHarness]],
+) -> None:
+    auth = await make_auth(slow_down_step_ms=600)
+    await auth.server_settings({"login": {"failure_delay_ms": 0, "lockout_mode": "slow_down"}})
+    await auth.directory.add_domain("example.org")
+    await auth.directory.add_account(BOB)
+    assert (await auth.set_password(BOB, GOOD)).ok
+    assert (await auth.login(BOB, "Wrong-Guess-77-Unique")).status == INVALID  # the next login waits 0.6 s
+    login = asyncio.create_task(auth.login(BOB, GOOD))
+    await asyncio.sleep(0.2)  # the login has read the account and waits in the slow-down
+    await auth.directory.set_account_enabled(BOB, False)
+    assert (await login).status == INVALID
+    await auth.directory.set_account_enabled(BOB, True)
+    assert (await auth.login(BOB, GOOD)).status == OK

@@ -15,7 +15,7 @@ import hmac
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import redis.asyncio as aioredis
@@ -175,6 +175,7 @@ class LoginFlow:
                 # or a short deadline would switch the slow-down off.
                 return Gate(name, subject, Refusal(auth_pb2.AUTH_STATUS_INVALID, "slowed_down"))
             await self.sleep(delay / 1000, context)
+            name = replace(name, record=None)  # read again after the wait: it may have changed meanwhile
         return Gate(name, subject, None)
 
     async def _authenticate(
@@ -188,7 +189,7 @@ class LoginFlow:
         if gate.refusal is not None:
             return await self.refuse(attempt, context, name, gate.refusal, rules)
 
-        account = await self.directory.get_account(name.account) if name.account else None
+        account = await self.account_of(name)
         creds = await self.creds.load(account.address) if account else Credentials({})
         stored = creds.password_hash
         usable = bool(password) and len(password) <= MAX_PASSWORD_LENGTH
@@ -244,6 +245,12 @@ class LoginFlow:
             reply.app_password = True
         reply.second_factor_enrolment_required = enrolment_required
         return reply
+
+    async def account_of(self, name: LoginName) -> Account | None:
+        """The directory record of the account ``name`` resolved to (the one read while resolving)."""
+        if name.record is not None:
+            return name.record
+        return await self.directory.get_account(name.account) if name.account else None
 
     async def _match_app_password(
         self, account: str, creds: Credentials, password: str, always_hash: bool

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from rempart.common import keys
 from rempart.common.config import LoginSettings
-from rempart.common.directory import Directory
+from rempart.common.directory import Account, Directory
 from rempart.common.sasl import normalize_login
 
 MAX_LOGIN_LENGTH = 320  # 64 (local part) + 1 + 255 (domain): RFC 5321 section 4.5.3.1
@@ -29,6 +29,9 @@ class LoginName:
     typed: str  # normalised as typed: the subject of failure counting when no account matches
     account: str | None  # the canonical account address, when one matches
     domain: str  # the local domain the name points into, "" when none
+    # The account's directory record as read to resolve the name, so that the login does not
+    # read it a second time; None when no account matched or the record was not read.
+    record: Account | None = None
 
 
 async def resolve_login(directory: Directory, redis: aioredis.Redis, login: str, rules: LoginSettings) -> LoginName:
@@ -48,12 +51,13 @@ async def resolve_login(directory: Directory, redis: aioredis.Redis, login: str,
     address = f"{local}@{domain}"
     account = await directory.get_account(address)
     if account is not None:
-        return LoginName(name, account.address, domain)
+        return LoginName(name, account.address, domain, account)
     if rules.aliases_as_login:
         targets = await directory.resolve(address) or []
-        local_targets = [t for t in targets if await directory.get_account(t) is not None]
+        local_targets = [found for t in targets if (found := await directory.get_account(t)) is not None]
         if len(local_targets) == 1:
-            return LoginName(name, local_targets[0], local_targets[0].rpartition("@")[2])
+            target = local_targets[0]
+            return LoginName(name, target.address, target.domain, target)
     return LoginName(name, None, domain)
 
 

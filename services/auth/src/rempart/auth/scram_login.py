@@ -59,7 +59,7 @@ class ScramFlow:
         if not authzid_permitted(first.authzid, first.username, self.login.runtime.config.server.login):
             # Refused at finish like a wrong password, and counted like one (rempart.common.sasl).
             refusal = refusal or Refusal(auth_pb2.AUTH_STATUS_INVALID, "authzid_differs")
-        account = await self.login.directory.get_account(gate.name.account) if gate.name.account else None
+        account = await self.login.account_of(gate.name)
         creds = await self.login.creds.load(account.address) if account else Credentials({})
         scram_keys = creds.scram
         if account is None or scram_keys is None or creds.totp_enabled:
