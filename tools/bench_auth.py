@@ -338,6 +338,24 @@ def ensure_dovecot() -> str:
     return found
 
 
+def service_hasher() -> PasswordHasher:
+    """Argon2id at the auth service's default cost (t=3, m=64 MiB, p=1)."""
+    defaults = AuthSettings.model_fields
+    return PasswordHasher(
+        time_cost=int(defaults["argon2_time_cost"].default),
+        memory_cost=int(defaults["argon2_memory_kib"].default),
+        parallelism=int(defaults["argon2_parallelism"].default),
+        hash_len=32, salt_len=16, type=Type.ID,
+    )
+
+
+def dovecot_passwd_line(user: str, password: str) -> str:
+    """A passwd-file line for a private Dovecot (bench_auth and bench_imap): the password as an
+    ``{ARGON2ID}`` hash at the auth service's default cost, so that a login costs both servers
+    the same hash."""
+    return f"{user}:{{ARGON2ID}}{service_hasher().hash(password)}\n"
+
+
 def dovecot_conf(base: Path, port: int, cert_file: str, key_file: str, passwd: Path, uid: int, gid: int) -> str:
     """A private Dovecot (bench_auth and bench_imap): as many connections per user and IP as a
     benchmark opens, and no cache of verified passwords."""
@@ -393,16 +411,10 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path) -> Measure:
         path.chmod(0o755)
     os.chown(base / "home", uid, gid)
     pair = write_self_signed(base / "tls", ["localhost", "127.0.0.1"])
-    defaults = AuthSettings.model_fields
-    hasher = PasswordHasher(
-        time_cost=int(defaults["argon2_time_cost"].default),
-        memory_cost=int(defaults["argon2_memory_kib"].default),
-        parallelism=int(defaults["argon2_parallelism"].default),
-        hash_len=32, salt_len=16, type=Type.ID,
-    )
+    hasher = service_hasher()
     password = strong_password()
     passwd = base / "passwd"
-    passwd.write_text(f"{DOVECOT_USER}:{{ARGON2ID}}{hasher.hash(password)}\n")
+    passwd.write_text(dovecot_passwd_line(DOVECOT_USER, password))
     passwd.chmod(0o644)
     port = free_port()
     conf = base / "dovecot.conf"

@@ -27,12 +27,28 @@ both: Rempart numbers a new account's APPENDs from 1, Dovecot a new maildir's fi
 * ``SELECT INBOX`` then ``UID FETCH <middle UID> (FLAGS BODY.PEEK[HEADER])``, timed together on a
   new connection just logged in, 5 times (a new connection each time); the median in ms.
 
+Last (issue 9), a real client: ``mbsync`` (Debian ``isync`` with ``libsasl2-modules``, installed
+with apt-get when missing) makes a first sync of the whole INBOX into an empty local Maildir, over
+IMAPS with the server's certificate as the only one it trusts (``CertificateFile``,
+``SystemCertificates no``), logging in with SASL PLAIN, ``Sync Pull``; timed from its start to
+its exit, after which the Maildir must hold exactly the INBOX's messages. mbsync's own fsync per
+message is off (``FSync no``): the client's disk would otherwise weigh more than the server.
+
+Both servers verify an Argon2id hash at the auth service's default cost at each login (Dovecot's
+passwd-file entry is ``{ARGON2ID}``, as in bench_auth), so a login costs both the same hash; only
+mbsync's time includes a login.
+
 Prints messages per second (and MB/s of literal data) for each run and the ratio
-Rempart/Dovecot (for the SELECT latency Dovecot/Rempart, so that above 1 is Rempart ahead there
-too). A FETCH that ends in ``NO``/``BAD``, returns fewer messages than the mailbox holds, loses
-its connection or runs out of time is reported as FAILED with what arrived before, and the
-benchmark goes on with the next measurement (exit code 1 at the end).
-Needs root for Dovecot (apt-get, and Dovecot's own privilege separation).
+Rempart/Dovecot (for the SELECT latency and mbsync's seconds Dovecot/Rempart, so that above 1 is
+Rempart ahead there too), and the servers' peak memory over the reads: the imap-pop process's
+VmHWM (reset once the INBOX is filled), and for Dovecot the largest ``imap`` process's VmHWM,
+the peak of all of them together, and with the ``imap-login`` processes, which hold the TLS
+sessions (Dovecot runs one of each per connection): sums of PSS, so that shared pages count
+once, sampled every 0.2 s.
+A FETCH that ends in ``NO``/``BAD``, returns fewer messages than the mailbox holds, loses
+its connection or runs out of time (an mbsync that fails or leaves another count) is reported as
+FAILED with what arrived before, and the benchmark goes on with the next measurement (exit code
+1 at the end). Needs root for Dovecot (apt-get, and Dovecot's own privilege separation).
 
     tools/bench_imap.py [--quick] [--messages N] [--round-trips N] [--only rempart|dovecot] [--keep]
 """
@@ -54,6 +70,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +78,7 @@ from typing import TypeAlias
 
 # Installing Debian's Dovecot is the IMAP login benchmark's; one copy serves both (tools/ is on
 # sys.path when a benchmark runs as a script).
-from bench_auth import dovecot_conf, ensure_dovecot
+from bench_auth import dovecot_conf, dovecot_passwd_line, ensure_dovecot
 
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
 from rempart.common.testing.localstack import free_port, wait_for_port
@@ -83,6 +100,8 @@ ROUND_TRIP_SEED = 9  # the UIDs each connection fetches: the same sequence on bo
 ROUND_TRIP_WHAT = f"UID FETCH one message per round trip, {ROUND_TRIP_CONNECTIONS} connections"
 LATENCY_SAMPLES = 5
 LATENCY_WHAT = "SELECT + single-UID FETCH"
+MBSYNC_WHAT = "mbsync first sync of INBOX"
+RSS_SAMPLE_SECONDS = 0.2
 WORDS = ("mail relay policy header mailbox index stream replica folder message account server "
          "client session fetch flags archive report quarter budget meeting draft review notes").split()
 
@@ -433,7 +452,274 @@ class Latency:
         return f"RESULT {self.target} {LATENCY_WHAT}: FAILED: {reason}; before that: {figures}"
 
 
-Result: TypeAlias = Measure | RoundTrips | Latency
+# ---------------------------------------------------------------------------------------------
+# A real client's first sync: mbsync (issue 9)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Mbsync:
+    """One ``mbsync`` run from an empty Maildir: seconds from start to exit, messages it left."""
+
+    target: str
+    expected: int
+    synced: int = 0  # message files in the Maildir's cur/ and new/ after the run
+    seconds: float = 0.0
+    failure: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and self.synced == self.expected
+
+    def line(self) -> str:
+        rate = self.synced / self.seconds if self.seconds > 0 else 0.0
+        figures = f"{self.seconds:.2f} s ({self.synced:,}/{self.expected:,} messages, {rate:,.0f} msg/s)"
+        if self.ok:
+            return f"RESULT {self.target} {MBSYNC_WHAT}: {figures}"
+        reason = self.failure or f"the Maildir holds {self.synced:,} messages, {self.expected:,} expected"
+        return f"RESULT {self.target} {MBSYNC_WHAT}: FAILED: {reason}; before that: {figures}"
+
+
+def sasl_plain_installed() -> bool:
+    """Cyrus SASL's PLAIN module (Debian's libsasl2-modules), which mbsync needs for AUTHENTICATE PLAIN."""
+    return any(Path("/usr/lib").glob("*/sasl2/libplain.so*")) or any(Path("/usr/lib/sasl2").glob("libplain.so*"))
+
+
+def ensure_mbsync() -> str:
+    """mbsync and the SASL PLAIN module, installed from Debian (isync, libsasl2-modules) when missing."""
+    found = shutil.which("mbsync")
+    if found and sasl_plain_installed():
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("mbsync or Cyrus SASL's PLAIN module missing and not root: "
+                           "apt-get install isync libsasl2-modules first")
+    log("installing Debian isync and libsasl2-modules")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "--no-install-recommends", "isync", "libsasl2-modules"]
+    if subprocess.run(install, env=env, timeout=600, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, timeout=600, check=True, capture_output=True)
+        subprocess.run(install, env=env, timeout=600, check=True, capture_output=True)
+    found = shutil.which("mbsync")
+    if not found or not sasl_plain_installed():
+        raise RuntimeError("apt-get installed isync and libsasl2-modules but mbsync or the PLAIN module is missing")
+    return found
+
+
+def mbsync_config(port: int, cafile: str, user: str, password_file: Path, maildir: Path) -> str:
+    """The INBOX over IMAPS into a Maildir, trusting only the server's certificate (whose DNS name is
+    localhost: mbsync matches names, not IP addresses); SASL PLAIN."""
+    return f"""# Private benchmark configuration (tools/bench_imap.py)
+FSync no
+
+IMAPAccount bench
+Host localhost
+Port {port}
+User "{user}"
+PassCmd "cat {password_file}"
+SSLType IMAPS
+CertificateFile {cafile}
+SystemCertificates no
+AuthMechs PLAIN
+Timeout 120
+
+IMAPStore remote
+Account bench
+
+MaildirStore local
+Path {maildir}/
+Inbox {maildir}/INBOX
+
+Channel inbox
+Far :remote:INBOX
+Near :local:INBOX
+Create Near
+Sync Pull
+SyncState *
+"""
+
+
+def maildir_count(folder: Path) -> int:
+    return sum(1 for sub in ("cur", "new") if (folder / sub).is_dir()
+               for entry in (folder / sub).iterdir() if entry.is_file())
+
+
+def measure_mbsync(target: str, port: int, cafile: str, user: str, password: str, expected: int,
+                   workdir: Path, timeout: float) -> Mbsync:
+    """A fresh ``mbsync`` of the whole INBOX into an empty Maildir; its output goes to a log file."""
+    result = Mbsync(target, expected)
+    try:
+        binary = ensure_mbsync()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        result.failure = f"mbsync not available: {describe(exc)}"
+        return result
+    base = workdir / f"mbsync-{target}"
+    maildir = base / "Mail"
+    maildir.mkdir(parents=True)  # mbsync creates the folder, not the store
+    password_file = base / "password"
+    password_file.write_text(password)
+    password_file.chmod(0o600)
+    config = base / "mbsyncrc"
+    config.write_text(mbsync_config(port, cafile, user, password_file, maildir))
+    output = base / "mbsync.log"
+    load = os.getloadavg()[0]
+    with open(output, "wb") as out:
+        started = time.perf_counter()
+        try:
+            code = subprocess.run([binary, "-c", str(config), "inbox"], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout, check=False,
+                                  env={"HOME": str(base), "PATH": "/usr/bin:/bin"}).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        result.seconds = time.perf_counter() - started
+    result.synced = maildir_count(maildir / "INBOX")
+    if code is None:
+        result.failure = f"not done within {timeout:.0f} s"
+    elif code != 0:
+        tail = " | ".join(output.read_text(errors="replace").strip().splitlines()[-4:])
+        result.failure = f"mbsync exited with {code}: {tail[:400] or 'no output'} (see {output})"
+    log(f"{result.line().removeprefix('RESULT ')} (load average {load:.1f})")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of the serving processes
+# ---------------------------------------------------------------------------------------------
+def status_kib(pid: int, name: str) -> int | None:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM), or None when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def pss_kib(pid: int) -> int | None:
+    """The proportional set size of ``pid`` (pages shared with N processes count 1/N), in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def process_tree(roots: list[int]) -> dict[int, str]:
+    """Every live process under ``roots`` (included), with its command name."""
+    parents: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        parents[int(entry)] = (int(raw[raw.rindex(")") + 2:].split()[1]), comm)
+    wanted = {pid for pid in roots if pid in parents}
+    changed = True
+    while changed:
+        changed = False
+        for pid, (ppid, _) in parents.items():
+            if ppid in wanted and pid not in wanted:
+                wanted.add(pid)
+                changed = True
+    return {pid: parents[pid][1] for pid in wanted}
+
+
+def reset_peak(pid: int) -> bool:
+    """Restart the kernel's VmHWM of ``pid`` from its current RSS (clear_refs 5, Linux 4.0+, root)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+@dataclass
+class PeakRss:
+    """Peak resident memory of a server's processes named ``comm`` (all of its tree if empty)."""
+
+    target: str
+    what: str  # the processes measured, for the report
+    largest_kib: int = 0  # the largest VmHWM of one such process
+    together_kib: int = 0  # the largest sampled sum of their PSS
+    most_processes: int = 0
+    wider_kib: int = 0  # the same sum over the ``wider`` processes too (Dovecot: imap-login, the TLS side)
+    wider: str = ""  # what those are, for the report
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return True  # a figure, not a test: an unreadable /proc shows as 0
+
+    def line(self) -> str:
+        together = ""
+        if self.most_processes > 1:
+            together = f"; all together {self.together_kib / 1024:.1f} MiB (up to {self.most_processes} at once)"
+        if self.wider:
+            together += f"; with {self.wider} {self.wider_kib / 1024:.1f} MiB"
+        if together:
+            together += (f" at most: sums of PSS, shared pages counted once, sampled every "
+                         f"{RSS_SAMPLE_SECONDS:g} s")
+        note = f"; {self.note}" if self.note else ""
+        kind = "largest VmHWM of one" if self.most_processes > 1 else "VmHWM"
+        return (f"RESULT {self.target} peak RSS: {self.what} {self.largest_kib / 1024:.1f} MiB "
+                f"({kind}{together}{note})")
+
+
+class RssSampler:
+    """Follows a server's process tree in a thread: each process's VmHWM (kept after it exits,
+    as last seen) and the largest sums of PSS seen at once (Dovecot's processes share pages:
+    adding their RSS would count libdovecot once per process)."""
+
+    def __init__(self, result: PeakRss, roots: list[int], comm: str = "", wider: str = "") -> None:
+        self.result = result
+        self.roots = roots
+        self.comm = comm  # only processes of this name ("": every process of the tree)
+        self.wider = wider  # another name, counted in wider_kib with those
+        self.peaks: dict[int, int] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"rss-{result.target}", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+        self.sample()
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(RSS_SAMPLE_SECONDS):
+            self.sample()
+
+    def sample(self) -> None:
+        together = wider = count = 0
+        for pid, comm in process_tree(self.roots).items():
+            if self.comm and comm not in (self.comm, self.wider):
+                continue
+            pss = pss_kib(pid)
+            if pss is None:
+                continue
+            wider += pss
+            if self.comm and comm != self.comm:
+                continue
+            peak = status_kib(pid, "VmHWM")
+            if peak is None:
+                continue
+            together += pss
+            count += 1
+            self.peaks[pid] = max(self.peaks.get(pid, 0), peak)
+        self.result.together_kib = max(self.result.together_kib, together)
+        self.result.wider_kib = max(self.result.wider_kib, wider)
+        self.result.most_processes = max(self.result.most_processes, count)
+        self.result.largest_kib = max(self.peaks.values(), default=0)
+
+
+Result: TypeAlias = Measure | RoundTrips | Latency | Mbsync | PeakRss
 
 
 async def open_selected(port: int, cafile: str, user: str, password: str) -> ImapConnection:
@@ -606,8 +892,19 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
         log(f"rempart: APPEND {len(messages):,} messages to {user}'s INBOX")
         seconds = asyncio.run(asyncio.wait_for(fill(), args.timeout))
         log(f"rempart: filled in {seconds:.1f} s ({len(messages) / seconds:.0f} APPEND/s)")
-        results = asyncio.run(measure_target("rempart", port, stack.cert_file, user, password, len(messages),
-                                             args))
+        imap_pop = stack.procs["imap-pop"].pid
+        rss = PeakRss("rempart", "imap-pop process")
+        before = status_kib(imap_pop, "VmRSS") or 0
+        # The peak of the reads, not of the APPENDs that filled the INBOX (Dovecot's is written directly).
+        rss.note = (f"since the INBOX was filled, when it held {before / 1024:.1f} MiB" if reset_peak(imap_pop)
+                    else "includes filling the INBOX (VmHWM could not be reset)")
+        with RssSampler(rss, [imap_pop]):
+            results = asyncio.run(measure_target("rempart", port, stack.cert_file, user, password, len(messages),
+                                                 args))
+            results.append(measure_mbsync("rempart", port, stack.cert_file, user, password, len(messages),
+                                          workdir, args.timeout))
+        results.append(rss)
+        log(rss.line().removeprefix("RESULT "))
         for name, proc in stack.procs.items():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} died during the benchmark:\n{stack.log_tail(name)}")
@@ -644,7 +941,7 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
     pair = write_self_signed(base / "tls", ["localhost", "127.0.0.1"])
     password = strong_password()
     passwd = base / "passwd"
-    passwd.write_text(f"{DOVECOT_USER}:{{PLAIN}}{password}\n")
+    passwd.write_text(dovecot_passwd_line(DOVECOT_USER, password))
     passwd.chmod(0o644)
     log(f"dovecot: writing {len(messages):,} messages to a maildir")
     write_maildir(base / "home" / DOVECOT_USER, messages, uid, gid)
@@ -663,8 +960,14 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
             log_file = base / "dovecot.log"
             tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
             raise RuntimeError(f"Dovecot did not start: {exc}\n{tail}") from exc
-        return asyncio.run(measure_target("dovecot", port, pair.cert_file, DOVECOT_USER, password, len(messages),
-                                          args))
+        rss = PeakRss("dovecot", "imap processes", wider="the imap-login processes (TLS)")
+        with RssSampler(rss, [proc.pid], comm="imap", wider="imap-login"):
+            results = asyncio.run(measure_target("dovecot", port, pair.cert_file, DOVECOT_USER, password,
+                                                 len(messages), args))
+            results.append(measure_mbsync("dovecot", port, pair.cert_file, DOVECOT_USER, password, len(messages),
+                                          workdir, args.timeout))
+        log(rss.line().removeprefix("RESULT "))
+        return [*results, rss]
     finally:
         stop_process_group(proc)
 
@@ -722,6 +1025,25 @@ def summary(results: list[Result], args: argparse.Namespace) -> None:
                 failed = " and ".join(m.target for m in (ours, theirs) if not m.ok)
                 print(f"ratio rempart/dovecot {what} ({run}): none, the FETCH failed on {failed}")
     summary_round_trips_and_latency(results)
+    summary_mbsync_and_memory(results)
+
+
+def summary_mbsync_and_memory(results: list[Result]) -> None:
+    syncs = {r.target: r for r in results if isinstance(r, Mbsync)}
+    for sync in syncs.values():
+        print(sync.line())
+    mine, other = syncs.get("rempart"), syncs.get("dovecot")
+    if mine is not None and other is not None:
+        # Seconds: lower is better, so Dovecot/Rempart, above 1 meaning Rempart ahead.
+        if mine.ok and other.ok and mine.seconds > 0:
+            print(f"ratio dovecot/rempart {MBSYNC_WHAT} time: {other.seconds / mine.seconds:.2f} "
+                  f"({mine.seconds:.2f} vs {other.seconds:.2f} s: Rempart takes "
+                  f"{mine.seconds / max(other.seconds, 1e-9):.2f} times Dovecot's time)")
+        else:
+            failed = " and ".join(m.target for m in (mine, other) if not m.ok)
+            print(f"ratio dovecot/rempart {MBSYNC_WHAT} time: none, it failed on {failed}")
+    for rss in (r for r in results if isinstance(r, PeakRss)):
+        print(rss.line())
 
 
 def summary_round_trips_and_latency(results: list[Result]) -> None:
