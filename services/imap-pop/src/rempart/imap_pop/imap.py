@@ -829,7 +829,7 @@ class ImapSession(FolderCommands, Session):
         return [(i + 1, self.view.message(i)) for i in indexes]
 
     async def read_content(self, message: IndexedMessage) -> bytes:
-        return M.normalise(await self.backend.store.read_message(message))
+        return await self.backend.read_content(message)
 
     async def _contents(self, messages: list[IndexedMessage]) -> dict[int, bytes | BaseException]:
         """Read several messages at once (a few requests in flight): uid -> bytes or the error."""

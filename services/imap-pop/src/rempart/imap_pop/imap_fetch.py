@@ -12,7 +12,7 @@ from rempart.imap_pop.imapproto import FetchItem, literal
 
 # FETCH (and SEARCH) read message bodies a window at a time: a few reads in flight, a bounded number of
 # bytes held, and the socket drained past a high-water mark (R-MBX-6).
-FETCH_READS_IN_FLIGHT = 16
+FETCH_READS_IN_FLIGHT = 100  # a window at once: one flush of requests, not one each
 FETCH_WINDOW_MESSAGES = 100
 FETCH_WINDOW_BYTES = 4 * 1024 * 1024
 FETCH_WRITE_HIGH_WATER = 256 * 1024

@@ -12,7 +12,7 @@ import re
 
 from rempart.common.edgelogin import LoginDecision, LoginOutcome
 from rempart.common.mailstore import INBOX, IndexedMessage
-from rempart.common.mime import normalise, split_header
+from rempart.common.mime import split_header
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import PLAIN, SCRAM_SHA_256, SaslError, SaslMalformed
 from rempart.imap_pop import replies as R
@@ -325,7 +325,7 @@ class Pop3Session(Session):
 
     async def _read(self, message: IndexedMessage) -> bytes | None:
         try:
-            return normalise(await self.backend.store.read_message(message))
+            return await self.backend.read_content(message)
         except Exception as exc:  # noqa: BLE001 - NATS down or blob missing
             log.warning("blob not readable: %s", exc, extra={"session": self.session_id})
             self.send(R.POP3_TEMPFAIL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,8 @@ from rempart.common.config import SettingsCache
 from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
 from rempart.common.mailbox import Mailboxes
-from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.mailstore import IndexedMessage, MailboxIndex, MessageStore
+from rempart.common.mime import normalise
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.common.sasl import Credentials, decode_response
@@ -65,6 +67,45 @@ return 0
 Continuation = Callable[[bytes], Awaitable[str | None]]
 
 
+class ContentCache:
+    """The last messages read on this replica, as served (CRLF line ends), up to a number of
+    bytes: a message read by two clients (a laptop and a phone), or twice by one, is read from
+    JetStream once. A message's bytes never change, so a cached copy is never stale; each copy
+    of a message (COPY, MOVE) shares its delivery's entry."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.held = 0
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+
+    @staticmethod
+    def key(message: IndexedMessage) -> str:
+        return message.blob or f"{message.record_seq}/{message.transaction_id.split('/', 1)[0]}"
+
+    def get(self, message: IndexedMessage) -> bytes | None:
+        key = self.key(message)
+        data = self._entries.get(key)
+        if data is not None:
+            self._entries.move_to_end(key)
+        return data
+
+    def put(self, message: IndexedMessage, data: bytes) -> None:
+        if len(data) > self.limit // 8:
+            return  # one large message would push out many small ones
+        key = self.key(message)
+        if key in self._entries:
+            return
+        self._entries[key] = data
+        self.held += len(data)
+        while self.held > self.limit:
+            _, old = self._entries.popitem(last=False)
+            self.held -= len(old)
+
+
+# Bytes of messages each replica keeps (ContentCache).
+CONTENT_CACHE_BYTES = 64 * 1024 * 1024
+
+
 @dataclass
 class Backend:
     """The process-wide parts every session uses."""
@@ -83,6 +124,8 @@ class Backend:
     # mid-flight nor lost at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
+    content_cache: ContentCache = field(default_factory=lambda: ContentCache(CONTENT_CACHE_BYTES))
+
     def __post_init__(self) -> None:
         self._lock_renew = self.redis.register_script(_LOCK_RENEW_LUA)
         self._lock_release = self.redis.register_script(_LOCK_RELEASE_LUA)
@@ -97,6 +140,14 @@ class Backend:
     def index(self) -> MailboxIndex:
         """The mailbox index, for reading (changes go through :attr:`mailboxes`)."""
         return self.mailboxes.index
+
+    async def read_content(self, message: IndexedMessage) -> bytes:
+        """A message as IMAP and POP3 serve it (CRLF line ends, RFC 5322 2.3)."""
+        data = self.content_cache.get(message)
+        if data is None:
+            data = normalise(await self.store.read_message(message))
+            self.content_cache.put(message, data)
+        return data
 
     # RFC 1939 8 / RFC 3206: one POP3 session per maildrop, across replicas. The lock has a
     # short TTL that its session renews, so a crashed replica never locks a mailbox for long.
