@@ -87,3 +87,57 @@ async def test_r_ops_3_reindex_command_rebuilds_a_lost_index(
     # UID a client saw names another message (RFC 3501 2.3.1.1).
     assert after.uidvalidity == before.uidvalidity
     assert [m.uid for m in await index.messages("carol@example.org")] == [101, 102, 103]
+
+
+async def test_r_mbx_2_unseen_count_follows_every_change_without_reading_the_folder(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    """STATUS UNSEEN reads one counter (R-MBX-2); it stays what a count of the messages gives
+    through deliveries, APPEND with \\Seen, COPY, STORE (set, add, remove), EXPUNGE, RENAME and
+    a rebuild; a folder from before the counter is counted once."""
+    from rempart.common import keys
+    from rempart.common.mailbox import rebuild_index
+    from rempart.common.mailstore import INBOX
+
+    js = nats_conn.jetstream()
+    index = MailboxIndex(redis)
+    writer = Mailboxes(await MessageStore.open(js), index, MailboxLog(js))
+    bob = "bob@example.org"
+
+    async def counted(folder: str) -> int:
+        return sum(1 for m in await index.messages(bob, folder) if "\\Seen" not in m.flags)
+
+    async def check(*folders: str) -> None:
+        for folder in folders:
+            assert await index.unseen_count(bob, folder) == await counted(folder), folder
+
+    for n in range(6):
+        record, seq = await writer.store.accept(f"Subject: {n}\r\n\r\nx\r\n".encode(), mail_from="a@b.example",
+                                                local_mailboxes=[bob], remote_recipients=[])
+        await writer.place(record, None, seq)
+    await writer.append(bob, INBOX, [(b"Subject: read\r\n\r\nx\r\n", ["\\Seen"], 0)])
+    assert await index.unseen_count(bob) == 6
+    assert await writer.create_folder(bob, "Archive")
+    inbox = (await index.status(bob)).uidvalidity
+    await writer.change_flags(bob, INBOX, inbox, [1, 2], "add", {"\\Seen"})
+    await writer.change_flags(bob, INBOX, inbox, [2, 7], "remove", {"\\Seen"})
+    await writer.change_flags(bob, INBOX, inbox, [3], "set", {"\\Seen", "$Work"})
+    await writer.change_flags(bob, INBOX, inbox, [3], "add", {"\\Seen"})  # no change
+    await check(INBOX, "Archive")
+    await writer.copy(bob, INBOX, "Archive", [1, 2, 3, 4])
+    await check(INBOX, "Archive")
+    messages = await index.messages(bob)
+    await writer.expunge(bob, INBOX, inbox, [m for m in messages if m.uid in (1, 4, 5)])
+    await check(INBOX, "Archive")
+    assert await writer.rename_folder(bob, "Archive", "Old")
+    await check(INBOX, "Old")
+    assert await index.unseen_count(bob, "Archive") == 0  # gone
+    # A folder from before the counter: counted once, then kept.
+    await redis.hdel(keys.mailbox_meta(bob, INBOX), "unseen")
+    await check(INBOX)
+    await writer.change_flags(bob, INBOX, inbox, [6], "add", {"\\Seen"})
+    await check(INBOX)
+    await redis.flushall()
+    await rebuild_index(js, writer)
+    assert await redis.hexists(keys.mailbox_meta(bob, INBOX), "unseen")
+    await check(INBOX, "Old")

@@ -332,6 +332,18 @@ class FolderStatus:
     highestmodseq: int = 0  # the last MODSEQ of a change in it (0: none yet; RFC 7162 shows at least 1)
 
 
+# A folder's count of messages without \\Seen (its meta's 'unseen', for STATUS UNSEEN at the
+# cost of one read): kept by every script that adds, removes or flags messages, and only where
+# it is already counted (a folder from before the counter is counted once, by _UNSEEN_COUNT_LUA).
+_UNSEEN_LUA = """
+local function unseen(flags)
+  return not string.find(' ' .. (flags or '') .. ' ', ' \\\\Seen ', 1, true)
+end
+local function count_unseen(meta, delta)
+  if delta ~= 0 and redis.call('HEXISTS', meta, 'unseen') == 1 then redis.call('HINCRBY', meta, 'unseen', delta) end
+end
+"""
+
 # A new folder's UIDVALIDITY: strictly greater than any given before, even after a flush in
 # the same second (RFC 3501 2.3.1.1: new UIDs must come with a new, larger UIDVALIDITY).
 # Returns it, or 0 when the folder exists.
@@ -344,7 +356,7 @@ end
 -- A folder (its meta hash), listed among the account's folders, with a new UIDVALIDITY.
 local function make_folder(meta, counter, floor, folders, name)
   local v = next_uidvalidity(counter, floor)
-  redis.call('HSET', meta, 'uidvalidity', v, 'uidnext', 1)
+  redis.call('HSET', meta, 'uidvalidity', v, 'uidnext', 1, 'unseen', 0)
   redis.call('SADD', folders, name)
   return v
 end
@@ -412,7 +424,7 @@ return gone
 """
 
 # Append one message to a folder unless this transaction is already there (idempotent).
-_APPEND_LUA = _UIDVALIDITY_LUA + """
+_APPEND_LUA = _UIDVALIDITY_LUA + _UNSEEN_LUA + """
 local existing = redis.call('HGET', KEYS[3], ARGV[1])
 if existing then
   return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0,
@@ -442,6 +454,7 @@ if ARGV[10] ~= '' then
   redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
 end
 redis.call('HSET', KEYS[3], ARGV[1], uid)
+if unseen(ARGV[7]) then count_unseen(KEYS[1], 1) end
 return {uid, tonumber(meta[1]), 0, modseq}
 """
 
@@ -464,7 +477,7 @@ return first
 # change counter taken (KEYS[4]), then per source UID its new UID (0: gone), identity and
 # flags; or {0, uidvalidity, uidnext} when the UIDs needed pass what the log reserved, or {}
 # when the target does not exist.
-_COPY_LUA = """
+_COPY_LUA = _UNSEEN_LUA + """
 local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
 if not meta[1] then return {} end
 local wanted = #ARGV - 5
@@ -492,6 +505,7 @@ for i = 6, #ARGV do
     redis.call('HSET', KEYS[3], identity, uid)
     out[#out + 1] = uid; out[#out + 1] = identity; out[#out + 1] = redis.call('HGET', source, 'flags') or ''
     journal[#journal + 1] = {uid, identity, out[#out]}
+    if unseen(out[#out]) then count_unseen(KEYS[1], 1) end
   end
 end
 redis.call('HSET', KEYS[1], 'highestmodseq', out[2])
@@ -528,6 +542,19 @@ for _, uid in ipairs(uids) do
   for j = 1, 7 do out[#out + 1] = row[j] or '' end
 end
 return out
+"""
+
+# A folder's unseen count: its meta's, or counted once (a folder from before the counter) and kept.
+_UNSEEN_COUNT_LUA = _UNSEEN_LUA + """
+local known = redis.call('HGET', KEYS[1], 'unseen')
+if known then return tonumber(known) end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = 0
+for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if unseen(redis.call('HGET', ARGV[1] .. uid, 'flags')) then n = n + 1 end
+end
+redis.call('HSET', KEYS[1], 'unseen', n)
+return n
 """
 
 # Some messages by UID, as _LIST_PAGE_LUA gives them (an expunged one: its UID and empty fields).
@@ -609,7 +636,7 @@ class FlagState:
 # was journaled), then for each message its flags and its MODSEQ afterwards ('\0' for a message
 # that is gone; the flags end in ' \0limit' or ' \0modified' where the message was left as it
 # was).
-_CHANGE_FLAGS_LUA = """
+_CHANGE_FLAGS_LUA = _UNSEEN_LUA + """
 local modseq = redis.call('INCR', KEYS[1])
 local out = {modseq}
 local since = tonumber(ARGV[3])  -- nil: no UNCHANGEDSINCE
@@ -645,6 +672,7 @@ for i = 5, #KEYS do
       local joined = table.concat(list, ' ')
       if joined ~= current then
         local uid = string.match(key, '(%d+)$')
+        count_unseen(KEYS[2], (unseen(joined) and 1 or 0) - (unseen(current) and 1 or 0))
         redis.call('HSET', key, 'flags', joined, 'modseq', modseq)
         redis.call('ZADD', KEYS[3], modseq, uid)
         mine = modseq
@@ -669,11 +697,12 @@ return out
 # for QRESYNC's VANISHED (RFC 7162 3.2.5), the oldest forgotten past ARGV[2] of them (the
 # folder's 'vanishedfloor' says from which MODSEQ on the list is complete). KEYS: the account's
 # counter, meta, UIDs, vanished; ARGV[1] the message prefix, ARGV[3..] the UIDs.
-_REMOVE_LUA = _UNREF_LUA + """
+_REMOVE_LUA = _UNREF_LUA + _UNSEEN_LUA + """
 local gone = {}
 local modseq = redis.call('INCR', KEYS[1])
 for i = 4, #ARGV do
   if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
+    if unseen(redis.call('HGET', ARGV[1] .. ARGV[i], 'flags')) then count_unseen(KEYS[2], -1) end
     redis.call('HINCRBY', KEYS[6], 'bytes', -tonumber(redis.call('HGET', ARGV[1] .. ARGV[i], 'size') or '0'))
     redis.call('HINCRBY', KEYS[6], 'messages', -1)
     unref(ARGV[1] .. ARGV[i], gone)
@@ -714,6 +743,7 @@ class MailboxIndex:
         self._claim_recent = redis.register_script(_CLAIM_RECENT_LUA)
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
         self._by_uid = redis.register_script(_BY_UID_LUA)
+        self._unseen_count = redis.register_script(_UNSEEN_COUNT_LUA)
         self._first_unseen = redis.register_script(_FIRST_UNSEEN_LUA)
 
     async def file(
@@ -937,6 +967,12 @@ class MailboxIndex:
             out.update((m.uid, m) for m in _rows(page))
         return out
 
+    async def unseen_count(self, mailbox: str, folder: str = INBOX) -> int:
+        """Messages without \\Seen (STATUS UNSEEN): one read of the folder's counter."""
+        return int(await self._unseen_count(
+            keys=[keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder)],
+            args=[keys.mailbox_message_prefix(mailbox, folder)]))
+
     async def first_unseen(self, mailbox: str, folder: str, from_uid: int = 1) -> int:
         """The UID of the first message at or above ``from_uid`` without \\Seen; 0 when none.
         Costs the messages it passes over."""
@@ -1037,7 +1073,8 @@ class MailboxIndex:
             # a client resynchronising from before gets every flag and every missing UID (RFC
             # 7162 allows more than the changes).
             pipe.hset(meta, items=["uidvalidity", uidvalidity, "uidnext", uidnext, "reserved", reserved,
-                                   "highestmodseq", modseq, "vanishedfloor", modseq, "recentfrom", uidnext])
+                                   "highestmodseq", modseq, "vanishedfloor", modseq, "recentfrom", uidnext,
+                                   "unseen", sum(1 for m in messages if "\\Seen" not in m.flags)])
             pipe.sadd(keys.mailbox_folders(mailbox), folder)
             for n, message in enumerate(messages, 1):
                 record = message.record

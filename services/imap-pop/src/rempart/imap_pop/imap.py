@@ -531,15 +531,22 @@ class ImapSession(FolderCommands, Session):
                 first_unseen = cache.first_unseen
                 if first_unseen and (view.position(first_unseen) is None or any(
                         m.uid == first_unseen and "\\Seen" in m.flags for m in changed)):
-                    first_unseen = await index.first_unseen(self.account, folder, first_unseen)
+                    first_unseen = await self._first_unseen(folder, first_unseen)
                 first_unseen = min([u for u in (first_unseen, *(m.uid for m in changed if "\\Seen" not in m.flags))
                                     if u], default=0)
         if view is None:
             view = FolderView(await index.uids(self.account, folder))
-            first_unseen = await index.first_unseen(self.account, folder)
+            first_unseen = await self._first_unseen(folder, 1)
         await index.save_uid_cache(self.account, folder, UidCache(status.uidvalidity, status.highestmodseq,
                                                                   first_unseen, view.uids))
         return view, first_unseen
+
+    async def _first_unseen(self, folder: str, from_uid: int) -> int:
+        """The first UID from ``from_uid`` on without \\Seen (0: none); nothing scanned when
+        the folder's counter says every message is seen (a read archive)."""
+        if not await self.backend.index.unseen_count(self.account, folder):
+            return 0
+        return await self.backend.index.first_unseen(self.account, folder, from_uid)
 
     async def _load(self, indexes: Iterable[int]) -> None:
         """The fields of the view's messages at these indexes, read where not loaded; one

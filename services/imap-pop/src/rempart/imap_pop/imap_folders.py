@@ -8,7 +8,7 @@ index shows the same folders.
 
 from __future__ import annotations
 
-from rempart.common.mailstore import INBOX, IndexedMessage
+from rempart.common.mailstore import INBOX
 from rempart.common.mime import quote
 from rempart.imap_pop.imap_view import FolderView
 from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token, text_of, wildcard_match
@@ -166,7 +166,6 @@ class FolderCommands:
         RETURN (STATUS) give them."""
         status = await self.backend.index.status(self.account, folder)
         out = []
-        messages: list[IndexedMessage] | None = None
         for name in items:
             if name == "MESSAGES":
                 out.append(f"MESSAGES {status.exists}")
@@ -179,10 +178,7 @@ class FolderCommands:
             elif name == "HIGHESTMODSEQ":
                 out.append(f"HIGHESTMODSEQ {max(status.highestmodseq, 1)}")  # RFC 7162 3.1.9: at least 1
             elif name == "UNSEEN":
-                if messages is None:
-                    messages = await self.backend.index.messages(self.account, folder)
-                unseen = sum(1 for m in messages if "\\Seen" not in m.flags)
-                out.append(f"UNSEEN {unseen}")
+                out.append(f"UNSEEN {await self.backend.index.unseen_count(self.account, folder)}")
         return " ".join(out)
 
     async def cmd_create(self, command: Command) -> None:
