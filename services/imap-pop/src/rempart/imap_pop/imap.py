@@ -79,6 +79,8 @@ SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 STORE_BATCH = 500  # messages per atomic flag script call
+# SELECT rewrites a folder's saved UIDs once this many changes have piled up since they were saved.
+UID_CACHE_RESAVE = 200
 ANY_UID = 2**32 - 1  # "*" in a client's known UIDs (QRESYNC): any
 MAX_LITERALS_PER_COMMAND = 16
 
@@ -511,7 +513,8 @@ class ImapSession(FolderCommands, Session):
     async def _open_view(self, folder: str, status: FolderStatus) -> tuple[FolderView, int]:
         """The folder's UIDs and its first unseen UID (0: none), from the UIDs a session last
         saved for it plus the changes since (R-MBX-2: SELECT of a large folder costs what
-        changed), or read whole when there is nothing to start from. Saved back when changed."""
+        changed), or read whole when there is nothing to start from. Saved back once enough
+        changes piled up (UID_CACHE_RESAVE) or when read whole."""
         index = self.backend.index
         cache = await index.uid_cache(self.account, folder)
         view: FolderView | None = None
@@ -524,7 +527,8 @@ class ImapSession(FolderCommands, Session):
             if changed is not None and complete:
                 view = FolderView(cache.uids)
                 view.remove(set(vanished))
-                view.append(m for m in changed if m.uid > view.last_uid)
+                highest = view.last_uid
+                view.append([m for m in changed if m.uid > highest])
                 for message in changed:
                     if view.position(message.uid) is not None:
                         view.put(message)
@@ -534,6 +538,10 @@ class ImapSession(FolderCommands, Session):
                     first_unseen = await self._first_unseen(folder, first_unseen)
                 first_unseen = min([u for u in (first_unseen, *(m.uid for m in changed if "\\Seen" not in m.flags))
                                     if u], default=0)
+                if len(changed) + len(vanished) < UID_CACHE_RESAVE:
+                    # Kept as it is: the next SELECT applies these few changes again, cheaper
+                    # than writing every UID back each time the folder changes.
+                    return view, first_unseen
         if view is None:
             view = FolderView(await index.uids(self.account, folder))
             first_unseen = await self._first_unseen(folder, 1)
