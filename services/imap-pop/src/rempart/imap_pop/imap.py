@@ -825,9 +825,14 @@ class ImapSession(FolderCommands, Session):
             self.out(f"* VANISHED {compress_numbers(sorted(gone_uids))}")
 
     async def _select(self, text: str, uid: bool) -> list[tuple[int, IndexedMessage]]:
-        """The (sequence number, message) pairs of a sequence or UID set, their fields loaded:
-        a binary search per range, so one message costs O(log n) whatever the folder's size
-        (R-MBX-2)."""
+        """The (sequence number, message) pairs of a sequence or UID set, their fields loaded."""
+        indexes = self._indexes(text, uid)
+        await self._load(indexes)
+        return [(i + 1, self.view.message(i)) for i in indexes]
+
+    def _indexes(self, text: str, uid: bool) -> list[int]:
+        """The view's indexes of a sequence or UID set: a binary search per range, so one
+        message costs O(log n) whatever the folder's size (R-MBX-2)."""
         indexes: list[int] = []
         if uid:
             for low, high in parse_sequence_set(text, self.view.last_uid):
@@ -840,8 +845,26 @@ class ImapSession(FolderCommands, Session):
             if any(high > len(self.view) for _, high in ranges):
                 raise No("Invalid message sequence number", bad=True)
             indexes = [i - 1 for low, high in ranges for i in range(low, high + 1)]
-        await self._load(indexes)
-        return [(i + 1, self.view.message(i)) for i in indexes]
+        return indexes
+
+    async def _changed_among(self, text: str, uid: bool, since: int) -> list[tuple[int, IndexedMessage]]:
+        """FETCH (CHANGEDSINCE): the messages of a set changed after ``since``, found from the
+        folder's changes (what Thunderbird asks at each folder opening costs what changed, not
+        the folder's size), or from every message when too many changed."""
+        assert self.folder is not None
+        indexes = self._indexes(text, uid)
+        changed = await self.backend.index.changed_since(self.account, self.folder, since)
+        if changed is None:
+            await self._load(indexes)
+            return [(i + 1, self.view.message(i)) for i in indexes if self.view.message(i).modseq > since]
+        asked = set(indexes)
+        out = []
+        for message in changed:
+            i = self.view.position(message.uid)
+            if i is not None and i in asked and message.modseq > since:
+                self.view.put(message)
+                out.append((i + 1, message))
+        return out
 
     async def read_content(self, message: IndexedMessage) -> bytes:
         return await self.backend.read_content(message)
@@ -880,7 +903,10 @@ class ImapSession(FolderCommands, Session):
         changed_since, vanished = self._fetch_modifiers(command)
         if changed_since is not None:
             await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
-        selected = await self._select(text_of(command.args[0]), command.uid)
+        if changed_since is None:
+            selected = await self._select(text_of(command.args[0]), command.uid)
+        else:
+            selected = await self._changed_among(text_of(command.args[0]), command.uid, changed_since)
         items = parse_fetch_items(command.args[1])
         if (command.uid or self.qresync) and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))  # with QRESYNC, every FETCH response (RFC 7162 3.2.4)
@@ -892,7 +918,6 @@ class ImapSession(FolderCommands, Session):
             if vanished:
                 await self._send_vanished(changed_since, parse_sequence_set(
                     text_of(command.args[0]), self.view.last_uid), earlier=True)
-            selected = [(seq, m) for seq, m in selected if m.modseq > changed_since]
             if not any(i.name == "MODSEQ" for i in items):
                 items.append(FetchItem("MODSEQ"))
         plan = FetchPlan(items)
