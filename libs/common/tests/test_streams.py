@@ -12,12 +12,14 @@ from rempart.common.events import (
     EVENTS_STREAM,
     MAIL_STREAM,
     MAILBOX_LOG_STREAM,
+    MAILBOX_SNAPSHOT_STREAM,
     connect_nats,
     ensure_streams,
 )
 from rempart.common.testing.localstack import start_nats_cluster
 
 pytestmark = pytest.mark.timeout(90)
+STREAMS = (MAIL_STREAM, MAILBOX_LOG_STREAM, MAILBOX_SNAPSHOT_STREAM, EVENTS_STREAM, f"OBJ_{BLOB_BUCKET}")
 
 
 async def test_r_ops_6_streams_created_r3_on_a_cluster_and_never_lowered(tmp_path: Path) -> None:
@@ -26,12 +28,12 @@ async def test_r_ops_6_streams_created_r3_on_a_cluster_and_never_lowered(tmp_pat
         nc = await connect_nats(",".join(s.url for s in cluster), "test")
         js = nc.jetstream(timeout=10)
         assert await ensure_streams(js, replicas=3) == []
-        for name in (MAIL_STREAM, MAILBOX_LOG_STREAM, EVENTS_STREAM, f"OBJ_{BLOB_BUCKET}"):
+        for name in STREAMS:
             assert (await js.stream_info(name)).config.num_replicas == 3
         # A pod started with the default (1) must leave the operator's R3 alone, and say so.
         differences = await ensure_streams(js, replicas=1)
-        assert len(differences) == 4 and all("never lowered" in d for d in differences)
-        for name in (MAIL_STREAM, MAILBOX_LOG_STREAM, EVENTS_STREAM, f"OBJ_{BLOB_BUCKET}"):
+        assert len(differences) == len(STREAMS) and all("never lowered" in d for d in differences)
+        for name in STREAMS:
             assert (await js.stream_info(name)).config.num_replicas == 3
         await nc.close()
     finally:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -37,6 +38,10 @@ MAIL_EXPUNGED_SUBJECT = "rempart.mail.expunged"
 MAIL_APPENDED_SUBJECT = "rempart.mail.appended"
 # The mailbox change log (DESIGN "The mailbox"): one subject per account.
 MAILBOX_LOG_STREAM = "MBXLOG"
+MAILBOX_LOG_PREFIX = "rempart.mbx."
+# Each account's compacted change log: a head naming the current snapshot, and its body in chunks.
+MAILBOX_SNAPSHOT_STREAM = "MBXSNAP"
+MAILBOX_SNAPSHOT_HEADS = "rempart.mbxsnap.head.*"
 BLOB_BUCKET = "MAILBLOBS"
 CONFIG_CHANGED = "rempart.config.changed"
 IPS_BLOCKED = "rempart.events.ips.blocked"
@@ -46,10 +51,26 @@ def event_subject(area: str, what: str) -> str:
     return f"rempart.events.{area}.{what}"
 
 
+def mailbox_log_token(account: str) -> str:
+    """The account as one subject token: a digest, so that any address fits."""
+    return hashlib.sha256(account.encode()).hexdigest()[:32]
+
+
 def mailbox_log_subject(account: str) -> str:
-    """The account's subject on the change log: a digest, so any address is one token and a
-    replay of one account filters on one subject."""
-    return f"rempart.mbx.{hashlib.sha256(account.encode()).hexdigest()[:32]}"
+    """The account's subject on the change log: a replay of one account filters on one subject."""
+    return MAILBOX_LOG_PREFIX + mailbox_log_token(account)
+
+
+def mailbox_snapshot_head_subject(token: str) -> str:
+    """Where the account's current snapshot is named (one message; a new one replaces it only
+    if nobody else's did first: the publish names the sequence it replaces)."""
+    return f"rempart.mbxsnap.head.{token}"
+
+
+def mailbox_snapshot_body_subject(token: str, nonce: str) -> str:
+    """The chunks of one snapshot: a subject of its own, so that a snapshot being written never
+    mixes with the current one, and dropping an old one is one purge."""
+    return f"rempart.mbxsnap.body.{token}.{nonce}"
 
 
 def mailbox_changed_subject(mailbox: str) -> str:
@@ -103,6 +124,16 @@ async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> list[str]:
             # either, a rebuilt index is only as good as this log.
             name=MAILBOX_LOG_STREAM,
             subjects=["rempart.mbx.>"],
+            retention=jsapi.RetentionPolicy.LIMITS,
+            storage=jsapi.StorageType.FILE,
+            num_replicas=replicas,
+            allow_direct=True,
+        ),
+        jsapi.StreamConfig(
+            # The change log's history, compacted: one snapshot per account (its records up to
+            # a sequence, then purged from MBXLOG). As precious as MBXLOG itself.
+            name=MAILBOX_SNAPSHOT_STREAM,
+            subjects=["rempart.mbxsnap.>"],
             retention=jsapi.RetentionPolicy.LIMITS,
             storage=jsapi.StorageType.FILE,
             num_replicas=replicas,
@@ -205,6 +236,66 @@ async def _ensure_stream(js: JetStreamContext, wanted: jsapi.StreamConfig) -> li
             # For example more replicas than the cluster has nodes: reported, never fatal.
             differences.append(f"{wanted.name}: could not apply {sorted(step)}: {exc.description}")
     return differences
+
+
+# How long a stream read waits for the next message before it checks whether one is still due.
+READ_WAIT_SECONDS = 5.0
+
+
+async def read_stream(js: JetStreamContext, stream: str, subjects: str, *, after: int = 0, up_to: int = 0,
+                      last_per_subject: bool = False) -> AsyncIterator[tuple[str, bytes, int]]:
+    """The messages of ``stream`` on ``subjects`` (wildcards allowed) after sequence ``after``
+    and up to ``up_to`` (0: up to the last one), in order, as (subject, data, sequence); with
+    ``last_per_subject``, only the last message of each subject. Messages deleted from the
+    stream meanwhile (space reclaimed, a compacted log) are skipped: when none comes for a
+    while, the stream is asked whether one is still due."""
+    try:
+        first = await js.get_msg(stream, seq=after + 1, next=True, subject=subjects)
+    except NotFoundError:
+        return
+    if up_to and int(first.seq or 0) > up_to:
+        return
+    policy = jsapi.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else jsapi.DeliverPolicy.BY_START_SEQUENCE
+    config = None if last_per_subject else jsapi.ConsumerConfig(opt_start_seq=after + 1)
+    sub = await js.subscribe(subjects, stream=stream, ordered_consumer=True, deliver_policy=policy, config=config)
+    seen = after
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=READ_WAIT_SECONDS)
+            except NatsTimeoutError:
+                try:
+                    due = int((await js.get_msg(stream, seq=seen + 1, next=True, subject=subjects)).seq or 0)
+                except NotFoundError:
+                    return
+                if last_per_subject or (up_to and due > up_to):
+                    return
+                log.info("reading %s: message %d is due and late, still waiting", stream, due)
+                continue
+            seq = int(msg.metadata.sequence.stream)
+            if up_to and seq > up_to:
+                return
+            seen = seq
+            yield msg.subject, msg.data, seq
+            if (up_to and seq >= up_to) or msg.metadata.num_pending == 0:
+                return
+    finally:
+        await sub.unsubscribe()
+
+
+async def subject_counts(js: JetStreamContext, stream: str, subjects: str) -> dict[str, int]:
+    """How many messages each subject matching ``subjects`` holds in ``stream`` (the server
+    keeps these counts: no message is read). Asked page by page: the server answers for at
+    most 100,000 subjects at a time."""
+    counts: dict[str, int] = {}
+    while True:
+        # nats-py's stream_info asks for the first page only: the request is made here.
+        request = json.dumps({"subjects_filter": subjects, "offset": len(counts)}).encode()
+        info = await js._api_request(f"{js._prefix}.STREAM.INFO.{stream}", request, timeout=js._timeout)
+        page = info.get("state", {}).get("subjects") or {}
+        counts.update({str(k): int(v) for k, v in page.items()})
+        if not page or len(counts) >= int(info.get("total", 0)):
+            return counts
 
 
 async def fetch_batch(sub: JetStreamContext.PullSubscription, batch: int, timeout: float, what: str) -> list[Msg]:

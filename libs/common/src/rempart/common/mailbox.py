@@ -5,7 +5,8 @@ other change to a mailbox is a :class:`MailboxChange` on the MBXLOG stream, unde
 subject: where messages were filed (folder, UIDVALIDITY, UID), flag changes, expunges, folders
 created, deleted and renamed, subscriptions. The Redis index is a projection of the two; a
 rebuild (:func:`rebuild_index`) replays them and gives back the same folders with the same
-UIDVALIDITY, the same UIDs, flags and subscriptions (RFC 3501 2.3.1.1).
+UIDVALIDITY, the same UIDs, flags and subscriptions (RFC 3501 2.3.1.1). Old history is compacted
+into a snapshot per account (:mod:`rempart.common.mailbox_snapshot`), which a replay starts from.
 
 :class:`Mailboxes` is the one way to change a mailbox. Its order, for every change:
 - who wins is decided atomically in Redis (which UID a message gets, which of two CREATEs made
@@ -24,11 +25,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js import api as jsapi
 
 from rempart.common.events import (
     MAIL_EXPUNGED_SUBJECT,
@@ -37,7 +36,9 @@ from rempart.common.events import (
     fetch_batch,
     mailbox_changed_subject,
     mailbox_log_subject,
+    read_stream,
 )
+from rempart.common.mailbox_snapshot import AccountState, FolderState, SnapshotStore, replay_accounts
 from rempart.common.mailstore import (
     FLAG_LIMIT,
     FLAG_MODIFIED,
@@ -410,121 +411,6 @@ async def run_indexer(
 
 
 # --- rebuild ---------------------------------------------------------------------------------
-@dataclass
-class _Folder:
-    name: str
-    uidvalidity: int
-    uidnext: int = 1
-    filed: dict[int, str] = field(default_factory=dict)  # UID -> transaction id
-    expunged: set[int] = field(default_factory=set)
-    flag_changes: list[events_pb2.FlagsChanged] = field(default_factory=list)
-
-
-@dataclass
-class _Account:
-    folders: dict[int, _Folder] = field(default_factory=dict)  # by UIDVALIDITY
-    names: dict[str, int] = field(default_factory=dict)  # folder name -> UIDVALIDITY
-    gone: set[int] = field(default_factory=set)  # UIDVALIDITY of deleted folders
-    special_uses: dict[str, str] = field(default_factory=dict)
-    provisioned: bool = False
-    subscriptions: set[str] | None = None
-    filed: set[str] = field(default_factory=set)  # transaction ids filed somewhere
-    modseq: int = 0
-
-    def folder(self, name: str, uidvalidity: int) -> _Folder | None:
-        """The folder a record names (by UIDVALIDITY); one named only by a filing record (made
-        implicitly, by a delivery) is created; None when it was deleted since."""
-        if uidvalidity in self.gone:
-            return None
-        if uidvalidity not in self.folders:
-            if name in self.names:
-                return None  # a folder of that name with another UIDVALIDITY: this one is gone
-            self.folders[uidvalidity] = _Folder(name, uidvalidity)
-            self.names[name] = uidvalidity
-        return self.folders[uidvalidity]
-
-    def apply(self, change: events_pb2.MailboxChange) -> None:
-        kind = change.WhichOneof("change")
-        if kind == "folder_created":
-            c = change.folder_created
-            if c.name not in self.names and c.uidvalidity not in self.gone:
-                self.folders[c.uidvalidity] = _Folder(c.name, c.uidvalidity)
-                self.names[c.name] = c.uidvalidity
-            if c.special_use:
-                self.special_uses[c.name] = c.special_use
-                self.provisioned = True
-        elif kind == "folder_deleted":
-            d = change.folder_deleted
-            gone = self.folders.pop(d.uidvalidity, None)
-            if gone is not None and self.names.get(gone.name) == d.uidvalidity:
-                del self.names[gone.name]
-            self.gone.add(d.uidvalidity)
-            self.special_uses.pop(d.name, None)
-        elif kind == "folder_renamed":
-            r = change.folder_renamed
-            folder = self.folder(r.old_name, r.uidvalidity)
-            if folder is None:
-                return
-            if self.names.get(folder.name) == folder.uidvalidity:
-                del self.names[folder.name]
-            if folder.name in self.special_uses:
-                self.special_uses[r.new_name] = self.special_uses.pop(folder.name)
-            folder.name = r.new_name
-            self.names[r.new_name] = folder.uidvalidity
-        elif kind == "subscription":
-            s = change.subscription
-            if self.subscriptions is None:
-                self.subscriptions = set()
-            if s.subscribed:
-                self.subscriptions.update(s.names)
-            else:
-                self.subscriptions.difference_update(s.names)
-        elif kind == "filed":
-            f = change.filed
-            folder = self.folder(f.folder, f.uidvalidity)
-            if folder is None:
-                return
-            for message in f.messages:
-                folder.filed[message.uid] = message.transaction_id
-                folder.uidnext = max(folder.uidnext, message.uid + 1)
-                self.filed.add(message.transaction_id)
-            folder.uidnext = max(folder.uidnext, f.uidnext)
-            self.modseq = max(self.modseq, f.modseq)
-        elif kind == "flags_changed":
-            fc = change.flags_changed
-            folder = self.folder(fc.folder, fc.uidvalidity)
-            if folder is not None:
-                folder.flag_changes.append(fc)
-            self.modseq = max(self.modseq, fc.modseq)
-        elif kind == "expunged":
-            e = change.expunged
-            self.modseq = max(self.modseq, e.modseq)
-            folder = self.folder(e.folder, e.uidvalidity)
-            if folder is not None:
-                folder.expunged.update(e.uids)
-
-
-async def _read_stream(js: JetStreamContext, stream: str, subjects: str) -> list[tuple[str, bytes, int]]:
-    """Every message of a stream, in order: (subject, data, sequence). Messages deleted from it
-    (space reclaimed, R-MBX-5) leave gaps: reading stops at the last sequence or once as many
-    messages as the stream holds have come."""
-    state = (await js.stream_info(stream)).state
-    last, count = int(state.last_seq), int(state.messages)
-    out: list[tuple[str, bytes, int]] = []
-    if last == 0 or count == 0:
-        return out
-    sub = await js.subscribe(subjects, stream=stream, ordered_consumer=True, deliver_policy=jsapi.DeliverPolicy.ALL)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=5)
-            seq = int(msg.metadata.sequence.stream)
-            out.append((msg.subject, msg.data, seq))
-            if seq >= last or len(out) >= count:
-                return out
-    finally:
-        await sub.unsubscribe()
-
-
 async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
     """Flush the index and rebuild it from the MAIL stream and the change log; returns the
     number of messages indexed. Run it with the edges stopped or draining (after a Redis loss).
@@ -543,7 +429,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
     deliveries: dict[str, tuple[events_pb2.DeliveryRecord, int]] = {}
     order: list[str] = []
     legacy_expunged: set[tuple[str, str, str]] = set()
-    for subject, data, seq in await _read_stream(js, MAIL_STREAM, "rempart.mail.>"):
+    async for subject, data, seq in read_stream(js, MAIL_STREAM, "rempart.mail.>"):
         if subject == MAIL_EXPUNGED_SUBJECT:
             tomb = events_pb2.ExpungeRecord.FromString(data)
             legacy_expunged.update((tomb.mailbox, tomb.folder or INBOX, t) for t in tomb.transaction_ids)
@@ -554,10 +440,8 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
         record.ClearField("body")  # stays where it is: the index needs only the sequence
         deliveries[record.transaction_id] = (record, seq)
         order.append(record.transaction_id)
-    accounts: dict[str, _Account] = {}
-    for _, data, _ in await _read_stream(js, MAILBOX_LOG_STREAM, "rempart.mbx.>"):
-        change = events_pb2.MailboxChange.FromString(data)
-        accounts.setdefault(change.account, _Account()).apply(change)
+    # Each account's snapshot, then its records after it (the compacted log, mailbox_snapshot).
+    accounts = await replay_accounts(js, SnapshotStore(js))
 
     # Deliveries that no filing record names: after the filed ones, in stream order.
     unfiled: dict[tuple[str, str], list[str]] = {}
@@ -565,7 +449,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
         record, _ = deliveries[txn]
         folder_name = record.folder or INBOX
         for account in record.local_mailboxes:
-            state = accounts.setdefault(account, _Account())
+            state = accounts.setdefault(account, AccountState())
             if txn not in state.filed and (account, folder_name, txn) not in legacy_expunged:
                 unfiled.setdefault((account, folder_name), []).append(txn)
 
@@ -590,7 +474,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
             folder = state.folders.get(state.names.get(folder_name, 0))
             if folder is None:
                 uidvalidity = await index.new_uidvalidity()
-                folder = state.folders[uidvalidity] = _Folder(folder_name, uidvalidity)
+                folder = state.folders[uidvalidity] = FolderState(folder_name, uidvalidity)
                 state.names[folder_name] = uidvalidity
             # Above every UID the log reserved: none a client may have seen for another message.
             filed = []
@@ -610,6 +494,7 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
         modseq = state.modseq + MODSEQ_MARGIN
         for folder in state.folders.values():
             restored = []
+            flag_changes = folder.changes_by_uid()
             for uid in sorted(set(folder.filed) - folder.expunged):
                 identity = folder.filed[uid]
                 found = deliveries.get(identity.split("/", 1)[0])  # a copy names its delivery first
@@ -618,7 +503,8 @@ async def rebuild_index(js: JetStreamContext, mailboxes: Mailboxes) -> int:
                                 account, folder.name, uid)
                     continue
                 record, seq = found
-                restored.append(RestoredMessage(uid, record, seq, _flags_of(uid, record, folder.flag_changes),
+                restored.append(RestoredMessage(uid, record, seq,
+                                                folder.flags_of(uid, record.flags, flag_changes.get(uid, ())),
                                                 identity))
             await index.restore_folder(account, folder.name, folder.uidvalidity, folder.uidnext, folder.uidnext,
                                        restored, modseq)
@@ -654,19 +540,3 @@ def _flag_changes(account: str, folder: str, uidvalidity: int, mode: str, flags:
     return [events_pb2.MailboxChange(account=account, flags_changed=events_pb2.FlagsChanged(
         folder=folder, uidvalidity=uidvalidity, mode=_MODES[mode], flags=sorted(flags), uids=chunk, modseq=modseq))
         for chunk in _chunks(uids)]
-
-
-def _flags_of(uid: int, record: events_pb2.DeliveryRecord, changes: list[events_pb2.FlagsChanged]) -> frozenset[str]:
-    """A message's flags: those it arrived with, then every change to it in counter order."""
-    flags = set(record.flags)
-    for change in sorted(changes, key=lambda c: c.modseq):
-        if uid not in change.uids:
-            continue
-        if change.mode == events_pb2.FLAG_CHANGE_SET:
-            flags = set(change.flags)
-        elif change.mode == events_pb2.FLAG_CHANGE_ADD:
-            flags.update(change.flags)
-        elif change.mode == events_pb2.FLAG_CHANGE_REMOVE:
-            flags.difference_update(change.flags)
-    return frozenset(flags)
-

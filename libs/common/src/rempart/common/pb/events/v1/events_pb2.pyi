@@ -586,3 +586,276 @@ class MessagesExpunged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MessagesExpunged: _TypeAlias = MessagesExpunged  # noqa: Y015
+
+@_typing.final
+class MailboxSnapshot(_message.Message):
+    """One account's change log compacted (DESIGN "The mailbox": old history is compacted into a
+    snapshot per account so that replay stays short): what a replay of every record of the
+    account's MBXLOG subject up to mbxlog_seq gives, in the replay's own terms, so that replaying
+    the snapshot and then the records after mbxlog_seq gives what replaying every record gave.
+    Stored zlib-compressed in chunks on the MBXSNAP stream, named by a MailboxSnapshotHead.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NamesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SpecialUsesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    MBXLOG_SEQ_FIELD_NUMBER: _builtins.int
+    MODSEQ_FIELD_NUMBER: _builtins.int
+    FOLDERS_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    DELETED_UIDVALIDITIES_FIELD_NUMBER: _builtins.int
+    SPECIAL_USES_FIELD_NUMBER: _builtins.int
+    PROVISIONED_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTIONS_RECORDED_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    FILED_BEFORE_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    format: _builtins.int
+    """1"""
+    account: _builtins.str
+    mbxlog_seq: _builtins.int
+    """the last record folded in"""
+    modseq: _builtins.int
+    """the highest MODSEQ the records named"""
+    provisioned: _builtins.bool
+    subscriptions_recorded: _builtins.bool
+    """false: every folder counts as subscribed"""
+    time_unix_ms: _builtins.int
+    records: _builtins.int
+    """log records folded in, over every compaction"""
+    @_builtins.property
+    def folders(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotFolder]: ...
+    @_builtins.property
+    def names(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """folder name -> UIDVALIDITY of the folder holding it"""
+
+    @_builtins.property
+    def deleted_uidvalidities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """a later record naming one of these is ignored"""
+
+    @_builtins.property
+    def special_uses(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def subscriptions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def filed_before(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Deliveries once filed and no longer in any folder (expunged, folder deleted): a rebuild
+        must not take them for mail nobody filed.
+        """
+
+    def __init__(
+        self,
+        *,
+        format: _builtins.int = ...,
+        account: _builtins.str = ...,
+        mbxlog_seq: _builtins.int = ...,
+        modseq: _builtins.int = ...,
+        folders: _abc.Iterable[Global___SnapshotFolder] | None = ...,
+        names: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        deleted_uidvalidities: _abc.Iterable[_builtins.int] | None = ...,
+        special_uses: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        provisioned: _builtins.bool = ...,
+        subscriptions_recorded: _builtins.bool = ...,
+        subscriptions: _abc.Iterable[_builtins.str] | None = ...,
+        filed_before: _abc.Iterable[_builtins.str] | None = ...,
+        time_unix_ms: _builtins.int = ...,
+        records: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "deleted_uidvalidities", b"deleted_uidvalidities", "filed_before", b"filed_before", "folders", b"folders", "format", b"format", "mbxlog_seq", b"mbxlog_seq", "modseq", b"modseq", "names", b"names", "provisioned", b"provisioned", "records", b"records", "special_uses", b"special_uses", "subscriptions", b"subscriptions", "subscriptions_recorded", b"subscriptions_recorded", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MailboxSnapshot: _TypeAlias = MailboxSnapshot  # noqa: Y015
+
+@_typing.final
+class SnapshotFolder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UIDVALIDITY_FIELD_NUMBER: _builtins.int
+    UIDNEXT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    EXPUNGED_RANGES_FIELD_NUMBER: _builtins.int
+    UNFILED_FIELD_NUMBER: _builtins.int
+    FLAG_CHANGES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    uidvalidity: _builtins.int
+    uidnext: _builtins.int
+    """with what the log reserved"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotMessage]:
+        """filed and not expunged"""
+
+    @_builtins.property
+    def expunged_ranges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Expunged UIDs as ranges (first, last, first, last ...): a record that files one of them
+        again (a change recorded twice) must not bring it back.
+        """
+
+    @_builtins.property
+    def unfiled(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnapshotMessage]:
+        """Flag changes folded for UIDs not filed (yet): the edge indexed a delivery, a client
+        changed its flags, and the filing record comes later.
+        """
+
+    @_builtins.property
+    def flag_changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FlagsChanged]:
+        """Flag changes not folded, as recorded, in log order: a change with a lower MODSEQ may still
+        be on its way to the log (a STORE in flight, a killed replica's journal), and replay
+        applies flag changes in MODSEQ order.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        uidvalidity: _builtins.int = ...,
+        uidnext: _builtins.int = ...,
+        messages: _abc.Iterable[Global___SnapshotMessage] | None = ...,
+        expunged_ranges: _abc.Iterable[_builtins.int] | None = ...,
+        unfiled: _abc.Iterable[Global___SnapshotMessage] | None = ...,
+        flag_changes: _abc.Iterable[Global___FlagsChanged] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expunged_ranges", b"expunged_ranges", "flag_changes", b"flag_changes", "messages", b"messages", "name", b"name", "uidnext", b"uidnext", "uidvalidity", b"uidvalidity", "unfiled", b"unfiled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotFolder: _TypeAlias = SnapshotFolder  # noqa: Y015
+
+@_typing.final
+class SnapshotMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    FLAGS_SET_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    FLAGS_MODSEQ_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    identity: _builtins.str
+    """its transaction id; a copy's is "<transaction id>/<n>" """
+    flags_set: _builtins.bool
+    """Its flag changes up to flags_modseq, folded: with flags_set, its flags are `flags`;
+    without, `flags` are added to the delivery's own flags and `removed` taken from them.
+    """
+    flags_modseq: _builtins.int
+    """0: none folded"""
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        identity: _builtins.str = ...,
+        flags_set: _builtins.bool = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        flags_modseq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flags", b"flags", "flags_modseq", b"flags_modseq", "flags_set", b"flags_set", "identity", b"identity", "removed", b"removed", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotMessage: _TypeAlias = SnapshotMessage  # noqa: Y015
+
+@_typing.final
+class MailboxSnapshotHead(_message.Message):
+    """The current snapshot of an account (subject rempart.mbxsnap.head.<account token>). A new
+    one is published only over the one it was computed from (Nats-Expected-Last-Subject-Sequence),
+    so two compactions of one account at once never both win.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    MBXLOG_SEQ_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    mbxlog_seq: _builtins.int
+    body: _builtins.str
+    """its chunks' subject: rempart.mbxsnap.body.<token>.<body>"""
+    chunks: _builtins.int
+    size: _builtins.int
+    """bytes stored (compressed)"""
+    sha256: _builtins.bytes
+    """of the bytes stored"""
+    messages: _builtins.int
+    records: _builtins.int
+    time_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        mbxlog_seq: _builtins.int = ...,
+        body: _builtins.str = ...,
+        chunks: _builtins.int = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+        messages: _builtins.int = ...,
+        records: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "body", b"body", "chunks", b"chunks", "mbxlog_seq", b"mbxlog_seq", "messages", b"messages", "records", b"records", "sha256", b"sha256", "size", b"size", "time_unix_ms", b"time_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MailboxSnapshotHead: _TypeAlias = MailboxSnapshotHead  # noqa: Y015
