@@ -1,5 +1,5 @@
 """The imap-pop service's wiring: gRPC clients, message store, TLS and its reload, the listeners,
-the mailbox indexer, SIGTERM drain."""
+the mailbox indexer and the change log's compactor, SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rempart.common.clients import AuthClient, PolicyClient
 from rempart.common.config import SettingsCache
 from rempart.common.grpcutil import channel_check
 from rempart.common.mailbox import Mailboxes, MailboxLog, run_indexer
+from rempart.common.mailbox_snapshot import run_compactor
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.redisconn import connect_redis
 from rempart.common.runtime import ServiceRuntime
@@ -70,6 +71,11 @@ async def serve(settings: ImapPopSettings) -> None:
             ) if settings.redis_wait_replicas else mailboxes
             indexer = run_indexer(rt.js, indexer_mailboxes, wait_replicas=settings.redis_wait_replicas)
             background.append(asyncio.create_task(indexer, name="indexer"))
+        if settings.mailbox_compact_records:
+            # Keeps replay short (a rebuild after a Redis loss): one account at a time.
+            compactor = run_compactor(rt.js, mailboxes, settings.mailbox_compact_records,
+                                      settings.mailbox_compact_every_seconds)
+            background.append(asyncio.create_task(compactor, name="compactor"))
         if tls is not None:
             background.append(asyncio.create_task(_reload_tls(tls), name="tls-reload"))
         await rt.wait_for_shutdown()

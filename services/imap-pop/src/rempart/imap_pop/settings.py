@@ -42,3 +42,9 @@ class ImapPopSettings(EdgeSettings):
     proxy_header_timeout_seconds: float = Field(default=5.0, gt=0)
     tls_handshake_timeout_seconds: float = Field(default=15.0, gt=0)
     run_indexer: bool = True
+    # The background compactor folds an account's change log into its snapshot once the log
+    # holds more than this many of its records (0: never; `python -m rempart.common.reindex
+    # --compact` still does). Replay of an account after a Redis loss reads at most about this.
+    mailbox_compact_records: int = Field(default=10_000, ge=0)
+    # How often (with jitter) the compactor looks for such accounts: one stream-info request.
+    mailbox_compact_every_seconds: float = Field(default=60.0, gt=0)
