@@ -139,13 +139,13 @@ class ImapSession(FolderCommands, Session):
             await self.stream.send(f"* BYE {verdict_text(verdict)}\r\n".encode())
             return
         self.out(f"* OK [CAPABILITY {self.capabilities()}] {R.IMAP_GREETING}")
-        await self.stream.writer.drain()
+        await self.stream.drain()
         subscription = None
         try:
             while not self.closing:
                 if self.backend.draining:
                     self.out(R.IMAP_BYE_SHUTDOWN)
-                    await self.stream.writer.drain()
+                    await self.stream.drain()
                     return
                 if subscription is None and self.account:
                     subscription = await self.backend.nc.subscribe(
@@ -161,7 +161,10 @@ class ImapSession(FolderCommands, Session):
                 if command is None:
                     return
                 await self._execute(command)
-                await self.stream.writer.drain()
+                if not self.stream.has_line():
+                    # Pipelined commands already here are answered first: their answers go
+                    # out together (mbsync sends a FETCH per message without waiting).
+                    await self.stream.drain()
         except StreamDesynchronised:
             # Over a megabyte without a line end: no next command can be found in it.
             await self._close_with(R.IMAP_BYE_DESYNC)
@@ -199,7 +202,7 @@ class ImapSession(FolderCommands, Session):
         """Last words, then drop whatever the client still sends for a moment, then close."""
         with contextlib.suppress(OSError, ConnectionError):
             self.out(line)
-            await self.stream.writer.drain()
+            await self.stream.drain()
             await self.stream.linger(self.backend.settings.linger_seconds)
 
     async def _next_command(self) -> Command | None:
@@ -211,7 +214,7 @@ class ImapSession(FolderCommands, Session):
             except LineTooLong:
                 self.out(R.IMAP_LINE_TOO_LONG)
                 await self._count_bad()
-                await self.stream.writer.drain()
+                await self.stream.drain()
                 continue
             finally:
                 self.waiting_for_command = False
@@ -224,7 +227,7 @@ class ImapSession(FolderCommands, Session):
             except ImapSyntaxError as exc:
                 self.out(f"* BAD {exc}")
                 await self._count_bad()
-                await self.stream.writer.drain()
+                await self.stream.drain()
                 continue
             parts = await self._read_literals(tag, name, line)
             if parts is None:
@@ -260,7 +263,7 @@ class ImapSession(FolderCommands, Session):
                     raise CloseSession
                 self.out(f"{tag} {R.IMAP_LITERAL_TOO_LARGE}")
                 await self._count_bad()
-                await self.stream.writer.drain()
+                await self.stream.drain()
                 return None
             if marker.synchronising:
                 await self.stream.send(b"+ Ready for literal data\r\n")
@@ -440,7 +443,7 @@ class ImapSession(FolderCommands, Session):
         if decision.close:
             # Policy's own words: "Intrusion prevention active for [ip]" when this login blocked it.
             self.out(f"* BYE {verdict_text(decision.verdict or policy_pb2.Verdict(), 'Connection closed by policy')}")
-            await self.stream.writer.drain()
+            await self.stream.drain()
             raise CloseSession
 
 
@@ -700,7 +703,7 @@ class ImapSession(FolderCommands, Session):
             while True:
                 if self.folder is not None:
                     await self.refresh(expunges=True)
-                    await self.stream.writer.drain()
+                await self.stream.drain()  # what changed, and the keepalive
                 changed_task = asyncio.ensure_future(self.changed.wait())
                 remaining = deadline - asyncio.get_running_loop().time()
                 if remaining <= 0:
@@ -966,8 +969,8 @@ class ImapSession(FolderCommands, Session):
             self.stream.write(b"".join(answer))
             # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of
             # the replica buffering the whole answer.
-            if self.stream.writer.transport.get_write_buffer_size() > FETCH_WRITE_HIGH_WATER:
-                await self.stream.writer.drain()
+            if self.stream.buffered() > FETCH_WRITE_HIGH_WATER:
+                await self.stream.drain()
         if unreadable:
             raise No(f"[UNAVAILABLE] {unreadable} message(s) could not be read now, try again")
         if expunged:

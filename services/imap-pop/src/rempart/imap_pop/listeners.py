@@ -91,7 +91,7 @@ class ImapPopServer:
             session.closed_reason = text
             with contextlib.suppress(Exception):
                 session.stream.write(session.goodbye(text))
-                session.stream.writer.close()  # flushes the goodbye, then closes
+                session.stream.close_now()  # sends the goodbye, then closes
             if task is not None:
                 task.cancel()
             closed += 1
@@ -159,7 +159,7 @@ class ImapPopServer:
                 bye = R.IMAP_BYE_SHUTDOWN if session.protocol == "imap" else R.POP3_SHUTDOWN
                 with contextlib.suppress(Exception):
                     session.stream.write(bye.encode() + b"\r\n")
-                    session.stream.writer.close()
+                    session.stream.close_now()
         tasks = set(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)

@@ -50,7 +50,7 @@ class Pop3Session(Session):
     async def _close_with(self, line: str) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             self.send(line)
-            await self.stream.writer.drain()
+            await self.stream.drain()
             await self.stream.linger(self.backend.settings.linger_seconds)
         self.closing = True
 
@@ -81,7 +81,7 @@ class Pop3Session(Session):
                 self.send(R.POP3_LINE_TOO_LONG)
                 if await self._bad():
                     return
-                await self.stream.writer.drain()
+                await self.stream.drain()
                 continue
             except StreamDesynchronised:
                 await self._close_with(R.POP3_DESYNC)
@@ -95,7 +95,7 @@ class Pop3Session(Session):
                 self.send(R.POP3_BAD_CHARACTERS)
                 if await self._bad():
                     return
-                await self.stream.writer.drain()
+                await self.stream.drain()
                 continue
             try:
                 await self.dispatch(text)
@@ -112,7 +112,7 @@ class Pop3Session(Session):
             except Exception as exc:  # noqa: BLE001 - Redis or NATS failing: fail closed, temporarily
                 log.warning("command failed: %s", exc, extra={"session": self.session_id})
                 self.send(R.POP3_TEMPFAIL)
-            await self.stream.writer.drain()
+            await self.stream.drain()
 
     async def _bad(self) -> bool:
         self.bad_commands += 1

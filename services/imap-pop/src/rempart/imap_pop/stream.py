@@ -11,6 +11,8 @@ import asyncio
 import ssl
 
 READ_CHUNK = 65536
+# Output queued before it is handed to the transport in one write.
+OUT_BUFFERED = 64 * 1024
 # A line over the limit is skipped up to its end; past this much garbage we give up.
 MAX_DISCARD = 1024 * 1024
 
@@ -28,12 +30,15 @@ class Stream:
         self.reader = reader
         self.writer = writer
         self._buf = bytearray()
+        self._out = bytearray()
         self.tls = False
         self.tls_version = ""
         self.tls_cipher = ""
         self._note_tls()  # a listener with implicit TLS hands over a stream that has it already
 
     async def _fill(self) -> bool:
+        # Waiting for the client: what we have to say goes out first.
+        self.flush()
         chunk = await self.reader.read(READ_CHUNK)
         if not chunk:
             return False
@@ -94,12 +99,39 @@ class Stream:
     def pending(self) -> int:
         return len(self._buf)
 
+    def has_line(self) -> bool:
+        """A whole line from the client is already here (a pipelined command)."""
+        return b"\n" in self._buf
+
     def write(self, data: bytes) -> None:
-        self.writer.write(data)
+        """Queue output: it goes out at the next ``flush``/``drain`` (one TLS record and one
+        send for a command's lines, or for the answers to several pipelined commands), or at
+        once past OUT_BUFFERED bytes."""
+        self._out += data
+        if len(self._out) >= OUT_BUFFERED:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            self.writer.write(bytes(self._out))
+            self._out.clear()
+
+    def buffered(self) -> int:
+        """Output not yet sent: queued here and in the transport."""
+        return len(self._out) + self.writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        self.flush()
+        await self.writer.drain()
 
     async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
+        self.write(data)
+        await self.drain()
+
+    def close_now(self) -> None:
+        """Send what is queued (a goodbye), then close."""
+        self.flush()
+        self.writer.close()
 
     def discard_pending(self) -> int:
         """Drop what the client sent ahead of now, in our buffer and in the StreamReader's."""
@@ -122,9 +154,8 @@ class Stream:
         if isinstance(transport, asyncio.ReadTransport):
             transport.pause_reading()
         dropped = self.discard_pending()
-        if reply:
-            self.writer.write(reply)
-            await self.writer.drain()
+        self.write(reply)
+        await self.drain()
         await self.writer.start_tls(context, ssl_handshake_timeout=timeout)
         self._note_tls()
         return dropped
@@ -161,6 +192,7 @@ class Stream:
     async def close(self) -> None:
         if self.writer.is_closing():
             return
+        self.flush()
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
