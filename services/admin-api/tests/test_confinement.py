@@ -15,9 +15,9 @@ FRANK = "frank@other.example"  # a user of another tenant
 
 # Another tenant's resources, and names in that tenant that do not exist: both must answer alike.
 OTHER = {"domain": "other.example", "address": FRANK, "alias": "sales@other.example", "domain_alias": "oth.example",
-         "name": "phone"}
+         "name": "phone", "selector": "rp202601"}
 MISSING = {"domain": "ghost.example", "address": "nobody@other.example", "alias": "nothing@other.example",
-           "domain_alias": "ghost-alias.example", "name": "phone"}
+           "domain_alias": "ghost-alias.example", "name": "phone", "selector": "rp202601"}
 # A valid body for every write that names a resource, so that the handler (not validation) answers.
 BODIES: dict[str, dict[str, Any]] = {
     "updateDomain": {"description": "taken over"},
@@ -30,6 +30,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "replaceAliasTargets": {"targets": [BOSS]},
     "putDomainAlias": {"target": "example.org"},
     "unlockAccount": {},
+    "createDkimKey": {"algorithm": "ed25519-sha256"},
+    "rotateDkimKey": {},
 }
 # Writes no domain admin may make anywhere: refused by role before any lookup, alike for all names.
 SUPERADMIN_ONLY = {"putDomainAlias"}

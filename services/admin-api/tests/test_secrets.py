@@ -10,7 +10,9 @@ from nats.aio.client import Client as NATS
 from rempart.admin_api.redaction import Redactor, secret_paths
 from rempart.common import keys
 from rempart.common.config import MailSettings
+from rempart.common.dkim import DkimKeyStore
 from rempart.common.events import EventBus
+from rempart.common.secretbox import SecretBox
 
 from .conftest import ADMIN_PASSWORD, Harness
 
@@ -114,6 +116,13 @@ async def _seed_every_kind_of_secret(harness: Harness, admin_headers: dict[str, 
     secrets_used.add(app_password.json()["password"])
     await harness.backend.redis.set(keys.ips_block(BLOCKED_IP), '{"reason": "R-IPS-2 failed logins"}', ex=600)
     await harness.backend.redis.zadd(keys.IPS_BLOCKS, {BLOCKED_IP: 1e10})
+    dkim_key = await http.post("/v1/domains/example.org/dkim-keys", json={"selector": "rp202601"},
+                               headers=admin_headers)
+    assert dkim_key.status_code == 201
+    for signing_key in await DkimKeyStore(harness.backend.redis, SecretBox(
+            harness.settings.secret_key.get_secret_value())).signing_keys("example.org"):
+        pem_lines = [line for line in signing_key.private_key.decode().splitlines() if "PRIVATE KEY" not in line]
+        secrets_used.update(pem_lines[1:-1])  # R-OUT-5: the DKIM private key, line by line
     await EventBus(nats_conn, "auth").publish("auth", "login_failed", account="ursula@example.org",
                                               password=EVENT_SECRET, client_ip=BLOCKED_IP)
     await nats_conn.flush()
@@ -126,7 +135,7 @@ async def test_r_adm_3_no_get_of_the_openapi_shows_a_secret(
     secrets_used = await _seed_every_kind_of_secret(harness, admin_headers, nats_conn)
     await asyncio.sleep(0.1)  # the event reaches the EVENTS stream
     values = {"domain": "example.org", "address": "ursula@example.org", "alias": "team@example.org",
-              "ip": BLOCKED_IP, "domain_alias": "example.net"}
+              "ip": BLOCKED_IP, "domain_alias": "example.net", "selector": "rp202601"}
     spec = (await harness.http.get("/v1/openapi.json")).json()
     walked = []
     for path, operations in spec["paths"].items():

@@ -228,3 +228,17 @@ RELAY_QUEUE = PREFIX + "out:queue"
 def relay_rate(kind: str, domain_name: str, minute: int) -> str:
     """``kind`` is ``dst`` (destination domain) or ``src`` (sender domain)."""
     return f"{PREFIX}out:rate:{kind}:{domain_name}:{minute}"
+
+
+# DKIM signing keys (R-OUT-5): per local domain, a hash selector -> key record (the private key
+# sealed with REMPART_SECRET_KEY); the version moves at every change so relays reload.
+def dkim_keys(domain_name: str) -> str:
+    return f"{PREFIX}dkim:keys:{domain_name}"
+
+
+DKIM_VERSION = PREFIX + "dkim:version"
+
+
+# MTA-STS (RFC 8461): a destination's policy, cached for its max_age and shared by the relays.
+def mta_sts_policy(domain_name: str) -> str:
+    return f"{PREFIX}out:sts:{domain_name}"

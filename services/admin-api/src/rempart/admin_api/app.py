@@ -20,6 +20,7 @@ from rempart.admin_api import (
     routes_auth,
     routes_clientconfig,
     routes_directory,
+    routes_dkim,
     routes_events,
     routes_helpdesk,
     routes_ips,
@@ -46,6 +47,7 @@ TAGS = [
     {"name": "settings", "description": "Server settings (R-OPS-1)."},
     {"name": "events", "description": "The audit and security event log."},
     {"name": "intrusion-prevention", "description": "IP blocks (R-IPS-5)."},
+    {"name": "dkim", "description": "A domain's DKIM signing keys and the DNS records to publish (R-OUT-5)."},
 ]
 
 
@@ -143,7 +145,7 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
     modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_helpdesk, routes_settings,
-               routes_events, routes_ips, routes_clientconfig)
+               routes_events, routes_ips, routes_clientconfig, routes_dkim)
     for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})

@@ -27,15 +27,19 @@ from nats.js import api as jsapi
 from prometheus_client import Gauge
 
 from rempart.common.directory import Directory
+from rempart.common.dkim import DkimKeyStore
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM, fetch_batch
 from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.runtime import ServiceRuntime
+from rempart.common.secretbox import SecretBox
 from rempart.smtp_edge.relay.delivery import SmtpClient, TlsPolicy
+from rempart.smtp_edge.relay.mtasts import MtaSts
 from rempart.smtp_edge.relay.queue import RecipientStore, RelayQueue
 from rempart.smtp_edge.relay.routing import Router
 from rempart.smtp_edge.relay.settings import RelaySettings
+from rempart.smtp_edge.relay.signing import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +83,23 @@ class Relay:
         outbound = rt.config.server.outbound
         tls = TlsPolicy(starttls=outbound.starttls, min_version=outbound.tls_min_version,
                         ca_file=settings.tls_ca_file)
+        router = Router(settings.nameservers(), settings.dns_timeout_seconds, settings.mx_port)
+        directory = Directory(rt.redis)
         self.queue = RelayQueue(
             hostname=settings.hostname,
-            router=Router(settings.nameservers(), settings.dns_timeout_seconds, settings.mx_port),
+            router=router,
             client=SmtpClient(settings.hostname, tls, settings.connect_timeout_seconds,
                               settings.command_timeout_seconds),
             mailboxes=Mailboxes(await MessageStore.open(rt.js, settings.inline_body_max_bytes), MailboxIndex(rt.redis),
                                 MailboxLog(rt.js)),
-            directory=Directory(rt.redis),
+            directory=directory,
             events=rt.events,
             config=rt.config,
             results=RecipientStore(rt.redis, settings.rate_window_seconds),
             smarthost_passwords={k: v.get_secret_value() for k, v in settings.smarthost_passwords.items()},
+            signer=DkimSigner(DkimKeyStore(rt.redis, SecretBox(settings.secret_key.get_secret_value())), directory),
+            sts=MtaSts(rt.redis, router, settings.tls_ca_file, settings.outbound_mta_sts_port,
+                       settings.outbound_mta_sts_timeout_seconds) if settings.outbound_mta_sts else None,
         )
         rt.config.on_change(self._apply_settings)
         self._sub = await consumer_subscription(rt.js, settings)
@@ -187,6 +196,8 @@ class Relay:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
+        if self.queue is not None and self.queue.sts is not None:
+            await self.queue.sts.close()
 
 
 async def serve(settings: RelaySettings) -> None:

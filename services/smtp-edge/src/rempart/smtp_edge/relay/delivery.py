@@ -12,6 +12,11 @@ proceed anyway`` is logged, N being OpenSSL's verify error (18 self-signed, 20 u
 10 expired, 62 host name mismatch). Hosts seen unverified are remembered for an hour so that
 the next session goes straight to the unchecked handshake. A handshake that fails for any other
 reason is a temporary failure of that host, never a fallback to plain text.
+
+``require_tls`` (a destination under an MTA-STS ``enforce`` policy, RFC 8461 4.2): TLS 1.2 or
+later with a certificate valid for the MX name, or no delivery: a host that offers no STARTTLS
+or whose certificate does not verify is a temporary failure (``451 4.7.5``), with no unchecked
+retry and no plain text.
 """
 
 from __future__ import annotations
@@ -68,8 +73,12 @@ class TlsPolicy:
     _contexts: dict[tuple[str, bool], ssl.SSLContext] = field(default_factory=dict)
     _unverified: dict[str, float] = field(default_factory=dict)
 
-    def context(self, verify: bool) -> ssl.SSLContext:
-        key = (self.min_version, verify)
+    def context(self, verify: bool, strict: bool = False) -> ssl.SSLContext:
+        """``strict``: an MTA-STS session, TLS 1.2 at least whatever the outbound minimum."""
+        version = self.min_version
+        if strict and TLS_VERSIONS[version] < ssl.TLSVersion.TLSv1_2:
+            version = "TLSv1.2"
+        key = (version, verify)
         ctx = self._contexts.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -78,7 +87,7 @@ class TlsPolicy:
             if not verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
-            ctx.minimum_version = TLS_VERSIONS[self.min_version]
+            ctx.minimum_version = TLS_VERSIONS[version]
             self._contexts[key] = ctx
         return ctx
 
@@ -109,11 +118,11 @@ class SmtpClient:
     command_timeout: float = 300.0
 
     async def _open(self, address: str, port: int, host: str, implicit_tls: bool,
-                    verify: bool) -> aiosmtplib.SMTP:
+                    verify: bool, strict: bool = False) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
             hostname=address, port=port, local_hostname=self.helo_name, timeout=self.command_timeout,
             start_tls=False, use_tls=implicit_tls,
-            tls_context=self.tls.context(verify) if implicit_tls else None,
+            tls_context=self.tls.context(verify, strict) if implicit_tls else None,
         )
         try:
             await smtp.connect(timeout=self.connect_timeout)
@@ -127,22 +136,26 @@ class SmtpClient:
         return smtp
 
     async def _session(self, address: str, port: int, host: str, implicit_tls: bool,
-                       outcome: Outcome) -> aiosmtplib.SMTP:
-        """Connected, greeted, EHLO'd and, where offered, under TLS."""
-        verify = not self.tls.known_unverified(host)
+                       outcome: Outcome, require_tls: bool = False) -> aiosmtplib.SMTP:
+        """Connected, greeted, EHLO'd and, where offered (or required), under TLS."""
+        verify = require_tls or not self.tls.known_unverified(host)
         try:
-            smtp = await self._open(address, port, host, implicit_tls, verify)
+            smtp = await self._open(address, port, host, implicit_tls, verify, require_tls)
         except ssl.SSLCertVerificationError as exc:
+            if require_tls:
+                raise HostFailed(self._unverified_refused(host, exc)) from None
             self._log_unverified(host, address, exc)
             smtp = await self._open(address, port, host, implicit_tls, False)
             verify = False
         try:
             await self._hello(smtp)
-            if not implicit_tls and self.tls.starttls and smtp.supports_extension("starttls"):
+            if not implicit_tls and (self.tls.starttls or require_tls) and smtp.supports_extension("starttls"):
                 try:
-                    await smtp.starttls(server_hostname=host, tls_context=self.tls.context(verify))
+                    await smtp.starttls(server_hostname=host, tls_context=self.tls.context(verify, require_tls))
                 except ssl.SSLCertVerificationError as exc:
                     smtp.close()
+                    if require_tls:
+                        raise HostFailed(self._unverified_refused(host, exc)) from None
                     self._log_unverified(host, address, exc)
                     verify = False
                     smtp = await self._open(address, port, host, False, False)
@@ -155,6 +168,8 @@ class SmtpClient:
                 sslobj = smtp.get_transport_info("ssl_object")
                 outcome.tls_version = str(sslobj.version()) if sslobj is not None else "TLS"
                 outcome.tls_verified = verify
+            if require_tls and not outcome.tls_version:
+                raise HostFailed(Reply(451, "4.7.5", f"{host} offers no STARTTLS and MTA-STS requires TLS"))
         except HostFailed:
             smtp.close()
             raise
@@ -165,6 +180,11 @@ class SmtpClient:
             smtp.close()
             raise HostFailed(replies.connection_failed(f"{host}[{address}]:{port}: {exc}")) from None
         return smtp
+
+    @staticmethod
+    def _unverified_refused(host: str, exc: ssl.SSLCertVerificationError) -> Reply:
+        return Reply(451, "4.7.5", f"{host}: certificate not verified ({exc.verify_code} "
+                                   f"{exc.verify_message}) and MTA-STS requires it")
 
     def _log_unverified(self, host: str, address: str, exc: ssl.SSLCertVerificationError) -> None:
         self.tls.remember_unverified(host)
@@ -181,13 +201,13 @@ class SmtpClient:
 
     async def deliver(self, address: str, port: int, host: str, envelope: Envelope, *,
                       implicit_tls: bool = False, login: tuple[str, str] | None = None,
-                      before_dot: BeforeDot | None = None) -> Outcome:
+                      before_dot: BeforeDot | None = None, require_tls: bool = False) -> Outcome:
         """One session to ``host`` at ``address``; raises :class:`HostFailed` when the host
         could not take part (then the caller tries the next host). ``before_dot`` is called
         with the recipients the remote accepted just before the final dot, so that the queue
         can mark them in flight (a kill after that point may make a duplicate)."""
         outcome = Outcome(host=host, address=address)
-        smtp = await self._session(address, port, host, implicit_tls, outcome)
+        smtp = await self._session(address, port, host, implicit_tls, outcome, require_tls)
         try:
             if login is not None:
                 if not outcome.tls_version:

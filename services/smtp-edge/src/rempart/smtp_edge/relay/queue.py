@@ -42,8 +42,10 @@ from rempart.common.pb.events.v1 import events_pb2
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
 from rempart.smtp_edge.relay.dsn import RecipientReport, build_dsn, dsn_transaction_id
+from rempart.smtp_edge.relay.mtasts import MtaSts, StsPolicy, enforce_failed
 from rempart.smtp_edge.relay.replies import Reply
-from rempart.smtp_edge.relay.routing import Route, RouteError, Router
+from rempart.smtp_edge.relay.routing import MailHost, Route, RouteError, Router
+from rempart.smtp_edge.relay.signing import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,8 @@ class RelayQueue:
     config: SettingsCache
     results: RecipientStore
     smarthost_passwords: dict[str, str] = field(default_factory=dict)
+    signer: DkimSigner | None = None  # R-OUT-5: DKIM for local sender domains
+    sts: MtaSts | None = None  # R-OUT-5: MTA-STS policies of destinations (RFC 8461)
     _domain_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
     # One record ----------------------------------------------------------------------------
@@ -236,8 +240,12 @@ class RelayQueue:
         for rcpt in due:
             sender = record.remote_senders.get(rcpt) or record.mail_from
             groups[(domain_of(rcpt), sender)].append(rcpt)
+        # Signed once per envelope sender (its domain may choose the key), at each attempt.
+        signed: dict[str, bytes] = {}
+        for sender in dict.fromkeys(sender for _, sender in groups):
+            signed[sender] = await self.signer.sign(data, sender) if self.signer is not None else data
         await asyncio.gather(*(
-            self._deliver_group(record, data, domain, sender, rcpts, states, settings)
+            self._deliver_group(record, signed[sender], domain, sender, rcpts, states, settings)
             for (domain, sender), rcpts in groups.items()
         ))
 
@@ -288,8 +296,16 @@ class RelayQueue:
             implicit_tls = route.smarthost.implicit_tls
             if route.smarthost.username:
                 login = (route.smarthost.username, self.smarthost_passwords.get(route.transport_key, ""))
+        hosts = route.hosts
+        policy = await self.sts.policy(route.domain) if self.sts is not None and route.smarthost is None else None
+        require_tls = policy is not None and policy.mode == "enforce"
+        if policy is not None and policy.mode != "none":
+            hosts = self._sts_hosts(txn, route, policy)
+            if not hosts:
+                return Outcome(replies={r: enforce_failed(route.domain, "no MX host matches the policy")
+                                        for r in envelope.recipients})
         last: Reply | None = None
-        for host in route.hosts:
+        for host in hosts:
             try:
                 addresses = await self.router.addresses(host.name)
             except RouteError as exc:
@@ -302,18 +318,34 @@ class RelayQueue:
                 try:
                     outcome = await self.client.deliver(address, host.port, host.name, envelope,
                                                         implicit_tls=implicit_tls, login=login,
-                                                        before_dot=before_dot)
+                                                        before_dot=before_dot, require_tls=require_tls)
                 except HostFailed as exc:
                     last = exc.reply
                     log.info("mail host failed, trying the next", extra={
                         "queue_id": txn, "mx": host.name, "address": address, "reply": str(exc.reply)})
                     continue
                 SESSIONS.labels(outcome.tls_version or "none").inc()
+                if policy is not None and policy.mode == "testing" and not outcome.tls_verified:
+                    log.warning("MTA-STS policy (testing) of %s not met: %s, delivered anyway", route.domain,
+                                "TLS not verified" if outcome.tls_version else "no TLS",
+                                extra={"queue_id": txn, "mx": host.name, "policy_id": policy.id})
                 return outcome
         reply = last or Reply(451, "4.4.4", f"No mail host for {route.domain}")
         if reply.permanent and not reply.remote:
             reply = Reply(451, reply.enhanced.replace("5.", "4.", 1), reply.text)
         return Outcome(replies={r: reply for r in envelope.recipients})
+
+    @staticmethod
+    def _sts_hosts(txn: str, route: Route, policy: StsPolicy) -> list[MailHost]:
+        """RFC 8461 4.1: under ``enforce`` only the MX hosts the policy names; under
+        ``testing`` all of them, each one it does not name logged."""
+        matching = [h for h in route.hosts if policy.matches(h.name)]
+        for host in route.hosts:
+            if host not in matching:
+                log.warning("MTA-STS policy (%s) of %s does not name MX %s%s", policy.mode, route.domain, host.name,
+                            ": skipped" if policy.mode == "enforce" else ", used anyway",
+                            extra={"queue_id": txn, "mx": host.name, "policy_id": policy.id})
+        return matching if policy.mode == "enforce" else route.hosts
 
     def _settle(self, txn: str, outcome: dict[str, Reply], states: dict[str, RecipientState],
                 settings: MailSettings, mta: str) -> None:

@@ -111,6 +111,17 @@ class Router:
         records.sort(key=lambda r: r[0])
         return [MailHost(name, self.mx_port, pref) for pref, name in records]
 
+    async def txt(self, name: str) -> list[str] | None:
+        """The TXT records of ``name``, each one's strings joined (RFC 7208 3.3 / RFC 8461 3.1);
+        [] when there are none, None when DNS did not answer."""
+        try:
+            answer = await self._resolver.resolve(name, "TXT", search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            return None
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]  # type: ignore[attr-defined]
+
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of ``host`` ([] when it has none); DNS failures raise
         :class:`RouteError` with a temporary reply."""

@@ -27,8 +27,14 @@ class RelaySettings(ServiceSettings):
     command_timeout_seconds: float = Field(default=600.0, gt=0)
     # R-LIM-6 counts messages per minute; tests shorten the window to keep fast.
     rate_window_seconds: float = Field(default=60.0, gt=0)
-    # Extra trust anchors for outbound certificate checks (PEM file), besides the system's.
+    # Extra trust anchors for outbound certificate checks (PEM file), besides the system's: MX
+    # hosts' certificates and the MTA-STS policy hosts' (https://mta-sts.<domain>).
     tls_ca_file: str = ""
+    # MTA-STS (RFC 8461): look up and apply destinations' policies. The policy host's port is
+    # 443 (RFC 8461 3.3); tests point it at a loopback HTTPS server.
+    outbound_mta_sts: bool = True
+    outbound_mta_sts_port: int = Field(default=443, ge=1, le=65535)
+    outbound_mta_sts_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     # Smarthost AUTH passwords by transport key (the domain, or "*"), as JSON:
     # REMPART_SMARTHOST_PASSWORDS='{"example.net": "..."}' (a Kubernetes Secret in the chart).
     smarthost_passwords: dict[str, SecretStr] = Field(default_factory=dict)
