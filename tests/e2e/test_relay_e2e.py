@@ -11,6 +11,7 @@ import email
 import email.policy
 import imaplib
 import os
+import re
 import smtplib
 import ssl
 import subprocess
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dkim
+import dns.resolver
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -71,6 +74,7 @@ class Env:
     sink: Sink
     relay: subprocess.Popen[bytes]
     relay_log: Path
+    dns: DnsThread
 
 
 def tls_context(stack: Stack) -> ssl.SSLContext:
@@ -127,7 +131,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             relay = subprocess.Popen([sys.executable, "-m", "rempart.smtp_edge.relay"], env=relay_env,
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         wait_ready(ops_port, relay, relay_log)
-        yield Env(stack, demo, admin_for(stack), sink, relay, relay_log)
+        yield Env(stack, demo, admin_for(stack), sink, relay, relay_log, dns)
     finally:
         if relay is not None and relay.poll() is None:
             relay.terminate()
@@ -207,3 +211,36 @@ def test_r_out_2_remote_550_returns_a_dsn_the_sender_reads_over_imap(env: Env) -
     assert isinstance(blocks, list)
     assert str(blocks[1]["Final-Recipient"]) == "rfc822; nobody@remote.test"
     assert str(blocks[1]["Status"]) == "5.1.1" and str(blocks[1]["Action"]) == "failed"
+
+
+def test_r_out_5_submitted_mail_leaves_dkim_signed_with_rsa_and_ed25519(env: Env) -> None:
+    """Keys made through the admin API, their records published as the API says: the remote
+    receives the user's message with two signatures that dkimpy verifies against DNS."""
+    for algorithm in ("rsa-sha256", "ed25519-sha256"):
+        status, body = env.admin.call("POST", f"/v1/domains/{DOMAIN}/dkim-keys", {"algorithm": algorithm})
+        assert status == 201 and isinstance(body, dict), body
+        assert "PRIVATE" not in str(body)
+        key: dict[str, str] = body
+        env.dns.set(key["dns_name"], "TXT", " ".join(re.findall(r'"[^"]*"', key["txt_record"])))
+    resolver = dns.resolver.Resolver(configure=False)
+    host, port = env.dns.address.rsplit(":", 1)
+    resolver.nameservers, resolver.port = [host], int(port)
+
+    def get_txt(name: bytes, timeout: float = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode(), "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return None
+        return b"".join(answer[0].strings)  # type: ignore[attr-defined]
+
+    deadline = time.monotonic() + 30
+    while True:  # the relays see new keys within a second or two
+        subject = f"dkim-{uuid.uuid4().hex[:8]}"
+        submit(env, "bob@remote.test", subject)
+        _mail_from, _rcpts, data, tls = env.sink.wait_for(subject)
+        if data.count(b"DKIM-Signature:") == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert tls and data.count(b"DKIM-Signature:") == 2, data[:600]
+    assert b"a=rsa-sha256" in data and b"a=ed25519-sha256" in data and f"d={DOMAIN}".encode() in data
+    assert [dkim.DKIM(data).verify(idx=i, dnsfunc=get_txt) for i in range(2)] == [True, True]
