@@ -53,3 +53,46 @@ async def test_a_message_fetched_twice_is_read_from_jetstream_once(service) -> N
     assert bodies[0] == bodies[1].replace(b"c3 OK", b"c2 OK") and b"m3" in bodies[0]
     assert sorted(reads) == [1, 2, 3]  # the second FETCH and the copy's read nothing again
     assert out[5][-1].startswith(b"c6 OK") and b"m1" in b"\n".join(out[5])
+
+
+async def test_pipelined_single_message_fetches_are_answered_in_order_each_read_once(service) -> None:  # type: ignore[no-untyped-def]
+    """mbsync's pattern: a UID FETCH per message, all sent at once. The messages of the commands
+    already received are read ahead, several at once; every answer is still the right message,
+    in the order asked, and each message is read from the store once."""
+    from imappop_helpers import BOB, BOB_PASSWORD, raw_connect
+
+    for n in range(1, 31):
+        await service.deliver(simple_message(f"piped {n}"))
+    store = service.backend.store
+    reads: list[int] = []
+    real = store.read_message
+    in_flight, most = [0], [0]
+
+    async def counting(m: IndexedMessage) -> bytes:
+        reads.append(m.uid)
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.02)  # a slow store: reads one after the other would show
+            return await real(m)
+        finally:
+            in_flight[0] -= 1
+
+    store.read_message = counting
+    order = [7, 3, 30, 12, 1, 25, 18, 9, 2, 27, 14, 5, 22, 11, 29, 4, 16, 8, 20, 6]
+
+    def run() -> list[bytes]:
+        raw = raw_connect(service.ports["imap"])
+        raw.line()
+        raw.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        raw.until(b"b ")
+        raw.send(b"".join(b"f%d UID FETCH %d (BODY.PEEK[])\r\n" % (k, uid) for k, uid in enumerate(order)))
+        return raw.until(b"f%d " % (len(order) - 1))
+
+    lines = await asyncio.to_thread(run)
+    tagged = [line for line in lines if line.startswith(b"f")]
+    assert tagged == [b"f%d OK UID FETCH completed" % k for k in range(len(order))]
+    subjects = [int(line.split(b"piped ")[1]) for line in lines if line.startswith(b"Subject: piped ")]
+    assert subjects == order
+    assert sorted(reads) == sorted(order)
+    assert most[0] > 1  # read ahead: several at once

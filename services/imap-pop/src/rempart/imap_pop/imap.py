@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import re
 from collections.abc import Awaitable, Callable, Iterable
 
 from nats.aio.msg import Msg
@@ -79,6 +80,9 @@ SYSTEM_FLAGS = {"\\SEEN", "\\ANSWERED", "\\FLAGGED", "\\DELETED", "\\DRAFT"}
 FLAGS_LIST = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
 MAX_FLAGS = 50
 STORE_BATCH = 500  # messages per atomic flag script call
+# Pipelined single-message UID FETCH commands looked at ahead of the current one (_read_ahead).
+READ_AHEAD = 64
+_ONE_UID_FETCH = re.compile(rb"^\S+ UID FETCH (\d{1,10}) .*BODY", re.IGNORECASE)
 # SELECT rewrites a folder's saved UIDs once this many changes have piled up since they were saved.
 UID_CACHE_RESAVE = 200
 ANY_UID = 2**32 - 1  # "*" in a client's known UIDs (QRESYNC): any
@@ -850,6 +854,24 @@ class ImapSession(FolderCommands, Session):
             indexes = [i - 1 for low, high in ranges for i in range(low, high + 1)]
         return indexes
 
+    async def _read_ahead(self) -> None:
+        """mbsync and imapsync send one ``UID FETCH <uid> (BODY.PEEK[])`` per message without
+        waiting for the answers: the messages of those already received are read from the store
+        now, several at once, while this one is answered (each read would otherwise wait for
+        the one before)."""
+        uids = [int(m.group(1)) for line in self.stream.lines_ahead(READ_AHEAD)
+                if (m := _ONE_UID_FETCH.match(line))]
+        indexes = [i for uid in uids if (i := self.view.position(uid)) is not None]
+        if not indexes:
+            return
+        await self._load(indexes)
+        for i in indexes:
+            message = self.view.message(i)
+            if not is_gone(message):
+                reading = self.backend.read_ahead(message)
+                if reading is not None:  # a failure is met again, and told, by its own FETCH
+                    reading.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def _changed_among(self, text: str, uid: bool, since: int) -> list[tuple[int, IndexedMessage]]:
         """FETCH (CHANGEDSINCE): the messages of a set changed after ``since``, found from the
         folder's changes (what Thunderbird asks at each folder opening costs what changed, not
@@ -924,6 +946,9 @@ class ImapSession(FolderCommands, Session):
             if not any(i.name == "MODSEQ" for i in items):
                 items.append(FetchItem("MODSEQ"))
         plan = FetchPlan(items)
+        if plan.needs_body and self.stream.has_line() and any(
+                self.backend.content_cache.get(m) is None for _, m in selected[:1]):
+            await self._read_ahead()  # not ahead of this client (any more): look at what it sent
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
         )

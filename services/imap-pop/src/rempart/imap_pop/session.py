@@ -127,6 +127,7 @@ class Backend:
     content_cache: ContentCache = field(default_factory=lambda: ContentCache(CONTENT_CACHE_BYTES))
 
     def __post_init__(self) -> None:
+        self._reading: dict[str, asyncio.Future[bytes]] = {}
         self._lock_renew = self.redis.register_script(_LOCK_RENEW_LUA)
         self._lock_release = self.redis.register_script(_LOCK_RELEASE_LUA)
         self._claim_session = self.redis.register_script(_CLAIM_SESSION_LUA)
@@ -142,11 +143,27 @@ class Backend:
         return self.mailboxes.index
 
     async def read_content(self, message: IndexedMessage) -> bytes:
-        """A message as IMAP and POP3 serve it (CRLF line ends, RFC 5322 2.3)."""
+        """A message as IMAP and POP3 serve it (CRLF line ends, RFC 5322 2.3); a read already
+        under way for it (a read-ahead) is joined, not repeated."""
         data = self.content_cache.get(message)
-        if data is None:
-            data = normalise(await self.store.read_message(message))
-            self.content_cache.put(message, data)
+        if data is not None:
+            return data
+        reading = self._reading.get(ContentCache.key(message)) or self.read_ahead(message)
+        assert reading is not None
+        return await asyncio.shield(reading)
+
+    def read_ahead(self, message: IndexedMessage) -> asyncio.Future[bytes] | None:
+        """Start reading a message a client is about to ask for (None: cached or under way)."""
+        key = ContentCache.key(message)
+        if key in self._reading or self.content_cache.get(message) is not None:
+            return None
+        reading = self._reading[key] = asyncio.ensure_future(self._read(message))
+        reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        return reading
+
+    async def _read(self, message: IndexedMessage) -> bytes:
+        data = normalise(await self.store.read_message(message))
+        self.content_cache.put(message, data)
         return data
 
     # RFC 1939 8 / RFC 3206: one POP3 session per maildrop, across replicas. The lock has a

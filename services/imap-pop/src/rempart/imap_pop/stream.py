@@ -99,6 +99,10 @@ class Stream:
     def pending(self) -> int:
         return len(self._buf)
 
+    def lines_ahead(self, most: int) -> list[bytes]:
+        """The whole lines the client has already sent beyond the current one (at most ``most``)."""
+        return bytes(self._buf).split(b"\n", most)[:-1][:most]
+
     def has_line(self) -> bool:
         """A whole line from the client is already here (a pipelined command)."""
         return b"\n" in self._buf
