@@ -33,6 +33,9 @@ def test_content_cache_is_bounded_by_bytes_and_shared_by_copies() -> None:
     assert cache.get(message(11, "t11", seq=21)) == b"b" * 100
     cache.put(message(50, "big", blob="blob-big"), b"c" * 200)  # over an eighth of the cache
     assert cache.get(message(50, "big", blob="blob-big")) is None and cache.held <= 1000
+    off = ContentCache(0)  # REMPART_IMAP_CONTENT_CACHE_MB=0
+    off.put(first, b"")
+    assert off.get(first) is None
 
 
 async def test_a_message_fetched_twice_is_read_from_jetstream_once(service) -> None:  # type: ignore[no-untyped-def]

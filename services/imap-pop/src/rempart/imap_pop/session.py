@@ -90,7 +90,7 @@ class ContentCache:
         return data
 
     def put(self, message: IndexedMessage, data: bytes) -> None:
-        if len(data) > self.limit // 8:
+        if len(data) > self.limit // 8 or not self.limit:
             return  # one large message would push out many small ones
         key = self.key(message)
         if key in self._entries:
@@ -100,10 +100,6 @@ class ContentCache:
         while self.held > self.limit:
             _, old = self._entries.popitem(last=False)
             self.held -= len(old)
-
-
-# Bytes of messages each replica keeps (ContentCache).
-CONTENT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -124,9 +120,8 @@ class Backend:
     # mid-flight nor lost at shutdown.
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
-    content_cache: ContentCache = field(default_factory=lambda: ContentCache(CONTENT_CACHE_BYTES))
-
     def __post_init__(self) -> None:
+        self.content_cache = ContentCache(self.settings.imap_content_cache_mb * 1024 * 1024)
         self._reading: dict[str, asyncio.Future[bytes]] = {}
         self._lock_renew = self.redis.register_script(_LOCK_RENEW_LUA)
         self._lock_release = self.redis.register_script(_LOCK_RELEASE_LUA)

@@ -48,3 +48,6 @@ class ImapPopSettings(EdgeSettings):
     mailbox_compact_records: int = Field(default=10_000, ge=0)
     # How often (with jitter) the compactor looks for such accounts: one stream-info request.
     mailbox_compact_every_seconds: float = Field(default=60.0, gt=0)
+    # Messages each replica keeps as it served them (MiB), so that a message read again (a second
+    # client, a re-sync) is not read from JetStream again; 0 turns the cache off.
+    imap_content_cache_mb: int = Field(default=64, ge=0)
