@@ -67,3 +67,17 @@ async def test_r_out_5_sign_adds_one_verifying_signature_per_key(redis: aioredis
         b"DKIM-Signature") == 0
     assert all(dkim.valid_selector(s) for s in ("rp202612", "a", "sel-1.sub"))
     assert not any(dkim.valid_selector(s) for s in ("", "-a", "a_b", "A B", "a..b", "x" * 64))
+
+
+async def test_r_out_5_deleting_a_domain_deletes_its_keys(redis: aioredis.Redis) -> None:
+    from rempart.common.directory import Directory
+
+    directory = Directory(redis)
+    await directory.add_domain("gone.example")
+    keystore = store(redis)
+    await keystore.generate("gone.example", "ed25519-sha256", None, NOW)
+    version = await keystore.version()
+    await directory.delete_domain("gone.example")
+    assert await keystore.list_keys("gone.example") == []
+    assert await keystore.signing_keys("gone.example") == []
+    assert await keystore.version() > version  # every relay replica re-reads its keys

@@ -95,6 +95,9 @@ class Directory:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.srem(keys.DOMAINS, name)
             pipe.delete(keys.domain(name))
+            # Its DKIM keys go with it: a domain made again later under the name gets new ones.
+            pipe.delete(keys.dkim_keys(name))
+            pipe.incr(keys.DKIM_VERSION)
             await pipe.execute()
 
     async def list_domains(self) -> list[str]:
