@@ -100,6 +100,8 @@ ROUND_TRIP_SEED = 9  # the UIDs each connection fetches: the same sequence on bo
 ROUND_TRIP_WHAT = f"UID FETCH one message per round trip, {ROUND_TRIP_CONNECTIONS} connections"
 LATENCY_SAMPLES = 5
 LATENCY_WHAT = "SELECT + single-UID FETCH"
+# Issue 9 (d): the same on a folder this small, so that the INBOX's figure shows what its size costs.
+SMALL_FOLDER, SMALL_MESSAGES = "Small", 10
 MBSYNC_WHAT = "mbsync first sync of INBOX"
 RSS_SAMPLE_SECONDS = 0.2
 WORDS = ("mail relay policy header mailbox index stream replica folder message account server "
@@ -428,6 +430,7 @@ class Latency:
     """``SELECT INBOX`` and one ``UID FETCH``, timed together, on connections just logged in."""
 
     target: str
+    folder: str = "INBOX"
     samples: list[float] = field(default_factory=list)  # seconds, SELECT and UID FETCH together
     selects: list[float] = field(default_factory=list)  # seconds, SELECT alone
     failure: str = ""
@@ -446,10 +449,11 @@ class Latency:
             figures = (f"median {self.median_ms:.1f} ms over {len(self.samples)} new connections "
                        f"(min {min(self.samples) * 1000:.1f}, max {max(self.samples) * 1000:.1f}; "
                        f"SELECT alone median {statistics.median(self.selects) * 1000:.1f} ms)")
+        what = LATENCY_WHAT if self.folder == "INBOX" else f"{LATENCY_WHAT} in {SMALL_MESSAGES}-message {self.folder}"
         if self.ok:
-            return f"RESULT {self.target} {LATENCY_WHAT}: {figures}"
+            return f"RESULT {self.target} {what}: {figures}"
         reason = self.failure or f"only {len(self.samples)} of {LATENCY_SAMPLES} samples"
-        return f"RESULT {self.target} {LATENCY_WHAT}: FAILED: {reason}; before that: {figures}"
+        return f"RESULT {self.target} {what}: FAILED: {reason}; before that: {figures}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,10 +804,10 @@ async def measure_round_trips(target: str, port: int, cafile: str, user: str, pa
 
 
 async def measure_latency(target: str, port: int, cafile: str, user: str, password: str, uid: int,
-                          timeout: float) -> Latency:
+                          timeout: float, folder: str = "INBOX") -> Latency:
     """``LATENCY_SAMPLES`` times, on a new connection once logged in: ``SELECT INBOX`` then
     ``UID FETCH uid (FLAGS BODY.PEEK[HEADER])``, timed from sending SELECT to the FETCH's tagged reply."""
-    result = Latency(target)
+    result = Latency(target, folder)
     try:
         for _ in range(LATENCY_SAMPLES):
             async with asyncio.timeout(timeout):
@@ -811,7 +815,7 @@ async def measure_latency(target: str, port: int, cafile: str, user: str, passwo
                 try:
                     await connection.login(user, password)
                     started = time.perf_counter()
-                    _, select_seconds = await connection.select()
+                    _, select_seconds = await connection.select(folder)
                     response = await connection.command(f"UID FETCH {uid} (FLAGS BODY.PEEK[HEADER])")
                     seconds = time.perf_counter() - started
                 finally:
@@ -853,6 +857,10 @@ async def measure_round_trips_and_latency(target: str, port: int, cafile: str, u
         load = os.getloadavg()[0]
         latency = await measure_latency(target, port, cafile, user, password, uids[len(uids) // 2], args.timeout)
         log(f"{latency.line().removeprefix('RESULT ')} (load average {load:.1f})")
+        small = await measure_latency(target, port, cafile, user, password, SMALL_MESSAGES // 2, args.timeout,
+                                      SMALL_FOLDER)
+        log(f"{small.line().removeprefix('RESULT ')}")
+        return [round_trips, latency, small]
     return [round_trips, latency]
 
 
@@ -885,7 +893,10 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
             connection = await ImapConnection.open(port, stack.cert_file)
             try:
                 await connection.login(user, password)
-                return await connection.append_all("INBOX", messages)
+                seconds = await connection.append_all("INBOX", messages)
+                await connection.command(f"CREATE {SMALL_FOLDER}")
+                await connection.append_all(SMALL_FOLDER, messages[:SMALL_MESSAGES])
+                return seconds
             finally:
                 await connection.close()
 
@@ -916,9 +927,10 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, messages: list[bytes]
 # ---------------------------------------------------------------------------------------------
 # Dovecot
 # ---------------------------------------------------------------------------------------------
-def write_maildir(home: Path, messages: list[bytes], uid: int, gid: int) -> None:
-    """The INBOX as a maildir: one file per message in cur/, no flags (":2,"), sizes in the name."""
-    maildir = home / "Maildir"
+def write_maildir(home: Path, messages: list[bytes], uid: int, gid: int, folder: str = "") -> None:
+    """The INBOX (or a Maildir++ ``folder``) as a maildir: one file per message in cur/, no flags
+    (":2,"), sizes in the name."""
+    maildir = home / "Maildir" / folder if folder else home / "Maildir"
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True, exist_ok=True)
     received = 1_780_000_000
@@ -945,6 +957,7 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
     passwd.chmod(0o644)
     log(f"dovecot: writing {len(messages):,} messages to a maildir")
     write_maildir(base / "home" / DOVECOT_USER, messages, uid, gid)
+    write_maildir(base / "home" / DOVECOT_USER, messages[:SMALL_MESSAGES], uid, gid, f".{SMALL_FOLDER}")
     os.chown(base / "home", uid, gid)
     port = free_port()
     conf = base / "dovecot.conf"
@@ -1048,9 +1061,16 @@ def summary_mbsync_and_memory(results: list[Result]) -> None:
 
 def summary_round_trips_and_latency(results: list[Result]) -> None:
     round_trips = {r.target: r for r in results if isinstance(r, RoundTrips)}
-    latencies = {r.target: r for r in results if isinstance(r, Latency)}
-    for line in [r.line() for r in round_trips.values()] + [r.line() for r in latencies.values()]:
+    latencies = {r.target: r for r in results if isinstance(r, Latency) and r.folder == "INBOX"}
+    small = {r.target: r for r in results if isinstance(r, Latency) and r.folder != "INBOX"}
+    for line in [r.line() for r in round_trips.values()] + [r.line() for r in [*latencies.values(), *small.values()]]:
         print(line)
+    for target, whole in latencies.items():
+        few = small.get(target)
+        if whole.ok and few is not None and few.ok and few.median_ms > 0:
+            # Issue 9 (d): within 3x of a small folder.
+            print(f"{target}: {LATENCY_WHAT} in the INBOX takes {whole.median_ms / few.median_ms:.2f} times "
+                  f"its time in a {SMALL_MESSAGES}-message folder ({whole.median_ms:.1f} vs {few.median_ms:.1f} ms)")
     ours, theirs = round_trips.get("rempart"), round_trips.get("dovecot")
     if ours is not None and theirs is not None:
         if ours.ok and theirs.ok and theirs.rate > 0:
