@@ -157,3 +157,21 @@ async def test_r_mbx_2_fetch_of_a_message_expunged_elsewhere_is_expungeissued(se
     assert sum(1 for line in fetched if b" FETCH (" in line) == 2  # 2 and 4 still served
     assert b"* 3 EXPUNGE" in noop
     assert after[-1].startswith(b"e OK") and any(b"m4" in line for line in after)  # 4 is now number 3
+
+
+async def test_r_mbx_2_search_with_a_message_expunged_elsewhere_still_answers(service) -> None:  # type: ignore[no-untyped-def]
+    for n in range(1, 6):
+        await service.deliver(simple_message(f"m{n}"))
+
+    def run() -> list[bytes]:
+        watcher = raw_connect(service.ports["imap"])
+        watcher.line()
+        watcher.send(f'a LOGIN {BOB} "{BOB_PASSWORD}"\r\nb SELECT INBOX\r\n'.encode())
+        watcher.until(b"b ")
+        session(service.ports["imap"], "SELECT INBOX", "STORE 2 +FLAGS (\\Deleted)", "EXPUNGE")
+        watcher.send(b"c SEARCH BODY bob\r\n")  # reads every message's text
+        return watcher.until(b"c ")
+
+    out = await asyncio.to_thread(run)
+    assert out[-1].startswith(b"c OK")
+    assert b"* SEARCH 1 3 4 5" in out  # number 2 is still in the session's view, unreadable

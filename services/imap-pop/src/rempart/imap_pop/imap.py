@@ -1205,7 +1205,8 @@ class ImapSession(FolderCommands, Session):
             await self.refresh(expunges=False)  # the MODSEQs compared are the current ones
         found: list[int] = []
         highest = 0
-        numbered = await self._all()
+        # A message expunged elsewhere (not yet announced) matches nothing: it has nothing to read.
+        numbered = [(seq, m) for seq, m in await self._all() if not is_gone(m)]
         for window in read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
             contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
             for seq, message in window:
