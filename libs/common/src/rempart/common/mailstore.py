@@ -924,10 +924,14 @@ class MailboxIndex:
 
     async def status(self, mailbox: str, folder: str = INBOX) -> FolderStatus:
         meta = keys.mailbox_meta(mailbox, folder)
-        if not await self._redis.exists(meta):
+        for _ in range(2):
+            async with self._redis.pipeline(transaction=True) as pipe:  # one round trip, one moment
+                pipe.hmget(meta, ["uidvalidity", "uidnext", "highestmodseq"])
+                pipe.zcard(keys.mailbox_uids(mailbox, folder))
+                raw, exists = await pipe.execute()
+            if raw[0] is not None:
+                break
             await self.create_folder(mailbox, folder)
-        raw = await self._redis.hmget(meta, ["uidvalidity", "uidnext", "highestmodseq"])
-        exists = await self._redis.zcard(keys.mailbox_uids(mailbox, folder))
         return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists), int(raw[2] or 0))
 
     async def vanished(self, mailbox: str, folder: str, since: int) -> tuple[list[int], bool]:
