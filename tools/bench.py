@@ -1,10 +1,10 @@
 """``make bench``: every Rempart benchmark, one after the other, then a summary.
 
-Runs ``tools/bench_smtp.py`` (always) and ``tools/bench_policy.py`` / ``tools/bench_auth.py`` /
-``tools/bench_imap.py`` when they exist, each as its own process with its own output, so that one benchmark's
-processes and memory never colour another's figures. ``--quick`` is passed through to each
-(every ``tools/bench_*.py`` should accept it: small sizes for a smoke run; one that does not
-is run at its own sizes, with a note). Lines a benchmark prints
+Runs ``tools/bench_smtp.py`` (always) and ``tools/bench_relay.py`` / ``tools/bench_policy.py`` /
+``tools/bench_auth.py`` / ``tools/bench_imap.py`` when they exist, each as its own process with
+its own output, so that one benchmark's processes and memory never colour another's figures.
+``--quick`` is passed through to each (every ``tools/bench_*.py`` should accept it: small sizes
+for a smoke run; one that does not is run at its own sizes, with a note). Lines a benchmark prints
 that start with ``ratio``, ``rempart``, ``postfix`` or ``RESULT`` are repeated in the summary.
 The exit code is non-zero when any benchmark failed.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
-BENCHMARKS = ("bench_smtp.py", "bench_policy.py", "bench_auth.py", "bench_imap.py")
+BENCHMARKS = ("bench_smtp.py", "bench_relay.py", "bench_policy.py", "bench_auth.py", "bench_imap.py")
 REQUIRED = ("bench_smtp.py",)
 SUMMARY_PREFIXES = ("RESULT", "ratio", "rempart", "postfix", "smtp-edge peak")
 MAX_SUMMARY_LINES = 30  # bench_imap prints 23
