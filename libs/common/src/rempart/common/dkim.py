@@ -23,12 +23,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import dkim as dkimpy
 import redis.asyncio as aioredis
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from redis.exceptions import WatchError
 
 from rempart.common import keys
@@ -274,6 +274,32 @@ def headers_to_sign(message: bytes) -> list[bytes]:
     if b"from" not in chosen:
         return []
     return [*chosen, b"from"]
+
+
+# dkimpy computes RSA signatures in Python (about 5 ms of CPU for a 2048-bit key, holding the
+# GIL); OpenSSL does the same PKCS#1 v1.5 signature in about 0.2 ms. dkimpy's signer looks the
+# function up in its module at each call: it is given this one, which signs the same digest
+# with the same key (RFC 8017 8.2.1), so the DKIM-Signature is bit for bit what dkimpy makes.
+_OPENSSL_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+_DIGESTS: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
+
+
+def _openssl_rsa_sign(digest: Any, key: dict[str, int]) -> bytes:
+    """dkimpy's ``RSASSA_PKCS1_v1_5_sign(hash, private_key)`` by OpenSSL."""
+    private = _OPENSSL_KEYS.get(key["modulus"])
+    if private is None:
+        private = rsa.RSAPrivateNumbers(
+            p=key["prime1"], q=key["prime2"], d=key["privateExponent"], dmp1=key["exponent1"],
+            dmq1=key["exponent2"], iqmp=key["coefficient"],
+            public_numbers=rsa.RSAPublicNumbers(key["publicExponent"], key["modulus"])).private_key()
+        if len(_OPENSSL_KEYS) >= 1024:
+            _OPENSSL_KEYS.clear()
+        _OPENSSL_KEYS[key["modulus"]] = private
+    algorithm = _DIGESTS[str(digest.name).lower()]()
+    return private.sign(digest.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+
+
+dkimpy.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
 
 
 def sign(message: bytes, signing_keys: Sequence[SigningKey]) -> bytes:
