@@ -242,3 +242,22 @@ DKIM_VERSION = PREFIX + "dkim:version"
 # MTA-STS (RFC 8461): a destination's policy, cached for its max_age and shared by the relays.
 def mta_sts_policy(domain_name: str) -> str:
     return f"{PREFIX}out:sts:{domain_name}"
+
+
+# The outbound queue as an admin resource (rempart.common.outqueue): a queued transaction's
+# envelope facts (sender, recipients, size, arrival, MAIL stream sequence), the retries asked
+# for (transaction id -> when), a removal (the relay drops the record and never sends it again)
+# and the lock of the relay replica working on a transaction.
+def relay_message(transaction_id: str) -> str:
+    return f"{PREFIX}out:msg:{transaction_id}"
+
+
+RELAY_RETRIES = PREFIX + "out:retry"
+
+
+def relay_removed(transaction_id: str) -> str:
+    return f"{PREFIX}out:removed:{transaction_id}"
+
+
+def relay_lock(transaction_id: str) -> str:
+    return f"{PREFIX}out:lock:{transaction_id}"

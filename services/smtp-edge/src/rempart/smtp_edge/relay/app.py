@@ -11,6 +11,11 @@ Implementation notes, the rules every path obeys:
   allows 10 minutes for the final reply) never makes JetStream hand it to another replica.
 - Results are written per recipient as the remote answers, before anything else happens; a
   replica killed at any point leaves a record that the next one resumes where it stopped.
+- One replica at a time works on a transaction (a Redis lock that lapses with its owner, kept
+  alive with the ``in_progress`` acks): JetStream's copy of a record and a retry asked for
+  through the admin API may meet. A retry is taken by one replica, which reads the record from
+  the MAIL stream by its sequence and processes it at once; JetStream's copy comes back at its
+  ``nak`` delay and finds the work done or not yet due.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
+from collections.abc import Coroutine
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as jsapi
+from nats.js.errors import NotFoundError
 from prometheus_client import Gauge
 
 from rempart.common.directory import Directory
@@ -31,6 +40,7 @@ from rempart.common.dkim import DkimKeyStore
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM, fetch_batch
 from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import MailboxIndex, MessageStore
+from rempart.common.outqueue import RETRY_SUBJECT
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.secretbox import SecretBox
@@ -49,6 +59,11 @@ IN_FLIGHT = Gauge("rempart_relay_in_flight", "Records being worked on by this re
 FETCH_BATCH = 64
 ERROR_RETRY_SECONDS = 30.0
 MIN_RETRY_SECONDS = 1.0
+# Another replica works on the transaction: look again after this.
+BUSY_RETRY_SECONDS = 5.0
+# Retries asked for are announced on RETRY_SUBJECT; a replica that missed the announcement
+# (reconnecting, starting) still finds them within this.
+RETRY_POLL_SECONDS = 5.0
 
 
 async def consumer_subscription(
@@ -77,6 +92,8 @@ class Relay:
         self._stopping = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._gauge_task: asyncio.Task[None] | None = None
+        self._retry_task: asyncio.Task[None] | None = None
+        self._retry_asked = asyncio.Event()
 
     async def start(self) -> None:
         rt, settings = self.runtime, self.settings
@@ -104,8 +121,10 @@ class Relay:
         rt.config.on_change(self._apply_settings)
         self._sub = await consumer_subscription(rt.js, settings)
         rt.ops.add_check("consumer", self._consumer_check)
+        await rt.nc.subscribe(RETRY_SUBJECT, cb=self._on_retry_asked)
         self._loop_task = asyncio.create_task(self._consume(), name="relay-consume")
         self._gauge_task = asyncio.create_task(self._gauges(), name="relay-gauges")
+        self._retry_task = asyncio.create_task(self._retries(), name="relay-retries")
         log.info("relay consuming", extra={"consumer": settings.consumer, "parallel": settings.max_parallel_messages})
 
     async def _apply_settings(self) -> None:
@@ -126,10 +145,16 @@ class Relay:
                 await asyncio.wait(self._tasks, timeout=1, return_when=asyncio.FIRST_COMPLETED)
                 continue
             for msg in await fetch_batch(self._sub, min(free, FETCH_BATCH), 1, "relay"):
-                task = asyncio.create_task(self._handle(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._handle(msg))
             IN_FLIGHT.set(len(self._tasks))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _lock_owner(self) -> str:
+        return f"{self.runtime.instance}/{uuid.uuid4().hex[:12]}"
 
     async def _handle(self, msg: Msg) -> None:
         assert self.queue is not None
@@ -142,30 +167,98 @@ class Relay:
         if not record.remote_recipients:
             await msg.ack()
             return
-        heartbeat = asyncio.create_task(self._keep_alive(msg))
+        txn, results, owner = record.transaction_id, self.queue.results, self._lock_owner()
         try:
-            attempt = await self.queue.process(record)
+            locked = await results.lock(txn, owner, self.settings.ack_wait_seconds)
+        except Exception:  # Redis trouble: the record comes back later
+            log.exception("relay attempt failed, will retry", extra={"queue_id": txn})
+            await msg.nak(delay=ERROR_RETRY_SECONDS)
+            return
+        if not locked:
+            await msg.nak(delay=BUSY_RETRY_SECONDS)  # a retry asked for is being worked on
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(txn, owner, msg))
+        try:
+            attempt = await self.queue.process(record, int(msg.metadata.sequence.stream))
         except asyncio.CancelledError:
             # Drain ran out of time: hand the record back now rather than after ack_wait.
             with contextlib.suppress(Exception):
                 await asyncio.shield(msg.nak())
             raise
         except Exception:  # Redis or NATS trouble: the record comes back later
-            log.exception("relay attempt failed, will retry", extra={"queue_id": record.transaction_id})
+            log.exception("relay attempt failed, will retry", extra={"queue_id": txn})
             await msg.nak(delay=ERROR_RETRY_SECONDS)
             return
         finally:
             heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(results.unlock(txn, owner))
         if attempt.finished:
             await msg.ack()
         else:
             await msg.nak(delay=max(attempt.retry_in, MIN_RETRY_SECONDS))
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    async def _keep_alive(self, txn: str, owner: str, msg: Msg | None) -> None:
+        assert self.queue is not None
         while True:
             await asyncio.sleep(self.settings.ack_wait_seconds / 3)
             with contextlib.suppress(Exception):
-                await msg.in_progress()
+                if msg is not None:
+                    await msg.in_progress()
+                await self.queue.results.refresh_lock(txn, owner, self.settings.ack_wait_seconds)
+
+    # Retries asked for through the admin API ---------------------------------------------------
+    async def _on_retry_asked(self, msg: Msg) -> None:
+        self._retry_asked.set()
+
+    async def _retries(self) -> None:
+        assert self.queue is not None
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_asked.wait(), RETRY_POLL_SECONDS)
+            self._retry_asked.clear()
+            free = self.settings.max_parallel_messages - len(self._tasks)
+            if self._stopping.is_set() or free <= 0:
+                continue
+            try:
+                for txn in await self.queue.results.claim_retries(free):
+                    self._spawn(self._retry(txn))
+            except Exception as exc:  # noqa: BLE001 - Redis trouble: the next look finds them
+                log.warning("retries asked for not taken: %s", exc)
+
+    async def _retry(self, txn: str) -> None:
+        """A retry asked for: the record, read from the MAIL stream by its sequence, processed
+        now. Any failure leaves it to JetStream's copy, which comes back at its delay and finds
+        the recipients due."""
+        assert self.queue is not None
+        results = self.queue.results
+        message = await results.get(txn)
+        if message is None:
+            return  # delivered or removed meanwhile
+        try:
+            if not message.seq:
+                raise LookupError("its stream sequence is not known yet")
+            raw = await self.runtime.js.get_msg(MAIL_STREAM, seq=message.seq, direct=True)
+            record = events_pb2.DeliveryRecord.FromString(raw.data or b"")
+            if record.transaction_id != txn:
+                raise LookupError(f"record {message.seq} is another transaction")
+        except (LookupError, NotFoundError, DecodeError) as exc:
+            log.warning("retry asked for, record not read (%s): left to its schedule", exc, extra={"queue_id": txn})
+            return
+        owner = self._lock_owner()
+        if not await results.lock(txn, owner, self.settings.ack_wait_seconds):
+            await results.postpone_retry(txn, BUSY_RETRY_SECONDS)
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(txn, owner, None))
+        try:
+            attempt = await self.queue.process(record, message.seq)
+            log.info("retried as asked", extra={"queue_id": txn, "finished": attempt.finished})
+        except Exception:  # JetStream's copy comes back at its time
+            log.exception("retry asked for failed: left to its schedule", extra={"queue_id": txn})
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(results.unlock(txn, owner))
 
     async def _gauges(self) -> None:
         assert self.queue is not None
@@ -182,9 +275,11 @@ class Relay:
         """SIGTERM: fetch nothing more; let the records in hand finish within the grace period,
         then hand the rest back to JetStream (another replica resumes them)."""
         self._stopping.set()
-        if self._loop_task is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self._loop_task, 3)
+        self._retry_asked.set()
+        for loop in (self._loop_task, self._retry_task):
+            if loop is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(loop, 3)
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:

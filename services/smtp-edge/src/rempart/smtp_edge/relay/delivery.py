@@ -40,7 +40,8 @@ TLS_VERSIONS = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
 UNVERIFIED_MEMORY_SECONDS = 3600.0
-BeforeDot = Callable[[list[str]], Awaitable[None]]
+# Called with the recipients accepted at RCPT just before the final dot; False: do not send it.
+BeforeDot = Callable[[list[str]], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class Outcome:
     tls_version: str = ""
     tls_verified: bool = False
     unconfirmed: bool = False  # the dot was sent and no reply came
+    withdrawn: bool = False  # the queue withdrew the message before the dot (removed meanwhile)
 
 
 @dataclass
@@ -205,7 +207,8 @@ class SmtpClient:
         """One session to ``host`` at ``address``; raises :class:`HostFailed` when the host
         could not take part (then the caller tries the next host). ``before_dot`` is called
         with the recipients the remote accepted just before the final dot, so that the queue
-        can mark them in flight (a kill after that point may make a duplicate)."""
+        can mark them in flight (a kill after that point may make a duplicate), or withdraw
+        the message (the transaction is then reset, and no dot is sent)."""
         outcome = Outcome(host=host, address=address)
         smtp = await self._session(address, port, host, implicit_tls, outcome, require_tls)
         try:
@@ -275,8 +278,12 @@ class SmtpClient:
         if not accepted:
             await smtp.rset()
             return
-        if before_dot is not None:
-            await before_dot(accepted)
+        if before_dot is not None and not await before_dot(accepted):
+            outcome.withdrawn = True
+            for rcpt in accepted:
+                outcome.replies[rcpt] = replies.REMOVED
+            await smtp.rset()
+            return
         try:
             response = await smtp.data(envelope.data)
             reply = Reply.from_smtp(response.code, response.message)

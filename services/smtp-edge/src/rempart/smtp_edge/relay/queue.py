@@ -4,15 +4,11 @@ remote recipients, attempt after attempt.
 The queue's system of record is the MAIL stream itself: the relay's durable consumer leaves a
 record unacknowledged until every remote recipient has a final result, and asks JetStream to
 redeliver it (``nak`` with a delay) when the next recipient is due. What each recipient got is
-kept in Redis, one hash per transaction (recipient -> state), written after every remote reply,
-so that a relay killed anywhere resends only what the remote had not accepted:
-
-- ``pending``: not yet delivered; ``attempts`` and ``next_ms`` give the backoff;
-- ``sending``: accepted at RCPT and the final dot is on its way; found like this after a
-  restart it means the remote may or may not have the message (counted, logged, resent);
-- ``delivered``: the remote answered 250 to the dot;
-- ``failed``: a permanent failure, its DSN not yet stored; ``bounced``: DSN stored (or none due);
-- ``dropped``: failed, and no DSN is allowed (``<>`` sender, ``NOTIFY=NEVER``).
+kept in Redis (:mod:`rempart.common.outqueue`: the states, from ``pending`` to ``delivered``,
+``bounced`` or ``dropped``), written after every remote reply, so that a relay killed anywhere
+resends only what the remote had not accepted. The admin API reads the same state, and acts on
+it: a retry makes the waiting recipients due and one replica takes the record at once; a
+removal is looked for before each record, each connection and each final dot.
 
 Recipients are grouped per destination domain and envelope sender (SRS gives forwarded copies
 their own sender, R-DNS-6), each group with at most N recipients per connection (R-LIM-6), like
@@ -22,13 +18,12 @@ mox's queue keeps one record per recipient group with its own next attempt.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
@@ -38,6 +33,7 @@ from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
 from rempart.common.mailbox import Mailboxes
+from rempart.common.outqueue import RESULT_RETENTION_SECONDS, OutboundQueue, RecipientState, domain_of
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
@@ -49,13 +45,8 @@ from rempart.smtp_edge.relay.signing import DkimSigner
 
 log = logging.getLogger(__name__)
 
-State = Literal["pending", "sending", "delivered", "failed", "bounced", "dropped"]
-FINAL: set[str] = {"delivered", "bounced", "dropped"}
-# Results outlive the record's last redelivery: an ack lost on the way finds them still there.
-RESULT_RETENTION_SECONDS = 30 * 24 * 3600
-
 DELIVERIES = Counter("rempart_relay_recipients_total", "Remote recipients by result",
-                     ["result"])  # delivered, deferred, bounced, expired, dropped
+                     ["result"])  # delivered, deferred, bounced, expired, dropped, removed
 SESSIONS = Counter("rempart_relay_sessions_total", "Outbound SMTP sessions", ["tls"])
 POSSIBLE_DUPLICATES = Counter(
     "rempart_relay_possible_duplicates_total",
@@ -78,62 +69,78 @@ return 1
 """
 
 
-@dataclass
-class RecipientState:
-    state: State = "pending"
-    attempts: int = 0
-    next_ms: int = 0
-    reply: str = ""
-    remote_reply: bool = False
-    mta: str = ""
-    last_ms: int = 0
-    delay_noticed: bool = False
-
-    def as_reply(self) -> Reply:
-        reply = Reply.parse(self.reply) if self.reply else Reply(451, "4.0.0", "not attempted")
-        return Reply(reply.code, reply.enhanced, reply.text, remote=self.remote_reply)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, raw: str) -> RecipientState:
-        data = json.loads(raw)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+# A lock taken only while its value is still the caller's (a replica never frees another's).
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_REFRESH_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
 
 
-class RecipientStore:
-    """Per-recipient results in Redis, and the queue's index (for depth and age)."""
+class RecipientStore(OutboundQueue):
+    """The queue's shared state (per-recipient results, the index for depth and age, retries
+    and removals), plus what only the relay needs: the R-LIM-6 counters, the retries to take
+    and the lock of the replica working on a transaction."""
 
     def __init__(self, redis: aioredis.Redis, rate_window_seconds: float = 60.0) -> None:
+        super().__init__(redis)
         self._redis = redis
         self._rate = redis.register_script(_RATE_LUA)
+        self._unlock = redis.register_script(_UNLOCK_LUA)
+        self._refresh = redis.register_script(_REFRESH_LUA)
         self.rate_window_seconds = rate_window_seconds
 
-    async def load(self, transaction_id: str) -> dict[str, RecipientState]:
-        raw = await self._redis.hgetall(keys.relay_recipients(transaction_id))
-        return {str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}
+    async def look(self, transaction_id: str) -> tuple[dict[str, RecipientState], bool, bool]:
+        """A record's recipient states, whether it was removed, and whether its facts are kept,
+        in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.relay_recipients(transaction_id))
+            pipe.exists(keys.relay_removed(transaction_id))
+            pipe.exists(keys.relay_message(transaction_id))
+            raw, removed, known = await pipe.execute()
+        return {str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}, bool(removed), bool(known)
 
-    async def save(self, transaction_id: str, states: dict[str, RecipientState], queued_ms: int = 0) -> None:
-        """Write these recipients' states; ``queued_ms`` also enters the transaction in the
-        queue's index (first sight), in the same round trip."""
-        if not states:
-            return
+    async def mark_sending(self, transaction_id: str, states: dict[str, RecipientState]) -> bool:
+        """Just before the final dot: these recipients are on their way, unless the message was
+        removed meanwhile (then False, and the dot must not be sent)."""
         key = keys.relay_recipients(transaction_id)
         async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(keys.relay_removed(transaction_id))
             pipe.hset(key, mapping={r: s.to_json() for r, s in states.items()})
             pipe.expire(key, RESULT_RETENTION_SECONDS)
-            if queued_ms:
-                pipe.zadd(keys.RELAY_QUEUE, {transaction_id: queued_ms}, nx=True)
-            await pipe.execute()
+            removed, _, _ = await pipe.execute()
+        return not removed
 
-    async def done(self, transaction_id: str) -> None:
-        await self._redis.zrem(keys.RELAY_QUEUE, transaction_id)
+    async def claim_retries(self, limit: int, now_ms: int | None = None) -> list[str]:
+        """The retries asked for and due, each taken by exactly one replica."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        asked: list[Any] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+            keys.RELAY_RETRIES, "-inf", now_ms, start=0, num=limit)
+        mine = []
+        for txn in asked:
+            if await self._redis.zrem(keys.RELAY_RETRIES, str(txn)):
+                mine.append(str(txn))
+        return mine
 
-    async def depth_and_oldest_ms(self) -> tuple[int, int]:
-        depth = int(await self._redis.zcard(keys.RELAY_QUEUE))
-        first = await self._redis.zrange(keys.RELAY_QUEUE, 0, 0, withscores=True)
-        return depth, int(first[0][1]) if first else 0
+    async def postpone_retry(self, transaction_id: str, seconds: float) -> None:
+        """Another replica is working on it: take the retry again after it."""
+        at = int((time.time() + seconds) * 1000)
+        await self._redis.zadd(keys.RELAY_RETRIES, {transaction_id: at})
+
+    async def lock(self, transaction_id: str, owner: str, ttl_seconds: float) -> bool:
+        """One replica at a time works on a transaction: the consumer's copy and a retry asked
+        for may meet. The lock lapses with its owner (``ttl_seconds``, refreshed as it works)."""
+        return bool(await self._redis.set(keys.relay_lock(transaction_id), owner, nx=True,
+                                          px=int(ttl_seconds * 1000)))
+
+    async def refresh_lock(self, transaction_id: str, owner: str, ttl_seconds: float) -> None:
+        await self._refresh(keys=[keys.relay_lock(transaction_id)], args=[owner, int(ttl_seconds * 1000)])
+
+    async def unlock(self, transaction_id: str, owner: str) -> None:
+        await self._unlock(keys=[keys.relay_lock(transaction_id)], args=[owner])
 
     async def take_rate(self, destination: str, dst_limit: int, sender_domain: str, src_limit: int) -> bool:
         if dst_limit <= 0 and src_limit <= 0:
@@ -148,8 +155,10 @@ class RecipientStore:
         return int((time.time() // self.rate_window_seconds + 1) * self.rate_window_seconds * 1000)
 
 
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
+def reply_of(state: RecipientState) -> Reply:
+    """The reply a recipient's state records (a DSN's Status and Diagnostic-Code)."""
+    reply = Reply.parse(state.reply) if state.reply else Reply(451, "4.0.0", "not attempted")
+    return Reply(reply.code, reply.enhanced, reply.text, remote=state.remote_reply)
 
 
 def chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -200,15 +209,20 @@ class RelayQueue:
     _domain_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
     # One record ----------------------------------------------------------------------------
-    async def process(self, record: events_pb2.DeliveryRecord) -> Attempt:
+    async def process(self, record: events_pb2.DeliveryRecord, seq: int = 0) -> Attempt:
+        """Attempt what is due of one record, conclude (bounces, expiry, delay notices), and say
+        when to look again. ``seq`` is the record's MAIL stream sequence, kept for the queue view
+        and for a retry asked for through the admin API."""
         settings = self.config.server
         out = settings.outbound
         txn = record.transaction_id
-        states = await self.results.load(txn)
+        states, removed, known = await self.results.look(txn)
+        if removed:
+            return await self._removed(txn, states)
         fresh = {r: RecipientState() for r in dict.fromkeys(record.remote_recipients) if r not in states}
-        if fresh:
-            states.update(fresh)
-            await self.results.save(txn, fresh, queued_ms=record.received_unix_ms or 1)
+        states.update(fresh)
+        if fresh or (not known and any(not s.final for s in states.values())):
+            await self.results.enter(record, seq, fresh)
         resumed = {r: s for r, s in states.items() if s.state == "sending"}
         for rcpt, state in resumed.items():
             # R-OUT-3: killed after the dot and before the reply: the one unavoidable duplicate.
@@ -219,12 +233,29 @@ class RelayQueue:
         due = [r for r, s in states.items() if s.state == "pending" and s.next_ms <= now_ms]
         if due:
             await self._attempt(record, due, states, settings)
+            if await self.results.removed(txn):
+                return await self._removed(txn, states)
         await self._conclude(record, states, out)
         pending = [s for s in states.values() if s.state == "pending"]
         if pending:
             wait = max(0.0, (min(s.next_ms for s in pending) - time.time() * 1000) / 1000)
             return Attempt(False, wait)
         await self.results.done(txn)
+        return Attempt(True)
+
+    async def _removed(self, txn: str, states: dict[str, RecipientState]) -> Attempt:
+        """Removed from the queue through the admin API: the recipients not yet delivered are
+        dropped, with no DSN (the administrator's decision), and the record is done."""
+        dropped = {r: s for r, s in states.items() if not s.final}
+        now_ms = int(time.time() * 1000)
+        for state in dropped.values():
+            state.state, state.reply, state.remote_reply, state.last_ms = "dropped", str(replies.REMOVED), False, now_ms
+        await self.results.save(txn, dropped)
+        await self.results.done(txn)
+        if dropped:
+            DELIVERIES.labels("removed").inc(len(dropped))
+            log.info("removed from the queue by an administrator: not delivered, not bounced",
+                     extra={"queue_id": txn, "recipients": sorted(dropped)})
         return Attempt(True)
 
     async def _attempt(self, record: events_pb2.DeliveryRecord, due: list[str],
@@ -277,18 +308,28 @@ class RelayQueue:
         slots = self._domain_slots.setdefault(domain, asyncio.Semaphore(out.max_connections_per_domain))
         async with slots:
             for chunk in chunks(rcpts, per_connection):
+                if await self.results.removed(txn):
+                    return  # removed through the admin API: no new connection for it
                 envelope = Envelope(sender, chunk, data, *self._dsn_params(record, chunk))
                 outcome = await self._deliver_chunk(txn, route, envelope, states)
+                if outcome.withdrawn:
+                    log.info("removed from the queue during the transaction: final dot not sent",
+                             extra={"queue_id": txn, "mx": outcome.host, "recipients": chunk})
+                    return
                 self._settle(txn, outcome.replies, states, settings, outcome.host)
                 await self.results.save(txn, {r: states[r] for r in chunk})
                 self._log_outcome(txn, sender, outcome)
 
     async def _deliver_chunk(self, txn: str, route: Route, envelope: Envelope,
                              states: dict[str, RecipientState]) -> Outcome:
-        async def before_dot(accepted: list[str]) -> None:
+        async def before_dot(accepted: list[str]) -> bool:
             for rcpt in accepted:
                 states[rcpt].state = "sending"
-            await self.results.save(txn, {r: states[r] for r in accepted})
+            if await self.results.mark_sending(txn, {r: states[r] for r in accepted}):
+                return True
+            for rcpt in accepted:
+                states[rcpt].state = "pending"
+            return False  # removed meanwhile: the dot is not sent
 
         login = None
         implicit_tls = False
@@ -426,7 +467,7 @@ class RelayQueue:
                                       recipients=",".join(wanted))
             return
         reports = [RecipientReport(
-            recipient=r, action=action, reply=states[r].as_reply(), remote_mta=states[r].mta,
+            recipient=r, action=action, reply=reply_of(states[r]), remote_mta=states[r].mta,
             original_recipient=_dsn_value(record, "ORCPT", r),
             last_attempt_unix=states[r].last_ms / 1000,
             will_retry_until_unix=expires if action == "delayed" else 0.0,

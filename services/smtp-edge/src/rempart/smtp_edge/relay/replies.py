@@ -63,5 +63,7 @@ def connection_lost(detail: str) -> Reply:
 
 
 EXPIRED = Reply(554, "4.4.7", "Message expired: delivery not possible within the maximum lifetime")
+# Not an SMTP reply: what a recipient removed from the queue through the admin API is left with.
+REMOVED = Reply(550, "5.0.0", "Removed from the queue by an administrator, not delivered")
 BLOB_UNREADABLE = Reply(451, "4.3.0", "Message body could not be read from the store")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Remote server does not support SMTPUTF8, needed for this address")
