@@ -6,8 +6,10 @@ import re
 from typing import Any
 
 from rempart.common import keys
+from rempart.common.outqueue import OutboundQueue
 
 from .conftest import ADMIN, Harness
+from .queue_support import queued
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 BOSS = "boss@example.org"  # domain admin of example.org
@@ -15,9 +17,10 @@ FRANK = "frank@other.example"  # a user of another tenant
 
 # Another tenant's resources, and names in that tenant that do not exist: both must answer alike.
 OTHER = {"domain": "other.example", "address": FRANK, "alias": "sales@other.example", "domain_alias": "oth.example",
-         "name": "phone", "selector": "rp202601"}
+         "name": "phone", "selector": "rp202601", "queue_id": "0190000000000000f4a4c0f4a4c0f4a4"}
 MISSING = {"domain": "ghost.example", "address": "nobody@other.example", "alias": "nothing@other.example",
-           "domain_alias": "ghost-alias.example", "name": "phone", "selector": "rp202601"}
+           "domain_alias": "ghost-alias.example", "name": "phone", "selector": "rp202601",
+           "queue_id": "0190000000000000deadbeefdeadbeef"}
 # A valid body for every write that names a resource, so that the handler (not validation) answers.
 BODIES: dict[str, dict[str, Any]] = {
     "updateDomain": {"description": "taken over"},
@@ -32,6 +35,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "unlockAccount": {},
     "createDkimKey": {"algorithm": "ed25519-sha256"},
     "rotateDkimKey": {},
+    "retryQueuedMessage": {},
 }
 # Writes no domain admin may make anywhere: refused by role before any lookup, alike for all names.
 SUPERADMIN_ONLY = {"putDomainAlias"}
@@ -49,6 +53,7 @@ async def _tenants(harness: Harness) -> dict[str, str]:
     harness.auth.locked.add(FRANK)
     harness.auth.totp_secrets[FRANK] = "FRANKSSECRET"
     harness.auth.app_passwords[FRANK] = {"phone": "frank-app-password"}
+    await queued(harness.backend, FRANK, ["someone@remote.test"], transaction_id=OTHER["queue_id"])
     return await harness.login(BOSS, GOOD_PASSWORD)
 
 
@@ -66,6 +71,7 @@ async def _other_tenant_state(harness: Harness) -> tuple[Any, ...]:
         FRANK in harness.auth.locked,
         dict(harness.auth.totp_secrets),
         dict(harness.auth.app_passwords.get(FRANK, {})),
+        await OutboundQueue(redis).get(OTHER["queue_id"]),
     )
 
 

@@ -15,6 +15,7 @@ from rempart.common.events import EventBus
 from rempart.common.secretbox import SecretBox
 
 from .conftest import ADMIN_PASSWORD, Harness
+from .queue_support import queued
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 SRS_ONE = "srs-key-one-4b1d9f0e7a"
@@ -22,6 +23,7 @@ SRS_TWO = "srs-key-two-93c2aa81ff"
 IMPORTED_HASH = "{SSHA512}c2VjcmV0LWhhc2gtdmFsdWUtbm90LXRvLWJlLXNlZW4="
 EVENT_SECRET = "leaked-in-an-event-attr-77"
 BLOCKED_IP = "192.0.2.44"
+QUEUE_ID = "0190000000000000c0ffeec0ffeec0ff"
 
 
 async def _stored_srs(harness: Harness) -> list[str]:
@@ -123,6 +125,7 @@ async def _seed_every_kind_of_secret(harness: Harness, admin_headers: dict[str, 
             harness.settings.secret_key.get_secret_value())).signing_keys("example.org"):
         pem_lines = [line for line in signing_key.private_key.decode().splitlines() if "PRIVATE KEY" not in line]
         secrets_used.update(pem_lines[1:-1])  # R-OUT-5: the DKIM private key, line by line
+    await queued(harness.backend, "ursula@example.org", ["friend@remote.test"], transaction_id=QUEUE_ID)
     await EventBus(nats_conn, "auth").publish("auth", "login_failed", account="ursula@example.org",
                                               password=EVENT_SECRET, client_ip=BLOCKED_IP)
     await nats_conn.flush()
@@ -135,7 +138,7 @@ async def test_r_adm_3_no_get_of_the_openapi_shows_a_secret(
     secrets_used = await _seed_every_kind_of_secret(harness, admin_headers, nats_conn)
     await asyncio.sleep(0.1)  # the event reaches the EVENTS stream
     values = {"domain": "example.org", "address": "ursula@example.org", "alias": "team@example.org",
-              "ip": BLOCKED_IP, "domain_alias": "example.net", "selector": "rp202601"}
+              "ip": BLOCKED_IP, "domain_alias": "example.net", "selector": "rp202601", "queue_id": QUEUE_ID}
     spec = (await harness.http.get("/v1/openapi.json")).json()
     walked = []
     for path, operations in spec["paths"].items():

@@ -24,6 +24,7 @@ from rempart.admin_api import (
     routes_events,
     routes_helpdesk,
     routes_ips,
+    routes_queue,
     routes_settings,
     routes_twofactor,
 )
@@ -48,6 +49,7 @@ TAGS = [
     {"name": "events", "description": "The audit and security event log."},
     {"name": "intrusion-prevention", "description": "IP blocks (R-IPS-5)."},
     {"name": "dkim", "description": "A domain's DKIM signing keys and the DNS records to publish (R-OUT-5)."},
+    {"name": "queue", "description": "The outbound queue: messages waiting for remote delivery (R-OUT-2)."},
 ]
 
 
@@ -145,7 +147,7 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
     modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_helpdesk, routes_settings,
-               routes_events, routes_ips, routes_clientconfig, routes_dkim)
+               routes_events, routes_ips, routes_clientconfig, routes_dkim, routes_queue)
     for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})

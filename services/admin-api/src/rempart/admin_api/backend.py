@@ -204,3 +204,13 @@ async def record_change(
     except Exception as exc:  # noqa: BLE001 - the write is done; pollers see the version move
         log.warning("config.changed not published: %s", exc)
     log.info("admin change", extra={"what": what, "actor": actor, "target": target})
+
+
+async def record_action(
+    backend: Backend, request: Request, actor: str, what: str, target: str, **changed: str
+) -> None:
+    """After a write that changes no settings and no directory entry (an action on the mail
+    queue): the audit event ``admin/<what>`` with what changed, and no ``config.changed``."""
+    await backend.events.publish("admin", what, client_ip=client_ip(request), account=actor, actor=actor,
+                                 target=target, **changed)
+    log.info("admin action", extra={"what": what, "actor": actor, "target": target})

@@ -7,6 +7,8 @@
     rempartctl aliases list example.org | add sales@example.org bob@example.org carol@example.org
     rempartctl blocks list | show 192.0.2.7 | unblock 192.0.2.7
     rempartctl events [--area ips] [--limit 20]
+    rempartctl queue list [--state deferred] [--sender ...] [--recipient-domain ...] [--older-than 2h] [--json]
+    rempartctl queue show <id> | retry <id> | delete <id>
     rempartctl settings [--scope domain:example.org] get | set ips.block_minutes=60 ...
 
 The API is REMPART_API_URL (default http://127.0.0.1:8080); the session token is kept in
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
                                     ("limit", args.limit)) if v}
         _print(api.json("GET", "/v1/events", params=params))
         return 0
+    if what == "queue":
+        return _queue(api, args)
     if what == "settings":
         path = _settings_path(args.scope)
         if args.action == "get":
@@ -252,6 +256,63 @@ def _accounts(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> int:
+    """``90``, ``30m``, ``2h`` or ``3d`` as seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        raise CtlError(f"expected a duration like 90, 30m, 2h or 3d, got {text!r}", 2)
+    return int(number) * (unit or 1)
+
+
+def _queue_line(message: dict[str, Any]) -> str:
+    """One queued message for people: id, arrival, sender, what still waits and the last reply."""
+    waiting = [r for r in message.get("recipients", []) if r.get("state") not in ("delivered", "bounced")]
+    replies = [r for r in waiting if r.get("reply_code")]
+    last = f"{replies[0]['reply_code']} {replies[0].get('reply_text') or ''}".strip() if replies else ""
+    states = ",".join(sorted({str(r.get("state")) for r in waiting}))
+    return "  ".join([str(message.get("id")), str(message.get("first_seen")), str(message.get("sender") or "<>"),
+                      f"{len(waiting)} waiting ({states}) for {','.join(message.get('destinations', []))}", last])
+
+
+def _queue(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        params: dict[str, Any] = {k: v for k, v in (
+            ("sender", args.sender), ("sender_domain", args.sender_domain),
+            ("recipient_domain", args.recipient_domain), ("state", args.state)) if v}
+        if args.older_than:
+            params["older_than"] = _seconds(args.older_than)
+        messages: list[dict[str, Any]] = []
+        cursor = None
+        while len(messages) < args.limit:
+            page = api.json("GET", "/v1/queue", params={**params, "limit": min(args.limit - len(messages), 1000),
+                                                        **({"cursor": cursor} if cursor else {})})
+            messages += page["messages"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                break
+        if args.json:
+            _print(messages)
+        else:
+            for message in messages:
+                print(_queue_line(message))
+        return 0
+    path = f"/v1/queue/{args.id}"
+    if args.action == "show":
+        _print(api.json("GET", path))
+    elif args.action == "retry":
+        due = api.json("POST", f"{path}/retry")["recipients_due"]
+        print(f"{args.id}: retrying now for {', '.join(due)}")
+    else:
+        api.call("DELETE", path)
+        print(f"{args.id} deleted from the queue (not delivered, no bounce to the sender)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="rempartctl", description="Administer Rempart over its admin API "
                                   "(REMPART_API_URL, default http://127.0.0.1:8080).")
@@ -279,6 +340,16 @@ def parser() -> argparse.ArgumentParser:
     events.add_argument("--account")
     events.add_argument("--ip")
     events.add_argument("--limit", type=int, default=50)
+    queue = sub.add_parser("queue", help="the outbound queue: list, show, retry now or delete a message")
+    queue.add_argument("action", choices=("list", "show", "retry", "delete"))
+    queue.add_argument("id", nargs="?", default="", help="a queue id (show, retry, delete)")
+    queue.add_argument("--sender", help="the envelope sender (<> for bounces)")
+    queue.add_argument("--sender-domain")
+    queue.add_argument("--recipient-domain", help="a domain it still waits to be delivered to")
+    queue.add_argument("--state", choices=("pending", "sending", "deferred"))
+    queue.add_argument("--older-than", help="first seen at least this long ago: 90, 30m, 2h, 3d")
+    queue.add_argument("--limit", type=int, default=100)
+    queue.add_argument("--json", action="store_true", help="the API's answer, for scripts")
     settings = sub.add_parser("settings", help="read or change settings (section.name=value ...)")
     settings.add_argument("action", choices=("get", "set"))
     settings.add_argument("assignments", nargs="*")
@@ -288,9 +359,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock")}
+    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock"), "queue": ("show", "retry", "delete")}
     if args.command in needs_name and args.action in needs_name[args.command] and not (
-            getattr(args, "name", "") or getattr(args, "ip", "")):
+            getattr(args, "name", "") or getattr(args, "ip", "") or getattr(args, "id", "")):
         print(f"rempartctl: {args.command} {args.action} needs a name", file=sys.stderr)
         return 2
     if args.command == "aliases" and args.action == "add" and not args.targets:
