@@ -307,9 +307,11 @@ class RelayQueue:
             domain, settings.limits.outbound_max_recipients_per_connection)
         slots = self._domain_slots.setdefault(domain, asyncio.Semaphore(out.max_connections_per_domain))
         async with slots:
-            for chunk in chunks(rcpts, per_connection):
-                if await self.results.removed(txn):
-                    return  # removed through the admin API: no new connection for it
+            for number, chunk in enumerate(chunks(rcpts, per_connection)):
+                if number and await self.results.removed(txn):
+                    # Removed through the admin API while an earlier connection delivered: no new
+                    # one. (The first was just looked at; the final dot is checked in any case.)
+                    return
                 envelope = Envelope(sender, chunk, data, *self._dsn_params(record, chunk))
                 outcome = await self._deliver_chunk(txn, route, envelope, states)
                 if outcome.withdrawn:
