@@ -2,7 +2,9 @@
 
 Servers carry the standard ``grpc.health.v1`` service. Clients use ``dns:///`` targets with
 round_robin across a headless Service's pod IPs, a deadline on every call, and keepalives so
-that a dead peer is noticed. A failed or late call is the caller's cue to fail closed.
+that a dead peer is noticed. A failed or late call is the caller's cue to fail closed. When
+tracing is on, both carry the trace interceptors (:mod:`rempart.common.tracing`): a span per
+call on each side, the trace context in the call's metadata.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from rempart.common import tracing
 
 ReadinessFn = Callable[[], Awaitable[None]]
 
@@ -34,6 +38,7 @@ def client_channel(target: str) -> grpc.aio.Channel:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.dns_min_time_between_resolutions_ms", 5000),
         ],
+        interceptors=tracing.client_interceptors(),
     )
 
 
@@ -43,7 +48,8 @@ def new_server() -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10000),
-        ]
+        ],
+        interceptors=tracing.server_interceptors(),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

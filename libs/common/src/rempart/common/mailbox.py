@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from rempart.common import tracing
 from rempart.common.events import (
     MAIL_EXPUNGED_SUBJECT,
     MAIL_STREAM,
@@ -84,10 +85,11 @@ class MailboxLog:
         now = int(time.time() * 1000)
         for change in changes:
             change.time_unix_ms = change.time_unix_ms or now
-        await asyncio.gather(*(
-            self._js.publish(mailbox_log_subject(c.account), c.SerializeToString(), stream=MAILBOX_LOG_STREAM,
-                             timeout=PUBLISH_TIMEOUT)
-            for c in changes))
+        with tracing.store_write(MAILBOX_LOG_STREAM, count=len(changes)):
+            await asyncio.gather(*(
+                self._js.publish(mailbox_log_subject(c.account), c.SerializeToString(), stream=MAILBOX_LOG_STREAM,
+                                 timeout=PUBLISH_TIMEOUT)
+                for c in changes))
 
 
 def _chunks(items: Sequence[int], size: int = RECORD_CHUNK) -> list[list[int]]:
@@ -395,7 +397,8 @@ async def run_indexer(
                    for m in batch if m.subject != MAIL_EXPUNGED_SUBJECT]
         try:
             if records:
-                await mailboxes.file(records)
+                with tracing.consuming(batch, "index", durable):
+                    await mailboxes.file(records)
         except Exception as exc:  # noqa: BLE001 - Redis or NATS away: the whole batch is retried
             log.warning("indexer could not file a batch, will retry: %s", exc)
             for msg in batch:

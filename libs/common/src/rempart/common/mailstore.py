@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
-from rempart.common import keys
+from rempart.common import keys, tracing
 from rempart.common.events import (
     BLOB_BUCKET,
     MAIL_ACCEPTED_SUBJECT,
@@ -80,7 +80,8 @@ class MessageStore:
 
     async def put_blob(self, data: bytes, name: str = "") -> str:
         name = name or new_transaction_id()
-        await self._blobs.put(name, data)
+        with tracing.blob_write(BLOB_BUCKET, len(data)):
+            await self._blobs.put(name, data)
         return name
 
     async def accept(
@@ -122,13 +123,14 @@ class MessageStore:
             flags=flags or [],
             remote_senders=remote_senders or {},
         )
-        ack = await self._js.publish(
-            subject,
-            record.SerializeToString(),
-            stream=MAIL_STREAM,
-            timeout=PUBLISH_TIMEOUT,
-            headers={"Nats-Msg-Id": record.transaction_id},
-        )
+        with tracing.store_write(MAIL_STREAM, subject, message_id=record.transaction_id, size=len(data)):
+            ack = await self._js.publish(
+                subject,
+                record.SerializeToString(),
+                stream=MAIL_STREAM,
+                timeout=PUBLISH_TIMEOUT,
+                headers=tracing.with_trace_context({"Nats-Msg-Id": record.transaction_id}),
+            )
         return record, int(ack.seq)
 
     async def append(

@@ -33,7 +33,7 @@ from rempart.common.events import CONFIG_CHANGED, EventBus, connect_nats, ensure
 from rempart.common.ops import OpsServer, nats_check, redis_check
 from rempart.common.redisconn import connect_redis
 from rempart.common.settings import ServiceSettings
-from rempart.common.telemetry import setup_logging, setup_tracing
+from rempart.common.telemetry import setup_logging, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ class ServiceRuntime:
 
     async def __aenter__(self) -> ServiceRuntime:
         setup_logging(self.service, self.settings.log_level, self.settings.log_format)
-        setup_tracing(self.service)
+        if setup_tracing(self.service):
+            # Registered first, so it runs last: the spans of the teardown itself are sent too.
+            self._teardown.callback(shutdown_tracing)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
