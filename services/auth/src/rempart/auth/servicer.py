@@ -16,6 +16,7 @@ from rempart.auth.hashing import CredentialHasher
 from rempart.auth.login import LoginFlow
 from rempart.auth.scram_login import ScramFlow
 from rempart.auth.settings import AuthSettings
+from rempart.common import tracing
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
 
@@ -39,7 +40,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def Authenticate(
         self, request: auth_pb2.AuthenticateRequest, context: Context
     ) -> auth_pb2.AuthenticateResponse:
-        return await self.login.authenticate(request, context)
+        reply = await self.login.authenticate(request, context)
+        # The decision on the call's span; never the request (it holds the password).
+        tracing.annotate({"rempart.auth.status": auth_pb2.AuthStatus.Name(reply.status)})
+        return reply
 
     async def ScramStart(self, request: auth_pb2.ScramStartRequest, context: Context) -> auth_pb2.ScramStartResponse:
         return await self.scram.start(request, context)

@@ -73,6 +73,7 @@ from rempart.imap_pop.imapproto import (
 )
 from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
+from rempart.imap_pop.traces import imap_command
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,9 @@ class ImapSession(FolderCommands, Session):
         }
 
     async def _execute(self, command: Command) -> None:
+        await imap_command(self, command, self._dispatch)  # in the command's trace span
+
+    async def _dispatch(self, command: Command) -> None:
         handler = self._handlers().get(command.name)
         uid_ok = {"FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE"}
         if handler is None or (command.uid and command.name not in uid_ok):

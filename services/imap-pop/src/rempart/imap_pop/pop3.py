@@ -19,6 +19,7 @@ from rempart.imap_pop import replies as R
 from rempart.imap_pop.imapproto import parse_number
 from rempart.imap_pop.session import Session, verdict_text
 from rempart.imap_pop.stream import LineTooLong, StreamDesynchronised
+from rempart.imap_pop.traces import pop3_command
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Pop3Session(Session):
                 await self.stream.drain()
                 continue
             try:
-                await self.dispatch(text)
+                await pop3_command(self, text, self.dispatch)  # in the command's trace span
             except LineTooLong:
                 self.send(R.POP3_LINE_TOO_LONG)
             except TimeoutError:

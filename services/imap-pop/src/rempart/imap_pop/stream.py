@@ -34,6 +34,10 @@ class Stream:
         self.tls = False
         self.tls_version = ""
         self.tls_cipher = ""
+        # A command's result, for its trace span (traces.py): the first write that starts with
+        # one of these prefixes is kept. None, as when tracing is off: nothing is looked at.
+        self._watch: tuple[bytes, ...] | None = None
+        self._watched = b""
         self._note_tls()  # a listener with implicit TLS hands over a stream that has it already
 
     async def _fill(self) -> bool:
@@ -112,8 +116,19 @@ class Stream:
         send for a command's lines, or for the answers to several pipelined commands), or at
         once past OUT_BUFFERED bytes."""
         self._out += data
+        if self._watch is not None and data.startswith(self._watch):
+            self._watched, self._watch = data[:64], None
         if len(self._out) >= OUT_BUFFERED:
             self.flush()
+
+    def watch(self, prefixes: tuple[bytes, ...]) -> None:
+        """Keep the start of the next line written that begins with one of ``prefixes``."""
+        self._watch, self._watched = prefixes, b""
+
+    def end_watch(self) -> bytes:
+        """What :meth:`watch` kept (b"" if nothing matched), and stop watching."""
+        kept, self._watch, self._watched = self._watched, None, b""
+        return kept
 
     def flush(self) -> None:
         if self._out:

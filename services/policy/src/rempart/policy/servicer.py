@@ -17,6 +17,7 @@ import grpc
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 
+from rempart.common import tracing
 from rempart.common.config import SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
@@ -189,11 +190,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     async def _answer(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
         started = time.perf_counter()
         stage = policy_pb2.Stage.Name(request.stage) if request.stage in policy_pb2.Stage.values() else "UNKNOWN"
-        try:
-            decision = await self.decide(request)
-        except Exception:  # a bug must never turn into an accept
-            log.exception("policy check failed", extra={"session": request.session.session_id})
-            decision = temporary_problem("internal-error")
+        # A span per decision, under the call's (a session's stream carries every stage).
+        with tracing.span(f"policy {stage}", attributes={
+            "rempart.policy.stage": stage, "client.address": request.session.client_ip[:64],
+            "rempart.session.id": request.session.session_id[:64],
+        }) as span:
+            try:
+                decision = await self.decide(request)
+            except Exception:  # a bug must never turn into an accept
+                log.exception("policy check failed", extra={"session": request.session.session_id})
+                decision = temporary_problem("internal-error")
+            if span.is_recording():
+                span.set_attributes({"rempart.policy.action": policy_pb2.Action.Name(decision.action),
+                                     "rempart.policy.code": decision.code, "rempart.policy.rule": decision.rule})
         action = policy_pb2.Action.Name(decision.action)
         CHECKS_TOTAL.labels(stage, action).inc()
         CHECK_SECONDS.observe(time.perf_counter() - started)

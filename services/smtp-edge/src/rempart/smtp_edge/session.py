@@ -12,11 +12,15 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 
+from rempart.common import tracing
 from rempart.common.clients import PolicySession
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 MAIL_DSN_PARAMS = {"RET", "ENVID"}
 RCPT_DSN_PARAMS = {"NOTIFY", "ORCPT"}
 NOTIFY_VALUES = {"NEVER", "SUCCESS", "FAILURE", "DELAY"}
+# The mechanism names a span may show (never the rest of the AUTH line: an initial response).
+AUTH_MECHANISMS = {"PLAIN", "LOGIN", "SCRAM-SHA-256", "CRAM-MD5", "XOAUTH2", "GSSAPI"}
+T = TypeVar("T")
 
 
 def take_dsn_params(arg: str, names: set[str]) -> tuple[str, dict[str, str], str]:
@@ -139,6 +146,11 @@ class EdgeSMTP(SMTP):
         self._in_ehlo = False
         self._last_received = time.monotonic()
         self.closed = asyncio.Event()
+        # Tracing (on only with an exporter): the session's span, the parent of one span per
+        # stage, and the stage span in flight, which records the reply code.
+        self._trace: Span | None = None
+        self._trace_context: Context | None = None
+        self._stage_span: Span | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -146,6 +158,16 @@ class EdgeSMTP(SMTP):
         if first:
             peer = transport.get_extra_info("peername") or ("", 0)
             self.state.client_ip, self.state.client_port = str(peer[0]), int(peer[1])
+            if tracing.enabled():
+                self._trace = tracing.start_span("SMTP session", kind=SpanKind.SERVER, parent=tracing.NEW_TRACE,
+                                                 attributes={
+                                                     "network.transport": "tcp", "network.protocol.name": "smtp",
+                                                     "client.address": self.state.client_ip,
+                                                     "client.port": self.state.client_port,
+                                                     "rempart.smtp.listener": self.listener.name,
+                                                     "rempart.session.id": self.state.session_id,
+                                                 })
+                self._trace_context = tracing.context_with(self._trace)
             self.hooks.opened(self)
 
     def eof_received(self) -> bool | None:
@@ -167,27 +189,70 @@ class EdgeSMTP(SMTP):
 
     async def push(self, status: Any) -> None:
         if not self._greeted and isinstance(status, str) and status.startswith("220 "):
-            # The greeting: decide on the connection first (R-IPS-4, R-REL-6), so that a blocked
-            # client never gets a 220 and nothing it sent early is read as a command.
             self._greeted = True
-            refusal = await self.hooks.greeting(self)
-            if refusal is not None:
-                self.hooks.count_reply(self, refusal)
-                await super().push(refusal)
-                self.close_now()
-                return
+            await self.traced("CONNECT", self._greet, status)
+            return
+        await self._reply(status)
+
+    async def _greet(self, greeting: str) -> None:
+        """Decide on the connection before the greeting (R-IPS-4, R-REL-6), so that a blocked
+        client never gets a 220 and nothing it sent early is read as a command."""
+        if self._trace is not None:  # the client's own address now, after a PROXY header (R-OPS-2)
+            self._trace.set_attributes({"client.address": self.state.client_ip, "client.port": self.state.client_port})
+        refusal = await self.hooks.greeting(self)
+        if refusal is not None:
+            self.hooks.count_reply(self, refusal)
+            await self._send(refusal)
+            self.close_now()
+            return
+        await self._reply(greeting)
+
+    async def _reply(self, status: Any) -> None:
         if isinstance(status, str):
             if not self._in_ehlo:
                 status = replies.with_enhanced_code(status)
             if self.hooks.count_reply(self, status):
                 # An error budget: a client that keeps failing is probing, not sending mail.
-                await super().push(status)
-                await super().push(replies.TOO_MANY_ERRORS)
+                await self._send(status)
+                await self._send(replies.TOO_MANY_ERRORS)
                 self.close_now()
                 return
-        await super().push(status)
+        await self._send(status)
         if self._close_after_reply:
             self.close_now()
+
+    async def _send(self, status: Any) -> None:
+        stage = self._stage_span
+        if stage is not None and isinstance(status, str) and status[:3].isdigit():
+            # The code only: a reply's text may quote the client (and a 334 carries SASL data).
+            stage.set_attribute("rempart.smtp.reply_code", int(status[:3]))
+            enhanced = status[4:].split(" ", 1)[0]
+            if enhanced[:1].isdigit() and enhanced.count(".") == 2 and len(enhanced) <= 11:
+                stage.set_attribute("rempart.smtp.enhanced_code", enhanced)
+        await super().push(status)
+
+    # Tracing -----------------------------------------------------------------------------------
+    async def traced(self, stage: str, step: Callable[[T], Awaitable[None]], arg: T) -> None:
+        """Run one stage of the session (its command and reply) in a span of the session's
+        trace; without tracing, just run it."""
+        if self._trace is None:
+            await step(arg)
+            return
+        with tracing.span(f"SMTP {stage}", parent=self._trace_context, attributes={
+            "rempart.smtp.stage": stage, "client.address": self.state.client_ip,
+            "rempart.session.id": self.state.session_id,
+        }) as span:
+            self._stage_span = span
+            try:
+                await step(arg)
+            finally:
+                self._stage_span = None
+
+    def end_trace(self) -> None:
+        """The session is over (after its DISCONNECT stage): its span ends."""
+        if self._trace is not None:
+            self._trace.end()
+            self._trace = None
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd sends the handler's reply and reads on; a 421 promises the client that the
@@ -199,9 +264,25 @@ class EdgeSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True  # EHLO answers carry no enhanced codes (RFC 2034)
         try:
-            await super().smtp_EHLO(hostname)
+            await self.traced("EHLO", super().smtp_EHLO, hostname)
         finally:
             self._in_ehlo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self.traced("HELO", super().smtp_HELO, hostname)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.traced("AUTH", self._auth, arg)
+
+    async def _auth(self, arg: str) -> None:
+        if self._stage_span is not None:
+            mechanism = (arg or "").split(" ", 1)[0].upper()
+            self._stage_span.set_attribute("rempart.auth.mechanism",
+                                           mechanism if mechanism in AUTH_MECHANISMS else "other")
+        await super().smtp_AUTH(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        await self.traced("RSET", super().smtp_RSET, arg)
 
     def data_received(self, data: bytes) -> None:
         self._last_received = time.monotonic()
@@ -213,7 +294,7 @@ class EdgeSMTP(SMTP):
         # timer restarts; a client that goes silent mid-DATA is still cut (slow-loris).
         keeper = asyncio.get_running_loop().create_task(self._keep_alive_while_receiving())
         try:
-            await super().smtp_DATA(arg)
+            await self.traced("DATA", super().smtp_DATA, arg)
         finally:
             keeper.cancel()
 
@@ -230,6 +311,9 @@ class EdgeSMTP(SMTP):
     # DSN parameters (RFC 3461) that aiosmtpd does not know: take them out of the command,
     # validate them, keep them for the delivery record, and let aiosmtpd parse the rest.
     async def smtp_MAIL(self, arg: str | None) -> None:
+        await self.traced("MAIL", self._mail, arg)
+
+    async def _mail(self, arg: str | None) -> None:
         if arg:
             arg, params, error = take_dsn_params(arg, MAIL_DSN_PARAMS)
             if error:
@@ -239,6 +323,9 @@ class EdgeSMTP(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        await self.traced("RCPT", self._rcpt, arg)
+
+    async def _rcpt(self, arg: str | None) -> None:
         if arg:
             arg, params, error = take_dsn_params(arg, RCPT_DSN_PARAMS)
             if error:

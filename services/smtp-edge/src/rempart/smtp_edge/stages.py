@@ -63,7 +63,7 @@ class EdgeHandler:
         self.connections = ConnectionRegistry()
         self.logins = SmtpLogins(auth, config)
         self.delivery = Delivery(hostname=hostname, mailboxes=mailboxes, events=events, config=config)
-        self._background: set[asyncio.Task[policy_pb2.Verdict]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.draining = False
 
     # The session's hooks (session.SessionHooks) -----------------------------------------------
@@ -94,6 +94,8 @@ class EdgeHandler:
             task = asyncio.get_running_loop().create_task(self._disconnect(server))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        else:
+            server.end_trace()
 
     # Policy calls ---------------------------------------------------------------------------
     def _facts(self, server: EdgeSMTP) -> policy_pb2.SessionFacts:
@@ -124,12 +126,16 @@ class EdgeHandler:
             await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
         return verdict
 
-    async def _disconnect(self, server: EdgeSMTP) -> policy_pb2.Verdict:
+    async def _disconnect(self, server: EdgeSMTP) -> None:
+        async def check(stage: policy_pb2.Stage.ValueType) -> None:
+            await self._check(server, stage)
+
         try:
-            return await self._check(server, policy_pb2.STAGE_DISCONNECT)
+            await server.traced("DISCONNECT", check, policy_pb2.STAGE_DISCONNECT)
         finally:
             if server.state.policy is not None:
                 await server.state.policy.close()
+            server.end_trace()
 
     async def _on_connect(self, server: EdgeSMTP) -> str | None:
         if self.draining:

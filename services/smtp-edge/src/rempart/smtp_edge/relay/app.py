@@ -35,6 +35,7 @@ from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
 from prometheus_client import Gauge
 
+from rempart.common import tracing
 from rempart.common.directory import Directory
 from rempart.common.dkim import DkimKeyStore
 from rempart.common.events import MAIL_ACCEPTED_SUBJECT, MAIL_STREAM, fetch_batch
@@ -179,7 +180,8 @@ class Relay:
             return
         heartbeat = asyncio.create_task(self._keep_alive(txn, owner, msg))
         try:
-            attempt = await self.queue.process(record, int(msg.metadata.sequence.stream))
+            with tracing.consuming([msg], "relay", self.settings.consumer):  # the edge's trace, from the headers
+                attempt = await self.queue.process(record, int(msg.metadata.sequence.stream))
         except asyncio.CancelledError:
             # Drain ran out of time: hand the record back now rather than after ack_wait.
             with contextlib.suppress(Exception):
