@@ -141,3 +141,34 @@ async def test_r_mbx_2_unseen_count_follows_every_change_without_reading_the_fol
     await rebuild_index(js, writer)
     assert await redis.hexists(keys.mailbox_meta(bob, INBOX), "unseen")
     await check(INBOX, "Old")
+
+
+async def test_r_mbx_6_inline_records_are_read_in_batches(redis: aioredis.Redis, nats_conn: NATS) -> None:
+    """FETCH 1:* of a folder filled in one go reads its records by batched direct gets (one
+    request per run of nearby stream sequences); what a batch does not cover is left to the
+    one-by-one read, and a record is only returned for its own transaction."""
+    js = nats_conn.jetstream()
+    store = await MessageStore.open(js)
+    wanted: dict[int, str] = {}
+    bodies: dict[int, bytes] = {}
+    for n in range(12):
+        data = f"Subject: batch {n}\r\n\r\nbody {n}\r\n".encode()
+        record, seq = await store.accept(data, mail_from="a@b.example", local_mailboxes=["bob@example.org"],
+                                         remote_recipients=[])
+        if n % 4 != 3:  # a few records in the run are not wanted: still one request
+            wanted[seq], bodies[seq] = record.transaction_id, data
+    lone, _ = await store.accept(b"Subject: far\r\n\r\nx\r\n", mail_from="a@b.example",
+                                 local_mailboxes=["bob@example.org"], remote_recipients=[])
+    for _ in range(300):  # far from the others
+        await store.accept(b"Subject: filler\r\n\r\nx\r\n", mail_from="a@b.example", local_mailboxes=["c@example.org"],
+                           remote_recipients=[])
+    far, far_seq = await store.accept(b"Subject: far away\r\n\r\nx\r\n", mail_from="a@b.example",
+                                      local_mailboxes=["bob@example.org"], remote_recipients=[])
+    first = min(wanted)
+    mislabelled = first + 1  # asked for under another transaction id: not returned
+    asked = dict(wanted) | {far_seq: far.transaction_id, mislabelled: "not-this-transaction"}
+    got = await store.read_record_bodies(asked)
+    assert got == {seq: body for seq, body in bodies.items() if seq != mislabelled}
+    assert far_seq not in got  # alone: read one by one by the caller
+    assert await store.read_record_bodies({first: wanted[first]}) == {}  # one record: not worth a batch
+    assert lone.transaction_id

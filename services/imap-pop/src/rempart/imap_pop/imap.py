@@ -909,8 +909,12 @@ class ImapSession(FolderCommands, Session):
                 except (BlobUnreadable, TimeoutError, OSError, NatsError) as exc:
                     return exc
 
-        results = await asyncio.gather(*(one(m) for m in messages))
-        return {m.uid: r for m, r in zip(messages, results, strict=True)}
+        found: dict[int, bytes | BaseException] = {}
+        if len(messages) > 1:
+            found.update(await self.backend.read_many(messages))  # cached, or read in batches
+        rest = [m for m in messages if m.uid not in found]
+        results = await asyncio.gather(*(one(m) for m in rest))
+        return found | {m.uid: r for m, r in zip(rest, results, strict=True)}
 
     async def _search_contents(self, messages: list[IndexedMessage], query: SearchQuery) -> dict[int, bytes]:
         """What SEARCH matches against: the header block from the index when the keys need
@@ -956,6 +960,7 @@ class ImapSession(FolderCommands, Session):
         sets_seen = not self.readonly and any(
             (i.name == "BODY" and i.bracketed) or i.name in ("RFC822", "RFC822.TEXT") for i in items
         )
+        asks_flags = any(i.name == "FLAGS" for i in items)
         expunged = [m for _, m in selected if is_gone(m)]
         if expunged:
             selected = [(seq, m) for seq, m in selected if not is_gone(m)]
@@ -988,7 +993,8 @@ class ImapSession(FolderCommands, Session):
                 if sets_seen and "\\Seen" not in message.flags:
                     message = await self._add_seen(seq, message)
                     flags_changed = True
-                shown = self._shown(message)
+                # \Recent is added only where flags are shown (a copy of the message each).
+                shown = self._shown(message) if asks_flags or flags_changed else message
                 parts = [render_item(item, shown, data, summary) for item in items]
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
                     parts.append(f"FLAGS {flags_text(shown.flags)}".encode())

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from rempart.common.config import SettingsCache
 from rempart.common.edgelogin import LoginAttempt, LoginDecision, LoginOutcome
 from rempart.common.events import mailbox_changed_subject
 from rempart.common.mailbox import Mailboxes
-from rempart.common.mailstore import IndexedMessage, MailboxIndex, MessageStore
+from rempart.common.mailstore import BATCH_MIN, IndexedMessage, MailboxIndex, MessageStore
 from rempart.common.mime import normalise
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
@@ -146,6 +146,27 @@ class Backend:
         reading = self._reading.get(ContentCache.key(message)) or self.read_ahead(message)
         assert reading is not None
         return await asyncio.shield(reading)
+
+    async def read_many(self, messages: Sequence[IndexedMessage]) -> dict[int, bytes]:
+        """UID -> content of those of ``messages`` that are cached or that come in batched reads
+        of their delivery records (a FETCH 1:* of a folder filled in one go); the others are for
+        :meth:`read_content`, one by one."""
+        out: dict[int, bytes] = {}
+        wanted: dict[int, str] = {}
+        for message in messages:
+            data = self.content_cache.get(message)
+            if data is not None:
+                out[message.uid] = data
+            elif not message.blob and message.record_seq and ContentCache.key(message) not in self._reading:
+                wanted[message.record_seq] = message.transaction_id.split("/", 1)[0]
+        if len(wanted) >= BATCH_MIN:
+            bodies = await self.store.read_record_bodies(wanted)
+            for message in messages:
+                body = bodies.get(message.record_seq) if message.uid not in out else None
+                if body is not None:
+                    out[message.uid] = data = normalise(body)
+                    self.content_cache.put(message, data)
+        return out
 
     def read_ahead(self, message: IndexedMessage) -> asyncio.Future[bytes] | None:
         """Start reading a message a client is about to ask for (None: cached or under way)."""
