@@ -218,19 +218,20 @@ class MessageStore:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
         try:
-            await nc.publish(f"$JS.API.DIRECT.GET.{MAIL_STREAM}", json.dumps({"seq": first, "batch": count}).encode(),
-                             reply=inbox)
+            # Without the per-message headers (no_hdr): a record names its own transaction.
+            request = {"seq": first, "batch": count, "no_hdr": True}
+            await nc.publish(f"$JS.API.DIRECT.GET.{MAIL_STREAM}", json.dumps(request).encode(), reply=inbox)
+            by_transaction = {transaction: seq for seq, transaction in wanted.items()}
             for _ in range(count + 1):
                 msg = await sub.next_msg(timeout=PUBLISH_TIMEOUT)
                 headers = msg.headers or {}
                 if headers.get(jsapi.Header.STATUS):
                     return  # 204: end of the batch (or 404: nothing there)
-                seq = int(headers.get("Nats-Sequence", "0"))
-                if seq in wanted:
-                    record = events_pb2.DeliveryRecord.FromString(msg.data or b"")
-                    if record.transaction_id == wanted[seq]:
-                        out[seq] = bytes(record.body)
-                if "Nats-Num-Pending" not in headers:
+                record = events_pb2.DeliveryRecord.FromString(msg.data or b"")
+                seq = by_transaction.get(record.transaction_id, 0)
+                if seq and (not headers or int(headers.get("Nats-Sequence", "0")) == seq):
+                    out[seq] = bytes(record.body)
+                if headers and "Nats-Num-Pending" not in headers:
                     return  # a server that answers one message per request: the rest one by one
         finally:
             await sub.unsubscribe()
