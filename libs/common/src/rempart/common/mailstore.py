@@ -160,14 +160,8 @@ class MessageStore:
         """Free a delivery nothing refers to any more (R-MBX-5): its blob and its record. A
         record that still names remote recipients stays (the relay may need it). False when
         nothing was deleted."""
-        if not gone.seq:
-            return False
-        try:
-            raw = await self._js.get_msg(MAIL_STREAM, seq=gone.seq, direct=True)
-        except NotFoundError:
-            return False
-        record = events_pb2.DeliveryRecord.FromString(raw.data or b"")
-        if record.transaction_id != gone.transaction_id or record.remote_recipients:
+        record = await self.record_at(gone.seq, gone.transaction_id) if gone.seq else None
+        if record is None or record.remote_recipients:
             return False
         if record.blob:
             await self.delete_blob(record.blob)
@@ -236,14 +230,20 @@ class MessageStore:
         finally:
             await sub.unsubscribe()
 
-    async def read_record_body(self, seq: int, transaction_id: str = "") -> bytes:
+    async def record_at(self, seq: int, transaction_id: str = "") -> events_pb2.DeliveryRecord | None:
+        """The delivery record at a MAIL stream sequence; None when it is gone, or (with
+        ``transaction_id``) when the record there is another message's."""
         try:
             raw = await self._js.get_msg(MAIL_STREAM, seq=seq, direct=True)
         except NotFoundError:
-            raise BlobUnreadable(f"record {seq} not found") from None
+            return None
         record = events_pb2.DeliveryRecord.FromString(raw.data or b"")
-        if transaction_id and record.transaction_id != transaction_id:
-            raise BlobUnreadable(f"record {seq} is not message {transaction_id}")
+        return None if transaction_id and record.transaction_id != transaction_id else record
+
+    async def read_record_body(self, seq: int, transaction_id: str = "") -> bytes:
+        record = await self.record_at(seq, transaction_id)
+        if record is None:
+            raise BlobUnreadable(f"record {seq} of message {transaction_id or '?'} not found")
         return bytes(record.body)
 
     async def record_body(self, record: events_pb2.DeliveryRecord) -> bytes:

@@ -25,7 +25,6 @@ import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field
 
 from rempart.admin_api.backend import (
@@ -40,10 +39,8 @@ from rempart.admin_api.backend import (
 )
 from rempart.admin_api.models import MAX_ADDRESS, MAX_DOMAIN, MAX_LIST, Problem, Timestamp
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
-from rempart.common.events import MAIL_STREAM
 from rempart.common.mailstore import BlobUnreadable, MessageStore
 from rempart.common.outqueue import RETRY_SUBJECT, OutboundQueue, QueuedMessage, RecipientState, ViewState, domain_of
-from rempart.common.pb.events.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
@@ -171,18 +168,15 @@ async def _header_block(backend: Backend, message: QueuedMessage) -> bytes | Non
     """The message's header section, read from its delivery record (or blob) on the MAIL stream."""
     if not message.seq:
         return None
-    try:
-        raw = await backend.js.get_msg(MAIL_STREAM, seq=message.seq, direct=True)
-    except NotFoundError:
-        return None
-    record = events_pb2.DeliveryRecord.FromString(raw.data or b"")
-    if record.transaction_id != message.transaction_id:
+    store = await MessageStore.open(backend.js)
+    record = await store.record_at(message.seq, message.transaction_id)
+    if record is None:
         return None
     if not record.blob:
         data = bytes(record.body[:MAX_HEADER_BYTES])
     else:
         data = b""
-        chunks = (await MessageStore.open(backend.js)).iter_blob(record.blob)
+        chunks = store.iter_blob(record.blob)
         try:
             async for chunk in chunks:
                 data += chunk
