@@ -16,6 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from test_mailbox import BOB, CAROL, deliver, open_mailboxes
 
 from rempart.common import reindex
 from rempart.common.events import (
@@ -26,7 +27,7 @@ from rempart.common.events import (
     mailbox_snapshot_body_subject,
     subject_counts,
 )
-from rempart.common.mailbox import Mailboxes, MailboxLog, rebuild_index
+from rempart.common.mailbox import Mailboxes, rebuild_index
 from rempart.common.mailbox_snapshot import (
     SNAPSHOT_CHUNK,
     AccountState,
@@ -36,28 +37,9 @@ from rempart.common.mailbox_snapshot import (
     replay_accounts,
     run_compactor,
 )
-from rempart.common.mailstore import INBOX, MailboxIndex, MessageStore
+from rempart.common.mailstore import INBOX
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.settings import ServiceSettings
-
-BOB = "bob@example.org"
-CAROL = "carol@example.org"
-
-
-async def open_mailboxes(redis: aioredis.Redis, nats_conn: NATS) -> Mailboxes:
-    js = nats_conn.jetstream()
-    return Mailboxes(await MessageStore.open(js), MailboxIndex(redis), MailboxLog(js))
-
-
-async def deliver(mailboxes: Mailboxes, subject: str, *accounts: str, file: bool = True) -> str:
-    """As the SMTP edge does (accept, index inline), then, with ``file``, as the catch-up
-    indexer does (file it in the change log)."""
-    record, seq = await mailboxes.store.accept(f"Subject: {subject}\r\n\r\nbody\r\n".encode(), mail_from="a@b.example",
-                                               local_mailboxes=list(accounts or [BOB]), remote_recipients=[])
-    await mailboxes.place(record, None, seq)
-    if file:
-        await mailboxes.file([(record, seq)])
-    return record.transaction_id
 
 
 async def view(mailboxes: Mailboxes, account: str = BOB, exact: bool = False) -> dict[str, object]:
