@@ -354,36 +354,13 @@ def bench_rempart(args: argparse.Namespace, workdir: Path) -> list[RunResult]:
 # Postfix
 # ---------------------------------------------------------------------------------------------
 def postfix_main_cf(base: Path, policy_port: int) -> str:
-    return f"""\
-# Private relay benchmark instance (tools/bench_relay.py); not the system Postfix.
-compatibility_level = 3.6
-config_directory = {base}/etc
-queue_directory = {base}/queue
-data_directory = {base}/data
-maillog_file = {base}/maillog
-maillog_file_prefixes = {base}
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = postfix-bench.localdomain
-mydomain = localdomain
-myorigin = $myhostname
-mydestination = localhost
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-alias_maps =
-alias_database =
-relayhost =
+    """bench_smtp's private instance, relaying everything for REMOTE to the sink (transport map)."""
+    return bench_smtp.postfix_main_cf(base, policy_port, tool="tools/bench_relay.py", delivery=f"""\
 transport_maps = texthash:{base}/etc/transport
 default_transport = error:benchmark instance: only {REMOTE} leaves
 smtp_tls_security_level = may
 smtp_destination_concurrency_limit = {POSTFIX_CONCURRENCY}
-biff = no
-smtpd_recipient_restrictions =
-    check_policy_service inet:127.0.0.1:{policy_port},
-    permit_mynetworks,
-    reject_unauth_destination
-"""
+""")
 
 
 def children_of(pid: int) -> dict[int, tuple[str, float]]:

@@ -454,9 +454,19 @@ class PolicyDelegationServer:
             writer.close()
 
 
-def postfix_main_cf(base: Path, policy_port: int) -> str:
+def postfix_main_cf(base: Path, policy_port: int, delivery: str = "", tool: str = "tools/bench_smtp.py") -> str:
+    """A private instance's main.cf: ``delivery`` says where mail goes (by default into
+    mailboxes of DOMAIN, and nothing out); the policy delegation server checks every RCPT."""
+    delivery = delivery or f"""\
+default_transport = error:benchmark instance: no outbound mail
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {base}/mail
+virtual_mailbox_maps = texthash:{base}/etc/vmailbox
+virtual_uid_maps = static:{pwd.getpwnam("nobody").pw_uid}
+virtual_gid_maps = static:{pwd.getpwnam("nobody").pw_gid}
+"""
     return f"""\
-# Private benchmark instance (tools/bench_smtp.py); not the system Postfix.
+# Private benchmark instance ({tool}); not the system Postfix.
 compatibility_level = 3.6
 config_directory = {base}/etc
 queue_directory = {base}/queue
@@ -475,14 +485,8 @@ mynetworks = 127.0.0.0/8
 alias_maps =
 alias_database =
 relayhost =
-default_transport = error:benchmark instance: no outbound mail
 biff = no
-virtual_mailbox_domains = {DOMAIN}
-virtual_mailbox_base = {base}/mail
-virtual_mailbox_maps = texthash:{base}/etc/vmailbox
-virtual_uid_maps = static:{pwd.getpwnam("nobody").pw_uid}
-virtual_gid_maps = static:{pwd.getpwnam("nobody").pw_gid}
-smtpd_recipient_restrictions =
+{delivery}smtpd_recipient_restrictions =
     check_policy_service inet:127.0.0.1:{policy_port},
     permit_mynetworks,
     reject_unauth_destination
