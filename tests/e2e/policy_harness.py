@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import json
-import os
 import poplib
 import smtplib
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -28,12 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rempart.common.testing.devstack import MODULES, AdminApi, Stack
+from rempart.common.testing.devstack import AdminApi, Stack
 from rempart.common.testing.dnsserver import LoopbackDnsServer, Mode
-from rempart.common.testing.localstack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicas import Replica, wait_ready
 
 T = TypeVar("T")
 
@@ -136,37 +132,6 @@ def version_of(status: int, body: object) -> int:
     assert status == 200, (status, body)
     assert isinstance(body, dict), body
     return int(body["version"])
-
-
-# Replicas ----------------------------------------------------------------------------------------
-def start_policy_replica(stack: Stack, instance: str) -> Replica:
-    """One more policy process on free ports, sharing the stack's Redis and NATS."""
-    ports = {"grpc": free_port(), "ops": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REMPART_")}
-    env |= stack.env_for("policy")
-    # Loopback only: a wildcard bind also collides with any client socket on that port number.
-    env |= {"REMPART_GRPC_HOST": "127.0.0.1", "REMPART_GRPC_PORT": str(ports["grpc"]),
-            "REMPART_OPS_PORT": str(ports["ops"]), "REMPART_INSTANCE": instance, "REMPART_LOG_FORMAT": "json"}
-    log_path = stack.workdir / f"{instance}.log"
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", MODULES["policy"]], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    return Replica("policy", instance, ports, proc, log_path)
-
-
-def start_ready(start: Callable[[], Replica], attempts: int = 3) -> Replica:
-    """Start a replica and wait until it is ready; a replica that exits at once (its free port
-    was taken meanwhile by some other socket: free_port cannot reserve) is started again."""
-    for attempt in range(1, attempts + 1):
-        replica = start()
-        try:
-            wait_ready([replica])
-            return replica
-        except RuntimeError:
-            replica.stop()
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
 
 
 # SMTP --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,9 +30,7 @@ import pytest
 
 from rempart.common.testing.devstack import AdminApi, Stack
 from rempart.common.testing.localstack import free_port
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from replicas import Haproxy, Replica, start_edge_replica, start_haproxy, wait_ready
+from rempart.common.testing.replicas import Haproxy, Replica, start_edge_replica, start_haproxy, wait_ready
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy is not installed (Debian package haproxy; CI installs it)")

@@ -19,6 +19,7 @@ import smtplib
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,13 +46,12 @@ from policy_harness import (
     rcpt_reply,
     reply,
     reverse_v4,
-    start_policy_replica,
-    start_ready,
     submission,
     version_of,
     wait_for_message,
 )
-from replicas import Replica, start_edge_replica
+
+from rempart.common.testing.replicas import Replica, start_edge_replica, start_policy_replica, start_ready
 
 DOMAIN = "example.test"
 SENDER = "alice@sender.test"  # a remote sender whose domain exists (MX), without SPF record
@@ -559,6 +559,85 @@ def blocked_ips(admin: AdminApi) -> dict[str, dict[str, object]]:
     assert status == 200 and isinstance(body, dict), (status, body)
     assert not body["truncated"]
     return {b["ip"]: b for b in body["blocks"]}
+
+
+def policy_mail_checks(replica: Replica) -> float:
+    """The replica's count of MAIL stage decisions, from its own /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{replica.ports['ops']}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("rempart_policy_checks_total{") and 'stage="STAGE_MAIL"' in line)
+
+
+def test_r_ops_3_policy_replica_killed_mid_session_is_a_451_and_the_next_try_works(env: Env) -> None:
+    """Issue 11: one policy stream per SMTP session. Two policy replicas behind one edge (gRPC
+    round robin, as a headless Service gives); a session's stream lives on one of them. SIGKILL
+    that replica mid-session: the session's next stage is a 451 (fail closed, never a 250 that
+    nobody decided), the same stage tried again goes through the other replica, the message is
+    delivered, and new sessions work."""
+    stack = env.stack
+    policies = [start_ready(lambda name=name: start_policy_replica(stack, name)) for name in ("policy-a", "policy-b")]
+    edge: Replica | None = None
+    sessions: list[tuple[smtplib.SMTP, Replica, str]] = []
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{p.ports['grpc']}" for p in policies)
+        edge = start_ready(lambda: start_edge_replica(stack, "smtp-edge-two-policies", {
+            "REMPART_POLICY_TARGET": target, "REMPART_GRPC_TIMEOUT_SECONDS": "20"}))
+        # Open sessions until each replica carries at least one (each MAIL decision moves the
+        # counter of the replica that holds the session's stream).
+        for number in range(12):
+            before = [policy_mail_checks(p) for p in policies]
+            client = mx(stack, f"127.0.0.{60 + number}", edge.ports["smtp"])
+            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+            moved = [p for p, count in zip(policies, before, strict=True) if policy_mail_checks(p) > count]
+            assert len(moved) == 1, "exactly one replica decided the MAIL stage"
+            sessions.append((client, moved[0], f"127.0.0.{60 + number}"))
+            if {id(r) for _, r, _ in sessions} == {id(p) for p in policies}:
+                break
+        assert {id(r) for _, r, _ in sessions} == {id(p) for p in policies}, "round robin never used one replica"
+        victim, survivor = policies
+        # The victim's sessions start a stage that keeps it busy: a sender domain whose DNS
+        # answers nothing (the policy would wait its 5 s DNS timeout, the edge its 20 s gRPC
+        # deadline); the replica is killed while that stage is in flight.
+        on_victim = [client for client, replica, _ in sessions if replica is victim]
+        env.dns.set_mode("silent")
+        try:
+            for client in on_victim:
+                client.rset()
+                client.putcmd(f"MAIL FROM:<someone@silent-{uuid.uuid4().hex[:6]}.test>")
+            time.sleep(1.0)
+            victim.proc.kill()
+            victim.proc.wait(10)
+            # Not the DNS timeout's "451 4.4.3": the broken stream itself, for the stage in flight.
+            assert [reply(*client.getreply()) for client in on_victim] == [
+                "451 4.3.0 Temporary local problem - please try later"] * len(on_victim)
+        finally:
+            env.dns.set_mode("answer")
+        for client, replica, _ in sessions:
+            if replica is victim:  # the stage again: a new stream, on the other replica
+                assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+            assert rcpt_reply(client, env.demo["peer"]) == "250 2.1.5 Ok"
+        marker = subject()
+        for client, _, _ in sessions:
+            assert data_reply(client, message(marker, SENDER, env.demo["peer"])).startswith("250 2.0.0 Ok: queued as ")
+            quit_quietly(client)
+        sessions.clear()
+        client = mx(stack, "127.0.0.59", edge.ports["smtp"])  # a new session: the survivor only
+        try:
+            assert raw_command(client, f"MAIL FROM:<{SENDER}>") == "250 2.1.0 Ok"
+            assert rcpt_reply(client, env.demo["peer"]) == "250 2.1.5 Ok"
+            assert data_reply(client, message(marker, SENDER, env.demo["peer"])).startswith("250 2.0.0 Ok")
+        finally:
+            quit_quietly(client)
+        assert survivor.proc.poll() is None
+        wait_for_message(stack, env.demo["peer"], env.demo["peer_password"], marker)
+    finally:
+        for client, _, _ in sessions:
+            client.close()
+        if edge is not None:
+            edge.stop()
+        for policy in policies:
+            policy.stop()
 
 
 def test_r_ips_3_unknown_recipients_block_ip(env: Env) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,36 @@ def start_edge_replica(stack: Stack, instance: str, extra_env: dict[str, str] | 
         proc = subprocess.Popen([sys.executable, "-m", MODULES["smtp-edge"]], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     return Replica("smtp-edge", instance, ports, proc, log_path)
+
+
+def start_policy_replica(stack: Stack, instance: str) -> Replica:
+    """One more policy process on free ports, sharing the stack's Redis and NATS."""
+    ports = {"grpc": free_port(), "ops": free_port()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REMPART_")}
+    env |= stack.env_for("policy")
+    # Loopback only: a wildcard bind also collides with any client socket on that port number.
+    env |= {"REMPART_GRPC_HOST": "127.0.0.1", "REMPART_GRPC_PORT": str(ports["grpc"]),
+            "REMPART_OPS_PORT": str(ports["ops"]), "REMPART_INSTANCE": instance, "REMPART_LOG_FORMAT": "json"}
+    log_path = stack.workdir / f"{instance}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", MODULES["policy"]], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return Replica("policy", instance, ports, proc, log_path)
+
+
+def start_ready(start: Callable[[], Replica], attempts: int = 3) -> Replica:
+    """Start a replica and wait until it is ready; a replica that exits at once (its free port
+    was taken meanwhile by some other socket: free_port cannot reserve) is started again."""
+    for attempt in range(1, attempts + 1):
+        replica = start()
+        try:
+            wait_ready([replica])
+            return replica
+        except RuntimeError:
+            replica.stop()
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def wait_ready(replicas: list[Replica], timeout: float = 30.0) -> None:
