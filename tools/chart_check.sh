@@ -15,7 +15,7 @@
 #      "Durability"; nats-server -t parses the config when nats-server is installed), and that
 #      the one Dockerfile, with the build args tools/build_images.py takes from the values,
 #      runs the modules, user and ports the chart expects;
-#   5. optionally, checkov's Kubernetes and Dockerfile checks (CHART_CHECK_CHECKOV=1, see below).
+#   5. checkov's Kubernetes and Dockerfile checks, from its own venv under .tools/ (see below).
 # Run from anywhere, with the project venv active (kubernetes-validate installed in it);
 # helm is fetched into .tools/bin by tools/fetch_helm.py. Exits non-zero on any failure.
 # Environment: PYTHON (default: the active venv's python, else .venv/bin/python), KEEP_RENDERED=1
@@ -388,6 +388,77 @@ def check_observability(source: str, objects: list[dict]) -> None:
             problem(source, obj, f"nothing may reach the ops port {ops} (/metrics): networkPolicy.prometheus")
 
 
+def check_rbac(source: str, objects: list[dict]) -> set[str]:
+    """The admin API's cluster view (rbac.clusterView): a Role with get and list on pods and
+    nothing else, namespaced, bound to the admin API's own ServiceAccount, which no other pod uses.
+    Returns the ServiceAccounts bound to it (the only ones whose pods may mount a token)."""
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    if any(o["kind"] in {"ClusterRole", "ClusterRoleBinding"} for o in objects):
+        problems.append(f"{source}: a cluster-wide RBAC object: the chart needs only its namespace")
+    for name, role in roles.items():
+        for rule in role.get("rules") or []:
+            if (rule.get("apiGroups"), rule.get("resources"), sorted(rule.get("verbs") or [])) != (
+                    [""], ["pods"], ["get", "list"]):
+                problem(source, role, f"grants more than get/list on pods: {rule}")
+    viewers: set[str] = set()
+    for binding in (o for o in objects if o["kind"] == "RoleBinding"):
+        if binding["roleRef"].get("kind") != "Role" or binding["roleRef"]["name"] not in roles:
+            problem(source, binding, "binds no Role of the chart")
+            continue
+        viewers |= {s["name"] for s in binding.get("subjects") or [] if s.get("kind") == "ServiceAccount"}
+    accounts = {o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"}
+    for viewer in viewers - accounts:
+        problems.append(f"{source}: RoleBinding names ServiceAccount {viewer}, which the chart does not make")
+    for obj in objects:
+        if obj["kind"] in {"Deployment", "StatefulSet"}:
+            pod = obj["spec"]["template"]["spec"]
+            component = obj["metadata"]["labels"].get("app.kubernetes.io/component")
+            if pod.get("serviceAccountName") in viewers and component != "admin-api":
+                problem(source, obj, "runs as the admin API's cluster view account")
+    return viewers
+
+
+def check_helm_tests(source: str, objects: list[dict]) -> None:
+    """`helm test` (helmTests): a test-hook Pod that runs files/mail-roundtrip.py from a test-hook
+    ConfigMap (the same bytes, valid Python) with the suite's image, hardened like the services,
+    reaching the SMTPS and IMAPS Services and nothing but DNS besides."""
+    hooks = [o for o in objects if (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+    pods = [o for o in hooks if o["kind"] == "Pod"]
+    if not pods:
+        if any(o["kind"] == "Deployment" and o["metadata"]["labels"].get("app.kubernetes.io/component") == "smtp-edge"
+               for o in objects):
+            problems.append(f"{source}: no `helm test` Pod (helmTests)")
+        return
+    script = Path("deploy/helm/rempart/files/mail-roundtrip.py").read_text()
+    for pod in pods:
+        spec = pod["spec"]
+        if spec.get("restartPolicy") != "Never" or spec.get("automountServiceAccountToken") is not False:
+            problem(source, pod, "a test Pod must not restart nor mount a token")
+        container = spec["containers"][0]
+        check_container(source, pod, spec, {**container, "livenessProbe": {}, "readinessProbe": {}})
+        if not container["image"].split("@")[0].rsplit(":", 1)[0].endswith("/smtp-edge"):
+            problem(source, pod, f"does not run the suite's image: {container['image']}")
+        config_maps = [v["configMap"]["name"] for v in spec.get("volumes") or [] if "configMap" in v]
+        script_maps = [o for o in hooks if o["kind"] == "ConfigMap" and o["metadata"]["name"] in config_maps]
+        if not script_maps or script_maps[0]["data"].get("mail-roundtrip.py", "").strip() != script.strip():
+            problem(source, pod, "its ConfigMap (a test hook) does not hold files/mail-roundtrip.py")
+        try:
+            compile(script, "mail-roundtrip.py", "exec")
+        except SyntaxError as error:
+            problem(source, pod, f"files/mail-roundtrip.py: {error}")
+        env = {e["name"]: e for e in container.get("env") or []}
+        for var, port in (("ROUNDTRIP_SMTP", "smtps"), ("ROUNDTRIP_IMAP", "imaps")):
+            host, _, number = env.get(var, {}).get("value", "").rpartition(":")
+            service = next((o for o in objects if o["kind"] == "Service"
+                            and host.startswith(o["metadata"]["name"] + ".")), None)
+            if service is None or not any(p["name"] == port and str(p["port"]) == number
+                                          for p in service["spec"]["ports"]):
+                problem(source, pod, f"{var}={host}:{number} is no {port} port of a rendered Service")
+        policies = [o for o in hooks if o["kind"] == "NetworkPolicy"]
+        if any(o["kind"] == "NetworkPolicy" for o in objects) and not policies:
+            problem(source, pod, "no NetworkPolicy lets the test Pod reach the edges (deny-all drops it)")
+
+
 def find_promtool() -> str | None:
     return shutil.which("promtool")
 
@@ -440,6 +511,8 @@ for manifest in sys.argv[2:]:
         problems.append(f"{source}: no deny-all NetworkPolicy")
     check_ha(source, objects)
     check_observability(source, objects)
+    cluster_viewers = check_rbac(source, objects)
+    check_helm_tests(source, objects)
     for obj in objects:
         labels = obj["metadata"].get("labels") or {}
         for label in ("app.kubernetes.io/name", "app.kubernetes.io/instance",
@@ -448,8 +521,11 @@ for manifest in sys.argv[2:]:
                 problem(source, obj, f"label {label} missing")
         if obj["kind"] in {"Deployment", "StatefulSet"}:
             pod = obj["spec"]["template"]["spec"]
-            if pod.get("automountServiceAccountToken") is not False:
-                problem(source, obj, "automountServiceAccountToken is not false")
+            mounts_token = pod.get("automountServiceAccountToken") is not False
+            is_admin = obj["kind"] == "Deployment" and labels.get("app.kubernetes.io/component") == "admin-api"
+            if mounts_token and not (is_admin and pod.get("serviceAccountName") in cluster_viewers):
+                problem(source, obj, "automountServiceAccountToken is not false (only the admin API's cluster "
+                        "view account may mount its token)")
             if (pod.get("securityContext") or {}).get("runAsNonRoot") is not True:
                 problem(source, obj, "pod securityContext.runAsNonRoot is not true")
             if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
@@ -519,35 +595,38 @@ print(f"invariants hold in {len(sys.argv) - 2} rendered value sets and the Docke
 PY
 fi
 
-# checkov lives in its own venv under .tools (about 300 MB, its pins would fight the project's):
-# CHART_CHECK_CHECKOV=1 installs it there once; afterwards it runs whenever it is found.
+# checkov (security scan of the rendered manifests and the Dockerfile) lives in its own venv under
+# .tools/checkov: it pins about a hundred packages that would fight the project's. Made on first
+# use from PyPI (checkov==$CHECKOV_VERSION, by name; about 3 minutes once, then about 20 s a run).
+# Its skips, each with its reason, are in deploy/checkov.yaml (and checkov.io/skipN annotations
+# for a single object). CHART_CHECK_CHECKOV=0 leaves it out, visibly.
 CHECKOV_VERSION=3.3.30
-checkov_bin="$repo_root/.tools/checkov/bin/checkov"
-if [[ "${CHART_CHECK_CHECKOV:-0}" == 1 && ! -x "$checkov_bin" ]]; then
-  step "installing checkov==$CHECKOV_VERSION into .tools/checkov"
-  "$PYTHON" -m venv "$repo_root/.tools/checkov"
-  "$repo_root/.tools/checkov/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "checkov==$CHECKOV_VERSION" || fail "pip install checkov==$CHECKOV_VERSION"
-fi
-if [[ ! -x "$checkov_bin" ]] && command -v checkov >/dev/null 2>&1; then
-  checkov_bin="$(command -v checkov)"
-fi
-if [[ -x "$checkov_bin" ]]; then
-  step "checkov security scan (Kubernetes manifests, Dockerfiles)"
-  # --skip-download: no calls home. Skipped checks, on purpose:
-  #   CKV_K8S_11 CPU limits: throttling adds latency to every SMTP/gRPC call; requests are set.
-  #   CKV_K8S_14, CKV_K8S_43 pinned tag / digest: image.tag and image.digests are deploy-time
-  #     values (ci/gitops-values.yaml pins every image by digest).
-  #   CKV_K8S_15 pullPolicy Always: IfNotPresent is the default, Always a values choice.
-  #   CKV_K8S_35 secrets as files: the code reads REMPART_SECRET_KEY and the URLs from the env.
-  "$checkov_bin" --quiet --compact --skip-download --framework kubernetes \
-    --skip-check CKV_K8S_11,CKV_K8S_14,CKV_K8S_15,CKV_K8S_35,CKV_K8S_43 \
-    --directory "$rendered" || fail "checkov (kubernetes)"
-  # CKV_DOCKER_2 (HEALTHCHECK): Kubernetes ignores it; the chart probes the ops port.
-  "$checkov_bin" --quiet --compact --skip-download --framework dockerfile --skip-check CKV_DOCKER_2 \
-    --file Dockerfile || fail "checkov (dockerfile)"
+checkov_venv="$repo_root/.tools/checkov"
+checkov_bin="$checkov_venv/bin/checkov"
+if [[ "${CHART_CHECK_CHECKOV:-1}" == 0 ]]; then
+  step "checkov: SKIPPED (CHART_CHECK_CHECKOV=0)"
 else
-  step "checkov not installed: security scan skipped (CHART_CHECK_CHECKOV=1 installs it)"
+  if [[ ! -x "$checkov_bin" ]] || ! "$checkov_bin" --version 2>/dev/null | grep -qx "$CHECKOV_VERSION"; then
+    step "installing checkov==$CHECKOV_VERSION into .tools/checkov (first use)"
+    rm -rf "$checkov_venv"
+    if "$PYTHON" -m venv "$checkov_venv" && "$checkov_venv/bin/python" -m pip install --quiet \
+        --disable-pip-version-check "checkov==$CHECKOV_VERSION"; then
+      echo "checkov $("$checkov_bin" --version) installed"
+    else
+      fail "could not install checkov==$CHECKOV_VERSION into .tools/checkov"
+      rm -rf "$checkov_venv"
+    fi
+  fi
+  if [[ -x "$checkov_bin" ]]; then
+    step "checkov $CHECKOV_VERSION (Kubernetes: ${#manifests[@]} rendered value sets; Dockerfile)"
+    # Only the manifests: the directory also holds rules and configs extracted for promtool and nats-server.
+    if [[ ${#manifests[@]} -gt 0 ]]; then
+      "$checkov_bin" --config-file deploy/checkov.yaml --framework kubernetes --file "${manifests[@]}" \
+        || fail "checkov (kubernetes): fix the chart, or skip with a reason in deploy/checkov.yaml"
+    fi
+    "$checkov_bin" --config-file deploy/checkov.yaml --framework dockerfile --file Dockerfile \
+      || fail "checkov (dockerfile)"
+  fi
 fi
 
 printf '\n%s chart check in %ss: ' "$CHART" "$((SECONDS - started))"

@@ -14,6 +14,10 @@ metadata:
   namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "rempart.labels" $part | nindent 4 }}
+  {{- if and (eq .name "admin-api") $root.Values.rbac.clusterView }}
+  annotations:
+    checkov.io/skip1: "CKV_K8S_38=the admin API's GET /v1/cluster lists this namespace's pods with its token (Role: get and list on pods only); every other pod mounts none"
+  {{- end }}
 spec:
   {{- if not $c.autoscaling.enabled }}
   replicas: {{ $c.replicas }}
@@ -47,8 +51,7 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
     spec:
-      serviceAccountName: {{ include "rempart.serviceAccountName" $root }}
-      automountServiceAccountToken: false
+      {{- include "rempart.podIdentity" (list $root .name) | nindent 6 }}
       enableServiceLinks: false
       {{- with $c.priorityClassName }}
       priorityClassName: {{ . }}
@@ -436,6 +439,16 @@ spec:
     - ports:
         - port: {{ include "rempart.urlPort" (list . (ternary "443" "4317" (eq $scheme "https"))) }}
           protocol: TCP
+    {{- end }}
+    {{- if and (eq .name "admin-api") $values.rbac.clusterView }}
+    # The Kubernetes API (GET /v1/cluster): rbac.apiServerTo, rbac.apiServerPorts.
+    - to:
+        {{- toYaml $values.rbac.apiServerTo | nindent 8 }}
+      ports:
+        {{- range $values.rbac.apiServerPorts }}
+        - port: {{ . }}
+          protocol: TCP
+        {{- end }}
     {{- end }}
     {{- with (concat ($c.extraEgress | default list) ($values.networkPolicy.extraEgress | default list)) }}
     {{- toYaml . | nindent 4 }}

@@ -71,6 +71,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* The admin API's own ServiceAccount (rbac.clusterView): the only one with a token mounted. */}}
+{{- define "rempart.adminServiceAccountName" -}}
+{{- printf "%s-admin-api" (include "rempart.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* ServiceAccount and token mount of a component's pods: rempart.podIdentity (list $ name) */}}
+{{- define "rempart.podIdentity" -}}
+{{- $root := index . 0 }}
+{{- if and (eq (index . 1) "admin-api") $root.Values.rbac.clusterView }}
+serviceAccountName: {{ include "rempart.adminServiceAccountName" $root }}
+# GET /v1/cluster lists this namespace's pods (Role rempart-cluster-view: get, list).
+automountServiceAccountToken: true
+{{- else }}
+serviceAccountName: {{ include "rempart.serviceAccountName" $root }}
+automountServiceAccountToken: false
+{{- end }}
+{{- end }}
+
 {{/* The component's values with .Values.defaults under them, as YAML: rempart.component (list $ name) */}}
 {{- define "rempart.component" -}}
 {{- $root := index . 0 }}
