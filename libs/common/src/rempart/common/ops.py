@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import REGISTRY
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,15 @@ def nats_check(nc: NATS) -> ReadinessCheck:
             raise ConnectionError("NATS not connected")
 
     return check
+
+
+def _header(head: bytes, name: bytes) -> str:
+    """A request header's value ("" when absent), from the raw request head."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return ""
 
 
 class OpsServer:
@@ -96,7 +106,10 @@ class OpsServer:
                 body = "".join(f"{k}: {v}\n" for k, v in results.items()).encode()
                 await self._reply(writer, 200 if ready else 503, body, "text/plain")
             elif path == "/metrics":
-                await self._reply(writer, 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+                # OpenMetrics when the scraper asks for it (Prometheus does): the only format
+                # that carries exemplars (rempart.common.metrics); else the text format 0.0.4.
+                encoder, content_type = choose_encoder(_header(head, b"accept"))
+                await self._reply(writer, 200, encoder(REGISTRY), content_type)
             else:
                 await self._reply(writer, 404, b"not found\n", "text/plain")
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,

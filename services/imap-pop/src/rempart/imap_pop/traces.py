@@ -1,6 +1,7 @@
 """A trace per IMAP or POP3 command (DESIGN.md "Contracts"): a SERVER span named after the
 command, with its result (IMAP OK/NO/BAD, POP3 OK/ERR), the client's address and the session
-id; the auth and policy calls the command makes are its children (gRPC metadata).
+id; the auth and policy calls the command makes are its children (gRPC metadata). Its latency goes
+to rempart_imap_command_seconds, with the trace id as exemplar when traced.
 
 Never in a span: a command's arguments (LOGIN's and PASS's password, AUTHENTICATE's SASL
 data, a search's text), nor a name the client made up (an unknown command is ``UNKNOWN``).
@@ -12,7 +13,8 @@ from collections.abc import Awaitable, Callable
 
 from opentelemetry.trace import SpanKind
 
-from rempart.common import tracing
+from rempart.common import metrics, tracing
+from rempart.common.metrics import IMAP_COMMAND_SECONDS
 from rempart.imap_pop.imapproto import Command
 from rempart.imap_pop.session import Session
 
@@ -41,18 +43,22 @@ def _attributes(session: Session, command: str) -> dict[str, str | int]:
 async def imap_command(session: Session, command: Command, execute: Callable[[Command], Awaitable[None]]) -> None:
     """Run ``execute(command)`` in the command's span; its result is read from the tagged line
     the command writes."""
-    if not tracing.enabled():
-        await execute(command)
-        return
     name = command.name if command.name in IMAP_COMMANDS else "UNKNOWN"
     if command.uid:
         name = "UID " + name
+    latency = IMAP_COMMAND_SECONDS.labels(name)
+    if not tracing.enabled():
+        with metrics.timed(latency):
+            await execute(command)
+        return
     tag = command.tag.encode("ascii", "replace") + b" "
     with tracing.span(f"IMAP {name}", kind=SpanKind.SERVER, parent=tracing.NEW_TRACE,
                       attributes=_attributes(session, name)) as span:
         session.stream.watch((tag + b"OK", tag + b"NO", tag + b"BAD"))
         try:
-            await execute(command)
+            # Inside the command's span: the observation's exemplar is this trace.
+            with metrics.timed(latency):
+                await execute(command)
         finally:
             line = session.stream.end_watch()
             if line:

@@ -20,8 +20,9 @@ from aiosmtpd.smtp import SMTP
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind
 
-from rempart.common import tracing
+from rempart.common import metrics, tracing
 from rempart.common.clients import PolicySession
+from rempart.common.metrics import SMTP_STAGE_SECONDS
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.smtp_edge import replies
 
@@ -235,8 +236,10 @@ class EdgeSMTP(SMTP):
     async def traced(self, stage: str, step: Callable[[T], Awaitable[None]], arg: T) -> None:
         """Run one stage of the session (its command and reply) in a span of the session's
         trace; without tracing, just run it."""
+        latency = SMTP_STAGE_SECONDS.labels(stage)
         if self._trace is None:
-            await step(arg)
+            with metrics.timed(latency):
+                await step(arg)
             return
         with tracing.span(f"SMTP {stage}", parent=self._trace_context, attributes={
             "rempart.smtp.stage": stage, "client.address": self.state.client_ip,
@@ -244,7 +247,9 @@ class EdgeSMTP(SMTP):
         }) as span:
             self._stage_span = span
             try:
-                await step(arg)
+                # Inside the stage's span: the observation's exemplar is this trace.
+                with metrics.timed(latency):
+                    await step(arg)
             finally:
                 self._stage_span = None
 
