@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=[b.removesuffix(".py") for b in BENCHMARKS],
                         help="run only this benchmark (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="bound per benchmark, seconds")
+    parser.add_argument("--profile", action="store_true",
+                        help="benchmarks that can (smtp, relay) also write py-spy profiles and flame graphs")
     args = parser.parse_args(argv)
 
     outcomes: list[Outcome] = []
@@ -96,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra = ["--quick"]
             else:
                 print(f"\n=== {name}: has no --quick option; running it at its own sizes", flush=True)
+        if args.profile and "--profile" in script.read_text(errors="replace"):
+            extra.append("--profile")
         outcomes.append(run_benchmark(script, extra, args.timeout))
 
     print("\n=== Summary" + (" (--quick)" if args.quick else ""))

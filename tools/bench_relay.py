@@ -530,8 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure Rempart with DKIM keys (RSA-2048; 'both' adds Ed25519)")
     parser.add_argument("--only", choices=("rempart", "postfix"), help="run one side only")
     parser.add_argument("--timeout", type=float, default=1200.0, help="bound on each load, seconds")
-    parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
-                        help="py-spy the relay for SECONDS during the Rempart run")
+    parser.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="SECONDS",
+                        help="py-spy the relay for SECONDS (default 20) during the Rempart run; flame graphs too")
     parser.add_argument("--profile-edge", action="store_true", help="with --profile, the smtp-edge too")
     parser.add_argument("--profile-top", type=int, default=15, help="functions listed per profile")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")

@@ -13,8 +13,16 @@ sessions (``-d``: each session carries its share of the messages, as the issue a
   virtual mailbox under the same directory (counted too).
 
 It prints messages/second for both, the ratio Rempart/Postfix and the edge's peak memory
-(VmHWM). ``--profile`` also samples the edge and the policy service with py-spy during the
-Rempart run and prints their hottest functions. Needs root for Postfix (apt-get, postfix start).
+(VmHWM), at one recipient per message and at five (``--recipients 1,5``: smtp-source ``-r``,
+whose extra recipients are ``2peer@``, ``3peer@`` ...: each side has those mailboxes).
+``--replicas 1,2`` then runs Rempart again with two smtp-edge and two policy replicas behind
+haproxy (``send-proxy-v2``; the edges reach the policies by gRPC round robin, as a headless
+Service gives) and prints the ratio to one replica: on 2 cores it cannot double, it shows the
+cost of the extra hop; ``--cores N`` pins every server process to N cores (and smtp-source to
+the others, when there are more), so that a larger machine prints the scaling from 1 to 4
+replicas (``--replicas 1,2,3,4 --cores 4``). ``--profile`` also samples the edge and the policy
+service with py-spy during the Rempart run, prints their hottest functions and writes a flame
+graph of each (SVG). Needs root for Postfix (apt-get, postfix start).
 """
 
 from __future__ import annotations
@@ -34,10 +42,20 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from xml.sax.saxutils import escape
 
-from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
+from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
 from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.testing.replicas import (
+    Haproxy,
+    Replica,
+    start_edge_replica,
+    start_haproxy,
+    start_policy_replica,
+    start_ready,
+)
 
 SENDER = "sender@remote.test"
 DOMAIN = "example.test"
@@ -70,13 +88,19 @@ class LoadResult:
     seconds: float
     exit_code: int
     output_tail: str = ""
-    stored: int = -1  # messages found in the mailbox afterwards
+    stored: int = -1  # deliveries found in the mailboxes afterwards (messages x recipients)
     extra: dict[str, object] = field(default_factory=dict)
+    recipients: int = 1
+    replicas: int = 1
+
+    @property
+    def label(self) -> str:
+        return self.target if self.replicas == 1 else f"{self.target} x{self.replicas}"
 
     @property
     def accepted(self) -> int:
         # smtp-source stops at the first refusal: then only what reached the mailbox counts.
-        return self.messages if self.exit_code == 0 else max(self.stored, 0)
+        return self.messages if self.exit_code == 0 else max(self.stored, 0) // self.recipients
 
     @property
     def rate(self) -> float:
@@ -84,7 +108,7 @@ class LoadResult:
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.stored == self.messages
+        return self.exit_code == 0 and self.stored == self.messages * self.recipients
 
 
 def log(message: str) -> None:
@@ -112,21 +136,29 @@ def ensure_postfix() -> None:
         raise SystemExit("apt-get installed postfix but smtp-source/postfix are not on PATH")
 
 
+def recipient_addresses(first: str, count: int) -> list[str]:
+    """smtp-source's recipients for ``-r count`` and ``-t first``: first, then 2first ... Nfirst."""
+    return [first] + [f"{number}{first}" for number in range(2, count + 1)]
+
+
 def smtp_source_command(port: int, messages: int, sessions: int, size: int, recipient: str,
-                        per_message_connection: bool) -> list[str]:
+                        per_message_connection: bool, recipients: int = 1) -> list[str]:
     # -s sessions in parallel, -m messages in total, -l payload bytes (headers not counted),
-    # -d keep the session for the next message, -f/-t envelope, -M our HELO name.
+    # -d keep the session for the next message, -f/-t envelope, -r recipients per message,
+    # -M our HELO name.
     command = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-               "-f", SENDER, "-t", recipient, "-M", "bench.localhost"]
+               "-f", SENDER, "-t", recipient, "-r", str(recipients), "-M", "bench.localhost"]
     if not per_message_connection:
         command.append("-d")
     return [*command, f"127.0.0.1:{port}"]
 
 
 def run_load(target: str, port: int, args: argparse.Namespace, recipient: str,
-             during: Callable[[], None] | None = None) -> LoadResult:
+             during: Callable[[], None] | None = None, recipients: int = 1) -> LoadResult:
     command = smtp_source_command(port, args.messages, args.sessions, args.size, recipient,
-                                  args.connection_per_message)
+                                  args.connection_per_message, recipients)
+    if args.cores:
+        command = ["taskset", "-c", cpu_list(load_cores(args.cores)), *command]
     log(f"{target}: {' '.join(command)}")
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -143,7 +175,31 @@ def run_load(target: str, port: int, args: argparse.Namespace, recipient: str,
     if proc.returncode != 0:
         log(f"{target}: smtp-source exited with {proc.returncode}:\n{tail}")
     return LoadResult(target, args.messages, args.sessions, args.size, args.connection_per_message, seconds,
-                      proc.returncode, tail)
+                      proc.returncode, tail, recipients=recipients)
+
+
+# ---------------------------------------------------------------------------------------------
+# --cores: the server processes on the first N cores, the load generator on the others
+# ---------------------------------------------------------------------------------------------
+def cpu_list(cores: list[int]) -> str:
+    return ",".join(str(core) for core in cores)
+
+
+def server_cores(count: int) -> list[int]:
+    return sorted(os.sched_getaffinity(0))[:count]
+
+
+def load_cores(count: int) -> list[int]:
+    """smtp-source's cores: those the servers do not have, or the same ones on a small machine."""
+    return sorted(os.sched_getaffinity(0))[count:] or server_cores(count)
+
+
+def pin(pids: list[int], count: int) -> None:
+    """Every thread of each process (``taskset -a``) onto the servers' cores; the threads and
+    children they start later inherit it."""
+    for pid in pids:
+        subprocess.run(["taskset", "-a", "-cp", cpu_list(server_cores(count)), str(pid)],
+                       check=True, capture_output=True, timeout=30)
 
 
 def wait_for_count(what: str, count: Callable[[], int], expected: int, timeout: float) -> int:
@@ -195,17 +251,22 @@ def reaped_children_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def process_tree_cpu_seconds(root: int) -> float:
-    """A daemon and its children, living or exited (Postfix's master runs short-lived daemons)."""
-    total = cpu_seconds(root) + reaped_children_cpu_seconds(root)
+def process_tree(root: int) -> list[int]:
+    """``root`` and its children (Postfix's master and the daemons it runs now)."""
+    children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
         if len(fields) > 1 and fields[1] == str(root):
-            total += cpu_seconds(int(stat.parent.name))
-    return total
+            children.append(int(stat.parent.name))
+    return [root, *children]
+
+
+def process_tree_cpu_seconds(root: int) -> float:
+    """A daemon and its children, living or exited (Postfix's master runs short-lived daemons)."""
+    return reaped_children_cpu_seconds(root) + sum(cpu_seconds(pid) for pid in process_tree(root))
 
 
 def own_children_cpu_seconds() -> float:
@@ -317,7 +378,10 @@ def report_profiles(running: list[tuple[str, Path, subprocess.Popen[bytes]]], to
             log(f"py-spy on {name} wrote nothing: {err.decode(errors='replace').strip()[-400:]}")
             continue
         total, by_self, by_inclusive, areas = hot_functions(out, top)
-        print(f"\nProfile of {name}: {total} samples (py-spy, 100 Hz, idle excluded); raw stacks: {out}")
+        svg = out.with_suffix(".svg")
+        svg.write_text(flame_graph_svg(out, f"{name}: {total} samples (py-spy, 100 Hz, idle excluded)"))
+        print(f"\nProfile of {name}: {total} samples (py-spy, 100 Hz, idle excluded); raw stacks: {out}; "
+              f"flame graph: {svg}")
         print("  self %   function (leaf frame)")
         for frame, count in by_self:
             print(f"  {100 * count / max(total, 1):6.1f}   {frame}")
@@ -330,10 +394,62 @@ def report_profiles(running: list[tuple[str, Path, subprocess.Popen[bytes]]], to
     return found
 
 
+FLAME_WIDTH = 1200.0
+FLAME_ROW = 16
+FLAME_MIN_WIDTH = 0.3  # pixels: narrower frames are left out (they would be invisible anyway)
+
+
+@dataclass
+class FlameNode:
+    name: str
+    value: int = 0
+    children: dict[str, FlameNode] = field(default_factory=dict)
+
+
+def flame_graph_svg(collapsed: Path, title: str) -> str:
+    """A flame graph (root at the bottom, callees above, width = samples) of py-spy's collapsed
+    stacks, as a standalone SVG: each frame's name, samples and share in its tooltip."""
+    root = FlameNode("all")
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        node = root
+        node.value += int(count_text)
+        for frame in (f for f in stack.split(";") if f):
+            node = node.children.setdefault(frame, FlameNode(short_frame(frame)))
+            node.value += int(count_text)
+    scale = FLAME_WIDTH / max(root.value, 1)
+    boxes: list[tuple[FlameNode, float, int]] = []  # node, x, depth
+    pending = [(root, 0.0, 0)]
+    while pending:
+        node, x, depth = pending.pop()
+        if node.value * scale < FLAME_MIN_WIDTH:
+            continue
+        boxes.append((node, x, depth))
+        for child in sorted(node.children.values(), key=lambda c: c.name):
+            pending.append((child, x, depth + 1))
+            x += child.value * scale
+    height = (max(depth for _, _, depth in boxes) + 1) * FLAME_ROW + 40 if boxes else 40
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{FLAME_WIDTH:.0f}" height="{height}" '
+             f'font-family="monospace" font-size="11">', f'<text x="4" y="16" font-size="13">{escape(title)}</text>']
+    for node, x, depth in boxes:
+        width = node.value * scale
+        y = height - (depth + 1) * FLAME_ROW - 10
+        hue = 20 + sum(node.name.encode()) * 7 % 40  # warm colours, stable per function
+        fits = int(width / 7) - 1  # characters of 7 px that fit
+        label = node.name if len(node.name) <= fits else (node.name[:fits - 2] + ".." if fits > 3 else "")
+        parts.append(f'<g><title>{escape(f"{node.name}: {node.value} samples, {100 * node.value / root.value:.1f}%")}'
+                     f'</title><rect x="{x:.1f}" y="{y}" width="{width:.1f}" height="{FLAME_ROW - 1}" '
+                     f'fill="hsl({hue},85%,60%)"/><text x="{x + 3:.1f}" y="{y + FLAME_ROW - 4}">{escape(label)}'
+                     "</text></g>")
+    return "\n".join([*parts, "</svg>"]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # Rempart
 # ---------------------------------------------------------------------------------------------
-def mailbox_count(redis_url: str, mailbox: str) -> Callable[[], int]:
+def mailbox_count(redis_url: str, mailboxes: list[str]) -> Callable[[], int]:
     import redis
 
     from rempart.common import keys
@@ -341,60 +457,146 @@ def mailbox_count(redis_url: str, mailbox: str) -> Callable[[], int]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
 
     def count() -> int:
-        return int(client.zcard(keys.mailbox_uids(mailbox, INBOX)))
+        return sum(int(client.zcard(keys.mailbox_uids(mailbox, INBOX))) for mailbox in mailboxes)
 
     return count
 
 
-def bench_rempart(args: argparse.Namespace, workdir: Path) -> LoadResult:
-    stack = Stack(workdir=workdir / "rempart")
+def haproxy_config(edges: list[Replica], port: int) -> str:
+    """TCP round robin over the edges' MX listeners with PROXY v2, as in front of the chart."""
+    servers = "\n".join(f"    server {e.instance} 127.0.0.1:{e.ports['smtp']} send-proxy-v2" for e in edges)
+    return f"""global
+    nbthread 1
+    maxconn 2000
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+
+frontend mx
+    bind 127.0.0.1:{port}
+    default_backend edges
+
+backend edges
+    balance roundrobin
+{servers}
+"""
+
+
+@dataclass
+class Replicated:
+    """``--replicas N``: N smtp-edge and N policy processes (the stack's policy and N-1 more),
+    haproxy in front of the edges. The stack's own edge is stopped."""
+
+    edges: list[Replica]
+    policies: list[Replica]
+    haproxy: Haproxy
+    port: int
+
+    def stop(self) -> None:
+        self.haproxy.stop()
+        for replica in self.edges + self.policies:
+            replica.stop()
+
+
+def start_replicas(stack: Stack, count: int) -> Replicated:
+    edges: list[Replica] = []
+    policies: list[Replica] = []
+    try:
+        for n in range(1, count):
+            policies.append(start_ready(partial(start_policy_replica, stack, f"policy-{n}")))
+        target = "ipv4:" + ",".join([f"127.0.0.1:{stack.ports['policy.grpc']}",
+                                     *(f"127.0.0.1:{p.ports['grpc']}" for p in policies)])
+        stack.stop_service("smtp-edge")
+        env = {"REMPART_POLICY_TARGET": target, "REMPART_PROXY_PROTOCOL_CIDRS": "127.0.0.1/32",
+               "REMPART_LOG_FORMAT": "text"}
+        for n in range(count):
+            edges.append(start_ready(partial(start_edge_replica, stack, f"smtp-edge-{n}", env)))
+        port = free_port()
+        haproxy = start_haproxy(stack.workdir / "haproxy", haproxy_config(edges, port), [port])
+        return Replicated(edges, policies, haproxy, port)
+    except BaseException:
+        for replica in edges + policies:
+            replica.stop()
+        raise
+
+
+def bench_rempart(args: argparse.Namespace, workdir: Path, recipients: int = 1, replicas: int = 1,
+                  profile: bool = False) -> LoadResult:
+    stack = Stack(workdir=workdir / f"rempart-r{recipients}-x{replicas}")
+    replicated: Replicated | None = None
     try:
         log(f"starting the Rempart suite (logs in {stack.workdir})")
         stack.start()
         demo = bootstrap_demo(stack, DOMAIN)
         api = AdminApi(f"http://127.0.0.1:{stack.ports['admin-api.http']}")
         api.login(stack.admin_email, stack.admin_password)
+        mailboxes = recipient_addresses(demo["peer"], recipients)
+        for address in mailboxes[1:]:
+            api.create_account(DOMAIN, address, strong_password())
         # 127.0.0.1 is a trusted host (never counted), but say so explicitly: intrusion
         # prevention must not be what limits the benchmark.
         status, body = api.call("PATCH", "/v1/settings", {"ips": {"whitelist": ["127.0.0.1/32", "::1/128"]}})
         if status != 200:
             raise RuntimeError(f"PATCH /v1/settings failed: {status} {body}")
         time.sleep(1.0)  # config.changed reaches every service well within this
-        count = mailbox_count(stack.redis.url if stack.redis else "", demo["peer"])
+        count = mailbox_count(stack.redis.url if stack.redis else "", mailboxes)
         before = count()
-        edge_pid, policy_pid = stack.procs["smtp-edge"].pid, stack.procs["policy"].pid
-        pids = {name: stack.procs[name].pid for name in ("smtp-edge", "policy", "imap-pop")}
-        rss_before = {name: proc_status_kib(pid, "VmRSS") for name, pid in pids.items()}
+        port = stack.ports["smtp-edge.smtp"]
+        edges = {"smtp-edge": stack.procs["smtp-edge"].pid}
+        policies = {"policy": stack.procs["policy"].pid}
+        processes = {name: proc.pid for name, proc in stack.procs.items()}
+        if replicas > 1:
+            replicated = start_replicas(stack, replicas)
+            port = replicated.port
+            edges = {e.instance: e.proc.pid for e in replicated.edges}
+            policies |= {p.instance: p.proc.pid for p in replicated.policies}
+            processes = {name: pid for name, pid in processes.items() if name != "smtp-edge"}
+            processes |= edges | policies | {"haproxy": replicated.haproxy.proc.pid}
+        if stack.redis is not None and stack.nats is not None:
+            processes |= {"redis": stack.redis.proc.pid, "nats": stack.nats.proc.pid}
+        if args.cores:
+            pin(list(processes.values()), args.cores)
+        watched = edges | policies | {"imap-pop": stack.procs["imap-pop"].pid}
+        rss_before = {name: proc_status_kib(pid, "VmRSS") for name, pid in watched.items()}
         profiles: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
 
         def start_profiling() -> None:
-            if args.profile:
+            if profile:
                 time.sleep(min(2.0, args.profile))  # skip the connection ramp-up
-                profiles.extend(start_profiles({"smtp-edge": edge_pid, "policy": policy_pid},
-                                               args.profile, workdir, args.profile_native))
+                args.profile_dir.mkdir(parents=True, exist_ok=True)
+                profiles.extend(start_profiles({"smtp-edge": edges["smtp-edge"], "policy": policies["policy"]},
+                                               args.profile, args.profile_dir, args.profile_native))
 
-        processes = {name: proc.pid for name, proc in stack.procs.items()}
-        if stack.redis is not None and stack.nats is not None:
-            processes |= {"redis": stack.redis.proc.pid, "nats": stack.nats.proc.pid}
         meter = CpuMeter({name: process_cpu(pid) for name, pid in processes.items()})
-        result = run_load("rempart", stack.ports["smtp-edge.smtp"], args, demo["peer"], start_profiling)
+        result = run_load("rempart", port, args, demo["peer"], start_profiling, recipients)
+        result.replicas = replicas
         cpu = meter.used()  # before waiting for the indexer: the load's own cost
-        result.stored = wait_for_count("rempart mailbox", lambda: count() - before, args.messages, args.timeout)
-        peaks = {name: proc_status_kib(pid, "VmHWM") for name, pid in pids.items()}
+        expected = args.messages * recipients
+        result.stored = wait_for_count("rempart mailboxes", lambda: count() - before, expected, args.timeout)
+        peaks = {name: proc_status_kib(pid, "VmHWM") for name, pid in watched.items()}
         result.extra = {
-            "edge_peak_rss_mib": round(peaks["smtp-edge"] / 1024, 1),
-            "edge_rss_before_mib": round(rss_before["smtp-edge"] / 1024, 1),
-            "policy_peak_rss_mib": round(peaks["policy"] / 1024, 1),
+            "edge_peak_rss_mib": round(max(peaks[name] for name in edges) / 1024, 1),
+            "edge_rss_before_mib": round(max(rss_before[name] for name in edges) / 1024, 1),
+            "policy_peak_rss_mib": round(max(peaks[name] for name in policies) / 1024, 1),
             "imap_pop_peak_rss_mib": round(peaks["imap-pop"] / 1024, 1),
             "cpu_seconds": cpu,
         }
         if profiles:
             result.extra["profile"] = report_profiles(profiles, args.profile_top)
-        for name in ("smtp-edge", "policy", "imap-pop"):
+        for name in ("policy", "imap-pop") if replicated else ("smtp-edge", "policy", "imap-pop"):
             if stack.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} died during the benchmark:\n{stack.log_tail(name)}")
+        if replicated is not None:
+            for replica in replicated.edges + replicated.policies:
+                if replica.proc.poll() is not None:
+                    raise RuntimeError(f"{replica.instance} died during the benchmark:\n{replica.log_tail()}")
         return result
     finally:
+        if replicated is not None:
+            replicated.stop()
         stack.stop()
 
 
@@ -533,8 +735,8 @@ def maildir_count(directory: Path) -> Callable[[], int]:
     return count
 
 
-def bench_postfix(args: argparse.Namespace, workdir: Path) -> LoadResult:
-    base = workdir / "postfix"
+def bench_postfix(args: argparse.Namespace, workdir: Path, recipients: int = 1) -> LoadResult:
+    base = workdir / f"postfix-r{recipients}"
     etc, mail = base / "etc", base / "mail"
     for directory in (base, etc, base / "queue", base / "data", mail):
         directory.mkdir(parents=True, exist_ok=True)
@@ -550,7 +752,8 @@ def bench_postfix(args: argparse.Namespace, workdir: Path) -> LoadResult:
     smtp_port = free_port()
     (etc / "main.cf").write_text(postfix_main_cf(base, policy.port))
     (etc / "master.cf").write_text(postfix_master_cf(smtp_port))
-    (etc / "vmailbox").write_text(f"peer@{DOMAIN} {DOMAIN}/peer/\n")
+    mailboxes = recipient_addresses(f"peer@{DOMAIN}", recipients)
+    (etc / "vmailbox").write_text("".join(f"{a} {DOMAIN}/{a.split('@')[0]}/\n" for a in mailboxes))
     postfix = ["postfix", "-c", str(etc)]
     started = False
     try:
@@ -566,12 +769,15 @@ def bench_postfix(args: argparse.Namespace, workdir: Path) -> LoadResult:
         wait_for_port("127.0.0.1", smtp_port, timeout=30)
         log(f"private Postfix up (config {etc}, smtpd on {smtp_port}, policy server on {policy.port})")
         master = int((base / "queue" / "pid" / "master.pid").read_text().split()[0])
+        if args.cores:
+            pin(process_tree(master), args.cores)  # the daemons it starts later inherit it
         meter = CpuMeter({"postfix (master and its daemons)": lambda: process_tree_cpu_seconds(master),
                           "policy delegation server (this process)": process_cpu(os.getpid())})
-        result = run_load("postfix", smtp_port, args, f"peer@{DOMAIN}")
+        result = run_load("postfix", smtp_port, args, f"peer@{DOMAIN}", recipients=recipients)
         cpu = meter.used()
-        result.stored = wait_for_count("postfix maildir", maildir_count(mail / DOMAIN / "peer"),
-                                       args.messages, args.timeout)
+        counts = [maildir_count(mail / DOMAIN / a.split("@")[0]) for a in mailboxes]
+        result.stored = wait_for_count("postfix maildirs", lambda: sum(c() for c in counts),
+                                       args.messages * recipients, args.timeout)
         result.extra = {"policy_requests": policy.requests, "cpu_seconds": cpu}
         return result
     finally:
@@ -581,42 +787,63 @@ def bench_postfix(args: argparse.Namespace, workdir: Path) -> LoadResult:
 
 
 # ---------------------------------------------------------------------------------------------
-def print_table(results: list[LoadResult]) -> None:
+def print_table(results: list[LoadResult], replica_note: str = "") -> None:
     print()
-    mode = "a new connection per message" if results[0].per_message_connection else "each session kept (-d)"
+    first = results[0]
+    mode = "a new connection per message" if first.per_message_connection else "each session kept (-d)"
     cores = os.cpu_count() or 1
-    print(f"SMTP benchmark: smtp-source, {results[0].messages} messages of {results[0].size} bytes over "
-          f"{results[0].sessions} parallel sessions, {mode}; {cores} cores = {1000 * cores} CPU ms/s")
-    print("CPU ms/msg: every server-side process (not smtp-source, not unrelated load)")
-    print(f"{'target':<10} {'seconds':>9} {'accepted':>9} {'msg/s':>9} {'stored':>9} {'CPU ms/msg':>11}  checks")
+    print(f"SMTP benchmark: smtp-source, {first.messages} messages of {first.size} bytes over "
+          f"{first.sessions} parallel sessions, {mode}; {cores} cores = {1000 * cores} CPU ms/s")
+    print("CPU ms/msg: every server-side process (not smtp-source, not unrelated load); "
+          "stored: deliveries counted in the mailboxes (messages x recipients)")
+    print(f"{'target':<12} {'rcpt':>4} {'seconds':>9} {'accepted':>9} {'msg/s':>9} {'stored':>9} {'CPU ms/msg':>11}"
+          "  checks")
     for r in results:
+        expected = r.messages * r.recipients
         if r.exit_code != 0:
             check = "not checkable (smtp-source stopped early; 'accepted' is what was stored)"
         else:
-            check = "ok" if r.stored == r.messages else f"MISMATCH: {r.messages - r.stored} accepted but not stored"
+            check = "ok" if r.stored == expected else f"MISMATCH: {expected - r.stored} accepted but not stored"
         cpu = r.extra.get("cpu_seconds")
         server = sum(float(v) for k, v in cpu.items() if k not in NOT_SERVER) if isinstance(cpu, dict) else 0.0
         per_message = 1000 * server / max(r.accepted, 1)
-        print(f"{r.target:<10} {r.seconds:>9.1f} {r.accepted:>9} {r.rate:>9.1f} {r.stored:>9} {per_message:>11.2f}"
-              f"  smtp-source exit {r.exit_code}, count {check}")
+        print(f"{r.label:<12} {r.recipients:>4} {r.seconds:>9.1f} {r.accepted:>9} {r.rate:>9.1f} {r.stored:>9} "
+              f"{per_message:>11.2f}  smtp-source exit {r.exit_code}, count {check}")
         if r.exit_code != 0:
-            print(f"{'':<10} smtp-source: {r.output_tail.splitlines()[-1] if r.output_tail else '?'}")
-    by_name = {r.target: r for r in results}
-    if "rempart" in by_name and "postfix" in by_name and by_name["postfix"].rate > 0:
-        print(f"ratio rempart/postfix: {by_name['rempart'].rate / by_name['postfix'].rate:.3f}")
-    if "rempart" in by_name:
-        extra = by_name["rempart"].extra
-        print(f"smtp-edge peak RSS (VmHWM): {extra.get('edge_peak_rss_mib')} MiB "
-              f"(before the load: {extra.get('edge_rss_before_mib')} MiB); "
-              f"policy peak: {extra.get('policy_peak_rss_mib')} MiB")
-    if "postfix" in by_name:
-        print(f"postfix policy delegation requests: {by_name['postfix'].extra.get('policy_requests')}")
+            print(f"{'':<12} smtp-source: {r.output_tail.splitlines()[-1] if r.output_tail else '?'}")
+    single = {(r.target, r.recipients): r for r in results if r.replicas == 1}
+    for recipients in sorted({r.recipients for r in results}):
+        ours, theirs = single.get(("rempart", recipients)), single.get(("postfix", recipients))
+        if ours is not None and theirs is not None and theirs.rate > 0:
+            print(f"ratio rempart/postfix at -r {recipients}: {ours.rate / theirs.rate:.3f}")
+    base = single.get(("rempart", 1))
+    for r in results:
+        if r.replicas > 1 and base is not None and base.rate > 0:
+            print(f"ratio rempart x{r.replicas} (haproxy, send-proxy-v2) / one replica at -r 1: "
+                  f"{r.rate / base.rate:.3f}")
+    if replica_note:
+        print(replica_note)
+    for r in results:
+        if r.target == "rempart":
+            print(f"smtp-edge peak RSS (VmHWM) {r.label} -r {r.recipients}: {r.extra.get('edge_peak_rss_mib')} MiB "
+                  f"(before the load: {r.extra.get('edge_rss_before_mib')} MiB); "
+                  f"policy peak: {r.extra.get('policy_peak_rss_mib')} MiB")
     for r in results:
         cpu = r.extra.get("cpu_seconds")
         if isinstance(cpu, dict) and r.accepted:
             shares = ", ".join(f"{name} {1000 * float(value) / r.accepted:.2f}"
                                for name, value in cpu.items() if name != "machine")
-            print(f"{r.target} CPU ms per message: {shares}")
+            print(f"{r.label} -r {r.recipients} CPU ms per message: {shares}")
+
+
+def number_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of numbers: {text!r}") from exc
+    if not values or values[0] < 1 or values[-1] > 50:
+        raise argparse.ArgumentTypeError(f"numbers from 1 to 50: {text!r}")
+    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -624,13 +851,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=20000, help="messages in total (default 20000)")
     parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions (default 20)")
     parser.add_argument("--size", type=int, default=2048, help="payload bytes per message (default 2048)")
+    parser.add_argument("--recipients", type=number_list, default=[1, 5],
+                        help="recipients per message, one run each (smtp-source -r; default 1,5)")
+    parser.add_argument("--replicas", type=number_list, default=[1, 2],
+                        help="Rempart runs at -r 1 with this many smtp-edge and policy replicas behind haproxy "
+                             "(default 1,2; 1 is the plain run)")
+    parser.add_argument("--cores", type=int, default=0,
+                        help="pin every server process to the first N cores, smtp-source to the others")
     parser.add_argument("--quick", action="store_true", help="2000 messages (a smoke run)")
     parser.add_argument("--only", choices=("rempart", "postfix"), help="run one side only")
     parser.add_argument("--connection-per-message", action="store_true",
                         help="reconnect for every message (smtp-source without -d)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound on each load run, seconds")
-    parser.add_argument("--profile", type=int, default=0, metavar="SECONDS",
-                        help="py-spy the edge and the policy service for SECONDS during the Rempart load")
+    parser.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="SECONDS",
+                        help="py-spy the edge and the policy service for SECONDS (default 20) during the "
+                             "Rempart run at -r 1: hottest functions and a flame graph (SVG) of each")
+    parser.add_argument("--profile-dir", type=Path, default=Path(".run/bench-profiles"),
+                        help="where the profiles and flame graphs go (default .run/bench-profiles)")
     parser.add_argument("--profile-native", action="store_true",
                         help="also sample native frames (Cython/C: gRPC core), at a higher cost")
     parser.add_argument("--profile-top", type=int, default=12, help="functions listed per profile")
@@ -641,6 +878,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.messages = 2000
     if args.messages < 1 or args.sessions < 1 or args.size < 1 or args.sessions > 1000:
         parser.error("--messages, --sessions and --size must be positive (sessions at most 1000)")
+    available = len(os.sched_getaffinity(0))
+    if args.cores < 0 or args.cores > available:
+        parser.error(f"--cores must be between 1 and the {available} cores this process may use")
+    if args.cores and shutil.which("taskset") is None:
+        parser.error("--cores needs taskset (Debian package util-linux)")
     return args
 
 
@@ -649,18 +891,26 @@ def main(argv: list[str] | None = None) -> int:
     ensure_postfix()
     workdir = Path(tempfile.mkdtemp(prefix="rempart-bench-smtp-"))
     results: list[LoadResult] = []
+    replica_note = ""
     failed = False
     try:
-        if args.only in (None, "rempart"):
-            results.append(bench_rempart(args, workdir))
-        if args.only in (None, "postfix"):
-            results.append(bench_postfix(args, workdir))
+        for recipients in args.recipients:
+            if args.only in (None, "rempart"):
+                results.append(bench_rempart(args, workdir, recipients, profile=bool(args.profile) and recipients == 1))
+            if args.only in (None, "postfix"):
+                results.append(bench_postfix(args, workdir, recipients))
+        more = [n for n in args.replicas if n > 1] if args.only in (None, "rempart") else []
+        if more and shutil.which("haproxy") is None:
+            replica_note = "replicas: not run, haproxy is not installed (Debian package haproxy)"
+            more = []
+        for replicas in more:
+            results.append(bench_rempart(args, workdir, 1, replicas))
     except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
         log(f"failed: {exc}")
         failed = True
     finally:
         if results:
-            print_table(results)
+            print_table(results, replica_note)
         if args.json is not None:
             args.json.write_text(json.dumps([asdict(r) | {"rate": r.rate} for r in results], indent=2, default=str))
         if args.keep or failed or not all(r.ok for r in results):
