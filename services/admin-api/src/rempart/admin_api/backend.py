@@ -7,17 +7,19 @@ service (or a test) and handed to :func:`rempart.admin_api.app.create_app`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.js import JetStreamContext
 
+from rempart.admin_api.apikeys import ApiKeyStore, parse_key
 from rempart.admin_api.models import FieldError, Role
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.sessions import SessionStore
+from rempart.common.audit import AuditLog, AuditRetention, AuditUnavailable, new_record
 from rempart.common.clients import AuthClient
 from rempart.common.config import SettingsStore
 from rempart.common.directory import Account, Directory, normalize_address
@@ -33,6 +35,11 @@ class Backend:
     events: EventBus
     auth: AuthClient
     sessions: SessionStore
+    audit_retention: AuditRetention = field(default_factory=AuditRetention)
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.js, self.audit_retention)
 
     @property
     def directory(self) -> Directory:
@@ -90,6 +97,8 @@ class Principal:
     role: Role
     token: str
     restricted: bool = False
+    api_key: str = ""  # the id of the API key the caller used; "" for a session
+    read_only: bool = False  # an API key of scope "read" (R-ADM-1): every write is a 403
 
     @property
     def is_superadmin(self) -> bool:
@@ -146,15 +155,59 @@ async def session_principal(backend: Backend, token: str) -> Principal | None:
     return Principal(account.address, account.domain, account.role, token, session.restricted)
 
 
+READS = ("GET", "HEAD", "OPTIONS")
+# What an API key never reaches: a person's own credentials and sessions (password, TOTP, app
+# passwords, logout), and the making of keys (a key cannot mint a longer-lived one).
+NOT_WITH_API_KEY = ("/v1/me", "/v1/auth/", "/v1/api-keys")
+API_KEY_REFUSED = "Not with an API key: sign in with a session"
+READ_ONLY_KEY = "This API key may only read"
+
+
+def api_keys(request: Request) -> ApiKeyStore:
+    settings = request.app.state.settings
+    backend: Backend = request.app.state.backend
+    return ApiKeyStore(backend.redis, settings.secret_key.get_secret_value())
+
+
+async def key_principal(backend: Backend, request: Request, token: str) -> Principal | None:
+    """The caller an API key stands for (R-ADM-1): never more than its creator may do now."""
+    key = await api_keys(request).authenticate(token, client_ip(request))
+    if key is None:
+        return None
+    owner = await backend.directory.get_account(key.owner)
+    if owner is None or not owner.enabled or owner.created != key.owner_created:
+        return None
+    role: Role = owner.role
+    domain = owner.domain
+    if role == "domain_admin" and key.domain and key.domain != owner.domain:
+        return None  # its creator moved: the key confined elsewhere is worth nothing
+    if key.domain and role != "user":
+        role, domain = "domain_admin", key.domain
+    return Principal(owner.address, domain, role, token, api_key=key.id, read_only=key.scope != "write")
+
+
 async def current_principal(
     request: Request,
     backend: BackendDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """R-LOG-5: every route but login requires a live session of an existing, enabled account."""
+    """R-LOG-5: every route but login requires a live session of an existing, enabled account,
+    or a live API key (R-ADM-1) of one."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise not_authenticated()
-    principal = await session_principal(backend, credentials.credentials)
+    token = credentials.credentials
+    if parse_key(token) is not None:
+        principal = await key_principal(backend, request, token)
+        if principal is None:
+            raise not_authenticated("Invalid, expired or revoked API key")
+        path = request.url.path
+        if path.rstrip("/") == "/v1/me" or path.startswith(NOT_WITH_API_KEY):
+            raise ProblemError(403, API_KEY_REFUSED)
+        if principal.read_only and request.method not in READS:
+            raise ProblemError(403, READ_ONLY_KEY)
+        request.state.api_key = principal.api_key
+        return principal
+    principal = await session_principal(backend, token)
     if principal is None:
         raise not_authenticated("Invalid or expired session")
     if principal.restricted and request.url.path.rstrip("/") not in ENROLMENT_PATHS:
@@ -193,24 +246,97 @@ def client_ip(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-async def record_change(
-    backend: Backend, request: Request, actor: str, what: str, target: str, scope: str
+async def audit_ready(request: Request, principal: PrincipalDep) -> None:
+    """R-ADM-5, fail closed: an audited write starts only if its audit record can be written.
+
+    A write route depends on this (its router's dependencies); a read passes straight through.
+    The check is made *before* the write, not undone after it: most writes cannot be rolled back
+    cleanly (a password set in the auth service, sessions ended, a message dropped from the
+    queue, a DKIM key made), so the API refuses with 503 while JetStream cannot take a record,
+    and nothing changes. In the short window where JetStream fails between this check and the
+    record's acknowledgement, the write is done, the answer is still 503, and the whole record
+    is logged at ERROR level so that the trail has no silent hole. (The caller is authenticated
+    first: a stranger gets its 401, not a 503.)
+    """
+    if request.method in READS:
+        return
+    backend: Backend = request.app.state.backend
+    await backend.audit.ready()
+
+
+AuditReady = Depends(audit_ready)
+
+
+def _object_of(what: str, target: str, scope: str) -> tuple[str, str]:
+    """(object kind, its domain) for a change named the legacy way (``scope``)."""
+    kind, _, name = scope.partition(":")
+    if scope == "server":
+        return "settings", ""
+    if kind in ("account", "alias"):
+        return kind, name.rpartition("@")[2]
+    if kind == "domain":
+        return "domain", name
+    if kind == "ips":
+        return "ip_block", ""
+    return kind or "other", ""
+
+
+async def audit(
+    backend: Backend,
+    request: Request,
+    actor: str,
+    action: str,
+    *,
+    kind: str,
+    object_id: str,
+    domain: str = "",
+    before: Any = None,
+    after: Any = None,
+    details: dict[str, str] | None = None,
 ) -> None:
-    """After every write: the audit event ``admin/<what>`` and ``rempart.config.changed``."""
-    await backend.events.publish("admin", what, client_ip=client_ip(request), account=actor, actor=actor, target=target)
+    """The one way an admin write is recorded (R-ADM-5): the durable record on the ``AUDIT``
+    stream, acknowledged before the API answers (503 otherwise), then the ``admin/<action>``
+    event on the event log for whoever follows it live. ``before`` and ``after`` are redacted
+    here (R-ADM-3): secret settings as keyed fingerprints, anything named like a secret dropped."""
+    redactor: Redactor = request.app.state.redactor
+    record = new_record(
+        actor=actor, actor_ip=client_ip(request), action=action, kind=kind, object_id=object_id, domain=domain,
+        api_key=str(getattr(request.state, "api_key", "") or ""), before=redactor.audit_state(before),
+        after=redactor.audit_state(after), details=redactor.attributes(details or {}),
+    )
+    try:
+        await backend.audit.write(record)
+    except AuditUnavailable:
+        log.error("admin change made but its audit record was not written", extra={"audit": record})
+        raise
+    await backend.events.publish("admin", action, client_ip=client_ip(request), account=actor, actor=actor,
+                                 target=object_id, **(details or {}))
+    log.info("admin change", extra={"what": action, "actor": actor, "target": object_id})
+
+
+async def record_change(
+    backend: Backend, request: Request, actor: str, what: str, target: str, scope: str, *,
+    kind: str | None = None, domain: str | None = None, before: Any = None, after: Any = None,
+    **details: str,
+) -> None:
+    """After every write of settings or the directory: the audit record (:func:`audit`) and
+    ``rempart.config.changed`` for the services that cache them."""
+    derived_kind, derived_domain = _object_of(what, target, scope)
+    await audit(backend, request, actor, what, kind=kind or derived_kind, object_id=target,
+                domain=derived_domain if domain is None else domain, before=before, after=after,
+                details=details or None)
     try:
         version = await backend.store.version()
         await backend.events.config_changed(scope, version)
     except Exception as exc:  # noqa: BLE001 - the write is done; pollers see the version move
         log.warning("config.changed not published: %s", exc)
-    log.info("admin change", extra={"what": what, "actor": actor, "target": target})
 
 
 async def record_action(
-    backend: Backend, request: Request, actor: str, what: str, target: str, **changed: str
+    backend: Backend, request: Request, actor: str, what: str, target: str, *, kind: str = "other",
+    domain: str = "", before: Any = None, after: Any = None, **changed: str
 ) -> None:
     """After a write that changes no settings and no directory entry (an action on the mail
-    queue): the audit event ``admin/<what>`` with what changed, and no ``config.changed``."""
-    await backend.events.publish("admin", what, client_ip=client_ip(request), account=actor, actor=actor,
-                                 target=target, **changed)
-    log.info("admin action", extra={"what": what, "actor": actor, "target": target})
+    queue, an API key, an IP block): the audit record, and no ``config.changed``."""
+    await audit(backend, request, actor, what, kind=kind, object_id=target, domain=domain, before=before,
+                after=after, details=changed or None)

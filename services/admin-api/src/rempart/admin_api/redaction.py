@@ -122,11 +122,45 @@ class Redactor:
                 parent[path[-1]] = self.summary(parent[path[-1]])
         return out
 
+    def audit_state(self, state: Any) -> Any:
+        """What an audit record may keep of an object's state (R-ADM-3, R-ADM-5): a pydantic model
+        or a JSON-like value, with every secret setting shown as its summary (a changed SRS key
+        shows as a changed fingerprint) and any other field named like a secret (a password or
+        its hash, a TOTP seed, an API key's hash, a private key) replaced by ``[redacted]``."""
+        if state is None:
+            return None
+        if isinstance(state, BaseModel):
+            state = state.model_dump(mode="json")
+        if isinstance(state, dict) and any(name in state for name in MailSettings.model_fields):
+            state = self.settings(state)
+        return _scrub(state)
+
     def attributes(self, attributes: dict[str, str]) -> dict[str, str]:
         return {
             name: REDACTED if any(word in name.lower() for word in SECRET_ATTRIBUTE_WORDS) else value
             for name, value in attributes.items()
         }
+
+
+def _is_summary(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"count", "fingerprints"}
+
+
+def secret_name(name: str) -> bool:
+    return any(word in name.lower() for word in SECRET_ATTRIBUTE_WORDS)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if depth > 32:
+        return REDACTED  # nothing an API object holds is this deep
+    if isinstance(value, dict):
+        return {
+            str(k): v if _is_summary(v) else (REDACTED if secret_name(str(k)) else _scrub(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_scrub(v, depth + 1) for v in value]
+    return value
 
 
 def _get(doc: dict[str, Any], path: tuple[str, ...]) -> tuple[bool, Any]:

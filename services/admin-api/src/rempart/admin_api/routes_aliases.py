@@ -15,6 +15,7 @@ from fastapi import APIRouter, Path, Request, Response
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     Backend,
     BackendDep,
     Principal,
@@ -41,7 +42,7 @@ from rempart.admin_api.models import (
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.common.directory import DirectoryError, normalize_address, valid_domain_name
 
-router = APIRouter()
+router = APIRouter(dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AliasPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
 DomainAliasPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
@@ -77,8 +78,9 @@ async def create_alias(body: AliasCreate, request: Request, principal: AdminDep,
         await backend.directory.add_alias(alias, targets)
     except DirectoryError:
         raise ProblemError(409, "An account has this address") from None
-    await record_change(backend, request, principal.address, "alias_created", alias, f"alias:{alias}")
-    return AliasOut(alias=alias, targets=await backend.directory.alias_targets(alias) or [])
+    out = AliasOut(alias=alias, targets=await backend.directory.alias_targets(alias) or [])
+    await record_change(backend, request, principal.address, "alias_created", alias, f"alias:{alias}", after=out)
+    return out
 
 
 @router.get("/v1/aliases/{alias}", operation_id="getAlias", response_model=AliasOut, tags=["aliases"],
@@ -104,11 +106,13 @@ async def replace_alias_targets(
     backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> AliasOut:
     address, _ = alias_address(principal, alias)
-    check_if_match(if_match, etag_of(await _alias_or_404(backend, address)))
+    before = await _alias_or_404(backend, address)
+    check_if_match(if_match, etag_of(before))
     targets = await checked_targets(backend, principal, body.targets, "targets")
     await backend.directory.set_alias_targets(address, targets)
-    await record_change(backend, request, principal.address, "alias_updated", address, f"alias:{address}")
     out = await _alias_or_404(backend, address)
+    await record_change(backend, request, principal.address, "alias_updated", address, f"alias:{address}",
+                        before=before, after=out)
     with_etag(response, etag_of(out))
     return out
 
@@ -119,10 +123,12 @@ async def delete_alias(
     alias: AliasPath, request: Request, principal: AdminDep, backend: BackendDep, if_match: IfMatchHeader = None
 ) -> Response:
     address, _ = alias_address(principal, alias)
-    check_if_match(if_match, etag_of(await _alias_or_404(backend, address)))
+    before = await _alias_or_404(backend, address)
+    check_if_match(if_match, etag_of(before))
     if await backend.directory.delete_alias(address) is None:
         raise not_found("Alias")
-    await record_change(backend, request, principal.address, "alias_deleted", address, f"alias:{address}")
+    await record_change(backend, request, principal.address, "alias_deleted", address, f"alias:{address}",
+                        before=before)
     return Response(status_code=204)
 
 
@@ -172,8 +178,10 @@ async def put_domain_alias(
     existing = (await backend.directory.domain_aliases()).get(name)
     check_if_match(if_match, None if existing is None else etag_of(DomainAliasOut(name=name, target=existing)))
     await backend.directory.add_domain_alias(name, target)
-    await record_change(backend, request, principal.address, "domain_alias_set", name, f"domain:{target}")
     out = DomainAliasOut(name=name, target=target)
+    await record_change(backend, request, principal.address, "domain_alias_set", name, f"domain:{target}",
+                        kind="domain_alias", before=None if existing is None else {"name": name, "target": existing},
+                        after=out)
     with_etag(response, etag_of(out))
     return out
 
@@ -190,5 +198,5 @@ async def delete_domain_alias(
     check_if_match(if_match, etag_of(found))
     await backend.directory.delete_domain_alias(found.name)
     await record_change(backend, request, principal.address, "domain_alias_deleted", found.name,
-                        f"domain:{found.target}")
+                        f"domain:{found.target}", kind="domain_alias", before=found)
     return Response(status_code=204)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response, status
 
 from rempart.admin_api.backend import (
     BEARER,
+    AuditReady,
     BackendDep,
     PrincipalDep,
     ProblemError,
@@ -113,6 +114,7 @@ async def get_me(principal: PrincipalDep, backend: BackendDep) -> AccountOut:
     response_class=Response,
     tags=["self-service"],
     responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}},
+    dependencies=[AuditReady],
 )
 async def change_my_password(
     body: PasswordChange, request: Request, principal: PrincipalDep, backend: BackendDep
@@ -133,6 +135,6 @@ async def change_my_password(
     # R-ADM-4: a changed password ends the account's other sessions (a thief's among them).
     await end_sessions(backend, principal.address, keep=principal.token)
     await record_change(backend, request, principal.address, "password_changed", principal.address,
-                        f"account:{principal.address}")
+                        f"account:{principal.address}", after={"password": "changed"})
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 

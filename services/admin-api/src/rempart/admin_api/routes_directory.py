@@ -16,6 +16,7 @@ from redis.exceptions import WatchError
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     Backend,
     BackendDep,
     Principal,
@@ -57,7 +58,7 @@ from rempart.common.directory import Account, DirectoryError, normalize_address,
 
 log = logging.getLogger(__name__)
 
-router = APIRouter()
+router = APIRouter(dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AddressPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
 SettingsBody = Annotated[
@@ -89,11 +90,13 @@ async def _scoped_out(backend: Backend, redactor: Redactor, response: Response, 
 
 
 async def _replace_scoped(
-    backend: Backend, redactor: Redactor, response: Response, scope: str, doc: dict[str, Any], if_match: str | None
+    backend: Backend, redactor: Redactor, response: Response, scope: str, doc: dict[str, Any], if_match: str | None,
+    before: dict[str, Any] | None = None,
 ) -> ScopedSettingsOut:
     """PUT of a domain's or an account's overrides; secrets left out or echoed keep their value."""
     version, stored, tag = await write_scope(
-        backend, redactor, scope, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True)
+        backend, redactor, scope, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True),
+        before,
     )
     with_etag(response, tag)
     return ScopedSettingsOut(scope=scope, version=version, settings=redactor.settings(stored))
@@ -122,8 +125,9 @@ async def create_domain(
         await backend.directory.add_domain(name, body.description)
     except DirectoryError:
         raise ProblemError(409, "Domain already exists") from None
-    await record_change(backend, request, principal.address, "domain_created", name, f"domain:{name}")
-    return await _domain_out(backend, name)
+    out = await _domain_out(backend, name)
+    await record_change(backend, request, principal.address, "domain_created", name, f"domain:{name}", after=out)
+    return out
 
 
 async def _domain_out(backend: Backend, name: str) -> DomainOut:
@@ -152,11 +156,13 @@ async def update_domain(
     backend: BackendDep, if_match: IfMatchHeader = None,
 ) -> DomainOut:
     name = await domain_or_404(backend, principal, domain)
-    check_if_match(if_match, etag_of(await _domain_out(backend, name)))
+    before = await _domain_out(backend, name)
+    check_if_match(if_match, etag_of(before))
     if body.description is not None:
         await backend.redis.hset(keys.domain(name), "description", body.description)
-    await record_change(backend, request, principal.address, "domain_updated", name, f"domain:{name}")
     out = await _domain_out(backend, name)
+    await record_change(backend, request, principal.address, "domain_updated", name, f"domain:{name}",
+                        before=before, after=out)
     with_etag(response, etag_of(out))
     return out
 
@@ -169,7 +175,8 @@ async def delete_domain(
     name = await domain_or_404(backend, principal, domain)
     if not principal.is_superadmin:
         raise forbidden()
-    check_if_match(if_match, etag_of(await _domain_out(backend, name)))
+    before = await _domain_out(backend, name)
+    check_if_match(if_match, etag_of(before))
     try:
         await backend.directory.delete_domain(name)
     except DirectoryError:
@@ -181,7 +188,8 @@ async def delete_domain(
         if target == name:
             await backend.directory.delete_domain_alias(alias_name)
     await backend.store.delete_doc(f"domain:{name}")
-    await record_change(backend, request, principal.address, "domain_deleted", name, f"domain:{name}")
+    await record_change(backend, request, principal.address, "domain_deleted", name, f"domain:{name}",
+                        before=before)
     return Response(status_code=204)
 
 
@@ -205,8 +213,10 @@ async def put_domain_settings(
     if not principal.is_superadmin:
         raise forbidden()  # a domain's hard limits (R-LIM-1) bind its own admins too
     scope = f"domain:{name}"
-    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match)
-    await record_change(backend, request, principal.address, "domain_settings_changed", name, scope)
+    before: dict[str, Any] = {}
+    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match, before)
+    await record_change(backend, request, principal.address, "domain_settings_changed", name, scope,
+                        kind="domain_settings", before=before, after=out.settings)
     return out
 
 
@@ -252,8 +262,10 @@ async def create_account(
         # No account may exist without the password its creator chose (R-PWD-1 refused it).
         await backend.directory.delete_account(address)
         raise
-    await record_change(backend, request, principal.address, "account_created", address, f"account:{address}")
-    return account_out(account, principal)
+    out = account_out(account, principal)
+    await record_change(backend, request, principal.address, "account_created", address, f"account:{address}",
+                        after=out)
+    return out
 
 
 def _valid_local_part(local: str) -> bool:
@@ -302,12 +314,12 @@ async def update_account(
                 break
             except WatchError:
                 continue
-    await record_change(backend, request, principal.address, "account_updated", account.address,
-                        f"account:{account.address}")
     updated = await backend.directory.get_account(account.address)
     if updated is None:
         raise not_found("Account")
     out = account_out(updated, principal)
+    await record_change(backend, request, principal.address, "account_updated", account.address,
+                        f"account:{account.address}", before=account_out(account, principal), after=out)
     with_etag(response, etag_of(out))
     return out
 
@@ -325,7 +337,7 @@ async def delete_account(
     await backend.directory.delete_account(account.address)
     await backend.store.delete_doc(f"account:{account.address}")
     await record_change(backend, request, principal.address, "account_deleted", account.address,
-                        f"account:{account.address}")
+                        f"account:{account.address}", before=account_out(account, principal))
     return Response(status_code=204)
 
 
@@ -339,7 +351,7 @@ async def reset_password(
     # R-ADM-4: a reset password ends the account's sessions (the caller's own excepted).
     await end_sessions(backend, account.address, keep=principal.token if account.address == principal.address else None)
     await record_change(backend, request, principal.address, "password_reset", account.address,
-                        f"account:{account.address}")
+                        f"account:{account.address}", after={"password": "changed"})
     return Response(status_code=204)
 
 
@@ -362,8 +374,10 @@ async def put_account_settings(
     account = await account_or_404(backend, principal, address)
     await check_scoped_settings(backend, principal, doc)
     scope = f"account:{account.address}"
-    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match)
-    await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope)
+    before: dict[str, Any] = {}
+    out = await _replace_scoped(backend, redactor, response, scope, doc, if_match, before)
+    await record_change(backend, request, principal.address, "account_settings_changed", account.address, scope,
+                        kind="account_settings", before=before, after=out.settings)
     return out
 
 

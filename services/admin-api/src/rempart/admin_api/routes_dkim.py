@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     Backend,
     BackendDep,
     Principal,
@@ -33,7 +34,7 @@ from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_
 from rempart.common import dkim
 from rempart.common.secretbox import SecretBox
 
-router = APIRouter(tags=["dkim"])
+router = APIRouter(tags=["dkim"], dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 SelectorPath = Annotated[str, Path(min_length=1, max_length=63)]
 SELECTOR_HELP = ("One or more DNS labels (letters, digits, hyphens), at most 63 characters; default "
@@ -135,9 +136,9 @@ async def create_key(domain: DomainPath, body: DkimKeyCreate, request: Request, 
         key = await key_store(request, backend).generate(name, body.algorithm, selector, time.time())
     except dkim.DkimError as exc:
         raise ProblemError(409, str(exc)) from None
-    await record_change(backend, request, principal.address, "dkim_key_created", f"{key.selector}._domainkey.{name}",
-                f"domain:{name}")
     out = key_out(key)
+    await record_change(backend, request, principal.address, "dkim_key_created", f"{key.selector}._domainkey.{name}",
+                        f"domain:{name}", kind="dkim_key", after=out)
     with_etag(response, etag_of(out))
     return out
 
@@ -168,7 +169,8 @@ async def rotate_key(domain: DomainPath, selector: SelectorPath, body: DkimKeyRo
     except dkim.DkimError as exc:
         raise ProblemError(409, str(exc)) from None
     await record_change(backend, request, principal.address, "dkim_key_rotated",
-                f"{key.selector}._domainkey.{name} -> {new.selector}._domainkey.{name}", f"domain:{name}")
+                        f"{key.selector}._domainkey.{name} -> {new.selector}._domainkey.{name}", f"domain:{name}",
+                        kind="dkim_key", before=key_out(key), after=key_out(new))
     return DkimRotation(active=key_out(new), retired=key_out(retired))
 
 
@@ -183,5 +185,5 @@ async def delete_key(domain: DomainPath, selector: SelectorPath, request: Reques
     if not await key_store(request, backend).delete(name, key.selector):
         raise not_found("DKIM key")
     await record_change(backend, request, principal.address, "dkim_key_deleted", f"{key.selector}._domainkey.{name}",
-                f"domain:{name}")
+                        f"domain:{name}", kind="dkim_key", before=key_out(key))
     return Response(status_code=204)

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Path, Request, Response
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     Backend,
     BackendDep,
     ProblemError,
@@ -40,7 +41,7 @@ from rempart.admin_api.models import (
 from rempart.admin_api.passwords import auth_unavailable
 from rempart.common.directory import Account
 
-router = APIRouter(tags=["helpdesk"])
+router = APIRouter(tags=["helpdesk"], dependencies=[AuditReady])
 AddressPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
 AppNamePath = Annotated[str, Path(min_length=1, max_length=MAX_APP_NAME)]
 _P = {"model": Problem}
@@ -53,8 +54,9 @@ def _failed(exc: grpc.aio.AioRpcError) -> ProblemError:
     return not_found("Account") if exc.code() == grpc.StatusCode.NOT_FOUND else auth_unavailable()
 
 
-async def _audit(backend: Backend, request: Request, actor: str, what: str, account: Account) -> None:
-    await record_change(backend, request, actor, what, account.address, f"account:{account.address}")
+async def _audit(backend: Backend, request: Request, actor: str, what: str, account: Account, **result: str) -> None:
+    """A helpdesk action, recorded the one way every admin write is (R-ADM-5)."""
+    await record_change(backend, request, actor, what, account.address, f"account:{account.address}", **result)
 
 
 @router.post("/v1/accounts/{address}/unlock", operation_id="unlockAccount", response_model=UnlockResult,
@@ -67,7 +69,8 @@ async def unlock_account(
         reply = await backend.auth.unlock(account.address)
     except grpc.aio.AioRpcError as exc:
         raise _failed(exc) from None
-    await _audit(backend, request, principal.address, "account_unlocked", account)
+    await _audit(backend, request, principal.address, "account_unlocked", account,
+                 was_locked=str(reply.was_locked).lower())
     return UnlockResult(account=account.address, was_locked=reply.was_locked)
 
 
@@ -84,7 +87,8 @@ async def reset_account_totp(
     except grpc.aio.AioRpcError as exc:
         raise _failed(exc) from None
     await end_sessions(backend, account.address)
-    await _audit(backend, request, principal.address, "totp_reset", account)
+    await _audit(backend, request, principal.address, "totp_reset", account,
+                 was_enabled=str(reply.was_enabled).lower())
     return TotpResetResult(account=account.address, was_enabled=reply.was_enabled)
 
 
@@ -111,7 +115,7 @@ async def revoke_account_app_passwords(
         reply = await backend.auth.app_password_revoke_all(account.address)
     except grpc.aio.AioRpcError as exc:
         raise _failed(exc) from None
-    await _audit(backend, request, principal.address, "app_passwords_revoked", account)
+    await _audit(backend, request, principal.address, "app_passwords_revoked", account, revoked=str(reply.revoked))
     return AppPasswordsRevoked(account=account.address, revoked=reply.revoked)
 
 
@@ -127,7 +131,7 @@ async def revoke_account_app_password(
         raise _failed(exc) from None
     if not reply.found:
         raise not_found("App password")
-    await _audit(backend, request, principal.address, "app_password_revoked", account)
+    await _audit(backend, request, principal.address, "app_password_revoked", account, app=name)
     return Response(status_code=204)
 
 

@@ -17,11 +17,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from rempart.admin_api.backend import Backend, BackendDep, SuperadminDep, invalid, not_found, record_change
+from rempart.admin_api.backend import AuditReady, Backend, BackendDep, SuperadminDep, invalid, not_found, record_change
 from rempart.admin_api.models import MAX_LIST, IpBlock, IpBlockList, Problem
 from rempart.common import keys
 
-router = APIRouter(tags=["intrusion-prevention"])
+router = APIRouter(tags=["intrusion-prevention"], dependencies=[AuditReady])
 _P = {"model": Problem}
 IpPath = Annotated[str, Path(min_length=2, max_length=64)]
 # "R-IPS-3 unknown recipients" -> "unknown recipients": SPEC ids are for the code, not for people.

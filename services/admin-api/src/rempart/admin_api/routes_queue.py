@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     Backend,
     BackendDep,
     Principal,
@@ -44,7 +45,7 @@ from rempart.common.outqueue import RETRY_SUBJECT, OutboundQueue, QueuedMessage,
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["queue"])
+router = APIRouter(tags=["queue"], dependencies=[AuditReady])
 _P = {"model": Problem}
 R_LIST: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 422: _P}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 422: _P}
@@ -329,6 +330,7 @@ async def retry_queued_message(queue_id: QueueIdPath, request: Request, principa
     except Exception as exc:  # noqa: BLE001 - the relays also look for retries every few seconds
         log.warning("retry announcement not published: %s", exc)
     await record_action(backend, request, principal.address, "queue_message_retried", queue_id,
+                        kind="queue_message", domain=domain_of(message.sender) if message.sender else "",
                         recipients_due=_listed(due), sender=message.sender or "<>")
     return QueueRetryOut(id=queue_id, recipients_due=due, next_attempt=now_ms / 1000)  # type: ignore[arg-type]
 
@@ -346,7 +348,9 @@ async def delete_queued_message(queue_id: QueueIdPath, request: Request, princip
     if not await OutboundQueue(backend.redis).remove(queue_id, principal.address):
         raise not_found(NOT_FOUND)
     await record_action(backend, request, principal.address, "queue_message_deleted", queue_id,
-                        recipients_not_delivered=_listed(message.waiting), sender=message.sender or "<>")
+                        kind="queue_message", domain=domain_of(message.sender) if message.sender else "",
+                        before=message_out(message), recipients_not_delivered=_listed(message.waiting),
+                        sender=message.sender or "<>")
     return Response(status_code=204)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
-from rempart.admin_api.backend import BackendDep, RedactorDep, SuperadminDep, record_change
+from rempart.admin_api.backend import AuditReady, BackendDep, RedactorDep, SuperadminDep, record_change
 from rempart.admin_api.models import Problem, SecretRotated, ServerSettingsOut, SettingsVersion, SrsRotation
 from rempart.admin_api.preconditions import IfMatchHeader, with_etag
 from rempart.admin_api.redaction import Redactor, SecretSummary, keep_unchanged_secrets
@@ -21,7 +21,7 @@ from rempart.admin_api.scopes import read_scope, write_scope
 from rempart.admin_api.settings_bodies import MailSettingsPatch, as_document
 from rempart.common.config import MailSettings, deep_merge
 
-router = APIRouter(tags=["settings"])
+router = APIRouter(tags=["settings"], dependencies=[AuditReady])
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P}
 R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 412: _P, 422: _P}
@@ -59,10 +59,13 @@ async def replace_settings(
     """Replace the stored server overrides with ``doc`` (anything omitted returns to its default,
     except secrets, which keep their value unless ``doc`` sets them)."""
     doc = as_document(body)
+    before: dict[str, Any] = {}
     version, stored, tag = await write_scope(
-        backend, redactor, SERVER, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True)
+        backend, redactor, SERVER, if_match, lambda current: keep_unchanged_secrets(doc, current, replace=True),
+        before,
     )
-    await record_change(backend, request, principal.address, "settings_replaced", SERVER, SERVER)
+    await record_change(backend, request, principal.address, "settings_replaced", SERVER, SERVER, before=before,
+                        after=stored)
     with_etag(response, tag)
     return server_out(redactor, version, stored)
 
@@ -75,11 +78,13 @@ async def patch_settings(
     """Deep-merge ``doc`` into the stored server overrides (atomically: two admins patching
     different settings at once both keep theirs)."""
     doc = as_document(body)
+    before: dict[str, Any] = {}
     version, stored, tag = await write_scope(
         backend, redactor, SERVER, if_match,
-        lambda current: deep_merge(current, keep_unchanged_secrets(doc, current, replace=False)),
+        lambda current: deep_merge(current, keep_unchanged_secrets(doc, current, replace=False)), before,
     )
-    await record_change(backend, request, principal.address, "settings_changed", SERVER, SERVER)
+    await record_change(backend, request, principal.address, "settings_changed", SERVER, SERVER, before=before,
+                        after=stored)
     with_etag(response, tag)
     return server_out(redactor, version, stored)
 
@@ -98,8 +103,10 @@ async def rotate_srs_secrets(
         kept = effective(current).dns.srs_secrets[: body.keep_previous]
         return deep_merge(current, {"dns": {"srs_secrets": [fresh, *kept]}})
 
-    version, stored, tag = await write_scope(backend, redactor, SERVER, if_match, rotate)
-    await record_change(backend, request, principal.address, "srs_secrets_rotated", SERVER, SERVER)
+    before: dict[str, Any] = {}
+    version, stored, tag = await write_scope(backend, redactor, SERVER, if_match, rotate, before)
+    await record_change(backend, request, principal.address, "srs_secrets_rotated", SERVER, SERVER, before=before,
+                        after=stored)
     with_etag(response, tag)
     summary = redactor.summary(effective(stored).dns.srs_secrets)
     return SecretRotated(version=version, srs_secrets=SecretSummary.model_validate(summary))

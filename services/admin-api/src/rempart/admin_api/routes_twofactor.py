@@ -17,6 +17,7 @@ from fastapi import APIRouter, Path, Request, Response, status
 
 from rempart.admin_api.backend import (
     AdminDep,
+    AuditReady,
     BackendDep,
     PrincipalDep,
     ProblemError,
@@ -161,6 +162,7 @@ async def revoke_app_password(name: AppNamePath, principal: PrincipalDep, backen
 
 @router.post("/v1/accounts/{address}/password-hash", operation_id="importPasswordHash", status_code=204,
              response_class=Response, tags=["accounts"], responses={**R_SELF, 404: _P},
+             dependencies=[AuditReady],
              summary="Migration: set an account's password from another server's hash (superadmin)")
 async def import_password_hash(
     address: AddressPath, body: PasswordHashImport, request: Request, principal: AdminDep, backend: BackendDep
@@ -175,5 +177,5 @@ async def import_password_hash(
     if not reply.ok:
         raise invalid(HASH_REFUSED, "hash", reply.error or "refused")
     await record_change(backend, request, principal.address, "password_hash_imported", account.address,
-                        f"account:{account.address}")
+                        f"account:{account.address}", after={"password_hash": "imported"})
     return Response(status_code=status.HTTP_204_NO_CONTENT)

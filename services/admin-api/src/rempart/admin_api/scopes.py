@@ -8,6 +8,7 @@ secret without being an unkeyed hash of it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -42,13 +43,18 @@ async def read_scope(backend: Backend, redactor: Redactor, scope: str) -> tuple[
 
 
 async def write_scope(
-    backend: Backend, redactor: Redactor, scope: str, if_match: str | None, change: Change
+    backend: Backend, redactor: Redactor, scope: str, if_match: str | None, change: Change,
+    before: dict[str, Any] | None = None,
 ) -> tuple[int, dict[str, Any], str]:
     """Apply ``change`` to the stored document if ``if_match`` still names it; the new version,
-    document and ETag."""
+    document and ETag. ``before``, if given, receives the document the change was applied to
+    (for the audit record)."""
 
     def checked(current: dict[str, Any]) -> dict[str, Any]:
         check_if_match(if_match, scope_etag(redactor, current))
+        if before is not None:
+            before.clear()
+            before.update(copy.deepcopy(current))
         return change(current)
 
     try:

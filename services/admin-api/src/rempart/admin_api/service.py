@@ -14,6 +14,7 @@ from rempart.admin_api.backend import Backend
 from rempart.admin_api.bootstrap import run_bootstrap
 from rempart.admin_api.sessions import SessionStore
 from rempart.admin_api.settings import AdminApiSettings
+from rempart.common.audit import AuditRetention
 from rempart.common.clients import AuthClient
 from rempart.common.grpcutil import channel_check
 from rempart.common.runtime import ServiceRuntime
@@ -38,7 +39,10 @@ async def serve(settings: AdminApiSettings, started: asyncio.Event | None = None
             events=runtime.events,
             auth=auth,
             sessions=SessionStore(runtime.redis, settings.session_ttl_seconds),
+            audit_retention=AuditRetention(settings.audit_max_age_days, settings.audit_max_bytes,
+                                           settings.stream_replicas),
         )
+        await backend.audit.ensure()  # the configured retention, applied to an existing stream too
         config = uvicorn.Config(
             create_app(settings, backend),
             host=settings.http_host,

@@ -34,6 +34,10 @@ class AdminApiSettings(ServiceSettings):
     mta_sts_mode: Literal["enforce", "testing", "none"] = "testing"
     mta_sts_mx: str = ""
     mta_sts_max_age_seconds: int = Field(default=7 * 24 * 3600, ge=86400, le=31557600)
+    # R-ADM-5: how long the audit trail (the JetStream stream AUDIT) keeps records, and its
+    # size; the oldest go first past either. 0: no limit of that kind.
+    audit_max_age_days: int = Field(default=365, ge=0, le=36500)
+    audit_max_bytes: int = Field(default=1 << 30, ge=0)
 
     @model_validator(mode="after")
     def _refuse_insecure_console(self) -> AdminApiSettings:

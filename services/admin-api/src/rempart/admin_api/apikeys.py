@@ -1,0 +1,157 @@
+"""API keys (R-ADM-1, R-ADM-3): bearer credentials for scripts, scoped, hashed, revocable.
+
+A key is ``rpk_<id>_<secret>``: the id names its record, the secret is 256 random bits. Only an
+HMAC-SHA256 of the whole key (keyed with ``REMPART_SECRET_KEY``) is stored: a key is random and
+long, so a fast keyed hash is as good as a slow password hash against a stolen Redis dump, and
+costs nothing per request. The key is shown once, when it is made.
+
+What a key may do is worked out again on every request and is never more than its creator may
+do now: the creator's account must still exist (the same incarnation), be enabled and hold an
+admin role; a key confined to a domain acts as that domain's admin (and a domain admin's keys
+are always confined to its domain); a ``read`` key may only read. A key past its expiry, or
+revoked (its record deleted), is refused with 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from rempart.common import keys
+
+KeyScope = Literal["read", "write"]
+PREFIX = "rpk_"
+ID_HEX = 16
+SECRET_BYTES = 32
+MAX_KEY_CHARS = 128
+MAX_KEYS = 10_000  # across the server: creation is refused beyond (a bound on what a client makes)
+_INDEX = keys.PREFIX + "admin:apikeys"
+
+
+def _record_key(key_id: str) -> str:
+    return f"{keys.PREFIX}admin:apikey:{key_id}"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    owner: str
+    owner_created: float
+    scope: KeyScope
+    domain: str  # the domain the key is confined to; "" for a superadmin's unconfined key
+    created: float
+    expires: float  # 0: never
+    last_used: float  # 0: never
+    last_ip: str
+
+    def expired(self, now: float) -> bool:
+        return bool(self.expires) and now >= self.expires
+
+
+def parse_key(token: str) -> str | None:
+    """The key id of a well-formed key, else None."""
+    if not token.startswith(PREFIX) or len(token) > MAX_KEY_CHARS:
+        return None
+    key_id, sep, secret = token[len(PREFIX):].partition("_")
+    if not sep or len(key_id) != ID_HEX or not secret or any(c not in "0123456789abcdef" for c in key_id):
+        return None
+    return key_id
+
+
+class ApiKeyStore:
+    def __init__(self, redis: aioredis.Redis, secret_key: str) -> None:
+        self._redis = redis
+        self._hmac_key = hashlib.sha256(b"rempart-admin-api-key\0" + secret_key.encode()).digest()
+
+    def _digest(self, token: str) -> str:
+        return hmac.new(self._hmac_key, token.encode(), hashlib.sha256).hexdigest()
+
+    async def count(self) -> int:
+        return int(await self._redis.zcard(_INDEX))
+
+    async def create(self, *, name: str, owner: str, owner_created: float, scope: KeyScope, domain: str,
+                     expires: float) -> tuple[str, ApiKey]:
+        """A new key: (the key, shown once; its record)."""
+        key_id = secrets.token_hex(ID_HEX // 2)
+        token = f"{PREFIX}{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
+        now = time.time()
+        record = ApiKey(key_id, name, owner, owner_created, scope, domain, now, expires, 0.0, "")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(_record_key(key_id), mapping={
+                "name": name, "owner": owner, "owner_created": repr(owner_created), "scope": scope,
+                "domain": domain, "created": repr(now), "expires": repr(expires), "hash": self._digest(token),
+            })
+            if expires:
+                # Redis forgets it a day after it stopped working (the listing shows it expired meanwhile).
+                pipe.expireat(_record_key(key_id), int(expires) + 86400)
+            pipe.zadd(_INDEX, {key_id: now})
+            await pipe.execute()
+        return token, record
+
+    async def get(self, key_id: str, prune: bool = True) -> ApiKey | None:
+        fields = await self._redis.hgetall(_record_key(key_id))
+        if not fields:
+            if prune:
+                await self._redis.zrem(_INDEX, key_id)  # expired by Redis: the index follows
+            return None
+        scope = str(fields.get("scope", "read"))
+        return ApiKey(
+            id=key_id,
+            name=str(fields.get("name", "")),
+            owner=str(fields.get("owner", "")),
+            owner_created=float(fields.get("owner_created", 0) or 0),
+            scope="write" if scope == "write" else "read",  # anything unreadable is the lesser right
+            domain=str(fields.get("domain", "")),
+            created=float(fields.get("created", 0) or 0),
+            expires=float(fields.get("expires", 0) or 0),
+            last_used=float(fields.get("last_used", 0) or 0),
+            last_ip=str(fields.get("last_ip", "")),
+        )
+
+    async def authenticate(self, token: str, client_ip: str) -> ApiKey | None:
+        """The key's record when ``token`` is a live key (its use recorded), else None."""
+        key_id = parse_key(token)
+        if key_id is None:
+            return None
+        stored = await self._redis.hget(_record_key(key_id), "hash")
+        if stored is None or not hmac.compare_digest(str(stored), self._digest(token)):
+            return None
+        record = await self.get(key_id)
+        if record is None or record.expired(time.time()):
+            return None
+        await self._redis.hset(_record_key(key_id), mapping={"last_used": repr(time.time()), "last_ip": client_ip})
+        return record
+
+    async def page(self, after: tuple[float, str] | None, limit: int) -> list[ApiKey]:
+        """Keys in creation order, after (created, id), up to ``limit``; expired records dropped."""
+        low = "-inf" if after is None else after[0]
+        found: list[ApiKey] = []
+        offset = 0
+        while len(found) < limit:
+            ids = await self._redis.zrangebyscore(_INDEX, low, "+inf", start=offset, num=limit * 2, withscores=True)
+            if not ids:
+                break
+            offset += len(ids)
+            raw: list[Any] = list(ids)
+            pairs = [(str(item[0]), float(item[1])) for item in raw]
+            for key_id, score in pairs:
+                if after is not None and (score, key_id) <= after:
+                    continue
+                record = await self.get(key_id, prune=False)
+                if record is not None:
+                    found.append(record)
+        return found[:limit]
+
+    async def revoke(self, key_id: str) -> bool:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(_record_key(key_id))
+            pipe.zrem(_INDEX, key_id)
+            removed = await pipe.execute()
+        return bool(int(removed[0]))
