@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -30,6 +31,7 @@ class TotpAuthService(InTestAuthService):
     def __init__(self, redis: aioredis.Redis) -> None:
         super().__init__(redis)
         self.totp_on: set[str] = set()
+        self.server: grpc.aio.Server | None = None  # to stop it: the auth service down
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
         reply = await super().Authenticate(request, context)
@@ -57,6 +59,7 @@ class TotpAuthService(InTestAuthService):
 async def auth_server(redis: aioredis.Redis) -> AsyncIterator[tuple[InTestAuthService, int]]:
     servicer = TotpAuthService(redis)
     server, health = new_server()
+    servicer.server = server
     auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

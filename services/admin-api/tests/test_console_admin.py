@@ -9,9 +9,11 @@ import re
 import time
 
 from rempart.common import keys
+from rempart.common.stats import StatsRecorder
 
 from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness
-from .console_support import Browser, auth_server, browsers, new_browser, session_cookie
+from .console_support import Browser, TotpAuthService, auth_server, browsers, new_browser, session_cookie
+from .queue_support import queued
 
 __all__ = ["auth_server", "browsers"]  # fixtures used by name
 
@@ -286,14 +288,52 @@ async def test_r_ops_1_settings_grouped_with_defaults_and_saved(harness: Harness
     assert "dns.srs_secrets</code>: 1 set" in (await admin.get("/admin/settings")).text
 
 
-async def test_status_page(harness: Harness, browsers: list[Browser]) -> None:
+async def test_status_page_readiness_queue_and_the_last_hour(harness: Harness, browsers: list[Browser]) -> None:
+    """Issue 14's status page: each dependency up or down with why in words, the outbound queue's
+    depth and oldest message (R-OUT-2), and the last hour's counts (rempart.common.stats) drawn
+    as an SVG in the page and given as a table."""
     admin = await _admin(harness, browsers)
+    now = time.time()
     page = await admin.get("/admin/status")
     assert page.status_code == 200
     for part in ("Redis", "NATS JetStream", "Auth service"):
-        assert re.search(rf"<th scope=\"row\">{part}</th><td>ready</td>", page.text), part
-    assert "admin/login" in page.text  # this test's own login, counted in the last hour
-    assert "<svg" in page.text and "<rect" in page.text
+        assert re.search(rf'<tr class="ok"><th scope="row">{part}</th><td>up</td>', page.text), part
+    assert "Empty: no message is waiting" in page.text
+    assert "0 messages accepted, 0 SMTP commands refused" in page.text
+
+    # Two messages in the outbound queue, the oldest received two hours ago.
+    await queued(harness.backend, "alice@example.org", ["bob@remote.test"], received_ms=int((now - 7260) * 1000))
+    await queued(harness.backend, "alice@example.org", ["carol@remote.test"], received_ms=int(now * 1000))
+    # Counted as the edge and the policy service count (every replica adds to the same buckets).
+    for minutes_ago, accepted, refused in ((20, 3, 1), (2, 1, 4)):
+        recorder = StatsRecorder(harness.backend.redis, clock=lambda m=minutes_ago: now - m * 60)
+        for _ in range(accepted):
+            recorder.message_accepted()
+        for _ in range(refused):
+            recorder.refusal("relay_denied")
+        await recorder.close()
+    page = await admin.get("/admin/status")
+    assert "2 messages waiting for delivery to other domains; the oldest has waited 2 h 1 min" in page.text
+    assert "4 messages accepted, 5 SMTP commands refused" in page.text
+    rows = re.findall(r'<tr><th scope="row">(\d\d:\d\d) to \d\d:\d\d</th><td>(\d+)</td><td>(\d+)</td></tr>', page.text)
+    assert len(rows) in (12, 13)  # the hour in 5-minute buckets, the current one included
+    assert sorted((int(a), int(r)) for _, a, r in rows if a != "0" or r != "0") == [(1, 4), (3, 1)]
+    # The chart is drawn here: the largest count (4) is a full bar; nothing for a script to do.
+    bars = {(kind, int(count), int(height)) for height, kind, count in re.findall(
+        r'height="(\d+)" class="bar (accepted|refused)"><title>[^<]*: (\d+) (?:accepted|refused)</title>', page.text)}
+    assert {bar for bar in bars if bar[1]} == {("accepted", 3, 75), ("refused", 1, 25), ("accepted", 1, 25),
+                                               ("refused", 4, 100)}, bars
+    assert "<svg" in page.text and "<script" not in page.text.split("</head>")[1]
+
+    # The auth service goes away: shown down, with why in words, and the rest still shown.
+    assert isinstance(harness.auth, TotpAuthService) and harness.auth.server is not None
+    await harness.auth.server.stop(0)
+    page = await admin.get("/admin/status")
+    assert page.status_code == 200
+    down = re.search(r'<tr class="refused"><th scope="row">Auth service</th><td>DOWN</td><td>([^<]+)</td>', page.text)
+    assert down and ("unavailable" in down.group(1) or "no answer within" in down.group(1)), page.text
+    assert re.search(r'<tr class="ok"><th scope="row">Redis</th><td>up</td>', page.text)
+    assert "2 messages waiting" in page.text
 
 
 async def test_a_session_token_from_the_console_is_not_kept_after_logout(

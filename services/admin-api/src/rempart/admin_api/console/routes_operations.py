@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from rempart.admin_api import routes_events, routes_ips, routes_settings
 from rempart.admin_api.backend import ProblemError, require_superadmin
+from rempart.admin_api.console import status
 from rempart.admin_api.console.calls import call
 from rempart.admin_api.console.settings_form import GROUPS, GROUPS_BY_KEY, form_changes, group_fields
 from rempart.admin_api.console.web import (
@@ -28,18 +26,17 @@ from rempart.admin_api.console.web import (
     posted,
     signed_in,
 )
-from rempart.admin_api.models import MAX_ADDRESS, MAX_LIST, EventOut, SrsRotation
+from rempart.admin_api.models import MAX_ADDRESS, MAX_LIST, SrsRotation
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.settings_bodies import MailSettingsPatch
+from rempart.common import stats
 from rempart.common.events import EVENTS_STREAM, MAIL_STREAM
 from rempart.common.grpcutil import channel_check
+from rempart.common.outqueue import OutboundQueue
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
 EVENTS_SHOWN = 100
 FILTER_MAX = 64
-CHECK_SECONDS = 2.0
-HOUR = 3600
-BUCKETS = 6  # the last hour in 10-minute bars
 
 
 async def superadmin_visit(request: Request) -> Visit:
@@ -166,47 +163,6 @@ async def save_settings(request: Request, group: str) -> Response:
 
 
 # Status ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass(frozen=True)
-class Bar:
-    label: str
-    count: int
-    height: int
-    y: int
-    x: int
-
-
-async def _check(name: str, probe: Any) -> Check:
-    started = time.monotonic()
-    try:
-        detail = await asyncio.wait_for(probe(), CHECK_SECONDS)
-    except Exception as exc:  # noqa: BLE001 - any failure is "not ready", shown as its type
-        return Check(name, False, type(exc).__name__)
-    return Check(name, True, f"{detail} ({(time.monotonic() - started) * 1000:.0f} ms)")
-
-
-def _hour_chart(events: list[EventOut], now: float) -> tuple[list[Bar], Counter[str]]:
-    counts = [0] * BUCKETS
-    kinds: Counter[str] = Counter()
-    for event in events:
-        if event.time is None:
-            continue
-        age = now - event.time.timestamp()
-        if 0 <= age < HOUR:
-            counts[BUCKETS - 1 - int(age // (HOUR / BUCKETS))] += 1
-            kinds[f"{event.area}/{event.what}"] += 1
-    top = max(counts) or 1
-    bars = [Bar(f"{(BUCKETS - i) * 10} to {(BUCKETS - i - 1) * 10} min ago", n, round(100 * n / top),
-                110 - round(100 * n / top), 10 + i * 50) for i, n in enumerate(counts)]
-    return bars, kinds
-
-
 @router.get("/admin/status")
 async def status_page(request: Request) -> Response:
     visit = await superadmin_visit(request)
@@ -225,17 +181,13 @@ async def status_page(request: Request) -> Response:
         await channel_check(backend.auth.channel)()
         return "serving"
 
-    checks = await asyncio.gather(_check("Redis", redis), _check("NATS JetStream", jetstream),
-                                  _check("Auth service", auth))
-    consumers: list[tuple[str, int, int]] = []
-    try:
-        for info in await asyncio.wait_for(backend.js.consumers_info(MAIL_STREAM), CHECK_SECONDS):
-            consumers.append((info.name, int(info.num_pending or 0), int(info.num_ack_pending or 0)))
-    except Exception:  # noqa: BLE001 - JetStream down is already shown above
-        consumers = []
-    recent = await call(routes_events.list_events, principal=visit.principal, backend=backend,
-                        redactor=redactor_of(request), area=None, what=None, client_ip=None, account=None,
-                        limit=500, before=None)
-    bars, kinds = _hour_chart(recent.events, time.time())
-    return page(request, "status.html", visit=visit, checks=checks, consumers=consumers, bars=bars,
-                kinds=kinds.most_common(20), now=dt.datetime.now(dt.UTC))
+    checks = await asyncio.gather(status.check("Redis", redis), status.check("NATS JetStream", jetstream),
+                                  status.check("Auth service", auth))
+    now = time.time()
+    queue = chart = None
+    if checks[0].up:  # the queue's state and the counters are in Redis
+        depth, oldest_ms = await OutboundQueue(backend.redis).depth_and_oldest_ms()
+        queue = status.queue_of(depth, oldest_ms, now)
+        chart = status.chart_of(await stats.last_hour(backend.redis, now=now))
+    return page(request, "status.html", visit=visit, checks=checks, queue=queue, chart=chart,
+                now=dt.datetime.fromtimestamp(now, dt.UTC))

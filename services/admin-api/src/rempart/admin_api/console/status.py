@@ -1,0 +1,156 @@
+"""What the status page shows: readiness of what this process depends on, the outbound queue, and
+the last hour's mail as a chart drawn here (an inline SVG in the page: no script, no image request).
+
+- Readiness: each check gets :data:`CHECK_SECONDS`; a failure is shown as up or down with what
+  went wrong in words ("connection refused", "no answer within 1.5 s"), never a stack trace.
+- The outbound queue: how many transactions the relay has not finished with and how long the
+  oldest has waited (:meth:`rempart.common.outqueue.OutboundQueue.depth_and_oldest_ms`).
+- The chart: messages accepted and SMTP commands refused per bucket of the last hour, from the
+  counters every replica writes (:func:`rempart.common.stats.last_hour`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as aioredis
+from nats.errors import Error as NatsError
+from nats.js.errors import NotFoundError
+
+from rempart.common.stats import StatsSeries
+
+CHECK_SECONDS = 1.5
+MAX_DETAIL = 200
+# The chart's drawing area, in SVG user units.
+CHART_HEIGHT = 100
+CHART_TOP = 10
+BAR_WIDTH = 9
+BAR_GAP = 2
+GROUP_GAP = 8
+AXIS_SPACE = 34
+
+
+@dataclass(frozen=True)
+class Readiness:
+    name: str
+    up: bool
+    detail: str
+
+
+def in_words(exc: BaseException, seconds: float = CHECK_SECONDS) -> str:
+    """Why a check failed, as an operator reads it."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {seconds:g} s"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        code = exc.code()
+        name = code.name.lower().replace("_", " ") if code is not None else "error"
+        return f"{name}: {exc.details() or 'no detail'}"[:MAX_DETAIL]
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, NotFoundError):
+        return "stream not found"
+    if isinstance(exc, aioredis.RedisError | NatsError | OSError):
+        text = str(exc).strip() or type(exc).__name__
+        return text[:MAX_DETAIL]
+    return type(exc).__name__
+
+
+async def check(name: str, probe: Callable[[], Awaitable[str]], seconds: float = CHECK_SECONDS) -> Readiness:
+    """Run ``probe`` (which answers what it saw, or raises) within ``seconds``."""
+    started = time.monotonic()
+    try:
+        seen = await asyncio.wait_for(probe(), seconds)
+    except Exception as exc:  # noqa: BLE001 - any failure is "down", said in words
+        return Readiness(name, False, in_words(exc, seconds))
+    return Readiness(name, True, f"{seen} ({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+def age_in_words(seconds: float) -> str:
+    """A waiting time as people say it: 42 s, 7 min, 3 h 5 min, 2 d 4 h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+@dataclass(frozen=True)
+class Queue:
+    depth: int
+    oldest_age: str  # "" when the queue is empty
+
+
+def queue_of(depth: int, oldest_ms: int, now: float) -> Queue:
+    return Queue(depth, age_in_words(now - oldest_ms / 1000) if depth and oldest_ms else "")
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: int
+    y: int
+    height: int
+    kind: str  # "accepted" or "refused"
+    count: int
+    label: str  # what the bar stands for, for its <title>
+
+
+@dataclass(frozen=True)
+class Row:
+    span: str  # "10:05 to 10:10"
+    accepted: int
+    refused: int
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Two bars per bucket (accepted, refused), scaled to the largest count; the same counts as
+    table rows for those who do not see the picture."""
+
+    width: int
+    height: int
+    baseline: int  # the y of the zero line
+    bar_width: int
+    bars: list[Bar]
+    ticks: list[tuple[int, str]]  # (x, "HH:MM") under the first bar of every few buckets
+    top: int  # the count a full-height bar stands for
+    rows: list[Row]
+    accepted: int
+    refused: int
+
+
+def _clock(start: int) -> str:
+    return time.strftime("%H:%M", time.gmtime(start))
+
+
+def chart_of(series: StatsSeries) -> Chart:
+    top = max([1, *(max(b.accepted, b.refused_total) for b in series.buckets)])
+    bars: list[Bar] = []
+    rows: list[Row] = []
+    ticks: list[tuple[int, str]] = []
+    group = 2 * BAR_WIDTH + BAR_GAP + GROUP_GAP
+    every = max(1, len(series.buckets) // 6)
+    for i, bucket in enumerate(series.buckets):
+        x = AXIS_SPACE + i * group
+        span = f"{_clock(bucket.start)} to {_clock(bucket.start + bucket.seconds)}"
+        rows.append(Row(span, bucket.accepted, bucket.refused_total))
+        for offset, kind, count in ((0, "accepted", bucket.accepted),
+                                    (BAR_WIDTH + BAR_GAP, "refused", bucket.refused_total)):
+            height = round(CHART_HEIGHT * count / top)
+            bars.append(Bar(x + offset, CHART_TOP + CHART_HEIGHT - height, height, kind, count,
+                            f"{span} UTC: {count} {kind}"))
+        if i % every == 0:
+            ticks.append((x, _clock(bucket.start)))
+    width = AXIS_SPACE + len(series.buckets) * group
+    baseline = CHART_TOP + CHART_HEIGHT
+    return Chart(width, baseline + 20, baseline, BAR_WIDTH, bars, ticks, top, rows, series.totals.accepted,
+                 series.totals.refused_total)
