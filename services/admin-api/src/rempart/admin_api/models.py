@@ -328,3 +328,40 @@ class TotpResetResult(BaseModel):
 class AppPasswordsRevoked(BaseModel):
     account: str
     revoked: int
+
+
+# API keys (R-ADM-1, R-ADM-3) ------------------------------------------------------------------
+MAX_KEY_NAME = 64
+MAX_KEY_DAYS = 3650
+
+
+class ApiKeyCreate(_Body):
+    name: str = Field(min_length=1, max_length=MAX_KEY_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    scope: Literal["read", "write"] = Field(default="read", description="read: GET only; write: also changes")
+    domain: str | None = Field(
+        default=None, max_length=MAX_DOMAIN,
+        description="Confine the key to this domain (it acts as that domain's admin). A domain admin's keys are "
+                    "always confined to its own domain.")
+    expires_at: dt.datetime | None = Field(default=None, description="RFC 3339; at most 10 years ahead; null: never")
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    owner: str = Field(description="The account that made it: the key never does more than this account may now")
+    scope: Literal["read", "write"]
+    domain: str | None = Field(description="The domain it is confined to; null: not confined (a superadmin's)")
+    created: Timestamp
+    expires_at: Timestamp | None
+    expired: bool
+    last_used: Timestamp | None
+    last_ip: str | None = Field(description="The address it was last used from")
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="Shown once: send as 'Authorization: Bearer <key>'. Only a keyed hash is kept.")
+
+
+class ApiKeyList(BaseModel):
+    api_keys: list[ApiKeyOut]
+    next_cursor: str | None = Field(description="Pass as cursor for the next page; null at the end")
