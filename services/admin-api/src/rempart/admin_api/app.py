@@ -19,6 +19,7 @@ from rempart.admin_api import (
     routes_aliases,
     routes_auth,
     routes_clientconfig,
+    routes_cluster,
     routes_directory,
     routes_dkim,
     routes_events,
@@ -26,6 +27,7 @@ from rempart.admin_api import (
     routes_ips,
     routes_queue,
     routes_settings,
+    routes_stats,
     routes_twofactor,
 )
 from rempart.admin_api.backend import Backend, ProblemError
@@ -33,6 +35,7 @@ from rempart.admin_api.bodylimit import BodySizeLimit
 from rempart.admin_api.console import mount_console
 from rempart.admin_api.models import FieldError, Problem
 from rempart.admin_api.redaction import Redactor
+from rempart.admin_api.routes_cluster import KubernetesAccess
 from rempart.admin_api.settings import AdminApiSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ TAGS = [
     {"name": "intrusion-prevention", "description": "IP blocks (R-IPS-5)."},
     {"name": "dkim", "description": "A domain's DKIM signing keys and the DNS records to publish (R-OUT-5)."},
     {"name": "queue", "description": "The outbound queue: messages waiting for remote delivery (R-OUT-2)."},
+    {"name": "statistics", "description": "Messages accepted and refused, logins, blocked IPs, over time."},
+    {"name": "cluster", "description": "The suite's pods, readiness and versions (Kubernetes)."},
 ]
 
 
@@ -128,7 +133,9 @@ def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
+def create_app(settings: AdminApiSettings, backend: Backend, cluster: KubernetesAccess | None = None) -> FastAPI:
+    """The API over ``backend``; ``cluster`` is where GET /v1/cluster finds the Kubernetes API
+    (by default the pod's in-cluster configuration, read once here)."""
     app = FastAPI(
         title="Rempart admin API",
         version="1.0.0",
@@ -141,13 +148,14 @@ def create_app(settings: AdminApiSettings, backend: Backend) -> FastAPI:
     app.state.backend = backend
     app.state.settings = settings
     app.state.redactor = Redactor(settings.secret_key.get_secret_value())
+    app.state.cluster = cluster if cluster is not None else KubernetesAccess()
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     for error in (aioredis.RedisError, grpc.aio.AioRpcError, NatsError, ConnectionError, TimeoutError):
         app.add_exception_handler(error, _on_unavailable)
     modules = (routes_auth, routes_twofactor, routes_directory, routes_aliases, routes_helpdesk, routes_settings,
-               routes_events, routes_ips, routes_clientconfig, routes_dkim, routes_queue)
+               routes_events, routes_ips, routes_clientconfig, routes_dkim, routes_queue, routes_stats, routes_cluster)
     for module in modules:
         # Any route may refuse its input (422) or lose Redis/NATS/auth (503): say so in the document.
         app.include_router(module.router, responses={422: {"model": Problem}, 503: {"model": Problem}})

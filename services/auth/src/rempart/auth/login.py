@@ -41,6 +41,7 @@ from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.auth.v1 import auth_pb2
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.secretbox import SecretBox
+from rempart.common.stats import StatsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class LoginFlow:
         self.secret = settings.secret_key.get_secret_value().encode()
         self.guard = LoginGuard(runtime.redis, self.secret)
         self.creds = CredentialStore(runtime.redis, SecretBox(settings.secret_key.get_secret_value()), self.secret)
+        self.stats = StatsRecorder(runtime.redis)  # logins by protocol and result, GET /v1/stats
 
     async def start(self) -> None:
         await self.hasher.start()
@@ -150,7 +152,9 @@ class LoginFlow:
                 extra={"session": request.session_id[:MAX_FIELD], "protocol": request.protocol[:MAX_FIELD]},
             )
             reply = auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_TEMPFAIL)
-        AUTH_ATTEMPTS.labels(protocol_label(request.protocol), RESULT_LABELS.get(reply.status, "other")).inc()
+        protocol, result = protocol_label(request.protocol), RESULT_LABELS.get(reply.status, "other")
+        AUTH_ATTEMPTS.labels(protocol, result).inc()
+        self.stats.login(protocol, result)
         return reply
 
     async def gate(self, login: str, client_ip: str, context: grpc.aio.ServicerContext) -> Gate:

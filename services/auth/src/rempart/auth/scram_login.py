@@ -103,7 +103,9 @@ class ScramFlow:
         except (RedisError, OSError, ValueError) as exc:
             log.warning("scram finish tempfail: %s", type(exc).__name__)
             reply = auth_pb2.ScramFinishResponse(status=auth_pb2.AUTH_STATUS_TEMPFAIL)
-        AUTH_ATTEMPTS.labels(protocol_label(protocol), RESULT_LABELS.get(reply.status, "other")).inc()
+        label, result = protocol_label(protocol), RESULT_LABELS.get(reply.status, "other")
+        AUTH_ATTEMPTS.labels(label, result).inc()
+        self.login.stats.login(label, result)
         return reply
 
     async def _scram_finish(

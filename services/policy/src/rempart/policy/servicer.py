@@ -22,8 +22,10 @@ from rempart.common.config import SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
+from rempart.common.stats import StatsRecorder, refusal_reason
 from rempart.policy import dnschecks, helo, intrusion, limits, recipients, relay, replies
 from rempart.policy.decision import (
+    SMTP_PROTOCOLS,
     CheckContext,
     Decision,
     Rule,
@@ -85,6 +87,11 @@ PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
     policy_pb2.STAGE_DISCONNECT: ((intrusion.close_session,), accept("", code=221, enhanced="2.0.0")),
 }
 DEFAULT_PIPELINE: tuple[Sequence[Rule], Decision] = ((), accept(""))
+# The SMTP stages whose refusals GET /v1/stats counts by reason (a failed AUTH is a login, counted
+# by the auth service; RSET and DISCONNECT refuse nothing a client sent mail with).
+COUNTED_STAGES = frozenset({policy_pb2.STAGE_CONNECT, policy_pb2.STAGE_HELO, policy_pb2.STAGE_MAIL,
+                            policy_pb2.STAGE_RCPT, policy_pb2.STAGE_DATA})
+REFUSALS = frozenset({policy_pb2.ACTION_REJECT, policy_pb2.ACTION_TEMPFAIL, policy_pb2.ACTION_CLOSE})
 
 
 def _oversized(request: policy_pb2.CheckRequest) -> bool:
@@ -114,6 +121,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._srs = srs
         self._hostname = hostname
         self._trusted_known: dict[str, frozenset[str]] = {}
+        self.stats = StatsRecorder(redis)
         self._trusted_retry: dict[str, float] = {}
 
     async def _trusted_name_ips(self, ctx: CheckContext) -> frozenset[str]:
@@ -205,6 +213,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                                      "rempart.policy.code": decision.code, "rempart.policy.rule": decision.rule})
         action = policy_pb2.Action.Name(decision.action)
         CHECKS_TOTAL.labels(stage, action).inc()
+        self._count(request, decision)
         CHECK_SECONDS.observe(time.perf_counter() - started)
         # One line per refusal at info; the happy path at debug (a line per stage of every
         # message costs more than some decisions).
@@ -223,3 +232,16 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 },
             )
         return decision.to_verdict()
+
+    def _count(self, request: policy_pb2.CheckRequest, decision: Decision) -> None:
+        """The decision in the cluster's statistics (rempart.common.stats, GET /v1/stats)."""
+        if decision.action not in REFUSALS and not decision.ip_blocked:
+            return
+        client_ip = request.session.client_ip
+        if decision.ip_blocked:
+            self.stats.ip_blocked(client_ip)
+        elif decision.action == policy_pb2.ACTION_CLOSE and decision.rule.startswith("R-IPS-"):
+            self.stats.ip_refused(client_ip)
+        if (decision.action in REFUSALS and request.stage in COUNTED_STAGES
+                and request.session.protocol in SMTP_PROTOCOLS):
+            self.stats.refusal(refusal_reason(decision.rule, decision.action == policy_pb2.ACTION_TEMPFAIL))

@@ -16,6 +16,7 @@ from rempart.common.ipblocks import read_block_event
 from rempart.common.mailbox import Mailboxes, MailboxLog
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
+from rempart.common.stats import StatsRecorder
 from rempart.common.tls import ServerTls
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.rdns import ReverseNames
@@ -59,6 +60,7 @@ class SmtpEdge:
             proxy_cidrs=self.settings.proxy_cidrs(),
             max_sessions=self.settings.max_sessions,
             rdns=ReverseNames(self.settings.nameservers()),
+            stats=StatsRecorder(self.runtime.redis),
         )
         self.runtime.ops.add_check("policy", channel_check(self.policy.channel))
         self.runtime.ops.add_check("auth", channel_check(self.auth.channel))

@@ -16,6 +16,7 @@ from rempart.common.events import EventBus
 from rempart.common.mailbox import Mailboxes
 from rempart.common.mailstore import new_transaction_id
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.stats import TEMPORARY_FAILURE, StatsRecorder
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.received import received_header
 from rempart.smtp_edge.session import EdgeSMTP, strip_brackets
@@ -32,8 +33,10 @@ RDNS_WAIT_SECONDS = 0.5
 
 
 class Delivery:
-    def __init__(self, *, hostname: str, mailboxes: Mailboxes, events: EventBus, config: SettingsCache) -> None:
+    def __init__(self, *, hostname: str, mailboxes: Mailboxes, events: EventBus, config: SettingsCache,
+                 stats: StatsRecorder | None = None) -> None:
         self.hostname = hostname
+        self.stats = stats  # messages accepted and stores failed, for GET /v1/stats
         self.mailboxes = mailboxes
         self.events = events
         self.config = config
@@ -64,9 +67,13 @@ class Delivery:
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
             log.error("durable store failed: %s", exc, extra={"session": state.session_id})
             state.reset_transaction()
+            if self.stats is not None:
+                self.stats.refusal(TEMPORARY_FAILURE)
             return replies.STORE_TEMPFAIL
         STORE_SECONDS.observe(time.monotonic() - started)
         ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
+        if self.stats is not None:
+            self.stats.message_accepted()
         await self.mailboxes.deliver(self.events.connection, record, message, seq, session=state.session_id)
         await self.events.publish(
             "mail", "accepted", client_ip=state.client_ip, account=state.authenticated_account,

@@ -130,6 +130,9 @@ class SessionHooks(Protocol):
     def count_reply(self, server: EdgeSMTP, reply: str) -> bool:
         """Count a reply; True when it spends the session's error budget."""
 
+    def refused_here(self, reason: str) -> None:
+        """The edge refused something itself, without a policy verdict (for the statistics)."""
+
     def closed(self, server: EdgeSMTP) -> None:
         """The connection is gone."""
 
@@ -210,6 +213,8 @@ class EdgeSMTP(SMTP):
 
     async def _reply(self, status: Any) -> None:
         if isinstance(status, str):
+            if status in replies.REWORDED:  # aiosmtpd's own size refusal (R-LIM-7), policy not asked
+                self.hooks.refused_here("message_too_big")
             if not self._in_ehlo:
                 status = replies.with_enhanced_code(status)
             if self.hooks.count_reply(self, status):

@@ -20,6 +20,7 @@ from rempart.common.events import EventBus
 from rempart.common.mailbox import Mailboxes
 from rempart.common.netmatch import ip_in_networks
 from rempart.common.pb.policy.v1 import policy_pb2
+from rempart.common.stats import TEMPORARY_FAILURE, StatsRecorder
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.authentication import SmtpLogins
 from rempart.smtp_edge.delivery import Delivery
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by listener and code class", ["listener", "class"])
 POLICY_SECONDS = Histogram("rempart_smtp_policy_seconds", "Policy call latency seen by the edge", ["stage"])
+# The rules of the verdicts the policy client makes up when policy does not answer (clients.py).
+POLICY_FAILURE_RULES = ("policy-unavailable", "policy-empty-verdict")
+UNCOUNTED_STAGES = frozenset({policy_pb2.STAGE_RSET, policy_pb2.STAGE_DISCONNECT})
 # Extensions aiosmtpd does not list: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034), DSN (RFC 3461).
 EXTRA_EHLO_LINES = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
 
@@ -52,6 +56,7 @@ class EdgeHandler:
         proxy_cidrs: list[str],
         max_sessions: int = 2000,
         rdns: ReverseNames | None = None,
+        stats: StatsRecorder | None = None,
     ) -> None:
         self.rdns = rdns
         self.max_sessions = max_sessions
@@ -62,7 +67,8 @@ class EdgeHandler:
         self.proxy_cidrs = proxy_cidrs
         self.connections = ConnectionRegistry()
         self.logins = SmtpLogins(auth, config)
-        self.delivery = Delivery(hostname=hostname, mailboxes=mailboxes, events=events, config=config)
+        self.delivery = Delivery(hostname=hostname, mailboxes=mailboxes, events=events, config=config, stats=stats)
+        self.stats = stats  # the edge's own refusals (policy counts its verdicts), GET /v1/stats
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
 
@@ -86,6 +92,10 @@ class EdgeHandler:
             return False
         server.state.errors += 1
         return server.state.errors >= self.config.server.smtp.error_budget
+
+    def refused_here(self, reason: str) -> None:
+        if self.stats is not None:
+            self.stats.refusal(reason)
 
     def closed(self, server: EdgeSMTP) -> None:
         self.connections.unregister(server)
@@ -122,6 +132,8 @@ class EdgeHandler:
         request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
         with POLICY_SECONDS.labels(policy_pb2.Stage.Name(stage)).time():
             verdict = await self._policy(server).check(request)
+        if verdict.rule.startswith(POLICY_FAILURE_RULES) and stage not in UNCOUNTED_STAGES:
+            self.refused_here(TEMPORARY_FAILURE)  # policy never decided: the edge's own 451
         if verdict.delay_ms:
             await asyncio.sleep(min(verdict.delay_ms, 60_000) / 1000)
         return verdict
@@ -263,6 +275,7 @@ class EdgeHandler:
             # bare CR or LF is where other servers disagree about where a message ends.
             if self.config.server.smtp.bare_line_endings == "reject":
                 state.reset_transaction()
+                self.refused_here("bad_syntax")
                 return replies.BARE_LINE_ENDING
             data = normalize_line_endings(data)
         verdict = await self._check(
