@@ -67,6 +67,11 @@ class SinkHandler:
     max_open_transactions: int = 0
     in_data: asyncio.Event = field(default_factory=asyncio.Event)
     data_delay: float = 0.0
+    quits: int = 0
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        return "221 2.0.0 Bye"
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
@@ -426,6 +431,74 @@ async def test_r_lim_6_at_most_100_recipients_per_connection(
         assert sorted(len(r) for r in remote.connections()) == [50, 100, 100]
         assert remote.handler.sessions == 3
         assert sorted(r for got in remote.connections() for r in got) == recipients
+
+
+def sessions_of(remote: Sink) -> list[int]:
+    """Recipients carried by each session the remote saw, in order of first use."""
+    per_session: dict[int, int] = {}
+    for got in remote.handler.received:
+        per_session[got.session] = per_session.get(got.session, 0) + len(got.rcpt_tos)
+    return list(per_session.values())
+
+
+async def send_one_by_one(store: MessageStore, remote: Sink, count: int) -> None:
+    for i in range(count):
+        await store.accept(MESSAGE, mail_from="alice@example.org", local_mailboxes=[],
+                           remote_recipients=[f"u{i}@remote.test"])
+        await eventually(lambda i=i: len(remote.handler.received) == i + 1, what=f"delivery {i + 1}")
+
+
+async def test_r_out_4_session_kept_for_the_next_message_then_closed_when_idle(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, store: MessageStore, tls_files: tuple[str, str]) -> None:
+    """Like Postfix's connection cache: four messages in a row to one MX travel over one
+    STARTTLS session (one connection, one handshake); once idle for 2 s it is closed with QUIT."""
+    await configure(redis)
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink(tls=server_tls(tls_files)) as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port):
+            await send_one_by_one(store, remote, 4)
+            # (the sink's certificate is self-signed: the first, verifying handshake failed, and
+            # the session that carried the mail was opened without the check, as R-TLS-4 says)
+            assert sessions_of(remote) == [4]
+            assert all(got.tls for got in remote.handler.received)
+            assert remote.handler.quits == 0, "kept open between messages"
+            await eventually(lambda: remote.handler.quits == 1, timeout=10, what="QUIT after 2 s idle")
+            await send_one_by_one_more(store, remote)
+            assert sessions_of(remote) == [4, 1], "an expired session is not reused"
+
+
+async def send_one_by_one_more(store: MessageStore, remote: Sink) -> None:
+    before = len(remote.handler.received)
+    await store.accept(MESSAGE, mail_from="alice@example.org", local_mailboxes=[],
+                       remote_recipients=["late@remote.test"])
+    await eventually(lambda: len(remote.handler.received) == before + 1, what="a later delivery")
+
+
+async def test_r_lim_6_recipients_per_connection_count_over_a_kept_session(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, store: MessageStore) -> None:
+    """R-LIM-6 bounds the recipients of a connection, not of a message: with a limit of 3, five
+    one-recipient messages in a row make two sessions of 3 and 2."""
+    await SettingsStore(redis).put_doc("server", {"outbound": {"retry_backoff_seconds": [0.5]},
+                                                  "limits": {"outbound_max_recipients_per_connection": 3}})
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink() as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port):
+            await send_one_by_one(store, remote, 5)
+    assert sessions_of(remote) == [3, 2]
+    assert remote.handler.sessions == 2
+
+
+async def test_r_out_4_a_kept_session_the_remote_closed_is_replaced_without_a_deferral(
+        redis_url: str, nats_url: str, redis: aioredis.Redis, store: MessageStore) -> None:
+    """The remote drops the idle session before the relay's 2 s are up (aiosmtpd's 0.5 s idle
+    timeout): the next message goes over a new session at once, nobody deferred."""
+    await configure(redis)
+    deferred = relay_queue.DELIVERIES.labels("deferred")._value.get()
+    async with LoopbackDnsServer(zone("remote.test")) as dns, sink(timeout=0.5) as remote:
+        async with running_relay(redis_url, nats_url, dns, remote.port):
+            await send_one_by_one(store, remote, 1)
+            await asyncio.sleep(1.2)
+            await send_one_by_one_more(store, remote)
+    assert remote.handler.sessions == 2
+    assert relay_queue.DELIVERIES.labels("deferred")._value.get() == deferred
 
 
 async def test_r_out_4_connections_per_destination_domain_limited(

@@ -293,8 +293,10 @@ class Relay:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
-        if self.queue is not None and self.queue.sts is not None:
-            await self.queue.sts.close()
+        if self.queue is not None:
+            await self.queue.client.close_idle()
+            if self.queue.sts is not None:
+                await self.queue.sts.close()
 
 
 async def serve(settings: RelaySettings) -> None:

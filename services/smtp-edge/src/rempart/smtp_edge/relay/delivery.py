@@ -17,10 +17,20 @@ reason is a temporary failure of that host, never a fallback to plain text.
 later with a certificate valid for the MX name, or no delivery: a host that offers no STARTTLS
 or whose certificate does not verify is a temporary failure (``451 4.7.5``), with no unchecked
 retry and no plain text.
+
+Connection reuse (as Postfix's connection cache): a session that ended its transaction cleanly
+is kept open for ``idle_seconds`` (2 s, Postfix's ``smtp_connection_cache_time_limit``) for the
+next message to the same host, address, port and terms (TLS requirement, AUTH). Reusing one
+costs a RSET, where a new session costs the connection, greeting, EHLO, STARTTLS's handshake and
+EHLO again; a RSET that fails (the remote closed it meanwhile) means a new session, and no
+recipient is touched. R-LIM-6's recipients per connection count across the messages of a reused
+session: one that reached the limit is closed, not kept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -65,6 +75,7 @@ class Outcome:
     tls_verified: bool = False
     unconfirmed: bool = False  # the dot was sent and no reply came
     withdrawn: bool = False  # the queue withdrew the message before the dot (removed meanwhile)
+    reused: bool = False  # on a session kept from an earlier message
 
 
 @dataclass
@@ -104,6 +115,21 @@ class TlsPolicy:
             self._unverified = {h: t for h, t in self._unverified.items() if t > now}
 
 
+@dataclass
+class Parked:
+    """An idle session kept for the next message to the same destination."""
+
+    smtp: aiosmtplib.SMTP
+    tls_version: str
+    tls_verified: bool
+    recipients: int  # sent on this connection so far (R-LIM-6)
+    until: float  # monotonic
+
+
+# address, port, MX host name, implicit TLS, AUTH login, TLS required (MTA-STS enforce)
+SessionKey = tuple[str, int, str, bool, tuple[str, str] | None, bool]
+
+
 class HostFailed(Exception):
     """This host could not take the message (connect, greeting, EHLO, TLS): try the next one."""
 
@@ -118,6 +144,10 @@ class SmtpClient:
     tls: TlsPolicy
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
+    idle_seconds: float = 2.0  # 0: one session per message
+    max_idle_per_destination: int = 8
+    _idle: dict[SessionKey, list[Parked]] = field(default_factory=dict)
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def _open(self, address: str, port: int, host: str, implicit_tls: bool,
                     verify: bool, strict: bool = False) -> aiosmtplib.SMTP:
@@ -203,16 +233,26 @@ class SmtpClient:
 
     async def deliver(self, address: str, port: int, host: str, envelope: Envelope, *,
                       implicit_tls: bool = False, login: tuple[str, str] | None = None,
-                      before_dot: BeforeDot | None = None, require_tls: bool = False) -> Outcome:
-        """One session to ``host`` at ``address``; raises :class:`HostFailed` when the host
-        could not take part (then the caller tries the next host). ``before_dot`` is called
+                      before_dot: BeforeDot | None = None, require_tls: bool = False,
+                      max_recipients: int = 0) -> Outcome:
+        """One transaction with ``host`` at ``address``, on an idle session kept from an earlier
+        message when there is one, else on a new session; raises :class:`HostFailed` when the
+        host could not take part (then the caller tries the next host). ``before_dot`` is called
         with the recipients the remote accepted just before the final dot, so that the queue
         can mark them in flight (a kill after that point may make a duplicate), or withdraw
-        the message (the transaction is then reset, and no dot is sent)."""
+        the message (the transaction is then reset, and no dot is sent). ``max_recipients``
+        (R-LIM-6, 0: no limit) bounds the recipients a connection carries over its messages."""
         outcome = Outcome(host=host, address=address)
-        smtp = await self._session(address, port, host, implicit_tls, outcome, require_tls)
+        key: SessionKey = (address, port, host, implicit_tls, login, require_tls)
+        parked = await self._reuse(key, len(envelope.recipients), max_recipients)
+        if parked is not None:
+            smtp, sent = parked.smtp, parked.recipients
+            outcome.tls_version, outcome.tls_verified = parked.tls_version, parked.tls_verified
+            outcome.reused = True
+        else:
+            smtp, sent = await self._session(address, port, host, implicit_tls, outcome, require_tls), 0
         try:
-            if login is not None:
+            if login is not None and parked is None:
                 if not outcome.tls_version:
                     raise HostFailed(Reply(451, "4.7.10", f"{host}: no TLS, AUTH credentials withheld"))
                 try:
@@ -231,11 +271,78 @@ class SmtpClient:
                 if rcpt not in outcome.replies or outcome.replies[rcpt].ok:
                     outcome.replies[rcpt] = lost
             return outcome
+        sent += len(envelope.recipients)
+        if outcome.unconfirmed or not smtp.is_connected or (max_recipients and sent >= max_recipients):
+            await self._quit(smtp)
+        else:
+            self._park(key, Parked(smtp, outcome.tls_version, outcome.tls_verified, sent,
+                                   time.monotonic() + self.idle_seconds))
+        return outcome
+
+    async def _reuse(self, key: SessionKey, recipients: int, max_recipients: int) -> Parked | None:
+        """The newest idle session for ``key`` that can take ``recipients`` more and answers a
+        RSET; the others found on the way (expired, full, dead) are closed."""
+        parked_list = self._idle.get(key)
+        while parked_list:
+            parked = parked_list.pop()
+            if not parked_list:
+                del self._idle[key]
+            if (parked.until < time.monotonic() or not parked.smtp.is_connected
+                    or (max_recipients and parked.recipients + recipients > max_recipients)):
+                self._quit_later(parked.smtp)
+                parked_list = self._idle.get(key)
+                continue
+            try:
+                await parked.smtp.rset(timeout=min(self.command_timeout, 30.0))
+                return parked
+            except (SMTPException, OSError, TimeoutError) as exc:
+                log.debug("kept session to %s unusable: %s", key[2], exc)
+                parked.smtp.close()
+            parked_list = self._idle.get(key)
+        return None
+
+    def _park(self, key: SessionKey, parked: Parked) -> None:
+        parked_list = self._idle.setdefault(key, [])
+        if self.idle_seconds <= 0 or len(parked_list) >= self.max_idle_per_destination:
+            self._quit_later(parked.smtp)
+            if not parked_list:
+                del self._idle[key]
+            return
+        parked_list.append(parked)
+        asyncio.get_running_loop().call_later(self.idle_seconds + 0.05, self._expire, key)
+
+    def _expire(self, key: SessionKey) -> None:
+        parked_list = self._idle.get(key)
+        if not parked_list:
+            return
+        now = time.monotonic()
+        for parked in [p for p in parked_list if p.until <= now]:
+            parked_list.remove(parked)
+            self._quit_later(parked.smtp)
+        if not parked_list:
+            del self._idle[key]
+
+    def _quit_later(self, smtp: aiosmtplib.SMTP) -> None:
+        task = asyncio.get_running_loop().create_task(self._quit(smtp))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _quit(smtp: aiosmtplib.SMTP) -> None:
         try:
             await smtp.quit(timeout=10)
         except (SMTPException, OSError, TimeoutError):
             smtp.close()
-        return outcome
+
+    async def close_idle(self) -> None:
+        """QUIT every kept session (the relay stops)."""
+        for parked_list in self._idle.values():
+            for parked in parked_list:
+                self._quit_later(parked.smtp)
+        self._idle.clear()
+        if self._closing:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(set(self._closing), timeout=10)
 
     async def _transaction(self, smtp: aiosmtplib.SMTP, envelope: Envelope, outcome: Outcome,
                            before_dot: BeforeDot | None) -> None:

@@ -313,7 +313,7 @@ class RelayQueue:
                     # one. (The first was just looked at; the final dot is checked in any case.)
                     return
                 envelope = Envelope(sender, chunk, data, *self._dsn_params(record, chunk))
-                outcome = await self._deliver_chunk(txn, route, envelope, states)
+                outcome = await self._deliver_chunk(txn, route, envelope, states, per_connection)
                 if outcome.withdrawn:
                     log.info("removed from the queue during the transaction: final dot not sent",
                              extra={"queue_id": txn, "mx": outcome.host, "recipients": chunk})
@@ -323,7 +323,7 @@ class RelayQueue:
                 self._log_outcome(txn, sender, outcome)
 
     async def _deliver_chunk(self, txn: str, route: Route, envelope: Envelope,
-                             states: dict[str, RecipientState]) -> Outcome:
+                             states: dict[str, RecipientState], per_connection: int = 0) -> Outcome:
         async def before_dot(accepted: list[str]) -> bool:
             for rcpt in accepted:
                 states[rcpt].state = "sending"
@@ -361,13 +361,15 @@ class RelayQueue:
                 try:
                     outcome = await self.client.deliver(address, host.port, host.name, envelope,
                                                         implicit_tls=implicit_tls, login=login,
-                                                        before_dot=before_dot, require_tls=require_tls)
+                                                        before_dot=before_dot, require_tls=require_tls,
+                                                        max_recipients=per_connection)
                 except HostFailed as exc:
                     last = exc.reply
                     log.info("mail host failed, trying the next", extra={
                         "queue_id": txn, "mx": host.name, "address": address, "reply": str(exc.reply)})
                     continue
-                SESSIONS.labels(outcome.tls_version or "none").inc()
+                if not outcome.reused:
+                    SESSIONS.labels(outcome.tls_version or "none").inc()
                 if policy is not None and policy.mode == "testing" and not outcome.tls_verified:
                     log.warning("MTA-STS policy (testing) of %s not met: %s, delivered anyway", route.domain,
                                 "TLS not verified" if outcome.tls_version else "no TLS",
