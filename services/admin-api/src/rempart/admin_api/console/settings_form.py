@@ -246,7 +246,8 @@ def group_fields(group: Group) -> list[SettingField]:
     return [field for section in group.sections for field in section_fields(section)]
 
 
-def _parse(field: SettingField, form: Form) -> Any:
+def parse_field(field: SettingField, form: Form) -> Any:
+    """What the form says for ``field``, as the settings model will read it (text for numbers)."""
     raw = form.get(field.input_name)
     if field.kind == "bool":
         return form.has(field.input_name)
@@ -276,7 +277,7 @@ def form_changes(group: Group, form: Form, current: dict[str, Any]) -> tuple[dic
         if field.kind == "secret":
             continue  # write-only: rotated, never typed into a form
         try:
-            value = _parse(field, form)
+            value = parse_field(field, form)
         except ValueError as exc:  # json.JSONDecodeError too
             errors.append(FieldError(field=field.key, detail=str(exc).split(":")[0] or "not readable"))
             continue

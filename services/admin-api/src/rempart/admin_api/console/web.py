@@ -66,6 +66,8 @@ NOTICES = {
     "unblocked": "The IP is unblocked.",
     "settings_saved": "The settings are saved; every replica applies them within seconds.",
     "srs_rotated": "A new SRS key signs from now on.",
+    "override_saved": "The override is saved; every replica applies it within seconds.",
+    "override_cleared": "The override is cleared: the value from the wider scope applies again.",
 }
 
 
