@@ -249,11 +249,19 @@ class IpBlock(BaseModel):
     prefix: str = Field(default="", description="The IPv6 network the block covers, if any.")
     client_ip: str = Field(default="", description="The address whose connection tripped the block.")
     protocol: str = ""
+    blocked_by: str = Field(default="", description="The administrator who blocked it by hand; empty: the policy")
 
 
 class IpBlockList(BaseModel):
     blocks: list[IpBlock]
-    truncated: bool
+    truncated: bool = Field(description="More blocks follow (next_cursor is set)")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
+
+
+class IpBlockCreate(_Body):
+    ip: str = Field(min_length=2, max_length=64, description="An IPv4 address, or an IPv6 address or network")
+    reason: str = Field(min_length=1, max_length=200, description="Why, in words; shown in the block list")
+    duration_minutes: int = Field(default=1440, ge=1, le=366 * 24 * 60)
 
 
 # Two-step verification (R-2FA-1, R-2FA-2) and hash import ------------------------------------

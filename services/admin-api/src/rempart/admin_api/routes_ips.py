@@ -1,4 +1,4 @@
-"""R-IPS-5: list, inspect and remove intrusion-prevention blocks.
+"""R-IPS-5: list, inspect, add by hand and remove intrusion-prevention blocks.
 
 The policy service owns blocking and writes these keys (``rempart.policy.intrusion``): the index
 ``IPS_BLOCKS`` is a sorted set (subject -> expiry) and each block a JSON record with its reason,
@@ -17,9 +17,20 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from rempart.admin_api.backend import AuditReady, Backend, BackendDep, SuperadminDep, invalid, not_found, record_change
-from rempart.admin_api.models import MAX_LIST, IpBlock, IpBlockList, Problem
+from rempart.admin_api.backend import (
+    AuditReady,
+    Backend,
+    BackendDep,
+    ProblemError,
+    SuperadminDep,
+    invalid,
+    not_found,
+    record_action,
+)
+from rempart.admin_api.models import MAX_LIST, MAX_TEXT, IpBlock, IpBlockCreate, IpBlockList, Problem
+from rempart.admin_api.paging import CursorQuery, decode_cursor, encode_cursor
 from rempart.common import keys
+from rempart.common.config import MailSettings, deep_merge
 
 router = APIRouter(tags=["intrusion-prevention"], dependencies=[AuditReady])
 _P = {"model": Problem}
@@ -28,6 +39,11 @@ IpPath = Annotated[str, Path(min_length=2, max_length=64)]
 REQUIREMENT_ID = re.compile(r"^\s*R-[A-Z0-9]+-\d+\b[\s:.-]*")
 UNBLOCKED_BY_ADMIN = "unblocked by an administrator"
 UNKNOWN_REASON = "intrusion prevention"
+# The policy service's counter triggers (rempart.policy.intrusion.TRIGGERS, a test holds them
+# equal): the admin API does not ship the policy package.
+IPS_TRIGGERS = ("conn", "authfail", "unknown", "relay", "rset")
+SCAN_BUDGET = 5000
+BATCH = 200
 
 
 def reason_in_words(raw: str) -> str:
@@ -39,12 +55,6 @@ def canonical_ip(raw: str) -> str:
         return str(ipaddress.ip_address(raw.strip()))
     except ValueError:
         raise invalid("Not an IP address", "ip", "not an IP address", "path") from None
-
-
-async def _index_members(backend: Backend, limit: int) -> tuple[list[str], bool]:
-    members = await backend.redis.zrange(keys.IPS_BLOCKS, 0, limit)  # soonest expiry first
-    names = [str(m) for m in members]
-    return names[:limit], len(names) > limit
 
 
 def _number(value: Any) -> float | None:
@@ -76,7 +86,19 @@ async def _block(backend: Backend, ip: str) -> IpBlock | None:
         prefix=str(record.get("prefix", "")),
         client_ip=str(record.get("client_ip", "")),
         protocol=str(record.get("protocol", "")),
+        blocked_by=str(record.get("blocked_by", "")),
     )
+
+
+def _cursor_after(cursor: str | None) -> tuple[float, str] | None:
+    value = decode_cursor("ip-blocks", cursor)
+    if value is None:
+        return None
+    score, _, member = value.partition(" ")
+    try:
+        return float(score), member
+    except ValueError:
+        raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query") from None
 
 
 @router.get("/v1/ips/blocks", operation_id="listIpBlocks", response_model=IpBlockList, responses={401: _P, 403: _P})
@@ -84,10 +106,39 @@ async def list_blocks(
     principal: SuperadminDep,
     backend: BackendDep,
     limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = MAX_LIST,
+    cursor: CursorQuery = None,
+    reason: Annotated[str | None, Query(max_length=MAX_TEXT, description="Only blocks whose reason contains this")]
+    = None,
 ) -> IpBlockList:
-    members, truncated = await _index_members(backend, limit)
-    blocks = [b for b in [await _block(backend, ip) for ip in members] if b is not None]
-    return IpBlockList(blocks=blocks, truncated=truncated)
+    """Soonest expiry first. ``truncated`` says the same as a non-null ``next_cursor``."""
+    after = _cursor_after(cursor)
+    low: float | str = "-inf" if after is None else after[0]
+    wanted = reason.strip().lower() if reason else ""
+    out: list[IpBlock] = []
+    offset = scanned = 0
+    last: tuple[float, str] | None = None
+    more = False
+    while scanned < SCAN_BUDGET and not more:
+        raw: list[Any] = list(await backend.redis.zrangebyscore(keys.IPS_BLOCKS, low, "+inf", start=offset,
+                                                                num=BATCH, withscores=True))
+        if not raw:
+            break
+        offset += len(raw)
+        for member, score in ((str(m), float(sc)) for m, sc in raw):
+            if after is not None and (score, member) <= after:
+                continue
+            if len(out) == limit:
+                more = True
+                break
+            scanned += 1
+            block = await _block(backend, member)
+            last = (score, member)
+            if block is not None and wanted in block.reason.lower():
+                out.append(block)
+        if scanned >= SCAN_BUDGET:
+            more = True
+    next_cursor = encode_cursor("ip-blocks", f"{last[0]!r} {last[1]}") if more and last is not None else None
+    return IpBlockList(blocks=out, truncated=next_cursor is not None, next_cursor=next_cursor)
 
 
 @router.get("/v1/ips/blocks/{ip}", operation_id="getIpBlock", response_model=IpBlock,
@@ -99,17 +150,94 @@ async def get_block(ip: IpPath, principal: SuperadminDep, backend: BackendDep) -
     return block
 
 
+async def _server_settings(backend: Backend) -> MailSettings:
+    return MailSettings.model_validate(deep_merge(MailSettings().model_dump(), await backend.store.get_doc("server")))
+
+
+def block_subject(raw: str, ipv6_prefix_length: int) -> tuple[str, str]:
+    """(subject, prefix) as the policy service counts and blocks a client (its
+    ``intrusion_subject``): an IPv4 address alone; an IPv6 address or network by the prefix of
+    ``ips.ipv6_prefix_length`` that holds it. A wider network is refused: the policy looks a
+    client up by that one subject, so a wider block would be shown here and enforced nowhere."""
+    text = raw.strip()
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise invalid("Not an IP address or network", "ip", "not an IP address or network (CIDR)") from None
+    if isinstance(network, ipaddress.IPv6Network) and network.num_addresses == 1:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            network = ipaddress.ip_network(mapped)
+    if isinstance(network, ipaddress.IPv4Network):
+        if network.prefixlen != 32:
+            raise invalid("Only single IPv4 addresses are blocked", "ip",
+                          "an IPv4 network wider than /32 is not enforced by intrusion prevention: block its "
+                          "addresses one by one")
+        return str(network.network_address), ""
+    if network.prefixlen < ipv6_prefix_length:
+        raise invalid("The network is wider than intrusion prevention blocks", "ip",
+                      f"an IPv6 network wider than /{ipv6_prefix_length} (ips.ipv6_prefix_length) is not enforced")
+    if ipv6_prefix_length >= 128:
+        return network.network_address.compressed, ""
+    covering = ipaddress.IPv6Network((network.network_address, ipv6_prefix_length), strict=False)
+    return covering.network_address.compressed, covering.compressed
+
+
+@router.post("/v1/ips/blocks", operation_id="createIpBlock", response_model=IpBlock, status_code=201,
+             responses={401: _P, 403: _P, 409: _P, 422: _P, 503: _P},
+             summary="Block an IP (or an IPv6 prefix) by hand, as intrusion prevention does")
+async def create_block(body: IpBlockCreate, request: Request, principal: SuperadminDep,
+                       backend: BackendDep) -> IpBlock:
+    """The same block the policy service makes (R-IPS-4): the edges refuse the address at its next
+    connection, and, when ``ips.close_all_connections`` is on, close the ones it has open. An
+    IPv6 address blocks its whole prefix (``ips.ipv6_prefix_length``, /64 by default), the way
+    the policy counts IPv6 clients (R-IPS-6); the answer's ``prefix`` names it. A block already
+    in force is replaced (the new reason and duration)."""
+    settings = await _server_settings(backend)
+    subject, prefix = block_subject(body.ip, settings.ips.ipv6_prefix_length)
+    if not settings.ips.refuse_blocked:
+        raise ProblemError(409, "Blocked addresses are not refused (ips.refuse_blocked is off): turn it on first")
+    before = await _block(backend, subject)
+    now = time.time()
+    seconds = body.duration_minutes * 60
+    doc = {"reason": body.reason, "blocked_at": now, "expires_at": now + seconds, "protocol": "",
+           "session_id": "", "client_ip": body.ip.strip(), "blocked_by": principal.address}
+    if prefix:
+        doc["prefix"] = prefix
+    async with backend.redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.ips_block(subject), json.dumps(doc), ex=seconds)
+        pipe.zadd(keys.IPS_BLOCKS, {subject: now + seconds})
+        await pipe.execute()
+    block = await _block(backend, subject)
+    if block is None:
+        raise not_found("Block")  # expired in the same instant: only with a clock gone mad
+    await record_action(backend, request, principal.address, "ip_blocked", subject, kind="ip_block",
+                        before=before, after=block)
+    # The edges close the address's open connections on this, as for the policy's own blocks.
+    await backend.events.publish(
+        "ips", "blocked", client_ip=subject, account=principal.address, reason=body.reason,
+        minutes=str(body.duration_minutes), close_all_connections=str(settings.ips.close_all_connections).lower(),
+        instance="", prefix=prefix, actor=principal.address)
+    return block
+
+
 @router.delete("/v1/ips/blocks/{ip}", operation_id="deleteIpBlock", status_code=204, response_class=Response,
-               responses={401: _P, 403: _P, 404: _P, 422: _P})
+               responses={401: _P, 403: _P, 404: _P, 422: _P, 503: _P})
 async def delete_block(ip: IpPath, request: Request, principal: SuperadminDep, backend: BackendDep) -> Response:
+    """Lift the block and forget the address's intrusion counters (connections, failed logins,
+    unknown recipients, relay denials, RSETs, open sessions), as the policy service's own unblock
+    does: otherwise the next connection would count on from where the block began and block the
+    address again at once. A known-IP record (R-IPS-6) stays."""
     ip = canonical_ip(ip)
+    before = await _block(backend, ip)
     async with backend.redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.ips_block(ip))
         pipe.zrem(keys.IPS_BLOCKS, ip)
+        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in IPS_TRIGGERS), keys.ips_connections(ip))
         removed = await pipe.execute()
-    if not any(int(n) for n in removed):
+    if not any(int(n) for n in removed[:2]):
         raise not_found("Block")
+    await record_action(backend, request, principal.address, "ip_unblocked", ip, kind="ip_block", before=before)
     await backend.events.publish("ips", "unblocked", client_ip=ip, account=principal.address,
                                  reason=UNBLOCKED_BY_ADMIN, actor=principal.address)
-    await record_change(backend, request, principal.address, "ip_unblocked", ip, "ips")
     return Response(status_code=204)

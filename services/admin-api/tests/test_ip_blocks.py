@@ -1,0 +1,134 @@
+"""R-IPS-4, R-IPS-5, R-IPS-6, R-ADM-5: an IP blocked by hand through the API is refused by the
+real policy service at the next connection, and an unblock also clears its counters, so the next
+connection is not blocked again; paged block lists; every block and unblock audited."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from rempart.common.pb.events.v1 import events_pb2
+from rempart.common.pb.policy.v1 import policy_pb2 as pb
+
+from .conftest import ADMIN, Harness
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "policy" / "tests"))
+from policy_testkit import UNTRUSTED_IP, Policy, started_policy
+
+from rempart.admin_api.routes_ips import IPS_TRIGGERS
+from rempart.policy import intrusion
+
+
+@pytest.fixture
+async def policy(redis_url: str, nats_url: str, redis: aioredis.Redis) -> AsyncIterator[Policy]:
+    """The real policy service on the harness's Redis and NATS (its connect screen needs no directory)."""
+    async with started_policy(redis_url, nats_url, redis) as running:
+        yield running
+
+
+def test_the_counters_cleared_are_the_policys() -> None:
+    assert IPS_TRIGGERS == intrusion.TRIGGERS
+
+
+async def test_r_ips_5_block_by_hand_refused_by_the_policy_and_unblock_clears_counters(
+    harness: Harness, admin_headers: dict[str, str], policy: Policy, nats_conn: NATS
+) -> None:
+    http = harness.http
+    # Five connections: the most a minute allows (max_connections_per_minute = 5).
+    for _ in range(5):
+        assert (await policy.check(pb.STAGE_CONNECT)).code == 220
+    announced: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+
+    async def on_block(msg: Msg) -> None:
+        if not announced.done():
+            announced.set_result(msg)
+
+    sub = await nats_conn.subscribe("rempart.events.ips.blocked", cb=on_block)
+    await nats_conn.flush()
+    created = await http.post("/v1/ips/blocks", json={"ip": UNTRUSTED_IP, "reason": "abuse report #42",
+                                                      "duration_minutes": 30}, headers=admin_headers)
+    assert created.status_code == 201, created.text
+    block = created.json()
+    assert (block["ip"], block["reason"], block["blocked_by"]) == (UNTRUSTED_IP, "abuse report #42", ADMIN)
+    assert 29 * 60 < block["expires_in_seconds"] <= 30 * 60
+    # The edges hear of it as of the policy's own blocks (they close the IP's connections).
+    event = events_pb2.Event.FromString((await asyncio.wait_for(announced, 5)).data)
+    assert (event.client_ip, event.reason) == (UNTRUSTED_IP, "abuse report #42")
+    await sub.unsubscribe()
+    refused = await policy.check(pb.STAGE_CONNECT)
+    assert (refused.action, refused.code, refused.enhanced_code) == (pb.ACTION_CLOSE, 421, "4.0.0")
+    assert (await policy.check(pb.STAGE_CONNECT, ip="198.51.100.1")).code == 220
+    assert [b.reason for b in await intrusion.list_blocks(policy.redis)] == ["abuse report #42"]
+    listed = (await http.get("/v1/ips/blocks", headers=admin_headers)).json()
+    assert [b["ip"] for b in listed["blocks"]] == [UNTRUSTED_IP] and listed["next_cursor"] is None
+    # Unblocked: the sixth connection of the minute is accepted, not blocked again.
+    assert (await http.delete(f"/v1/ips/blocks/{UNTRUSTED_IP}", headers=admin_headers)).status_code == 204
+    sixth = await policy.check(pb.STAGE_CONNECT)
+    assert (sixth.code, sixth.ip_blocked) == (220, False)
+    assert await intrusion.list_blocks(policy.redis) == []
+    audit = (await http.get("/v1/audit", params={"kind": "ip_block"}, headers=admin_headers)).json()["events"]
+    assert [(e["action"], e["object"]["id"]) for e in audit] == [("ip_unblocked", UNTRUSTED_IP),
+                                                                 ("ip_blocked", UNTRUSTED_IP)]
+    assert audit[1]["before"] is None and audit[1]["after"]["reason"] == "abuse report #42"
+    assert audit[0]["before"]["reason"] == "abuse report #42" and audit[0]["after"] is None
+
+
+async def test_r_ips_6_an_ipv6_block_covers_the_clients_prefix(
+    harness: Harness, admin_headers: dict[str, str], policy: Policy
+) -> None:
+    created = await harness.http.post("/v1/ips/blocks", json={"ip": "2001:db8:1:2::10", "reason": "spam run"},
+                                      headers=admin_headers)
+    assert created.status_code == 201
+    assert (created.json()["ip"], created.json()["prefix"]) == ("2001:db8:1:2::", "2001:db8:1:2::/64")
+    other = await policy.check(pb.STAGE_CONNECT, ip="2001:db8:1:2:abcd::1")
+    assert (other.action, other.code) == (pb.ACTION_CLOSE, 421)
+    assert (await policy.check(pb.STAGE_CONNECT, ip="2001:db8:1:3::10")).code == 220
+    assert 1439 * 60 < created.json()["expires_in_seconds"] <= 1440 * 60  # the default: one day
+
+
+async def test_r_ips_5_blocks_refused_where_they_would_not_be_enforced(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    http = harness.http
+    for ip, why in (("192.0.2.0/24", "not enforced"), ("2001:db8::/48", "/64"), ("nonsense", "not an IP")):
+        reply = await http.post("/v1/ips/blocks", json={"ip": ip, "reason": "x"}, headers=admin_headers)
+        assert reply.status_code == 422 and reply.headers["content-type"] == "application/problem+json"
+        assert reply.json()["errors"][0]["field"] == "ip" and why in reply.json()["errors"][0]["detail"]
+    too_long = await http.post("/v1/ips/blocks", json={"ip": "192.0.2.1", "reason": "x", "duration_minutes": 10**9},
+                               headers=admin_headers)
+    assert too_long.status_code == 422 and too_long.json()["errors"][0]["field"] == "duration_minutes"
+    # An IPv4-mapped address is the IPv4 client, as the policy counts it.
+    mapped = await http.post("/v1/ips/blocks", json={"ip": "::ffff:192.0.2.9", "reason": "x"}, headers=admin_headers)
+    assert mapped.status_code == 201 and mapped.json()["ip"] == "192.0.2.9"
+    await harness.add_account("boss@example.org", "Corr3ct-Horse-Battery!", "domain_admin")
+    boss = await harness.login("boss@example.org", "Corr3ct-Horse-Battery!")
+    assert (await http.post("/v1/ips/blocks", json={"ip": "192.0.2.1", "reason": "x"}, headers=boss)).status_code == 403
+
+
+async def test_r_ips_5_block_list_pages_and_filters(harness: Harness, admin_headers: dict[str, str]) -> None:
+    http = harness.http
+    for n in range(5):
+        reply = await http.post("/v1/ips/blocks", json={"ip": f"192.0.2.{n + 1}", "reason": f"case {n % 2}",
+                                                        "duration_minutes": 10 + n}, headers=admin_headers)
+        assert reply.status_code == 201
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, object] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = (await http.get("/v1/ips/blocks", params=params, headers=admin_headers)).json()
+        seen += [b["ip"] for b in page["blocks"]]
+        assert page["truncated"] is (page["next_cursor"] is not None)
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"192.0.2.{n + 1}" for n in range(5)]  # soonest expiry first
+    odd = (await http.get("/v1/ips/blocks", params={"reason": "CASE 1"}, headers=admin_headers)).json()
+    assert [b["ip"] for b in odd["blocks"]] == ["192.0.2.2", "192.0.2.4"]
+    assert (await http.get("/v1/ips/blocks", params={"cursor": "bad"}, headers=admin_headers)).status_code == 422
