@@ -12,13 +12,17 @@ Label values are bounded by the callers: SMTP stage names and IMAP command names
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 from prometheus_client import Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # Buckets from 1 ms (a cached FETCH, a HELO) to 30 s (a DATA of a large message on a slow link).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -31,6 +35,15 @@ IMAP_COMMAND_SECONDS = Histogram(
     "rempart_imap_command_seconds",
     "Time imap-pop takes for an IMAP command, from the command line to its tagged reply",
     ["command"], buckets=LATENCY_BUCKETS)
+
+
+@functools.cache
+def child(metric: M, *values: str) -> M:
+    """``metric.labels(*values)``, looked up once: prometheus_client's ``labels`` validates and
+    locks on every call, which showed in the edge's per-message profile (issue 11). Only for
+    label values from a small fixed set (listener names, reply classes, stage names): every
+    combination is kept for the life of the process."""
+    return metric.labels(*values)
 
 
 class Observer(Protocol):

@@ -46,7 +46,7 @@ async def imap_command(session: Session, command: Command, execute: Callable[[Co
     name = command.name if command.name in IMAP_COMMANDS else "UNKNOWN"
     if command.uid:
         name = "UID " + name
-    latency = IMAP_COMMAND_SECONDS.labels(name)
+    latency = metrics.child(IMAP_COMMAND_SECONDS, name)
     if not tracing.enabled():
         with metrics.timed(latency):
             await execute(command)

@@ -11,6 +11,7 @@ import time
 from aiosmtpd.smtp import Envelope, Session
 from prometheus_client import Counter, Histogram
 
+from rempart.common import metrics
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus
 from rempart.common.mailbox import Mailboxes
@@ -71,7 +72,7 @@ class Delivery:
                 self.stats.refusal(TEMPORARY_FAILURE)
             return replies.STORE_TEMPFAIL
         STORE_SECONDS.observe(time.monotonic() - started)
-        ACCEPTED_BYTES.labels(server.listener.name).inc(len(message))
+        metrics.child(ACCEPTED_BYTES, server.listener.name).inc(len(message))
         if self.stats is not None:
             self.stats.message_accepted()
         await self.mailboxes.deliver(self.events.connection, record, message, seq, session=state.session_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
+from rempart.common import metrics
 from rempart.common.ipblocks import BlockedScope
 from rempart.smtp_edge.session import EdgeSMTP
 
@@ -16,7 +17,7 @@ class ConnectionRegistry:
         self._by_ip: dict[str, set[EdgeSMTP]] = {}
 
     def register(self, server: EdgeSMTP) -> None:
-        SESSIONS.labels(server.listener.name).inc()
+        metrics.child(SESSIONS, server.listener.name).inc()
         self._by_ip.setdefault(server.state.client_ip, set()).add(server)
 
     def unregister(self, server: EdgeSMTP) -> None:

@@ -241,7 +241,7 @@ class EdgeSMTP(SMTP):
     async def traced(self, stage: str, step: Callable[[T], Awaitable[None]], arg: T) -> None:
         """Run one stage of the session (its command and reply) in a span of the session's
         trace; without tracing, just run it."""
-        latency = SMTP_STAGE_SECONDS.labels(stage)
+        latency = metrics.child(SMTP_STAGE_SECONDS, stage)
         if self._trace is None:
             with metrics.timed(latency):
                 await step(arg)

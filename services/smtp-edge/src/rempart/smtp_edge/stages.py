@@ -13,7 +13,7 @@ from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import AuthResult, Envelope, Session
 from prometheus_client import Counter, Histogram
 
-from rempart.common import sasl
+from rempart.common import metrics, sasl
 from rempart.common.clients import AuthClient, PolicyClient, PolicySession
 from rempart.common.config import SettingsCache
 from rempart.common.events import EventBus
@@ -87,7 +87,7 @@ class EdgeHandler:
 
     def count_reply(self, server: EdgeSMTP, reply: str) -> bool:
         if reply[:1].isdigit():
-            REPLIES.labels(server.listener.name, reply[:1] + "xx").inc()
+            metrics.child(REPLIES, server.listener.name, reply[:1] + "xx").inc()
         if reply[:1] != "5":
             return False
         server.state.errors += 1
@@ -130,7 +130,7 @@ class EdgeHandler:
 
     async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
         request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
-        with POLICY_SECONDS.labels(policy_pb2.Stage.Name(stage)).time():
+        with metrics.child(POLICY_SECONDS, policy_pb2.Stage.Name(stage)).time():
             verdict = await self._policy(server).check(request)
         if verdict.rule.startswith(POLICY_FAILURE_RULES) and stage not in UNCOUNTED_STAGES:
             self.refused_here(TEMPORARY_FAILURE)  # policy never decided: the edge's own 451
