@@ -32,7 +32,9 @@ import pytest
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
@@ -288,3 +290,82 @@ def test_r_adm_4_an_admin_creates_a_domain_and_a_user_unlocks_an_account_and_lif
     finally:
         unblock(admin, [LOCKOUT_IP, FLOODING_IP])
 
+
+
+def focused(driver: webdriver.Chrome) -> str:
+    """The element the keyboard is on, as 'tag#id' or 'tag[href]' or 'tag:text'."""
+    described = driver.execute_script(
+        "var e = document.activeElement;"
+        "return e.tagName.toLowerCase() + (e.id ? '#' + e.id : e.getAttribute('href') ? '[' + e.getAttribute('href') + ']'"
+        " : ':' + (e.textContent || '').trim().slice(0, 40));")
+    return str(described)
+
+
+def test_a_user_works_the_console_from_the_keyboard_alone_and_reads_it_without_css(
+    stack: Stack, demo: dict[str, str], admin: AdminApi, chromium: webdriver.Chrome
+) -> None:
+    """Issue 14's "keyboard-only use possible, readable without CSS": sign in and change the
+    password with keys only; the first Tab reaches the skip link, which moves focus to the
+    content; Tab walks every link, field and button of the page and comes back to the start (no
+    trap); with every style sheet off the page still reads in order."""
+    user = fresh_account(admin, "keyboard")
+    browser = Console(chromium, console_url(stack), "keyboard")
+    keys = ActionChains(chromium)
+    browser.open("/login", "login")
+    assert focused(chromium) == "input#email"  # the login form has the focus at once
+    keys.send_keys(user.address, Keys.TAB, user.password, Keys.ENTER).perform()
+    browser.at("/account")
+
+    # From the top: the skip link first, and it takes the keyboard to the content.
+    chromium.get(browser.base + "/account")
+    browser.find("main h1")
+    keys.send_keys(Keys.TAB).perform()
+    assert focused(chromium) == "a[#main]"
+    keys.send_keys(Keys.ENTER).perform()
+    assert focused(chromium) == "main#main"
+
+    # Tab visits everything that can be used, each once, then leaves the page's end: no trap.
+    reachable = int(chromium.execute_script(
+        "return Array.from(document.querySelectorAll('a[href], button, input:not([type=hidden]), select, textarea'))"
+        ".filter(function (e) { return !e.disabled; }).length;"))
+    chromium.get(browser.base + "/account")
+    browser.find("main h1")
+    seen: list[str] = []
+    elements: list[str] = []
+    for _ in range(reachable):
+        keys.send_keys(Keys.TAB).perform()
+        seen.append(focused(chromium))
+        elements.append(str(chromium.switch_to.active_element.id))
+    walk = seen
+    assert len(set(elements)) == reachable and walk[0] == "a[#main]", seen
+    after = []
+    for _ in range(3):  # past the last one, the keyboard comes back round to the top: no trap
+        keys.send_keys(Keys.TAB).perform()
+        after.append(focused(chromium))
+    assert "a[#main]" in after, after
+    assert "a[/account/password]" in walk and "button:Sign out" in walk, walk
+
+    # The password page, by keys only: follow the link, fill the form, send it.
+    chromium.get(browser.base + "/account")
+    browser.find("main h1")
+    for _ in range(walk.index("a[/account/password]") + 1):
+        keys.send_keys(Keys.TAB).perform()
+    keys.send_keys(Keys.ENTER).perform()
+    browser.at("/account/password")
+    browser.shot("password")
+    new_password = strong_password()
+    keys.send_keys(Keys.TAB).perform()
+    while focused(chromium) != "input#old_password":
+        keys.send_keys(Keys.TAB).perform()
+    keys.send_keys(user.password, Keys.TAB, new_password, Keys.TAB, new_password, Keys.ENTER).perform()
+    browser.at("/account?notice=password_changed")
+    browser.shot("password-changed")
+    with imaps(stack, Account(user.address, new_password)) as client:
+        assert read_folder(client) == []
+
+    # Without CSS: the same words in the same order, the content after the navigation.
+    chromium.execute_script("for (const sheet of document.styleSheets) { sheet.disabled = true; }")
+    browser.shot("without-css")
+    text = browser.text("body")
+    assert text.index("Skip to the content") < text.index("My account") < text.index(user.address)
+    assert browser.find("main h1").is_displayed()

@@ -175,7 +175,7 @@ async def status_page(request: Request) -> Response:
     async def jetstream() -> str:
         mail = await backend.js.stream_info(MAIL_STREAM)
         events = await backend.js.stream_info(EVENTS_STREAM)
-        return f"MAIL {mail.state.messages} records, EVENTS {events.state.messages} events"
+        return f"MAIL stream: {mail.state.messages} records; EVENTS stream: {events.state.messages} events"
 
     async def auth() -> str:
         await channel_check(backend.auth.channel)()

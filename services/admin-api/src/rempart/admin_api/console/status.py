@@ -32,6 +32,7 @@ BAR_WIDTH = 9
 BAR_GAP = 2
 GROUP_GAP = 8
 AXIS_SPACE = 34
+RIGHT_SPACE = 24
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def chart_of(series: StatsSeries) -> Chart:
                             f"{span} UTC: {count} {kind}"))
         if i % every == 0:
             ticks.append((x, _clock(bucket.start)))
-    width = AXIS_SPACE + len(series.buckets) * group
+    width = AXIS_SPACE + len(series.buckets) * group + RIGHT_SPACE  # room for the last time's label
     baseline = CHART_TOP + CHART_HEIGHT
     return Chart(width, baseline + 20, baseline, BAR_WIDTH, bars, ticks, top, rows, series.totals.accepted,
                  series.totals.refused_total)
