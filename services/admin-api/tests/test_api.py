@@ -119,7 +119,7 @@ async def test_domain_and_account_lifecycle(harness: Harness, admin_headers: dic
     )
     assert other_domain.status_code == 422
     listed = await http.get("/v1/domains/shop.example/accounts", headers=admin_headers)
-    assert listed.json() == {"accounts": ["alice@shop.example"]}
+    assert listed.json() == {"accounts": ["alice@shop.example"], "next_cursor": None}
     got = await http.get("/v1/accounts/alice@shop.example", headers=admin_headers)
     assert got.status_code == 200 and got.json()["display_name"] == "Alice A."
     assert "password" not in got.text
@@ -327,7 +327,7 @@ async def test_domain_admin_manages_only_its_domain(harness: Harness, admin_head
     await harness.add_account("boss@example.org", GOOD_PASSWORD, "domain_admin")
     boss = await harness.login("boss@example.org", GOOD_PASSWORD)
     http = harness.http
-    assert (await http.get("/v1/domains", headers=boss)).json() == {"domains": ["example.org"]}
+    assert (await http.get("/v1/domains", headers=boss)).json() == {"domains": ["example.org"], "next_cursor": None}
     # R-ADM-1: another domain's resource is not found (the matrix is in test_confinement.py).
     assert (await http.get("/v1/domains/other.example/accounts", headers=boss)).status_code == 404
     assert (await http.get("/v1/accounts/frank@other.example", headers=boss)).status_code == 404

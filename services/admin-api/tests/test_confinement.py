@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from rempart.admin_api.apikeys import ApiKeyStore
 from rempart.common import keys
 from rempart.common.outqueue import OutboundQueue
 
@@ -17,10 +18,12 @@ FRANK = "frank@other.example"  # a user of another tenant
 
 # Another tenant's resources, and names in that tenant that do not exist: both must answer alike.
 OTHER = {"domain": "other.example", "address": FRANK, "alias": "sales@other.example", "domain_alias": "oth.example",
-         "name": "phone", "selector": "rp202601", "queue_id": "0190000000000000f4a4c0f4a4c0f4a4"}
+         "name": "phone", "selector": "rp202601", "queue_id": "0190000000000000f4a4c0f4a4c0f4a4",
+         "key_id": "", "item": "zen.example", "rule": "0123456789abcdef"}  # key_id: made by _tenants
 MISSING = {"domain": "ghost.example", "address": "nobody@other.example", "alias": "nothing@other.example",
            "domain_alias": "ghost-alias.example", "name": "phone", "selector": "rp202601",
-           "queue_id": "0190000000000000deadbeefdeadbeef"}
+           "queue_id": "0190000000000000deadbeefdeadbeef", "key_id": "0123456789abcdef", "item": "ghost.example",
+           "rule": "fedcba9876543210"}
 # A valid body for every write that names a resource, so that the handler (not validation) answers.
 BODIES: dict[str, dict[str, Any]] = {
     "updateDomain": {"description": "taken over"},
@@ -38,7 +41,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "retryQueuedMessage": {},
 }
 # Writes no domain admin may make anywhere: refused by role before any lookup, alike for all names.
-SUPERADMIN_ONLY = {"putDomainAlias"}
+SUPERADMIN_ONLY = {"putDomainAlias", "deleteDnsblZone", "deleteTrustedHost", "deleteIpWhitelistEntry",
+                   "deleteHeloRule"}
 
 
 async def _tenants(harness: Harness) -> dict[str, str]:
@@ -54,6 +58,11 @@ async def _tenants(harness: Harness) -> dict[str, str]:
     harness.auth.totp_secrets[FRANK] = "FRANKSSECRET"
     harness.auth.app_passwords[FRANK] = {"phone": "frank-app-password"}
     await queued(harness.backend, FRANK, ["someone@remote.test"], transaction_id=OTHER["queue_id"])
+    # Another tenant's API key (a superadmin's, confined to other.example).
+    store = ApiKeyStore(harness.backend.redis, harness.settings.secret_key.get_secret_value())
+    _, key = await store.create(name="theirs", owner=ADMIN, owner_created=0.0, scope="write", domain="other.example",
+                                expires=0.0)
+    OTHER["key_id"] = key.id
     return await harness.login(BOSS, GOOD_PASSWORD)
 
 
@@ -72,6 +81,8 @@ async def _other_tenant_state(harness: Harness) -> tuple[Any, ...]:
         dict(harness.auth.totp_secrets),
         dict(harness.auth.app_passwords.get(FRANK, {})),
         await OutboundQueue(redis).get(OTHER["queue_id"]),
+        await redis.hgetall(f"rp:admin:apikey:{OTHER['key_id']}"),
+        await store.get_doc("server"),
     )
 
 
@@ -122,7 +133,7 @@ async def test_r_adm_1_alias_targets_stay_in_the_tenant(harness: Harness) -> Non
     assert (await http.get("/v1/accounts/gina@example.org", headers=boss)).json()["aliases"] == []
     assert (await http.get(f"/v1/accounts/{BOSS}", headers=boss)).json()["aliases"] == ["team@example.org"]
     listed = await http.get("/v1/domains/example.org/aliases", headers=boss)
-    assert listed.json() == {"aliases": [{"alias": "team@example.org", "targets": [BOSS]}]}
+    assert listed.json() == {"aliases": [{"alias": "team@example.org", "targets": [BOSS]}], "next_cursor": None}
     # A catch-all is an address the tenant writes too.
     settings = await http.put("/v1/accounts/gina@example.org/settings",
                               json={"recipients": {"catch_all_address": FRANK}}, headers=boss)
@@ -167,7 +178,7 @@ async def test_r_adm_1_superadmin_manages_domain_aliases(harness: Harness, admin
     assert (await http.post("/v1/domains", json={"name": "example.net"}, headers=admin_headers)).status_code == 409
     # The domain admin sees the aliases of its domain, never another's.
     mine = await http.get("/v1/domains/example.org/domain-aliases", headers=boss)
-    assert mine.json() == {"domain_aliases": [{"name": "example.net", "target": "example.org"}]}
+    assert mine.json() == {"domain_aliases": [{"name": "example.net", "target": "example.org"}], "next_cursor": None}
     assert (await http.get("/v1/domain-aliases/example.net", headers=boss)).status_code == 200
     assert (await http.delete("/v1/domain-aliases/example.net", headers=boss)).status_code == 403
     assert (await http.delete("/v1/domain-aliases/example.net", headers=admin_headers)).status_code == 204

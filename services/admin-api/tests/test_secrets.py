@@ -126,6 +126,14 @@ async def _seed_every_kind_of_secret(harness: Harness, admin_headers: dict[str, 
         pem_lines = [line for line in signing_key.private_key.decode().splitlines() if "PRIVATE KEY" not in line]
         secrets_used.update(pem_lines[1:-1])  # R-OUT-5: the DKIM private key, line by line
     await queued(harness.backend, "ursula@example.org", ["friend@remote.test"], transaction_id=QUEUE_ID)
+    # R-ADM-1: an API key, and the keyed hash Redis holds of it; neither is ever shown again.
+    api_key = await http.post("/v1/api-keys", json={"name": "ci", "scope": "write"}, headers=admin_headers)
+    assert api_key.status_code == 201
+    secrets_used.add(api_key.json()["key"])
+    secrets_used.add(str(await harness.backend.redis.hget(f"rp:admin:apikey:{api_key.json()['id']}", "hash")))
+    harness.api_key_id = api_key.json()["id"]  # type: ignore[attr-defined]
+    assert (await http.get("/v1/domains", headers={"Authorization": f"Bearer {api_key.json()['key']}"})).status_code \
+        == 200  # its last use shows in the listing
     await EventBus(nats_conn, "auth").publish("auth", "login_failed", account="ursula@example.org",
                                               password=EVENT_SECRET, client_ip=BLOCKED_IP)
     await nats_conn.flush()
@@ -138,7 +146,8 @@ async def test_r_adm_3_no_get_of_the_openapi_shows_a_secret(
     secrets_used = await _seed_every_kind_of_secret(harness, admin_headers, nats_conn)
     await asyncio.sleep(0.1)  # the event reaches the EVENTS stream
     values = {"domain": "example.org", "address": "ursula@example.org", "alias": "team@example.org",
-              "ip": BLOCKED_IP, "domain_alias": "example.net", "selector": "rp202601", "queue_id": QUEUE_ID}
+              "ip": BLOCKED_IP, "domain_alias": "example.net", "selector": "rp202601", "queue_id": QUEUE_ID,
+              "key_id": harness.api_key_id}  # type: ignore[attr-defined]
     spec = (await harness.http.get("/v1/openapi.json")).json()
     walked = []
     for path, operations in spec["paths"].items():

@@ -108,6 +108,7 @@ class DomainOut(BaseModel):
 
 class DomainList(BaseModel):
     domains: list[str]
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
 
 
 class AccountCreate(_Body):
@@ -135,6 +136,7 @@ class AccountOut(BaseModel):
 
 class AccountList(BaseModel):
     accounts: list[str]
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
 
 
 class Counters(BaseModel):
@@ -162,6 +164,7 @@ class AliasTargets(_Body):
 
 class AliasList(BaseModel):
     aliases: list[AliasOut]
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
 
 
 class DomainPatch(_Body):
@@ -181,6 +184,7 @@ class DomainAliasOut(BaseModel):
 
 class DomainAliasList(BaseModel):
     domain_aliases: list[DomainAliasOut]
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
 
 
 # Settings -----------------------------------------------------------------------------------
@@ -236,6 +240,7 @@ class EventOut(BaseModel):
 class EventList(BaseModel):
     events: list[EventOut]
     next_before: int | None = Field(description="Sequence to continue from, or null at the start.")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the next page; null at the end")
 
 
 class IpBlock(BaseModel):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from rempart.admin_api.backend import (
     AdminDep,
@@ -30,6 +30,7 @@ from rempart.admin_api.confinement import alias_address, checked_targets, domain
 from rempart.admin_api.models import (
     MAX_ADDRESS,
     MAX_DOMAIN,
+    MAX_LIST,
     AliasCreate,
     AliasList,
     AliasOut,
@@ -39,6 +40,7 @@ from rempart.admin_api.models import (
     DomainAliasOut,
     Problem,
 )
+from rempart.admin_api.paging import CursorQuery, LimitQuery, page_sorted
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.common.directory import DirectoryError, normalize_address, valid_domain_name
 
@@ -46,6 +48,7 @@ router = APIRouter(dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AliasPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
 DomainAliasPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
+NameFilter = Annotated[str | None, Query(max_length=MAX_ADDRESS, description="Only names that contain this")]
 
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
@@ -55,14 +58,25 @@ R_WRITE: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P, 409: _P, 
 # Aliases ------------------------------------------------------------------------------------
 @router.get("/v1/domains/{domain}/aliases", operation_id="listAliases", response_model=AliasList,
             tags=["aliases"], responses=R_READ)
-async def list_aliases(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> AliasList:
+async def list_aliases(
+    domain: DomainPath,
+    principal: AdminDep,
+    backend: BackendDep,
+    limit: LimitQuery = MAX_LIST,
+    cursor: CursorQuery = None,
+    q: NameFilter = None,
+) -> AliasList:
+    """By address; ``q`` keeps the aliases whose address contains it."""
     name = await domain_or_404(backend, principal, domain)
+    wanted = (q or "").strip().lower()
+    names = [a for a in await backend.directory.list_aliases(name) if wanted in a]
+    shown, next_cursor = page_sorted(f"aliases:{name}", names, str, cursor, limit)
     out = []
-    for alias in await backend.directory.list_aliases(name):
+    for alias in shown:
         targets = await backend.directory.alias_targets(alias)
         if targets is not None:
             out.append(AliasOut(alias=alias, targets=targets))
-    return AliasList(aliases=out)
+    return AliasList(aliases=out, next_cursor=next_cursor)
 
 
 @router.post("/v1/aliases", operation_id="createAlias", response_model=AliasOut, status_code=201, tags=["aliases"],
@@ -135,12 +149,21 @@ async def delete_alias(
 # Domain aliases -----------------------------------------------------------------------------
 @router.get("/v1/domains/{domain}/domain-aliases", operation_id="listDomainAliases", response_model=DomainAliasList,
             tags=["domains"], responses=R_READ)
-async def list_domain_aliases(domain: DomainPath, principal: AdminDep, backend: BackendDep) -> DomainAliasList:
+async def list_domain_aliases(
+    domain: DomainPath,
+    principal: AdminDep,
+    backend: BackendDep,
+    limit: LimitQuery = MAX_LIST,
+    cursor: CursorQuery = None,
+    q: NameFilter = None,
+) -> DomainAliasList:
     name = await domain_or_404(backend, principal, domain)
-    found = await backend.directory.domain_aliases()
-    return DomainAliasList(domain_aliases=[
-        DomainAliasOut(name=alias_name, target=target) for alias_name, target in sorted(found.items()) if target == name
-    ])
+    wanted = (q or "").strip().lower()
+    found = [DomainAliasOut(name=alias_name, target=target)
+             for alias_name, target in (await backend.directory.domain_aliases()).items()
+             if target == name and wanted in alias_name]
+    shown, next_cursor = page_sorted(f"domain-aliases:{name}", found, lambda d: d.name, cursor, limit)
+    return DomainAliasList(domain_aliases=shown, next_cursor=next_cursor)
 
 
 async def _domain_alias_or_404(backend: Backend, principal: Principal, name: str) -> DomainAliasOut:

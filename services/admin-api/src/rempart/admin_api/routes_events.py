@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
 from typing import Annotated, Any
 
@@ -17,6 +15,8 @@ from pydantic import BaseModel, Field
 
 from rempart.admin_api.backend import AdminDep, Backend, BackendDep, Principal, RedactorDep, SuperadminDep, invalid
 from rempart.admin_api.models import MAX_ADDRESS, MAX_EVENTS, EventList, EventOut, Problem
+from rempart.admin_api.paging import CursorQuery, decode_cursor, encode_cursor
+from rempart.admin_api.redaction import Redactor
 from rempart.common.events import EVENTS_STREAM
 from rempart.common.pb.events.v1 import events_pb2
 
@@ -49,7 +49,23 @@ async def list_events(
     account: Annotated[str | None, Query(max_length=MAX_ADDRESS)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = 100,
     before: Annotated[int | None, Query(ge=1, description="Only events with a smaller sequence.")] = None,
+    cursor: CursorQuery = None,
 ) -> EventList:
+    """Newest first. Page with ``cursor`` (``next_cursor``), as every list does, or with
+    ``before`` (``next_before``, a stream sequence) as older clients do."""
+    from_cursor = decode_cursor("events", cursor)
+    if from_cursor is not None:
+        if not from_cursor.isdigit() or int(from_cursor) < 1:
+            raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
+        before = int(from_cursor) if before is None else min(before, int(from_cursor))
+    page = await _events_page(backend, redactor, area, what, client_ip, account, limit, before)
+    if page.next_before is not None:
+        page.next_cursor = encode_cursor("events", str(page.next_before))
+    return page
+
+
+async def _events_page(backend: Backend, redactor: Redactor, area: str | None, what: str | None,
+                       client_ip: str | None, account: str | None, limit: int, before: int | None) -> EventList:
     info = await backend.js.stream_info(EVENTS_STREAM)
     first, last = int(info.state.first_seq), int(info.state.last_seq)
     seq = last if before is None else min(last, before - 1)
@@ -115,19 +131,16 @@ class AuditList(BaseModel):
 
 
 def _audit_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"audit:{seq}".encode()).decode().rstrip("=")
+    return encode_cursor("audit", str(seq))
 
 
 def _audit_before(cursor: str | None) -> int | None:
-    if cursor is None:
+    value = decode_cursor("audit", cursor)
+    if value is None:
         return None
-    try:
-        kind, _, seq = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition(":")
-        if kind == "audit" and seq.isdigit() and int(seq) > 0:
-            return int(seq)
-    except (ValueError, binascii.Error):
-        pass
-    raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
+    if not value.isdigit() or int(value) < 1:
+        raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
+    return int(value)
 
 
 def _as_dict(value: Any) -> dict[str, Any] | None:
@@ -169,7 +182,7 @@ async def list_audit(
     since: Annotated[dt.datetime | None, Query(description="RFC 3339: only changes at or after")] = None,
     until: Annotated[dt.datetime | None, Query(description="RFC 3339: only changes before")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_AUDIT_PAGE)] = 100,
-    cursor: Annotated[str | None, Query(max_length=100, description="next_cursor of the previous page")] = None,
+    cursor: CursorQuery = None,
 ) -> AuditList:
     """A superadmin sees every change; a domain admin the changes to its own domain's objects.
     A page may hold fewer than ``limit`` records (at most 5,000 are read per request): go on while
