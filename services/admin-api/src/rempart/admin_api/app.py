@@ -123,6 +123,12 @@ def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
         spec = generate()
         for operations in spec.get("paths", {}).values():
             for operation in operations.values():
+                if "requestBody" in operation:
+                    # A body that is not JSON at all never reaches validation: FastAPI answers 400.
+                    operation.setdefault("responses", {}).setdefault("400", {
+                        "description": "The body cannot be parsed",
+                        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                    })
                 for code, response in operation.get("responses", {}).items():
                     content = response.get("content", {})
                     if code.startswith(("4", "5")) and "application/json" in content:
