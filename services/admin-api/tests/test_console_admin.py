@@ -14,8 +14,9 @@ from rempart.common.stats import StatsRecorder
 from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness
 from .console_support import Browser, TotpAuthService, auth_server, browsers, new_browser, session_cookie
 from .queue_support import queued
+from .test_cluster import FakeApiServer, kube_api, pod
 
-__all__ = ["auth_server", "browsers"]  # fixtures used by name
+__all__ = ["auth_server", "browsers", "kube_api"]  # fixtures used by name
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 NEW_PASSWORD = "Br4nd-New-Pass-Word!"
@@ -300,6 +301,7 @@ async def test_status_page_readiness_queue_and_the_last_hour(harness: Harness, b
         assert re.search(rf'<tr class="ok"><th scope="row">{part}</th><td>up</td>', page.text), part
     assert "Empty: no message is waiting" in page.text
     assert "0 messages accepted, 0 SMTP commands refused" in page.text
+    assert "The other services' pods: not running in Kubernetes" in page.text  # and so none to show
 
     # Two messages in the outbound queue, the oldest received two hours ago.
     await queued(harness.backend, "alice@example.org", ["bob@remote.test"], received_ms=int((now - 7260) * 1000))
@@ -334,6 +336,31 @@ async def test_status_page_readiness_queue_and_the_last_hour(harness: Harness, b
     assert down and ("unavailable" in down.group(1) or "no answer within" in down.group(1)), page.text
     assert re.search(r'<tr class="ok"><th scope="row">Redis</th><td>up</td>', page.text)
     assert "2 messages waiting" in page.text
+
+
+async def test_status_page_shows_each_services_pods_readiness(
+    kube_api: FakeApiServer, harness: Harness, browsers: list[Browser]
+) -> None:
+    """In Kubernetes, every service's readiness is its pods' Ready condition (their /readyz or
+    gRPC health probes as the kubelet runs them), read through the API's cluster view."""
+    kube_api.items = [pod("rempart-smtp-edge-a", "smtp-edge", True), pod("rempart-smtp-edge-b", "smtp-edge", False,
+                                                                         restarts=3),
+                      pod("rempart-policy-a", "policy", False), pod("rempart-imap-pop-a", "imap-pop", True)]
+    admin = await _admin(harness, browsers)
+    page = await admin.get("/admin/status")
+    pattern = r'<th scope="row">([a-z-]+ pods)</th><td>(up|DOWN)</td><td>([^<]*)</td>'
+    rows = {name: (state, detail) for name, state, detail in re.findall(pattern, page.text)}
+    assert rows == {
+        "imap-pop pods": ("up", "1 of 1 pod ready"),
+        "policy pods": ("DOWN", "0 of 1 pod ready; not ready: rempart-policy-a (0 of 1 containers ready)"),
+        "smtp-edge pods": ("up", "1 of 2 pods ready; not ready: rempart-smtp-edge-b (0 of 1 containers ready, "
+                                 "3 restarts)"),
+    }, rows
+    assert 'id="pods-note"' not in page.text
+    kube_api.delay = 1.5  # beyond the cluster view's bound (1 s here): said, and the rest still shown
+    page = await admin.get("/admin/status")
+    assert "The other services' pods: the Kubernetes API did not answer within 1 s" in page.text
+    assert re.search(r'<th scope="row">Redis</th><td>up</td>', page.text)
 
 
 async def test_a_session_token_from_the_console_is_not_kept_after_logout(

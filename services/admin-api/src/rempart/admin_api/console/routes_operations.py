@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
-from rempart.admin_api import routes_events, routes_ips, routes_settings
+from rempart.admin_api import routes_cluster, routes_events, routes_ips, routes_settings
 from rempart.admin_api.backend import ProblemError, require_superadmin
 from rempart.admin_api.console import status
 from rempart.admin_api.console.calls import call
@@ -28,6 +28,7 @@ from rempart.admin_api.console.web import (
 )
 from rempart.admin_api.models import MAX_ADDRESS, MAX_LIST, SrsRotation
 from rempart.admin_api.redaction import Redactor
+from rempart.admin_api.routes_cluster import ClusterOut
 from rempart.admin_api.settings_bodies import MailSettingsPatch
 from rempart.common import stats
 from rempart.common.events import EVENTS_STREAM, MAIL_STREAM
@@ -36,6 +37,7 @@ from rempart.common.outqueue import OutboundQueue
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False)
 EVENTS_SHOWN = 100
+CLUSTER_SECONDS = 3.0  # the pods' readiness, from the Kubernetes API (the cluster view's own bound may be longer)
 FILTER_MAX = 64
 
 
@@ -181,13 +183,23 @@ async def status_page(request: Request) -> Response:
         await channel_check(backend.auth.channel)()
         return "serving"
 
-    checks = await asyncio.gather(status.check("Redis", redis), status.check("NATS JetStream", jetstream),
-                                  status.check("Auth service", auth))
+    async def pods() -> ClusterOut:
+        try:
+            return await asyncio.wait_for(call(routes_cluster.get_cluster, request=request,
+                                               principal=visit.principal), CLUSTER_SECONDS)
+        except TimeoutError:
+            return ClusterOut(in_cluster=True, label_selector="",
+                              reason=f"the Kubernetes API did not answer within {CLUSTER_SECONDS:g} s")
+
+    direct = asyncio.gather(status.check("Redis", redis), status.check("NATS JetStream", jetstream),
+                            status.check("Auth service", auth))
+    answered, cluster = await asyncio.gather(direct, pods())
+    checks = [*answered, *status.pods_readiness(cluster)]
     now = time.time()
     queue = chart = None
-    if checks[0].up:  # the queue's state and the counters are in Redis
+    if answered[0].up:  # the queue's state and the counters are in Redis
         depth, oldest_ms = await OutboundQueue(backend.redis).depth_and_oldest_ms()
         queue = status.queue_of(depth, oldest_ms, now)
         chart = status.chart_of(await stats.last_hour(backend.redis, now=now))
-    return page(request, "status.html", visit=visit, checks=checks, queue=queue, chart=chart,
-                now=dt.datetime.fromtimestamp(now, dt.UTC))
+    return page(request, "status.html", visit=visit, checks=checks, pods_note=cluster.reason or "", queue=queue,
+                chart=chart, now=dt.datetime.fromtimestamp(now, dt.UTC))

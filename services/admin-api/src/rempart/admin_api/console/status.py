@@ -1,8 +1,13 @@
-"""What the status page shows: readiness of what this process depends on, the outbound queue, and
-the last hour's mail as a chart drawn here (an inline SVG in the page: no script, no image request).
+"""What the status page shows: readiness of what this process depends on and of every service's
+pods, the outbound queue, and the last hour's mail as a chart drawn here (an inline SVG in the
+page: no script, no image request).
 
-- Readiness: each check gets :data:`CHECK_SECONDS`; a failure is shown as up or down with what
-  went wrong in words ("connection refused", "no answer within 1.5 s"), never a stack trace.
+- Readiness: Redis, NATS JetStream and the auth service are asked directly, each within
+  :data:`CHECK_SECONDS`; every other service through its pods' Ready condition (their
+  ``/readyz`` or gRPC health probes, as the kubelet sees them) from the API's cluster view
+  (:func:`rempart.admin_api.routes_cluster.list_pods`). Each is shown up or down with what went
+  wrong in words ("connection refused", "no answer within 1.5 s", "0 of 2 pods ready"), never a
+  stack trace; outside Kubernetes the page says why there are no pods to show.
 - The outbound queue: how many transactions the relay has not finished with and how long the
   oldest has waited (:meth:`rempart.common.outqueue.OutboundQueue.depth_and_oldest_ms`).
 - The chart: messages accepted and SMTP commands refused per bucket of the last hour, from the
@@ -21,6 +26,7 @@ import redis.asyncio as aioredis
 from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
+from rempart.admin_api.routes_cluster import ClusterOut
 from rempart.common.stats import StatsSeries
 
 CHECK_SECONDS = 1.5
@@ -68,6 +74,26 @@ async def check(name: str, probe: Callable[[], Awaitable[str]], seconds: float =
     except Exception as exc:  # noqa: BLE001 - any failure is "down", said in words
         return Readiness(name, False, in_words(exc, seconds))
     return Readiness(name, True, f"{seen} ({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+def pods_readiness(cluster: ClusterOut) -> list[Readiness]:
+    """One row per component: up while at least one of its pods is ready (it receives traffic),
+    with the pods that are not ready named."""
+    components: dict[str, list[tuple[str, bool, str]]] = {}
+    for pod in cluster.pods:
+        why = pod.phase if pod.phase != "Running" else f"{pod.containers_ready} of {pod.containers} containers ready"
+        if pod.restarts:
+            why += f", {pod.restarts} restart{'s' if pod.restarts != 1 else ''}"
+        components.setdefault(pod.component or "unlabelled", []).append((pod.name, pod.ready, why))
+    rows = []
+    for component, pods in sorted(components.items()):
+        ready = sum(1 for _, is_ready, _ in pods if is_ready)
+        detail = f"{ready} of {len(pods)} pod{'s' if len(pods) != 1 else ''} ready"
+        waiting = [f"{name} ({why})" for name, is_ready, why in pods if not is_ready]
+        if waiting:
+            detail += "; not ready: " + ", ".join(waiting[:5]) + (" ..." if len(waiting) > 5 else "")
+        rows.append(Readiness(f"{component} pods", ready > 0, detail[:MAX_DETAIL * 2]))
+    return rows
 
 
 def age_in_words(seconds: float) -> str:
