@@ -201,7 +201,9 @@ async def test_every_page_carries_the_security_headers(harness: Harness, browser
         assert reply.headers["x-content-type-options"] == "nosniff"
     await browser.login(ADMIN, ADMIN_PASSWORD)
     html_pages = console_paths("GET", templated=False)
-    for path in [*html_pages, "/admin/domains/example.org", f"/admin/accounts/{ADMIN}"]:
+    templated = ["/admin/domains/example.org", f"/admin/accounts/{ADMIN}", "/admin/domains/example.org/settings",
+                 f"/admin/accounts/{ADMIN}/settings"]
+    for path in [*html_pages, *templated]:
         reply = await browser.get(path, follow_redirects=True)
         assert reply.status_code == 200, (path, reply.status_code)
         assert reply.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
