@@ -160,3 +160,11 @@ def test_r_adm_stats_ranges_out_of_bounds_name_the_parameter(start: float, end: 
     with pytest.raises(stats.StatsRangeError) as refused:
         stats.plan_range(start, end, step, now=T0)
     assert refused.value.field == field, refused.value.detail
+
+
+async def test_r_adm_stats_close_writes_what_is_pending_at_once(redis: aioredis.Redis) -> None:
+    recorder = stats.StatsRecorder(redis, flush_seconds=60, clock=Clock(T0))
+    recorder.login("pop3", "ok")
+    assert await redis.hgetall(stats.counts_key(stats.MINUTE, int(T0))) == {}  # not written yet
+    await recorder.close()  # a service stopping: the last counts are not left behind
+    assert await redis.hgetall(stats.counts_key(stats.MINUTE, int(T0))) == {"login.pop3.ok": "1"}

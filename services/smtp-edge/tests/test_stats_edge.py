@@ -73,3 +73,18 @@ async def test_r_adm_stats_edge_counts_stored_messages_and_its_own_refusals(edge
 
     await eventually(tempfail_counted, timeout=10, what="the unanswered policy call counted")
     assert (await totals(edge)).accepted == 2
+
+
+async def test_r_adm_stats_a_draining_edge_writes_its_last_counts(edge: Edge) -> None:
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=30) as client:
+            client.sendmail("a@remote.test", ["bob@example.org"], b"Subject: last\r\n\r\nhello\r\n")
+
+    handler = edge.edge.handler
+    assert handler is not None and handler.stats is not None
+    # Written only when asked: nothing but the drain writes this recorder's counts.
+    handler.stats = handler.delivery.stats = stats.StatsRecorder(edge.runtime.redis, flush_seconds=3600)
+    await asyncio.to_thread(send)
+    assert (await totals(edge)).accepted == 0
+    await edge.edge.drain(0)
+    assert (await totals(edge)).accepted == 1

@@ -44,6 +44,7 @@ async def running(settings: AuthSettings) -> AsyncIterator[RunningAuth]:
             # Leave the load balancer's rotation first, then let calls in flight finish.
             await set_serving(health, False, SERVICE_NAME)
             await server.stop(settings.shutdown_grace_seconds)
+            await servicer.login.stats.close()  # the last second's counts (GET /v1/stats)
 
 
 async def serve(settings: AuthSettings) -> None:

@@ -59,6 +59,7 @@ async def running_policy(settings: PolicySettings) -> AsyncIterator[RunningPolic
             yield running
         finally:
             await running.stop(settings.shutdown_grace_seconds)
+            await servicer.stats.close()  # the last second's counts (GET /v1/stats)
 
 
 async def serve(settings: PolicySettings) -> None:

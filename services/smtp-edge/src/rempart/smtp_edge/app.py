@@ -143,6 +143,8 @@ class SmtpEdge:
             self._reload_task.cancel()
         await self.policy.close()
         await self.auth.close()
+        if self.handler is not None and self.handler.stats is not None:
+            await self.handler.stats.close()  # the last second's counts (GET /v1/stats)
 
 
 async def serve(settings: SmtpEdgeSettings) -> None:
