@@ -285,7 +285,9 @@ def test_r_adm_4_an_admin_creates_a_domain_and_a_user_unlocks_an_account_and_lif
         assert status == 404, body
 
         for name, path in (("settings", "/admin/settings"), ("events", "/admin/events"),
-                           ("status", "/admin/status"), ("logins", "/account/logins")):
+                           ("status", "/admin/status"), ("logins", "/account/logins"),
+                           ("domain-overrides", f"/admin/domains/{domain}/settings"),
+                           ("account-overrides", f"/admin/accounts/{made.address}/settings")):
             browser.open(path, name)
     finally:
         unblock(admin, [LOCKOUT_IP, FLOODING_IP])
