@@ -5,8 +5,10 @@
     rempartctl accounts list example.org | add bob@example.org | disable bob@example.org
     rempartctl accounts reset-password bob@example.org | unlock ... | reset-2fa ... | logout-everywhere ...
     rempartctl aliases list example.org | add sales@example.org bob@example.org carol@example.org
-    rempartctl blocks list | show 192.0.2.7 | unblock 192.0.2.7
+    rempartctl blocks list | show 192.0.2.7 | unblock 192.0.2.7 | add 192.0.2.7 --reason "abuse" [--minutes 60]
     rempartctl events [--area ips] [--limit 20]
+    rempartctl audit [--actor ...] [--kind account] [--object bob@example.org] [--action ...] [--since 2h] [--json]
+    rempartctl api-keys list | create backup [--scope write] [--domain example.org] [--expires 90d] | revoke <id>
     rempartctl queue list [--state deferred] [--sender ...] [--recipient-domain ...] [--older-than 2h] [--json]
     rempartctl queue show <id> | retry <id> | delete <id>
     rempartctl settings [--scope domain:example.org] get | set ips.block_minutes=60 ...
@@ -23,6 +25,7 @@ changing settings at once never lose one of the changes silently.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import os
@@ -93,6 +96,19 @@ def _print(value: Any) -> None:
             print(item)
         return
     print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _every(api: Api, path: str, key: str, params: dict[str, Any] | None = None, most: int = 100_000) -> list[Any]:
+    """Every item of a paged list (R-ADM-2: ``next_cursor``), up to ``most``."""
+    items: list[Any] = []
+    cursor = None
+    while len(items) < most:
+        page = api.json("GET", path, params={**(params or {}), **({"cursor": cursor} if cursor else {})})
+        items += page.get(key, [])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    return items[:most]
 
 
 def _names(answer: Any, key: str) -> list[str]:
@@ -169,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if what == "domains":
         if args.action == "list":
-            _print(_names(api.json("GET", "/v1/domains"), "name"))
+            _print(_names(_every(api, "/v1/domains", "domains"), "name"))
         elif args.action == "add":
             api.call("POST", "/v1/domains", json={"name": args.name})
             print(f"domain {args.name} added")
@@ -181,14 +197,21 @@ def run(args: argparse.Namespace) -> int:
         return _accounts(api, args)
     if what == "aliases":
         if args.action == "list":
-            _print(_names(api.json("GET", f"/v1/domains/{args.name}/aliases"), "alias"))
+            _print(_names(_every(api, f"/v1/domains/{args.name}/aliases", "aliases"), "alias"))
         else:
             api.call("POST", "/v1/aliases", json={"alias": args.name, "targets": args.targets})
             print(f"alias {args.name} -> {', '.join(args.targets)}")
         return 0
     if what == "blocks":
         if args.action == "list":
-            _print(api.json("GET", "/v1/ips/blocks"))
+            _print({"blocks": _every(api, "/v1/ips/blocks", "blocks")})
+        elif args.action == "add":
+            if not args.reason:
+                raise CtlError("blocks add needs --reason", 2)
+            block = api.json("POST", "/v1/ips/blocks", json={"ip": args.ip, "reason": args.reason,
+                                                             "duration_minutes": args.minutes})
+            covers = f" (prefix {block['prefix']})" if block.get("prefix") else ""
+            print(f"{block['ip']}{covers} blocked until {block['expires_at']}")
         elif args.action == "show":
             _print(api.json("GET", f"/v1/ips/blocks/{args.ip}"))
         else:
@@ -202,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if what == "queue":
         return _queue(api, args)
+    if what == "audit":
+        return _audit(api, args)
+    if what == "api-keys":
+        return _api_keys(api, args)
     if what == "settings":
         path = _settings_path(args.scope)
         if args.action == "get":
@@ -224,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
 def _accounts(api: Api, args: argparse.Namespace) -> int:
     action, name = args.action, args.name
     if action == "list":
-        _print(_names(api.json("GET", f"/v1/domains/{name}/accounts"), "address"))
+        _print(_names(_every(api, f"/v1/domains/{name}/accounts", "accounts"), "address"))
     elif action == "show":
         _print(api.json("GET", f"/v1/accounts/{name}"))
     elif action == "add":
@@ -313,6 +340,53 @@ def _queue(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def _since(text: str) -> str:
+    """``2h`` ago (or an RFC 3339 time as is) as an RFC 3339 time."""
+    if "T" in text:
+        return text
+    return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=_seconds(text))).isoformat()
+
+
+def _audit(api: Api, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("actor", args.actor), ("kind", args.kind), ("object_id", args.object),
+                                ("action", args.action), ("since", _since(args.since) if args.since else None),
+                                ("limit", min(args.limit, 500))) if v}
+    records = _every(api, "/v1/audit", "events", params, most=args.limit)
+    if args.json:
+        _print(records)
+        return 0
+    for record in records:
+        key = f" key {record['api_key']}" if record.get("api_key") else ""
+        print("  ".join([str(record["time"]), f"{record['actor']} from {record['actor_ip']}{key}", record["action"],
+                         f"{record['object']['kind']}:{record['object']['id']}"]))
+    return 0
+
+
+def _api_keys(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for key in _every(api, "/v1/api-keys", "api_keys"):
+            state = "expired" if key["expired"] else f"last used {key['last_used'] or 'never'} {key['last_ip'] or ''}"
+            print("  ".join([key["id"], key["name"], key["scope"], key["domain"] or "(all domains)",
+                             f"expires {key['expires_at'] or 'never'}", state.strip()]))
+        return 0
+    if not args.name:
+        raise CtlError(f"api-keys {args.action} needs a name (create) or an id (revoke)", 2)
+    if args.action == "revoke":
+        api.call("DELETE", f"/v1/api-keys/{args.name}")
+        print(f"API key {args.name} revoked")
+        return 0
+    body: dict[str, Any] = {"name": args.name, "scope": args.scope}
+    if args.domain:
+        body["domain"] = args.domain
+    if args.expires:
+        body["expires_at"] = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(args.expires))).isoformat()
+    created = api.json("POST", "/v1/api-keys", json=body)
+    # The key on standard output alone (for a pipe into a secret store); the rest on standard error.
+    print(f"API key {created['id']} ({created['scope']}): shown once, keep it now", file=sys.stderr)
+    print(created["key"])
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="rempartctl", description="Administer Rempart over its admin API "
                                   "(REMPART_API_URL, default http://127.0.0.1:8080).")
@@ -333,8 +407,24 @@ def parser() -> argparse.ArgumentParser:
     aliases.add_argument("name", help="a domain (list) or the alias address (add)")
     aliases.add_argument("targets", nargs="*")
     blocks = sub.add_parser("blocks", help="blocked IPs (R-IPS-5)")
-    blocks.add_argument("action", choices=("list", "show", "unblock"))
+    blocks.add_argument("action", choices=("list", "show", "unblock", "add"))
     blocks.add_argument("ip", nargs="?", default="")
+    blocks.add_argument("--reason", help="why (add); shown in the block list")
+    blocks.add_argument("--minutes", type=int, default=1440, help="how long (add); default one day")
+    audit = sub.add_parser("audit", help="the audit trail of administrative changes, newest first")
+    audit.add_argument("--actor")
+    audit.add_argument("--kind", help="account, alias, domain, settings, settings_list, ip_block, api_key, ...")
+    audit.add_argument("--object", help="the object's id (an address, a domain, ...)")
+    audit.add_argument("--action", help="account_updated, settings_changed, ...")
+    audit.add_argument("--since", help="how long ago (90, 30m, 2h, 3d) or an RFC 3339 time")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--json", action="store_true", help="the API's records, for scripts")
+    keys = sub.add_parser("api-keys", help="API keys for scripts: list, create (shown once), revoke")
+    keys.add_argument("action", choices=("list", "create", "revoke"))
+    keys.add_argument("name", nargs="?", default="", help="a name (create) or a key id (revoke)")
+    keys.add_argument("--scope", choices=("read", "write"), default="read")
+    keys.add_argument("--domain", help="confine the key to this domain")
+    keys.add_argument("--expires", help="how long it works: 30d, 12h ...; default never")
     events = sub.add_parser("events", help="recent security events")
     events.add_argument("--area")
     events.add_argument("--account")
@@ -359,7 +449,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock"), "queue": ("show", "retry", "delete")}
+    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock", "add"),
+                  "queue": ("show", "retry", "delete")}
     if args.command in needs_name and args.action in needs_name[args.command] and not (
             getattr(args, "name", "") or getattr(args, "ip", "") or getattr(args, "id", "")):
         print(f"rempartctl: {args.command} {args.action} needs a name", file=sys.stderr)
