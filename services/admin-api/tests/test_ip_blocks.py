@@ -1,13 +1,17 @@
 """R-IPS-4, R-IPS-5, R-IPS-6, R-ADM-5: an IP blocked by hand through the API is refused by the
-real policy service at the next connection, and an unblock also clears its counters, so the next
-connection is not blocked again; paged block lists; every block and unblock audited."""
+real policy service at the next connection, and by a real SMTP edge (its open connection closed
+with a 421, a new one refused before the greeting); an unblock also clears its counters, so the
+next connection is not blocked again; paged block lists; every block and unblock audited."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,6 +20,9 @@ from nats.aio.msg import Msg
 
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
+from rempart.common.runtime import ServiceRuntime
+from rempart.smtp_edge.app import SmtpEdge
+from rempart.smtp_edge.settings import SmtpEdgeSettings
 
 from .conftest import ADMIN, Harness
 
@@ -132,3 +139,63 @@ async def test_r_ips_5_block_list_pages_and_filters(harness: Harness, admin_head
     odd = (await http.get("/v1/ips/blocks", params={"reason": "CASE 1"}, headers=admin_headers)).json()
     assert [b["ip"] for b in odd["blocks"]] == ["192.0.2.2", "192.0.2.4"]
     assert (await http.get("/v1/ips/blocks", params={"cursor": "bad"}, headers=admin_headers)).status_code == 422
+
+
+@contextlib.asynccontextmanager
+async def smtp_edge(redis_url: str, nats_url: str, tls_files: tuple[str, str], policy: Policy,
+                    auth_port: int) -> AsyncIterator[tuple[SmtpEdge, ServiceRuntime]]:
+    """The real SMTP edge on loopback, asking the real policy service, and taking the client's
+    address from a PROXY header (so that a test speaks as 203.0.113.7 from 127.0.0.1)."""
+    settings = SmtpEdgeSettings(
+        redis_url=redis_url, nats_url=nats_url, smtp_port=0, submission_port=0, smtps_port=0, ops_port=0,
+        ops_host="127.0.0.1", listen_host="127.0.0.1", policy_target=f"127.0.0.1:{policy.running.port}",
+        auth_target=f"127.0.0.1:{auth_port}", tls_cert_file=tls_files[0], tls_key_file=tls_files[1],
+        hostname="mx.test", log_format="text", environment="test", proxy_protocol_cidrs="127.0.0.1/32",
+    )
+    async with ServiceRuntime("smtp-edge", settings) as runtime:
+        edge = SmtpEdge(runtime, settings)
+        await edge.start()
+        try:
+            yield edge, runtime
+        finally:
+            await edge.drain(1)
+
+
+def _connect_as(port: int, client_ip: str) -> tuple[socket.socket, BinaryIO, bytes]:
+    sock = socket.create_connection(("127.0.0.1", port), 10)
+    sock.sendall(f"PROXY TCP4 {client_ip} 192.0.2.1 40000 25\r\n".encode())
+    reader = sock.makefile("rb")
+    return sock, reader, reader.readline().strip()
+
+
+async def test_r_ips_4_a_block_by_hand_closes_and_refuses_real_smtp_connections(
+    harness: Harness, admin_headers: dict[str, str], policy: Policy, redis_url: str, nats_url: str,
+    tls_files: tuple[str, str], auth_server: tuple[object, int],
+) -> None:
+    http = harness.http
+    patched = await http.patch("/v1/settings", json={"ips": {"close_all_connections": True}}, headers=admin_headers)
+    assert patched.status_code == 200
+    async with smtp_edge(redis_url, nats_url, tls_files, policy, auth_server[1]) as (edge, runtime):
+        await runtime.config.refresh()
+        await policy.running.runtime.config.refresh()
+        port = edge.port("smtp")
+        sock, reader, greeting = await asyncio.to_thread(_connect_as, port, UNTRUSTED_IP)
+        assert greeting.startswith(b"220 ")
+        created = await http.post("/v1/ips/blocks", json={"ip": UNTRUSTED_IP, "reason": "abuse report"},
+                                  headers=admin_headers)
+        assert created.status_code == 201
+        # The open connection is closed with the 421, as for the policy's own blocks...
+        last = await asyncio.to_thread(lambda: (reader.readline().strip(), reader.readline()))
+        assert last == (f"421 4.0.0 Intrusion prevention active for [{UNTRUSTED_IP}]".encode(), b"")
+        sock.close()
+        # ... and a new one is refused before any greeting.
+        sock, reader, refused = await asyncio.to_thread(_connect_as, port, UNTRUSTED_IP)
+        assert refused == f"421 4.0.0 Intrusion prevention active for [{UNTRUSTED_IP}]".encode()
+        sock.close()
+        other, _, hello = await asyncio.to_thread(_connect_as, port, "198.51.100.20")
+        assert hello.startswith(b"220 ")
+        other.close()
+        assert (await http.delete(f"/v1/ips/blocks/{UNTRUSTED_IP}", headers=admin_headers)).status_code == 204
+        sock, reader, again = await asyncio.to_thread(_connect_as, port, UNTRUSTED_IP)
+        assert again.startswith(b"220 ")
+        sock.close()
