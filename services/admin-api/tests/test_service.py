@@ -98,6 +98,12 @@ async def test_bootstrap_superadmin_created_once(harness: Harness) -> None:
     assert harness.auth.passwords["root@boot.example"] == "B00tstrap-Admin-Pw!"
     login = await harness.login("root@boot.example", "B00tstrap-Admin-Pw!")
     assert (await harness.http.get("/v1/domains", headers=login)).status_code == 200
+    # R-ADM-5: in the audit trail, without the password.
+    audit = await harness.http.get("/v1/audit", params={"action": "bootstrap_superadmin"}, headers=login)
+    [record] = audit.json()["events"]
+    assert (record["actor"], record["object"], record["after"]["role"]) == (
+        "bootstrap", {"kind": "account", "id": "root@boot.example"}, "superadmin")
+    assert "B00tstrap-Admin-Pw!" not in audit.text
 
     harness.auth.passwords["root@boot.example"] = "changed-by-the-admin-since"
     assert await bootstrap_superadmin(settings, harness.backend) is True  # a superadmin exists: nothing done

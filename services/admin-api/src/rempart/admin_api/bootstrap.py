@@ -13,6 +13,7 @@ from rempart.admin_api.backend import Backend, ProblemError
 from rempart.admin_api.passwords import set_password
 from rempart.admin_api.settings import AdminApiSettings
 from rempart.common import keys
+from rempart.common.audit import new_record
 from rempart.common.directory import DirectoryError, normalize_address, split_address
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ async def bootstrap_superadmin(settings: AdminApiSettings, backend: Backend) -> 
             return True
         log.warning("bootstrap admin postponed: auth service unavailable")
         return False
+    # R-ADM-5: the first superadmin is in the audit trail like any account an admin makes.
+    await backend.audit.write(new_record(
+        actor="bootstrap", actor_ip="", action="bootstrap_superadmin", kind="account", object_id=email,
+        domain=domain, after={"address": email, "role": "superadmin", "created": created_account}))
     await backend.events.publish("admin", "bootstrap_superadmin", account=email, actor="bootstrap", target=email)
     await backend.events.config_changed(f"account:{email}", await backend.store.version())
     log.info("bootstrap superadmin created", extra={"account": email})
