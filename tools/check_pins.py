@@ -20,8 +20,10 @@ INDEX_REQUIREMENT = re.compile(
 )
 # In a Makefile or a shell script: a file URL, or a wheel/sdist/path under a machine-local folder.
 LOCAL_REFERENCE = re.compile(
-    r"file:|(^|[\s=\"'])(/tmp|/var/tmp|/home|/root|/opt|/mnt|/srv)/|\.whl\b|\.tar\.gz\b|--find-links|(^|\s)-f\s"
+    r"file:|(^|[\s=\"'])(/tmp|/var/tmp|/home|/root|/opt|/mnt|/srv)/|\.whl\b|\.tar\.gz\b|--find-links"
 )
+# pip's short form of --find-links, on a line that runs pip (``rm -f`` is no package source).
+PIP_FIND_LINKS = re.compile(r"(^|\s)-f\s")
 
 
 def check_requirements(path: Path) -> list[str]:
@@ -53,7 +55,7 @@ def check_script(path: Path) -> list[str]:
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         if raw.lstrip().startswith("#"):
             continue
-        if LOCAL_REFERENCE.search(raw):
+        if LOCAL_REFERENCE.search(raw) or ("pip" in raw and PIP_FIND_LINKS.search(raw)):
             problems.append(f"{path}:{number}: names a file only this machine has: {raw.strip()}")
     return problems
 

@@ -56,3 +56,15 @@ def test_requirements_by_name_pass(tmp_path: Path) -> None:
     (tmp_path / "requirements.in").write_text("# runtime\nredis[hiredis]\nnats-py>=2.0,<3 ; python_version >= '3.11'\n")
     (tmp_path / "constraints.txt").write_text("redis==8.1.0\nnats-py==2.16.0\n")
     assert _run(tmp_path).returncode == 0
+
+
+def test_pip_find_links_fails_but_rm_f_in_ci_passes(tmp_path: Path) -> None:
+    """`-f` is pip's --find-links only on a pip line: `.ci/run`'s `rm -f /usr/sbin/policy-rc.d`
+    once made every `make test` fail."""
+    _copy_install_files(tmp_path)
+    run = tmp_path / ".ci" / "run"
+    run.write_text(run.read_text() + "\nrm -f /usr/sbin/policy-rc.d\n")
+    assert _run(tmp_path).returncode == 0, _run(tmp_path).stderr
+    run.write_text(run.read_text() + "python3 -m pip install -f wheels/ srslib\n")
+    result = _run(tmp_path)
+    assert result.returncode == 1 and "pip install -f wheels/" in result.stderr
