@@ -152,10 +152,12 @@ class Pod:
     ports: dict[str, tuple[int, int]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # Tells the pods of one Deployment apart (a rolling update runs two at once).
+    ordinal: int = 0
 
     @property
     def name(self) -> str:
-        return f"{self.deployment['metadata']['name']}-0"
+        return f"{self.deployment['metadata']['name']}-{self.ordinal}"
 
     @property
     def grace(self) -> int:
@@ -276,7 +278,8 @@ def start_backing(workdir: Path, redis_url: str, nats_url: str) -> Backing:
 
 
 # The pods --------------------------------------------------------------------------------------
-def plan_pods(objects: list[dict[str, Any]], workdir: Path, backing: Backing, move_all_ports: bool) -> dict[str, Pod]:
+def plan_pods(objects: list[dict[str, Any]], workdir: Path, backing: Backing, move_all_ports: bool,
+              ordinal: int = 0) -> dict[str, Pod]:
     """The pods as this machine runs them. ``move_all_ports`` moves every port off the chart's
     number: the code's defaults equal the chart's ports, so only then does a port variable the
     code does not read show up (the process would listen on its default, not where the probe looks)."""
@@ -290,7 +293,7 @@ def plan_pods(objects: list[dict[str, Any]], workdir: Path, backing: Backing, mo
         pod_spec = deployment["spec"]["template"]["spec"]
         assert len(pod_spec["containers"]) == 1, f"{component}: one container expected"
         container = pod_spec["containers"][0]
-        pod = Pod(component, deployment, container)
+        pod = Pod(component, deployment, container, ordinal=ordinal)
         for port in container.get("ports") or []:
             number = int(port["containerPort"])
             # A fixed port already in use here is remapped, consistently everywhere it appears.
@@ -526,6 +529,54 @@ def test_r_log_5_bootstrap_admin_from_rendered_secret_logs_in(release: Release) 
         time.sleep(0.5)
     assert last.startswith("200 "), f"bootstrap admin login: {last}\n{pod.log()}"
     assert pod.env["REMPART_BOOTSTRAP_ADMIN_EMAIL"] == "admin@" + pod.env["REMPART_HOSTNAME"]
+
+
+def test_helm_test_hook_sends_and_reads_back_a_message_through_the_chart_pods(release: Release,
+                                                                              tmp_path: Path) -> None:
+    """The `helm test` Pod (helmTests) as the kubelet would run it: its rendered command (the
+    script from its ConfigMap), its env (the test account from the rendered Secret), its CA from
+    the rendered TLS Secret; only the Services' addresses point at this machine's pods."""
+    test_pods = [o for o in release.objects if o["kind"] == "Pod"
+                 and (o["metadata"].get("annotations") or {}).get("helm.sh/hook") == "test"]
+    assert len(test_pods) == 1, "the chart renders no `helm test` Pod"
+    spec = test_pods[0]["spec"]
+    container = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    script_path = container["command"][1]
+    script_map = mounts[str(Path(script_path).parent)]["configMap"]["name"]
+    config_map = next(o for o in release.objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == script_map)
+    script = tmp_path / Path(script_path).name
+    script.write_text(config_map["data"][Path(script_path).name])
+    env = container_env(release.objects, container, test_pods[0]["metadata"]["name"])
+    ca_dir = str(Path(env["ROUNDTRIP_TLS_CA"]).parent)
+    ca_secret = mounts[ca_dir]["secret"]
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(secret_value(release.objects, ca_secret["secretName"], Path(env["ROUNDTRIP_TLS_CA"]).name))
+    edge, imap = release.pods["smtp-edge"], release.pods["imap-pop"]
+
+    def through_service(var: str) -> str:
+        """host:port of a rendered Service -> the loopback port of the pod port it targets."""
+        host, _, number = env[var].rpartition(":")
+        service = next(o for o in release.objects if o["kind"] == "Service"
+                       and host == f"{o['metadata']['name']}.{NAMESPACE}.svc.cluster.local")
+        port = next(p for p in service["spec"]["ports"] if str(p["port"]) == number)
+        pod = release.pods[service["spec"]["selector"]["app.kubernetes.io/component"]]
+        return f"127.0.0.1:{pod.port(port['targetPort'])}"
+
+    env |= {"ROUNDTRIP_SMTP": through_service("ROUNDTRIP_SMTP"), "ROUNDTRIP_IMAP": through_service("ROUNDTRIP_IMAP"),
+            "ROUNDTRIP_TLS_CA": str(ca_file), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    # The bootstrap admin (the test account) exists once admin-api has made it.
+    deadline = time.monotonic() + 60
+    while True:
+        run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120,
+                             check=False)
+        if run.returncode == 0 or time.monotonic() > deadline or "235" in run.stdout:
+            break
+        time.sleep(1)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{edge.log()}\n{imap.log()}"
+    assert "round trip of" in run.stdout and "passed" in run.stdout, run.stdout
+    assert env["ROUNDTRIP_PASSWORD"] not in run.stdout + run.stderr
 
 
 def test_chart_pods_drain_on_sigterm_within_grace_period(release: Release) -> None:

@@ -25,6 +25,8 @@ from rempart.smtp_edge.settings import SmtpEdgeSettings
 from rempart.smtp_edge.stages import EdgeHandler
 
 log = logging.getLogger(__name__)
+# At shutdown, for the closed sessions' last policy reports (within the pod's grace period).
+DISCONNECT_REPORT_SECONDS = 2.0
 
 # Per-session budgets against abuse (aiosmtpd answers "421 4.7.0 <CMD> sent too many times").
 COMMAND_CALL_LIMITS = {
@@ -137,6 +139,9 @@ class SmtpEdge:
             while len(self.handler.connections) and loop.time() < deadline:
                 await asyncio.sleep(0.2)
             self.handler.connections.close_all(replies.SHUTTING_DOWN)
+            # Their DISCONNECT reports (the policy's simultaneous-connection counts) before the
+            # channels close: the rolling-update test saw the last one fail with UsageError.
+            await self.handler.settle(DISCONNECT_REPORT_SECONDS)
         for server in self.servers.values():
             server.close()
         if self._reload_task is not None:

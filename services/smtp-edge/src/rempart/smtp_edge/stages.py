@@ -107,6 +107,16 @@ class EdgeHandler:
         else:
             server.end_trace()
 
+    async def settle(self, timeout: float) -> None:
+        """At shutdown, after the sessions were told to close: wait (at most ``timeout`` s) until
+        they are gone and their DISCONNECT reports have reached the policy service."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=max(deadline - loop.time(), 0.01))
+
     # Policy calls ---------------------------------------------------------------------------
     def _facts(self, server: EdgeSMTP) -> policy_pb2.SessionFacts:
         version, cipher = server.tls_info()
