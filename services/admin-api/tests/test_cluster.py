@@ -201,3 +201,12 @@ async def test_r_adm_1_cluster_view_is_for_superadmins_only(harness: Harness) ->
     domain_admin = await harness.login("helpdesk@example.net", "Helpdesk-Pw-1234")
     reply = await harness.http.get("/v1/cluster", headers=domain_admin)
     assert reply.status_code == 403 and reply.headers["content-type"].startswith(PROBLEM)
+
+
+async def test_cluster_view_refuses_a_namespace_that_is_not_a_name(
+    kube_api: FakeApiServer, harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    (harness.app.state.cluster.serviceaccount_dir / "namespace").write_text("mail/../../../apis")
+    reply = await harness.http.get("/v1/cluster", headers=admin_headers)
+    assert reply.status_code == 200, reply.text
+    assert "no usable namespace" in reply.json()["reason"] and kube_api.requests == []

@@ -23,6 +23,7 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ MAX_PODS = 500  # one page of the list; more is said (truncated), not fetched
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 64 * 1024
 MAX_REASON = 300
+NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label: it goes into the URL path
 
 
 class KubernetesAccess(BaseSettings):
@@ -186,10 +188,10 @@ async def list_pods(access: KubernetesAccess) -> ClusterOut:
         out.reason = (f"no service account token at {account} (the chart's rbac.clusterView is off, or "
                       "automountServiceAccountToken is false)")
         return out
-    out.namespace = namespace
-    if not namespace or not token:
-        out.reason = f"the service account at {account} has an empty namespace or token"
+    if not NAMESPACE.fullmatch(namespace) or not token:
+        out.reason = f"the service account at {account} has no usable namespace or token"
         return out
+    out.namespace = namespace
     try:
         pods = await _get_pods(access, namespace, token, account / "ca.crt")
         items = pods.get("items")
