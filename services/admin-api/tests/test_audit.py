@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rempart.common.audit import AUDIT_STREAM
+from nats.aio.client import Client as NATS
+
+from rempart.admin_api.redaction import Redactor
+from rempart.common.audit import AUDIT_STREAM, AuditLog, AuditRetention
 from rempart.common.events import EventBus, connect_nats, ensure_streams
 from rempart.common.testing.localstack import start_nats
 
@@ -171,3 +174,29 @@ async def test_r_adm_5_r_adm_1_a_domain_admin_sees_only_its_domains_changes(
     await harness.add_account("joe@example.net", GOOD_PASSWORD)
     user = await harness.login("joe@example.net", GOOD_PASSWORD)
     assert (await http.get("/v1/audit", headers=user)).status_code == 403
+
+
+def test_r_adm_3_audit_states_lose_every_secret_field() -> None:
+    redactor = Redactor("k")
+    state = {"address": "a@example.org", "password": "pw-123456", "key": "rpk_x", "key_hash": "abc",
+             "private_key": "-----BEGIN", "totp_secret": "JBSW", "key_type": "rsa", "recovery_codes": ["1"],
+             "nested": [{"app_password": "zzz", "name": "phone"}],
+             "dns": {"srs_secrets": ["s3cr3t"], "dnsbl_zones": ["zen.example"]}}
+    out = redactor.audit_state(state)
+    assert out["address"] == "a@example.org" and out["key_type"] == "rsa"
+    for name in ("password", "key", "key_hash", "private_key", "totp_secret", "recovery_codes"):
+        assert out[name] == "[redacted]", name
+    assert out["nested"] == [{"app_password": "[redacted]", "name": "phone"}]
+    assert out["dns"]["srs_secrets"]["count"] == 1 and "s3cr3t" not in str(out)
+    assert out["dns"]["dnsbl_zones"] == ["zen.example"]
+
+
+async def test_r_adm_5_the_audit_streams_retention_is_a_setting(nats_conn: NATS) -> None:
+    js = nats_conn.jetstream()
+    await AuditLog(js, AuditRetention(max_age_days=7, max_bytes=1 << 20)).ensure()
+    config = (await js.stream_info(AUDIT_STREAM)).config
+    assert (config.max_age, config.max_bytes, config.subjects) == (7 * 86400, 1 << 20, ["rempart.audit.>"])
+    # Changed settings are applied to the existing stream at the next start.
+    await AuditLog(js, AuditRetention(max_age_days=400, max_bytes=0)).ensure()
+    config = (await js.stream_info(AUDIT_STREAM)).config
+    assert (config.max_age, config.max_bytes) == (400 * 86400, -1)

@@ -146,8 +146,14 @@ def _is_summary(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"count", "fingerprints"}
 
 
+# An object's field whose name says it may hold a secret (a key's own field, "key" or "*_key",
+# not "key_type"): its value never reaches an audit record.
+SECRET_FIELD_WORDS = ("password", "secret", "token", "hash", "seed", "private", "code")
+
+
 def secret_name(name: str) -> bool:
-    return any(word in name.lower() for word in SECRET_ATTRIBUTE_WORDS)
+    lowered = name.lower()
+    return any(word in lowered for word in SECRET_FIELD_WORDS) or lowered == "key" or lowered.endswith("_key")
 
 
 def _scrub(value: Any, depth: int = 0) -> Any:
