@@ -494,7 +494,8 @@ def find_nats_server() -> str | None:
 
 promtool = find_promtool()
 if promtool is None:
-    print("note: no promtool (Debian: apt-get install prometheus); rules and dashboards checked for metric names only")
+    print("SKIPPED: promtool check rules and the PromQL parse of the dashboards: no promtool here "
+          "(Debian: apt-get install prometheus, as .ci/run does); metric names checked only")
 nats_server = find_nats_server()
 if nats_server is None:
     print("note: no nats-server >= 2.10 found; the NATS config is checked by pattern only")
