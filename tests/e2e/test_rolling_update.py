@@ -44,6 +44,7 @@ from test_chart_processes import (  # the chart harness
     component_of,
     container_env,
     plan_pods,
+    probe_once,
     probe_until,
     render,
     secret_value,
@@ -147,6 +148,7 @@ class Cluster:
     proxies: dict[tuple[str, str], ServiceProxy]
     pods: dict[str, Pod] = field(default_factory=dict)  # the current (ready) pod of each Deployment
     gone: list[Pod] = field(default_factory=list)  # the pods replaced
+    drain_greetings: list[str] = field(default_factory=list)  # a draining edge's first line
     ordinals: Iterator[int] = field(default_factory=itertools.count)
     events: list[str] = field(default_factory=list)
 
@@ -173,10 +175,22 @@ class Cluster:
             self.proxies[(component, name)].set_endpoints([pod.port(name)] if pod else [])
 
     def terminate(self, pod: Pod) -> tuple[float, int]:
-        """The kubelet's stop: SIGTERM, SIGKILL after the grace period; (seconds, exit code)."""
+        """The kubelet's stop: SIGTERM, SIGKILL after the grace period; (seconds, exit code).
+        Right after SIGTERM, as a client that raced the endpoints' update: the pod is not ready
+        any more, and an edge greets a new SMTP connection with 421 4.3.2 (stop accepting)."""
         assert pod.proc is not None
         started = time.monotonic()
         os.killpg(pod.proc.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        ready, answer = probe_once(pod, pod.container["readinessProbe"])
+        assert not ready, f"{pod.name} still ready after SIGTERM: {answer}"
+        if pod.component == "smtp-edge":
+            try:
+                with socket.create_connection(("127.0.0.1", pod.port("smtp")), timeout=5) as sock:
+                    greeting = sock.makefile("rb").readline().decode(errors="replace").strip()
+            except OSError as exc:
+                greeting = f"no connection: {exc}"
+            self.drain_greetings.append(greeting)
         try:
             code = pod.proc.wait(pod.grace)
         except subprocess.TimeoutExpired:
@@ -448,8 +462,11 @@ def test_r_ops_7_rolling_update_of_every_deployment_under_load_loses_no_accepted
           f"{[c.commands_ok for c in imap_clients]}; permanent errors {len(tally.permanent)}")
     assert not lost, f"{len(lost)} accepted messages are not in the mailbox: {lost[:10]}"
     assert not tally.permanent, tally.permanent[:10]
-    # The session open on the old edge through its grace period was told 421 (RFC 5321 3.8).
+    # The session open on the old edge through its grace period was told 421 (RFC 5321 3.8);
+    # a connection that reached the draining edge was greeted with 421 4.3.2.
     assert tally.outcomes["smtp-session 421"] >= 1, dict(tally.outcomes)
+    print(f"a new connection to the draining edge: {cluster.drain_greetings}")
+    assert cluster.drain_greetings and cluster.drain_greetings[0].startswith("421 4.3.2"), cluster.drain_greetings
     # Nothing went wrong inside the old pods while they drained.
     for pod in cluster.gone:
         bad = [line for line in pod.log(100_000).splitlines() if "Traceback" in line or "UsageError" in line
