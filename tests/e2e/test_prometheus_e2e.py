@@ -354,12 +354,15 @@ def test_r_ops_4_every_dashboard_and_rule_expression_parses_and_traffic_ones_ret
 
 
 def test_r_ops_4_prometheus_stores_exemplars_with_the_trace_ids_of_the_spans(observed: Observed) -> None:
-    """Scraped as OpenMetrics, the stage and command latencies carry trace ids the OTLP receiver
-    got from the same services."""
+    """Scraped as OpenMetrics, the latencies (SMTP stages, IMAP commands, the durable store, the
+    policy calls on both sides, the password hash) carry trace ids the OTLP receiver got from the
+    same services."""
     prometheus, receiver = observed.prometheus, observed.receiver
     if not [s for s in receiver.spans() if s.name.startswith("IMAP ")]:
         make_traffic_light(observed.stack)
-    for series in ("rempart_smtp_stage_seconds_bucket", "rempart_imap_command_seconds_bucket"):
+    for series in ("rempart_smtp_stage_seconds_bucket", "rempart_imap_command_seconds_bucket",
+                   "rempart_smtp_store_seconds_bucket", "rempart_smtp_policy_seconds_bucket",
+                   "rempart_policy_check_seconds_bucket", "rempart_auth_hash_seconds_bucket"):
         def stored(series: str = series) -> list[str]:
             answer = prometheus.api("query_exemplars", query=series, start=f"{time.time() - 600:.0f}",
                                     end=f"{time.time() + 5:.0f}")

@@ -140,7 +140,7 @@ class EdgeHandler:
 
     async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
         request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
-        with metrics.child(POLICY_SECONDS, policy_pb2.Stage.Name(stage)).time():
+        with metrics.timed(metrics.child(POLICY_SECONDS, policy_pb2.Stage.Name(stage))):
             verdict = await self._policy(server).check(request)
         if verdict.rule.startswith(POLICY_FAILURE_RULES) and stage not in UNCOUNTED_STAGES:
             self.refused_here(TEMPORARY_FAILURE)  # policy never decided: the edge's own 451
