@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import smtplib
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
+import pyotp
 import pytest
 
 from rempart.common.testing.devstack import AdminApi, Stack
@@ -84,3 +89,90 @@ def test_r_adm_6_r_2fa_1_an_administrator_logs_in_with_a_totp_code(
     done = ctl(stack, tmp_path, "login", stack.admin_email, stdin=f"{stack.admin_password}\n{code}\n")
     assert done.returncode == 0, done.stderr
     assert "example.test" in ctl(stack, tmp_path, "domains", "list").stdout.split()
+
+
+def _ctl_command(stack: Stack, home: Path, token: str = "") -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ, REMPART_API_URL=f"http://127.0.0.1:{stack.ports['admin-api.http']}",
+               XDG_CONFIG_HOME=str(home))
+    env.pop("REMPART_API_TOKEN", None)
+    if token:
+        env["REMPART_API_TOKEN"] = token
+    return [sys.executable, "-m", "rempart.admin_api.ctl"], env
+
+
+def _enrol_totp(stack: Stack, home: Path) -> str:
+    """`rempartctl totp enrol` as a person does it: read the key it shows, type the app's code."""
+    command, env = _ctl_command(stack, home)
+    with subprocess.Popen([*command, "totp", "enrol"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None and proc.stdin is not None and proc.stdout is not None
+        first = proc.stderr.readline()
+        assert first.startswith("key: "), first
+        secret = first.removeprefix("key: ").strip()
+        proc.stdin.write(pyotp.TOTP(secret).now() + "\n")
+        proc.stdin.close()
+        recovery = proc.stdout.read().split()
+        assert proc.wait(60) == 0, proc.stderr.read()
+    assert len(recovery) >= 5, "the recovery codes are printed once"
+    return secret
+
+
+def _rcpt_replies(stack: Stack, recipients: list[str]) -> list[str]:
+    with smtplib.SMTP("127.0.0.1", stack.ports["smtp-edge.smtp"], timeout=20) as client:
+        client.ehlo("ctl.test")
+        client.mail("someone@remote.test")
+        replies = [f"{code} {text.decode()}" for code, text in (client.rcpt(r) for r in recipients)]
+        client.rset()
+    return replies
+
+
+def test_r_adm_6_an_administrators_first_ten_minutes(
+    stack: Stack, admin: AdminApi, demo: dict[str, str], tmp_path: Path
+) -> None:
+    """The README's first ten minutes, all with rempartctl: a new administrator logs in, enrols
+    TOTP, adds a domain and a user, sends a test message, reads the events; then a settings
+    change through rempartctl changes what the running edge answers within 2 seconds."""
+    password = "Quartz-9-Meadow-Lantern-Boss!"
+    boss = f"boss-{uuid.uuid4().hex[:6]}@example.test"
+    made = ctl(stack, tmp_path / "root", "accounts", "add", boss, "--role", "superadmin", token=admin.token,
+               stdin=password + "\n")
+    assert made.returncode == 0, made.stderr
+    home = tmp_path / "boss"
+    first = ctl(stack, home, "login", boss, stdin=password + "\n")
+    assert first.returncode == 0 and first.stdout == f"logged in as {boss}\n"
+    assert "rempartctl totp enrol" in first.stderr
+    secret = _enrol_totp(stack, home)
+    assert ctl(stack, home, "logout").returncode == 0
+    # The next code (the server takes the next time step; the enrolment spent this one).
+    code = pyotp.TOTP(secret).at(time.time() + 30)
+    again = ctl(stack, home, "login", boss, stdin=f"{password}\n{code}\n")
+    assert again.returncode == 0, again.stderr
+
+    def run(*args: str, stdin: str = "") -> str:
+        done = ctl(stack, home, *args, stdin=stdin)
+        assert done.returncode == 0, (args, done.stderr)
+        return done.stdout
+
+    domain = f"first-{uuid.uuid4().hex[:6]}.test"
+    assert run("domains", "add", domain) == f"domain {domain} added\n"
+    assert run("accounts", "add", f"ann@{domain}", stdin="Copper-7-Harbour-Violet!\n") == f"account ann@{domain} added\n"
+    sent = run("send-test", f"ann@{domain}", "--smtp", f"127.0.0.1:{stack.ports['smtp-edge.smtp']}")
+    assert sent.startswith(f"sent to ann@{domain}: 250 2.0.0 Ok: queued as "), sent
+    queue_id = sent.split("queued as ")[1].split()[0]
+    events_out = run("events", "--area", "mail", "--limit", "50")
+    assert any("mail/accepted" in line and queue_id in line for line in events_out.splitlines()), events_out
+    assert f"domain:{domain}" in run("audit", "--kind", "domain")
+
+    # R-OPS-1 through rempartctl: two recipients are fine, then max_recipients=1 takes within 2 s.
+    recipients = [demo["user"], demo["peer"]]
+    assert _rcpt_replies(stack, recipients) == ["250 2.1.5 Ok"] * 2
+    before = json.loads(run("settings", "get"))["settings"]["limits"]["max_recipients"]
+    try:
+        assert run("settings", "set", "limits.max_recipients=1") == "settings changed\n"
+        changed = time.monotonic()
+        assert "limits.max_recipients: 32768 -> 1" in run("settings", "diff").splitlines()
+        while _rcpt_replies(stack, recipients)[1] != "452 4.5.3 Too many recipients":
+            assert time.monotonic() - changed < 2.0, "the running edge still takes two recipients after 2 s"
+            time.sleep(0.05)
+    finally:
+        run("settings", "set", f"limits.max_recipients={before}")

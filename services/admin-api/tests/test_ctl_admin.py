@@ -42,6 +42,8 @@ async def test_r_adm_6_rempartctl_audit_api_keys_blocks_and_long_lists(
             "rempartctl: 422 Only single IPv4 addresses are blocked (ip: ")
         assert (await ctl("blocks", "add", "192.0.2.8"))[0] == 2  # no reason
         code, out, _ = await ctl("blocks", "list")
+        assert code == 0 and out.startswith("192.0.2.7  abuse report  until ")
+        code, out, _ = await ctl("blocks", "list", "--json")
         assert [b["reason"] for b in json.loads(out)["blocks"]] == ["abuse report"]
         code, key, err = await ctl("api-keys", "create", "backup", "--scope", "read", "--expires", "30d")
         assert code == 0 and key.startswith("rpk_") and "shown once" in err

@@ -6,12 +6,14 @@
     rempartctl accounts reset-password bob@example.org | unlock ... | reset-2fa ... | logout-everywhere ...
     rempartctl aliases list example.org | add sales@example.org bob@example.org carol@example.org
     rempartctl blocks list | show 192.0.2.7 | unblock 192.0.2.7 | add 192.0.2.7 --reason "abuse" [--minutes 60]
-    rempartctl events [--area ips] [--limit 20]
+    rempartctl events [--area ips] [--limit 20] [--follow] [--json]
     rempartctl audit [--actor ...] [--kind account] [--object bob@example.org] [--action ...] [--since 2h] [--json]
     rempartctl api-keys list | create backup [--scope write] [--domain example.org] [--expires 90d] | revoke <id>
     rempartctl queue list [--state deferred] [--sender ...] [--recipient-domain ...] [--older-than 2h] [--json]
     rempartctl queue show <id> | retry <id> | delete <id>
-    rempartctl settings [--scope domain:example.org] get | set ips.block_minutes=60 ...
+    rempartctl settings [--scope domain:example.org] get | set ips.block_minutes=60 ... | diff
+    rempartctl totp enrol                          # this login's two-step verification (R-2FA-1)
+    rempartctl send-test bob@example.org [--smtp mail.example.org:25]   # a test message through port 25
 
 The API is REMPART_API_URL (default http://127.0.0.1:8080); the session token is kept in
 ``$XDG_CONFIG_HOME/rempart/token`` (mode 0600), never printed, or given as REMPART_API_TOKEN.
@@ -19,21 +21,29 @@ Passwords are read from the terminal (or from standard input when it is not one)
 the command line. Errors are
 the API's problem details in one line each; the exit code is 1 for a refusal, 2 for a usage or
 connection error. Settings changes send the ETag they read (If-Match): two administrators
-changing settings at once never lose one of the changes silently.
+changing settings at once never lose one of the changes silently. Lists print one line per item
+for people; ``--json`` prints the API's records for scripts. Built with Typer: ``--help`` on every
+command.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import getpass
 import json
 import os
+import smtplib
 import sys
+import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import click
 import httpx
+import typer
+
+from rempart.common.config import MailSettings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 SECOND_FACTOR = "A valid TOTP code is required"  # the API's words (routes_auth.SECOND_FACTOR)
@@ -154,135 +164,6 @@ def _settings_path(scope: str) -> str:
     raise CtlError("--scope is server, domain:<name> or account:<address>", 2)
 
 
-def run(args: argparse.Namespace) -> int:
-    url = os.environ.get("REMPART_API_URL", DEFAULT_URL)
-    token_file = _token_file()
-    # REMPART_API_TOKEN (a session token from automation) beats the saved login.
-    token = os.environ.get("REMPART_API_TOKEN") or (token_file.read_text().strip() if token_file.exists() else None)
-    api = Api(url, token)
-    what = args.command
-    if what == "login":
-        body: dict[str, Any] = {"email": args.address, "password": _secret("Password: ")}
-        try:
-            answer = api.json("POST", "/v1/auth/login", json=body)
-        except CtlError as exc:
-            # R-2FA-1: the password was right and a TOTP code is required: ask for it.
-            if SECOND_FACTOR not in str(exc):
-                raise
-            body["totp_code"] = _secret("TOTP code: ")
-            answer = api.json("POST", "/v1/auth/login", json=body)
-        token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(str(answer["token"]))
-        print(f"logged in as {args.address}")
-        return 0
-    if what == "logout":
-        if token:
-            api.call("POST", "/v1/auth/logout")
-        token_file.unlink(missing_ok=True)
-        print("logged out")
-        return 0
-    if what == "domains":
-        if args.action == "list":
-            _print(_names(_every(api, "/v1/domains", "domains"), "name"))
-        elif args.action == "add":
-            api.call("POST", "/v1/domains", json={"name": args.name})
-            print(f"domain {args.name} added")
-        else:
-            api.call("DELETE", f"/v1/domains/{args.name}")
-            print(f"domain {args.name} deleted")
-        return 0
-    if what == "accounts":
-        return _accounts(api, args)
-    if what == "aliases":
-        if args.action == "list":
-            _print(_names(_every(api, f"/v1/domains/{args.name}/aliases", "aliases"), "alias"))
-        else:
-            api.call("POST", "/v1/aliases", json={"alias": args.name, "targets": args.targets})
-            print(f"alias {args.name} -> {', '.join(args.targets)}")
-        return 0
-    if what == "blocks":
-        if args.action == "list":
-            _print({"blocks": _every(api, "/v1/ips/blocks", "blocks")})
-        elif args.action == "add":
-            if not args.reason:
-                raise CtlError("blocks add needs --reason", 2)
-            block = api.json("POST", "/v1/ips/blocks", json={"ip": args.ip, "reason": args.reason,
-                                                             "duration_minutes": args.minutes})
-            covers = f" (prefix {block['prefix']})" if block.get("prefix") else ""
-            print(f"{block['ip']}{covers} blocked until {block['expires_at']}")
-        elif args.action == "show":
-            _print(api.json("GET", f"/v1/ips/blocks/{args.ip}"))
-        else:
-            api.call("DELETE", f"/v1/ips/blocks/{args.ip}")
-            print(f"{args.ip} unblocked")
-        return 0
-    if what == "events":
-        params = {k: v for k, v in (("area", args.area), ("account", args.account), ("client_ip", args.ip),
-                                    ("limit", args.limit)) if v}
-        _print(api.json("GET", "/v1/events", params=params))
-        return 0
-    if what == "queue":
-        return _queue(api, args)
-    if what == "audit":
-        return _audit(api, args)
-    if what == "api-keys":
-        return _api_keys(api, args)
-    if what == "settings":
-        path = _settings_path(args.scope)
-        if args.action == "get":
-            _print(api.json("GET", path))
-            return 0
-        current = api.call("GET", path)
-        etag = current.headers.get("etag", "")
-        method = "PATCH" if args.scope == "server" else "PUT"
-        patch = _assignments(args.assignments)
-        if method == "PUT":  # a domain's or account's overrides are replaced whole: merge into them
-            read = current.json()
-            overrides = read.get("settings", {}) if isinstance(read, dict) else {}
-            patch = _merge(overrides if isinstance(overrides, dict) else {}, patch)
-        api.call(method, path, json=patch, headers={"If-Match": etag} if etag else {})
-        print("settings changed")
-        return 0
-    raise CtlError(f"unknown command {what}", 2)
-
-
-def _accounts(api: Api, args: argparse.Namespace) -> int:
-    action, name = args.action, args.name
-    if action == "list":
-        _print(_names(_every(api, f"/v1/domains/{name}/accounts", "accounts"), "address"))
-    elif action == "show":
-        _print(api.json("GET", f"/v1/accounts/{name}"))
-    elif action == "add":
-        domain = name.rpartition("@")[2]
-        body = {"address": name, "password": _secret(f"New password for {name}: "), "role": args.role}
-        api.call("POST", f"/v1/domains/{domain}/accounts", json=body)
-        print(f"account {name} added")
-    elif action in ("disable", "enable"):
-        api.call("PATCH", f"/v1/accounts/{name}", json={"enabled": action == "enable"})
-        print(f"account {name} {action}d")
-    elif action == "delete":
-        api.call("DELETE", f"/v1/accounts/{name}")
-        print(f"account {name} deleted")
-    elif action == "reset-password":
-        api.call("PUT", f"/v1/accounts/{name}/password", json={"password": _secret(f"New password for {name}: ")})
-        print(f"password of {name} reset; its sessions ended")
-    elif action == "unlock":
-        api.call("POST", f"/v1/accounts/{name}/unlock")
-        print(f"{name} unlocked")
-    elif action == "reset-2fa":
-        api.call("DELETE", f"/v1/accounts/{name}/totp")
-        print(f"two-step verification of {name} reset; its sessions ended")
-    elif action == "revoke-app-passwords":
-        api.call("DELETE", f"/v1/accounts/{name}/app-passwords")
-        print(f"app passwords of {name} revoked")
-    elif action == "logout-everywhere":
-        api.call("DELETE", f"/v1/accounts/{name}/sessions")
-        print(f"sessions of {name} ended")
-    return 0
-
-
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -306,40 +187,6 @@ def _queue_line(message: dict[str, Any]) -> str:
                       f"{len(waiting)} waiting ({states}) for {','.join(message.get('destinations', []))}", last])
 
 
-def _queue(api: Api, args: argparse.Namespace) -> int:
-    if args.action == "list":
-        params: dict[str, Any] = {k: v for k, v in (
-            ("sender", args.sender), ("sender_domain", args.sender_domain),
-            ("recipient_domain", args.recipient_domain), ("state", args.state)) if v}
-        if args.older_than:
-            params["older_than"] = _seconds(args.older_than)
-        messages: list[dict[str, Any]] = []
-        cursor = None
-        while len(messages) < args.limit:
-            page = api.json("GET", "/v1/queue", params={**params, "limit": min(args.limit - len(messages), 1000),
-                                                        **({"cursor": cursor} if cursor else {})})
-            messages += page["messages"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                break
-        if args.json:
-            _print(messages)
-        else:
-            for message in messages:
-                print(_queue_line(message))
-        return 0
-    path = f"/v1/queue/{args.id}"
-    if args.action == "show":
-        _print(api.json("GET", path))
-    elif args.action == "retry":
-        due = api.json("POST", f"{path}/retry")["recipients_due"]
-        print(f"{args.id}: retrying now for {', '.join(due)}")
-    else:
-        api.call("DELETE", path)
-        print(f"{args.id} deleted from the queue (not delivered, no bounce to the sender)")
-    return 0
-
-
 def _since(text: str) -> str:
     """``2h`` ago (or an RFC 3339 time as is) as an RFC 3339 time."""
     if "T" in text:
@@ -347,122 +194,489 @@ def _since(text: str) -> str:
     return (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=_seconds(text))).isoformat()
 
 
-def _audit(api: Api, args: argparse.Namespace) -> int:
-    params = {k: v for k, v in (("actor", args.actor), ("kind", args.kind), ("object_id", args.object),
-                                ("action", args.action), ("since", _since(args.since) if args.since else None),
-                                ("limit", min(args.limit, 500))) if v}
-    records = _every(api, "/v1/audit", "events", params, most=args.limit)
-    if args.json:
+
+
+# --- the command line (Typer) ------------------------------------------------------------------
+app = typer.Typer(name="rempartctl", no_args_is_help=True, add_completion=False,
+                  help="Administer Rempart over its admin API (REMPART_API_URL, default http://127.0.0.1:8080).")
+domains_app = typer.Typer(no_args_is_help=True, help="list, add or delete domains")
+accounts_app = typer.Typer(no_args_is_help=True, help="accounts and helpdesk actions")
+aliases_app = typer.Typer(no_args_is_help=True, help="list a domain's aliases or add one")
+blocks_app = typer.Typer(no_args_is_help=True, help="blocked IPs (R-IPS-5)")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for scripts: list, create (shown once), revoke")
+queue_app = typer.Typer(no_args_is_help=True, help="the outbound queue: list, show, retry now or delete a message")
+settings_app = typer.Typer(no_args_is_help=True, help="read, change or compare settings (section.name=value ...)")
+totp_app = typer.Typer(no_args_is_help=True, help="two-step verification of the account logged in (R-2FA-1)")
+for _group, _name in ((domains_app, "domains"), (accounts_app, "accounts"), (aliases_app, "aliases"),
+                      (blocks_app, "blocks"), (keys_app, "api-keys"), (queue_app, "queue"),
+                      (settings_app, "settings"), (totp_app, "totp")):
+    app.add_typer(_group, name=_name)
+
+Json = Annotated[bool, typer.Option("--json", help="the API's records, for scripts")]
+
+
+def _token() -> str | None:
+    # REMPART_API_TOKEN (a session token or an API key from automation) beats the saved login.
+    token_file = _token_file()
+    return os.environ.get("REMPART_API_TOKEN") or (token_file.read_text().strip() if token_file.exists() else None)
+
+
+def _api() -> Api:
+    return Api(os.environ.get("REMPART_API_URL", DEFAULT_URL), _token())
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CtlError(f"{option} is one of {', '.join(choices)}, not {value!r}", 2)
+
+
+def _needed(value: str, what: str) -> str:
+    if not value:
+        raise CtlError(f"{what} is needed", 2)
+    return value
+
+
+@app.command()
+def login(address: str) -> None:
+    """Log in (password, then a TOTP code when enrolled); the token is kept 0600."""
+    api = _api()
+    body: dict[str, Any] = {"email": address, "password": _secret("Password: ")}
+    try:
+        answer = api.json("POST", "/v1/auth/login", json=body)
+    except CtlError as exc:
+        # R-2FA-1: the password was right and a TOTP code is required: ask for it.
+        if SECOND_FACTOR not in str(exc):
+            raise
+        body["totp_code"] = _secret("TOTP code: ")
+        answer = api.json("POST", "/v1/auth/login", json=body)
+    token_file = _token_file()
+    token_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(str(answer["token"]))
+    print(f"logged in as {address}")
+    if answer.get("second_factor_enrolment_required"):
+        # R-2FA-1: an administrator's session does nothing else until TOTP is on.
+        print("two-step verification is required for this account: run `rempartctl totp enrol`", file=sys.stderr)
+
+
+@app.command()
+def logout() -> None:
+    """End this session and forget its token."""
+    if _token():
+        _api().call("POST", "/v1/auth/logout")
+    _token_file().unlink(missing_ok=True)
+    print("logged out")
+
+
+# domains ------------------------------------------------------------------------------------------
+@domains_app.command("list")
+def domains_list(as_json: Json = False) -> None:
+    domains = _every(_api(), "/v1/domains", "domains")
+    _print(domains if as_json else _names(domains, "name"))
+
+
+@domains_app.command("add")
+def domains_add(name: Annotated[str, typer.Argument()] = "") -> None:
+    _api().call("POST", "/v1/domains", json={"name": _needed(name, "a domain name")})
+    print(f"domain {name} added")
+
+
+@domains_app.command("delete")
+def domains_delete(name: Annotated[str, typer.Argument()] = "") -> None:
+    _api().call("DELETE", f"/v1/domains/{_needed(name, 'a domain name')}")
+    print(f"domain {name} deleted")
+
+
+# accounts -----------------------------------------------------------------------------------------
+@accounts_app.command("list")
+def accounts_list(domain: str, as_json: Json = False) -> None:
+    """A domain's accounts."""
+    accounts = _every(_api(), f"/v1/domains/{domain}/accounts", "accounts")
+    _print(accounts if as_json else _names(accounts, "address"))
+
+
+@accounts_app.command("show")
+def accounts_show(address: str) -> None:
+    _print(_api().json("GET", f"/v1/accounts/{address}"))
+
+
+@accounts_app.command("add")
+def accounts_add(address: str, role: Annotated[str, typer.Option(help="user, domain_admin or superadmin")] = "user"
+                 ) -> None:
+    """A new account; its password is read from the terminal (or standard input)."""
+    _choice("--role", role, ("user", "domain_admin", "superadmin"))
+    domain = address.rpartition("@")[2]
+    body = {"address": address, "password": _secret(f"New password for {address}: "), "role": role}
+    _api().call("POST", f"/v1/domains/{domain}/accounts", json=body)
+    print(f"account {address} added")
+
+
+@accounts_app.command("disable")
+def accounts_disable(address: str) -> None:
+    _api().call("PATCH", f"/v1/accounts/{address}", json={"enabled": False})
+    print(f"account {address} disabled")
+
+
+@accounts_app.command("enable")
+def accounts_enable(address: str) -> None:
+    _api().call("PATCH", f"/v1/accounts/{address}", json={"enabled": True})
+    print(f"account {address} enabled")
+
+
+@accounts_app.command("delete")
+def accounts_delete(address: str) -> None:
+    _api().call("DELETE", f"/v1/accounts/{address}")
+    print(f"account {address} deleted")
+
+
+@accounts_app.command("reset-password")
+def accounts_reset_password(address: str) -> None:
+    """A new password (read from the terminal); the account's sessions end (R-ADM-4)."""
+    _api().call("PUT", f"/v1/accounts/{address}/password", json={"password": _secret(f"New password for {address}: ")})
+    print(f"password of {address} reset; its sessions ended")
+
+
+@accounts_app.command("unlock")
+def accounts_unlock(address: str) -> None:
+    """Lift a lockout (R-LOG-1)."""
+    _api().call("POST", f"/v1/accounts/{address}/unlock")
+    print(f"{address} unlocked")
+
+
+@accounts_app.command("reset-2fa")
+def accounts_reset_2fa(address: str) -> None:
+    _api().call("DELETE", f"/v1/accounts/{address}/totp")
+    print(f"two-step verification of {address} reset; its sessions ended")
+
+
+@accounts_app.command("revoke-app-passwords")
+def accounts_revoke_app_passwords(address: str) -> None:
+    _api().call("DELETE", f"/v1/accounts/{address}/app-passwords")
+    print(f"app passwords of {address} revoked")
+
+
+@accounts_app.command("logout-everywhere")
+def accounts_logout_everywhere(address: str) -> None:
+    _api().call("DELETE", f"/v1/accounts/{address}/sessions")
+    print(f"sessions of {address} ended")
+
+
+# aliases ------------------------------------------------------------------------------------------
+@aliases_app.command("list")
+def aliases_list(domain: str, as_json: Json = False) -> None:
+    aliases = _every(_api(), f"/v1/domains/{domain}/aliases", "aliases")
+    _print(aliases if as_json else _names(aliases, "alias"))
+
+
+@aliases_app.command("add")
+def aliases_add(alias: str, targets: Annotated[list[str] | None, typer.Argument()] = None) -> None:
+    if not targets:
+        raise CtlError("aliases add needs at least one target", 2)
+    _api().call("POST", "/v1/aliases", json={"alias": alias, "targets": targets})
+    print(f"alias {alias} -> {', '.join(targets)}")
+
+
+# blocks -------------------------------------------------------------------------------------------
+@blocks_app.command("list")
+def blocks_list(as_json: Json = False) -> None:
+    blocks = _every(_api(), "/v1/ips/blocks", "blocks")
+    if as_json:
+        _print({"blocks": blocks})
+        return
+    for block in blocks:
+        print("  ".join([str(block.get("ip")), str(block.get("reason")), f"until {block.get('expires_at')}"]))
+
+
+@blocks_app.command("show")
+def blocks_show(ip: Annotated[str, typer.Argument()] = "") -> None:
+    _print(_api().json("GET", f"/v1/ips/blocks/{_needed(ip, 'an IP address')}"))
+
+
+@blocks_app.command("unblock")
+def blocks_unblock(ip: Annotated[str, typer.Argument()] = "") -> None:
+    """Lift a block; the address's counters start again from zero."""
+    _api().call("DELETE", f"/v1/ips/blocks/{_needed(ip, 'an IP address')}")
+    print(f"{ip} unblocked")
+
+
+@blocks_app.command("add")
+def blocks_add(ip: Annotated[str, typer.Argument()] = "",
+               reason: Annotated[str, typer.Option(help="why; shown in the block list")] = "",
+               minutes: Annotated[int, typer.Option(help="how long; default one day")] = 1440) -> None:
+    """Block an address by hand: edges close its connections and refuse new ones."""
+    _needed(ip, "an IP address")
+    if not reason:
+        raise CtlError("blocks add needs --reason", 2)
+    block = _api().json("POST", "/v1/ips/blocks", json={"ip": ip, "reason": reason, "duration_minutes": minutes})
+    covers = f" (prefix {block['prefix']})" if block.get("prefix") else ""
+    print(f"{block['ip']}{covers} blocked until {block['expires_at']}")
+
+
+# events and audit ---------------------------------------------------------------------------------
+def _event_line(event: dict[str, Any]) -> str:
+    who = " ".join(x for x in (event.get("account") or "", event.get("client_ip") or "") if x)
+    extra = " ".join(f"{k}={v}" for k, v in sorted((event.get("attributes") or {}).items()))
+    return "  ".join(x for x in (str(event.get("time") or ""), f"{event.get('area')}/{event.get('what')}", who,
+                                 str(event.get("reason") or ""), extra) if x)
+
+
+@app.command()
+def events(area: Annotated[str, typer.Option()] = "", account: Annotated[str, typer.Option()] = "",
+           ip: Annotated[str, typer.Option()] = "", limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="then print new events as they come")] = False,
+           as_json: Json = False) -> None:
+    """Recent security events, oldest first (the newest last, as a log reads)."""
+    api = _api()
+    params = {k: v for k, v in (("area", area), ("account", account), ("client_ip", ip)) if v}
+    found = api.json("GET", "/v1/events", params={**params, "limit": limit})["events"]
+    if as_json and not follow:
+        _print(found)
+        return
+    last = 0
+    while True:
+        for event in sorted(found, key=lambda e: int(e["seq"])):
+            if int(event["seq"]) > last:
+                print(json.dumps(event, sort_keys=True) if as_json else _event_line(event), flush=True)
+                last = int(event["seq"])
+        if not follow:
+            return
+        time.sleep(2)
+        found = api.json("GET", "/v1/events", params={**params, "limit": 1000})["events"]
+
+
+@app.command()
+def audit(actor: Annotated[str, typer.Option()] = "",
+          kind: Annotated[str, typer.Option(help="account, alias, domain, settings, settings_list, ip_block, "
+                                                 "api_key, ...")] = "",
+          object_id: Annotated[str, typer.Option("--object", help="the object's id (an address, a domain, ...)")] = "",
+          action: Annotated[str, typer.Option(help="account_updated, settings_changed, ...")] = "",
+          since: Annotated[str, typer.Option(help="how long ago (90, 30m, 2h, 3d) or an RFC 3339 time")] = "",
+          limit: Annotated[int, typer.Option(min=1)] = 50, as_json: Json = False) -> None:
+    """The audit trail of administrative changes, newest first."""
+    params = {k: v for k, v in (("actor", actor), ("kind", kind), ("object_id", object_id), ("action", action),
+                                ("since", _since(since) if since else None), ("limit", min(limit, 500))) if v}
+    records = _every(_api(), "/v1/audit", "events", params, most=limit)
+    if as_json:
         _print(records)
-        return 0
+        return
     for record in records:
         key = f" key {record['api_key']}" if record.get("api_key") else ""
         print("  ".join([str(record["time"]), f"{record['actor']} from {record['actor_ip']}{key}", record["action"],
                          f"{record['object']['kind']}:{record['object']['id']}"]))
-    return 0
 
 
-def _api_keys(api: Api, args: argparse.Namespace) -> int:
-    if args.action == "list":
-        for key in _every(api, "/v1/api-keys", "api_keys"):
-            state = "expired" if key["expired"] else f"last used {key['last_used'] or 'never'} {key['last_ip'] or ''}"
-            print("  ".join([key["id"], key["name"], key["scope"], key["domain"] or "(all domains)",
-                             f"expires {key['expires_at'] or 'never'}", state.strip()]))
-        return 0
-    if not args.name:
-        raise CtlError(f"api-keys {args.action} needs a name (create) or an id (revoke)", 2)
-    if args.action == "revoke":
-        api.call("DELETE", f"/v1/api-keys/{args.name}")
-        print(f"API key {args.name} revoked")
-        return 0
-    body: dict[str, Any] = {"name": args.name, "scope": args.scope}
-    if args.domain:
-        body["domain"] = args.domain
-    if args.expires:
-        body["expires_at"] = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(args.expires))).isoformat()
-    created = api.json("POST", "/v1/api-keys", json=body)
-    # The key on standard output alone (for a pipe into a secret store); the rest on standard error.
+# API keys -----------------------------------------------------------------------------------------
+@keys_app.command("list")
+def keys_list(as_json: Json = False) -> None:
+    keys = _every(_api(), "/v1/api-keys", "api_keys")
+    if as_json:
+        _print(keys)
+        return
+    for key in keys:
+        state = "expired" if key["expired"] else f"last used {key['last_used'] or 'never'} {key['last_ip'] or ''}"
+        print("  ".join([key["id"], key["name"], key["scope"], key["domain"] or "(all domains)",
+                         f"expires {key['expires_at'] or 'never'}", state.strip()]))
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument()] = "",
+                scope: Annotated[str, typer.Option(help="read or write")] = "read",
+                domain: Annotated[str, typer.Option(help="confine the key to this domain")] = "",
+                expires: Annotated[str, typer.Option(help="how long it works: 30d, 12h ...; default never")] = ""
+                ) -> None:
+    """A key for scripts: printed once, alone on standard output (for a pipe into a secret store)."""
+    _choice("--scope", scope, ("read", "write"))
+    body: dict[str, Any] = {"name": _needed(name, "api-keys create needs a name"), "scope": scope}
+    if domain:
+        body["domain"] = domain
+    if expires:
+        body["expires_at"] = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(expires))).isoformat()
+    created = _api().json("POST", "/v1/api-keys", json=body)
     print(f"API key {created['id']} ({created['scope']}): shown once, keep it now", file=sys.stderr)
     print(created["key"])
-    return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="rempartctl", description="Administer Rempart over its admin API "
-                                  "(REMPART_API_URL, default http://127.0.0.1:8080).")
-    sub = top.add_subparsers(dest="command", required=True)
-    login = sub.add_parser("login", help="log in (password, then TOTP when enrolled)")
-    login.add_argument("address")
-    sub.add_parser("logout", help="end this session")
-    domains = sub.add_parser("domains", help="list, add or delete domains")
-    domains.add_argument("action", choices=("list", "add", "delete"))
-    domains.add_argument("name", nargs="?", default="")
-    accounts = sub.add_parser("accounts", help="accounts and helpdesk actions")
-    accounts.add_argument("action", choices=("list", "show", "add", "disable", "enable", "delete", "reset-password",
-                                             "unlock", "reset-2fa", "revoke-app-passwords", "logout-everywhere"))
-    accounts.add_argument("name", help="a domain (list) or an address")
-    accounts.add_argument("--role", default="user", choices=("user", "domain_admin", "superadmin"))
-    aliases = sub.add_parser("aliases", help="list a domain's aliases or add one")
-    aliases.add_argument("action", choices=("list", "add"))
-    aliases.add_argument("name", help="a domain (list) or the alias address (add)")
-    aliases.add_argument("targets", nargs="*")
-    blocks = sub.add_parser("blocks", help="blocked IPs (R-IPS-5)")
-    blocks.add_argument("action", choices=("list", "show", "unblock", "add"))
-    blocks.add_argument("ip", nargs="?", default="")
-    blocks.add_argument("--reason", help="why (add); shown in the block list")
-    blocks.add_argument("--minutes", type=int, default=1440, help="how long (add); default one day")
-    audit = sub.add_parser("audit", help="the audit trail of administrative changes, newest first")
-    audit.add_argument("--actor")
-    audit.add_argument("--kind", help="account, alias, domain, settings, settings_list, ip_block, api_key, ...")
-    audit.add_argument("--object", help="the object's id (an address, a domain, ...)")
-    audit.add_argument("--action", help="account_updated, settings_changed, ...")
-    audit.add_argument("--since", help="how long ago (90, 30m, 2h, 3d) or an RFC 3339 time")
-    audit.add_argument("--limit", type=int, default=50)
-    audit.add_argument("--json", action="store_true", help="the API's records, for scripts")
-    keys = sub.add_parser("api-keys", help="API keys for scripts: list, create (shown once), revoke")
-    keys.add_argument("action", choices=("list", "create", "revoke"))
-    keys.add_argument("name", nargs="?", default="", help="a name (create) or a key id (revoke)")
-    keys.add_argument("--scope", choices=("read", "write"), default="read")
-    keys.add_argument("--domain", help="confine the key to this domain")
-    keys.add_argument("--expires", help="how long it works: 30d, 12h ...; default never")
-    events = sub.add_parser("events", help="recent security events")
-    events.add_argument("--area")
-    events.add_argument("--account")
-    events.add_argument("--ip")
-    events.add_argument("--limit", type=int, default=50)
-    queue = sub.add_parser("queue", help="the outbound queue: list, show, retry now or delete a message")
-    queue.add_argument("action", choices=("list", "show", "retry", "delete"))
-    queue.add_argument("id", nargs="?", default="", help="a queue id (show, retry, delete)")
-    queue.add_argument("--sender", help="the envelope sender (<> for bounces)")
-    queue.add_argument("--sender-domain")
-    queue.add_argument("--recipient-domain", help="a domain it still waits to be delivered to")
-    queue.add_argument("--state", choices=("pending", "sending", "deferred"))
-    queue.add_argument("--older-than", help="first seen at least this long ago: 90, 30m, 2h, 3d")
-    queue.add_argument("--limit", type=int, default=100)
-    queue.add_argument("--json", action="store_true", help="the API's answer, for scripts")
-    settings = sub.add_parser("settings", help="read or change settings (section.name=value ...)")
-    settings.add_argument("action", choices=("get", "set"))
-    settings.add_argument("assignments", nargs="*")
-    settings.add_argument("--scope", default="server", help="server, domain:<name> or account:<address>")
-    return top
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument()] = "") -> None:
+    _api().call("DELETE", f"/v1/api-keys/{_needed(key_id, 'api-keys revoke needs a key id')}")
+    print(f"API key {key_id} revoked")
+
+
+# the outbound queue -------------------------------------------------------------------------------
+@queue_app.command("list")
+def queue_list(sender: Annotated[str, typer.Option(help="the envelope sender (<> for bounces)")] = "",
+               sender_domain: Annotated[str, typer.Option()] = "",
+               recipient_domain: Annotated[str, typer.Option(help="a domain it still waits for")] = "",
+               state: Annotated[str, typer.Option(help="pending, sending or deferred")] = "",
+               older_than: Annotated[str, typer.Option(help="first seen at least this long ago: 90, 30m, 2h, 3d")] = "",
+               limit: Annotated[int, typer.Option(min=1)] = 100, as_json: Json = False) -> None:
+    if state:
+        _choice("--state", state, ("pending", "sending", "deferred"))
+    api = _api()
+    params: dict[str, Any] = {k: v for k, v in (("sender", sender), ("sender_domain", sender_domain),
+                                                ("recipient_domain", recipient_domain), ("state", state)) if v}
+    if older_than:
+        params["older_than"] = _seconds(older_than)
+    messages: list[dict[str, Any]] = []
+    cursor = None
+    while len(messages) < limit:
+        page = api.json("GET", "/v1/queue", params={**params, "limit": min(limit - len(messages), 1000),
+                                                    **({"cursor": cursor} if cursor else {})})
+        messages += page["messages"]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    if as_json:
+        _print(messages)
+    else:
+        for message in messages:
+            print(_queue_line(message))
+
+
+@queue_app.command("show")
+def queue_show(queue_id: Annotated[str, typer.Argument()] = "") -> None:
+    _print(_api().json("GET", f"/v1/queue/{_needed(queue_id, 'a queue id')}"))
+
+
+@queue_app.command("retry")
+def queue_retry(queue_id: Annotated[str, typer.Argument()] = "") -> None:
+    due = _api().json("POST", f"/v1/queue/{_needed(queue_id, 'a queue id')}/retry")["recipients_due"]
+    print(f"{queue_id}: retrying now for {', '.join(due)}")
+
+
+@queue_app.command("delete")
+def queue_delete(queue_id: Annotated[str, typer.Argument()] = "") -> None:
+    _api().call("DELETE", f"/v1/queue/{_needed(queue_id, 'a queue id')}")
+    print(f"{queue_id} deleted from the queue (not delivered, no bounce to the sender)")
+
+
+# settings -----------------------------------------------------------------------------------------
+@settings_app.callback()
+def settings_scope(ctx: typer.Context, scope: Annotated[str, typer.Option(
+        help="server, domain:<name> or account:<address>")] = "server") -> None:
+    ctx.obj = scope
+
+
+@settings_app.command("get")
+def settings_get(ctx: typer.Context) -> None:
+    _print(_api().json("GET", _settings_path(ctx.obj)))
+
+
+@settings_app.command("set")
+def settings_set(ctx: typer.Context, assignments: Annotated[list[str] | None, typer.Argument(
+        help="section.name=value (JSON values: 60, true, [\"a\", \"b\"]; a bare word is a string)")] = None
+                 ) -> None:
+    """Change settings, sent with the ETag read (If-Match): a concurrent change is refused, not lost."""
+    scope = ctx.obj
+    api = _api()
+    path = _settings_path(scope)
+    patch = _assignments(_needed_list(assignments))
+    current = api.call("GET", path)
+    etag = current.headers.get("etag", "")
+    method = "PATCH" if scope == "server" else "PUT"
+    if method == "PUT":  # a domain's or account's overrides are replaced whole: merge into them
+        read = current.json()
+        overrides = read.get("settings", {}) if isinstance(read, dict) else {}
+        patch = _merge(overrides if isinstance(overrides, dict) else {}, patch)
+    api.call(method, path, json=patch, headers={"If-Match": etag} if etag else {})
+    print("settings changed")
+
+
+def _needed_list(values: list[str] | None) -> list[str]:
+    if not values:
+        raise CtlError("settings set needs section.name=value", 2)
+    return values
+
+
+def _flat(doc: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(doc, dict):
+        out: dict[str, Any] = {}
+        for key, value in doc.items():
+            out |= _flat(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): doc}
+
+
+@settings_app.command("diff")
+def settings_diff(ctx: typer.Context) -> None:
+    """What differs from the defaults (server), or a domain's or account's overrides, one per line:
+    ``section.name: default -> value``."""
+    read = _api().json("GET", _settings_path(ctx.obj))
+    current = _flat(read.get("settings", read) if isinstance(read, dict) else {})
+    defaults = _flat(MailSettings().model_dump(mode="json"))
+    for name in sorted(current):
+        if name in defaults and current[name] != defaults[name]:
+            print(f"{name}: {json.dumps(defaults[name])} -> {json.dumps(current[name])}")
+
+
+# two-step verification of the account logged in ---------------------------------------------------
+@totp_app.command("enrol")
+def totp_enrol() -> None:
+    """Enrol TOTP: the key is shown once (add it to an authenticator app), then a code from the app
+    confirms it and the recovery codes are printed once."""
+    api = _api()
+    started = api.json("POST", "/v1/me/totp")
+    print(f"key: {started['secret']}\nURI (for a QR code): {started['otpauth_uri']}", file=sys.stderr)
+    confirmed = api.json("POST", "/v1/me/totp/confirm", json={"code": _secret("TOTP code from the app: ")})
+    print("two-step verification on; recovery codes (each works once; keep them offline):", file=sys.stderr)
+    for code in confirmed.get("recovery_codes", []):
+        print(code)
+
+
+# a test message -----------------------------------------------------------------------------------
+@app.command("send-test")
+def send_test(recipient: str,
+              smtp: Annotated[str, typer.Option(help="the MX listener, host:port")] = "127.0.0.1:2525",
+              sender: Annotated[str, typer.Option(help="the envelope sender")] = "postmaster@rempart.invalid",
+              timeout: Annotated[float, typer.Option(min=1)] = 30.0) -> None:
+    """Send a test message to a local recipient through the MX listener, as any mail server would
+    (no authentication), and print the server's answer with its queue id."""
+    host, _, port = smtp.rpartition(":")
+    if not host or not port.isdigit():
+        raise CtlError("--smtp is host:port", 2)
+    marker = uuid.uuid4().hex[:12]
+    body = (f"From: Rempart test <{sender}>\r\nTo: <{recipient}>\r\nSubject: Rempart test message {marker}\r\n"
+            f"Date: {dt.datetime.now(dt.UTC).strftime('%a, %d %b %Y %H:%M:%S +0000')}\r\n"
+            f"Message-ID: <{marker}@rempartctl.invalid>\r\n\r\nSent by rempartctl send-test.\r\n")
+    try:
+        with smtplib.SMTP(host, int(port), timeout=timeout, local_hostname="rempartctl.invalid") as client:
+            client.ehlo_or_helo_if_needed()
+            code, text = client.mail(sender)
+            if code < 400:
+                code, text = client.rcpt(recipient)
+            if code >= 400:
+                raise CtlError(f"refused: {code} {_text(text)}")
+            code, text = client.data(body.encode())
+    except smtplib.SMTPResponseException as exc:
+        raise CtlError(f"refused: {exc.smtp_code} {_text(exc.smtp_error)}") from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise CtlError(f"cannot send through {smtp}: {exc}", 2) from None
+    print(f"sent to {recipient}: {code} {_text(text)} (Subject: Rempart test message {marker})")
+
+
+def _text(said: bytes | str) -> str:
+    return said.decode(errors="replace") if isinstance(said, bytes) else said
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    needs_name = {"domains": ("add", "delete"), "blocks": ("show", "unblock", "add"),
-                  "queue": ("show", "retry", "delete")}
-    if args.command in needs_name and args.action in needs_name[args.command] and not (
-            getattr(args, "name", "") or getattr(args, "ip", "") or getattr(args, "id", "")):
-        print(f"rempartctl: {args.command} {args.action} needs a name", file=sys.stderr)
-        return 2
-    if args.command == "aliases" and args.action == "add" and not args.targets:
-        print("rempartctl: aliases add needs at least one target", file=sys.stderr)
-        return 2
+    command = typer.main.get_command(app)
     try:
-        return run(args)
+        command.main(args=argv, prog_name="rempartctl", standalone_mode=False)
     except CtlError as exc:
         print(f"rempartctl: {exc}", file=sys.stderr)
         return exc.code
+    except click.exceptions.Exit as exc:  # --help
+        return int(exc.exit_code)
+    except click.ClickException as exc:  # a usage error: exit 2, as argparse did
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        print("rempartctl: interrupted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        return 0  # --follow ended with Ctrl-C
+    return 0
 
 
 if __name__ == "__main__":
