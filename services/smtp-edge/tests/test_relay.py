@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from nats.aio.client import Client as NATS
 
+from rempart.common import keys
 from rempart.common.config import SettingsStore
 from rempart.common.directory import Directory
 from rempart.common.mailstore import MailboxIndex, MessageStore
@@ -459,11 +460,17 @@ async def test_r_out_4_session_kept_for_the_next_message_then_closed_when_idle(
             # (the sink's certificate is self-signed: the first, verifying handshake failed, and
             # the session that carried the mail was opened without the check, as R-TLS-4 says)
             assert sessions_of(remote) == [4]
+            # Each finished record gave its lock back (with the end of the record, one round trip).
+            await eventually(lambda: _no_locks(redis), what="relay locks released")
             assert all(got.tls for got in remote.handler.received)
             assert remote.handler.quits == 0, "kept open between messages"
             await eventually(lambda: remote.handler.quits == 1, timeout=10, what="QUIT after 2 s idle")
             await send_one_by_one_more(store, remote)
             assert sessions_of(remote) == [4, 1], "an expired session is not reused"
+
+
+async def _no_locks(redis: aioredis.Redis) -> bool:
+    return not await redis.keys(keys.relay_lock("*"))
 
 
 async def send_one_by_one_more(store: MessageStore, remote: Sink) -> None:

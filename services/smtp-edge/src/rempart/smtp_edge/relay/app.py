@@ -47,7 +47,7 @@ from rempart.common.runtime import ServiceRuntime
 from rempart.common.secretbox import SecretBox
 from rempart.smtp_edge.relay.delivery import SmtpClient, TlsPolicy
 from rempart.smtp_edge.relay.mtasts import MtaSts
-from rempart.smtp_edge.relay.queue import RecipientStore, RelayQueue
+from rempart.smtp_edge.relay.queue import Attempt, RecipientStore, RelayQueue
 from rempart.smtp_edge.relay.routing import Router
 from rempart.smtp_edge.relay.settings import RelaySettings
 from rempart.smtp_edge.relay.signing import DkimSigner
@@ -170,18 +170,19 @@ class Relay:
             return
         txn, results, owner = record.transaction_id, self.queue.results, self._lock_owner()
         try:
-            locked = await results.lock(txn, owner, self.settings.ack_wait_seconds)
+            looked = await results.lock(txn, owner, self.settings.ack_wait_seconds)
         except Exception:  # Redis trouble: the record comes back later
             log.exception("relay attempt failed, will retry", extra={"queue_id": txn})
             await msg.nak(delay=ERROR_RETRY_SECONDS)
             return
-        if not locked:
+        if looked is None:
             await msg.nak(delay=BUSY_RETRY_SECONDS)  # a retry asked for is being worked on
             return
         heartbeat = asyncio.create_task(self._keep_alive(txn, owner, msg))
+        attempt: Attempt | None = None
         try:
             with tracing.consuming([msg], "relay", self.settings.consumer):  # the edge's trace, from the headers
-                attempt = await self.queue.process(record, int(msg.metadata.sequence.stream))
+                attempt = await self.queue.process(record, int(msg.metadata.sequence.stream), looked, owner)
         except asyncio.CancelledError:
             # Drain ran out of time: hand the record back now rather than after ack_wait.
             with contextlib.suppress(Exception):
@@ -193,8 +194,9 @@ class Relay:
             return
         finally:
             heartbeat.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.shield(results.unlock(txn, owner))
+            if attempt is None or not attempt.unlocked:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(results.unlock(txn, owner))
         if attempt.finished:
             await msg.ack()
         else:
@@ -248,12 +250,13 @@ class Relay:
             log.warning("retry asked for, record not read (%s): left to its schedule", exc, extra={"queue_id": txn})
             return
         owner = self._lock_owner()
-        if not await results.lock(txn, owner, self.settings.ack_wait_seconds):
+        looked = await results.lock(txn, owner, self.settings.ack_wait_seconds)
+        if looked is None:
             await results.postpone_retry(txn, BUSY_RETRY_SECONDS)
             return
         heartbeat = asyncio.create_task(self._keep_alive(txn, owner, None))
         try:
-            attempt = await self.queue.process(record, message.seq)
+            attempt = await self.queue.process(record, message.seq, looked)
             log.info("retried as asked", extra={"queue_id": txn, "finished": attempt.finished})
         except Exception:  # JetStream's copy comes back at its time
             log.exception("retry asked for failed: left to its schedule", extra={"queue_id": txn})

@@ -93,15 +93,18 @@ class RecipientStore(OutboundQueue):
         self._refresh = redis.register_script(_REFRESH_LUA)
         self.rate_window_seconds = rate_window_seconds
 
-    async def look(self, transaction_id: str) -> tuple[dict[str, RecipientState], bool, bool]:
+    async def look(self, transaction_id: str) -> Look:
         """A record's recipient states, whether it was removed, and whether its facts are kept,
         in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.relay_recipients(transaction_id))
-            pipe.exists(keys.relay_removed(transaction_id))
-            pipe.exists(keys.relay_message(transaction_id))
-            raw, removed, known = await pipe.execute()
-        return {str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}, bool(removed), bool(known)
+            self._look(pipe, transaction_id)
+            return Look.of(*await pipe.execute())
+
+    @staticmethod
+    def _look(pipe: Any, transaction_id: str) -> None:
+        pipe.hgetall(keys.relay_recipients(transaction_id))
+        pipe.exists(keys.relay_removed(transaction_id))
+        pipe.exists(keys.relay_message(transaction_id))
 
     async def mark_sending(self, transaction_id: str, states: dict[str, RecipientState]) -> bool:
         """Just before the final dot: these recipients are on their way, unless the message was
@@ -130,17 +133,30 @@ class RecipientStore(OutboundQueue):
         at = int((time.time() + seconds) * 1000)
         await self._redis.zadd(keys.RELAY_RETRIES, {transaction_id: at})
 
-    async def lock(self, transaction_id: str, owner: str, ttl_seconds: float) -> bool:
+    async def lock(self, transaction_id: str, owner: str, ttl_seconds: float) -> Look | None:
         """One replica at a time works on a transaction: the consumer's copy and a retry asked
-        for may meet. The lock lapses with its owner (``ttl_seconds``, refreshed as it works)."""
-        return bool(await self._redis.set(keys.relay_lock(transaction_id), owner, nx=True,
-                                          px=int(ttl_seconds * 1000)))
+        for may meet. The lock lapses with its owner (``ttl_seconds``, refreshed as it works).
+        With the lock, in the same round trip, what :meth:`look` reads (read after the lock was
+        taken: nobody else changes it meanwhile); None when another replica holds it."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.relay_lock(transaction_id), owner, nx=True, px=int(ttl_seconds * 1000))
+            self._look(pipe, transaction_id)
+            locked, *looked = await pipe.execute()
+        return Look.of(*looked) if locked else None
 
     async def refresh_lock(self, transaction_id: str, owner: str, ttl_seconds: float) -> None:
         await self._refresh(keys=[keys.relay_lock(transaction_id)], args=[owner, int(ttl_seconds * 1000)])
 
     async def unlock(self, transaction_id: str, owner: str) -> None:
         await self._unlock(keys=[keys.relay_lock(transaction_id)], args=[owner])
+
+    async def done_and_unlock(self, transaction_id: str, owner: str) -> None:
+        """:meth:`done` and :meth:`unlock` in one round trip (the end of a finished record)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.RELAY_QUEUE, transaction_id)
+            pipe.zrem(keys.RELAY_RETRIES, transaction_id)
+            await self._unlock(keys=[keys.relay_lock(transaction_id)], args=[owner], client=pipe)
+            await pipe.execute()
 
     async def take_rate(self, destination: str, dst_limit: int, sender_domain: str, src_limit: int) -> bool:
         if dst_limit <= 0 and src_limit <= 0:
@@ -153,6 +169,19 @@ class RecipientStore(OutboundQueue):
 
     def next_rate_window_ms(self) -> int:
         return int((time.time() // self.rate_window_seconds + 1) * self.rate_window_seconds * 1000)
+
+
+@dataclass
+class Look:
+    """A record's recipient states, whether it was removed, whether its facts are kept."""
+
+    states: dict[str, RecipientState]
+    removed: bool
+    known: bool
+
+    @classmethod
+    def of(cls, raw: dict[Any, Any], removed: Any, known: Any) -> Look:
+        return cls({str(k): RecipientState.from_json(str(v)) for k, v in raw.items()}, bool(removed), bool(known))
 
 
 def reply_of(state: RecipientState) -> Reply:
@@ -191,6 +220,7 @@ class Attempt:
 
     finished: bool
     retry_in: float = 0.0
+    unlocked: bool = False  # the lock was given back with the end of the record
 
 
 @dataclass
@@ -209,14 +239,17 @@ class RelayQueue:
     _domain_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
 
     # One record ----------------------------------------------------------------------------
-    async def process(self, record: events_pb2.DeliveryRecord, seq: int = 0) -> Attempt:
+    async def process(self, record: events_pb2.DeliveryRecord, seq: int = 0, looked: Look | None = None,
+                      owner: str = "") -> Attempt:
         """Attempt what is due of one record, conclude (bounces, expiry, delay notices), and say
         when to look again. ``seq`` is the record's MAIL stream sequence, kept for the queue view
-        and for a retry asked for through the admin API."""
+        and for a retry asked for through the admin API. ``looked``: its state as read with the
+        lock (else read now); ``owner``: the lock's, given back with the end of the record."""
         settings = self.config.server
         out = settings.outbound
         txn = record.transaction_id
-        states, removed, known = await self.results.look(txn)
+        look = looked if looked is not None else await self.results.look(txn)
+        states, removed, known = look.states, look.removed, look.known
         if removed:
             return await self._removed(txn, states)
         fresh = {r: RecipientState() for r in dict.fromkeys(record.remote_recipients) if r not in states}
@@ -240,6 +273,9 @@ class RelayQueue:
         if pending:
             wait = max(0.0, (min(s.next_ms for s in pending) - time.time() * 1000) / 1000)
             return Attempt(False, wait)
+        if owner:
+            await self.results.done_and_unlock(txn, owner)
+            return Attempt(True, unlocked=True)
         await self.results.done(txn)
         return Attempt(True)
 
