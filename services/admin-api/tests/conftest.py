@@ -7,8 +7,11 @@ refuses passwords shorter than 10 characters the way the real policy names a rul
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,9 +25,10 @@ from rempart.admin_api.sessions import SessionStore
 from rempart.admin_api.settings import AdminApiSettings
 from rempart.common.clients import AuthClient
 from rempart.common.directory import Directory, normalize_address
-from rempart.common.events import EventBus
+from rempart.common.events import EventBus, connect_nats, ensure_streams
 from rempart.common.grpcutil import new_server, set_serving
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
+from rempart.common.testing.localstack import LocalServer, start_nats
 
 TOO_SHORT = "password must be at least 10 characters long"
 ADMIN = "admin@example.org"
@@ -196,6 +200,24 @@ async def harness(
         for secret in h.auth.seen | set(h.auth.passwords.values()):
             assert len(secret) < 6 or secret.encode() not in body, body
         assert ADMIN_PASSWORD.encode() not in body
+
+
+@contextlib.asynccontextmanager
+async def private_nats(harness: Harness, workdir: Path) -> AsyncIterator[LocalServer]:
+    """The app over a NATS server of its own (streams made), for a test to ``stop()`` it: the
+    audit stream gone (R-ADM-5). Redis and the auth service stay the shared ones."""
+    own = start_nats(workdir)
+    nc = await connect_nats(own.url, "test-audit")
+    try:
+        await ensure_streams(nc.jetstream())
+        harness.app.state.backend = dataclasses.replace(harness.backend, js=nc.jetstream(),
+                                                        events=EventBus(nc, "admin-api"))
+        yield own
+    finally:
+        harness.app.state.backend = harness.backend
+        with contextlib.suppress(ConnectionError):  # closing a client whose server is gone
+            await nc.close()
+        own.stop()
 
 
 @pytest.fixture

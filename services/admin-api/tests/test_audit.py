@@ -5,8 +5,6 @@ and confined."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime as dt
 import time
 from pathlib import Path
@@ -16,10 +14,8 @@ from nats.aio.client import Client as NATS
 
 from rempart.admin_api.redaction import Redactor
 from rempart.common.audit import AUDIT_STREAM, AuditLog, AuditRetention
-from rempart.common.events import EventBus, connect_nats, ensure_streams
-from rempart.common.testing.localstack import start_nats
 
-from .conftest import ADMIN, Harness
+from .conftest import ADMIN, Harness, private_nats
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 SRS_SECRET = "srs-key-that-must-never-be-shown-0123456789"
@@ -117,12 +113,7 @@ async def test_r_adm_5_without_the_audit_stream_a_write_is_refused_and_changes_n
     harness: Harness, admin_headers: dict[str, str], tmp_path: Path
 ) -> None:
     await harness.add_account("cat@example.org", GOOD_PASSWORD)
-    own = start_nats(tmp_path / "nats")
-    nc = await connect_nats(own.url, "test-audit")
-    try:
-        await ensure_streams(nc.jetstream())
-        live = dataclasses.replace(harness.backend, js=nc.jetstream(), events=EventBus(nc, "admin-api"))
-        harness.app.state.backend = live
+    async with private_nats(harness, tmp_path / "nats") as own:
         ok = await harness.http.patch("/v1/accounts/cat@example.org", json={"display_name": "Cat"},
                                       headers=admin_headers)
         assert ok.status_code == 200  # audited on the new server's stream
@@ -143,11 +134,6 @@ async def test_r_adm_5_without_the_audit_stream_a_write_is_refused_and_changes_n
         assert await harness.backend.store.get_doc("server") == {}
         # Reads still work without NATS.
         assert (await harness.http.get("/v1/accounts/cat@example.org", headers=admin_headers)).status_code == 200
-    finally:
-        harness.app.state.backend = harness.backend
-        with contextlib.suppress(ConnectionError):  # closing a client whose server is gone
-            await nc.close()
-        own.stop()
 
 
 async def test_r_adm_5_r_adm_1_a_domain_admin_sees_only_its_domains_changes(

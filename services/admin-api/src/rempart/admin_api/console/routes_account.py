@@ -115,6 +115,7 @@ async def end_my_sessions(request: Request) -> Response:
     visit = await signed_in(request)
     await posted(visit)
     address = visit.principal.address
+    await visit.backend.audit.ready()  # R-ADM-5: no change that cannot be audited (as call() does)
     await end_sessions(visit.backend, address)
     await record_change(visit.backend, request, address, "sessions_ended", address, f"account:{address}")
     security = security_of(request)
