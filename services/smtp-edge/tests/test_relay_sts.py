@@ -185,7 +185,9 @@ async def test_r_out_5_mta_sts_policy_cache_follows_the_txt_id_and_survives_its_
     (or a policy host that fails) leaves the cached policy in force: no downgrade by DNS."""
     async with LoopbackDnsServer(sts_zone("one"), ttl=0, soa_minimum=0) as dns, \
             policy_server(test_ca, policy_text("enforce", f"mx.{DOMAIN}")) as policy:
-        sts = MtaSts(redis, Router([dns.address], 2.0), test_ca[0], policy.port, 5.0)
+        # memo_seconds=0: the test removes the policy from Redis (its max_age ran out) and looks
+        # again at once; a relay sees such a change within 5 s.
+        sts = MtaSts(redis, Router([dns.address], 2.0), test_ca[0], policy.port, 5.0, memo_seconds=0.0)
         try:
             first = await sts.policy(DOMAIN)
             assert first is not None and first.id == "one" and first.mode == "enforce"

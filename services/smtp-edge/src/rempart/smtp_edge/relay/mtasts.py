@@ -45,6 +45,7 @@ Mode = Literal["enforce", "testing", "none"]
 MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: at most one year
 MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: policies are small; refuse anything large
 FAILURE_MEMORY_SECONDS = 300.0
+MEMO_SECONDS = 5.0
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 
 
@@ -139,9 +140,12 @@ class MtaSts:
     port: int = 443
     timeout: float = 10.0
     clock: Callable[[], float] = time.time
+    memo_seconds: float = MEMO_SECONDS
     _client: httpx.AsyncClient | None = field(default=None, init=False)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict, init=False)
     _failures: dict[tuple[str, str], float] = field(default_factory=dict, init=False)
+    # The policy kept in Redis, as read a moment ago: a message costs no Redis round trip for it.
+    _memo: dict[str, tuple[float, StsPolicy | None]] = field(default_factory=dict, init=False)
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -158,19 +162,30 @@ class MtaSts:
             await self._client.aclose()
             self._client = None
 
-    async def cached(self, domain: str) -> StsPolicy | None:
+    async def cached(self, domain: str, recent: bool = False) -> StsPolicy | None:
+        """The policy kept in Redis for ``domain`` (shared by the replicas); ``recent``: as read
+        within the last ``memo_seconds``, which is enough to see that the TXT record's id is the same."""
+        now = time.monotonic()
+        if recent:
+            memo = self._memo.get(domain)
+            if memo is not None and memo[0] > now:
+                return memo[1]
         raw = await self.redis.get(keys.mta_sts_policy(domain))
-        if raw is None:
-            return None
-        try:
-            return StsPolicy.from_json(str(raw))
-        except (ValueError, KeyError, TypeError):
-            return None
+        policy: StsPolicy | None = None
+        if raw is not None:
+            try:
+                policy = StsPolicy.from_json(str(raw))
+            except (ValueError, KeyError, TypeError):
+                policy = None
+        if len(self._memo) > 10_000:
+            self._memo = {d: m for d, m in self._memo.items() if m[0] > now}
+        self._memo[domain] = (now + self.memo_seconds, policy)
+        return policy
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The policy to apply to mail for ``domain`` now (see the module's notes)."""
         domain = domain.lower().rstrip(".")
-        cached = await self.cached(domain)
+        cached = await self.cached(domain, recent=True)
         records = await self.router.txt(f"_mta-sts.{domain}")
         policy_id = txt_policy_id(records) if records is not None else None
         if policy_id is None or (cached is not None and cached.id == policy_id):
@@ -195,6 +210,7 @@ class MtaSts:
                 await self.redis.set(keys.mta_sts_policy(domain), fetched.to_json(), ex=fetched.max_age)
             else:
                 await self.redis.delete(keys.mta_sts_policy(domain))
+            self._memo.pop(domain, None)
         if len(self._locks) > 10_000:
             self._locks = {d: held for d, held in self._locks.items() if held.locked()}
         log.info("MTA-STS policy of %s: mode %s, mx %s, max_age %d", domain, fetched.mode, ",".join(fetched.mx),
