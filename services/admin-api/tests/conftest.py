@@ -2,7 +2,8 @@
 
 The in-test AuthService implements the auth contract just enough for the admin API: it keeps
 passwords in a dict (test only), answers OK/INVALID with the role from the Directory, and
-refuses passwords shorter than 10 characters the way the real policy names a rule.
+refuses passwords shorter than 10 characters the way the real policy names a rule. Its current
+TOTP code is always ``TOTP_CODE``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -33,6 +35,7 @@ from rempart.common.testing.localstack import LocalServer, start_nats
 TOO_SHORT = "password must be at least 10 characters long"
 ADMIN = "admin@example.org"
 ADMIN_PASSWORD = "Adm1n-Secret-Pw!"
+TOTP_CODE = "123456"  # the in-test service's current TOTP code (TotpConfirm, TotpDisable)
 
 
 class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
@@ -42,6 +45,8 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         self.requests: list[auth_pb2.AuthenticateRequest] = []
         self.seen: set[str] = set()  # every password the admin API passed on
         self.must_enrol: set[str] = set()  # admins answered with second_factor_enrolment_required
+        self.totp_on: set[str] = set()  # accounts whose TOTP is confirmed (active)
+        self.disable_code = TOTP_CODE  # the code TotpDisable takes
         self.totp_secrets: dict[str, str] = {}
         self.app_passwords: dict[str, dict[str, str]] = {}
         self.locked: set[str] = set()
@@ -59,9 +64,10 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
                                              second_factor_enrolment_required=address in self.must_enrol)
 
     async def TotpConfirm(self, request: auth_pb2.TotpConfirmRequest, context: object) -> auth_pb2.TotpConfirmResponse:
-        if request.code != "123456":
+        if request.code != TOTP_CODE:
             return auth_pb2.TotpConfirmResponse(ok=False)
         self.must_enrol.discard(request.account)
+        self.totp_on.add(request.account)
         return auth_pb2.TotpConfirmResponse(ok=True, recovery_codes=[f"code{n}-abcde" for n in range(10)])
 
     async def TotpEnrol(self, request: auth_pb2.TotpEnrolRequest, context: object) -> auth_pb2.TotpEnrolResponse:
@@ -70,6 +76,18 @@ class InTestAuthService(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.TotpEnrolResponse(
             secret=secret, otpauth_uri=f"otpauth://totp/Rempart:{request.account}?secret={secret}&issuer=Rempart"
         )
+
+    async def TotpDisable(self, request: auth_pb2.TotpDisableRequest, context: grpc.aio.ServicerContext
+                          ) -> auth_pb2.TotpDisableResponse:
+        """As the real service: an unknown account is NOT_FOUND; TOTP goes off only when it is on
+        and the code is current, otherwise ok=False and nothing changes."""
+        if await self.directory.get_account(normalize_address(request.account)) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown account")
+        if request.account not in self.totp_on or request.code.strip() != self.disable_code:
+            return auth_pb2.TotpDisableResponse(ok=False)
+        self.totp_on.discard(request.account)
+        self.totp_secrets.pop(request.account, None)
+        return auth_pb2.TotpDisableResponse(ok=True)
 
     async def TotpStatus(self, request: auth_pb2.TotpStatusRequest, context: object) -> auth_pb2.TotpStatusResponse:
         return auth_pb2.TotpStatusResponse(enabled=request.account in self.totp_secrets, recovery_codes_left=10)

@@ -26,11 +26,12 @@ LOGIN_CODE = "654321"  # the in-test TOTP code at login (TotpConfirm takes "1234
 
 class TotpAuthService(InTestAuthService):
     """The conftest auth service, plus R-2FA-1 at admin login: an account whose TOTP is on must
-    give a code with its password (SECOND_FACTOR_REQUIRED otherwise), as the real service does."""
+    give a code with its password (SECOND_FACTOR_REQUIRED otherwise), as the real service does.
+    Its current code at login and to turn TOTP off is ``LOGIN_CODE``."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         super().__init__(redis)
-        self.totp_on: set[str] = set()
+        self.disable_code = LOGIN_CODE
         self.server: grpc.aio.Server | None = None  # to stop it: the auth service down
 
     async def Authenticate(self, request: auth_pb2.AuthenticateRequest, context: object) -> auth_pb2.AuthenticateResponse:
@@ -40,19 +41,6 @@ class TotpAuthService(InTestAuthService):
             if request.totp_code != LOGIN_CODE:
                 return auth_pb2.AuthenticateResponse(status=auth_pb2.AUTH_STATUS_SECOND_FACTOR_REQUIRED)
         return reply
-
-    async def TotpConfirm(self, request: auth_pb2.TotpConfirmRequest, context: object) -> auth_pb2.TotpConfirmResponse:
-        reply = await super().TotpConfirm(request, context)
-        if reply.ok:
-            self.totp_on.add(request.account)
-        return reply
-
-    async def TotpDisable(self, request: auth_pb2.TotpDisableRequest, context: object) -> auth_pb2.TotpDisableResponse:
-        if request.account not in self.totp_on or request.code != LOGIN_CODE:
-            return auth_pb2.TotpDisableResponse(ok=False)
-        self.totp_on.discard(request.account)
-        self.totp_secrets.pop(request.account, None)
-        return auth_pb2.TotpDisableResponse(ok=True)
 
 
 @pytest.fixture

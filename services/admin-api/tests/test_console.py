@@ -113,7 +113,7 @@ async def test_r_log_5_logout_ends_the_session(harness: Harness, browsers: list[
 
 async def test_r_2fa_1_login_asks_for_the_code_second(harness: Harness, browsers: list[Browser]) -> None:
     await harness.add_account(IVY, GOOD_PASSWORD)
-    harness.auth.totp_on.add(IVY)  # type: ignore[attr-defined]
+    harness.auth.totp_on.add(IVY)
     browser = new_browser(harness, browsers)
     await browser.get("/login")
     step = await browser.post("/login", {"email": IVY, "password": GOOD_PASSWORD})
@@ -130,7 +130,7 @@ async def test_r_2fa_1_login_asks_for_the_code_second(harness: Harness, browsers
 
 async def test_r_2fa_1_the_code_step_needs_the_password_step(harness: Harness, browsers: list[Browser]) -> None:
     await harness.add_account(IVY, GOOD_PASSWORD)
-    harness.auth.totp_on.add(IVY)  # type: ignore[attr-defined]
+    harness.auth.totp_on.add(IVY)
     browser = new_browser(harness, browsers)
     await browser.get("/login")
     alone = await browser.post("/login/code", {"code": LOGIN_CODE})
@@ -312,10 +312,10 @@ async def test_r_2fa_1_turning_totp_off_needs_a_code(harness: Harness, browsers:
     await browser.post("/account/2fa/confirm", {"code": "123456"})
     await browser.get("/account/2fa")
     wrong = await browser.post("/account/2fa/disable", {"code": "111111"})
-    assert wrong.status_code == 422 and "not valid" in wrong.text and IVY in harness.auth.totp_on  # type: ignore[attr-defined]
+    assert wrong.status_code == 422 and "not valid" in wrong.text and IVY in harness.auth.totp_on
     off = await browser.post("/account/2fa/disable", {"code": LOGIN_CODE})
     assert off.status_code == 303 and off.headers["location"] == "/account/2fa?notice=totp_disabled"
-    assert IVY not in harness.auth.totp_on  # type: ignore[attr-defined]
+    assert IVY not in harness.auth.totp_on
     assert "is <strong>off</strong>" in (await browser.get("/account/2fa?notice=totp_disabled")).text
 
 

@@ -62,9 +62,6 @@ KNOWN_PATH_VALUES = {
 # the fuzzer must keep its superadmin session to exercise everything else.
 EXCLUDED = {
     "logout": "ends the superadmin session every later request uses",
-    # Not destructive, but the tests' auth service (conftest.InTestAuthService, not the real one)
-    # has no TotpDisable: its UNIMPLEMENTED is the API's 503, a gap of the fixture, not the API.
-    "disableTotp": "conftest.InTestAuthService does not implement TotpDisable (503)",
 }
 
 

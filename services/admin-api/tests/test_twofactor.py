@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .conftest import ADMIN, ADMIN_PASSWORD, Harness
+from .conftest import ADMIN, ADMIN_PASSWORD, TOTP_CODE, Harness
 
 
 async def test_r_2fa_1_unenrolled_admin_session_reaches_only_enrolment(harness: Harness) -> None:
@@ -27,3 +27,20 @@ async def test_r_2fa_1_unenrolled_admin_session_reaches_only_enrolment(harness: 
 
 async def test_r_2fa_1_enrolled_admin_login_is_not_restricted(harness: Harness, admin_headers: dict[str, str]) -> None:
     assert (await harness.http.get("/v1/domains", headers=admin_headers)).status_code == 200
+
+
+async def test_r_2fa_1_turning_totp_off_over_the_api_needs_a_current_code(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    http = harness.http
+    off = await http.request("DELETE", "/v1/me/totp", json={"code": TOTP_CODE}, headers=admin_headers)
+    assert (off.status_code, off.json()["detail"]) == (422, "The code is not valid (wrong, expired or already used)")
+    assert (await http.post("/v1/me/totp", headers=admin_headers)).status_code == 200
+    assert (await http.post("/v1/me/totp/confirm", json={"code": TOTP_CODE}, headers=admin_headers)).status_code == 200
+    assert (await http.get("/v1/me/totp", headers=admin_headers)).json()["enabled"] is True
+    wrong = await http.request("DELETE", "/v1/me/totp", json={"code": "000000"}, headers=admin_headers)
+    assert wrong.status_code == 422
+    assert (await http.get("/v1/me/totp", headers=admin_headers)).json()["enabled"] is True
+    done = await http.request("DELETE", "/v1/me/totp", json={"code": TOTP_CODE}, headers=admin_headers)
+    assert done.status_code == 204
+    assert (await http.get("/v1/me/totp", headers=admin_headers)).json()["enabled"] is False
