@@ -30,10 +30,12 @@ async def test_openapi_document_is_valid_and_generator_friendly(harness: Harness
     spec = (await harness.http.get("/v1/openapi.json")).json()
     validate(spec)
     operation_ids = []
+    described = {tag["name"] for tag in spec["tags"]}
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():
             assert operation.get("operationId"), (method, path)
             assert operation.get("tags"), (method, path)
+            assert set(operation["tags"]) <= described, (method, path, operation["tags"])  # each tag described
             operation_ids.append(operation["operationId"])
             if path != "/v1/auth/login":
                 assert operation.get("security") == [{"HTTPBearer": []}], (method, path)

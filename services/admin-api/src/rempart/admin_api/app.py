@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 UNAVAILABLE = "A backing service is unavailable, try again later"
 TAGS = [
     {"name": "auth", "description": "Sessions (R-LOG-5: every other route needs a bearer token)."},
+    {"name": "api-keys", "description": "API keys for scripts (R-ADM-1): read or write, optionally confined to a "
+                                        "domain, never more than their creator may do; shown once when made."},
     {"name": "self-service", "description": "What any account may do for itself (R-PWD-3)."},
     {"name": "domains", "description": "Local domains and their settings overrides."},
     {"name": "accounts", "description": "Accounts, their passwords, settings and counters."},
