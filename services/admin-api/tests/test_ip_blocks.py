@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from rempart.common import keys
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
 from rempart.common.runtime import ServiceRuntime
@@ -29,7 +30,6 @@ from .conftest import ADMIN, Harness
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "policy" / "tests"))
 from policy_testkit import UNTRUSTED_IP, Policy, started_policy
 
-from rempart.admin_api.routes_ips import IPS_TRIGGERS
 from rempart.policy import intrusion
 
 
@@ -38,10 +38,6 @@ async def policy(redis_url: str, nats_url: str, redis: aioredis.Redis) -> AsyncI
     """The real policy service on the harness's Redis and NATS (its connect screen needs no directory)."""
     async with started_policy(redis_url, nats_url, redis) as running:
         yield running
-
-
-def test_the_counters_cleared_are_the_policys() -> None:
-    assert IPS_TRIGGERS == intrusion.TRIGGERS
 
 
 async def test_r_ips_5_block_by_hand_refused_by_the_policy_and_unblock_clears_counters(
@@ -75,8 +71,11 @@ async def test_r_ips_5_block_by_hand_refused_by_the_policy_and_unblock_clears_co
     assert [b.reason for b in await intrusion.list_blocks(policy.redis)] == ["abuse report #42"]
     listed = (await http.get("/v1/ips/blocks", headers=admin_headers)).json()
     assert [b["ip"] for b in listed["blocks"]] == [UNTRUSTED_IP] and listed["next_cursor"] is None
+    counted = keys.ips_counter("*", UNTRUSTED_IP)  # whatever the policy counts for the address
+    assert await policy.redis.keys(counted)
     # Unblocked: the sixth connection of the minute is accepted, not blocked again.
     assert (await http.delete(f"/v1/ips/blocks/{UNTRUSTED_IP}", headers=admin_headers)).status_code == 204
+    assert await policy.redis.keys(counted) == []  # every counter the policy keeps for it is gone
     sixth = await policy.check(pb.STAGE_CONNECT)
     assert (sixth.code, sixth.ip_blocked) == (220, False)
     assert await intrusion.list_blocks(policy.redis) == []

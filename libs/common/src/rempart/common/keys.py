@@ -64,6 +64,17 @@ def known_login_ips(address: str) -> str:
 
 # Intrusion prevention (R-IPS): counters per IP and trigger, and blocks. ``ip`` is the IPS
 # subject: an IPv4 address, or for IPv6 the network address of the client's prefix (R-IPS-6).
+# The triggers the policy service counts; an unblock (the policy's or the admin API's) clears
+# every one of them.
+IPS_TRIGGER_CONNECTIONS = "conn"
+IPS_TRIGGER_FAILED_LOGINS = "authfail"
+IPS_TRIGGER_UNKNOWN_RECIPIENTS = "unknown"
+IPS_TRIGGER_RELAY_DENIALS = "relay"
+IPS_TRIGGER_RSET = "rset"
+IPS_TRIGGERS = (IPS_TRIGGER_CONNECTIONS, IPS_TRIGGER_FAILED_LOGINS, IPS_TRIGGER_UNKNOWN_RECIPIENTS,
+                IPS_TRIGGER_RELAY_DENIALS, IPS_TRIGGER_RSET)
+
+
 def ips_counter(trigger: str, ip: str) -> str:
     return f"{PREFIX}ips:cnt:{trigger}:{ip}"
 
@@ -124,6 +135,26 @@ INDEX_STREAM_SEQ = PREFIX + "mbx:indexed-seq"
 # Admin API sessions (R-LOG-5): the SHA-256 of the bearer token, never the token itself.
 def admin_session(token_sha256: str) -> str:
     return f"{PREFIX}admin:session:{token_sha256}"
+
+
+# Admin API keys (R-ADM-1): a record per key (the HMAC of the key, never the key) and the index of
+# all keys by creation time.
+ADMIN_API_KEYS = PREFIX + "admin:apikeys"
+
+
+def admin_api_key(key_id: str) -> str:
+    return f"{PREFIX}admin:apikey:{key_id}"
+
+
+# Statistics (issue 12): per time bucket, a hash of counts and a sorted set of blocked IPs.
+def stats_counts(granularity: int, bucket: int) -> str:
+    """The hash of counts of the bucket that starts at ``bucket`` (Unix seconds)."""
+    return f"{PREFIX}stats:{granularity}:{bucket}"
+
+
+def stats_blocked_ips(granularity: int, bucket: int) -> str:
+    """The sorted set (IP -> refusals while blocked) of the same bucket."""
+    return f"{PREFIX}stats:{granularity}:{bucket}:ips"
 
 
 # Relay (R-REL-1): POP-before-SMTP, the IPs that logged in over IMAP/POP3 recently.

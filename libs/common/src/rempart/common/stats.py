@@ -97,14 +97,9 @@ IPS_BLOCKED = "ips.blocked"
 IPS_REFUSED = "ips.refused"
 
 
-def counts_key(granularity: int, bucket: int) -> str:
-    """The hash of counts of the bucket that starts at ``bucket`` (Unix seconds)."""
-    return f"{keys.PREFIX}stats:{granularity}:{bucket}"
-
-
-def blocked_ips_key(granularity: int, bucket: int) -> str:
-    """The sorted set (IP -> refusals while blocked) of the same bucket."""
-    return f"{keys.PREFIX}stats:{granularity}:{bucket}:ips"
+# The keys (named in rempart.common.keys) under their names here.
+counts_key = keys.stats_counts
+blocked_ips_key = keys.stats_blocked_ips
 
 
 def refusal_reason(rule: str, temporary: bool = False) -> str:
@@ -216,12 +211,12 @@ class StatsRecorder:
         pipe = self._redis.pipeline(transaction=False)
         for (minute, name), n in counts.items():
             for granularity in (MINUTE, HOUR):
-                key = counts_key(granularity, minute // granularity * granularity)
+                key = keys.stats_counts(granularity, minute // granularity * granularity)
                 pipe.hincrby(key, name, n)
                 touched[key] = granularity
         for (minute, ip), n in ips.items():
             for granularity in (MINUTE, HOUR):
-                key = blocked_ips_key(granularity, minute // granularity * granularity)
+                key = keys.stats_blocked_ips(granularity, minute // granularity * granularity)
                 pipe.zincrby(key, n, ip)
                 touched[key] = trimmed[key] = granularity
         for key, granularity in touched.items():
@@ -373,9 +368,9 @@ async def read_series(redis: aioredis.Redis, start: float, end: float, step: int
     first, last, granularity = plan_range(start, end, step, now)
     top_ips = max(0, min(top_ips, MAX_TOP_IPS))
     sources = list(range(first, last, granularity))
-    commands = [("counts", counts_key(granularity, b)) for b in sources]
+    commands = [("counts", keys.stats_counts(granularity, b)) for b in sources]
     if top_ips:
-        commands += [("ips", blocked_ips_key(granularity, b)) for b in sources]
+        commands += [("ips", keys.stats_blocked_ips(granularity, b)) for b in sources]
     results = await _read_all(redis, commands)
     hashes = results[:len(sources)]
     per_bucket: dict[int, list[Mapping[Any, Any]]] = {}

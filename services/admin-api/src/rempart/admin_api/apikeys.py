@@ -31,11 +31,6 @@ ID_HEX = 16
 SECRET_BYTES = 32
 MAX_KEY_CHARS = 128
 MAX_KEYS = 10_000  # across the server: creation is refused beyond (a bound on what a client makes)
-_INDEX = keys.PREFIX + "admin:apikeys"
-
-
-def _record_key(key_id: str) -> str:
-    return f"{keys.PREFIX}admin:apikey:{key_id}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class ApiKeyStore:
         return hmac.new(self._hmac_key, token.encode(), hashlib.sha256).hexdigest()
 
     async def count(self) -> int:
-        return int(await self._redis.zcard(_INDEX))
+        return int(await self._redis.zcard(keys.ADMIN_API_KEYS))
 
     async def create(self, *, name: str, owner: str, owner_created: float, scope: KeyScope, domain: str,
                      expires: float) -> tuple[str, ApiKey]:
@@ -84,22 +79,22 @@ class ApiKeyStore:
         now = time.time()
         record = ApiKey(key_id, name, owner, owner_created, scope, domain, now, expires, 0.0, "")
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(_record_key(key_id), mapping={
+            pipe.hset(keys.admin_api_key(key_id), mapping={
                 "name": name, "owner": owner, "owner_created": repr(owner_created), "scope": scope,
                 "domain": domain, "created": repr(now), "expires": repr(expires), "hash": self._digest(token),
             })
             if expires:
                 # Redis forgets it a day after it stopped working (the listing shows it expired meanwhile).
-                pipe.expireat(_record_key(key_id), int(expires) + 86400)
-            pipe.zadd(_INDEX, {key_id: now})
+                pipe.expireat(keys.admin_api_key(key_id), int(expires) + 86400)
+            pipe.zadd(keys.ADMIN_API_KEYS, {key_id: now})
             await pipe.execute()
         return token, record
 
     async def get(self, key_id: str, prune: bool = True) -> ApiKey | None:
-        fields = await self._redis.hgetall(_record_key(key_id))
+        fields = await self._redis.hgetall(keys.admin_api_key(key_id))
         if not fields:
             if prune:
-                await self._redis.zrem(_INDEX, key_id)  # expired by Redis: the index follows
+                await self._redis.zrem(keys.ADMIN_API_KEYS, key_id)  # expired by Redis: the index follows
             return None
         scope = str(fields.get("scope", "read"))
         return ApiKey(
@@ -120,13 +115,14 @@ class ApiKeyStore:
         key_id = parse_key(token)
         if key_id is None:
             return None
-        stored = await self._redis.hget(_record_key(key_id), "hash")
+        stored = await self._redis.hget(keys.admin_api_key(key_id), "hash")
         if stored is None or not hmac.compare_digest(str(stored), self._digest(token)):
             return None
         record = await self.get(key_id)
         if record is None or record.expired(time.time()):
             return None
-        await self._redis.hset(_record_key(key_id), mapping={"last_used": repr(time.time()), "last_ip": client_ip})
+        await self._redis.hset(keys.admin_api_key(key_id),
+                               mapping={"last_used": repr(time.time()), "last_ip": client_ip})
         return record
 
     async def page(self, after: tuple[float, str] | None, limit: int) -> list[ApiKey]:
@@ -135,7 +131,8 @@ class ApiKeyStore:
         found: list[ApiKey] = []
         offset = 0
         while len(found) < limit:
-            ids = await self._redis.zrangebyscore(_INDEX, low, "+inf", start=offset, num=limit * 2, withscores=True)
+            ids = await self._redis.zrangebyscore(keys.ADMIN_API_KEYS, low, "+inf", start=offset, num=limit * 2,
+                                                  withscores=True)
             if not ids:
                 break
             offset += len(ids)
@@ -151,7 +148,7 @@ class ApiKeyStore:
 
     async def revoke(self, key_id: str) -> bool:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(_record_key(key_id))
-            pipe.zrem(_INDEX, key_id)
+            pipe.delete(keys.admin_api_key(key_id))
+            pipe.zrem(keys.ADMIN_API_KEYS, key_id)
             removed = await pipe.execute()
         return bool(int(removed[0]))

@@ -39,9 +39,6 @@ IpPath = Annotated[str, Path(min_length=2, max_length=64)]
 REQUIREMENT_ID = re.compile(r"^\s*R-[A-Z0-9]+-\d+\b[\s:.-]*")
 UNBLOCKED_BY_ADMIN = "unblocked by an administrator"
 UNKNOWN_REASON = "intrusion prevention"
-# The policy service's counter triggers (rempart.policy.intrusion.TRIGGERS, a test holds them
-# equal): the admin API does not ship the policy package.
-IPS_TRIGGERS = ("conn", "authfail", "unknown", "relay", "rset")
 SCAN_BUDGET = 5000
 BATCH = 200
 
@@ -233,7 +230,7 @@ async def delete_block(ip: IpPath, request: Request, principal: SuperadminDep, b
     async with backend.redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.ips_block(ip))
         pipe.zrem(keys.IPS_BLOCKS, ip)
-        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in IPS_TRIGGERS), keys.ips_connections(ip))
+        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in keys.IPS_TRIGGERS), keys.ips_connections(ip))
         removed = await pipe.execute()
     if not any(int(n) for n in removed[:2]):
         raise not_found("Block")

@@ -42,13 +42,14 @@ log = logging.getLogger(__name__)
 
 IPS_BLOCKS_TOTAL = Counter("rempart_ips_blocks_total", "IP blocks by intrusion prevention", ["reason"])
 
-# Counter triggers (the ``trigger`` part of ``keys.ips_counter``).
-TRIGGER_CONNECTIONS = "conn"
-TRIGGER_FAILED_LOGINS = "authfail"
-TRIGGER_UNKNOWN_RECIPIENTS = "unknown"
-TRIGGER_RELAY_DENIALS = "relay"
-TRIGGER_RSET = "rset"
-TRIGGERS = (TRIGGER_CONNECTIONS, TRIGGER_FAILED_LOGINS, TRIGGER_UNKNOWN_RECIPIENTS, TRIGGER_RELAY_DENIALS, TRIGGER_RSET)
+# Counter triggers (the ``trigger`` part of ``keys.ips_counter``), named in rempart.common.keys:
+# the admin API's unblock clears the same ones.
+TRIGGER_CONNECTIONS = keys.IPS_TRIGGER_CONNECTIONS
+TRIGGER_FAILED_LOGINS = keys.IPS_TRIGGER_FAILED_LOGINS
+TRIGGER_UNKNOWN_RECIPIENTS = keys.IPS_TRIGGER_UNKNOWN_RECIPIENTS
+TRIGGER_RELAY_DENIALS = keys.IPS_TRIGGER_RELAY_DENIALS
+TRIGGER_RSET = keys.IPS_TRIGGER_RSET
+TRIGGERS = keys.IPS_TRIGGERS
 
 REASON_CONNECTIONS = "R-IPS-2 connections per minute"
 REASON_FAILED_LOGINS = "R-IPS-2 failed logins"
