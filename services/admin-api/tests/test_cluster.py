@@ -24,7 +24,7 @@ import pytest
 
 from rempart.common.tls import write_self_signed
 
-from .conftest import Harness
+from .conftest import Harness, make_settings
 
 PROBLEM = "application/problem+json"
 TOKEN = "sa-token-for-the-cluster-view-test"
@@ -187,7 +187,10 @@ async def test_cluster_view_outside_a_cluster_says_so(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     from rempart.admin_api.routes_cluster import KubernetesAccess
 
-    harness.app.state.cluster = KubernetesAccess()  # the configuration of a process outside Kubernetes
+    # The settings of a process outside Kubernetes.
+    outside = make_settings(harness.settings.redis_url, harness.settings.nats_url)
+    assert outside.kubernetes_service_host == ""
+    harness.app.state.cluster = KubernetesAccess.of(outside)
     reply = await harness.http.get("/v1/cluster", headers=admin_headers)
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -210,3 +213,23 @@ async def test_cluster_view_refuses_a_namespace_that_is_not_a_name(
     reply = await harness.http.get("/v1/cluster", headers=admin_headers)
     assert reply.status_code == 200, reply.text
     assert "no usable namespace" in reply.json()["reason"] and kube_api.requests == []
+
+
+def test_cluster_view_settings_are_the_admin_apis_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One settings object: the REMPART_CLUSTER_* and KUBERNETES_SERVICE_* names are read by
+    AdminApiSettings, and the cluster view is built from it."""
+    from rempart.admin_api.routes_cluster import KubernetesAccess
+
+    for name, value in (("KUBERNETES_SERVICE_HOST", "fd00::1"), ("KUBERNETES_SERVICE_PORT", "6443"),
+                        ("REMPART_CLUSTER_SERVICEACCOUNT_DIR", "/sa"), ("REMPART_CLUSTER_NAMESPACE", "mail"),
+                        ("REMPART_CLUSTER_LABEL_SELECTOR", "app.kubernetes.io/instance=r1"),
+                        ("REMPART_CLUSTER_TIMEOUT_SECONDS", "2.5")):
+        monkeypatch.setenv(name, value)
+    access = KubernetesAccess.of(make_settings("redis://127.0.0.1:1", "nats://127.0.0.1:1"))
+    assert access == KubernetesAccess(service_host="fd00::1", service_port=6443, serviceaccount_dir=Path("/sa"),
+                                      label_selector="app.kubernetes.io/instance=r1", namespace="mail",
+                                      timeout_seconds=2.5)
+    assert access.base_url() == "https://[fd00::1]:6443"
+    monkeypatch.setenv("REMPART_CLUSTER_TIMEOUT_SECONDS", "0")
+    with pytest.raises(ValueError, match="cluster_timeout_seconds"):
+        make_settings("redis://127.0.0.1:1", "nats://127.0.0.1:1")

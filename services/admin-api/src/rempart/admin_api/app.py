@@ -143,7 +143,7 @@ def _problem_media_type(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 def create_app(settings: AdminApiSettings, backend: Backend, cluster: KubernetesAccess | None = None) -> FastAPI:
     """The API over ``backend``; ``cluster`` is where GET /v1/cluster finds the Kubernetes API
-    (by default the pod's in-cluster configuration, read once here)."""
+    (by default what ``settings`` say: the pod's in-cluster configuration)."""
     app = FastAPI(
         title="Rempart admin API",
         version="1.0.0",
@@ -156,7 +156,7 @@ def create_app(settings: AdminApiSettings, backend: Backend, cluster: Kubernetes
     app.state.backend = backend
     app.state.settings = settings
     app.state.redactor = Redactor(settings.secret_key.get_secret_value())
-    app.state.cluster = cluster if cluster is not None else KubernetesAccess()
+    app.state.cluster = cluster if cluster is not None else KubernetesAccess.of(settings)
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -25,23 +25,22 @@ import json
 import logging
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from fastapi import APIRouter, Request
-from pydantic import AliasChoices, BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field
 
 from rempart.admin_api.backend import SuperadminDep
 from rempart.admin_api.models import Problem
+from rempart.admin_api.settings import DEFAULT_SELECTOR, SERVICEACCOUNT_DIR, AdminApiSettings
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["cluster"])
 _P = {"model": Problem}
-SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-DEFAULT_SELECTOR = "app.kubernetes.io/part-of=rempart"
 MAX_PODS = 500  # one page of the list; more is said (truncated), not fetched
 MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 MAX_TOKEN_BYTES = 64 * 1024
@@ -49,23 +48,24 @@ MAX_REASON = 300
 NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label: it goes into the URL path
 
 
-class KubernetesAccess(BaseSettings):
-    """Where the Kubernetes API is and how to reach it (the in-cluster configuration)."""
+@dataclass(frozen=True)
+class KubernetesAccess:
+    """Where the Kubernetes API is and how to reach it (the in-cluster configuration), as the
+    admin API's settings say (:meth:`of`); the defaults are a process outside Kubernetes."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    service_host: str = ""
+    service_port: int = 443
+    serviceaccount_dir: Path = Path(SERVICEACCOUNT_DIR)
+    label_selector: str = DEFAULT_SELECTOR
+    namespace: str = ""
+    timeout_seconds: float = 5.0
 
-    service_host: str = Field(default="", validation_alias=AliasChoices("KUBERNETES_SERVICE_HOST", "service_host"))
-    service_port: int = Field(default=443, ge=1, le=65535,
-                              validation_alias=AliasChoices("KUBERNETES_SERVICE_PORT", "service_port"))
-    serviceaccount_dir: Path = Field(
-        default=Path(SERVICEACCOUNT_DIR),
-        validation_alias=AliasChoices("REMPART_CLUSTER_SERVICEACCOUNT_DIR", "serviceaccount_dir"))
-    label_selector: str = Field(default=DEFAULT_SELECTOR, max_length=1024,
-                                validation_alias=AliasChoices("REMPART_CLUSTER_LABEL_SELECTOR", "label_selector"))
-    namespace: str = Field(default="", max_length=253,
-                           validation_alias=AliasChoices("REMPART_CLUSTER_NAMESPACE", "namespace"))
-    timeout_seconds: float = Field(default=5.0, gt=0, le=30,
-                                   validation_alias=AliasChoices("REMPART_CLUSTER_TIMEOUT_SECONDS", "timeout_seconds"))
+    @classmethod
+    def of(cls, settings: AdminApiSettings) -> KubernetesAccess:
+        return cls(service_host=settings.kubernetes_service_host, service_port=settings.kubernetes_service_port,
+                   serviceaccount_dir=settings.cluster_serviceaccount_dir,
+                   label_selector=settings.cluster_label_selector, namespace=settings.cluster_namespace,
+                   timeout_seconds=settings.cluster_timeout_seconds)
 
     def base_url(self) -> str:
         host = self.service_host.strip()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from rempart.common.settings import ServiceSettings
+
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_SELECTOR = "app.kubernetes.io/part-of=rempart"
 
 
 class AdminApiSettings(ServiceSettings):
@@ -38,6 +42,19 @@ class AdminApiSettings(ServiceSettings):
     # size; the oldest go first past either. 0: no limit of that kind.
     audit_max_age_days: int = Field(default=365, ge=0, le=36500)
     audit_max_bytes: int = Field(default=1 << 30, ge=0)
+    # The cluster view (GET /v1/cluster, rempart.admin_api.routes_cluster): the Kubernetes API
+    # where the kubelet says it is (KUBERNETES_SERVICE_HOST/PORT, set in every container; empty
+    # outside Kubernetes), the pod's mounted service account, which pods to list, and how long
+    # to wait for the answer.
+    kubernetes_service_host: str = Field(
+        default="", validation_alias=AliasChoices("KUBERNETES_SERVICE_HOST", "kubernetes_service_host"))
+    kubernetes_service_port: int = Field(
+        default=443, ge=1, le=65535,
+        validation_alias=AliasChoices("KUBERNETES_SERVICE_PORT", "kubernetes_service_port"))
+    cluster_serviceaccount_dir: Path = Path(SERVICEACCOUNT_DIR)
+    cluster_label_selector: str = Field(default=DEFAULT_SELECTOR, max_length=1024)
+    cluster_namespace: str = Field(default="", max_length=253)  # "": the service account's own
+    cluster_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
 
     @model_validator(mode="after")
     def _refuse_insecure_console(self) -> AdminApiSettings:
