@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 
 from rempart.common.settings import ServiceSettings
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_SELECTOR = "app.kubernetes.io/part-of=rempart"
+MAX_STATUS_URLS = 32
+MAX_STATUS_NAME = 64
+MAX_URL = 2048
 
 
 class AdminApiSettings(ServiceSettings):
@@ -55,6 +59,27 @@ class AdminApiSettings(ServiceSettings):
     cluster_label_selector: str = Field(default=DEFAULT_SELECTOR, max_length=1024)
     cluster_namespace: str = Field(default="", max_length=253)  # "": the service account's own
     cluster_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+
+    # The console's status page outside Kubernetes: other services' ops ``/readyz``, probed each
+    # time the page is shown (JSON object name -> http(s) URL; ``make run`` sets every service's).
+    status_readiness_urls: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("status_readiness_urls")
+    @classmethod
+    def _readiness_urls(cls, urls: dict[str, str]) -> dict[str, str]:
+        if len(urls) > MAX_STATUS_URLS:
+            raise ValueError(f"at most {MAX_STATUS_URLS} services")
+        for name, url in urls.items():
+            if not name.strip() or len(name) > MAX_STATUS_NAME or not name.isprintable():
+                raise ValueError(f"a service's name is 1 to {MAX_STATUS_NAME} printable characters")
+            try:
+                parts = urlsplit(url)
+                host = parts.hostname
+            except ValueError:
+                host = None
+            if len(url) > MAX_URL or parts.scheme not in ("http", "https") or not host:
+                raise ValueError(f"{name}: not an http(s) URL with a host")
+        return urls
 
     @model_validator(mode="after")
     def _refuse_insecure_console(self) -> AdminApiSettings:

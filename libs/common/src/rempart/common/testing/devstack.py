@@ -120,11 +120,16 @@ class Stack:
             self.nats = start_nats(self.workdir / "nats")
         pair = write_self_signed(self.workdir / "tls", [self.hostname, "localhost", "127.0.0.1"])
         self.cert_file, self.key_file = pair.cert_file, pair.key_file
-        names = SERVICES + (("relay",) if self.relay else ())
+        names = self.names
         for name in names:
             self.check_interrupted()
             self.start_service(name)
         self.wait_ready(names=names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The services this stack runs (the relay when it is on)."""
+        return SERVICES + (("relay",) if self.relay else ())
 
     @property
     def redis_url(self) -> str:
@@ -182,6 +187,9 @@ class Stack:
                 "REMPART_HTTP_HOST": "127.0.0.1",
                 "REMPART_BOOTSTRAP_ADMIN_EMAIL": self.admin_email,
                 "REMPART_BOOTSTRAP_ADMIN_PASSWORD": self.admin_password,
+                # The console's status page: every other service's /readyz (no cluster view here).
+                "REMPART_STATUS_READINESS_URLS": json.dumps({
+                    other: f"http://127.0.0.1:{p[other + '.ops']}/readyz" for other in self.names if other != name}),
             }
         return env | self.extra_env
 

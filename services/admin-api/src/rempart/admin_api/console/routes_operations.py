@@ -29,6 +29,7 @@ from rempart.admin_api.console.web import (
 from rempart.admin_api.models import MAX_ADDRESS, MAX_LIST, SrsRotation
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.routes_cluster import ClusterOut
+from rempart.admin_api.settings import AdminApiSettings
 from rempart.admin_api.settings_bodies import MailSettingsPatch
 from rempart.common import stats
 from rempart.common.events import EVENTS_STREAM, MAIL_STREAM
@@ -193,8 +194,10 @@ async def status_page(request: Request) -> Response:
 
     direct = asyncio.gather(status.check("Redis", redis), status.check("NATS JetStream", jetstream),
                             status.check("Auth service", auth))
-    answered, cluster = await asyncio.gather(direct, pods())
-    checks = [*answered, *status.pods_readiness(cluster)]
+    settings: AdminApiSettings = request.app.state.settings
+    answered, services, cluster = await asyncio.gather(
+        direct, status.services_readiness(settings.status_readiness_urls), pods())
+    checks = [*answered, *services, *status.pods_readiness(cluster)]
     now = time.time()
     queue = chart = None
     if answered[0].up:  # the queue's state and the counters are in Redis

@@ -3,11 +3,13 @@ pods, the outbound queue, and the last hour's mail as a chart drawn here (an inl
 page: no script, no image request).
 
 - Readiness: Redis, NATS JetStream and the auth service are asked directly, each within
-  :data:`CHECK_SECONDS`; every other service through its pods' Ready condition (their
-  ``/readyz`` or gRPC health probes, as the kubelet sees them) from the API's cluster view
-  (:func:`rempart.admin_api.routes_cluster.list_pods`). Each is shown up or down with what went
-  wrong in words ("connection refused", "no answer within 1.5 s", "0 of 2 pods ready"), never a
-  stack trace; outside Kubernetes the page says why there are no pods to show.
+  :data:`CHECK_SECONDS`; so is every ``/readyz`` URL of ``REMPART_STATUS_READINESS_URLS``
+  (the other services outside Kubernetes: ``make run`` sets them); in a cluster, every service
+  through its pods' Ready condition (their ``/readyz`` or gRPC health probes, as the kubelet
+  sees them) from the API's cluster view (:func:`rempart.admin_api.routes_cluster.list_pods`).
+  Each is shown up or down with what went wrong in words ("connection refused", "no answer
+  within 1.5 s", "HTTP 503: redis: ConnectionError ...", "0 of 2 pods ready"), never a stack
+  trace; outside Kubernetes the page says why there are no pods to show.
 - The outbound queue: how many transactions the relay has not finished with and how long the
   oldest has waited (:meth:`rempart.common.outqueue.OutboundQueue.depth_and_oldest_ms`).
 - The chart: messages accepted and SMTP commands refused per bucket of the last hour, from the
@@ -17,11 +19,13 @@ page: no script, no image request).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import redis.asyncio as aioredis
 from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
@@ -31,6 +35,7 @@ from rempart.common.stats import StatsSeries
 
 CHECK_SECONDS = 1.5
 MAX_DETAIL = 200
+MAX_READYZ_BYTES = 4096  # of a /readyz answer: one line per check
 # The chart's drawing area, in SVG user units.
 CHART_HEIGHT = 100
 CHART_TOP = 10
@@ -48,8 +53,32 @@ class Readiness:
     detail: str
 
 
+class NotReady(Exception):
+    """A ``/readyz`` answered, but not 200; the message is what it said."""
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The innermost OSError behind ``exc`` (httpx wraps a refused connection twice)."""
+    found, seen = None, set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            found = current
+        todo += [current.__cause__, current.__context__]
+    return found
+
+
 def in_words(exc: BaseException, seconds: float = CHECK_SECONDS) -> str:
     """Why a check failed, as an operator reads it."""
+    if isinstance(exc, NotReady):
+        return str(exc)[:MAX_DETAIL]
+    if isinstance(exc, httpx.HTTPError):
+        cause = _os_error_in(exc)
+        return in_words(cause, seconds) if cause is not None else f"{type(exc).__name__}: {exc}"[:MAX_DETAIL]
     if isinstance(exc, TimeoutError):
         return f"no answer within {seconds:g} s"
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -74,6 +103,34 @@ async def check(name: str, probe: Callable[[], Awaitable[str]], seconds: float =
     except Exception as exc:  # noqa: BLE001 - any failure is "down", said in words
         return Readiness(name, False, in_words(exc, seconds))
     return Readiness(name, True, f"{seen} ({(time.monotonic() - started) * 1000:.0f} ms)")
+
+
+async def readyz(client: httpx.AsyncClient, url: str) -> str:
+    """Ask one service's ``/readyz``: what it said when 200, :class:`NotReady` naming the checks
+    that failed otherwise (its answer is ``name: ok`` or ``name: error``, one line each)."""
+    body = bytearray()
+    async with client.stream("GET", url) as reply:
+        async for chunk in reply.aiter_bytes():
+            body += chunk
+            if len(body) >= MAX_READYZ_BYTES:
+                break
+    lines = [line.strip() for line in body[:MAX_READYZ_BYTES].decode(errors="replace").splitlines() if line.strip()]
+    if reply.status_code != 200:
+        failing = [line for line in lines if not line.endswith(": ok")] or lines
+        raise NotReady(f"HTTP {reply.status_code}: " + ("; ".join(failing) or "no detail"))
+    return f"ready ({len(lines)} check{'s' if len(lines) != 1 else ''} ok)"
+
+
+async def services_readiness(urls: Mapping[str, str], seconds: float = CHECK_SECONDS) -> list[Readiness]:
+    """One row per configured ``/readyz`` URL, asked concurrently, each within ``seconds``
+    (the URL itself is not shown: it may carry credentials)."""
+    if not urls:
+        return []
+    timeout = httpx.Timeout(seconds + 1)  # the check's own bound comes first
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False, follow_redirects=False) as client:
+        rows = await asyncio.gather(*(check(name, functools.partial(readyz, client, url), seconds)
+                                      for name, url in sorted(urls.items())))
+    return list(rows)
 
 
 def pods_readiness(cluster: ClusterOut) -> list[Readiness]:
