@@ -1,6 +1,8 @@
 """What the e2e tests of real mail clients (offlineimap, mpop, getmail, mbsync) share: a fresh
 account, mail sent over submission, the mailbox as the server shows it to a user (imaplib over
-IMAPS, read-only), what a client left in a local Maildir or mbox, and a client run in its own HOME.
+IMAPS, read-only), what a client left in a local Maildir or mbox, and a client run in its own HOME;
+and what the e2e tests of logins share: the stack's TLS context, an IMAP client speaking from a
+chosen source address, SPEC's words for a failed login and an active block, and unblocking IPs.
 
 Each client reads the password from a file: strong passwords hold ``%`` and quotes, which the
 clients' configuration syntaxes (ConfigParser interpolation, shell words) would otherwise mangle."""
@@ -14,6 +16,7 @@ import mailbox
 import os
 import re
 import smtplib
+import socket
 import ssl
 import subprocess
 import uuid
@@ -29,6 +32,8 @@ from rempart.common.tls import write_self_signed
 
 CLIENT_TIMEOUT = 120.0
 DELIVERY_TIMEOUT = 30.0
+IMAP_LOGIN_FAILED = "NO [AUTHENTICATIONFAILED] Authentication failed."  # SPEC R-LOG-4, word for word
+MAX_FAILURES = 5  # SPEC R-LOG-1 default: the sixth attempt meets a locked account
 
 
 class Account(NamedTuple):
@@ -194,3 +199,41 @@ def run_client(argv: list[str], home: Path) -> subprocess.CompletedProcess[str]:
 def output(run: subprocess.CompletedProcess[str], chars: int = 4000) -> str:
     """The end of what a client printed, for an assertion's message."""
     return f"exit {run.returncode}\n--- stdout\n{run.stdout[-chars:]}\n--- stderr\n{run.stderr[-chars:]}"
+
+
+# Logins and intrusion prevention ------------------------------------------------------------------
+def intrusion_text(ip: str) -> str:
+    """SPEC R-IPS-4, without the SMTP code IMAP and POP3 have no use for."""
+    return f"Intrusion prevention active for [{ip}]"
+
+
+def tls_context(stack: Stack) -> ssl.SSLContext:
+    """Trusts the stack's certificate, whatever name the client connects to (127.0.0.1)."""
+    ctx = ssl.create_default_context(cafile=stack.cert_file)
+    ctx.check_hostname = False
+    return ctx
+
+
+class BoundIMAP(imaplib.IMAP4):
+    """imaplib's IMAP4 speaking from ``source_ip`` (imaplib has no source_address of its own)."""
+
+    def __init__(self, stack: Stack, source_ip: str) -> None:
+        self.source_ip = source_ip
+        super().__init__("127.0.0.1", stack.ports["imap-pop.imap"], timeout=20)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source_ip, 0))
+
+    def login_reply(self, user: str, password: str) -> str:
+        """The tagged reply to LOGIN, as the server wrote it (status and text)."""
+        typ, data = self._simple_command("LOGIN", user, self._quote(password))
+        if typ == "OK":
+            self.state = "AUTH"
+        return f"{typ} {data[-1].decode()}"
+
+
+def unblock(admin: AdminApi, ips: list[str]) -> None:
+    """Lift the blocks of ``ips`` (those that are not blocked are fine)."""
+    for ip in ips:
+        status, body = admin.call("DELETE", f"/v1/ips/blocks/{ip}")
+        assert status in (204, 404), (ip, status, body)

@@ -18,6 +18,7 @@ import poplib
 import smtplib
 import socket
 import ssl
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -25,6 +26,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyotp
@@ -36,45 +38,17 @@ from rempart.common.testing.polling import wait_until
 from rempart.imap_pop import replies as imap_replies
 from rempart.smtp_edge import replies as smtp_replies
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import IMAP_LOGIN_FAILED, MAX_FAILURES, BoundIMAP, intrusion_text, tls_context, unblock
+
 # SPEC R-LOG-4, word for word.
 POP3_LOGIN_FAILED = "-ERR [AUTH] Unknown user or incorrect password"
-IMAP_LOGIN_FAILED = "NO [AUTHENTICATIONFAILED] Authentication failed."
 SMTP_AUTH_FAILED_CODE = 535
 SCRAM = "SCRAM-SHA-256"
-MAX_FAILURES = 5  # SPEC R-LOG-1 default
 HASH_METRIC = "rempart_auth_hash_seconds_count"
 
 
-def intrusion_text(ip: str) -> str:
-    """SPEC R-IPS-4, without the SMTP code IMAP and POP3 have no use for."""
-    return f"Intrusion prevention active for [{ip}]"
-
-
 # Clients bound to a source address -------------------------------------------------------------
-def tls_context(stack: Stack) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=stack.cert_file)
-    ctx.check_hostname = False
-    return ctx
-
-
-class BoundIMAP(imaplib.IMAP4):
-    """imaplib's IMAP4 speaking from ``source_ip`` (imaplib has no source_address of its own)."""
-
-    def __init__(self, stack: Stack, source_ip: str) -> None:
-        self.source_ip = source_ip
-        super().__init__("127.0.0.1", stack.ports["imap-pop.imap"], timeout=20)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source_ip, 0))
-
-    def login_reply(self, user: str, password: str) -> str:
-        """The tagged reply to LOGIN, as the server wrote it (status and text)."""
-        typ, data = self._simple_command("LOGIN", user, self._quote(password))
-        if typ == "OK":
-            self.state = "AUTH"
-        return f"{typ} {data[-1].decode()}"
-
-
 class BoundPOP3(poplib.POP3):
     def __init__(self, stack: Stack, source_ip: str) -> None:
         self.source_ip = source_ip
@@ -158,12 +132,6 @@ def last_event_seq(admin: AdminApi) -> int:
     status, body = admin.call("GET", "/v1/events?limit=1")
     assert status == 200 and isinstance(body, dict), body
     return int(body["events"][0]["seq"]) if body["events"] else 0
-
-
-def unblock(admin: AdminApi, ips: list[str]) -> None:
-    for ip in ips:
-        status, body = admin.call("DELETE", f"/v1/ips/blocks/{ip}")
-        assert status in (204, 404), (ip, status, body)
 
 
 def hash_count(stack: Stack) -> float:

@@ -43,8 +43,19 @@ from rempart.common.testing.devstack import AdminApi, Stack, strong_password
 from rempart.common.testing.polling import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mail_clients import Account, fresh_account, imaps, read_folder, send
-from test_auth_e2e import IMAP_LOGIN_FAILED, MAX_FAILURES, BoundIMAP, intrusion_text, tls_context, unblock
+from mail_clients import (
+    IMAP_LOGIN_FAILED,
+    MAX_FAILURES,
+    Account,
+    BoundIMAP,
+    fresh_account,
+    imaps,
+    intrusion_text,
+    read_folder,
+    send,
+    tls_context,
+    unblock,
+)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
