@@ -12,10 +12,12 @@ import base64
 import signal
 import socket
 import ssl
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -25,15 +27,13 @@ from rempart.common.testing.devstack import AdminApi, Stack, strong_password
 from rempart.imap_pop import replies as imap_replies
 from rempart.smtp_edge import replies as smtp_replies
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import MAX_FAILURES, intrusion_text, unblock
+
 PROTOCOLS = ("smtp", "imap", "pop3")
 PORTS = {"smtp": "smtp-edge.submission", "imap": "imap-pop.imap", "pop3": "imap-pop.pop3"}
-MAX_FAILURES = 5  # R-LOG-1 default: the sixth attempt meets a locked account
 MAX_FAILED_LOGINS = 10  # R-IPS-2 default: the eleventh failure from an IP blocks it
 T = TypeVar("T")
-
-
-def intrusion_text(ip: str) -> str:
-    return f"Intrusion prevention active for [{ip}]"
 
 
 class EdgeClient:
@@ -147,9 +147,7 @@ def new_account(admin: AdminApi, local: str) -> Account:
 def unblock_after(admin: AdminApi) -> Iterator[list[str]]:
     ips: list[str] = []
     yield ips
-    for ip in ips:
-        status, body = admin.call("DELETE", f"/v1/ips/blocks/{ip}")
-        assert status in (204, 404), (ip, status, body)
+    unblock(admin, ips)
 
 
 def each_protocol(attempt: Callable[[str], T]) -> dict[str, T]:

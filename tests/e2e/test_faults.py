@@ -6,20 +6,18 @@ from __future__ import annotations
 import imaplib
 import signal
 import smtplib
-import ssl
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from rempart.common.testing.devstack import Stack
 
-
-def tls_context(stack: Stack) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=stack.cert_file)
-    ctx.check_hostname = False
-    return ctx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import tls_context
 
 
 def send_one(stack: Stack, demo: dict[str, str], subject: str) -> int:
