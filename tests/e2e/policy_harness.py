@@ -16,7 +16,6 @@ import json
 import poplib
 import smtplib
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from rempart.common.testing.devstack import AdminApi, Stack
 from rempart.common.testing.dnsserver import LoopbackDnsServer, Mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import tls_context  # also for the tests that import it from here
 
 T = TypeVar("T")
 
@@ -170,12 +170,6 @@ def quit_quietly(client: smtplib.SMTP) -> None:
         client.quit()
     except (smtplib.SMTPException, OSError):
         client.close()
-
-
-def tls_context(stack: Stack) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=stack.cert_file)
-    ctx.check_hostname = False
-    return ctx
 
 
 def submission(stack: Stack, user: str, password: str) -> smtplib.SMTP:

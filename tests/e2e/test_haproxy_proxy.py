@@ -17,9 +17,9 @@ import re
 import shutil
 import smtplib
 import socket
-import ssl
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +31,9 @@ import pytest
 from rempart.common.testing.devstack import AdminApi, Stack
 from rempart.common.testing.localstack import free_port
 from rempart.common.testing.replicas import Haproxy, Replica, start_edge_replica, start_haproxy, wait_ready
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import tls_context
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy is not installed (Debian package haproxy; CI installs it)")
@@ -287,12 +290,6 @@ def test_r_ops_2_proxy_header_from_untrusted_address_is_refused(edges: Edges) ->
         assert sock.recv(1024) == b""
     assert any(r.get("msg") == "PROXY header from an untrusted peer" and r.get("peer") == OTHER_CLIENT
                for r in replica.log_records(since)), replica.log_tail()
-
-
-def tls_context(stack: Stack) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=stack.cert_file)
-    ctx.check_hostname = False
-    return ctx
 
 
 def fetch_by_subject(stack: Stack, demo: dict[str, str], subject: str, timeout: float = 15.0) -> list[bytes]:

@@ -33,6 +33,7 @@ from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
 from rempart.common.testing.localstack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mail_clients import tls_context
 from policy_harness import DnsThread, admin_for
 
 DOMAIN = "example.test"
@@ -75,12 +76,6 @@ class Env:
     relay: subprocess.Popen[bytes]
     relay_log: Path
     dns: DnsThread
-
-
-def tls_context(stack: Stack) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=stack.cert_file)
-    ctx.check_hostname = False
-    return ctx
 
 
 def wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 45.0) -> None:
