@@ -33,7 +33,7 @@ from rempart.common.testing.localstack import free_port
 from rempart.common.testing.replicas import Haproxy, Replica, start_edge_replica, start_haproxy, wait_ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mail_clients import tls_context
+from mail_clients import tls_context, unblock
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None,
                                 reason="haproxy is not installed (Debian package haproxy; CI installs it)")
@@ -117,9 +117,7 @@ def edges(stack: Stack, demo: dict[str, str]) -> Iterator[Edges]:
             replica.terminate()
         exits = {replica.instance: replica.stop() for replica in replicas}
         # The block must not leak into other tests of the session.
-        for ip in (BLOCKED_CLIENT, OTHER_CLIENT, SWAKS_CLIENT, TLS_CLIENT):
-            status, body = admin.call("DELETE", f"/v1/ips/blocks/{ip}")
-            assert status in (204, 404), f"unblocking {ip}: {status} {body}"
+        unblock(admin, [BLOCKED_CLIENT, OTHER_CLIENT, SWAKS_CLIENT, TLS_CLIENT])
         assert all(code == 0 for code in exits.values()), f"replicas did not drain cleanly on SIGTERM: {exits}"
 
 
