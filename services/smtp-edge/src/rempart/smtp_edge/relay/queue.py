@@ -266,7 +266,9 @@ class RelayQueue:
         due = [r for r, s in states.items() if s.state == "pending" and s.next_ms <= now_ms]
         if due:
             await self._attempt(record, due, states, settings)
-            if await self.results.removed(txn):
+            # Removed meanwhile through the admin API: what is not final is dropped (when every
+            # recipient is final there is nothing to drop, and no need to ask).
+            if any(not s.final for s in states.values()) and await self.results.removed(txn):
                 return await self._removed(txn, states)
         await self._conclude(record, states, out)
         pending = [s for s in states.values() if s.state == "pending"]
