@@ -440,7 +440,7 @@ spec:
         - port: {{ include "rempart.urlPort" (list . (ternary "443" "4317" (eq $scheme "https"))) }}
           protocol: TCP
     {{- end }}
-    {{- if and (eq .name "admin-api") $values.rbac.clusterView }}
+    {{- if and (eq .name "admin-api") $values.rbac.clusterView $values.rbac.apiServerTo }}
     # The Kubernetes API (GET /v1/cluster): rbac.apiServerTo, rbac.apiServerPorts.
     - to:
         {{- toYaml $values.rbac.apiServerTo | nindent 8 }}
