@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from rempart.admin_api import ctl as rempartctl
+from rempart.common.events import EVENTS_STREAM
+from rempart.common.testing.polling import eventually
 
 from .conftest import ADMIN, Harness
 from .test_queue import serving
@@ -63,3 +65,27 @@ async def test_r_adm_6_rempartctl_audit_api_keys_blocks_and_long_lists(
         assert await ctl("api-keys", "revoke", key_id) == (0, f"API key {key_id} revoked\n", "")
         monkeypatch.setenv("REMPART_API_TOKEN", key.strip())
         assert (await ctl("domains", "list"))[0] == 1  # revoked: not logged in
+
+
+async def test_r_adm_6_events_follow_reads_every_event_of_a_burst_longer_than_a_page(
+        harness: Harness, admin_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rempartctl events --follow` looks every 2 s: 1,500 events in between (three of the API's
+    pages of 500) all come back, none twice."""
+    monkeypatch.setenv("REMPART_API_TOKEN", admin_headers["Authorization"].removeprefix("Bearer "))
+    await harness.backend.events.publish("test", "before")
+    async with serving(harness) as url:
+        api = rempartctl.Api(url, admin_headers["Authorization"].removeprefix("Bearer "))
+        last = max(int(e["seq"]) for e in (await asyncio.to_thread(
+            api.json, "GET", "/v1/events", params={"area": "test"}))["events"])
+        for n in range(1500):
+            await harness.backend.events.publish("test", "burst", reason=str(n))
+        await harness.backend.events.connection.flush()
+        # Core publishes: JetStream stores them a moment later.
+        await eventually(lambda: _stored_after(harness, last + 1500), what="1,500 events stored")
+        burst = await asyncio.to_thread(rempartctl._events_after, api, {"area": "test"}, last)
+    got = sorted(burst, key=lambda e: int(e["seq"]))
+    assert [e["reason"] for e in got] == [str(n) for n in range(1500)]
+
+
+async def _stored_after(harness: Harness, seq: int) -> bool:
+    return int((await harness.backend.js.stream_info(EVENTS_STREAM)).state.last_seq) >= seq

@@ -47,6 +47,8 @@ from rempart.common.config import MailSettings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 SECOND_FACTOR = "A valid TOTP code is required"  # the API's words (routes_auth.SECOND_FACTOR)
+FOLLOW_MOST = 20_000  # events --follow: at most this many read between two looks
+EVENTS_PAGE = 500  # the API's largest page of events
 
 
 class CtlError(Exception):
@@ -423,7 +425,7 @@ def _event_line(event: dict[str, Any]) -> str:
 
 @app.command()
 def events(area: Annotated[str, typer.Option()] = "", account: Annotated[str, typer.Option()] = "",
-           ip: Annotated[str, typer.Option()] = "", limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+           ip: Annotated[str, typer.Option()] = "", limit: Annotated[int, typer.Option(min=1, max=EVENTS_PAGE)] = 50,
            follow: Annotated[bool, typer.Option("--follow", "-f", help="then print new events as they come")] = False,
            as_json: Json = False) -> None:
     """Recent security events, oldest first (the newest last, as a log reads)."""
@@ -442,7 +444,24 @@ def events(area: Annotated[str, typer.Option()] = "", account: Annotated[str, ty
         if not follow:
             return
         time.sleep(2)
-        found = api.json("GET", "/v1/events", params={**params, "limit": 1000})["events"]
+        found = _events_after(api, params, last)
+
+
+def _events_after(api: Api, params: dict[str, str], last: int) -> list[dict[str, Any]]:
+    """Every event after sequence ``last``: the newest page, then older pages back to ``last``,
+    so that a burst of more than a page between two looks is not skipped."""
+    out: list[dict[str, Any]] = []
+    before: int | None = None
+    while len(out) < FOLLOW_MOST:
+        page = api.json("GET", "/v1/events", params={**params, "limit": EVENTS_PAGE,
+                                                     **({"before": before} if before else {})})
+        out += [e for e in page["events"] if int(e["seq"]) > last]
+        before = page.get("next_before")
+        if not before or int(before) <= last + 1:
+            return out
+    print(f"rempartctl: more than {FOLLOW_MOST} events since the last look; the oldest are not shown",
+          file=sys.stderr)
+    return out
 
 
 @app.command()
