@@ -7,6 +7,8 @@ import asyncio
 import datetime as dt
 from typing import Any
 
+from rempart.common import keys
+
 from .conftest import ADMIN, Harness
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
@@ -157,3 +159,72 @@ async def test_r_adm_5_key_actions_are_audited_and_listing_is_confined(
                              headers=admin_headers)).json()
     assert [k["name"] for k in first["api_keys"] + second["api_keys"]] == ["ours", "k0", "k1", "k2"]
     assert second["next_cursor"] is None
+
+
+async def _boss_key(harness: Harness) -> tuple[dict[str, str], dict[str, Any]]:
+    """A domain admin's session and a write key it made (the phished-session scenario)."""
+    await harness.add_account("boss@example.net", GOOD_PASSWORD, "domain_admin")
+    boss = await harness.login("boss@example.net", GOOD_PASSWORD)
+    key = await _make_key(harness, boss, scope="write")
+    assert (await harness.http.get("/v1/domains", headers=bearer(key["key"]))).status_code == 200
+    return boss, key
+
+
+async def _assert_key_revoked(harness: Harness, admin_headers: dict[str, str], key: dict[str, Any],
+                              action: str) -> None:
+    refused = await harness.http.get("/v1/domains", headers=bearer(key["key"]))
+    assert refused.status_code == 401, refused.text
+    assert refused.json()["detail"] == "Invalid, expired or revoked API key"
+    listed = (await harness.http.get("/v1/api-keys", headers=admin_headers)).json()["api_keys"]
+    assert key["id"] not in [k["id"] for k in listed]
+    assert (await harness.http.get(f"/v1/api-keys/{key['id']}", headers=admin_headers)).status_code == 404
+    audit = (await harness.http.get("/v1/audit", params={"action": action}, headers=admin_headers)).json()
+    assert audit["events"][0]["details"]["api_access_revoked"] == "1"
+
+
+async def test_r_adm_4_a_password_reset_revokes_the_accounts_api_keys(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """R-ADM-4: the helpdesk resets the password of a phished admin: the key made with the
+    stolen session is a 401 and gone from the listing (it was 200 before this fix)."""
+    _, key = await _boss_key(harness)
+    reset = await harness.http.put("/v1/accounts/boss@example.net/password",
+                                   json={"password": "An0ther-Long-Passw0rd!"}, headers=admin_headers)
+    assert reset.status_code == 204, reset.text
+    await _assert_key_revoked(harness, admin_headers, key, "password_reset")
+
+
+async def test_r_adm_4_a_2fa_reset_revokes_the_accounts_api_keys(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    _, key = await _boss_key(harness)
+    reset = await harness.http.delete("/v1/accounts/boss@example.net/totp", headers=admin_headers)
+    assert reset.status_code == 200, reset.text
+    await _assert_key_revoked(harness, admin_headers, key, "totp_reset")
+
+
+async def test_r_adm_4_ending_sessions_revokes_the_accounts_api_keys(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    boss, key = await _boss_key(harness)
+    mine = await _make_key(harness, admin_headers)  # another account's key is untouched
+    ended = await harness.http.delete("/v1/accounts/boss@example.net/sessions", headers=admin_headers)
+    assert ended.status_code == 204, ended.text
+    assert (await harness.http.get("/v1/domains", headers=boss)).status_code == 401
+    await _assert_key_revoked(harness, admin_headers, key, "sessions_ended")
+    assert (await harness.http.get("/v1/domains", headers=bearer(mine["key"]))).status_code == 200
+
+
+async def test_r_adm_4_a_key_is_refused_once_its_creators_epoch_moved_even_if_its_record_stays(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """The epoch is checked on every use, so a key whose deletion was missed (made in the same
+    instant as the reset, say) is still refused."""
+    _, key = await _boss_key(harness)
+    assert await harness.backend.directory.end_sessions("boss@example.net") is not None
+    refused = await harness.http.get("/v1/domains", headers=bearer(key["key"]))
+    assert refused.status_code == 401
+    # A record without the epoch (damaged) is refused too: fail closed.
+    other = await _make_key(harness, admin_headers)
+    await harness.backend.redis.hdel(keys.admin_api_key(other["id"]), "owner_epoch")
+    assert (await harness.http.get("/v1/domains", headers=bearer(other["key"]))).status_code == 401

@@ -6,10 +6,12 @@ long, so a fast keyed hash is as good as a slow password hash against a stolen R
 costs nothing per request. The key is shown once, when it is made.
 
 What a key may do is worked out again on every request and is never more than its creator may
-do now: the creator's account must still exist (the same incarnation), be enabled and hold an
-admin role; a key confined to a domain acts as that domain's admin (and a domain admin's keys
-are always confined to its domain); a ``read`` key may only read. A key past its expiry, or
-revoked (its record deleted), is refused with 401.
+do now: the creator's account must still exist (the same incarnation), be enabled, hold an
+admin role and not have ended its sessions since the key was made (R-ADM-4: a password change
+or reset, a 2FA reset and "end sessions" move the account's session epoch, which each key
+records when it is made; those actions also delete the account's keys); a key confined to a
+domain acts as that domain's admin (and a domain admin's keys are always confined to its domain);
+a ``read`` key may only read. A key past its expiry, or revoked (its record deleted), is refused with 401.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ApiKey:
     expires: float  # 0: never
     last_used: float  # 0: never
     last_ip: str
+    owner_epoch: int = -1  # the creator's session epoch when it was made; -1: unknown (never valid)
 
     def expired(self, now: float) -> bool:
         return bool(self.expires) and now >= self.expires
@@ -60,6 +63,14 @@ def parse_key(token: str) -> str | None:
     return key_id
 
 
+def _epoch(raw: Any) -> int:
+    # A record without a readable epoch is never valid: fail closed.
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return -1
+
+
 class ApiKeyStore:
     def __init__(self, redis: aioredis.Redis, secret_key: str) -> None:
         self._redis = redis
@@ -71,16 +82,18 @@ class ApiKeyStore:
     async def count(self) -> int:
         return int(await self._redis.zcard(keys.ADMIN_API_KEYS))
 
-    async def create(self, *, name: str, owner: str, owner_created: float, scope: KeyScope, domain: str,
-                     expires: float) -> tuple[str, ApiKey]:
-        """A new key: (the key, shown once; its record)."""
+    async def create(self, *, name: str, owner: str, owner_created: float, owner_epoch: int, scope: KeyScope,
+                     domain: str, expires: float) -> tuple[str, ApiKey]:
+        """A new key: (the key, shown once; its record). ``owner_epoch`` is the creator's session
+        epoch now: the key is dead once it moves (R-ADM-4)."""
         key_id = secrets.token_hex(ID_HEX // 2)
         token = f"{PREFIX}{key_id}_{secrets.token_urlsafe(SECRET_BYTES)}"
         now = time.time()
-        record = ApiKey(key_id, name, owner, owner_created, scope, domain, now, expires, 0.0, "")
+        record = ApiKey(key_id, name, owner, owner_created, scope, domain, now, expires, 0.0, "", owner_epoch)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.admin_api_key(key_id), mapping={
-                "name": name, "owner": owner, "owner_created": repr(owner_created), "scope": scope,
+                "name": name, "owner": owner, "owner_created": repr(owner_created),
+                "owner_epoch": str(owner_epoch), "scope": scope,
                 "domain": domain, "created": repr(now), "expires": repr(expires), "hash": self._digest(token),
             })
             if expires:
@@ -108,6 +121,7 @@ class ApiKeyStore:
             expires=float(fields.get("expires", 0) or 0),
             last_used=float(fields.get("last_used", 0) or 0),
             last_ip=str(fields.get("last_ip", "")),
+            owner_epoch=_epoch(fields.get("owner_epoch")),
         )
 
     async def authenticate(self, token: str, client_ip: str) -> ApiKey | None:
@@ -152,3 +166,23 @@ class ApiKeyStore:
             pipe.zrem(keys.ADMIN_API_KEYS, key_id)
             removed = await pipe.execute()
         return bool(int(removed[0]))
+
+
+
+async def revoke_keys_of(redis: aioredis.Redis, owner: str) -> list[str]:
+    """Delete every key made by ``owner`` (R-ADM-4: what ends its sessions ends its keys), so that
+    the listing no longer shows them; the ids deleted. At most :data:`MAX_KEYS` records are read."""
+    ids = [str(i) for i in await redis.zrange(keys.ADMIN_API_KEYS, 0, MAX_KEYS - 1)]
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for key_id in ids:
+            pipe.hget(keys.admin_api_key(key_id), "owner")
+        owners = await pipe.execute()
+    owned = [key_id for key_id, found in zip(ids, owners, strict=True) if found is not None and str(found) == owner]
+    if owned:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*(keys.admin_api_key(key_id) for key_id in owned))
+            pipe.zrem(keys.ADMIN_API_KEYS, *owned)
+            await pipe.execute()
+    return owned

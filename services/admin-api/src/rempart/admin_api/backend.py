@@ -15,7 +15,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from nats.js import JetStreamContext
 
-from rempart.admin_api.apikeys import ApiKeyStore, parse_key
+from rempart.admin_api.apikeys import ApiKeyStore, parse_key, revoke_keys_of
 from rempart.admin_api.models import FieldError, Role
 from rempart.admin_api.redaction import Redactor
 from rempart.admin_api.sessions import SessionStore
@@ -177,6 +177,8 @@ async def key_principal(backend: Backend, request: Request, token: str) -> Princ
     owner = await backend.directory.get_account(key.owner)
     if owner is None or not owner.enabled or owner.created != key.owner_created:
         return None
+    if owner.session_epoch != key.owner_epoch:
+        return None  # R-ADM-4: its creator's sessions were ended since (password, 2FA reset, helpdesk)
     role: Role = owner.role
     domain = owner.domain
     if role == "domain_admin" and key.domain and key.domain != owner.domain:
@@ -234,11 +236,18 @@ AdminDep = Annotated[Principal, Depends(require_admin)]
 SuperadminDep = Annotated[Principal, Depends(require_superadmin)]
 
 
-async def end_sessions(backend: Backend, address: str, keep: str | None = None) -> None:
-    """R-ADM-4: end every admin API session of ``address``, except the session ``keep``."""
+async def end_sessions(backend: Backend, address: str, keep: str | None = None) -> int:
+    """R-ADM-4: end every admin API session of ``address``, except the session ``keep``, and
+    every API key it made (a key made by a thief with a phished session must not outlive the
+    password reset): the number of keys deleted. The epoch bump alone already refuses the keys
+    (:func:`key_principal`); deleting them keeps the listing true."""
     epoch = await backend.directory.end_sessions(address)
     if keep is not None and epoch is not None:
         await backend.sessions.adopt_epoch(keep, epoch)
+    revoked = await revoke_keys_of(backend.redis, normalize_address(address))
+    if revoked:
+        log.info("api keys revoked with the sessions", extra={"account": address, "api_keys": revoked})
+    return len(revoked)  # audited as api_access_revoked: the redactor hides any detail named like a key
 
 
 def client_ip(request: Request) -> str:

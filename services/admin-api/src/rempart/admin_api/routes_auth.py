@@ -156,9 +156,11 @@ async def change_my_password(
         raise ProblemError(403, OLD_PASSWORD_WRONG)
     await set_password(backend, principal.address, new, field="new_password")
     # R-ADM-4: a changed password ends the account's other sessions (a thief's among them).
-    await end_sessions(backend, principal.address, keep=principal.token)
+    # Its API keys too: they were perhaps made by that thief.
+    revoked = await end_sessions(backend, principal.address, keep=principal.token)
     await record_change(backend, request, principal.address, "password_changed", principal.address,
-                        f"account:{principal.address}", after={"password": "changed"})
+                        f"account:{principal.address}", after={"password": "changed"},
+                        api_access_revoked=str(revoked))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -215,7 +217,7 @@ async def create_api_key(
     if owner is None:
         raise not_authenticated()
     token, key = await store.create(name=body.name, owner=owner.address, owner_created=owner.created,
-                                    scope=body.scope, domain=domain, expires=expires)
+                                    owner_epoch=owner.session_epoch, scope=body.scope, domain=domain, expires=expires)
     out = key_out(key)
     try:
         await record_action(backend, request, principal.address, "api_key_created", key.id, kind="api_key",

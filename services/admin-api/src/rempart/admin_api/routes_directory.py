@@ -369,9 +369,11 @@ async def reset_password(
     account = await account_or_404(backend, principal, address)
     await set_password(backend, account.address, body.password.get_secret_value())
     # R-ADM-4: a reset password ends the account's sessions (the caller's own excepted).
-    await end_sessions(backend, account.address, keep=principal.token if account.address == principal.address else None)
+    # And its API keys (R-ADM-4).
+    revoked = await end_sessions(backend, account.address,
+                                 keep=principal.token if account.address == principal.address else None)
     await record_change(backend, request, principal.address, "password_reset", account.address,
-                        f"account:{account.address}", after={"password": "changed"})
+                        f"account:{account.address}", after={"password": "changed"}, api_access_revoked=str(revoked))
     return Response(status_code=204)
 
 

@@ -5,7 +5,8 @@ passwords and end sessions. The auth service owns lockout, TOTP and app password
 three are calls to it; sessions are the admin API's own. Who may: the superadmin, and a domain
 admin for its own domain's accounts (R-ADM-1: another tenant's account is a 404).
 
-A 2FA reset also ends the account's sessions: it is what one does after a lost or stolen phone.
+A 2FA reset also ends the account's sessions and deletes its API keys: it is what one does
+after a lost or stolen phone. Ending sessions deletes the account's API keys as well.
 Nobody resets their own 2FA here: that needs a current code (``DELETE /v1/me/totp``), so that a
 stolen session cannot switch it off.
 """
@@ -75,7 +76,8 @@ async def unlock_account(
 
 
 @router.delete("/v1/accounts/{address}/totp", operation_id="resetAccountTotp", response_model=TotpResetResult,
-               responses=R_HELP, summary="Turn the user's two-step verification off without a code; ends sessions")
+               responses=R_HELP,
+               summary="Turn the user's two-step verification off without a code; ends sessions and API keys")
 async def reset_account_totp(
     address: AddressPath, request: Request, principal: AdminDep, backend: BackendDep
 ) -> TotpResetResult:
@@ -86,9 +88,9 @@ async def reset_account_totp(
         reply = await backend.auth.totp_reset(account.address)
     except grpc.aio.AioRpcError as exc:
         raise _failed(exc) from None
-    await end_sessions(backend, account.address)
+    revoked = await end_sessions(backend, account.address)
     await _audit(backend, request, principal.address, "totp_reset", account,
-                 was_enabled=str(reply.was_enabled).lower())
+                 was_enabled=str(reply.was_enabled).lower(), api_access_revoked=str(revoked))
     return TotpResetResult(account=account.address, was_enabled=reply.was_enabled)
 
 
@@ -136,11 +138,12 @@ async def revoke_account_app_password(
 
 
 @router.delete("/v1/accounts/{address}/sessions", operation_id="endAccountSessions", status_code=204,
-               response_class=Response, responses=R_HELP, summary="End every admin API session of the account")
+               response_class=Response, responses=R_HELP,
+               summary="End every admin API session of the account and delete its API keys")
 async def end_account_sessions(
     address: AddressPath, request: Request, principal: AdminDep, backend: BackendDep
 ) -> Response:
     account = await account_or_404(backend, principal, address)
-    await end_sessions(backend, account.address)
-    await _audit(backend, request, principal.address, "sessions_ended", account)
+    revoked = await end_sessions(backend, account.address)
+    await _audit(backend, request, principal.address, "sessions_ended", account, api_access_revoked=str(revoked))
     return Response(status_code=204)
