@@ -19,7 +19,8 @@ or whose certificate does not verify is a temporary failure (``451 4.7.5``), wit
 retry and no plain text.
 
 Connection reuse (as Postfix's connection cache): a session that ended its transaction cleanly
-is kept open for ``idle_seconds`` (2 s, Postfix's ``smtp_connection_cache_time_limit``) for the
+is kept open for ``idle_seconds`` (``REMPART_CONNECTION_CACHE_SECONDS``, 2 s as Postfix's
+``smtp_connection_cache_time_limit``) for the
 next message to the same host, address, port and terms (TLS requirement, AUTH). Reusing one
 costs a RSET, where a new session costs the connection, greeting, EHLO, STARTTLS's handshake and
 EHLO again; a RSET that fails (the remote closed it meanwhile) means a new session, and no

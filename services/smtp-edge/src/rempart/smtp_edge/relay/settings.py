@@ -25,6 +25,12 @@ class RelaySettings(ServiceSettings):
     connect_timeout_seconds: float = Field(default=30.0, gt=0)
     # RFC 5321 4.5.3.2: the client waits 5 minutes for MAIL/RCPT replies, 10 for the final dot.
     command_timeout_seconds: float = Field(default=600.0, gt=0)
+    # A session that ended its transaction cleanly is kept this long for the next message to the
+    # same host (Postfix's smtp_connection_cache_time_limit is 2 s; 0: a session per message),
+    # at most this many idle per destination. Kept sessions are open connections beside the
+    # outbound.max_connections_per_domain in use, as with Postfix's connection cache.
+    connection_cache_seconds: float = Field(default=2.0, ge=0, le=300)
+    connection_cache_per_destination: int = Field(default=8, ge=1, le=1000)
     # R-LIM-6 counts messages per minute; tests shorten the window to keep fast.
     rate_window_seconds: float = Field(default=60.0, gt=0)
     # Extra trust anchors for outbound certificate checks (PEM file), besides the system's: MX
