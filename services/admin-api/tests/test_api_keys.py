@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 from typing import Any
 
+from rempart.admin_api.apikeys import ApiKeyStore
 from rempart.common import keys
 
 from .conftest import ADMIN, Harness
@@ -228,3 +229,21 @@ async def test_r_adm_4_a_key_is_refused_once_its_creators_epoch_moved_even_if_it
     other = await _make_key(harness, admin_headers)
     await harness.backend.redis.hdel(keys.admin_api_key(other["id"]), "owner_epoch")
     assert (await harness.http.get("/v1/domains", headers=bearer(other["key"]))).status_code == 401
+
+
+async def test_r_adm_1_a_use_recorded_after_a_revocation_does_not_bring_the_key_back(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """A request that passed the checks just before the key was revoked records its use after
+    the revocation: no partial record without a TTL may appear (before: HSET recreated it)."""
+    created = await _make_key(harness, admin_headers)
+    store = api_keys_of(harness)
+    assert await store.record_use(created["id"], "192.0.2.7") is True
+    assert (await harness.http.delete(f"/v1/api-keys/{created['id']}", headers=admin_headers)).status_code == 204
+    assert await store.record_use(created["id"], "192.0.2.7") is False
+    assert await harness.backend.redis.exists(keys.admin_api_key(created["id"])) == 0
+    assert (await harness.http.get(f"/v1/api-keys/{created['id']}", headers=admin_headers)).status_code == 404
+
+
+def api_keys_of(harness: Harness) -> ApiKeyStore:
+    return ApiKeyStore(harness.backend.redis, harness.settings.secret_key.get_secret_value())

@@ -63,6 +63,14 @@ def parse_key(token: str) -> str | None:
     return key_id
 
 
+# The use is written only into a record that still exists (one step in Redis, no race with a revoke).
+_RECORD_USE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_used', ARGV[1], 'last_ip', ARGV[2])
+return 1
+"""
+
+
 def _epoch(raw: Any) -> int:
     # A record without a readable epoch is never valid: fail closed.
     try:
@@ -135,9 +143,15 @@ class ApiKeyStore:
         record = await self.get(key_id)
         if record is None or record.expired(time.time()):
             return None
-        await self._redis.hset(keys.admin_api_key(key_id),
-                               mapping={"last_used": repr(time.time()), "last_ip": client_ip})
+        await self.record_use(key_id, client_ip)
         return record
+
+    async def record_use(self, key_id: str, client_ip: str) -> bool:
+        """Note the key's last use and IP, only while its record exists: a plain HSET after a
+        revocation made meanwhile would bring back a partial record without a TTL. False when
+        the record is gone."""
+        written = await self._redis.eval(_RECORD_USE, 1, keys.admin_api_key(key_id), repr(time.time()), client_ip)
+        return bool(written)
 
     async def page(self, after: tuple[float, str] | None, limit: int) -> list[ApiKey]:
         """Keys in creation order, after (created, id), up to ``limit``; expired records dropped."""
