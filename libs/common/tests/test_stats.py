@@ -69,9 +69,32 @@ async def test_r_adm_stats_buckets_expire(redis: aioredis.Redis) -> None:
     minute_ttl = await redis.ttl(stats.counts_key(stats.MINUTE, int(T0)))
     hour_ttl = await redis.ttl(stats.counts_key(stats.HOUR, int(T0)))
     ips_ttl = await redis.ttl(stats.blocked_ips_key(stats.MINUTE, int(T0)))
-    assert 0 < minute_ttl <= stats.RETENTION[stats.MINUTE] + 60
+    hour_ips_ttl = await redis.ttl(stats.blocked_ips_key(stats.HOUR, int(T0)))
+    assert 47 * 3600 < minute_ttl <= stats.RETENTION[stats.MINUTE] + 60  # minute counts: 48 h
     assert stats.RETENTION[stats.MINUTE] < hour_ttl <= stats.RETENTION[stats.HOUR] + 3600
-    assert 0 < ips_ttl <= stats.RETENTION[stats.MINUTE] + 60
+    # Minute IP sets (up to 1,000 IPs each) two hours only: 300 MB under a botnet otherwise.
+    assert 3600 < ips_ttl <= 2 * 3600 + 60
+    assert 31 * 86400 < hour_ips_ttl <= stats.RETENTION[stats.HOUR] + 3600
+
+
+async def test_r_adm_stats_older_minute_ranges_take_top_ips_from_the_hour_sets(redis: aioredis.Redis) -> None:
+    """Three hours ago the minute IP sets are gone: the top IPs come from the hour sets."""
+    old = T0 - 3 * 3600
+    recorder = stats.StatsRecorder(redis, clock=Clock(old + 120))
+    for _ in range(4):
+        recorder.ip_refused("198.51.100.20")
+    recorder.ip_refused("203.0.113.5")
+    await recorder.flush()
+    await redis.delete(stats.blocked_ips_key(stats.MINUTE, int(old) + 120))  # as Redis would have
+    series = await stats.read_series(redis, old, old + 600, 300, now=T0)
+    assert series.granularity == stats.MINUTE and series.totals.ips_refused == 5
+    assert series.top_blocked_ips == [("198.51.100.20", 4), ("203.0.113.5", 1)]
+    recent = stats.StatsRecorder(redis, clock=Clock(T0 - 600))
+    recent.ip_refused("192.0.2.99")
+    await recent.flush()
+    await redis.delete(stats.blocked_ips_key(stats.HOUR, int(T0) - 3600))
+    # A recent range still reads the exact minute sets.
+    assert (await stats.read_series(redis, T0 - 900, T0, 300, now=T0)).top_blocked_ips == [("192.0.2.99", 1)]
 
 
 async def test_r_adm_stats_top_blocked_ips_ranked_and_bounded(redis: aioredis.Redis) -> None:
@@ -140,6 +163,9 @@ async def test_r_ops_3_stats_never_fail_or_hold_up_the_caller_when_redis_is_down
         for n in range(stats.MAX_PENDING + 10):
             recorder.ip_refused(f"10.0.{n // 256}.{n % 256}")
         assert len(recorder._counts) + len(recorder._ips) <= stats.MAX_PENDING
+        # Closed: no background flush is left to outlive the client closed below (it was, and
+        # ran against a closed client on a loaded CI).
+        assert recorder._task is None
     finally:
         await down.aclose()
 

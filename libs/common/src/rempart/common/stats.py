@@ -16,7 +16,8 @@ never mail, and a Redis outage must not slow or fail a message (DESIGN.md "Durab
 
 Storage: a hash per minute and one per hour (field -> count; kept :data:`RETENTION` seconds), and
 beside each a sorted set of refused blocked IPs, trimmed to the :data:`MAX_IPS_PER_BUCKET` most
-refused so that a botnet cannot grow it without bound. Reading a range sums whole buckets:
+refused so that a botnet cannot grow it without bound, and kept :data:`IP_RETENTION` seconds
+(two hours for the minute sets). Reading a range sums whole buckets:
 minute buckets for steps that are not whole hours (reaching back :data:`RETENTION` of minutes),
 hour buckets otherwise, so that a month costs 720 reads, not 43,200.
 
@@ -44,6 +45,11 @@ MINUTE = 60
 HOUR = 3600
 # How long each granularity is kept: minutes for two days, hours for a month and a bit.
 RETENTION = {MINUTE: 2 * 24 * HOUR, HOUR: 32 * 24 * HOUR}
+# The sorted sets of refused blocked IPs are far bigger than the counts (up to
+# MAX_IPS_PER_BUCKET members each): under a botnet, 2,880 full minute sets would hold some
+# 300 MB in the Redis that also holds the mailbox index. Minute sets are kept two hours; older
+# ranges take their top IPs from the hour sets (60 times fewer).
+IP_RETENTION = {MINUTE: 2 * HOUR, HOUR: RETENTION[HOUR]}
 FLUSH_SECONDS = 1.0
 FLUSH_TIMEOUT_SECONDS = 2.0
 MAX_PENDING = 10_000  # distinct (bucket, field) entries held while Redis does not answer
@@ -132,6 +138,7 @@ class StatsRecorder:
         self._counts: dict[tuple[int, str], int] = {}
         self._ips: dict[tuple[int, str], int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closed = False  # after close(): counts are kept (bounded) but no flush is scheduled
         self.dropped = 0  # counts lost because too many were pending or a write failed
 
     # What the services call ----------------------------------------------------------------
@@ -185,7 +192,7 @@ class StatsRecorder:
             self._schedule()
 
     def _schedule(self) -> None:
-        if self._task is not None:
+        if self._task is not None or self._closed:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -220,7 +227,8 @@ class StatsRecorder:
                 pipe.zincrby(key, n, ip)
                 touched[key] = trimmed[key] = granularity
         for key, granularity in touched.items():
-            pipe.expire(key, RETENTION[granularity] + granularity)
+            kept = IP_RETENTION[granularity] if key in trimmed else RETENTION[granularity]
+            pipe.expire(key, kept + granularity)
         for key in trimmed:
             # Keep the most refused; the least refused go first when a bucket is full.
             pipe.zremrangebyrank(key, 0, -(MAX_IPS_PER_BUCKET + 1))
@@ -231,7 +239,9 @@ class StatsRecorder:
             log.debug("statistics not written: %s", type(exc).__name__)
 
     async def close(self) -> None:
-        """Write what is pending (at shutdown)."""
+        """Write what is pending (at shutdown). No background flush is started afterwards: one
+        would outlive the Redis client the service closes next; a later :meth:`flush` still writes."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -356,21 +366,32 @@ async def _read_all(redis: aioredis.Redis, commands: list[tuple[str, str]]) -> l
     return out
 
 
+def _ip_sources(first: int, last: int, granularity: int, now: float) -> tuple[int, list[int]]:
+    """(granularity, bucket starts) of the IP sets to read for ``[first, last)``."""
+    if granularity == HOUR or first >= now - IP_RETENTION[MINUTE]:
+        return granularity, list(range(first, last, granularity))
+    return HOUR, list(range(first // HOUR * HOUR, last, HOUR))
+
+
 async def read_series(redis: aioredis.Redis, start: float, end: float, step: int, *, top_ips: int = 10,
                       now: float | None = None) -> StatsSeries:
     """The counts of ``[start, end)`` (Unix seconds) in buckets of ``step`` seconds, oldest first.
 
     Every bucket of the aligned range is present, zero where nothing happened. The top blocked
     IPs sum each stored bucket's :data:`TOP_IPS_READ_PER_BUCKET` most refused IPs (exact unless
-    more IPs than that were refused in one minute or hour). Raises :class:`StatsRangeError`.
+    more IPs than that were refused in one minute or hour). A range of minute buckets that starts
+    before the minute IP sets' :data:`IP_RETENTION` takes its top IPs from the hour sets of the
+    whole hours that hold it. Raises :class:`StatsRangeError`.
     This is what ``GET /v1/stats`` answers and what the console's status page draws.
     """
+    now = time.time() if now is None else now
     first, last, granularity = plan_range(start, end, step, now)
     top_ips = max(0, min(top_ips, MAX_TOP_IPS))
     sources = list(range(first, last, granularity))
     commands = [("counts", keys.stats_counts(granularity, b)) for b in sources]
     if top_ips:
-        commands += [("ips", keys.stats_blocked_ips(granularity, b)) for b in sources]
+        ip_granularity, ip_sources = _ip_sources(first, last, granularity, now)
+        commands += [("ips", keys.stats_blocked_ips(ip_granularity, b)) for b in ip_sources]
     results = await _read_all(redis, commands)
     hashes = results[:len(sources)]
     per_bucket: dict[int, list[Mapping[Any, Any]]] = {}
