@@ -27,7 +27,6 @@ import grp
 import os
 import pwd
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from argon2 import PasswordHasher, Type
 
 from rempart.auth.settings import AuthSettings
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
-from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.testing.localstack import free_port, stop_process, wait_for_port
 from rempart.common.tls import write_self_signed
 
 DOMAIN = "example.test"
@@ -439,18 +438,7 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path) -> Measure:
         return measure("dovecot", "IMAPS logins", port, ctx, [(CLIENT_IP, DOVECOT_USER, password)] * args.logins,
                        args.in_flight, "ok", cpu, args.timeout)
     finally:
-        stop_process_group(proc)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        stop_process(proc, group=True)
 
 
 # ---------------------------------------------------------------------------------------------

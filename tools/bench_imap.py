@@ -64,7 +64,6 @@ import pwd
 import random
 import re
 import shutil
-import signal
 import ssl
 import statistics
 import subprocess
@@ -81,7 +80,7 @@ from typing import TypeAlias
 from bench_auth import dovecot_conf, dovecot_passwd_line, ensure_dovecot
 
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
-from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.testing.localstack import free_port, stop_process, wait_for_port
 from rempart.common.tls import write_self_signed
 
 DOMAIN = "example.test"
@@ -982,18 +981,7 @@ def bench_dovecot(args: argparse.Namespace, workdir: Path, messages: list[bytes]
         log(rss.line().removeprefix("RESULT "))
         return [*results, rss]
     finally:
-        stop_process_group(proc)
-
-
-def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        stop_process(proc, group=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from bench_smtp import (
 
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo
 from rempart.common.testing.dnsserver import LoopbackDnsServer
-from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.testing.localstack import free_port, stop_process, wait_for_port
 
 DOMAIN = "example.test"
 SENDER = f"demo@{DOMAIN}"
@@ -194,13 +194,7 @@ class SmtpSink:
             return self.count
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._reader.join(5)
         self._stderr.close()
 

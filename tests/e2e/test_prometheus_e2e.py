@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from rempart.common.testing.devstack import AdminApi, Stack, bootstrap_demo, strong_password
-from rempart.common.testing.localstack import free_port, wait_for_port
+from rempart.common.testing.localstack import free_port, stop_process, wait_for_port
 from rempart.common.testing.polling import wait_until
 from rempart.common.testing.traces import OtlpReceiver
 
@@ -179,12 +179,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
         yield Observed(stack, prometheus, receiver, rules_file, expressions)
     finally:
         if prometheus is not None:
-            prometheus.proc.terminate()
-            try:
-                prometheus.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                prometheus.proc.kill()
-                prometheus.proc.wait()
+            stop_process(prometheus.proc)
         stack.stop()
         receiver.stop()
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,25 @@ def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.
             last = exc
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s: {last}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0, group: bool = False) -> int:
+    """SIGTERM (to the process, or to its process group when it was started in a session of its
+    own), SIGKILL after ``grace`` seconds; the exit code. Nothing when it has already exited."""
+    if proc.poll() is None:
+        send = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
+        try:
+            send(signal.SIGTERM)
+            proc.wait(grace)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            try:
+                send(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(grace)
+    return int(proc.returncode)
 
 
 def redis_binary() -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rempart.common.testing.devstack import MODULES, Stack
-from rempart.common.testing.localstack import free_port
+from rempart.common.testing.localstack import free_port, stop_process
 
 EDGE_PORT_VARS = {"smtp": "REMPART_SMTP_PORT", "submission": "REMPART_SUBMISSION_PORT",
                   "smtps": "REMPART_SMTPS_PORT", "ops": "REMPART_OPS_PORT"}
@@ -156,13 +156,7 @@ class Haproxy:
     log_path: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
