@@ -105,3 +105,10 @@ async def test_r_adm_1_stats_are_for_superadmins_only(harness: Harness) -> None:
     domain_admin = await harness.login("helpdesk@example.net", "Helpdesk-Pw-1234")
     reply = await harness.http.get("/v1/stats", headers=domain_admin)
     assert reply.status_code == 403 and reply.headers["content-type"].startswith(PROBLEM)
+
+
+async def test_r_adm_stats_refused_is_described_as_counted_by_policy_and_edge(harness: Harness) -> None:
+    """The edge counts its own refusals too (syntax, size): the document must not say "by policy" only."""
+    spec = (await harness.http.get("/v1/openapi.json")).json()
+    text = spec["components"]["schemas"]["StatsBucketOut"]["properties"]["refused"]["description"]
+    assert "refused by policy," not in text and "SMTP edge itself" in text

@@ -49,8 +49,9 @@ class StatsBucketOut(BaseModel):
     start: dt.datetime = Field(description="The bucket's first instant (RFC 3339, UTC).")
     end: dt.datetime = Field(description="The instant after the bucket.")
     accepted: int = Field(description="Messages the SMTP edge stored and answered 250 for.")
-    refused: dict[str, int] = Field(description=f"SMTP commands refused by policy, by reason: {REASONS}. "
-                                                "Reasons with no refusal are left out.")
+    refused: dict[str, int] = Field(description="SMTP commands refused, by the policy service or by the SMTP "
+                                                f"edge itself (syntax, size, a failed policy call), by reason: "
+                                                f"{REASONS}. Reasons with no refusal are left out.")
     refused_total: int
     logins: LoginCounts
     ips_blocked: int = Field(description="IPs blocked by intrusion prevention (R-IPS).")
