@@ -2,11 +2,12 @@
 """`helm test`: one message through the release's SMTP service, read back over its IMAP service.
 
 Run by the test Pod (templates/tests/mail-roundtrip.yaml) with the suite's own image; only the
-standard library. It submits a message on SMTPS (implicit TLS, AUTH PLAIN) from the test account to
-itself, with a random token in the Subject, then logs in over IMAPS, waits until the token is in the
-INBOX, reads the message back, checks its body and deletes it. TLS is verified against the given CA
-file and the mail host name (the certificate's name), whatever address the Services have. Prints
-each step; the password is never printed. Exit status 0 on success, 1 with the reason otherwise.
+standard library (smtplib, imaplib). It submits a message on SMTPS (implicit TLS, AUTH PLAIN) from
+the test account to itself, with a random token in the Subject, then logs in over IMAPS, waits
+until the token is in the INBOX, reads the message back, checks its body and deletes it. TLS is
+verified against the given CA file and the mail host name (the certificate's name), whatever
+address the Services have. Prints each step; the password is never printed. Exit status 0 on
+success, 1 with the reason otherwise.
 
 Environment: ROUNDTRIP_SMTP (host:port), ROUNDTRIP_IMAP (host:port), ROUNDTRIP_USER,
 ROUNDTRIP_PASSWORD, ROUNDTRIP_TLS_CA (a PEM file), ROUNDTRIP_TLS_NAME (the name to verify),
@@ -15,160 +16,110 @@ ROUNDTRIP_TIMEOUT (seconds to wait for delivery, default 60).
 
 from __future__ import annotations
 
-import base64
+import imaplib
 import os
-import re
 import secrets
+import smtplib
 import socket
 import ssl
 import sys
 import time
-
-LINE_LIMIT = 65536
-MESSAGE_LIMIT = 1 << 20
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
 
 
 class RoundTripError(Exception):
     pass
 
 
-class Conn:
-    """A TLS connection read line by line, with a deadline on every read."""
+def host_port(where: str) -> tuple[str, int]:
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        raise RoundTripError(f"not host:port: {where!r}")
+    return host, int(port)
+
+
+def tls_socket(where: str, tls: ssl.SSLContext, name: str, timeout: float | None) -> ssl.SSLSocket:
+    """A TLS connection to ``where`` whose certificate must be valid for ``name``."""
+    return tls.wrap_socket(socket.create_connection(host_port(where), timeout=timeout), server_hostname=name)
+
+
+class Smtps(smtplib.SMTP_SSL):
+    """SMTPS to a Service address, the certificate checked for the mail host name."""
+
+    def __init__(self, tls: ssl.SSLContext, name: str, timeout: float) -> None:
+        self.tls_name = name
+        super().__init__(context=tls, timeout=timeout)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return tls_socket(f"{host}:{port}", self.context, self.tls_name, timeout)
+
+
+class Imaps(imaplib.IMAP4_SSL):
+    """IMAPS to a Service address, the certificate checked for the mail host name."""
 
     def __init__(self, where: str, tls: ssl.SSLContext, name: str, timeout: float) -> None:
-        host, _, port = where.rpartition(":")
-        if not host or not port.isdigit():
-            raise RoundTripError(f"not host:port: {where!r}")
-        raw = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock = tls.wrap_socket(raw, server_hostname=name)
-        self.file = self.sock.makefile("rb")
-        self.where = where
+        self.where, self.tls_name = where, name
+        host, port = host_port(where)
+        super().__init__(host, port, ssl_context=tls, timeout=timeout)
 
-    def line(self) -> bytes:
-        data = self.file.readline(LINE_LIMIT)
-        if not data:
-            raise RoundTripError(f"{self.where} closed the connection")
-        return data.rstrip(b"\r\n")
-
-    def read(self, size: int) -> bytes:
-        data = self.file.read(size)
-        if len(data) != size:
-            raise RoundTripError(f"{self.where} closed the connection in a literal")
-        return data
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def smtp_reply(conn: Conn, expected: str) -> str:
-    lines = []
-    while True:
-        line = conn.line().decode("utf-8", "replace")
-        lines.append(line)
-        if len(line) < 4 or line[3] != "-":
-            break
-    if not lines[-1].startswith(expected):
-        raise RoundTripError(f"SMTP: expected {expected}, got: {' | '.join(lines)}")
-    return lines[-1]
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return tls_socket(self.where, self.ssl_context, self.tls_name, timeout)
 
 
 def send(smtp_at: str, tls: ssl.SSLContext, name: str, user: str, password: str, token: str,
          timeout: float) -> None:
-    conn = Conn(smtp_at, tls, name, timeout)
-    try:
-        print("SMTP", smtp_reply(conn, "220"))
-        conn.send(b"EHLO helm-test.invalid\r\n")
-        smtp_reply(conn, "250")
-        plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-        conn.send(f"AUTH PLAIN {plain}\r\n".encode())
-        print("SMTP AUTH PLAIN ->", smtp_reply(conn, "235"))
-        conn.send(f"MAIL FROM:<{user}>\r\n".encode())
-        smtp_reply(conn, "250")
-        conn.send(f"RCPT TO:<{user}>\r\n".encode())
-        smtp_reply(conn, "250")
-        conn.send(b"DATA\r\n")
-        smtp_reply(conn, "354")
-        date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-        message = (f"From: <{user}>\r\nTo: <{user}>\r\nSubject: helm test {token}\r\nDate: {date}\r\n"
-                   f"Message-ID: <{token}@helm-test.invalid>\r\n\r\nround trip {token}\r\n.\r\n")
-        conn.send(message.encode())
-        print("SMTP DATA ->", smtp_reply(conn, "250"))
-        conn.send(b"QUIT\r\n")
-    finally:
-        conn.close()
+    message = EmailMessage()
+    message["From"] = message["To"] = user
+    message["Subject"] = f"helm test {token}"
+    message["Date"] = formatdate(usegmt=True)
+    message["Message-ID"] = f"<{token}@helm-test.invalid>"
+    message.set_content(f"round trip {token}")
+    with Smtps(tls, name, timeout) as smtp:
+        code, greeting = smtp.connect(*host_port(smtp_at))
+        print("SMTP", code, greeting.decode("utf-8", "replace"))
+        smtp.ehlo("helm-test.invalid")
+        code, said = smtp.login(user, password)  # AUTH PLAIN (or LOGIN) over the TLS session
+        print("SMTP AUTH ->", code, said.decode("utf-8", "replace"))
+        smtp.send_message(message)
+        print("SMTP DATA -> 250")
 
 
-def quoted(value: str) -> str:
-    if any(c in value for c in "\r\n\0"):
-        raise RoundTripError("the test account's name or password holds a line break")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class Imap:
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
-        self.serial = 0
-
-    def command(self, text: str, shown: str | None = None) -> tuple[list[bytes], bytes]:
-        """Sends a command; the untagged lines (literals inlined) and the tagged status line."""
-        self.serial += 1
-        tag = f"t{self.serial}"
-        self.conn.send(f"{tag} {text}\r\n".encode())
-        untagged: list[bytes] = []
-        while True:
-            line = self.conn.line()
-            literal = re.search(rb"\{(\d+)\}$", line)
-            if literal:
-                size = int(literal.group(1))
-                if size > MESSAGE_LIMIT:
-                    raise RoundTripError(f"IMAP: a {size}-byte literal")
-                line += b"\r\n" + self.conn.read(size) + self.conn.line()
-            if line.startswith(tag.encode() + b" "):
-                status = line[len(tag) + 1:]
-                if not status.startswith(b"OK"):
-                    raise RoundTripError(f"IMAP {shown or text}: {status.decode('utf-8', 'replace')}")
-                return untagged, status
-            untagged.append(line)
+def ok(reply: tuple[str, Any], what: str) -> list[Any]:
+    status, data = reply
+    if status != "OK":
+        raise RoundTripError(f"IMAP {what}: {status} {data!r}")
+    return list(data)
 
 
 def read_back(imap_at: str, tls: ssl.SSLContext, name: str, user: str, password: str, token: str,
               timeout: float) -> None:
-    conn = Conn(imap_at, tls, name, 20.0)
+    imap = Imaps(imap_at, tls, name, 20.0)
     try:
-        greeting = conn.line().decode("utf-8", "replace")
-        if not greeting.startswith("* OK"):
-            raise RoundTripError(f"IMAP greeting: {greeting}")
-        print("IMAP", greeting)
-        imap = Imap(conn)
-        imap.command(f"LOGIN {quoted(user)} {quoted(password)}", shown="LOGIN")
+        print("IMAP", imap.welcome.decode("utf-8", "replace"))
+        ok(imap.login(user, password), "LOGIN")
         print("IMAP LOGIN -> OK")
         deadline = time.monotonic() + timeout
-        uids: list[str] = []
         while True:
-            imap.command("SELECT INBOX")
-            found, _ = imap.command(f'UID SEARCH HEADER Subject "{token}"')
-            uids = [u for line in found if line.startswith(b"* SEARCH") for u in line.decode().split()[2:]]
+            ok(imap.select("INBOX"), "SELECT")
+            found = ok(imap.uid("SEARCH", "HEADER", "Subject", f'"{token}"'), "SEARCH")
+            uids = found[0].split() if found and isinstance(found[0], bytes) else []
             if uids:
                 break
             if time.monotonic() > deadline:
                 raise RoundTripError(f"the message was not in the INBOX within {timeout:.0f} s")
             time.sleep(1)
-        fetched, _ = imap.command(f"UID FETCH {uids[0]} BODY.PEEK[]")
-        body = b"\n".join(fetched)
+        uid = uids[0].decode()
+        fetched = ok(imap.uid("FETCH", uid, "(BODY.PEEK[])"), "FETCH")
+        body = b"".join(part[1] for part in fetched if isinstance(part, tuple))
         if f"round trip {token}".encode() not in body:
             raise RoundTripError("the message read back is not the one sent")
-        print(f"IMAP UID FETCH {uids[0]} -> the message, {len(body)} bytes")
-        imap.command(f"UID STORE {uids[0]} +FLAGS.SILENT (\\Deleted)")
-        imap.command("EXPUNGE")
-        imap.command("LOGOUT")
+        print(f"IMAP UID FETCH {uid} -> the message, {len(body)} bytes")
+        ok(imap.uid("STORE", uid, "+FLAGS.SILENT", "(\\Deleted)"), "STORE")
+        ok(imap.expunge(), "EXPUNGE")
     finally:
-        conn.close()
+        imap.logout()
 
 
 def main() -> int:
@@ -187,7 +138,7 @@ def main() -> int:
         read_back(env["ROUNDTRIP_IMAP"], tls, name, user, password, token, timeout)
         print(f"round trip of {token} in {time.monotonic() - started:.1f} s: passed")
         return 0
-    except (RoundTripError, OSError, ValueError) as exc:
+    except (RoundTripError, OSError, ValueError, smtplib.SMTPException, imaplib.IMAP4.error) as exc:
         print(f"round trip FAILED: {exc}", file=sys.stderr)
         return 1
 
