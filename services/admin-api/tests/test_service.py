@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,12 +19,13 @@ from rempart.admin_api.backend import Backend
 from rempart.admin_api.bootstrap import bootstrap_superadmin
 from rempart.admin_api.service import serve
 from rempart.admin_api.sessions import SessionStore
+from rempart.common.audit import AUDIT_STREAM
 from rempart.common.clients import AuthClient
 from rempart.common.events import EventBus
 from rempart.common.redisconn import connect_redis
 from rempart.common.testing.localstack import free_port
 
-from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness, InTestAuthService, make_settings
+from .conftest import ADMIN, ADMIN_PASSWORD, TOO_SHORT, Harness, InTestAuthService, make_settings, private_nats
 
 
 async def test_openapi_document_is_valid_and_generator_friendly(harness: Harness) -> None:
@@ -112,6 +114,47 @@ async def test_bootstrap_superadmin_created_once(harness: Harness) -> None:
     assert harness.auth.passwords["root@boot.example"] == "changed-by-the-admin-since"
     assert TOO_SHORT
 
+
+
+async def _bootstrap_records(harness: Harness, headers: dict[str, str]) -> list[dict[str, object]]:
+    audit = await harness.http.get("/v1/audit", params={"action": "bootstrap_superadmin"}, headers=headers)
+    assert audit.status_code == 200, audit.text
+    events: list[dict[str, object]] = audit.json()["events"]
+    return events
+
+
+async def test_r_adm_5_bootstrap_waits_for_the_audit_stream_and_never_loses_its_record(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """JetStream down at the first attempt: nothing is created (before: the superadmin was made,
+    the record refused, and the retry, finding the superadmin, never wrote it). JetStream refusing
+    the record after the creation: the next attempt writes it, once."""
+    directory = harness.backend.directory
+    await directory.delete_account(ADMIN)
+    settings = make_settings("redis://unused", "nats://unused", bootstrap_admin_email="root@boot.example",
+                             bootstrap_admin_password="B00tstrap-Admin-Pw!")
+    async with private_nats(harness, tmp_path / "down") as own:
+        own.stop()
+        assert await bootstrap_superadmin(settings, harness.app.state.backend) is False
+    assert await directory.get_account("root@boot.example") is None
+    assert "boot.example" not in await directory.list_domains()
+
+    async with private_nats(harness, tmp_path / "sealed"):
+        # The stream answers (the check passes) but takes no record: a failure after the check.
+        await harness.app.state.backend.audit.ensure()
+        sealed_js = harness.app.state.backend.js
+        info = await sealed_js.stream_info(AUDIT_STREAM)
+        await sealed_js.update_stream(info.config.evolve(sealed=True))
+        assert await bootstrap_superadmin(settings, harness.app.state.backend) is False
+    account = await directory.get_account("root@boot.example")
+    assert account is not None and account.role == "superadmin"
+
+    assert await bootstrap_superadmin(settings, harness.backend) is True  # JetStream back
+    login = await harness.login("root@boot.example", "B00tstrap-Admin-Pw!")
+    [record] = await _bootstrap_records(harness, login)
+    assert record["actor"] == "bootstrap" and record["object"] == {"kind": "account", "id": "root@boot.example"}
+    assert await bootstrap_superadmin(settings, harness.backend) is True  # nothing more to do
+    assert len(await _bootstrap_records(harness, login)) == 1
 
 async def test_service_serves_http_and_drains_on_sigterm(
     redis_url: str, nats_url: str, auth_server: tuple[InTestAuthService, int], caplog: pytest.LogCaptureFixture

@@ -140,6 +140,8 @@ def admin_session(token_sha256: str) -> str:
 # Admin API keys (R-ADM-1): a record per key (the HMAC of the key, never the key) and the index of
 # all keys by creation time.
 ADMIN_API_KEYS = PREFIX + "admin:apikeys"
+# The bootstrap superadmin's audit record while it is not yet acknowledged (written on the next try).
+ADMIN_BOOTSTRAP_AUDIT = PREFIX + "admin:bootstrap:audit"
 
 
 def admin_api_key(key_id: str) -> str:
