@@ -8,6 +8,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from rempart.admin_api.paging import encode_cursor
 from rempart.common.events import EVENTS_STREAM, EventBus
 
 from .conftest import Harness
@@ -109,3 +110,25 @@ async def test_r_adm_2_events_page_by_cursor_and_by_before(
     older = (await harness.http.get("/v1/events", params={"area": "auth", "limit": 2, "before": first["next_before"]},
                                     headers=admin_headers)).json()
     assert [e["client_ip"] for e in older["events"]] == ["198.51.100.2", "198.51.100.1"]
+
+
+SCORE_LISTS = (("/v1/ips/blocks", "ip-blocks"), ("/v1/api-keys", "api-keys"))
+SEQ_LISTS = (("/v1/events", "events"), ("/v1/audit", "audit"))
+
+
+async def test_r_adm_2_crafted_cursors_are_a_422_naming_cursor_never_a_503(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """A cursor made by hand with nan or inf as its score reached Redis, which refused it (503);
+    a sequence of other digits than ASCII ones made int() fail. Each is a 422 naming ``cursor``."""
+    crafted = {
+        SCORE_LISTS: ["nan x", "inf x", "-inf x", "NaN", "garbage", "1e999 x", "12"],
+        SEQ_LISTS: ["nan", "inf", "0", "-3", "1e3", "\u00b2", "\u0663", "9" * 40, ""],
+    }
+    for lists, values in crafted.items():
+        for path, kind in lists:
+            for value in values:
+                reply = await harness.http.get(path, params={"cursor": encode_cursor(kind, value)},
+                                               headers=admin_headers)
+                assert reply.status_code == 422, (path, value, reply.text)
+                assert reply.json()["errors"][0]["field"] == "cursor", (path, value)

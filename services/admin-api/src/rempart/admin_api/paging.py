@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, TypeVar
 
@@ -41,8 +43,43 @@ def decode_cursor(kind: str, cursor: str | None) -> str | None:
         decoded = ""
     found, sep, value = decoded.partition("\0")
     if not sep or found != kind:
-        raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
+        raise _refused()
     return value
+
+
+NOT_A_CURSOR = "not a next_cursor from this list"
+_SEQUENCE = re.compile(r"[0-9]{1,20}")
+
+
+def _refused() -> Exception:
+    return invalid("Not a cursor of this list", "cursor", NOT_A_CURSOR, "query")
+
+
+def decode_score_cursor(kind: str, cursor: str | None) -> tuple[float, str] | None:
+    """(score, member) of a cursor ``encode_cursor(kind, f"{score!r} {member}")`` names; None
+    without a cursor. The score must be a finite number: ``nan`` or ``inf`` would reach Redis
+    and fail there (a 503), so they are a 422 naming ``cursor`` like any other garbage."""
+    value = decode_cursor(kind, cursor)
+    if value is None:
+        return None
+    score_text, sep, member = value.partition(" ")
+    try:
+        score = float(score_text)
+    except ValueError:
+        raise _refused() from None
+    if not sep or not math.isfinite(score):
+        raise _refused()
+    return score, member
+
+
+def decode_seq_cursor(kind: str, cursor: str | None) -> int | None:
+    """The stream sequence (1 or more, ASCII digits) a cursor of list ``kind`` names; None without."""
+    value = decode_cursor(kind, cursor)
+    if value is None:
+        return None
+    if not _SEQUENCE.fullmatch(value) or int(value) < 1:
+        raise _refused()
+    return int(value)
 
 
 def page_sorted(kind: str, items: Sequence[T], key: Callable[[T], str], cursor: str | None,

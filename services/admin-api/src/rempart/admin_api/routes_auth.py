@@ -39,7 +39,7 @@ from rempart.admin_api.models import (
     PasswordChange,
     Problem,
 )
-from rempart.admin_api.paging import DEFAULT_LIMIT, CursorQuery, LimitQuery, decode_cursor, encode_cursor
+from rempart.admin_api.paging import DEFAULT_LIMIT, CursorQuery, LimitQuery, decode_score_cursor, encode_cursor
 from rempart.admin_api.passwords import auth_unavailable, check_password, request_tls, set_password
 from rempart.common.pb.auth.v1 import auth_pb2
 
@@ -233,15 +233,7 @@ async def create_api_key(
 async def list_api_keys(request: Request, principal: AdminDep, limit: LimitQuery = DEFAULT_LIMIT,
                         cursor: CursorQuery = None) -> ApiKeyList:
     """Oldest first; never the key. A superadmin sees every key, a domain admin its domain's."""
-    after_text = decode_cursor("api-keys", cursor)
-    after: tuple[float, str] | None = None
-    if after_text is not None:
-        created, _, key_id = after_text.partition(" ")
-        try:
-            after = (float(created), key_id)
-        except ValueError:
-            raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list",
-                          "query") from None
+    after = decode_score_cursor("api-keys", cursor)
     store = api_keys(request)
     shown: list[ApiKey] = []
     scanned = 0

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from rempart.admin_api.backend import AdminDep, Backend, BackendDep, Principal, RedactorDep, SuperadminDep, invalid
 from rempart.admin_api.models import MAX_ADDRESS, MAX_EVENTS, EventList, EventOut, Problem
-from rempart.admin_api.paging import CursorQuery, decode_cursor, encode_cursor
+from rempart.admin_api.paging import CursorQuery, decode_seq_cursor, encode_cursor
 from rempart.admin_api.redaction import Redactor
 from rempart.common.events import EVENTS_STREAM
 from rempart.common.pb.events.v1 import events_pb2
@@ -53,11 +53,9 @@ async def list_events(
 ) -> EventList:
     """Newest first. Page with ``cursor`` (``next_cursor``), as every list does, or with
     ``before`` (``next_before``, a stream sequence) as older clients do."""
-    from_cursor = decode_cursor("events", cursor)
+    from_cursor = decode_seq_cursor("events", cursor)
     if from_cursor is not None:
-        if not from_cursor.isdigit() or int(from_cursor) < 1:
-            raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
-        before = int(from_cursor) if before is None else min(before, int(from_cursor))
+        before = from_cursor if before is None else min(before, from_cursor)
     page = await _events_page(backend, redactor, area, what, client_ip, account, limit, before)
     if page.next_before is not None:
         page.next_cursor = encode_cursor("events", str(page.next_before))
@@ -134,14 +132,6 @@ def _audit_cursor(seq: int) -> str:
     return encode_cursor("audit", str(seq))
 
 
-def _audit_before(cursor: str | None) -> int | None:
-    value = decode_cursor("audit", cursor)
-    if value is None:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query")
-    return int(value)
-
 
 def _as_dict(value: Any) -> dict[str, Any] | None:
     if value is None:
@@ -192,7 +182,7 @@ async def list_audit(
             raise invalid("A time needs its offset (RFC 3339)", name, "no time zone offset", "query")
     audit = backend.audit
     first, last = await audit.bounds()
-    before = _audit_before(cursor)
+    before = decode_seq_cursor("audit", cursor)
     seq = last if before is None else min(last, before - 1)
     low_end = max(first, 1)
     out: list[AuditRecordOut] = []

@@ -28,7 +28,7 @@ from rempart.admin_api.backend import (
     record_action,
 )
 from rempart.admin_api.models import MAX_LIST, MAX_TEXT, IpBlock, IpBlockCreate, IpBlockList, Problem
-from rempart.admin_api.paging import CursorQuery, decode_cursor, encode_cursor
+from rempart.admin_api.paging import CursorQuery, decode_score_cursor, encode_cursor
 from rempart.common import keys
 from rempart.common.config import MailSettings, deep_merge
 
@@ -87,17 +87,6 @@ async def _block(backend: Backend, ip: str) -> IpBlock | None:
     )
 
 
-def _cursor_after(cursor: str | None) -> tuple[float, str] | None:
-    value = decode_cursor("ip-blocks", cursor)
-    if value is None:
-        return None
-    score, _, member = value.partition(" ")
-    try:
-        return float(score), member
-    except ValueError:
-        raise invalid("Not a cursor of this list", "cursor", "not a next_cursor from this list", "query") from None
-
-
 @router.get("/v1/ips/blocks", operation_id="listIpBlocks", response_model=IpBlockList, responses={401: _P, 403: _P})
 async def list_blocks(
     principal: SuperadminDep,
@@ -108,7 +97,7 @@ async def list_blocks(
     = None,
 ) -> IpBlockList:
     """Soonest expiry first. ``truncated`` says the same as a non-null ``next_cursor``."""
-    after = _cursor_after(cursor)
+    after = decode_score_cursor("ip-blocks", cursor)
     low: float | str = "-inf" if after is None else after[0]
     wanted = reason.strip().lower() if reason else ""
     out: list[IpBlock] = []
