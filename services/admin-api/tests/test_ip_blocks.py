@@ -118,6 +118,57 @@ async def test_r_ips_5_blocks_refused_where_they_would_not_be_enforced(
     assert (await http.post("/v1/ips/blocks", json={"ip": "192.0.2.1", "reason": "x"}, headers=boss)).status_code == 403
 
 
+async def test_r_ips_6_an_ipv6_block_is_read_and_lifted_by_the_address_it_was_made_for(
+    harness: Harness, admin_headers: dict[str, str], policy: Policy
+) -> None:
+    """Blocking 2001:db8::5 stores the block under its /64's network address; GET and DELETE of
+    2001:db8::5 find it (before: 404, and the block stayed)."""
+    http = harness.http
+    assert (await http.post("/v1/ips/blocks", json={"ip": "2001:db8::5", "reason": "spam run"},
+                            headers=admin_headers)).status_code == 201
+    for name in ("2001:db8::5", "2001:db8::", "2001:db8:0:0:ffff::1"):  # any address of the /64, or as listed
+        shown = await http.get(f"/v1/ips/blocks/{name}", headers=admin_headers)
+        assert shown.status_code == 200, (name, shown.text)
+        assert (shown.json()["ip"], shown.json()["prefix"]) == ("2001:db8::", "2001:db8::/64")
+    assert (await http.get("/v1/ips/blocks/2001:db8:0:1::5", headers=admin_headers)).status_code == 404
+    assert (await policy.check(pb.STAGE_CONNECT, ip="2001:db8::77")).code == 421
+    assert (await http.delete("/v1/ips/blocks/2001:db8::5", headers=admin_headers)).status_code == 204
+    assert (await policy.check(pb.STAGE_CONNECT, ip="2001:db8::77")).code == 220
+    assert (await http.delete("/v1/ips/blocks/2001:db8::5", headers=admin_headers)).status_code == 404
+    audit = (await http.get("/v1/audit", params={"kind": "ip_block"}, headers=admin_headers)).json()["events"]
+    assert [(e["action"], e["object"]["id"]) for e in audit] == [("ip_unblocked", "2001:db8::"),
+                                                                 ("ip_blocked", "2001:db8::")]
+
+
+async def test_r_ips_5_an_ipv4_mapped_block_is_read_and_lifted_by_either_spelling(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    http = harness.http
+    assert (await http.post("/v1/ips/blocks", json={"ip": "::ffff:192.0.2.9", "reason": "x"},
+                            headers=admin_headers)).status_code == 201
+    shown = await http.get("/v1/ips/blocks/::ffff:192.0.2.9", headers=admin_headers)
+    assert shown.status_code == 200 and shown.json()["ip"] == "192.0.2.9"
+    assert (await http.delete("/v1/ips/blocks/::ffff:192.0.2.9", headers=admin_headers)).status_code == 204
+    assert (await http.get("/v1/ips/blocks/192.0.2.9", headers=admin_headers)).status_code == 404
+    wide = await http.post("/v1/ips/blocks", json={"ip": "::ffff:192.0.2.0/120", "reason": "x"}, headers=admin_headers)
+    assert wide.status_code == 422 and wide.json()["errors"][0]["field"] == "ip"
+
+
+async def test_r_ips_5_a_whitelisted_or_trusted_address_is_not_blocked_by_hand(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """The policy never refuses these (its ips_applies is False): a block would be shown and not
+    enforced (before: 201)."""
+    http = harness.http
+    patched = await http.patch("/v1/settings", json={"ips": {"whitelist": ["198.51.100.0/24", "2001:db8:9::/48"]}},
+                               headers=admin_headers)
+    assert patched.status_code == 200, patched.text
+    for ip in ("198.51.100.7", "::ffff:198.51.100.7", "2001:db8:9:1::1", "127.0.0.1"):  # 127.0.0.1: trusted
+        reply = await http.post("/v1/ips/blocks", json={"ip": ip, "reason": "x"}, headers=admin_headers)
+        assert reply.status_code == 422, (ip, reply.text)
+        assert reply.json()["errors"][0]["field"] == "ip" and "never blocks" in reply.json()["errors"][0]["detail"]
+    assert (await http.get("/v1/ips/blocks", headers=admin_headers)).json()["blocks"] == []
+
 async def test_r_ips_5_block_list_pages_and_filters(harness: Harness, admin_headers: dict[str, str]) -> None:
     http = harness.http
     for n in range(5):

@@ -2,9 +2,10 @@
 
 The policy service owns blocking and writes these keys (``rempart.policy.intrusion``): the index
 ``IPS_BLOCKS`` is a sorted set (subject -> expiry) and each block a JSON record with its reason,
-times, protocol, client IP and, for IPv6, the prefix it covers. The admin API reads and deletes
-them through :mod:`rempart.common.keys`. Answers say why in words ("unknown recipients"), never
-a requirement id, and give times as RFC 3339.
+times, protocol, client IP and, for IPv6, the prefix it covers. A block's subject, its record
+and its lifting are the policy's own, from :mod:`rempart.common.ipblocks`, so that a block made
+here is the one the policy enforces and an address unblocked here finds its block. Answers say
+why in words ("unknown recipients"), never a requirement id, and give times as RFC 3339.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from rempart.admin_api.models import MAX_LIST, MAX_TEXT, IpBlock, IpBlockCreate,
 from rempart.admin_api.paging import CursorQuery, decode_score_cursor, encode_cursor
 from rempart.common import keys
 from rempart.common.config import MailSettings, deep_merge
+from rempart.common.ipblocks import block_document, intrusion_subject, never_blocked, unblock
 
 router = APIRouter(tags=["intrusion-prevention"], dependencies=[AuditReady])
 _P = {"model": Problem}
@@ -130,7 +132,7 @@ async def list_blocks(
 @router.get("/v1/ips/blocks/{ip}", operation_id="getIpBlock", response_model=IpBlock,
             responses={401: _P, 403: _P, 404: _P, 422: _P})
 async def get_block(ip: IpPath, principal: SuperadminDep, backend: BackendDep) -> IpBlock:
-    block = await _block(backend, canonical_ip(ip))
+    block = await _block(backend, await _subject_of_path(backend, ip))
     if block is None:
         raise not_found("Block")
     return block
@@ -140,33 +142,42 @@ async def _server_settings(backend: Backend) -> MailSettings:
     return MailSettings.model_validate(deep_merge(MailSettings().model_dump(), await backend.store.get_doc("server")))
 
 
-def block_subject(raw: str, ipv6_prefix_length: int) -> tuple[str, str]:
-    """(subject, prefix) as the policy service counts and blocks a client (its
-    ``intrusion_subject``): an IPv4 address alone; an IPv6 address or network by the prefix of
-    ``ips.ipv6_prefix_length`` that holds it. A wider network is refused: the policy looks a
-    client up by that one subject, so a wider block would be shown here and enforced nowhere."""
+def block_subject(raw: str, ipv6_prefix_length: int) -> tuple[str, str, ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """(subject, prefix, address) of a block asked for ``raw``: the policy's own subject of the
+    address (:func:`rempart.common.ipblocks.intrusion_subject`: an IPv4 address alone, also when
+    IPv4-mapped; an IPv6 address by the ``ips.ipv6_prefix_length`` prefix that holds it). A wider
+    network is refused: the policy looks a client up by that one subject, so a wider block would
+    be shown here and enforced nowhere."""
     text = raw.strip()
     try:
         network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise invalid("Not an IP address or network", "ip", "not an IP address or network (CIDR)") from None
-    if isinstance(network, ipaddress.IPv6Network) and network.num_addresses == 1:
-        mapped = network.network_address.ipv4_mapped
-        if mapped is not None:
-            network = ipaddress.ip_network(mapped)
-    if isinstance(network, ipaddress.IPv4Network):
-        if network.prefixlen != 32:
-            raise invalid("Only single IPv4 addresses are blocked", "ip",
-                          "an IPv4 network wider than /32 is not enforced by intrusion prevention: block its "
-                          "addresses one by one")
-        return str(network.network_address), ""
-    if network.prefixlen < ipv6_prefix_length:
+    address = network.network_address
+    mapped = isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None
+    if mapped and network.num_addresses > 1:
+        raise invalid("Only single IPv4 addresses are blocked", "ip",
+                      "an IPv4-mapped network is not enforced by intrusion prevention: block its addresses one by one")
+    if isinstance(network, ipaddress.IPv4Network) and network.prefixlen != 32:
+        raise invalid("Only single IPv4 addresses are blocked", "ip",
+                      "an IPv4 network wider than /32 is not enforced by intrusion prevention: block its "
+                      "addresses one by one")
+    if isinstance(network, ipaddress.IPv6Network) and not mapped and network.prefixlen < ipv6_prefix_length:
         raise invalid("The network is wider than intrusion prevention blocks", "ip",
                       f"an IPv6 network wider than /{ipv6_prefix_length} (ips.ipv6_prefix_length) is not enforced")
-    if ipv6_prefix_length >= 128:
-        return network.network_address.compressed, ""
-    covering = ipaddress.IPv6Network((network.network_address, ipv6_prefix_length), strict=False)
-    return covering.network_address.compressed, covering.compressed
+    subject, prefix = intrusion_subject(address, ipv6_prefix_length)
+    return subject, prefix, address
+
+
+async def _subject_of_path(backend: Backend, raw: str) -> str:
+    """The block ``/v1/ips/blocks/{ip}`` names: the subject as listed (``2001:db8:1:2::``), or any
+    address the block covers (``2001:db8:1:2::5``, ``::ffff:192.0.2.9``), mapped the way
+    ``POST`` and the policy map it."""
+    address = canonical_ip(raw)
+    if await backend.redis.exists(keys.ips_block(address)):
+        return address  # as listed (also a subject named under an older ips.ipv6_prefix_length)
+    settings = await _server_settings(backend)
+    return intrusion_subject(ipaddress.ip_address(address), settings.ips.ipv6_prefix_length)[0]
 
 
 @router.post("/v1/ips/blocks", operation_id="createIpBlock", response_model=IpBlock, status_code=201,
@@ -180,18 +191,20 @@ async def create_block(body: IpBlockCreate, request: Request, principal: Superad
     the policy counts IPv6 clients (R-IPS-6); the answer's ``prefix`` names it. A block already
     in force is replaced (the new reason and duration)."""
     settings = await _server_settings(backend)
-    subject, prefix = block_subject(body.ip, settings.ips.ipv6_prefix_length)
+    subject, prefix, address = block_subject(body.ip, settings.ips.ipv6_prefix_length)
+    if never_blocked(address, settings):
+        # The policy never counts nor refuses these (R-IPS-5): the block would be shown, not enforced.
+        raise invalid("The address is whitelisted or a trusted host", "ip",
+                      "ips.whitelist or relay.trusted_hosts holds it: intrusion prevention never blocks it")
     if not settings.ips.refuse_blocked:
         raise ProblemError(409, "Blocked addresses are not refused (ips.refuse_blocked is off): turn it on first")
     before = await _block(backend, subject)
     now = time.time()
     seconds = body.duration_minutes * 60
-    doc = {"reason": body.reason, "blocked_at": now, "expires_at": now + seconds, "protocol": "",
-           "session_id": "", "client_ip": body.ip.strip(), "blocked_by": principal.address}
-    if prefix:
-        doc["prefix"] = prefix
+    doc = block_document(reason=body.reason, blocked_at=now, expires_at=now + seconds, client_ip=body.ip.strip(),
+                         prefix=prefix, blocked_by=principal.address)
     async with backend.redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.ips_block(subject), json.dumps(doc), ex=seconds)
+        pipe.set(keys.ips_block(subject), doc, ex=seconds)
         pipe.zadd(keys.IPS_BLOCKS, {subject: now + seconds})
         await pipe.execute()
     block = await _block(backend, subject)
@@ -213,15 +226,11 @@ async def delete_block(ip: IpPath, request: Request, principal: SuperadminDep, b
     """Lift the block and forget the address's intrusion counters (connections, failed logins,
     unknown recipients, relay denials, RSETs, open sessions), as the policy service's own unblock
     does: otherwise the next connection would count on from where the block began and block the
-    address again at once. A known-IP record (R-IPS-6) stays."""
-    ip = canonical_ip(ip)
+    address again at once. A known-IP record (R-IPS-6) stays. ``{ip}`` is the block as listed or
+    any address it covers: ``2001:db8:1:2::5`` lifts the block of ``2001:db8:1:2::/64``."""
+    ip = await _subject_of_path(backend, ip)
     before = await _block(backend, ip)
-    async with backend.redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.ips_block(ip))
-        pipe.zrem(keys.IPS_BLOCKS, ip)
-        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in keys.IPS_TRIGGERS), keys.ips_connections(ip))
-        removed = await pipe.execute()
-    if not any(int(n) for n in removed[:2]):
+    if not await unblock(backend.redis, ip):
         raise not_found("Block")
     await record_action(backend, request, principal.address, "ip_unblocked", ip, kind="ip_block", before=before)
     await backend.events.publish("ips", "unblocked", client_ip=ip, account=principal.address,

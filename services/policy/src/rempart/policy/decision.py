@@ -19,6 +19,7 @@ from rempart.common import keys
 from rempart.common.config import MailSettings, SettingsCache
 from rempart.common.directory import Directory
 from rempart.common.events import EventBus
+from rempart.common.ipblocks import intrusion_subject, never_blocked
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import replies
 from rempart.policy.addresses import AddressError, MailAddress, parse_address, parse_sender
@@ -119,25 +120,7 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Ite
     return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
 
 
-def intrusion_subject(
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address, ipv6_prefix_length: int
-) -> tuple[str, str]:
-    """R-IPS-6: what intrusion prevention counts and blocks for a client address, as
-    (subject, prefix).
-
-    An IPv4 address is its own subject, also when an IPv4-mapped IPv6 address carries it (else
-    every mapped client would share ``::ffff:0:0/96``'s one prefix). An IPv6 client picks any
-    address of its prefix at will (RFC 8981 temporary addresses, or a script walking its /64),
-    so counting per address would let it dodge every counter: its subject is the network
-    address of its prefix, a plain address so that the admin API's ``/v1/ips/blocks/{ip}`` can
-    name it, and ``prefix`` names the network (``2001:db8:1:2::/64``); "" for a single address.
-    """
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if isinstance(ip, ipaddress.IPv4Address) or ipv6_prefix_length >= 128:
-        return ip.compressed, ""
-    network = ipaddress.IPv6Network((ip, ipv6_prefix_length), strict=False)
-    return network.network_address.compressed, network.compressed
+__all__ = ["intrusion_subject"]  # R-IPS-6's subject, defined once in rempart.common.ipblocks
 
 
 class CheckContext:
@@ -207,8 +190,11 @@ class CheckContext:
 
     @property
     def whitelisted(self) -> bool:
-        """R-IPS-5: trusted hosts and the IPS whitelist are never counted nor blocked."""
-        return self.trusted or ip_in(self.ip, self.settings.ips.whitelist)
+        """R-IPS-5: trusted hosts and the IPS whitelist are never counted nor blocked (the
+        admin API refuses a block of theirs by the same rule, :func:`never_blocked`)."""
+        if self.client_ip in self.trusted_name_ips:
+            return True
+        return self.ip is not None and never_blocked(self.ip, self.settings)
 
     @property
     def ips_applies(self) -> bool:

@@ -6,7 +6,7 @@ A counter is a fixed window that starts with its first hit (``INCR`` then ``EXPI
 is a key with a TTL of ``block_minutes`` holding why and when, plus an entry in a sorted set
 (score = expiry) so that the admin API can list blocks without scanning the keyspace.
 
-What is counted and blocked is the client's *subject* (:func:`decision.intrusion_subject`):
+What is counted and blocked is the client's *subject* (:func:`rempart.common.ipblocks.intrusion_subject`):
 an IPv4 address, or for IPv6 the network address of the client's prefix (``ips.ipv6_prefix_length``,
 default /64, R-IPS-6), so that a client cannot dodge its counters by changing addresses inside
 its own prefix; a block of the prefix refuses every address in it.
@@ -18,8 +18,8 @@ connections each and reconnect often, is never blocked by the rate. Every other 
 logins first, still counts and blocks. The auth service's known IPs are kept per account (its
 lockout bypass); at connect no account is known yet, hence this record per subject.
 
-The admin API imports :func:`list_blocks` and :func:`unblock` from here; it publishes the
-``ips/unblocked`` event itself after :func:`unblock` returns True.
+A block's subject, its record and its lifting are defined once in :mod:`rempart.common.ipblocks`,
+which the admin API uses for its blocks by hand; it publishes the ``ips/unblocked`` event itself.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from rempart.common import keys
+from rempart.common import ipblocks, keys
+from rempart.common.ipblocks import block_document
 from rempart.common.pb.policy.v1 import policy_pb2
 from rempart.policy import replies
 from rempart.policy.decision import CheckContext, Decision, accept, ip_in
@@ -160,32 +161,19 @@ async def list_blocks(redis: aioredis.Redis) -> list[Block]:
 
 
 async def unblock(redis: aioredis.Redis, ip: str) -> bool:
-    """Remove a block and the subject's counters (so it is not re-blocked at once); True if it
-    was blocked. ``ip`` is the subject as :func:`list_blocks` names it (an IPv6 prefix's network
-    address). A known-IP record (R-IPS-6) stays: it says the user logged in, not that it was good."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(keys.ips_block(ip))
-        pipe.zrem(keys.IPS_BLOCKS, ip)
-        pipe.delete(*(keys.ips_counter(trigger, ip) for trigger in TRIGGERS))
-        pipe.delete(keys.ips_connections(ip))
-        result = await pipe.execute()
-    return bool(result[0])
+    """Remove a block and the subject's counters (:func:`rempart.common.ipblocks.unblock`, which
+    the admin API uses too); True if it was blocked. ``ip`` is the subject as :func:`list_blocks`
+    names it (an IPv6 prefix's network address)."""
+    return await ipblocks.unblock(redis, ip)
 
 
 def _block_doc(ctx: CheckContext, reason: str, seconds: int) -> tuple[str, float]:
     now = time.time()
     expires = now + seconds
-    doc: dict[str, str | float] = {
-        "reason": reason,
-        "blocked_at": now,
-        "expires_at": expires,
-        "protocol": policy_pb2.Protocol.Name(ctx.session.protocol),
-        "session_id": ctx.session.session_id[:128],
-        "client_ip": ctx.client_ip,
-    }
-    if ctx.ips_prefix:
-        doc["prefix"] = ctx.ips_prefix  # what the block covers, shown by GET /v1/ips/blocks
-    return json.dumps(doc), expires
+    doc = block_document(reason=reason, blocked_at=now, expires_at=expires, client_ip=ctx.client_ip,
+                         prefix=ctx.ips_prefix, protocol=policy_pb2.Protocol.Name(ctx.session.protocol),
+                         session_id=ctx.session.session_id)
+    return doc, expires
 
 
 async def _announce(ctx: CheckContext, reason: str) -> None:
