@@ -24,13 +24,13 @@ CAT = "cat@example.org"
 
 def test_r_adm_5_the_console_checks_the_audit_stream_where_the_api_does() -> None:
     """Every write route of the API that depends on ``audit_ready`` is an audited write for the
-    console too; reads and unaudited routes (TOTP enrolment of oneself) are not."""
-    for module in (routes_directory, routes_helpdesk, routes_settings):
+    console too (self-service TOTP and app passwords among them, R-ADM-5); reads are not."""
+    for module in (routes_directory, routes_helpdesk, routes_settings, routes_twofactor):
         for route in module.router.routes:
             assert isinstance(route, APIRoute)
             assert audited_write(route.endpoint) == ("GET" not in (route.methods or set())), route.path
     assert audited_write(routes_twofactor.import_password_hash)
-    assert not audited_write(routes_twofactor.enrol_totp)
+    assert audited_write(routes_twofactor.enrol_totp)
     assert not audited_write(routes_twofactor.get_totp)
 
 

@@ -1,7 +1,8 @@
 """Two-step verification (R-2FA-1), app passwords (R-2FA-2) and password-hash import.
 
 The auth service owns the secrets and publishes the ``auth/totp_*`` and ``auth/app_password_*``
-events; these routes only check who may ask, and turn the answers into HTTP. Secrets in a
+events; these routes only check who may ask, turn the answers into HTTP, and audit each write
+(R-ADM-5: refused with 503 while the audit stream cannot take the record). Secrets in a
 response (TOTP secret, recovery codes, app password) exist there once and nowhere else.
 """
 
@@ -18,12 +19,15 @@ from fastapi import APIRouter, Path, Request, Response, status
 from rempart.admin_api.backend import (
     AdminDep,
     AuditReady,
+    Backend,
     BackendDep,
+    Principal,
     PrincipalDep,
     ProblemError,
     forbidden,
     invalid,
     not_found,
+    record_action,
     record_change,
 )
 from rempart.admin_api.confinement import account_or_404
@@ -66,6 +70,13 @@ def _qr_png_base64(uri: str) -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
+async def _audit(backend: Backend, request: Request, principal: Principal, action: str, **details: str) -> None:
+    """R-ADM-5: a self-service write is audited like any other, the account as its object. The
+    record names the action and the app password's name, never a secret, a code or a password."""
+    await record_action(backend, request, principal.address, action, principal.address, kind="account",
+                        domain=principal.domain, **details)
+
+
 async def _auth_call_failed(exc: grpc.aio.AioRpcError) -> ProblemError:
     if exc.code() == grpc.StatusCode.NOT_FOUND:
         return not_found("Account")
@@ -73,14 +84,15 @@ async def _auth_call_failed(exc: grpc.aio.AioRpcError) -> ProblemError:
 
 
 @router.post("/v1/me/totp", operation_id="enrolTotp", response_model=TotpEnrolment, tags=["self-service"],
-             responses=R_SELF, summary="Start TOTP enrolment: the secret is shown once")
-async def enrol_totp(principal: PrincipalDep, backend: BackendDep) -> TotpEnrolment:
+             responses=R_SELF, dependencies=[AuditReady], summary="Start TOTP enrolment: the secret is shown once")
+async def enrol_totp(request: Request, principal: PrincipalDep, backend: BackendDep) -> TotpEnrolment:
     try:
         reply = await backend.auth.totp_enrol(principal.address, TOTP_ISSUER)
     except grpc.aio.AioRpcError as exc:
         raise await _auth_call_failed(exc) from None
     if reply.already_enabled:
         raise ProblemError(409, TOTP_ACTIVE)
+    await _audit(backend, request, principal, "totp_enrolment_started")
     return TotpEnrolment(secret=reply.secret, otpauth_uri=reply.otpauth_uri,
                          qr_png_base64=_qr_png_base64(reply.otpauth_uri))
 
@@ -96,8 +108,9 @@ async def get_totp(principal: PrincipalDep, backend: BackendDep) -> TotpState:
 
 
 @router.post("/v1/me/totp/confirm", operation_id="confirmTotp", response_model=RecoveryCodes, tags=["self-service"],
-             responses=R_SELF, summary="Activate TOTP with a current code; the recovery codes are shown once")
-async def confirm_totp(body: TotpCode, principal: PrincipalDep, backend: BackendDep) -> RecoveryCodes:
+             responses=R_SELF, dependencies=[AuditReady],
+             summary="Activate TOTP with a current code; the recovery codes are shown once")
+async def confirm_totp(body: TotpCode, request: Request, principal: PrincipalDep, backend: BackendDep) -> RecoveryCodes:
     try:
         reply = await backend.auth.totp_confirm(principal.address, body.code)
     except grpc.aio.AioRpcError as exc:
@@ -107,25 +120,30 @@ async def confirm_totp(body: TotpCode, principal: PrincipalDep, backend: Backend
     if principal.restricted:
         # The caller just proved the second factor: the enrolment session becomes a full one.
         await backend.sessions.lift_restriction(principal.token)
+    await _audit(backend, request, principal, "totp_enabled", recovery_codes_issued=str(len(reply.recovery_codes)))
     return RecoveryCodes(recovery_codes=list(reply.recovery_codes))
 
 
 @router.delete("/v1/me/totp", operation_id="disableTotp", status_code=204, response_class=Response,
-               tags=["self-service"], responses=R_SELF, summary="Turn TOTP off (needs a current or recovery code)")
-async def disable_totp(body: TotpCode, principal: PrincipalDep, backend: BackendDep) -> Response:
+               tags=["self-service"], responses=R_SELF, dependencies=[AuditReady],
+               summary="Turn TOTP off (needs a current or recovery code)")
+async def disable_totp(body: TotpCode, request: Request, principal: PrincipalDep, backend: BackendDep) -> Response:
     try:
         reply = await backend.auth.totp_disable(principal.address, body.code)
     except grpc.aio.AioRpcError as exc:
         raise await _auth_call_failed(exc) from None
     if not reply.ok:
         raise ProblemError(422, TOTP_CODE_WRONG)
+    await _audit(backend, request, principal, "totp_disabled")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/v1/me/app-passwords", operation_id="createAppPassword", response_model=AppPasswordCreated,
-             status_code=201, tags=["self-service"], responses=R_SELF,
+             status_code=201, tags=["self-service"], responses=R_SELF, dependencies=[AuditReady],
              summary="A new app password for IMAP/POP3/SMTP, shown once")
-async def create_app_password(body: AppPasswordNew, principal: PrincipalDep, backend: BackendDep) -> AppPasswordCreated:
+async def create_app_password(
+    body: AppPasswordNew, request: Request, principal: PrincipalDep, backend: BackendDep
+) -> AppPasswordCreated:
     try:
         reply = await backend.auth.app_password_create(principal.address, body.name)
     except grpc.aio.AioRpcError as exc:
@@ -133,6 +151,7 @@ async def create_app_password(body: AppPasswordNew, principal: PrincipalDep, bac
     if reply.error or not reply.password:
         code, detail = APP_PASSWORD_ERRORS.get(reply.error, (503, "App password not created"))
         raise ProblemError(code, detail)
+    await _audit(backend, request, principal, "app_password_created", app=body.name.strip())
     return AppPasswordCreated(name=body.name.strip(), password=reply.password, created=reply.created)
 
 
@@ -149,14 +168,17 @@ async def list_app_passwords(principal: PrincipalDep, backend: BackendDep) -> Ap
 
 
 @router.delete("/v1/me/app-passwords/{name}", operation_id="revokeAppPassword", status_code=204,
-               response_class=Response, tags=["self-service"], responses={**R_SELF, 404: _P})
-async def revoke_app_password(name: AppNamePath, principal: PrincipalDep, backend: BackendDep) -> Response:
+               response_class=Response, tags=["self-service"], responses={**R_SELF, 404: _P},
+               dependencies=[AuditReady])
+async def revoke_app_password(name: AppNamePath, request: Request, principal: PrincipalDep,
+                              backend: BackendDep) -> Response:
     try:
         reply = await backend.auth.app_password_revoke(principal.address, name)
     except grpc.aio.AioRpcError as exc:
         raise await _auth_call_failed(exc) from None
     if not reply.found:
         raise not_found("App password")
+    await _audit(backend, request, principal, "app_password_revoked", app=name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -177,7 +177,8 @@ async def enrol(request: Request) -> Response:
     visit = await signed_in(request, enrolling=True)
     await posted(visit)
     try:
-        enrolment = await call(routes_twofactor.enrol_totp, principal=visit.principal, backend=visit.backend)
+        enrolment = await call(routes_twofactor.enrol_totp, request=request, principal=visit.principal,
+                               backend=visit.backend)
     except ProblemError as exc:
         failure = failure_of(exc)
         if failure is None:
@@ -193,7 +194,8 @@ async def confirm(request: Request) -> Response:
     form = await posted(visit)
     try:
         body = TotpCode(code=form.get("code").strip())
-        codes = await call(routes_twofactor.confirm_totp, body=body, principal=visit.principal, backend=visit.backend)
+        codes = await call(routes_twofactor.confirm_totp, body=body, request=request, principal=visit.principal,
+                           backend=visit.backend)
     except (ValidationError, ProblemError) as exc:
         if failure_of(exc) is None:
             raise
@@ -210,7 +212,8 @@ async def disable(request: Request) -> Response:
     form = await posted(visit)
     try:
         body = TotpCode(code=form.get("code").strip())
-        await call(routes_twofactor.disable_totp, body=body, principal=visit.principal, backend=visit.backend)
+        await call(routes_twofactor.disable_totp, body=body, request=request, principal=visit.principal,
+                   backend=visit.backend)
     except (ValidationError, ProblemError) as exc:
         if failure_of(exc) is None:
             raise
@@ -247,8 +250,8 @@ async def create_app_password(request: Request) -> Response:
     form = await posted(visit)
     try:
         body = AppPasswordNew(name=form.get("name").strip())
-        created = await call(routes_twofactor.create_app_password, body=body, principal=visit.principal,
-                             backend=visit.backend)
+        created = await call(routes_twofactor.create_app_password, body=body, request=request,
+                             principal=visit.principal, backend=visit.backend)
     except (ValidationError, ProblemError) as exc:
         failure = failure_of(exc)
         if failure is None:
@@ -269,7 +272,8 @@ async def revoke_app_password(request: Request) -> Response:
     try:
         if not 0 < len(name) <= MAX_APP_NAME:
             raise not_found("App password")
-        await call(routes_twofactor.revoke_app_password, name=name, principal=visit.principal, backend=visit.backend)
+        await call(routes_twofactor.revoke_app_password, name=name, request=request, principal=visit.principal,
+                   backend=visit.backend)
     except ProblemError as exc:
         failure = failure_of(exc)
         if failure is None:
