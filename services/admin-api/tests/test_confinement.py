@@ -60,8 +60,8 @@ async def _tenants(harness: Harness) -> dict[str, str]:
     await queued(harness.backend, FRANK, ["someone@remote.test"], transaction_id=OTHER["queue_id"])
     # Another tenant's API key (a superadmin's, confined to other.example).
     store = ApiKeyStore(harness.backend.redis, harness.settings.secret_key.get_secret_value())
-    _, key = await store.create(name="theirs", owner=ADMIN, owner_created=0.0, scope="write", domain="other.example",
-                                expires=0.0)
+    _, key = await store.create(name="theirs", owner=ADMIN, owner_created=0.0, owner_epoch=0, scope="write",
+                                domain="other.example", expires=0.0)
     OTHER["key_id"] = key.id
     return await harness.login(BOSS, GOOD_PASSWORD)
 
