@@ -132,3 +132,26 @@ async def test_r_adm_2_crafted_cursors_are_a_422_naming_cursor_never_a_503(
                                                headers=admin_headers)
                 assert reply.status_code == 422, (path, value, reply.text)
                 assert reply.json()["errors"][0]["field"] == "cursor", (path, value)
+
+
+async def test_r_adm_2_q_filters_aliases_and_domain_aliases_as_it_does_domains(
+    harness: Harness, admin_headers: dict[str, str]
+) -> None:
+    """One name filter (paging.NameFilter, paging.containing) behind ``q`` on the four lists of
+    names: trimmed, case-insensitive, at most 254 characters."""
+    http = harness.http
+    assert (await http.post("/v1/domains", json={"name": "d1.example"}, headers=admin_headers)).status_code == 201
+    await harness.add_account("ann@d1.example", GOOD_PASSWORD)
+    for alias in ("sales@d1.example", "support@d1.example", "info@d1.example"):
+        made = await http.post("/v1/aliases", json={"alias": alias, "targets": ["ann@d1.example"]},
+                               headers=admin_headers)
+        assert made.status_code == 201, made.text
+    for name in ("d1-old.example", "legacy.example"):
+        made = await http.put(f"/v1/domain-aliases/{name}", json={"target": "d1.example"}, headers=admin_headers)
+        assert made.status_code in (200, 201), made.text
+    aliases = await _walk(harness, "/v1/domains/d1.example/aliases", "aliases", admin_headers, q=" S ")
+    assert [a["alias"] for a in aliases] == ["sales@d1.example", "support@d1.example"]
+    found = await _walk(harness, "/v1/domains/d1.example/domain-aliases", "domain_aliases", admin_headers, q="OLD")
+    assert [d["name"] for d in found] == ["d1-old.example"]
+    too_long = await http.get("/v1/domains/d1.example/aliases", params={"q": "x" * 255}, headers=admin_headers)
+    assert too_long.status_code == 422 and too_long.json()["errors"][0]["field"] == "q"

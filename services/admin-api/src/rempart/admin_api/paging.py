@@ -12,12 +12,13 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, TypeVar
 
 from fastapi import Query
 
 from rempart.admin_api.backend import invalid
+from rempart.admin_api.models import MAX_ADDRESS
 
 T = TypeVar("T")
 MAX_CURSOR = 600
@@ -27,6 +28,14 @@ CursorQuery = Annotated[
     str | None, Query(max_length=MAX_CURSOR, description="next_cursor of the previous page; omit for the first")
 ]
 LimitQuery = Annotated[int, Query(ge=1, le=MAX_PAGE, description="At most this many items (1-1000)")]
+# ``q`` on the lists of names (domains, accounts, aliases, domain aliases): see :func:`containing`.
+NameFilter = Annotated[str | None, Query(max_length=MAX_ADDRESS, description="Only names that contain this")]
+
+
+def containing(names: Iterable[str], q: str | None) -> list[str]:
+    """The names that contain ``q`` (trimmed, case-insensitive: names are stored lower-case); all without."""
+    wanted = (q or "").strip().lower()
+    return [name for name in names if wanted in name]
 
 
 def encode_cursor(kind: str, value: str) -> str:

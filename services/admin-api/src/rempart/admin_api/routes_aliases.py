@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from rempart.admin_api.backend import (
     AdminDep,
@@ -40,7 +40,7 @@ from rempart.admin_api.models import (
     DomainAliasOut,
     Problem,
 )
-from rempart.admin_api.paging import CursorQuery, LimitQuery, page_sorted
+from rempart.admin_api.paging import CursorQuery, LimitQuery, NameFilter, containing, page_sorted
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.common.directory import DirectoryError, normalize_address, valid_domain_name
 
@@ -48,7 +48,6 @@ router = APIRouter(dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AliasPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
 DomainAliasPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
-NameFilter = Annotated[str | None, Query(max_length=MAX_ADDRESS, description="Only names that contain this")]
 
 _P = {"model": Problem}
 R_READ: dict[int | str, dict[str, Any]] = {401: _P, 403: _P, 404: _P}
@@ -68,8 +67,7 @@ async def list_aliases(
 ) -> AliasList:
     """By address; ``q`` keeps the aliases whose address contains it."""
     name = await domain_or_404(backend, principal, domain)
-    wanted = (q or "").strip().lower()
-    names = [a for a in await backend.directory.list_aliases(name) if wanted in a]
+    names = containing(await backend.directory.list_aliases(name), q)
     shown, next_cursor = page_sorted(f"aliases:{name}", names, str, cursor, limit)
     out = []
     for alias in shown:
@@ -158,10 +156,8 @@ async def list_domain_aliases(
     q: NameFilter = None,
 ) -> DomainAliasList:
     name = await domain_or_404(backend, principal, domain)
-    wanted = (q or "").strip().lower()
-    found = [DomainAliasOut(name=alias_name, target=target)
-             for alias_name, target in (await backend.directory.domain_aliases()).items()
-             if target == name and wanted in alias_name]
+    mine = [alias_name for alias_name, target in (await backend.directory.domain_aliases()).items() if target == name]
+    found = [DomainAliasOut(name=alias_name, target=name) for alias_name in containing(mine, q)]
     shown, next_cursor = page_sorted(f"domain-aliases:{name}", found, lambda d: d.name, cursor, limit)
     return DomainAliasList(domain_aliases=shown, next_cursor=next_cursor)
 

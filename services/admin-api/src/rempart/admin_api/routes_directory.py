@@ -47,7 +47,7 @@ from rempart.admin_api.models import (
     Problem,
     ScopedSettingsOut,
 )
-from rempart.admin_api.paging import CursorQuery, LimitQuery, page_sorted
+from rempart.admin_api.paging import CursorQuery, LimitQuery, NameFilter, containing, page_sorted
 from rempart.admin_api.passwords import set_password
 from rempart.admin_api.preconditions import IfMatchHeader, check_if_match, etag_of, with_etag
 from rempart.admin_api.redaction import Redactor, keep_unchanged_secrets
@@ -62,7 +62,6 @@ log = logging.getLogger(__name__)
 router = APIRouter(dependencies=[AuditReady])
 DomainPath = Annotated[str, Path(min_length=1, max_length=MAX_DOMAIN)]
 AddressPath = Annotated[str, Path(min_length=3, max_length=MAX_ADDRESS)]
-NameFilter = Annotated[str | None, Query(max_length=MAX_ADDRESS, description="Only names that contain this")]
 SettingsBody = Annotated[
     ScopedSettingsPatch,  # type: ignore[valid-type]
     Body(description="This scope's overrides, replacing the stored ones (only what the scope may override)."),
@@ -117,13 +116,8 @@ async def list_domains(
     domains = await backend.directory.list_domains()
     if not principal.is_superadmin:
         domains = [d for d in domains if d == principal.domain]
-    shown, next_cursor = page_sorted("domains", _containing(domains, q), str, cursor, limit)
+    shown, next_cursor = page_sorted("domains", containing(domains, q), str, cursor, limit)
     return DomainList(domains=shown, next_cursor=next_cursor)
-
-
-def _containing(names: list[str], q: str | None) -> list[str]:
-    wanted = (q or "").strip().lower()
-    return [n for n in names if wanted in n]
 
 
 @router.post("/v1/domains", operation_id="createDomain", response_model=DomainOut, status_code=201,
@@ -250,7 +244,7 @@ async def list_accounts(
 ) -> AccountList:
     """By address; ``q`` keeps the addresses that contain it."""
     name = await domain_or_404(backend, principal, domain)
-    accounts = sorted(_containing(await backend.directory.list_accounts(name), q))[offset:]
+    accounts = sorted(containing(await backend.directory.list_accounts(name), q))[offset:]
     shown, next_cursor = page_sorted(f"accounts:{name}", accounts, str, cursor, limit)
     return AccountList(accounts=shown, next_cursor=next_cursor)
 

@@ -144,23 +144,34 @@ def _redactor(request: Request) -> Redactor:
     return redactor
 
 
-# A domain ---------------------------------------------------------------------------------------
-async def _domain(visit: Visit, domain: str) -> tuple[Scope, Reader, Writer]:
+ScopedRoute = Callable[..., Awaitable[ScopedSettingsOut]]
+
+
+def _settings_calls(visit: Visit, get_settings: ScopedRoute, put_settings: ScopedRoute,
+                    **target: str) -> tuple[Reader, Writer]:
+    """Read and write one scope's overrides through its API routes, as the visitor: ``target``
+    is the routes' path parameter (``domain=`` or ``address=``)."""
     request = visit.request
-    domain = bounded(domain, MAX_DOMAIN, "Domain")
     principal, backend, redactor = visit.principal, visit.backend, _redactor(request)
 
     async def read(response: Response) -> ScopedSettingsOut:
-        return await call(routes_directory.get_domain_settings, domain=domain, response=response,
-                          principal=principal, backend=backend, redactor=redactor)
+        return await call(get_settings, response=response, principal=principal, backend=backend,
+                          redactor=redactor, **target)
 
     async def write(body: Any, response: Response, if_match: str | None) -> ScopedSettingsOut:
-        return await call(routes_directory.put_domain_settings, domain=domain, body=body, request=request,
-                          response=response, principal=principal, backend=backend, redactor=redactor,
-                          if_match=if_match)
+        return await call(put_settings, body=body, request=request, response=response, principal=principal,
+                          backend=backend, redactor=redactor, if_match=if_match, **target)
 
+    return read, write
+
+
+# A domain ---------------------------------------------------------------------------------------
+async def _domain(visit: Visit, domain: str) -> tuple[Scope, Reader, Writer]:
+    domain = bounded(domain, MAX_DOMAIN, "Domain")
+    read, write = _settings_calls(visit, routes_directory.get_domain_settings, routes_directory.put_domain_settings,
+                                  domain=domain)
     name = (await read(Response())).scope.partition(":")[2]  # confined: a 404 for another tenant's
-    layers = [("server settings", await backend.store.get_doc("server"))]
+    layers = [("server settings", await visit.backend.store.get_doc("server"))]
     scope = Scope("domain", name, f"Settings of {name}", f"/admin/domains/{quote(name)}",
                   f"/admin/domains/{quote(name)}/settings", layers, visit.is_superadmin)
     return scope, read, write
@@ -183,19 +194,10 @@ async def save_domain_override(request: Request, domain: str) -> Response:
 
 # An account ------------------------------------------------------------------------------------
 async def _account(visit: Visit, address: str) -> tuple[Scope, Reader, Writer]:
-    request = visit.request
     address = bounded(address, MAX_ADDRESS, "Account")
-    principal, backend, redactor = visit.principal, visit.backend, _redactor(request)
-
-    async def read(response: Response) -> ScopedSettingsOut:
-        return await call(routes_directory.get_account_settings, address=address, response=response,
-                          principal=principal, backend=backend, redactor=redactor)
-
-    async def write(body: Any, response: Response, if_match: str | None) -> ScopedSettingsOut:
-        return await call(routes_directory.put_account_settings, address=address, body=body, request=request,
-                          response=response, principal=principal, backend=backend, redactor=redactor,
-                          if_match=if_match)
-
+    read, write = _settings_calls(visit, routes_directory.get_account_settings,
+                                  routes_directory.put_account_settings, address=address)
+    backend = visit.backend
     name = (await read(Response())).scope.partition(":")[2]  # confined: a 404 for another tenant's
     domain = name.rpartition("@")[2]
     layers = [("server settings", await backend.store.get_doc("server")),
