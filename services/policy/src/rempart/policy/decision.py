@@ -120,9 +120,6 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Ite
     return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
 
 
-__all__ = ["intrusion_subject"]  # R-IPS-6's subject, defined once in rempart.common.ipblocks
-
-
 class CheckContext:
     """One Check call: the request, the shared dependencies, and memoised facts."""
 
