@@ -567,7 +567,8 @@ def bench_rempart(args: argparse.Namespace, workdir: Path, recipients: int = 1, 
             if profile:
                 time.sleep(min(2.0, args.profile))  # skip the connection ramp-up
                 args.profile_dir.mkdir(parents=True, exist_ok=True)
-                profiles.extend(start_profiles({"smtp-edge": edges["smtp-edge"], "policy": policies["policy"]},
+                profiles.extend(start_profiles({"smtp-edge": edges["smtp-edge"], "policy": policies["policy"],
+                                                "imap-pop": stack.procs["imap-pop"].pid},
                                                args.profile, args.profile_dir, args.profile_native))
 
         meter = CpuMeter({name: process_cpu(pid) for name, pid in processes.items()})

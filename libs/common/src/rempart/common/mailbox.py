@@ -203,8 +203,17 @@ class Mailboxes:
         out: list[dict[str, Filed]] = []
         groups: dict[tuple[str, str, int], list[events_pb2.FiledMessage]] = {}
         modseqs: dict[str, int] = {}
+        summaries = [summarize(bodies[n]) if bodies is not None else None for n in range(len(records))]
+        # Every mailbox of every record in one round trip; a record that meets a folder's reserved
+        # mark (a block of UIDs to record first) goes through place(), which reserves and files.
+        first = await self.index.file_many([(record, list(record.local_mailboxes), summaries[n], seq)
+                                            for n, (record, seq) in enumerate(records)])
         for n, (record, seq) in enumerate(records):
-            places = await self.place(record, summarize(bodies[n]) if bodies is not None else None, seq)
+            answered = first[n]
+            if all(isinstance(place, Filed) for place in answered.values()):
+                places = {mailbox: place for mailbox, place in answered.items() if isinstance(place, Filed)}
+            else:
+                places = await self.place(record, summaries[n], seq)
             for account, place in places.items():
                 groups.setdefault((account, place.folder, place.uidvalidity), []).append(
                     events_pb2.FiledMessage(transaction_id=record.transaction_id, uid=place.uid))

@@ -30,6 +30,7 @@ from nats.js import JetStreamContext
 from nats.js import api as jsapi
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
+from redis.commands.core import AsyncScript
 
 from rempart.common import keys, tracing
 from rempart.common.events import (
@@ -40,6 +41,7 @@ from rempart.common.events import (
 )
 from rempart.common.mime import MessageSummary
 from rempart.common.pb.events.v1 import events_pb2
+from rempart.common.redisconn import run_scripts
 
 log = logging.getLogger(__name__)
 
@@ -815,15 +817,24 @@ class MailboxIndex:
         headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (catch-up indexer,
         rebuild) the summary is computed at the first FETCH and kept (:meth:`store_summary`).
         """
-        if not record.blob and not seq:
-            # The body is inside the record: without its sequence nobody could read it.
-            raise ValueError(f"record {record.transaction_id} has its body inline: its stream sequence is needed")
-        folder = record.folder or INBOX
-        size = summary.size if summary is not None else record.size
-        out: dict[str, Filed | Reservation] = {}
-        for mailbox in mailboxes:
-            uid, uidvalidity, uidnext, modseq = await self._append(
-                keys=[
+        return (await self.file_many([(record, list(mailboxes), summary, seq)]))[0]
+
+    async def file_many(
+        self, items: Sequence[tuple[events_pb2.DeliveryRecord, list[str], MessageSummary | None, int]]
+    ) -> list[dict[str, Filed | Reservation]]:
+        """:meth:`file` for several records (record, mailboxes, summary, stream sequence), every
+        mailbox of every record in one Redis round trip (each filing is one atomic script)."""
+        calls: list[tuple[AsyncScript, list[Any], list[Any]]] = []
+        where: list[tuple[int, str, str]] = []
+        for n, (record, mailboxes, summary, seq) in enumerate(items):
+            if not record.blob and not seq:
+                # The body is inside the record: without its sequence nobody could read it.
+                raise ValueError(f"record {record.transaction_id} has its body inline: its stream sequence is needed")
+            folder = record.folder or INBOX
+            size = summary.size if summary is not None else record.size
+            for mailbox in mailboxes:
+                where.append((n, mailbox, folder))
+                calls.append((self._append, [
                     keys.mailbox_meta(mailbox, folder),
                     keys.mailbox_uids(mailbox, folder),
                     keys.mailbox_txn(mailbox, folder),
@@ -833,8 +844,7 @@ class MailboxIndex:
                     keys.mailbox_changes(mailbox, folder),
                     keys.mailbox_usage(mailbox),
                     keys.message_refs(record.transaction_id),
-                ],
-                args=[
+                ], [
                     record.transaction_id,
                     record.blob,
                     size,
@@ -846,12 +856,16 @@ class MailboxIndex:
                     *_summary_values(summary),
                     seq,
                     len(record.local_mailboxes),
-                ],
-            )
+                ]))
+        out: list[dict[str, Filed | Reservation]] = [{} for _ in items]
+        if not calls:
+            return out
+        for (n, mailbox, folder), (uid, uidvalidity, uidnext, modseq) in zip(
+                where, await run_scripts(self._redis, calls), strict=True):
             if uid:
-                out[mailbox] = Filed(folder, int(uidvalidity), int(uid), int(modseq))
+                out[n][mailbox] = Filed(folder, int(uidvalidity), int(uid), int(modseq))
             else:
-                out[mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
+                out[n][mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
         return out
 
     async def copy(self, mailbox: str, source: str, target: str, uids: list[int]

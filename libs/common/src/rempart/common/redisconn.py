@@ -19,11 +19,15 @@ replica, and the pool follows it without a restart.
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379
@@ -187,3 +191,27 @@ def connect_sentinel(target: SentinelUrl, pool_options: dict[str, Any] | None = 
     )
     client.sentinel_manager = sentinel
     return client
+
+
+async def run_scripts(redis: aioredis.Redis, calls: list[tuple[AsyncScript, list[Any], list[Any]]],
+                      before: Callable[[Pipeline], None] | None = None) -> list[Any]:
+    """Several Lua script calls (``(script, keys, args)``), and the plain commands ``before``
+    queues ahead of them, in one round trip. redis-py's own way (a script called with
+    ``client=pipeline``) first asks ``SCRIPT EXISTS`` in a round trip of its own on every
+    execution; here the scripts are called by their SHA and loaded only when Redis answers
+    NOSCRIPT (a restarted or failed-over Redis), then the whole pipeline is sent again. Each
+    script call is atomic; the pipeline is not a transaction. Errors of the commands raise."""
+    for attempt in (1, 2):
+        async with redis.pipeline(transaction=False) as pipe:
+            if before is not None:
+                before(pipe)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt == 2:
+                    raise
+            for script in {id(s): s for s, _, _ in calls}.values():
+                script.sha = await redis.script_load(script.script)
+    raise AssertionError("unreachable")

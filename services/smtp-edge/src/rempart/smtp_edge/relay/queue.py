@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
+from redis.asyncio.client import Pipeline
 
 from rempart.common import keys
 from rempart.common.config import MailSettings, OutboundSettings, SettingsCache
@@ -35,6 +36,7 @@ from rempart.common.events import EventBus
 from rempart.common.mailbox import Mailboxes
 from rempart.common.outqueue import RESULT_RETENTION_SECONDS, OutboundQueue, RecipientState, domain_of
 from rempart.common.pb.events.v1 import events_pb2
+from rempart.common.redisconn import run_scripts
 from rempart.smtp_edge.relay import replies
 from rempart.smtp_edge.relay.delivery import Envelope, HostFailed, Outcome, SmtpClient
 from rempart.smtp_edge.relay.dsn import RecipientReport, build_dsn, dsn_transaction_id
@@ -152,11 +154,11 @@ class RecipientStore(OutboundQueue):
 
     async def done_and_unlock(self, transaction_id: str, owner: str) -> None:
         """:meth:`done` and :meth:`unlock` in one round trip (the end of a finished record)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        def leave(pipe: Pipeline) -> None:
             pipe.zrem(keys.RELAY_QUEUE, transaction_id)
             pipe.zrem(keys.RELAY_RETRIES, transaction_id)
-            await self._unlock(keys=[keys.relay_lock(transaction_id)], args=[owner], client=pipe)
-            await pipe.execute()
+
+        await run_scripts(self._redis, [(self._unlock, [keys.relay_lock(transaction_id)], [owner])], before=leave)
 
     async def take_rate(self, destination: str, dst_limit: int, sender_domain: str, src_limit: int) -> bool:
         if dst_limit <= 0 and src_limit <= 0:
