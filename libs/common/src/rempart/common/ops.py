@@ -81,6 +81,13 @@ class OpsServer:
                 return "ok"
             except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
                 return f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError for a call its closing channel cancelled (the
+                # process is stopping): not ready. A cancellation of this very task goes on.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                return "CancelledError: the check's call was cancelled"
 
         names = list(self._checks)
         results = await asyncio.gather(*(run(self._checks[n]) for n in names))
