@@ -866,7 +866,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound on each load run, seconds")
     parser.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="SECONDS",
                         help="py-spy the edge and the policy service for SECONDS (default 20) during the "
-                             "Rempart run at -r 1: hottest functions and a flame graph (SVG) of each")
+                             "Rempart run at the first --recipients: hottest functions and a flame graph (SVG) of each")
     parser.add_argument("--profile-dir", type=Path, default=Path(".run/bench-profiles"),
                         help="where the profiles and flame graphs go (default .run/bench-profiles)")
     parser.add_argument("--profile-native", action="store_true",
@@ -897,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for recipients in args.recipients:
             if args.only in (None, "rempart"):
-                results.append(bench_rempart(args, workdir, recipients, profile=bool(args.profile) and recipients == 1))
+                profiled = bool(args.profile) and recipients == args.recipients[0]
+                results.append(bench_rempart(args, workdir, recipients, profile=profiled))
             if args.only in (None, "postfix"):
                 results.append(bench_postfix(args, workdir, recipients))
         more = [n for n in args.replicas if n > 1] if args.only in (None, "rempart") else []
