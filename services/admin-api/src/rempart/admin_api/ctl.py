@@ -314,24 +314,6 @@ def accounts_add(address: str, role: Annotated[str, typer.Option(help="user, dom
     print(f"account {address} added")
 
 
-@accounts_app.command("disable")
-def accounts_disable(address: str) -> None:
-    _api().call("PATCH", f"/v1/accounts/{address}", json={"enabled": False})
-    print(f"account {address} disabled")
-
-
-@accounts_app.command("enable")
-def accounts_enable(address: str) -> None:
-    _api().call("PATCH", f"/v1/accounts/{address}", json={"enabled": True})
-    print(f"account {address} enabled")
-
-
-@accounts_app.command("delete")
-def accounts_delete(address: str) -> None:
-    _api().call("DELETE", f"/v1/accounts/{address}")
-    print(f"account {address} deleted")
-
-
 @accounts_app.command("reset-password")
 def accounts_reset_password(address: str) -> None:
     """A new password (read from the terminal); the account's sessions end (R-ADM-4)."""
@@ -339,29 +321,35 @@ def accounts_reset_password(address: str) -> None:
     print(f"password of {address} reset; its sessions ended")
 
 
-@accounts_app.command("unlock")
-def accounts_unlock(address: str) -> None:
-    """Lift a lockout (R-LOG-1)."""
-    _api().call("POST", f"/v1/accounts/{address}/unlock")
-    print(f"{address} unlocked")
+# The accounts' one-call actions: (method, path after /v1/accounts/<address>, body, what is said).
+ACCOUNT_ACTIONS: dict[str, tuple[str, str, dict[str, Any] | None, str, str]] = {
+    "disable": ("PATCH", "", {"enabled": False}, "account {address} disabled",
+                "Disable an account (no login, no mail)."),
+    "enable": ("PATCH", "", {"enabled": True}, "account {address} enabled", "Enable an account again."),
+    "delete": ("DELETE", "", None, "account {address} deleted", "Delete an account."),
+    "unlock": ("POST", "/unlock", None, "{address} unlocked", "Lift a lockout (R-LOG-1)."),
+    "reset-2fa": ("DELETE", "/totp", None, "two-step verification of {address} reset; its sessions ended",
+                  "Turn TOTP off for an account that lost its device (R-ADM-4)."),
+    "revoke-app-passwords": ("DELETE", "/app-passwords", None, "app passwords of {address} revoked",
+                             "Revoke every app password of an account."),
+    "logout-everywhere": ("DELETE", "/sessions", None, "sessions of {address} ended",
+                          "End every session of an account."),
+}
 
 
-@accounts_app.command("reset-2fa")
-def accounts_reset_2fa(address: str) -> None:
-    _api().call("DELETE", f"/v1/accounts/{address}/totp")
-    print(f"two-step verification of {address} reset; its sessions ended")
+def _account_action(name: str) -> None:
+    method, suffix, body, said, doc = ACCOUNT_ACTIONS[name]
+
+    def action(address: str) -> None:
+        _api().call(method, f"/v1/accounts/{address}{suffix}", **({"json": body} if body is not None else {}))
+        print(said.format(address=address))
+
+    action.__doc__ = doc
+    accounts_app.command(name)(action)
 
 
-@accounts_app.command("revoke-app-passwords")
-def accounts_revoke_app_passwords(address: str) -> None:
-    _api().call("DELETE", f"/v1/accounts/{address}/app-passwords")
-    print(f"app passwords of {address} revoked")
-
-
-@accounts_app.command("logout-everywhere")
-def accounts_logout_everywhere(address: str) -> None:
-    _api().call("DELETE", f"/v1/accounts/{address}/sessions")
-    print(f"sessions of {address} ended")
+for _action in ACCOUNT_ACTIONS:
+    _account_action(_action)
 
 
 # aliases ------------------------------------------------------------------------------------------
