@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -282,10 +282,15 @@ class Relay:
         then hand the rest back to JetStream (another replica resumes them)."""
         self._stopping.set()
         self._retry_asked.set()
-        for loop in (self._loop_task, self._retry_task):
-            if loop is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(loop, 3)
+        # Every step is bounded: a stop never hangs on a task that will not end or a peer that
+        # does not answer (asyncio.wait_for would wait for a cancelled task without limit).
+        loops = {t for t in (self._loop_task, self._retry_task) if t is not None}
+        if loops:
+            _done, stuck = await asyncio.wait(loops, timeout=3)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck, timeout=2)
         if self._tasks:
             _done, pending = await asyncio.wait(self._tasks, timeout=grace)
             for task in pending:
@@ -295,12 +300,18 @@ class Relay:
         if self._gauge_task is not None:
             self._gauge_task.cancel()
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+            await _bounded("the consumer's unsubscribe", self._sub.unsubscribe())
         if self.queue is not None:
-            await self.queue.client.close_idle()
+            await _bounded("QUIT of the kept sessions", self.queue.client.close_idle(), 12.0)
             if self.queue.sts is not None:
-                await self.queue.sts.close()
+                await _bounded("the MTA-STS client's close", self.queue.sts.close())
+
+
+async def _bounded(what: str, step: Awaitable[object], seconds: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(step, seconds)
+    except Exception as exc:  # noqa: BLE001 - stopping anyway: said, not raised
+        log.warning("while stopping, %s did not finish: %s", what, type(exc).__name__)
 
 
 async def serve(settings: RelaySettings) -> None:
