@@ -303,22 +303,8 @@ class _ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             unary = handler.unary_unary
 
             async def traced_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
-                                                  end_on_exit=False, record_exception=False,
-                                                  set_status_on_exception=False) as one:
-                    code: object = grpc.StatusCode.UNKNOWN
-                    try:
-                        response = await unary(request, context)
-                        code = context.code() or grpc.StatusCode.OK
-                        return response
-                    except asyncio.CancelledError:
-                        code = grpc.StatusCode.CANCELLED
-                        raise
-                    except Exception:
-                        code = context.code() or grpc.StatusCode.UNKNOWN
-                        raise
-                    finally:
-                        _end_rpc(one, code, server=True)
+                with _server_rpc(tracer, name, parent, attributes, context):
+                    return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
                 traced_unary, request_deserializer=handler.request_deserializer,
@@ -327,31 +313,40 @@ class _ServerTracing(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             streaming = handler.stream_stream
 
             async def traced_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
-                                                  end_on_exit=False, record_exception=False,
-                                                  set_status_on_exception=False) as one:
-                    code: object = grpc.StatusCode.UNKNOWN
-                    try:
-                        answers = streaming(requests, context)
-                        if inspect.isasyncgen(answers):
-                            async for answer in answers:
-                                yield answer
-                        else:
-                            await answers  # a servicer that writes with context.write()
-                        code = context.code() or grpc.StatusCode.OK
-                    except (asyncio.CancelledError, GeneratorExit):
-                        code = grpc.StatusCode.CANCELLED
-                        raise
-                    except Exception:
-                        code = context.code() or grpc.StatusCode.UNKNOWN
-                        raise
-                    finally:
-                        _end_rpc(one, code, server=True)
+                with _server_rpc(tracer, name, parent, attributes, context):
+                    answers = streaming(requests, context)
+                    if inspect.isasyncgen(answers):
+                        async for answer in answers:
+                            yield answer
+                    else:
+                        await answers  # a servicer that writes with context.write()
 
             return grpc.stream_stream_rpc_method_handler(
                 traced_stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+@contextmanager
+def _server_rpc(tracer: trace.Tracer, name: str, parent: Context, attributes: dict[str, Any],
+                context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[None]:
+    """The server span of one call, unary or streaming, ended with the call's status code: the
+    servicer's (OK when it set none), CANCELLED when the call or its stream was abandoned."""
+    with tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER, attributes=attributes,
+                                      end_on_exit=False, record_exception=False,
+                                      set_status_on_exception=False) as one:
+        code: object = grpc.StatusCode.UNKNOWN
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            _end_rpc(one, code, server=True)
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor] | None:
