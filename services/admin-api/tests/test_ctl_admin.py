@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from rempart.common.events import EVENTS_STREAM
 from rempart.common.testing.polling import eventually
 
 from .conftest import ADMIN, Harness
-from .test_queue import serving
+from .test_queue import run_ctl, serving
 
 GOOD_PASSWORD = "Corr3ct-Horse-Battery!"
 
@@ -30,11 +31,7 @@ async def test_r_adm_6_rempartctl_audit_api_keys_blocks_and_long_lists(
     async with serving(harness) as url:
         monkeypatch.setenv("REMPART_API_URL", url)
 
-        async def ctl(*args: str) -> tuple[int, str, str]:
-            capsys.readouterr()
-            code = await asyncio.to_thread(rempartctl.main, list(args))
-            out, err = capsys.readouterr()
-            return code, out, err
+        ctl = partial(run_ctl, capsys)
 
         code, out, _ = await ctl("accounts", "list", "example.org")
         assert code == 0 and len(out.split()) == 1006 and out.split()[-1] == "user1004@example.org"

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,13 @@ async def test_r_out_2_deferred_message_is_shown_retried_at_once_and_deleted_for
     assert delete_event["client_ip"]
 
 
+async def run_ctl(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """rempartctl in this process (off the event loop): its exit code, standard output and error."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(rempartctl.main, list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
 async def test_r_adm_1_domain_admin_sees_only_its_senders_messages(
         harness: Harness, admin_headers: dict[str, str]) -> None:
     backend, http = harness.backend, harness.http
@@ -339,11 +347,7 @@ async def test_r_adm_6_rempartctl_lists_shows_retries_and_deletes_queued_message
     async with serving(harness) as url:
         monkeypatch.setenv("REMPART_API_URL", url)
 
-        async def ctl(*args: str) -> tuple[int, str, str]:
-            capsys.readouterr()
-            code = await asyncio.to_thread(rempartctl.main, list(args))
-            out, err = capsys.readouterr()
-            return code, out, err
+        ctl = partial(run_ctl, capsys)
 
         code, out, _ = await ctl("queue", "list")
         lines = out.splitlines()
