@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from rempart.common.config import SettingsCache
-from rempart.common.events import CONFIG_CHANGED, EventBus, connect_nats, ensure_streams
+from rempart.common.events import CONFIG_CHANGED, NATS_DRAIN_SECONDS, EventBus, connect_nats, ensure_streams
 from rempart.common.ops import OpsServer, nats_check, redis_check
 from rempart.common.redisconn import connect_redis
 from rempart.common.settings import ServiceSettings
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 # Teardown bounds: SIGTERM must end the process well within Kubernetes' default 30 s grace and
 # `make run`'s 10 s, after the service's own drain (settings.shutdown_grace_seconds).
-NATS_DRAIN_SECONDS = 2.0
 NATS_CLOSE_SECONDS = 2.0
 
 
@@ -108,22 +107,24 @@ class ServiceRuntime:
         log.info("%s stopped", self.service)
 
     async def _close_nats(self) -> None:
-        """Drain what this process still has in flight, within NATS_DRAIN_SECONDS, then close.
+        """Drain what this process still has in flight, then close, bounded.
 
-        nats-py's drain waits up to 30 s for its subscriptions and 10 s more for a flush when
-        the server has just gone away, and a client in its reconnect loop never stops by
-        itself: close() ends that loop, so the process exits however NATS is doing.
+        nats-py's drain stops waiting for the subscriptions after NATS_DRAIN_SECONDS (the
+        connection's drain_timeout, see connect_nats) and then flushes and closes; a flush to a
+        server that has just gone away can wait 10 s more, and a client in its reconnect loop never
+        stops by itself: close() ends both, so the process exits however NATS is doing.
         """
         drain: asyncio.Future[None] | None = None
         if self.nc.is_connected:
             drain = asyncio.ensure_future(self.nc.drain())
-            await asyncio.wait({drain}, timeout=NATS_DRAIN_SECONDS)
+            await asyncio.wait({drain}, timeout=NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS)
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.close(), NATS_CLOSE_SECONDS)
         if drain is not None:
             if not drain.done():
-                log.warning("NATS drain did not finish within %.0f s: closed", NATS_DRAIN_SECONDS)
+                log.warning("NATS drain and close did not finish within %.0f s: closed",
+                            NATS_DRAIN_SECONDS + NATS_CLOSE_SECONDS)
                 drain.cancel()
                 await asyncio.wait({drain}, timeout=NATS_CLOSE_SECONDS)
             if drain.done() and not drain.cancelled() and drain.exception() is not None:
