@@ -30,7 +30,7 @@ from pathlib import Path
 import pyotp
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import TimeoutException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -111,7 +111,11 @@ class Console:
         """Click a form's button and wait for the page that answers it."""
         page = self.find("html")
         self.find(css).click()
-        WebDriverWait(self.driver, WAIT_SECONDS).until(expected_conditions.staleness_of(page))
+        # While the old page goes, Chromium may answer the staleness probe with an inspector
+        # error ("Node with given id does not belong to the document") instead of "stale":
+        # asked again, it says stale.
+        WebDriverWait(self.driver, WAIT_SECONDS, ignored_exceptions=(WebDriverException,)).until(
+            expected_conditions.staleness_of(page))
         self.find("main h1")
         self.shot(shot)
 

@@ -13,6 +13,7 @@ spent their shutdown reconnecting to them.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,11 +28,48 @@ from pathlib import Path
 
 import redis
 
+# Ports handed out by this process: never the same one twice, even once its first user is gone.
+_HANDED_OUT: set[int] = set()
+LOWEST_PORT = 10_000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing is bound to now, for a server started a moment later.
+
+    Picked below the kernel's ephemeral range: a port the kernel hands out (bind to 0) is also
+    what it gives the next outgoing connection as its source port, and under load one of those
+    took a port between this call and the server's bind (a rolling-update test saw "Address
+    already in use"). Never the same port twice in one process.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    low, _ = _ephemeral_ports()
+    rng = random.SystemRandom()
+    for _ in range(500 if low > LOWEST_PORT + 1000 else 0):
+        port = rng.randrange(LOWEST_PORT, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    while True:  # a machine whose ephemeral range starts low: the kernel's choice
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(host: str, port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
