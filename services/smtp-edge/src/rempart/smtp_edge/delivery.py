@@ -54,17 +54,18 @@ class Delivery:
         message = await self._trace_headers(server, session, envelope, queue_id, verdict) + data
         started = time.monotonic()
         try:
-            record, seq = await asyncio.wait_for(self.mailboxes.store.accept(
-                message,
-                mail_from=strip_brackets(envelope.mail_from or ""),
-                local_mailboxes=state.local_mailboxes,
-                remote_recipients=state.remote_recipients,
-                client_ip=state.client_ip,
-                authenticated_account=state.authenticated_account,
-                dsn=state.dsn,
-                remote_senders=state.remote_senders,
-                transaction_id=queue_id,
-            ), STORE_TIMEOUT_SECONDS)
+            async with asyncio.timeout(STORE_TIMEOUT_SECONDS):
+                record, seq = await self.mailboxes.store.accept(
+                    message,
+                    mail_from=strip_brackets(envelope.mail_from or ""),
+                    local_mailboxes=state.local_mailboxes,
+                    remote_recipients=state.remote_recipients,
+                    client_ip=state.client_ip,
+                    authenticated_account=state.authenticated_account,
+                    dsn=state.dsn,
+                    remote_senders=state.remote_senders,
+                    transaction_id=queue_id,
+                )
         except Exception as exc:  # noqa: BLE001 - any store failure must become a 451, never a 250
             log.error("durable store failed: %s", exc, extra={"session": state.session_id})
             state.reset_transaction()
@@ -126,6 +127,8 @@ async def _rdns_of(server: EdgeSMTP) -> str:
     task = server.state.rdns
     if task is None:
         return ""
+    if task.done():  # the common case: the lookup started at connect
+        return task.result()
     try:
         return await asyncio.wait_for(asyncio.shield(task), RDNS_WAIT_SECONDS)
     except TimeoutError:
