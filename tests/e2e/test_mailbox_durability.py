@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,8 +30,12 @@ from rempart.common.testing.devstack import AdminApi, Stack, strong_password
 
 pytestmark = pytest.mark.timeout(240)
 
-MESSAGES = 160  # delivered to INBOX first; the first 20 get STOREs (round after round), the rest MOVEs
+MESSAGES = 100  # delivered to INBOX first; the first 20 get STOREs (round after round), the rest MOVEs
 STORED = 20
+# The catch-up indexer's consumer redelivers what a killed replica had in hand after its ack wait
+# (NATS' default, 30 s); for this test it is made this short (and put back afterwards), so that
+# the wait for every delivery to be filed again is not mostly that timer.
+INDEXER_ACK_WAIT = 3.0
 
 
 def tls_context(stack: Stack) -> ssl.SSLContext:
@@ -111,9 +116,28 @@ def worker(stack: Stack, address: str, password: str, kind: str, stop: threading
             pass
 
 
+def set_indexer_ack_wait(stack: Stack, seconds: float) -> float:
+    """Give the catch-up indexer's durable consumer this ack wait; returns the one it had."""
+
+    async def update() -> float:
+        nc = await connect_nats(stack.nats_url, "test-durability")
+        try:
+            js = nc.jetstream()
+            config = (await js.consumer_info(MAIL_STREAM, "mailbox-indexer")).config
+            before = float(config.ack_wait or 30.0)
+            # The legacy durable create (no name): an update of the consumer's ack wait.
+            updated = await js.add_consumer(MAIL_STREAM, config.evolve(ack_wait=seconds, name=None))
+            assert updated.config.ack_wait == seconds, updated.config
+            return before
+        finally:
+            await nc.close()
+
+    return asyncio.run(update())
+
+
 def indexer_caught_up(stack: Stack, timeout: float = 60.0) -> None:
     """Every delivery record filed: a record the killed replica had in hand comes back to the
-    catch-up indexer after its ack wait (30 s)."""
+    catch-up indexer after its ack wait (INDEXER_ACK_WAIT here)."""
 
     async def pending() -> int:
         nc = await connect_nats(stack.nats_url, "test-durability")
@@ -203,8 +227,24 @@ def messages_in(stack: Stack, address: str, password: str, folder: str) -> dict[
         imap.logout()
 
 
+@pytest.fixture
+def short_indexer_ack_wait(stack: Stack) -> Iterator[None]:
+    before = set_indexer_ack_wait(stack, INDEXER_ACK_WAIT)
+    try:
+        yield
+    finally:
+        set_indexer_ack_wait(stack, before)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.02)
+
+
 def test_r_mbx_1_kill_9_during_append_store_move_then_rebuild_loses_nothing(
-    stack: Stack, demo: dict[str, str], admin: AdminApi
+    stack: Stack, demo: dict[str, str], admin: AdminApi, short_indexer_ack_wait: None
 ) -> None:
     domain = f"durable-{uuid.uuid4().hex[:8]}.test"
     assert admin.call("POST", "/v1/domains", {"name": domain})[0] == 201
@@ -231,13 +271,20 @@ def test_r_mbx_1_kill_9_during_append_store_move_then_rebuild_loses_nothing(
                for kind in ("append", "store", "move")]
     for thread in threads:
         thread.start()
-    time.sleep(0.8)
+
+    def counts() -> tuple[int, int, int]:
+        with lock:
+            return len(out.appended), len(out.flagged), len(out.moved)
+
+    # The kill comes once each kind of command has had OKs (a few of each: it lands mid-stream).
+    wait_for(lambda: min(counts()) >= 3, 30, lambda: f"the commands did not all get going: {counts()}")
     stack.stop_service("imap-pop", signal.SIGKILL)
-    with lock:
-        done_at_kill = (len(out.appended), len(out.flagged), len(out.moved))
+    done_at_kill = counts()
     stack.start_service("imap-pop")
     stack.wait_ready(names=("imap-pop",))
-    time.sleep(1.5)
+    # Then appends and stores get OKs again from the restarted service.
+    wait_for(lambda: counts()[0] > done_at_kill[0] + 2 and counts()[1] > done_at_kill[1] + 2, 30,
+             lambda: f"no APPEND or STORE OK'd after the restart: {done_at_kill} then {counts()}")
     stop.set()
     for thread in threads:
         thread.join(30)

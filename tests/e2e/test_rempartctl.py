@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyotp
@@ -19,14 +20,102 @@ from rempart.common.testing.devstack import AdminApi, Stack
 pytestmark = pytest.mark.timeout(120)
 
 
+# rempartctl imports its dependencies for about a second (typer, httpx, the settings models): the
+# commands run as a person runs them, each in its own process with its own environment, standard
+# input and output and exit code, but forked from one process that made those imports once. The
+# entry point itself (``python -m rempart.admin_api.ctl``) runs as a fresh interpreter in
+# test_r_adm_6_login_keeps_the_token_private_and_errors_are_clear and in _enrol_totp.
+FORKSERVER = r"""
+import json, os, sys, traceback
+import httpx
+import typer
+import rempart.admin_api.ctl as ctl
+httpx.Client().close()  # what a client imports on first use (httpcore and the rest)
+typer.main.get_command(ctl.app)
+requests = os.fdopen(0, "r")
+replies = os.fdopen(1, "w")
+for line in requests:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.environ.clear()
+            os.environ.update(request["env"])
+            for fd, path, flags in ((0, request["stdin"], os.O_RDONLY),
+                                    (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                    (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                opened = os.open(path, flags, 0o600)
+                os.dup2(opened, fd)
+                os.close(opened)
+            sys.stdin = open(0, "r", closefd=False)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            try:
+                code = ctl.main(request["args"])
+            except SystemExit as exc:  # as the interpreter turns sys.exit() into an exit code
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    replies.write(json.dumps(os.waitstatus_to_exitcode(status)) + "\n")
+    replies.flush()
+"""
+
+
+class CtlRunner:
+    """Runs rempartctl commands, each a process forked from one that imported it."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.runs = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", FORKSERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, args: list[str], env: dict[str, str], stdin: str) -> subprocess.CompletedProcess[str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.runs += 1
+        paths = {name: self.workdir / f"{self.runs}.{name}" for name in ("stdin", "stdout", "stderr")}
+        paths["stdin"].write_text(stdin)
+        self.proc.stdin.write(json.dumps({"args": args, "env": env, **{k: str(v) for k, v in paths.items()}}) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, f"the rempartctl fork server exited with {self.proc.wait(10)}"
+        return subprocess.CompletedProcess(["rempartctl", *args], int(json.loads(reply)),
+                                           paths["stdout"].read_text(), paths["stderr"].read_text())
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+_runner: CtlRunner | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ctl_runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    global _runner
+    _runner = CtlRunner(tmp_path_factory.mktemp("rempartctl-runs"))
+    try:
+        yield
+    finally:
+        _runner.close()
+        _runner = None
+
+
 def ctl(stack: Stack, home: Path, *args: str, token: str = "", stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, REMPART_API_URL=f"http://127.0.0.1:{stack.ports['admin-api.http']}",
-               XDG_CONFIG_HOME=str(home))
-    env.pop("REMPART_API_TOKEN", None)
-    if token:
-        env["REMPART_API_TOKEN"] = token
-    return subprocess.run([sys.executable, "-m", "rempart.admin_api.ctl", *args], input=stdin, env=env,
-                          capture_output=True, text=True, timeout=60)
+    _, env = _ctl_command(stack, home, token)
+    assert _runner is not None, "the module's fork server (_ctl_runner)"
+    return _runner.run(list(args), env, stdin)
 
 
 def test_r_adm_6_daily_tasks(stack: Stack, admin: AdminApi, demo: dict[str, str], tmp_path: Path) -> None:
