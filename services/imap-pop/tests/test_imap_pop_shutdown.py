@@ -49,6 +49,18 @@ def start_imap_pop(redis_url: str, nats_url: str, tmp_path: Path) -> tuple[subpr
     return proc, imap_port, log
 
 
+# A failed connection attempt, as logged (asyncio says "Connect call failed", uvloop "Connection refused").
+RECONNECT_FAILED = ("Connect call failed", "Connection refused")
+
+
+def wait_for_log(proc: subprocess.Popen[bytes], log: Path, texts: tuple[str, ...], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in log.read_text(errors="replace") for text in texts):
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+
+
 def assert_exits_on_sigterm(proc: subprocess.Popen[bytes], log: Path) -> float:
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -72,9 +84,13 @@ def test_sigterm_exits_when_nats_went_away(redis_url: str, own_nats: LocalServer
         wait_for_port("127.0.0.1", imap_port, timeout=30, proc=proc)
         if nats_fault == "gone":
             own_nats.stop()
+            # The client notices and starts reconnecting: its first failed attempt is logged.
+            wait_for_log(proc, log, RECONNECT_FAILED)
         else:
             os.kill(own_nats.proc.pid, signal.SIGSTOP)
-        time.sleep(1.5)  # the client notices (or not, when frozen) and starts reconnecting
+            # Nothing to notice: the connection stays open and silent. A moment for the service's
+            # own requests (indexer, settings) to be sent into it and hang.
+            time.sleep(0.5)
         assert_exits_on_sigterm(proc, log)
     finally:
         if proc.poll() is None:
@@ -87,13 +103,8 @@ def test_sigterm_while_still_connecting_exits_cleanly(redis_url: str, tmp_path: 
     unreachable = f"nats://127.0.0.1:{free_port()}"
     proc, _, log = start_imap_pop(redis_url, unreachable, tmp_path)
     try:
-        deadline = time.monotonic() + 30
         # Up to the first failed attempt: the service is inside its endless connect retries.
-        # (asyncio says "Connect call failed", uvloop "Connection refused").
-        while not any(text in log.read_text(errors="replace") for text in ("Connect call failed", "Connection refused")):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.1)
+        wait_for_log(proc, log, RECONNECT_FAILED)
         assert assert_exits_on_sigterm(proc, log) < 2.0
         assert "stopped before it was ready" in log.read_text(errors="replace")
     finally:
