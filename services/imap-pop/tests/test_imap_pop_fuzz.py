@@ -58,6 +58,25 @@ def test_list_pattern_time_grows_linearly_with_the_name() -> None:
     assert not wildcard_match(pattern, long) and wildcard_match(pattern, long + "x")
 
 
+def test_list_pattern_time_grows_at_most_linearly_with_the_pattern() -> None:
+    # Patterns 8 times longer made of wildcard runs ("*%*%..."): walking each run from each of its
+    # positions cost the square of the pattern's length (64 times; 2.4 s for one 400-character
+    # pattern against a 200-character name, a LIST any logged-in client may send).
+    name = "a" * 200
+
+    def timed(pattern: str) -> float:
+        return timeit.timeit(lambda: wildcard_match(pattern, name), number=3)
+
+    short, long = "*%" * 25 + "x", "*%" * 200 + "x"
+    timings = [(timed(short), timed(long)) for _ in range(9)]
+    ratio = min(t for _, t in timings) / min(t for t, _ in timings)
+    assert ratio < 24, timings
+    assert not wildcard_match(long, name) and wildcard_match(long, name + "x")
+    # What a run means is kept: "%" stops at the delimiter, a run with a "*" does not.
+    assert not wildcard_match("%%%x", "a/x") and wildcard_match("%%*x", "a/x") and wildcard_match("%*%x", "a/b/x")
+    assert wildcard_match("a%%", "ab") and not wildcard_match("a%%", "a/b") and wildcard_match("a*%", "a/b")
+
+
 def test_list_pattern_worst_case_answers_at_once() -> None:
     # The pattern that took minutes with regular expressions: answered, and right.
     assert not wildcard_match("*" * 400 + "x", "a" * 200)
