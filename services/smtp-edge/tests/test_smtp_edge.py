@@ -458,6 +458,49 @@ async def test_sigterm_drain_421_to_new_sessions_while_open_ones_finish(edge: Ed
     await asyncio.wait_for(drain, 5)
 
 
+async def test_r_ops_7_draining_edge_ends_kept_sessions_at_their_next_transaction(edge: Edge) -> None:
+    # Two sessions kept after a message (as an MTA's connection cache keeps them): one sends its
+    # next MAIL while the edge drains, one stays quiet. Neither holds the edge for its grace
+    # period, and each hears 421 4.3.2 between transactions, never in the middle of one.
+    def sent_one(client: smtplib.SMTP) -> smtplib.SMTP:
+        client.ehlo("client.test")
+        code, _ = client.mail("a@remote.test")
+        assert code == 250
+        assert client.rcpt("bob@example.org")[0] == 250
+        assert client.data(MESSAGE)[0] == 250
+        return client
+
+    port = edge.port("smtp")
+    busy = await asyncio.to_thread(lambda: sent_one(smtplib.SMTP("127.0.0.1", port, timeout=10)))
+    quiet = await asyncio.to_thread(lambda: sent_one(smtplib.SMTP("127.0.0.1", port, timeout=10)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    drain = asyncio.create_task(edge.edge.drain(30))
+    handler = edge.edge.handler
+    assert handler is not None
+    await eventually(lambda: handler.draining, timeout=5, what="the edge to start draining")
+
+    def next_mail() -> tuple[int, bytes]:
+        reply = busy.mail("a@remote.test")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            busy.noop()
+        return reply
+
+    assert await asyncio.to_thread(next_mail) == (421, b"4.3.2 Service shutting down, try again later")
+
+    def told_and_closed() -> bytes:
+        assert quiet.sock is not None
+        quiet.sock.settimeout(10)
+        said = b""
+        while chunk := quiet.sock.recv(4096):
+            said += chunk
+        return said
+
+    assert await asyncio.to_thread(told_and_closed) == b"421 4.3.2 Service shutting down, try again later\r\n"
+    await asyncio.wait_for(drain, 10)
+    assert loop.time() - started < 10, "the drain waited out its 30 s grace period"
+
+
 async def test_r_lim_7_ten_times_oversized_message_is_not_buffered(edge: Edge) -> None:
     import tracemalloc
 

@@ -27,6 +27,9 @@ from rempart.smtp_edge.stages import EdgeHandler
 log = logging.getLogger(__name__)
 # At shutdown, for the closed sessions' last policy reports (within the pod's grace period).
 DISCONNECT_REPORT_SECONDS = 2.0
+# A draining edge closes a session quiet this long between two transactions (a client that
+# paused, a mail client keeping its connection): long enough not to race a command on its way.
+DRAIN_IDLE_SECONDS = 1.0
 
 # Per-session budgets against abuse (aiosmtpd answers "421 4.7.0 <CMD> sent too many times").
 COMMAND_CALL_LIMITS = {
@@ -131,12 +134,18 @@ class SmtpEdge:
 
     async def drain(self, grace: float) -> None:
         """SIGTERM: new connections get "421 4.3.2" while open sessions finish within the grace
-        period (the pod is already leaving the load balancer); then every listener closes."""
+        period (the pod is already leaving the load balancer); then every listener closes.
+
+        A session ends at its next transaction: its MAIL is answered 421 (stages.handle_MAIL), and
+        a session quiet between transactions for DRAIN_IDLE_SECONDS is told 421 and closed. A
+        client that keeps its session for message after message would otherwise hold the pod
+        for the whole grace period (20 s of a rolling update, per replica)."""
         if self.handler is not None:
             self.handler.draining = True
             loop = asyncio.get_running_loop()
             deadline = loop.time() + grace
             while len(self.handler.connections) and loop.time() < deadline:
+                self.handler.connections.close_idle(replies.SHUTTING_DOWN, DRAIN_IDLE_SECONDS)
                 await asyncio.sleep(0.2)
             self.handler.connections.close_all(replies.SHUTTING_DOWN)
             # Their DISCONNECT reports (the policy's simultaneous-connection counts) before the

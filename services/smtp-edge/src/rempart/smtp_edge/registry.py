@@ -47,5 +47,15 @@ class ConnectionRegistry:
                     closed += 1
         return closed
 
+    def close_idle(self, reply: str, idle_seconds: float) -> int:
+        """Send ``reply`` and close every connection quiet between two transactions for
+        ``idle_seconds`` (a draining edge: nothing in flight is cut)."""
+        closed = 0
+        for peers in list(self._by_ip.values()):
+            for server in list(peers):
+                if server.between_transactions(idle_seconds) and server.close_with(reply):
+                    closed += 1
+        return closed
+
     def close_all(self, reply: str) -> int:
         return sum(self.close_ip(ip, reply) for ip in list(self._by_ip))

@@ -109,6 +109,8 @@ class SessionState:
     rdns: asyncio.Task[str] | None = None
     # The session's conversation with policy (one stream, issue 11), opened at CONNECT.
     policy: PolicySession | None = None
+    # Transactions begun (MAIL commands): a draining edge lets a session do its first one.
+    transactions: int = 0
 
     def reset_transaction(self) -> None:
         self.local_mailboxes = []
@@ -157,6 +159,7 @@ class EdgeSMTP(SMTP):
         self._greeted = False
         self._close_after_reply = False
         self._in_ehlo = False
+        self._in_stage = False  # a command (and its policy call) is being answered
         self._last_received = time.monotonic()
         self.closed = asyncio.Event()
         # Tracing (on only with an exporter): the session's span, the parent of one span per
@@ -261,21 +264,25 @@ class EdgeSMTP(SMTP):
         """Run one stage of the session (its command and reply) in a span of the session's
         trace; without tracing, just run it."""
         latency = metrics.child(SMTP_STAGE_SECONDS, stage)
-        if self._trace is None:
-            with metrics.timed(latency):
-                await step(arg)
-            return
-        with tracing.span(f"SMTP {stage}", parent=self._trace_context, attributes={
-            "rempart.smtp.stage": stage, "client.address": self.state.client_ip,
-            "rempart.session.id": self.state.session_id,
-        }) as span:
-            self._stage_span = span
-            try:
-                # Inside the stage's span: the observation's exemplar is this trace.
+        self._in_stage = True
+        try:
+            if self._trace is None:
                 with metrics.timed(latency):
                     await step(arg)
-            finally:
-                self._stage_span = None
+                return
+            with tracing.span(f"SMTP {stage}", parent=self._trace_context, attributes={
+                "rempart.smtp.stage": stage, "client.address": self.state.client_ip,
+                "rempart.session.id": self.state.session_id,
+            }) as span:
+                self._stage_span = span
+                try:
+                    # Inside the stage's span: the observation's exemplar is this trace.
+                    with metrics.timed(latency):
+                        await step(arg)
+                finally:
+                    self._stage_span = None
+        finally:
+            self._in_stage = False
 
     def end_trace(self) -> None:
         """The session is over (after its DISCONNECT stage): its span ends."""
@@ -364,6 +371,17 @@ class EdgeSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
     # The handler's API ---------------------------------------------------------------------
+    def close_after_reply(self) -> None:
+        """Close the connection once the reply to the command being answered is sent."""
+        self._close_after_reply = True
+
+    def between_transactions(self, idle_seconds: float) -> bool:
+        """A transaction done and the next not begun, no command being answered, nothing heard
+        for ``idle_seconds``: a draining edge may say 421 and close, cutting nothing short."""
+        in_transaction = self.envelope is not None and bool(self.envelope.mail_from)
+        return (self.state.transactions > 0 and not self._in_stage and not in_transaction
+                and time.monotonic() - self._last_received >= idle_seconds)
+
     def close_now(self) -> None:
         if self.transport is not None:
             self.transport.close()

@@ -222,6 +222,15 @@ class EdgeHandler:
 
     async def handle_MAIL(self, server: EdgeSMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        if self.draining and server.state.transactions:
+            # The next transaction of a session kept for message after message, on a draining
+            # edge (R-OPS-7): 421 and close; the client sends it again through another replica,
+            # instead of the edge waiting out its grace period for a session that never ends by
+            # itself (and then cutting whatever is in flight). A session's first transaction
+            # goes on.
+            server.close_after_reply()
+            return replies.SHUTTING_DOWN
+        server.state.transactions += 1
         if server.listener.require_starttls and not server.state.authenticated_account:
             # Submission (R-TLS-1): mail only from authenticated clients.
             return replies.AUTH_REQUIRED
