@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from policy_testkit import UNTRUSTED_IP, Policy, make_directory, started_policy
 from prometheus_client import REGISTRY
 
+from rempart.common.clients import PolicyClient
 from rempart.common.pb.events.v1 import events_pb2
 from rempart.common.pb.policy.v1 import policy_pb2 as pb
 from rempart.common.redisconn import connect_redis
@@ -112,6 +113,35 @@ async def test_health_serving_then_not_serving_on_drain(policy: Policy) -> None:
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
     await drain
+
+
+async def test_r_ops_7_a_draining_replica_ends_idle_session_streams_and_sessions_go_on_elsewhere(
+    policy: Policy, redis_url: str, nats_url: str
+) -> None:
+    # Edges hold one stream per SMTP session (issue 11). A replica that drains ends the streams
+    # waiting between two stages, so it stops in seconds, not after its grace period, and each
+    # session's next stage is decided by the other replica, never answered 451.
+    async with started_policy(redis_url, nats_url, policy.redis) as second:
+        client = PolicyClient(f"ipv4:127.0.0.1:{policy.running.port},127.0.0.1:{second.running.port}")
+        try:
+            sessions = [client.session() for _ in range(8)]
+
+            def noop(n: int) -> pb.CheckRequest:
+                return pb.CheckRequest(stage=pb.STAGE_COMMAND, command="NOOP", session=pb.SessionFacts(
+                    session_id=f"drain-{n}", client_ip=UNTRUSTED_IP, protocol=pb.PROTOCOL_SMTP))
+
+            first = [await session.check(noop(n)) for n, session in enumerate(sessions)]
+            assert {v.action for v in first} == {pb.ACTION_ACCEPT}, first
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await asyncio.wait_for(policy.running.stop(30.0), 10.0)
+            assert loop.time() - started < 10.0
+            second_round = [await session.check(noop(n)) for n, session in enumerate(sessions)]
+            assert [(v.action, v.rule) for v in second_round] == [(pb.ACTION_ACCEPT, "")] * len(sessions)
+            for session in sessions:
+                await session.close()
+        finally:
+            await client.close()
 
 
 def test_runs_as_a_module_and_drains_on_sigterm(redis_url: str, nats_url: str, tmp_path: Path) -> None:

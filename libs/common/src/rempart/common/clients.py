@@ -73,6 +73,12 @@ class PolicyClient:
         await self.channel.close()
 
 
+class StreamEnded(EOFError):
+    """The policy service ended the session's stream, with OK, before reading the request just
+    written: a draining replica ends its streams between two stages (policy servicer's
+    end_sessions), so the request was never decided and may be asked again on a new stream."""
+
+
 class PolicySession:
     """One bidirectional stream per SMTP session: a stage's request, then its verdict, in order.
 
@@ -96,7 +102,13 @@ class PolicySession:
             try:
                 # asyncio.timeout, not wait_for: no task per stage (issue 11's profile).
                 async with asyncio.timeout(self._timeout):
-                    verdict = await self._exchange(request)
+                    try:
+                        verdict = await self._exchange(request)
+                    except (StreamEnded, asyncio.InvalidStateError):
+                        # Ended by a draining replica between two stages (or just before this
+                        # write): nothing was decided; once more, on a new stream.
+                        self._drop()
+                        verdict = await self._exchange(request)
             except grpc.aio.AioRpcError as exc:
                 self._drop()
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -105,7 +117,7 @@ class PolicySession:
                     self._unary.streams_unsupported_until = time.monotonic() + STREAM_RETRY_SECONDS
                     return await self._unary.check(request)
                 return policy_failed(request, "stream", exc.code().name)
-            except (grpc.aio.UsageError, TimeoutError, StopAsyncIteration, EOFError) as exc:
+            except (grpc.aio.UsageError, TimeoutError, StopAsyncIteration, EOFError, asyncio.InvalidStateError) as exc:
                 self._drop()
                 return policy_failed(request, "stream", type(exc).__name__)
         if verdict.action == policy_pb2.ACTION_UNSPECIFIED:
@@ -118,7 +130,7 @@ class PolicySession:
         await self._call.write(request)
         verdict = await self._call.read()
         if verdict is grpc.aio.EOF:
-            raise EOFError("policy closed the stream")
+            raise StreamEnded("policy ended the stream")
         assert isinstance(verdict, policy_pb2.Verdict)
         return verdict
 

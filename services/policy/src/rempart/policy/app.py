@@ -34,9 +34,14 @@ class RunningPolicy:
     health: health.aio.HealthServicer
     port: int
 
+    servicer: PolicyServicer
+
     async def stop(self, grace: float) -> None:
-        """Drain: report NOT_SERVING so that clients move away, then finish calls in flight."""
+        """Drain: report NOT_SERVING so that clients move away, end the session streams between
+        their stages (the edges go on through another replica), then finish calls in flight."""
         await set_serving(self.health, False, SERVICE_NAME)
+        ended = self.servicer.end_sessions()
+        log.info("ended %d idle session streams", ended)
         await self.server.stop(grace)
 
 
@@ -54,7 +59,7 @@ async def running_policy(settings: PolicySettings) -> AsyncIterator[RunningPolic
         await server.start()
         await set_serving(health_servicer, True, SERVICE_NAME)
         log.info("policy listening", extra={"grpc_port": port})
-        running = RunningPolicy(rt, server, health_servicer, port)
+        running = RunningPolicy(rt, server, health_servicer, port, servicer)
         try:
             yield running
         finally:

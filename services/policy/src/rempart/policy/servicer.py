@@ -125,6 +125,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self._trusted_known: dict[str, frozenset[str]] = {}
         self.stats = StatsRecorder(redis)
         self._trusted_retry: dict[str, float] = {}
+        # The Session streams open now: each one's task, and whether it is deciding a stage.
+        self._sessions: dict[asyncio.Task[object], bool] = {}
+        self._ended: set[asyncio.Task[object]] = set()  # cancelled by end_sessions
+        self._draining = False
 
     async def _trusted_name_ips(self, ctx: CheckContext) -> frozenset[str]:
         """R-REL-1: trusted hosts given by name, resolved (A and AAAA) through the DNS cache.
@@ -193,9 +197,40 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         requests: AsyncIterator[policy_pb2.CheckRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[policy_pb2.Verdict]:
-        """One SMTP session's stages over one stream: each request answered in order."""
-        async for request in requests:
-            yield await self._answer(request)
+        """One SMTP session's stages over one stream: each request answered in order.
+
+        While the service drains, the stream ends (OK) as soon as it is between two stages
+        (:meth:`end_sessions`): the edge asks its next stage on a new stream, which the load
+        balancing sends to another replica, and this replica stops within seconds instead of
+        holding on to every open SMTP session for its whole grace period."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions[task] = False
+        try:
+            async for request in requests:
+                self._sessions[task] = True
+                yield await self._answer(request)
+                if self._draining:
+                    return
+                self._sessions[task] = False
+        except asyncio.CancelledError:
+            if task not in self._ended or task.uncancel() > 0:
+                raise  # gRPC's own cancellation too (the client went away)
+            # Ended by end_sessions between two stages: a request in flight was not read, so
+            # the edge may ask it again (clients.StreamEnded).
+        finally:
+            self._sessions.pop(task, None)
+            self._ended.discard(task)
+
+    def end_sessions(self) -> int:
+        """Drain: end every Session stream waiting between two stages now; a stream deciding a
+        stage ends right after its verdict. Returns how many were ended now."""
+        self._draining = True
+        waiting = [task for task, deciding in self._sessions.items() if not deciding]
+        for task in waiting:
+            self._ended.add(task)
+            task.cancel()
+        return len(waiting)
 
     async def _answer(self, request: policy_pb2.CheckRequest) -> policy_pb2.Verdict:
         started = time.perf_counter()
