@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from nats.aio.msg import Msg
@@ -88,6 +89,13 @@ _ONE_UID_FETCH = re.compile(rb"^\S+ UID FETCH (\d{1,10}) .*BODY", re.IGNORECASE)
 UID_CACHE_RESAVE = 200
 ANY_UID = 2**32 - 1  # "*" in a client's known UIDs (QRESYNC): any
 MAX_LITERALS_PER_COMMAND = 16
+# Distinct data items in one FETCH (after duplicates are merged). Each body section renders a copy
+# of (part of) the message and locates its MIME part anew; clients ask for a handful, a bounded
+# line could otherwise ask for hundreds per message. Past this, a tagged BAD.
+MAX_FETCH_ITEMS = 64
+# A content SEARCH (BODY, TEXT: a MIME parse of each message) gives other sessions the event loop
+# back at least this often, between messages.
+SEARCH_YIELD_SECONDS = 0.02
 
 Handler = Callable[[Command], Awaitable[None]]
 
@@ -940,7 +948,9 @@ class ImapSession(FolderCommands, Session):
             selected = await self._select(text_of(command.args[0]), command.uid)
         else:
             selected = await self._changed_among(text_of(command.args[0]), command.uid, changed_since)
-        items = parse_fetch_items(command.args[1])
+        items = distinct_items(parse_fetch_items(command.args[1]))
+        if len(items) > MAX_FETCH_ITEMS:
+            raise ImapSyntaxError(f"too many FETCH items (at most {MAX_FETCH_ITEMS} different ones)")
         if (command.uid or self.qresync) and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))  # with QRESYNC, every FETCH response (RFC 7162 3.2.4)
         if any(i.name == "MODSEQ" for i in items):
@@ -973,7 +983,6 @@ class ImapSession(FolderCommands, Session):
             to_read = [m for _, m in window if plan.needs_body or (plan.needs_summary and not summary_answers(
                 summaries.get(m.uid), plan))]
             contents = await self._contents(to_read) if to_read else {}
-            answer: list[bytes] = []
             for seq, message in window:
                 read = contents.get(message.uid)
                 if isinstance(read, BaseException):
@@ -995,17 +1004,12 @@ class ImapSession(FolderCommands, Session):
                     flags_changed = True
                 # \Recent is added only where flags are shown (a copy of the message each).
                 shown = self._shown(message) if asks_flags or flags_changed else message
-                parts = [render_item(item, shown, data, summary) for item in items]
+                extra: list[bytes] = []
                 if flags_changed and not any(i.name == "FLAGS" for i in items):
-                    parts.append(f"FLAGS {flags_text(shown.flags)}".encode())
+                    extra.append(f"FLAGS {flags_text(shown.flags)}".encode())
                 if flags_changed and self.condstore and not any(i.name == "MODSEQ" for i in items):
-                    parts.append(f"MODSEQ ({message.modseq})".encode())  # RFC 7162 3.1.4.1
-                answer.append(f"* {seq} FETCH (".encode() + b" ".join(parts) + b")\r\n")
-            self.stream.write(b"".join(answer))
-            # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of
-            # the replica buffering the whole answer.
-            if self.stream.buffered() > FETCH_WRITE_HIGH_WATER:
-                await self.stream.drain()
+                    extra.append(f"MODSEQ ({message.modseq})".encode())  # RFC 7162 3.1.4.1
+                await self._write_fetch_line(seq, items, shown, data, summary, extra)
         if unreadable:
             raise No(f"[UNAVAILABLE] {unreadable} message(s) could not be read now, try again")
         if expunged:
@@ -1014,6 +1018,41 @@ class ImapSession(FolderCommands, Session):
         self.ok(command)
 
 
+
+    async def _write_fetch_line(self, seq: int, items: list[FetchItem], message: IndexedMessage, data: bytes,
+                                summary: M.MessageSummary | None, extra: list[bytes]) -> None:
+        """One ``* n FETCH (...)`` line. Its items are rendered one at a time, and once more than
+        FETCH_WRITE_HIGH_WATER of them is held it goes out as it comes (the socket drained inside
+        the line): what is held is one item and the output buffer, not the number of items times
+        the message's size, and a client that stops reading stops the FETCH (R-MBX-6)."""
+        pending: list[bytes] = [f"* {seq} FETCH (".encode()]
+        held = 0
+        streaming = False  # part of the line is out: a failure now cannot be followed by a tagged reply
+        try:
+            for index, item in enumerate(items):
+                part = render_item(item, message, data, summary)
+                held += len(part)
+                pending += [b" ", part] if index else [part]
+                if held > FETCH_WRITE_HIGH_WATER:
+                    streaming = True
+                    for piece in pending:
+                        self.stream.write(piece)
+                    pending, held = [], 0
+                    if self.stream.buffered() > FETCH_WRITE_HIGH_WATER:
+                        await self.stream.drain()
+        except (OSError, ConnectionError):
+            raise
+        except Exception:
+            if streaming:
+                log.warning("FETCH failed inside a response line", exc_info=True,
+                            extra={"session": self.session_id, "uid": message.uid})
+                raise CloseSession from None
+            raise
+        self.stream.write(b"".join([*pending, *(b" " + part for part in extra), b")\r\n"]))
+        # Backpressure (R-MBX-6): a client that stops reading stops the FETCH, instead of the
+        # replica buffering the whole answer.
+        if self.stream.buffered() > FETCH_WRITE_HIGH_WATER:
+            await self.stream.drain()
 
     def _fetch_modifiers(self, command: Command) -> tuple[int | None, bool]:
         """FETCH modifiers (RFC 7162 3.1.4.1, 3.2.6): (CHANGEDSINCE n [VANISHED])."""
@@ -1217,9 +1256,13 @@ class ImapSession(FolderCommands, Session):
         highest = 0
         # A message expunged elsewhere (not yet announced) matches nothing: it has nothing to read.
         numbered = [(seq, m) for seq, m in await self._all() if not is_gone(m)]
+        yielded = time.monotonic()
         for window in read_windows(numbered, query.needs_body) if query.needs_content else [numbered]:
             contents = await self._search_contents([m for _, m in window], query) if query.needs_content else {}
             for seq, message in window:
+                if query.needs_body and time.monotonic() - yielded > SEARCH_YIELD_SECONDS:
+                    await asyncio.sleep(0)  # decoding a window of messages: let other sessions run
+                    yielded = time.monotonic()
                 if query.match(seq, message, contents.get(message.uid, b"")):
                     found.append(message.uid if command.uid else seq)
                     highest = max(highest, message.modseq)
@@ -1235,6 +1278,19 @@ class ImapSession(FolderCommands, Session):
 
 
 ESEARCH_RETURNS = ("MIN", "MAX", "ALL", "COUNT")
+
+
+def distinct_items(items: list[FetchItem]) -> list[FetchItem]:
+    """The items of a FETCH with repeats left out, in the order first asked: a repeat would render
+    (and hold) the same bytes again, and RFC 3501 and 9051 say nothing of repeats (Dovecot, too,
+    answers a repeated FLAGS or UID once). BODY.PEEK[s] and BODY[s] are one item, answered as
+    BODY[s]; BODY[s] is kept, so that \\Seen is still set when either form asks for it."""
+    seen: dict[FetchItem, FetchItem] = {}
+    for item in items:
+        key = dataclasses.replace(item, name="BODY") if item.peek else item
+        if key not in seen or seen[key].peek:
+            seen[key] = item
+    return list(seen.values())
 
 
 def esearch_response(tag: str, uid: bool, returns: list[str], found: list[int], modseq: int) -> str:

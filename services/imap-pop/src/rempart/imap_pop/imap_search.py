@@ -11,6 +11,7 @@ from rempart.common import mime as M
 from rempart.common.mailstore import IndexedMessage
 from rempart.imap_pop.imapproto import (
     ImapSyntaxError,
+    No,
     Token,
     in_sequence_set,
     parse_number,
@@ -19,6 +20,12 @@ from rempart.imap_pop.imapproto import (
 )
 
 SEARCH_DECODE_LIMIT = 1024 * 1024
+# Keys that read the message (FROM, TO, CC, BCC, SUBJECT, HEADER, SENT*, BODY, TEXT) in one SEARCH:
+# each scans every message searched, and a line holds thousands of them ("OR BODY x" repeated).
+# Mail clients send a handful (a few words times FROM/TO/SUBJECT/BODY); past this, a tagged NO.
+MAX_SEARCH_CONTENT_KEYS = 64
+CONTENT_KEYS = frozenset({"FROM", "TO", "CC", "BCC", "SUBJECT", "HEADER", "BODY", "TEXT", "SENTBEFORE", "SENTON",
+                          "SENTSINCE"})
 MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
 
@@ -28,6 +35,65 @@ def parse_date(text: str) -> datetime.date | None:
         return datetime.date(int(year), MONTHS.index(month.capitalize()) + 1, int(day))
     except ValueError:
         return None
+
+
+class MessageTexts:
+    """What the content keys of one SEARCH derive from the message being matched (its header
+    fields, its lower-cased octets, its decoded text), each at most once per message: a SEARCH
+    with many keys decodes a message once, not once per key. Only the last message is kept."""
+
+    def __init__(self) -> None:
+        self._content: bytes | None = None
+        self._lines: list[tuple[str, bytes]] | None = None
+        self._fields: list[tuple[str, str, str]] | None = None
+        self._words: dict[int, str] = {}
+        self._lowered: dict[bool, bytes] = {}
+        self._decoded: dict[bool, str] = {}
+
+    def _of(self, content: bytes) -> None:
+        # Every key is handed the same bytes object for one message: another object is another message.
+        if content is not self._content:
+            self._content = content
+            self._lines, self._fields, self._words, self._lowered, self._decoded = None, None, {}, {}, {}
+
+    def header_lines(self, content: bytes) -> list[tuple[str, bytes]]:
+        self._of(content)
+        if self._lines is None:
+            self._lines = M.header_lines(M.split_header(content)[0])
+        return self._lines
+
+    def fields(self, content: bytes) -> list[tuple[str, str, str]]:
+        """(upper-case name, value unfolded as text, the same lower-cased) of each header field."""
+        self._of(content)
+        if self._fields is None:
+            values = [(name, " ".join(raw.decode("utf-8", "replace").split(":", 1)[-1].split()))
+                      for name, raw in self.header_lines(content)]
+            self._fields = [(name, text, text.lower()) for name, text in values]
+        return self._fields
+
+    def field_words(self, content: bytes, index: int) -> str:
+        """Field ``index``'s value with its RFC 2047 encoded words decoded, lower-cased."""
+        self._of(content)
+        words = self._words.get(index)
+        if words is None:
+            words = self._words[index] = M.decode_words(self.fields(content)[index][1]).lower()
+        return words
+
+    def lowered(self, content: bytes, body_only: bool) -> bytes:
+        self._of(content)
+        lowered = self._lowered.get(body_only)
+        if lowered is None:
+            raw = M.split_header(content)[1] if body_only else content
+            lowered = self._lowered[body_only] = raw.lower()
+        return lowered
+
+    def decoded(self, content: bytes, body_only: bool) -> str:
+        """The decoded text parts, case-folded (the costly part: a full MIME parse)."""
+        self._of(content)
+        decoded = self._decoded.get(body_only)
+        if decoded is None:
+            decoded = self._decoded[body_only] = M.text_for_search(content, body_only).casefold()
+        return decoded
 
 
 class SearchQuery:
@@ -45,17 +111,16 @@ def _flag_test(flag: str, present: bool) -> Callable[[int, IndexedMessage, bytes
     return lambda _s, m, _c: (flag in m.flags) == present
 
 
-def _header_test(name: str, value: str) -> Callable[[int, IndexedMessage, bytes], bool]:
+def _header_test(name: str, value: str, texts: MessageTexts) -> Callable[[int, IndexedMessage, bytes], bool]:
     needle = value.lower()
+    wanted = name.upper()
 
     def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        head = M.split_header(content)[0]
-        for field_name, raw in M.header_lines(head):
-            if field_name == name.upper():
-                text = " ".join(raw.decode("utf-8", "replace").split(":", 1)[-1].split())
+        for index, (field_name, _text, lowered) in enumerate(texts.fields(content)):
+            if field_name == wanted:
                 # R-MBX-7: "Café" is found whether the sender wrote it in UTF-8 (RFC 6532) or as
                 # an RFC 2047 encoded word.
-                if needle in text.lower() or needle in M.decode_words(text).lower():
+                if needle in lowered or needle in texts.field_words(content, index):
                     return True
         return False
 
@@ -68,24 +133,23 @@ def _text_test(value: str, body_only: bool, parser: SearchParser) -> Callable[[i
     parser.needs_content = parser.needs_body = True
     raw_needle = value.lower().encode("utf-8")
     needle = value.casefold()
+    texts = parser.texts
 
     def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        raw = M.split_header(content)[1] if body_only else content
-        if raw_needle in raw.lower():
+        if raw_needle in texts.lowered(content, body_only):
             return True
         if len(content) > SEARCH_DECODE_LIMIT:
             return False
-        return needle in M.text_for_search(content, body_only).casefold()
+        return needle in texts.decoded(content, body_only)
 
     return test
 
 
-def _sent_date_test(key: str, day: datetime.date) -> Callable[[int, IndexedMessage, bytes], bool]:
+def _sent_date_test(key: str, day: datetime.date, texts: MessageTexts) -> Callable[[int, IndexedMessage, bytes], bool]:
     """SENT*: the Date header's day, in its own time zone (RFC 3501 6.4.4)."""
 
     def test(_s: int, _m: IndexedMessage, content: bytes) -> bool:
-        head = M.split_header(content)[0]
-        value = next((raw.split(b":", 1)[1] for name, raw in M.header_lines(head) if name == "DATE"), None)
+        value = next((raw.split(b":", 1)[1] for name, raw in texts.header_lines(content) if name == "DATE"), None)
         if value is None:
             return False
         try:
@@ -101,7 +165,7 @@ class SearchParser:
     """SEARCH keys (RFC 3501 6.4.4), the common ones."""
 
     def __init__(self, tokens: list[Token], largest_seq: int, largest_uid: int,
-                 recent: set[int] | frozenset[int] = frozenset()) -> None:
+                 recent: set[int] | frozenset[int] = frozenset(), texts: MessageTexts | None = None) -> None:
         self.tokens = tokens
         self.recent = recent  # UIDs \Recent in the session
         self.pos = 0
@@ -110,6 +174,8 @@ class SearchParser:
         self.needs_content = False  # header fields at least (the index's summary has them)
         self.needs_body = False  # BODY / TEXT: the message itself
         self.uses_modseq = False  # RFC 7162 3.1.5 MODSEQ: the answer carries the highest MODSEQ
+        self.texts = texts or MessageTexts()  # shared with the parsers of parenthesised keys
+        self.content_keys = 0  # nested keys included
 
     def parse(self) -> SearchQuery:
         tests = []
@@ -127,13 +193,19 @@ class SearchParser:
     def _key(self) -> Callable[[int, IndexedMessage, bytes], bool]:
         token = self._next()
         if isinstance(token, list):
-            inner = SearchParser(token, self.largest_seq, self.largest_uid, self.recent)
+            inner = SearchParser(token, self.largest_seq, self.largest_uid, self.recent, self.texts)
+            inner.content_keys = self.content_keys
             query = inner.parse()
+            self.content_keys = inner.content_keys
             self.needs_content |= inner.needs_content
             self.needs_body |= inner.needs_body
             self.uses_modseq |= inner.uses_modseq
             return query.test
         key = text_of(token).upper()
+        if key in CONTENT_KEYS:
+            self.content_keys += 1
+            if self.content_keys > MAX_SEARCH_CONTENT_KEYS:
+                raise No(f"[LIMIT] Too many SEARCH keys that read messages (at most {MAX_SEARCH_CONTENT_KEYS})")
         flags = {"ANSWERED": "\\Answered", "DELETED": "\\Deleted", "FLAGGED": "\\Flagged", "SEEN": "\\Seen",
                  "DRAFT": "\\Draft"}
         recent = self.recent
@@ -194,11 +266,11 @@ class SearchParser:
             return by_date
         if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
             self.needs_content = True
-            return _header_test(key, text_of(self._next()))
+            return _header_test(key, text_of(self._next()), self.texts)
         if key == "HEADER":
             name = text_of(self._next())
             self.needs_content = True
-            return _header_test(name, text_of(self._next()))
+            return _header_test(name, text_of(self._next()), self.texts)
         if key in ("BODY", "TEXT"):
             return _text_test(text_of(self._next()), body_only=key == "BODY", parser=self)
         if key in ("SENTBEFORE", "SENTON", "SENTSINCE"):
@@ -206,7 +278,7 @@ class SearchParser:
             if sent is None:
                 raise ImapSyntaxError("bad date")
             self.needs_content = True
-            return _sent_date_test(key, sent)
+            return _sent_date_test(key, sent, self.texts)
         if key and key[0] in "0123456789*":
             ranges = parse_sequence_set(key, self.largest_seq)
             return lambda s, _m, _c: in_sequence_set(s, ranges)
