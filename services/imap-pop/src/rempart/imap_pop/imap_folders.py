@@ -8,10 +8,12 @@ index shows the same folders.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from rempart.common.mailstore import INBOX
 from rempart.common.mime import quote
 from rempart.imap_pop.imap_view import FolderView
-from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, No, Token, text_of, wildcard_match
+from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, ListPatterns, No, Token, text_of
 from rempart.imap_pop.session import Backend
 
 MAX_FOLDERS = 1000
@@ -24,6 +26,15 @@ LIST_RETURNS = {"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"}
 CREATABLE_USES = {"\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash"}
 MAX_FOLDER_NAME = 200
 MAX_LIST_PATTERN = 2 * MAX_FOLDER_NAME + 20
+MAX_LIST_PATTERNS = 20  # RFC 5258 lets one LIST carry a list of patterns; more are ignored
+# What one LIST may cost, counted before any output: name characters walked x distinct
+# patterns, plus LIST_LINE_WORK per name to list. One pattern over the largest store (MAX_FOLDERS
+# names of MAX_FOLDER_NAME characters, each listed) fits, and so do 20 patterns over 20,000
+# characters of names. Beyond, the event loop was blocked for seconds: 20 long patterns over
+# the largest store, or "*" over 1,000 deep names whose 97,000 parents do not exist (each
+# listed, as RFC 3501 6.3.8 wants); such a LIST is refused with a tagged NO.
+MAX_LIST_WORK = 2 * MAX_FOLDERS * MAX_FOLDER_NAME
+LIST_LINE_WORK = 50  # a line's attributes, quoting and writing cost about 35 characters walked
 DELIMITER = "/"
 
 
@@ -89,7 +100,8 @@ class FolderCommands:
         if len(args) != 2:
             raise ImapSyntaxError(f"{command.name} needs reference and pattern")
         reference = text_of(args[0])
-        patterns = [text_of(p) for p in args[1][:20]] if isinstance(args[1], list) else [text_of(args[1])]
+        given = args[1][:MAX_LIST_PATTERNS] if isinstance(args[1], list) else [args[1]]
+        patterns = [text_of(p) for p in given]
         if len(reference) + max((len(p) for p in patterns), default=0) > MAX_LIST_PATTERN:
             # No folder name is longer: such a pattern can only cost time (matching is
             # pattern x name per folder).
@@ -108,20 +120,28 @@ class FolderCommands:
         # 5258 3.1); LIST lists folders.
         names = subscribed if only_subscribed else folders
         # A name whose parent is not listed (deleted, or never subscribed) still needs its
-        # parent shown, as \Noselect, for "%" listings (RFC 3501 6.3.8, 6.3.9).
-        implied = {DELIMITER.join(f.split(DELIMITER)[:i]) for f in names for i in range(1, f.count(DELIMITER) + 1)}
+        # parent shown, as \Noselect, for "%" listings (RFC 3501 6.3.8, 6.3.9): the matcher
+        # answers for each name's parents while walking the name, so they are neither built nor
+        # walked again (a deep name has up to 100 of them). Repeated patterns are matched once.
+        matcher = ListPatterns(dict.fromkeys(reference + p for p in patterns), DELIMITER)
+        listed: set[str] = set()
+        for name in names:
+            listed.update(matcher.matching(name))
+            if matcher.work + len(listed) * LIST_LINE_WORK > MAX_LIST_WORK:
+                raise No("[LIMIT] LIST too costly for this many mailboxes; use fewer or narrower patterns")
+        if any(p.upper() == "INBOX" for p in patterns) and any(
+                n == INBOX or n.startswith(INBOX + DELIMITER) for n in names):
+            listed.add(INBOX)
         recursive = "RECURSIVEMATCH" in selection and only_subscribed
-        for folder in sorted(names | implied, key=lambda n: (n != INBOX, n)):
-            if not any(wildcard_match(reference + p, folder) or (p.upper() == "INBOX" and folder == INBOX)
-                       for p in patterns):
-                continue
+        # Each folder's children found by bisection, not by a scan of all folders per line.
+        in_order = sorted(folders)
+        for folder in sorted(listed, key=lambda n: (n != INBOX, n)):
             if "SPECIAL-USE" in selection and folder not in uses:
                 continue
             extended = ""
             if recursive and folder not in names:
-                # RFC 5258 3.5: a parent listed because a child matched the selection.
-                if not any(n.startswith(folder + DELIMITER) for n in names):
-                    continue
+                # RFC 5258 3.5: a parent listed because a child matched the selection (every
+                # listed name not in names is the parent of one).
                 extended = ' ("CHILDINFO" ("SUBSCRIBED"))'
             attributes = []
             if command.name == "LSUB":
@@ -130,7 +150,7 @@ class FolderCommands:
             else:
                 if folder not in folders:
                     attributes.append("\\NonExistent" if folder in names else "\\Noselect")
-                children = any(n.startswith(folder + DELIMITER) for n in folders)
+                children = self._has_children(in_order, folder)
                 attributes.append("\\HasChildren" if children else "\\HasNoChildren")
                 if folder in subscribed:
                     attributes.append("\\Subscribed")
@@ -143,6 +163,14 @@ class FolderCommands:
                 # RFC 5819: the STATUS of each selectable folder listed, right after its line.
                 self.out(f"* STATUS {quote(folder)} ({await self._status_of(folder, status_items)})")
         self.ok(command)
+
+    @staticmethod
+    def _has_children(in_order: list[str], folder: str) -> bool:
+        """Whether a folder of the sorted list is under this one: names that start with
+        ``folder/`` sort together, from where ``folder/`` would be."""
+        prefix = folder + DELIMITER
+        at = bisect_left(in_order, prefix)
+        return at < len(in_order) and in_order[at].startswith(prefix)
 
     async def cmd_status(self, command: Command) -> None:
         if len(command.args) != 2 or not isinstance(command.args[1], list):
@@ -250,6 +278,10 @@ class FolderCommands:
             moves += [(f, target + f[len(source):]) for f in folders if f.startswith(source + DELIMITER)]
         if any(new in folders for _, new in moves):
             raise No("[ALREADYEXISTS] Target mailbox exists")
+        if any(len(new) > MAX_FOLDER_NAME for _, new in moves):
+            # The inferiors' names grow by the difference: renamed again and again they would
+            # grow without end, and every LIST walks them.
+            raise No("[LIMIT] Mailbox name too long for an inferior mailbox")
         # Parents of the new name are created; the folders themselves move with their
         # messages, UIDs and UIDVALIDITY (one change each, no message copied).
         await self._create_with_parents(DELIMITER.join(target.split(DELIMITER)[:-1]) or INBOX, folders)
