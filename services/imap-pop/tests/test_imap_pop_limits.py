@@ -77,6 +77,23 @@ async def test_fetch_repeated_item_is_rendered_and_answered_once(service, monkey
     assert read == [b"* 1 FETCH (BODY[2] {6}", b"part 2 FLAGS (\\Recent \\Seen))", b"d OK FETCH completed"]
 
 
+async def test_fetch_of_many_parts_parses_the_message_once(service, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Forty different parts of a 40-part message in one FETCH: one MIME tree, not forty (each
+    # one a whole parse of the message: 400-part messages made a FETCH take seconds).
+    await service.deliver(multipart(40))
+    built = counting(monkeypatch, M, "structure")
+
+    def run() -> list[bytes]:
+        raw = selected(service.ports["imap"])
+        raw.send(b"c FETCH 1 (" + b" ".join(b"BODY.PEEK[%d]" % n for n in range(1, 41)) + b")\r\n")
+        return raw.until(b"c ")
+
+    lines = await asyncio.to_thread(run)
+    assert lines[-1] == b"c OK FETCH completed"
+    assert b"".join(lines).count(b"part ") == 40
+    assert len(built) == 1
+
+
 async def test_fetch_with_too_many_distinct_items_is_refused(service) -> None:  # type: ignore[no-untyped-def]
     await service.deliver(multipart(2))
 

@@ -1017,8 +1017,6 @@ class ImapSession(FolderCommands, Session):
             raise No("[EXPUNGEISSUED] Some of the requested messages no longer exist")
         self.ok(command)
 
-
-
     async def _write_fetch_line(self, seq: int, items: list[FetchItem], message: IndexedMessage, data: bytes,
                                 summary: M.MessageSummary | None, extra: list[bytes]) -> None:
         """One ``* n FETCH (...)`` line. Its items are rendered one at a time, and once more than
@@ -1028,9 +1026,10 @@ class ImapSession(FolderCommands, Session):
         pending: list[bytes] = [f"* {seq} FETCH (".encode()]
         held = 0
         streaming = False  # part of the line is out: a failure now cannot be followed by a tagged reply
+        sections = M.Sections(data)  # a part named by several items: its tree parsed once
         try:
             for index, item in enumerate(items):
-                part = render_item(item, message, data, summary)
+                part = render_item(item, message, data, summary, sections)
                 held += len(part)
                 pending += [b" ", part] if index else [part]
                 if held > FETCH_WRITE_HIGH_WATER:

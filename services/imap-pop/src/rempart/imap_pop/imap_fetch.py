@@ -80,8 +80,9 @@ def internal_date(ms: int) -> str:
 
 
 def render_item(item: FetchItem, message: IndexedMessage, data: bytes,
-                summary: M.MessageSummary | None) -> bytes:
-    """One FETCH data item of ``message`` (RFC 3501 7.4.2), from the index where it can."""
+                summary: M.MessageSummary | None, sections: M.Sections | None = None) -> bytes:
+    """One FETCH data item of ``message`` (RFC 3501 7.4.2), from the index where it can.
+    ``sections``: the message's sections for every item of one FETCH (its MIME tree built once)."""
     name = item.name
     if name == "UID":
         return f"UID {message.uid}".encode()
@@ -109,7 +110,7 @@ def render_item(item: FetchItem, message: IndexedMessage, data: bytes,
         assert summary is not None
         content = M.section_bytes(summary.header, (), item.section, item.fields)
     else:
-        content = M.section_bytes(data, item.part, item.section, item.fields)
+        content = (sections if sections is not None else M.Sections(data)).get(item.part, item.section, item.fields)
     if item.partial is not None:
         start, count = item.partial
         content = content[start : start + count]
