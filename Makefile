@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 SERVICES := smtp-edge imap-pop policy auth admin-api
 STAMP := $(VENV)/.installed-stamp
+# pytest-xdist workers for `make test` (each test file runs whole in one worker; each worker has
+# its own Redis, NATS and suite, and its own share of the free ports). TEST_WORKERS=0: in-process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS := -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: help pins install proto proto-check lint typecheck test test-unit test-e2e chart images run bench clean
 
@@ -40,13 +44,13 @@ lint: install ## ruff (lint) and mypy --strict on libs and services
 typecheck: lint ## Alias of lint
 
 test-unit: install ## Unit and integration tests (real Redis, NATS, gRPC, DNS on loopback)
-	$(PY) -m pytest libs/common/tests $(foreach s,$(SERVICES),services/$(s)/tests) -q
+	$(PY) -m pytest libs/common/tests $(foreach s,$(SERVICES),services/$(s)/tests) $(PYTEST_ARGS)
 
 test-e2e: install ## The whole suite as processes, driven by real mail clients
-	$(PY) -m pytest tests/e2e -q
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-test: pins proto-check lint chart ## Everything CI runs: pin check, stale-proto check, lint, chart checks, all tests
-	$(PY) -m pytest -q
+test: pins proto-check lint chart ## Everything CI runs: pin check, stale-proto check, lint, chart checks, all tests (TEST_WORKERS=2)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 chart: install ## helm lint --strict, helm template over ci/*-values.yaml, schema validation
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash tools/chart_check.sh

@@ -41,6 +41,22 @@ def _ephemeral_ports() -> tuple[int, int]:
     return low, high
 
 
+def _this_workers_ports() -> tuple[int, int]:
+    """The ports below the ephemeral range, or this pytest-xdist worker's share of them
+    (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``): two workers never hand out the
+    same port, even in the moment between one's choice and its server's bind."""
+    low, _ = _ephemeral_ports()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index, count = int(worker.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    except ValueError:
+        return LOWEST_PORT, low
+    if count <= 1 or not 0 <= index < count:
+        return LOWEST_PORT, low
+    share = (low - LOWEST_PORT) // count
+    return LOWEST_PORT + index * share, LOWEST_PORT + (index + 1) * share
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing is bound to now, for a server started a moment later.
 
@@ -50,10 +66,10 @@ def free_port(host: str = "127.0.0.1") -> int:
     already in use"). Never the same port twice in one process.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    low, _ = _ephemeral_ports()
+    first, last = _this_workers_ports()
     rng = random.SystemRandom()
-    for _ in range(500 if low > LOWEST_PORT + 1000 else 0):
-        port = rng.randrange(LOWEST_PORT, low)
+    for _ in range(500 if last > first + 1000 else 0):
+        port = rng.randrange(first, last)
         if port in _HANDED_OUT:
             continue
         with socket.socket(family, socket.SOCK_STREAM) as sock:
