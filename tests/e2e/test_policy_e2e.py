@@ -290,6 +290,23 @@ def test_r_lim_5_too_many_hops(env: Env) -> None:
     assert data.startswith("250 2.0.0 Ok: queued as "), data
 
 
+def test_issue_11_data_within_the_recipients_bounds_costs_no_data_call(env: Env) -> None:
+    """Each accepted recipient's verdict carries what the DATA stage lets through (R-LIM-5 hops,
+    R-LIM-7 size, R-IPS-3 size block): a message within it gets its 250 without a DATA call of
+    its own; one beyond it is asked, and refused, as before."""
+    port = env.stack.ports["policy.ops"]
+    data_calls, rcpt_calls = policy_checks(port, "STAGE_DATA"), policy_checks(port, "STAGE_RCPT")
+    _, data = deliver(env, "127.0.0.28", env.demo["user"], subject())
+    assert data.startswith("250 2.0.0 Ok: queued as "), data
+    assert policy_checks(port, "STAGE_RCPT") == rcpt_calls + 1  # the counters move with each call
+    assert policy_checks(port, "STAGE_DATA") == data_calls
+    hops = "".join(f"Received: from hop{i}.test by hop{i + 1}.test; Sat, 1 Jan 2028 00:00:{i:02d} +0000\r\n"
+                   for i in range(21))
+    _, data = deliver(env, "127.0.0.28", env.demo["user"], subject(), extra_headers=hops)
+    assert data == "554 5.4.6 Too many hops"
+    assert policy_checks(port, "STAGE_DATA") == data_calls + 1
+
+
 def test_r_lim_7_size(env: Env) -> None:
     limit = 20_000
     too_big = "552 5.3.4 Message size exceeds fixed maximum message size"
@@ -561,12 +578,17 @@ def blocked_ips(admin: AdminApi) -> dict[str, dict[str, object]]:
     return {b["ip"]: b for b in body["blocks"]}
 
 
-def policy_mail_checks(replica: Replica) -> float:
-    """The replica's count of MAIL stage decisions, from its own /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{replica.ports['ops']}/metrics", timeout=5) as resp:
+def policy_checks(ops_port: int, stage: str) -> float:
+    """A policy replica's count of decisions at ``stage`` (STAGE_MAIL ...), from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{ops_port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rempart_policy_checks_total{") and 'stage="STAGE_MAIL"' in line)
+               if line.startswith("rempart_policy_checks_total{") and f'stage="{stage}"' in line)
+
+
+def policy_mail_checks(replica: Replica) -> float:
+    """The replica's count of MAIL stage decisions."""
+    return policy_checks(replica.ports["ops"], "STAGE_MAIL")
 
 
 def test_r_ops_3_policy_replica_killed_mid_session_is_a_451_and_the_next_try_works(env: Env) -> None:

@@ -42,6 +42,8 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
 
     def __init__(self) -> None:
         self.stages: list[int] = []
+        # Recipient -> the DATA bounds its verdict carries (issue 11); others carry none.
+        self.data_bounds: dict[str, tuple[int, int]] = {}
 
     async def Check(self, request: policy_pb2.CheckRequest, context: object) -> policy_pb2.Verdict:
         self.stages.append(request.stage)
@@ -53,8 +55,12 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
                                       text=f"Intrusion prevention active for [{ip}]")
         if request.stage == policy_pb2.STAGE_RCPT:
             if request.recipient.endswith("@example.org"):
-                return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250,
-                                          local_mailboxes=[request.recipient.lower()])
+                verdict = policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250,
+                                             local_mailboxes=[request.recipient.lower()])
+                if request.recipient in self.data_bounds:
+                    size, hops = self.data_bounds[request.recipient]
+                    verdict.data_bounds.CopyFrom(policy_pb2.DataBounds(max_size=size, max_hops=hops))
+                return verdict
             return policy_pb2.Verdict(action=policy_pb2.ACTION_REJECT, code=550, enhanced_code="5.7.1",
                                       text=f"<{request.mail_from}>... we do not relay <{request.recipient}>")
         return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250)
@@ -182,6 +188,38 @@ async def test_r_tls_1_submission_starttls_auth_plain_delivers_durably(edge: Edg
     assert b"with ESMTPSA id " + queue_id + b"\r\n" in body, "the Received id is the queue id the client saw"
     assert b"(using TLSv1.3 with cipher" in body and b" +0000\r\n" in body
     assert body.endswith(MESSAGE)
+
+
+async def test_issue_11_data_is_asked_only_beyond_the_tightest_recipient_bounds(edge: Edge) -> None:
+    """Each accepted recipient's verdict may carry the DATA stage's bounds: within the tightest of
+    the transaction's, DATA needs no policy call; beyond them, or with a recipient whose
+    verdict carried none, DATA is asked as before. Bounds never outlive their transaction."""
+    edge.policy.data_bounds = {"big@example.org": (100_000, 5), "small@example.org": (len(MESSAGE) + 300, 5)}
+
+    def send(transactions: list[tuple[list[str], bytes]]) -> list[dict[str, tuple[int, bytes]]]:
+        """Each transaction's refused recipients (sendmail raises if DATA is refused)."""
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            return [client.sendmail("someone@remote.test", recipients, message) for recipients, message in transactions]
+
+    hops = b"".join(b"Received: from h%d.test by mx.test; Sat, 1 Jan 2028 00:00:00 +0000\r\n" % i for i in range(6))
+    asked = [  # (recipients, message, whether DATA is asked)
+        (["big@example.org"], MESSAGE, False),
+        (["big@example.org", "small@example.org"], MESSAGE, False),
+        (["big@example.org", "small@example.org"], MESSAGE + b"x" * 400 + b"\r\n", True),  # over small's size
+        (["big@example.org"], MESSAGE + b"x" * 400 + b"\r\n", False),  # the last one's bounds are gone
+        (["big@example.org"], hops + MESSAGE, True),  # 6 Received headers (the edge's own is added later)
+        (["big@example.org", "bob@example.org"], MESSAGE, True),  # bob's verdict has no bounds
+        (["big@example.org"], MESSAGE, False),
+    ]
+    for recipients, message, expected in asked:
+        before = edge.policy.stages.count(policy_pb2.STAGE_DATA)
+        assert await asyncio.to_thread(send, [(recipients, message)]) == [{}]
+        assert edge.policy.stages.count(policy_pb2.STAGE_DATA) - before == int(expected), (recipients, len(message))
+    # The same, several transactions in one session.
+    before = edge.policy.stages.count(policy_pb2.STAGE_DATA)
+    assert await asyncio.to_thread(send, [(r, m) for r, m, _ in asked]) == [{}] * len(asked)
+    assert edge.policy.stages.count(policy_pb2.STAGE_DATA) - before == sum(e for _, _, e in asked)
+    assert len(await mailbox_bodies(edge, "big@example.org")) == 2 * len(asked)
 
 
 async def test_r_tls_1_submission_refuses_mail_before_tls_and_auth(edge: Edge) -> None:

@@ -45,8 +45,13 @@ class Decision:
     headers: tuple[tuple[str, str], ...] = ()
     delay_ms: int = 0
     rewritten_sender: str = ""
+    # RCPT: (max size, max hops) the DATA stage accepts without being asked (issue 11).
+    data_bounds: tuple[int, int] | None = None
 
     def to_verdict(self) -> policy_pb2.Verdict:
+        bounds = None
+        if self.data_bounds is not None:
+            bounds = policy_pb2.DataBounds(max_size=self.data_bounds[0], max_hops=self.data_bounds[1])
         return policy_pb2.Verdict(
             action=self.action,
             code=self.code,
@@ -59,6 +64,7 @@ class Decision:
             add_headers=[policy_pb2.Header(name=name, value=value) for name, value in self.headers],
             delay_ms=self.delay_ms,
             rewritten_sender=self.rewritten_sender,
+            data_bounds=bounds,
         )
 
 

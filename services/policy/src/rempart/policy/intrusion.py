@@ -353,14 +353,24 @@ async def check_message(ctx: CheckContext) -> Decision | None:
     ips = ctx.settings.ips
     reason = ""
     request = ctx.request
+    size_block = message_size_block(ctx)
     if ips.spam_score_threshold > 0 and request.spam_score_present and request.spam_score > ips.spam_score_threshold:
         reason = REASON_SPAM_SCORE
-    elif ips.max_message_size_mb > 0 and ctx.request.message_size > ips.max_message_size_mb * 1024 * 1024:
+    elif size_block is not None and ctx.request.message_size > size_block:
         reason = REASON_MESSAGE_SIZE
     if not reason:
         return None
     newly = await block_now(ctx, reason)
     return replace(refused(ctx, "R-IPS-3"), ip_blocked=newly)
+
+
+def message_size_block(ctx: CheckContext) -> int | None:
+    """R-IPS-3: the message size (bytes) above which :func:`check_message` blocks the client
+    IP, or None when it blocks none for size."""
+    mb = ctx.settings.ips.max_message_size_mb
+    if mb <= 0 or not ctx.ips_applies or not ctx.is_smtp:
+        return None
+    return int(mb * 1024 * 1024)
 
 
 def _session_member(ctx: CheckContext) -> str:

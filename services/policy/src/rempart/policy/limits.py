@@ -69,9 +69,13 @@ async def check_message_size(ctx: CheckContext) -> Decision | None:
     return await _check_size(ctx)
 
 
+async def message_size_limit(ctx: CheckContext) -> int:
+    """R-LIM-7: the largest message the session's sender may send, in bytes."""
+    return (await ctx.account_settings()).limits.max_message_size
+
+
 async def _check_size(ctx: CheckContext) -> Decision | None:
-    limit = (await ctx.account_settings()).limits.max_message_size
-    if ctx.request.message_size > limit:
+    if ctx.request.message_size > await message_size_limit(ctx):
         return reject(552, "5.3.4", replies.MESSAGE_TOO_BIG, "R-LIM-7")
     return None
 

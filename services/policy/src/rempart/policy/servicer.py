@@ -89,6 +89,23 @@ PIPELINES: dict[int, tuple[Sequence[Rule], Decision]] = {
     policy_pb2.STAGE_DISCONNECT: ((intrusion.close_session,), accept("", code=221, enhanced="2.0.0")),
 }
 DEFAULT_PIPELINE: tuple[Sequence[Rule], Decision] = ((), accept(""))
+# The verdicts an accepted recipient gets DATA bounds with (data_bounds below).
+PASSED = frozenset({policy_pb2.ACTION_ACCEPT, policy_pb2.ACTION_DISCARD})
+
+
+async def data_bounds(ctx: CheckContext) -> tuple[int, int]:
+    """(max size, max hops): the messages the STAGE_DATA pipeline above accepts without a word
+    when no spam score comes with them, given to the edge with each accepted recipient so that
+    such a message costs no DATA call of its own (issue 11; DESIGN: fold the stages that need
+    no round trip). The edge asks as before for anything beyond them. These follow the DATA
+    rules: limits.check_hops (R-LIM-5), limits.check_message_size (R-LIM-7),
+    intrusion.check_message's size block (R-IPS-3); tests/test_data_bounds.py checks
+    that the bounds and the pipeline agree on either side of each bound."""
+    size = await limits.message_size_limit(ctx)
+    block = intrusion.message_size_block(ctx)
+    if block is not None:
+        size = min(size, block)
+    return size, ctx.settings.limits.max_hops
 # The SMTP stages whose refusals GET /v1/stats counts by reason (a failed AUTH is a login, counted
 # by the auth service; RSET and DISCONNECT refuse nothing a client sent mail with).
 COUNTED_STAGES = frozenset({policy_pb2.STAGE_CONNECT, policy_pb2.STAGE_HELO, policy_pb2.STAGE_MAIL,
@@ -177,6 +194,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         try:
             ctx.trusted_name_ips = await self._trusted_name_ips(ctx)
             decision = await run_pipeline(ctx, rules, default)
+            if request.stage == policy_pb2.STAGE_RCPT and decision.action in PASSED:
+                decision = replace(decision, data_bounds=await data_bounds(ctx))
         except (aioredis.RedisError, OSError) as exc:
             log.warning("redis failed, failing closed: %s", exc, extra={"session": request.session.session_id})
             return temporary_problem("redis-unavailable")

@@ -111,8 +111,27 @@ class SessionState:
     policy: PolicySession | None = None
     # Transactions begun (MAIL commands): a draining edge lets a session do its first one.
     transactions: int = 0
+    # The transaction's DATA bounds (max size, max hops): the tightest of its accepted
+    # recipients' verdicts; (-1, -1) when one came without any (policy asks at DATA then).
+    data_bounds: tuple[int, int] | None = None
+
+    def narrow_data_bounds(self, verdict: policy_pb2.Verdict) -> None:
+        """An accepted recipient's verdict: what the DATA stage lets through (issue 11)."""
+        if not verdict.HasField("data_bounds"):
+            self.data_bounds = (-1, -1)
+            return
+        size, hops = verdict.data_bounds.max_size, verdict.data_bounds.max_hops
+        if self.data_bounds is not None:
+            size, hops = min(size, self.data_bounds[0]), min(hops, self.data_bounds[1])
+        self.data_bounds = (size, hops)
+
+    def data_within_bounds(self, size: int, hops: int) -> bool:
+        """Whether the policy already said that DATA accepts this message (no call needed)."""
+        bounds = self.data_bounds
+        return bounds is not None and size <= bounds[0] and hops <= bounds[1]
 
     def reset_transaction(self) -> None:
+        self.data_bounds = None
         self.local_mailboxes = []
         self.remote_recipients = []
         self.discarded = 0

@@ -36,6 +36,9 @@ POLICY_SECONDS = Histogram("rempart_smtp_policy_seconds", "Policy call latency s
 # The rules of the verdicts the policy client makes up when policy does not answer (clients.py).
 POLICY_FAILURE_RULES = ("policy-unavailable", "policy-empty-verdict")
 UNCOUNTED_STAGES = frozenset({policy_pb2.STAGE_RSET, policy_pb2.STAGE_DISCONNECT})
+# DATA within the bounds every accepted recipient's verdict gave: policy already said yes (issue 11).
+DATA_WITHIN_BOUNDS = policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250, enhanced_code="2.0.0",
+                                        rule="data-bounds")
 # Extensions aiosmtpd does not list: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC 2034), DSN (RFC 3461).
 EXTRA_EHLO_LINES = ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN"]
 
@@ -270,6 +273,7 @@ class EdgeHandler:
         envelope.rcpt_options.extend(rcpt_options)
         for key, value in server.state.pending_dsn.items():
             server.state.dsn[f"{key}:{address}"] = value
+        server.state.narrow_data_bounds(verdict)
         if verdict.action == policy_pb2.ACTION_DISCARD:
             server.state.discarded += 1
         server.state.local_mailboxes.extend(verdict.local_mailboxes)
@@ -297,18 +301,23 @@ class EdgeHandler:
                 self.refused_here("bad_syntax")
                 return replies.BARE_LINE_ENDING
             data = normalize_line_endings(data)
-        verdict = await self._check(
-            server,
-            policy_pb2.STAGE_DATA,
-            mail_from=strip_brackets(envelope.mail_from or ""),
-            accepted_recipients=list(envelope.rcpt_tos),
-            message_size=len(data),
-            hop_count=count_hops(data),
-        )
-        refusal = await server.apply_verdict("data", verdict)
-        if refusal is not None:
-            state.reset_transaction()
-            return refusal
+        hops = count_hops(data)
+        if state.data_within_bounds(len(data), hops):
+            # The recipients' verdicts said DATA accepts this message: no call of its own.
+            verdict = DATA_WITHIN_BOUNDS
+        else:
+            verdict = await self._check(
+                server,
+                policy_pb2.STAGE_DATA,
+                mail_from=strip_brackets(envelope.mail_from or ""),
+                accepted_recipients=list(envelope.rcpt_tos),
+                message_size=len(data),
+                hop_count=hops,
+            )
+            refusal = await server.apply_verdict("data", verdict)
+            if refusal is not None:
+                state.reset_transaction()
+                return refusal
         if server.transport is None:
             return replies.STORE_TEMPFAIL
         return await self.delivery.deliver(server, session, envelope, data, verdict)

@@ -278,6 +278,7 @@ class Verdict(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     IP_BLOCKED_FIELD_NUMBER: _builtins.int
     REWRITTEN_SENDER_FIELD_NUMBER: _builtins.int
+    DATA_BOUNDS_FIELD_NUMBER: _builtins.int
     action: Global___Action.ValueType
     code: _builtins.int
     """SMTP basic code, e.g. 550"""
@@ -307,6 +308,13 @@ class Verdict(_message.Message):
     def remote_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """addresses to relay to (possibly SRS-rewritten)"""
 
+    @_builtins.property
+    def data_bounds(self) -> Global___DataBounds:
+        """RCPT (accepted or discarded): what the DATA stage accepts without being asked (issue 11).
+        A message within these bounds needs no DATA call of its own; one beyond them, or a
+        transaction with a recipient whose verdict has no bounds, is asked at DATA as before.
+        """
+
     def __init__(
         self,
         *,
@@ -321,11 +329,40 @@ class Verdict(_message.Message):
         rule: _builtins.str = ...,
         ip_blocked: _builtins.bool = ...,
         rewritten_sender: _builtins.str = ...,
+        data_bounds: Global___DataBounds | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_bounds", b"data_bounds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "rewritten_sender", b"rewritten_sender", "rule", b"rule", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "data_bounds", b"data_bounds", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "rewritten_sender", b"rewritten_sender", "rule", b"rule", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class DataBounds(_message.Message):
+    """The DATA stage's limits as the policy applies them to this session (R-LIM-5 hops, R-LIM-7
+    size, R-IPS-3 size block): the edge checks them itself, and asks only when one is crossed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_HOPS_FIELD_NUMBER: _builtins.int
+    max_size: _builtins.int
+    """bytes; a larger message is asked about"""
+    max_hops: _builtins.int
+    """Received headers; more are asked about"""
+    def __init__(
+        self,
+        *,
+        max_size: _builtins.int = ...,
+        max_hops: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_hops", b"max_hops", "max_size", b"max_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataBounds: _TypeAlias = DataBounds  # noqa: Y015
