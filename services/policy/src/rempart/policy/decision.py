@@ -127,6 +127,24 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Ite
     return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
 
 
+_UNPARSED = object()
+
+
+@lru_cache(maxsize=4096)
+def _client_facts(client_ip: str, ipv6_prefix_length: int) -> tuple[
+        ipaddress.IPv4Address | ipaddress.IPv6Address | None, str, str, str]:
+    """The client address parsed (None if it is no address); its canonical text form, so that
+    one IP has one counter and one block however the edge spells it; and what intrusion
+    prevention counts and blocks (R-IPS-6): the IP, or its IPv6 prefix. Every stage of a
+    session asks again: kept for the recent addresses."""
+    try:
+        parsed = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None, client_ip[:64], client_ip[:64], ""
+    subject, prefix = intrusion_subject(parsed, ipv6_prefix_length)
+    return parsed, parsed.compressed, subject, prefix
+
+
 class CheckContext:
     """One Check call: the request, the shared dependencies, and memoised facts."""
 
@@ -156,19 +174,11 @@ class CheckContext:
         self.trusted_name_ips: frozenset[str] = frozenset()
         # Headers the accepted message gets (Received-SPF, IP reputation), whoever decides.
         self.headers: list[tuple[str, str]] = []
-        try:
-            parsed = ipaddress.ip_address(self.session.client_ip)
-        except ValueError:
-            parsed = None
-        self.ip = parsed
-        # The canonical text form: one counter and one block per IP however the edge spells it.
-        self.client_ip = parsed.compressed if parsed is not None else self.session.client_ip[:64]
-        # What intrusion prevention counts and blocks (R-IPS-6): the IP, or its IPv6 prefix.
-        self.ips_subject, self.ips_prefix = (
-            intrusion_subject(parsed, self.settings.ips.ipv6_prefix_length) if parsed is not None
-            else (self.client_ip, "")
-        )
+        self.ip, self.client_ip, self.ips_subject, self.ips_prefix = _client_facts(
+            self.session.client_ip, self.settings.ips.ipv6_prefix_length)
         self.memo: dict[str, object] = {}
+        self._sender: object = _UNPARSED
+        self._recipient: object = _UNPARSED
 
     # Session facts ----------------------------------------------------------------------------
     @property
@@ -220,12 +230,27 @@ class CheckContext:
 
     # Envelope facts ---------------------------------------------------------------------------
     def sender(self) -> MailAddress | None:
-        """MAIL FROM, normalised; None for the null sender; raises AddressError."""
-        return parse_sender(self.request.mail_from)
+        """MAIL FROM, normalised; None for the null sender; raises AddressError. Parsed once
+        per call however many rules ask (it showed in the per-RCPT profile)."""
+        if self._sender is _UNPARSED:
+            try:
+                self._sender = parse_sender(self.request.mail_from)
+            except AddressError as exc:
+                self._sender = exc
+        if isinstance(self._sender, AddressError):
+            raise self._sender
+        return self._sender  # type: ignore[return-value]
 
     def recipient(self) -> MailAddress:
-        """RCPT TO, normalised; raises AddressError."""
-        return parse_address(self.request.recipient)
+        """RCPT TO, normalised; raises AddressError. Parsed once per call."""
+        if self._recipient is _UNPARSED:
+            try:
+                self._recipient = parse_address(self.request.recipient)
+            except AddressError as exc:
+                self._recipient = exc
+        if isinstance(self._recipient, AddressError):
+            raise self._recipient
+        return self._recipient  # type: ignore[return-value]
 
     @property
     def sender_text(self) -> str:
