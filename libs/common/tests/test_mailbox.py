@@ -354,3 +354,29 @@ async def test_r_mbx_5_the_last_reference_frees_the_blob_and_the_record(
     await mailboxes.settle()
     assert not await stored(shared_seq)
     assert await stored(outbound_seq)  # still the relay's
+
+
+async def test_one_record_is_filed_in_all_its_mailboxes_by_one_call_each_as_far_as_it_can(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    """Issue 11: one script call files a record in every mailbox it names. A mailbox whose UIDs
+    reserved in the log are used up answers a reservation, the others are filed all the same;
+    once reserved it is filed too, and filing again answers the same places."""
+    from rempart.common.mailstore import Filed, Reservation
+
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    for account in (BOB, CAROL):
+        await mailboxes.provision(account)
+    for n in range(100):  # the first delivery reserved UIDs 1 to 100 in BOB's INBOX
+        await deliver(mailboxes, f"m{n}", BOB, file=False)
+    await deliver(mailboxes, "carol's first", CAROL, file=False)  # UIDs 1 to 100 reserved, 1 taken
+    record, seq = await mailboxes.store.accept(b"Subject: both\r\n\r\nx\r\n", mail_from="a@b.example",
+                                               local_mailboxes=[BOB, CAROL], remote_recipients=[])
+    first = await mailboxes.index.file(record, [BOB, CAROL], None, seq=seq)
+    assert isinstance(first[BOB], Reservation) and first[BOB].uidnext == 101
+    assert isinstance(first[CAROL], Filed) and first[CAROL].uid == 2
+    placed = await mailboxes.place(record, None, seq)
+    assert placed[BOB].uid == 101 and placed[CAROL] == first[CAROL]
+    assert await mailboxes.index.file(record, [BOB, CAROL], None, seq=seq) == placed
+    assert [m.uid for m in await mailboxes.index.messages(CAROL)] == [1, 2]
+    assert len(await mailboxes.index.messages(BOB)) == 101

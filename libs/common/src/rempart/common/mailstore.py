@@ -483,37 +483,55 @@ return gone
 
 # Append one message to a folder unless this transaction is already there (idempotent).
 _APPEND_LUA = _UIDVALIDITY_LUA + _UNSEEN_LUA + """
-local existing = redis.call('HGET', KEYS[3], ARGV[1])
-if existing then
-  return {tonumber(existing), tonumber(redis.call('HGET', KEYS[1], 'uidvalidity')), 0,
-          tonumber(redis.call('GET', KEYS[6]) or '0')}
+-- One delivery record filed in each of its mailboxes (one call, however many: the summary and
+-- the record's facts are sent once). KEYS[1]: the UIDVALIDITY counter, KEYS[2]: the record's
+-- reference count; then 7 keys per mailbox: meta, uids, txn, folders, modseq, changes, usage.
+-- ARGV: txn, blob, size, date, UIDVALIDITY floor, flags, folder, hdr, env, bdy, bs, seq,
+-- references, then each mailbox's message key prefix. Reply: 4 values per mailbox, {uid,
+-- uidvalidity, 0, modseq} where it is (already, or now), {0, uidvalidity, uidnext, 0} where
+-- the UIDs reserved in the change log are used up (the caller records a reservation first).
+local out = {}
+local mailboxes = (#KEYS - 2) / 7
+for m = 0, mailboxes - 1 do
+  local k = 2 + 7 * m
+  local meta, uids, txn, folders, modseq_key, changes, usage =
+    KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5], KEYS[k + 6], KEYS[k + 7]
+  local prefix = ARGV[14 + m]
+  local existing = redis.call('HGET', txn, ARGV[1])
+  if existing then
+    out[#out + 1] = tonumber(existing); out[#out + 1] = tonumber(redis.call('HGET', meta, 'uidvalidity'))
+    out[#out + 1] = 0; out[#out + 1] = tonumber(redis.call('GET', modseq_key) or '0')
+  else
+    if redis.call('HEXISTS', meta, 'uidvalidity') == 0 then
+      make_folder(meta, KEYS[1], ARGV[5], folders, ARGV[7])
+    end
+    local info = redis.call('HMGET', meta, 'uidvalidity', 'uidnext', 'reserved')
+    if tonumber(info[2]) >= tonumber(info[3] or '1') then
+      -- Past what the change log has reserved: the caller records a reservation first.
+      out[#out + 1] = 0; out[#out + 1] = tonumber(info[1]); out[#out + 1] = tonumber(info[2]); out[#out + 1] = 0
+    else
+      local uid = redis.call('HINCRBY', meta, 'uidnext', 1) - 1
+      local modseq = redis.call('INCR', modseq_key)
+      redis.call('HSET', meta, 'highestmodseq', modseq)
+      redis.call('ZADD', changes, modseq, uid)
+      redis.call('ZADD', uids, uid, uid)
+      redis.call('HINCRBY', usage, 'bytes', ARGV[3])
+      redis.call('HINCRBY', usage, 'messages', 1)
+      -- Its references: one per recipient mailbox, counted once when the first is placed, so a
+      -- recipient placed late (by the catch-up indexer) is never left without its bytes.
+      if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[13]) end
+      redis.call('HSET', prefix .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
+                 'flags', ARGV[6], 'txn', ARGV[1], 'seq', ARGV[12], 'modseq', modseq)
+      if ARGV[9] ~= '' then
+        redis.call('HSET', prefix .. uid, 'hdr', ARGV[8], 'env', ARGV[9], 'bdy', ARGV[10], 'bs', ARGV[11])
+      end
+      redis.call('HSET', txn, ARGV[1], uid)
+      if unseen(ARGV[6]) then count_unseen(meta, 1) end
+      out[#out + 1] = uid; out[#out + 1] = tonumber(info[1]); out[#out + 1] = 0; out[#out + 1] = modseq
+    end
+  end
 end
-if redis.call('HEXISTS', KEYS[1], 'uidvalidity') == 0 then
-  make_folder(KEYS[1], KEYS[5], ARGV[6], KEYS[4], ARGV[8])
-end
-local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'reserved')
-if tonumber(meta[2]) >= tonumber(meta[3] or '1') then
-  -- Past what the change log has reserved: the caller records a reservation first.
-  return {0, tonumber(meta[1]), tonumber(meta[2]), 0}
-end
-local uid = redis.call('HINCRBY', KEYS[1], 'uidnext', 1) - 1
-local modseq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], 'highestmodseq', modseq)
-redis.call('ZADD', KEYS[7], modseq, uid)
-redis.call('ZADD', KEYS[2], uid, uid)
-redis.call('HINCRBY', KEYS[8], 'bytes', ARGV[3])
-redis.call('HINCRBY', KEYS[8], 'messages', 1)
--- Its references: one per recipient mailbox, counted once when the first is placed, so a
--- recipient placed late (by the catch-up indexer) is never left without its bytes.
-if redis.call('EXISTS', KEYS[9]) == 0 then redis.call('SET', KEYS[9], ARGV[14]) end
-redis.call('HSET', ARGV[5] .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
-           'flags', ARGV[7], 'txn', ARGV[1], 'seq', ARGV[13], 'modseq', modseq)
-if ARGV[10] ~= '' then
-  redis.call('HSET', ARGV[5] .. uid, 'hdr', ARGV[9], 'env', ARGV[10], 'bdy', ARGV[11], 'bs', ARGV[12])
-end
-redis.call('HSET', KEYS[3], ARGV[1], uid)
-if unseen(ARGV[7]) then count_unseen(KEYS[1], 1) end
-return {uid, tonumber(meta[1]), 0, modseq}
+return out
 """
 
 # RFC 3501 \Recent: the first session to see a message gets it as recent. The folder keeps the
@@ -823,43 +841,55 @@ class MailboxIndex:
         self, items: Sequence[tuple[events_pb2.DeliveryRecord, list[str], MessageSummary | None, int]]
     ) -> list[dict[str, Filed | Reservation]]:
         """:meth:`file` for several records (record, mailboxes, summary, stream sequence), every
-        mailbox of every record in one Redis round trip (each filing is one atomic script)."""
+        mailbox of every record in one Redis round trip (each record filed in all its mailboxes by
+        one atomic script call)."""
         calls: list[tuple[AsyncScript, list[Any], list[Any]]] = []
-        where: list[tuple[int, str, str]] = []
+        where: list[tuple[int, list[str], str]] = []
         for n, (record, mailboxes, summary, seq) in enumerate(items):
             if not record.blob and not seq:
                 # The body is inside the record: without its sequence nobody could read it.
                 raise ValueError(f"record {record.transaction_id} has its body inline: its stream sequence is needed")
+            if not mailboxes:
+                continue
             folder = record.folder or INBOX
             size = summary.size if summary is not None else record.size
-            for mailbox in mailboxes:
-                where.append((n, mailbox, folder))
-                calls.append((self._append, [
+            where.append((n, mailboxes, folder))
+            calls.append((self._append, [
+                keys.UIDVALIDITY_SEQ,
+                keys.message_refs(record.transaction_id),
+                *(key for mailbox in mailboxes for key in (
                     keys.mailbox_meta(mailbox, folder),
                     keys.mailbox_uids(mailbox, folder),
                     keys.mailbox_txn(mailbox, folder),
                     keys.mailbox_folders(mailbox),
-                    keys.UIDVALIDITY_SEQ,
                     keys.mailbox_modseq(mailbox),
                     keys.mailbox_changes(mailbox, folder),
                     keys.mailbox_usage(mailbox),
-                    keys.message_refs(record.transaction_id),
-                ], [
-                    record.transaction_id,
-                    record.blob,
-                    size,
-                    record.received_unix_ms,
-                    keys.mailbox_message_prefix(mailbox, folder),
-                    _new_uidvalidity(),
-                    " ".join(record.flags),
-                    folder,
-                    *_summary_values(summary),
-                    seq,
-                    len(record.local_mailboxes),
-                ]))
+                )),
+            ], [
+                record.transaction_id,
+                record.blob,
+                size,
+                record.received_unix_ms,
+                _new_uidvalidity(),
+                " ".join(record.flags),
+                folder,
+                *_summary_values(summary),
+                seq,
+                len(record.local_mailboxes),
+                *(keys.mailbox_message_prefix(mailbox, folder) for mailbox in mailboxes),
+            ]))
         out: list[dict[str, Filed | Reservation]] = [{} for _ in items]
         if not calls:
             return out
+        for (n, mailboxes, folder), reply in zip(where, await run_scripts(self._redis, calls), strict=True):
+            for i, mailbox in enumerate(mailboxes):
+                uid, uidvalidity, uidnext, modseq = reply[4 * i: 4 * i + 4]
+                if uid:
+                    out[n][mailbox] = Filed(folder, int(uidvalidity), int(uid), int(modseq))
+                else:
+                    out[n][mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
+        return out
         for (n, mailbox, folder), (uid, uidvalidity, uidnext, modseq) in zip(
                 where, await run_scripts(self._redis, calls), strict=True):
             if uid:
