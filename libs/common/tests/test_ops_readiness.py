@@ -42,3 +42,34 @@ async def test_a_cancelled_readiness_request_stays_cancelled() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_probe_cut_short_by_the_process_stopping_logs_no_error() -> None:
+    """A /readyz in flight when the process stops (its handler task cancelled): the connection
+    closes, and asyncio logs no "Exception in callback" error (Python 3.11's stream callback
+    reads a cancelled handler's exception; a rolling update found one in a draining edge)."""
+    async def slow() -> None:
+        await asyncio.sleep(10)
+
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    ops = OpsServer("127.0.0.1", 0)
+    ops.add_check("slow", slow)
+    await ops.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", ops.port)
+        writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        handlers = [t for t in asyncio.all_tasks() if "_handle" in repr(t.get_coro())]
+        assert handlers, "the probe's handler is running"
+        for task in handlers:
+            task.cancel()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no answer
+        await asyncio.sleep(0.1)
+        assert errors == []
+        writer.close()
+    finally:
+        loop.set_exception_handler(None)
+        await ops.stop()

@@ -122,6 +122,11 @@ class OpsServer:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ConnectionError, ValueError, IndexError) as exc:
             log.debug("ops request dropped: %s", type(exc).__name__)
+        except asyncio.CancelledError:
+            # The process is stopping with a probe in flight: the connection just closes. (On
+            # Python 3.11 asyncio's stream callback reads a cancelled handler's exception and
+            # logs it as an error: a rolling update found one in a draining edge's log.)
+            log.debug("ops request dropped: stopping")
         finally:
             writer.close()
 
