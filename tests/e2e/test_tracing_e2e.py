@@ -110,8 +110,10 @@ def test_one_message_is_one_trace_from_the_edge_to_the_index(traced_stack: tuple
     assert (stream_client.service, stream_client.kind) == ("rempart-smtp-edge", "CLIENT")
     assert parent(stream_client) is connect
     decisions = {s.name: s for s in mine if s.service == "rempart-policy" and parent(s) is stream_server}
-    assert {"policy STAGE_CONNECT", "policy STAGE_AUTH", "policy STAGE_RCPT", "policy STAGE_DATA"} <= set(decisions)
-    assert decisions["policy STAGE_DATA"].attributes["rempart.policy.action"] == "ACTION_ACCEPT"
+    assert {"policy STAGE_CONNECT", "policy STAGE_AUTH", "policy STAGE_RCPT"} <= set(decisions)
+    assert decisions["policy STAGE_RCPT"].attributes["rempart.policy.action"] == "ACTION_ACCEPT"
+    # Issue 11: a message within the bounds its recipient's verdict gave costs no DATA decision.
+    assert "policy STAGE_DATA" not in decisions
 
     # The durable write under DATA; the indexer continues from the record's NATS headers.
     store = one("rempart-smtp-edge", "publish rempart.mail.accepted", "PRODUCER")

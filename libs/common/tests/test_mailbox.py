@@ -4,9 +4,11 @@ R-MBX-3), against real Redis and NATS JetStream."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from rempart.common.events import MAILBOX_LOG_STREAM, mailbox_log_subject
@@ -380,3 +382,41 @@ async def test_one_record_is_filed_in_all_its_mailboxes_by_one_call_each_as_far_
     assert await mailboxes.index.file(record, [BOB, CAROL], None, seq=seq) == placed
     assert [m.uid for m in await mailboxes.index.messages(CAROL)] == [1, 2]
     assert len(await mailboxes.index.messages(BOB)) == 101
+
+
+async def test_issue_11_the_indexer_files_a_delivery_with_its_summary_and_wakes_idle(
+    redis: aioredis.Redis, nats_conn: NATS
+) -> None:
+    """Issue 11: the SMTP edge only stores (the 250 waits for the durable record); the indexer is
+    where a delivery enters its mailboxes, once: filed in each, with the summary of a body the
+    record holds (header syncs read no blob), announced to IMAP IDLE on every replica."""
+    from rempart.common.events import mailbox_changed_subject
+
+    js = nats_conn.jetstream()
+    mailboxes = await open_mailboxes(redis, nats_conn)
+    woken: list[tuple[str, bytes]] = []
+
+    def waker(account: str) -> Callable[[Msg], Awaitable[None]]:
+        async def woke(msg: Msg) -> None:
+            woken.append((account, msg.data))
+        return woke
+
+    for account in (BOB, CAROL):
+        await nats_conn.subscribe(mailbox_changed_subject(account), cb=waker(account))
+    record, _ = await mailboxes.store.accept(b"Subject: both\r\nFrom: a@b.example\r\n\r\nhello\r\n",
+                                             mail_from="a@b.example", local_mailboxes=[BOB, CAROL], remote_recipients=[])
+    assert await mailboxes.index.messages(BOB) == []  # stored, not yet indexed: nobody else files it
+    indexer = asyncio.create_task(run_indexer(js, mailboxes, durable="test-indexer", nc=nats_conn))
+    try:
+        for _ in range(200):
+            if len(woken) == 2:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        indexer.cancel()
+    assert sorted(woken) == [(BOB, b"INBOX"), (CAROL, b"INBOX")]
+    for account in (BOB, CAROL):
+        [message] = await mailboxes.index.messages(account)
+        assert message.transaction_id == record.transaction_id and message.uid == 1
+        summary = (await mailboxes.index.summaries(account, INBOX, [1]))[1]
+        assert summary is not None and summary.header.startswith(b"Subject: both\r\n")

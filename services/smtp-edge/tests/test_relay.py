@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from rempart.common import keys
 from rempart.common.config import SettingsStore
 from rempart.common.directory import Directory
+from rempart.common.mailbox import Mailboxes, MailboxLog, run_indexer
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.runtime import ServiceRuntime
 from rempart.common.testing.dnsserver import LoopbackDnsServer
@@ -164,9 +165,16 @@ async def running_relay(redis_url: str, nats_url: str, dns: LoopbackDnsServer, m
     async with ServiceRuntime("relay", settings) as runtime:
         relay = Relay(runtime, settings)
         await relay.start()
+        # What imap-pop runs beside the relay: the indexer files DSNs in the local mailboxes.
+        js = runtime.js
+        mailboxes = Mailboxes(await MessageStore.open(js), MailboxIndex(runtime.redis), MailboxLog(js))
+        indexer = asyncio.create_task(run_indexer(js, mailboxes, nc=runtime.nc))
         try:
             yield relay
         finally:
+            indexer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await indexer
             await relay.drain(2)
 
 

@@ -23,11 +23,12 @@ from typing import Any
 import grpc
 import pytest
 
+from rempart.common.mailbox import run_indexer
 from rempart.common.mailstore import MailboxIndex, MessageStore
 from rempart.common.pb.auth.v1 import auth_pb2, auth_pb2_grpc
 from rempart.common.pb.policy.v1 import policy_pb2, policy_pb2_grpc
 from rempart.common.runtime import ServiceRuntime
-from rempart.common.testing.polling import eventually
+from rempart.common.testing.polling import eventually, indexed
 from rempart.smtp_edge import replies
 from rempart.smtp_edge.app import SmtpEdge
 from rempart.smtp_edge.settings import SmtpEdgeSettings
@@ -138,8 +139,16 @@ async def running_edge(redis_url: str, nats_url: str, tls_files: tuple[str, str]
         async with ServiceRuntime("smtp-edge", settings) as runtime:
             smtp_edge = SmtpEdge(runtime, settings)
             await smtp_edge.start()
-            yield Edge(smtp_edge, runtime, policy, server)
-            await smtp_edge.drain(1)
+            # What imap-pop runs beside the edge: the indexer files accepted mail in its mailboxes.
+            assert smtp_edge.handler is not None
+            indexer = asyncio.create_task(run_indexer(runtime.js, smtp_edge.handler.delivery.mailboxes, nc=runtime.nc))
+            try:
+                yield Edge(smtp_edge, runtime, policy, server)
+                await smtp_edge.drain(1)
+            finally:
+                indexer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await indexer
     finally:
         await server.stop(0)
 
@@ -160,6 +169,8 @@ MESSAGE = b"From: alice@example.org\r\nTo: bob@example.org\r\nSubject: hello\r\n
 
 
 async def mailbox_bodies(edge: Edge, mailbox: str) -> list[bytes]:
+    """What ``mailbox`` holds once the indexer has filed every accepted message."""
+    await indexed(edge.runtime.js)
     index = MailboxIndex(edge.runtime.redis)
     store = await MessageStore.open(edge.runtime.js)
     return [await store.read_message(m) for m in await index.messages(mailbox)]

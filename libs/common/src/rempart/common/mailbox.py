@@ -73,7 +73,7 @@ RECLAIMS_IN_FLIGHT = 16
 RESERVE_BLOCK = 100
 # The catch-up indexer: records per fetch, and its pause once caught up (run_indexer).
 INDEXER_BATCH = 200
-INDEXER_LINGER_SECONDS = 0.05
+INDEXER_LINGER_SECONDS = 0.02
 _MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,
           "remove": events_pb2.FLAG_CHANGE_REMOVE}
 
@@ -206,7 +206,11 @@ class Mailboxes:
         out: list[dict[str, Filed]] = []
         groups: dict[tuple[str, str, int], list[events_pb2.FiledMessage]] = {}
         modseqs: dict[str, int] = {}
-        summaries = [summarize(bodies[n]) if bodies is not None else None for n in range(len(records))]
+        # The summary is computed once, here, so IMAP header syncs read no blob (R-MBX-2): from
+        # the bytes at hand (APPEND), else from the body inside the record (the indexer); a
+        # message stored as a blob gets its summary at its first FETCH.
+        summaries = [summarize(bodies[n]) if bodies is not None else summarize(record.body) if record.body else None
+                     for n, (record, _) in enumerate(records)]
         # Every mailbox of every record in one round trip; a record that meets a folder's reserved
         # mark (a block of UIDs to record first) goes through place(), which reserves and files.
         first = await self.index.file_many([(record, list(record.local_mailboxes), summaries[n], seq)
@@ -252,24 +256,6 @@ class Mailboxes:
                 await self._reserve(mailbox, reservation, RESERVE_BLOCK)
             pending = [mailbox for mailbox, _ in reservations]
         raise RuntimeError(f"record {record.transaction_id}: no UID could be reserved")
-
-    async def deliver(self, nc: NATS, record: events_pb2.DeliveryRecord, message: bytes, seq: int,
-                      **log_extra: str) -> None:
-        """Right after an accepted write (the SMTP edge, a DSN): index the record now (the
-        catch-up indexer covers a failure, and files it in the log) and wake IMAP IDLE on every
-        imap-pop replica (IDLE's poll covers a lost announcement). Neither failure loses the
-        message, and each is logged as what it is."""
-        try:
-            # The summary is computed once here, so IMAP header syncs read no blob (R-MBX-2).
-            await self.place(record, summarize(message), seq)
-        except Exception as exc:  # noqa: BLE001 - the catch-up indexer will index it
-            log.warning("inline indexing failed, left to the indexer: %s", exc, extra=log_extra)
-        try:
-            for mailbox in record.local_mailboxes:
-                await nc.publish(mailbox_changed_subject(mailbox), (record.folder or INBOX).encode())
-        except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll (idle_poll_seconds)
-            log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc,
-                        extra=log_extra)
 
     async def copy(self, account: str, source: str, target: str, uids: list[int]) -> list[Copied]:
         """COPY and MOVE (RFC 3501 6.4.7, RFC 6851): the same messages filed again in ``target``
@@ -386,15 +372,28 @@ class Mailboxes:
             await asyncio.gather(*self._reclaiming, return_exceptions=True)
 
 
-async def run_indexer(
-    js: JetStreamContext, mailboxes: Mailboxes, durable: str = "mailbox-indexer", wait_replicas: int = 0
-) -> None:
-    """Catch-up indexer: a durable pull consumer shared by every replica that runs it.
+async def announce(nc: NATS | None, changed: Iterable[tuple[str, str]], **log_extra: str) -> None:
+    """Wake IMAP IDLE on every imap-pop replica for each (mailbox, folder) that changed. A lost
+    announcement is seen at IDLE's next poll (idle_poll_seconds): logged, never raised."""
+    if nc is None:
+        return
+    try:
+        for mailbox, folder in dict.fromkeys(changed):
+            await nc.publish(mailbox_changed_subject(mailbox), folder.encode())
+    except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll
+        log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)
 
-    The edge indexes inline right after the ack; this covers an edge that died between the ack
-    and the index write, and files every delivery in the change log (its UID recorded), so that
-    every acknowledged record reaches its mailboxes and a rebuild gives it the same UID. A
-    batch is acked only once its filing records are.
+
+async def run_indexer(
+    js: JetStreamContext, mailboxes: Mailboxes, durable: str = "mailbox-indexer", wait_replicas: int = 0,
+    nc: NATS | None = None,
+) -> None:
+    """The indexer: a durable pull consumer shared by every replica that runs it, the one place
+    where delivered mail enters its mailboxes (issue 11: each record is indexed once, here; the
+    SMTP edge's 250 waits for the durable record only). Each batch is filed in the index and in
+    the change log (its UIDs recorded, so a rebuild gives them back), with the summary of each
+    message whose body the record holds; then IMAP IDLE is woken (``nc``). A batch is acked only
+    once its filing records are; a replica that dies before leaves it to the next fetch.
 
     With ``wait_replicas`` (Redis with replicas, R-OPS-6), a batch is acked only once that many
     Redis replicas have its index writes (WAIT): replication is asynchronous, and a primary lost
@@ -411,6 +410,8 @@ async def run_indexer(
             if records:
                 with tracing.consuming(batch, "index", durable):
                     await mailboxes.file(records)
+                await announce(nc, ((mailbox, record.folder or INBOX)
+                                    for record, _ in records for mailbox in record.local_mailboxes))
         except Exception as exc:  # noqa: BLE001 - Redis or NATS away: the whole batch is retried
             log.warning("indexer could not file a batch, will retry: %s", exc)
             for msg in batch:
@@ -424,9 +425,9 @@ async def run_indexer(
         for msg in batch:
             await msg.ack()
         if 0 < len(batch) < INDEXER_BATCH:
-            # Caught up: let the next records gather. The edge has indexed them already, so a
-            # pause costs no reader anything, and a batch's costs (a fetch, a Redis script, a
-            # log write) are paid for many records instead of one or two (issue 11).
+            # Caught up: let the next records gather a moment, so that under load a batch's
+            # costs (a fetch, a Redis round trip, a log write) are paid for many records instead
+            # of one or two (issue 11). Idle, a record is filed as soon as it arrives.
             await asyncio.sleep(INDEXER_LINGER_SECONDS)
 
 

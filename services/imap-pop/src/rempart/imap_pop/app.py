@@ -69,7 +69,7 @@ async def serve(settings: ImapPopSettings) -> None:
             indexer_mailboxes = Mailboxes(
                 store, MailboxIndex(connect_redis(settings.redis_url, max_connections=1)), mailboxes.log
             ) if settings.redis_wait_replicas else mailboxes
-            indexer = run_indexer(rt.js, indexer_mailboxes, wait_replicas=settings.redis_wait_replicas)
+            indexer = run_indexer(rt.js, indexer_mailboxes, wait_replicas=settings.redis_wait_replicas, nc=rt.nc)
             background.append(asyncio.create_task(indexer, name="indexer"))
         if settings.mailbox_compact_records:
             # Keeps replay short (a rebuild after a Redis loss): one account at a time.

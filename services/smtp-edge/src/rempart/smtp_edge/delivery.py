@@ -1,6 +1,7 @@
 """Accepting a message: trace headers, then one durable write to the message store before the
-250 (DESIGN.md "Durability", R-OPS-3), then the mailbox index and the IDLE announcement, which
-may fail without losing the message (the catch-up indexer and IDLE's poll make up for them)."""
+250 (DESIGN.md "Durability", R-OPS-3). The indexer (``rempart.common.mailbox.run_indexer``, in
+imap-pop) files the record in its mailboxes and wakes IMAP IDLE: each record is indexed once,
+there, and the edge's event loop spends nothing on it (issue 11)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Delivery:
         started = time.monotonic()
         try:
             async with asyncio.timeout(STORE_TIMEOUT_SECONDS):
-                record, seq = await self.mailboxes.store.accept(
+                record, _seq = await self.mailboxes.store.accept(
                     message,
                     mail_from=strip_brackets(envelope.mail_from or ""),
                     local_mailboxes=state.local_mailboxes,
@@ -76,7 +77,6 @@ class Delivery:
         metrics.child(ACCEPTED_BYTES, server.listener.name).inc(len(message))
         if self.stats is not None:
             self.stats.message_accepted()
-        await self.mailboxes.deliver(self.events.connection, record, message, seq, session=state.session_id)
         await self.events.publish(
             "mail", "accepted", client_ip=state.client_ip, account=state.authenticated_account,
             session_id=state.session_id, protocol=server.listener.name, queue_id=record.transaction_id,

@@ -7,6 +7,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
 POLL_SECONDS = 0.05
 T = TypeVar("T")
 
@@ -37,3 +40,18 @@ def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "c
             return last
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+async def indexed(js: JetStreamContext, durable: str = "mailbox-indexer", timeout: float = 20.0) -> None:
+    """Return once the indexer (``rempart.common.mailbox.run_indexer``) has filed and acked
+    every delivery record on the MAIL stream: what a 250 accepted is then in its mailboxes."""
+    from rempart.common.events import MAIL_STREAM
+
+    async def caught_up() -> bool:
+        try:
+            info = await js.consumer_info(MAIL_STREAM, durable)
+        except NotFoundError:
+            return False  # the indexer has not subscribed yet
+        return not info.num_pending and not info.num_ack_pending
+
+    await eventually(caught_up, timeout, what=f"the indexer {durable!r} to file every delivery")

@@ -547,10 +547,9 @@ class RelayQueue:
         if local:
             # R-TLS-5: Return-Path at final delivery; a DSN's envelope sender is empty.
             message = b"Return-Path: <>\r\n" + message
-        record, seq = await self.mailboxes.store.accept(
+        # Filed in the local mailboxes by the indexer, as every delivery record is.
+        await self.mailboxes.store.accept(
             message, mail_from="", local_mailboxes=local, remote_recipients=remote, transaction_id=transaction_id)
-        if local:
-            await self.mailboxes.deliver(self.events.connection, record, message, seq, dsn=transaction_id)
 
 
 def _dsn_value(record: events_pb2.DeliveryRecord, name: str, rcpt: str) -> str:
