@@ -127,7 +127,17 @@ def ip_in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, entries: Ite
     return any(ip.version == net.version and ip in net for net in _networks(tuple(entries)))
 
 
-_UNPARSED = object()
+def _parsed_or_error(parse: Callable[[str], MailAddress | None], text: str) -> MailAddress | AddressError | None:
+    try:
+        return parse(text)
+    except AddressError as exc:
+        return exc
+
+
+def _value_or_raise(found: MailAddress | AddressError | None) -> MailAddress | None:
+    if isinstance(found, AddressError):
+        raise found
+    return found
 
 
 @lru_cache(maxsize=4096)
@@ -177,8 +187,7 @@ class CheckContext:
         self.ip, self.client_ip, self.ips_subject, self.ips_prefix = _client_facts(
             self.session.client_ip, self.settings.ips.ipv6_prefix_length)
         self.memo: dict[str, object] = {}
-        self._sender: object = _UNPARSED
-        self._recipient: object = _UNPARSED
+        self._parsed: dict[str, MailAddress | AddressError | None] = {}
 
     # Session facts ----------------------------------------------------------------------------
     @property
@@ -232,25 +241,17 @@ class CheckContext:
     def sender(self) -> MailAddress | None:
         """MAIL FROM, normalised; None for the null sender; raises AddressError. Parsed once
         per call however many rules ask (it showed in the per-RCPT profile)."""
-        if self._sender is _UNPARSED:
-            try:
-                self._sender = parse_sender(self.request.mail_from)
-            except AddressError as exc:
-                self._sender = exc
-        if isinstance(self._sender, AddressError):
-            raise self._sender
-        return self._sender  # type: ignore[return-value]
+        if "sender" not in self._parsed:
+            self._parsed["sender"] = _parsed_or_error(parse_sender, self.request.mail_from)
+        return _value_or_raise(self._parsed["sender"])
 
     def recipient(self) -> MailAddress:
         """RCPT TO, normalised; raises AddressError. Parsed once per call."""
-        if self._recipient is _UNPARSED:
-            try:
-                self._recipient = parse_address(self.request.recipient)
-            except AddressError as exc:
-                self._recipient = exc
-        if isinstance(self._recipient, AddressError):
-            raise self._recipient
-        return self._recipient  # type: ignore[return-value]
+        if "recipient" not in self._parsed:
+            self._parsed["recipient"] = _parsed_or_error(parse_address, self.request.recipient)
+        found = _value_or_raise(self._parsed["recipient"])
+        assert found is not None
+        return found
 
     @property
     def sender_text(self) -> str:
