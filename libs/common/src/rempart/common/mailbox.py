@@ -71,7 +71,7 @@ MODSEQ_MARGIN = 1_000_000
 RECLAIMS_IN_FLIGHT = 16
 # UIDs reserved in the change log at a time per folder: one log record per this many deliveries.
 RESERVE_BLOCK = 100
-# The catch-up indexer: records per fetch, and its pause once caught up (run_indexer).
+# The indexer (run_indexer): records per fetch, and its pause once caught up.
 INDEXER_BATCH = 200
 INDEXER_LINGER_SECONDS = 0.02
 _MODES = {"set": events_pb2.FLAG_CHANGE_SET, "add": events_pb2.FLAG_CHANGE_ADD,

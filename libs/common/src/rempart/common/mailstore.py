@@ -518,7 +518,7 @@ for m = 0, mailboxes - 1 do
       redis.call('HINCRBY', usage, 'bytes', ARGV[3])
       redis.call('HINCRBY', usage, 'messages', 1)
       -- Its references: one per recipient mailbox, counted once when the first is placed, so a
-      -- recipient placed late (by the catch-up indexer) is never left without its bytes.
+      -- recipient placed late (reserved first, then filed) is never left without its bytes.
       if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[13]) end
       redis.call('HSET', prefix .. uid, 'blob', ARGV[2], 'size', ARGV[3], 'date', ARGV[4],
                  'flags', ARGV[6], 'txn', ARGV[1], 'seq', ARGV[12], 'modseq', modseq)
@@ -832,7 +832,7 @@ class MailboxIndex:
         answer is a :class:`Reservation` to record (:meth:`reserve`), then call again.
 
         With the message's summary (the delivery path has the bytes at hand), FETCH of
-        headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (catch-up indexer,
+        headers, ENVELOPE and BODYSTRUCTURE reads no blob; without it (a message stored as a blob,
         rebuild) the summary is computed at the first FETCH and kept (:meth:`store_summary`).
         """
         return (await self.file_many([(record, list(mailboxes), summary, seq)]))[0]

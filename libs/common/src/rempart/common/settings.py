@@ -37,7 +37,7 @@ class ServiceSettings(BaseSettings):
     # Messages up to this size are stored inside their delivery record (one fsync, one read);
     # larger ones in the object store. 0 stores every message as a blob.
     inline_body_max_bytes: int = Field(default=64 * 1024, ge=0, le=512 * 1024)
-    # Redis replicas that must have the mailbox index's writes before the catch-up indexer acks
+    # Redis replicas that must have the mailbox index's writes before the indexer acks
     # a record (0: no replicas, or do not wait). The chart's Sentinel values set 1.
     redis_wait_replicas: int = Field(default=0, ge=0, le=5)
 
