@@ -67,3 +67,44 @@ async def test_r_ops_7_a_stop_with_a_busy_subscription_is_bounded_and_leaves_no_
     assert any("NATS drain did not finish" in r.getMessage() and r.levelno == logging.WARNING
                for r in records.seen), [r.getMessage() for r in records.seen]
     assert not [r for r in records.seen if r.levelno >= logging.ERROR], [r.getMessage() for r in records.seen]
+
+
+def test_r_ops_7_a_stop_that_overruns_its_drain_dumps_its_stacks_and_exits(redis_url: str, nats_url: str) -> None:
+    """A process whose drain never ends (a stall somewhere) does not wait for the orchestrator's
+    SIGKILL: past its grace and the overrun it writes every thread's stack to stderr (where the
+    stall is) and exits 1."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import asyncio
+        from rempart.common import runtime
+        from rempart.common.settings import ServiceSettings
+        runtime.STOP_OVERRUN_SECONDS = 0.5
+
+        async def main():
+            settings = ServiceSettings(redis_url={redis_url!r}, nats_url={nats_url!r}, ops_host="127.0.0.1",
+                                       ops_port=0, environment="test", log_format="text",
+                                       shutdown_grace_seconds=0.5)
+            async with runtime.ServiceRuntime("stuck", settings) as rt:
+                print("ready", flush=True)
+                await rt.wait_for_shutdown()
+                await asyncio.Event().wait()  # a drain that never ends
+
+        runtime.run(main())
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        started = time.monotonic()
+        proc.terminate()
+        code = proc.wait(20)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.kill()
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    assert code == 1 and elapsed < 10, (code, elapsed, stderr[-2000:])
+    assert "stuck still running" in stderr, stderr[-2000:]
+    assert "Thread 0x" in stderr or "Current thread 0x" in stderr, stderr[-2000:]

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
@@ -40,6 +42,15 @@ log = logging.getLogger(__name__)
 # Teardown bounds: SIGTERM must end the process well within Kubernetes' default 30 s grace and
 # `make run`'s 10 s, after the service's own drain (settings.shutdown_grace_seconds).
 NATS_CLOSE_SECONDS = 2.0
+# Past its drain (shutdown_grace_seconds), a stopping process has this long to exit.
+STOP_OVERRUN_SECONDS = 15.0
+
+
+def _stop_overrun(service: str) -> None:
+    log.error("%s still running %.0f s past its drain: thread stacks on stderr, exiting", service,
+              STOP_OVERRUN_SECONDS)
+    faulthandler.dump_traceback(all_threads=True)
+    os._exit(1)
 
 
 class ServiceRuntime:
@@ -48,6 +59,7 @@ class ServiceRuntime:
         self.settings = settings
         self.instance = settings.instance or f"{socket.gethostname()}-{os.getpid()}"
         self._shutdown = asyncio.Event()
+        self._watchdog: threading.Timer | None = None
         self.redis: aioredis.Redis
         self.nc: NATS
         self.js: JetStreamContext
@@ -103,7 +115,11 @@ class ServiceRuntime:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self._teardown.aclose()
+        try:
+            await self._teardown.aclose()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()  # stopped in time (a test's process goes on)
         log.info("%s stopped", self.service)
 
     async def _close_nats(self) -> None:
@@ -132,6 +148,13 @@ class ServiceRuntime:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s: draining", sig.name)
+        if self._watchdog is None:
+            # A stop that overruns its drain by STOP_OVERRUN_SECONDS is a bug somewhere: say where
+            # every thread stands (stderr), then exit, instead of waiting for the SIGKILL.
+            self._watchdog = threading.Timer(self.settings.shutdown_grace_seconds + STOP_OVERRUN_SECONDS,
+                                             _stop_overrun, (self.service,))
+            self._watchdog.daemon = True
+            self._watchdog.start()
         self.ops.draining = True
         self._shutdown.set()
         if self._starting is not None:
