@@ -372,7 +372,7 @@ class Mailboxes:
             await asyncio.gather(*self._reclaiming, return_exceptions=True)
 
 
-async def announce(nc: NATS | None, changed: Iterable[tuple[str, str]], **log_extra: str) -> None:
+async def announce(nc: NATS | None, changed: Iterable[tuple[str, str]]) -> None:
     """Wake IMAP IDLE on every imap-pop replica for each (mailbox, folder) that changed. A lost
     announcement is seen at IDLE's next poll (idle_poll_seconds): logged, never raised."""
     if nc is None:
@@ -381,7 +381,7 @@ async def announce(nc: NATS | None, changed: Iterable[tuple[str, str]], **log_ex
         for mailbox, folder in dict.fromkeys(changed):
             await nc.publish(mailbox_changed_subject(mailbox), folder.encode())
     except Exception as exc:  # noqa: BLE001 - IDLE sessions also poll
-        log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc, extra=log_extra)
+        log.warning("mailbox change announcement failed, IDLE sees it at its next poll: %s", exc)
 
 
 async def run_indexer(

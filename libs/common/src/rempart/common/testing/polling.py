@@ -10,6 +10,8 @@ from typing import TypeVar
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from rempart.common.events import MAIL_STREAM
+
 POLL_SECONDS = 0.05
 T = TypeVar("T")
 
@@ -45,7 +47,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 15.0, what: str = "c
 async def indexed(js: JetStreamContext, durable: str = "mailbox-indexer", timeout: float = 20.0) -> None:
     """Return once the indexer (``rempart.common.mailbox.run_indexer``) has filed and acked
     every delivery record on the MAIL stream: what a 250 accepted is then in its mailboxes."""
-    from rempart.common.events import MAIL_STREAM
 
     async def caught_up() -> bool:
         try:
