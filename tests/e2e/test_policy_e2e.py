@@ -694,7 +694,7 @@ def test_r_ips_6_thunderbird_and_a_phone_behind_one_nat_stay_unblocked(env: Env)
     than R-IPS-2's 5 connections a minute from one IP. After the first login the IP is known
     (R-IPS-6), and none of the later connections counts. Each session talks as Thunderbird does
     with CONDSTORE (RFC 7162): ENABLE, SELECT (CONDSTORE), UID FETCH (CHANGEDSINCE)."""
-    household, stranger = "127.0.0.61", "127.0.0.62"
+    household, stranger = "127.0.0.91", "127.0.0.92"  # not the 60-71 the policy-kill test connects from
     user, password = env.demo["user"], env.demo["user_password"]
     sessions: list[imaplib.IMAP4] = []
     connections = 0
