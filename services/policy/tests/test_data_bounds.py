@@ -1,6 +1,8 @@
 """Issue 11: an accepted recipient's verdict carries the DATA stage's bounds, so that the edge asks
 nothing at DATA for a message within them. The bounds must say exactly what the DATA pipeline
-decides: on each side of each bound, for each rule that sets one (R-LIM-5, R-LIM-7, R-IPS-3)."""
+decides: on each side of each bound, for each rule that sets one (R-LIM-5, R-LIM-7, R-IPS-3).
+Likewise an accepted MAIL verdict says for how long and up to which SIZE= the session may give it
+again to the same sender (Verdict.reuse): its size bound is the MAIL stage's own (R-LIM-7)."""
 
 from __future__ import annotations
 
@@ -78,3 +80,47 @@ async def test_discarded_recipient_has_bounds_refused_has_none(policy: Policy) -
 async def test_only_rcpt_verdicts_carry_bounds(policy: Policy, stage: int) -> None:
     verdict = await policy.check(stage, ip="203.0.113.18", mail_from="x@remote.example", message_size=10)
     assert verdict.action == pb.ACTION_ACCEPT and not verdict.HasField("data_bounds")
+
+
+async def mail(policy: Policy, ip: str, size: int = 0, account: str = "",
+               sender: str = "x@remote.example") -> pb.Verdict:
+    return await policy.check(pb.STAGE_MAIL, ip=ip, account=account, mail_from=sender, message_size=size)
+
+
+async def assert_reuse_matches_mail_stage(policy: Policy, ip: str, account: str = "",
+                                          sender: str = "x@remote.example") -> int:
+    verdict = await mail(policy, ip, account=account, sender=sender)
+    assert verdict.action == pb.ACTION_ACCEPT and verdict.HasField("reuse")
+    assert verdict.reuse.seconds == 30
+    limit = verdict.reuse.max_size
+    assert (await mail(policy, ip, limit, account, sender)).action == pb.ACTION_ACCEPT
+    too_big = await mail(policy, ip, limit + 1, account, sender)
+    assert (too_big.code, too_big.enhanced_code, too_big.rule) == (552, "5.3.4", "R-LIM-7")
+    assert not too_big.HasField("reuse")
+    return limit
+
+
+async def test_accepted_mail_may_be_reused_up_to_the_size_limit(policy: Policy) -> None:
+    assert await assert_reuse_matches_mail_stage(policy, "203.0.113.20") == 50 * 1024 * 1024
+    await policy.settings({"limits": {"max_message_size": 4096}})
+    assert await assert_reuse_matches_mail_stage(policy, "203.0.113.21") == 4096
+    await policy.settings({"limits": {"max_message_size": 10_000}}, scope=f"account:{BOB}")
+    assert await assert_reuse_matches_mail_stage(policy, "203.0.113.22", account=BOB, sender=BOB) == 10_000
+
+
+async def test_refused_mail_is_never_reused(policy: Policy) -> None:
+    """R-REL-3: a sender that is not the authenticated account is refused, and that verdict
+    carries no reuse (only an accept is reused; anything else is asked every time)."""
+    await policy.settings({"relay": {"reject_auth_sender_mismatch": True}})
+    refused = await mail(policy, "203.0.113.23", account=BOB, sender="mallory@remote.example")
+    assert (refused.code, refused.rule) == (501, "R-REL-3") and not refused.HasField("reuse")
+    assert (await mail(policy, "203.0.113.23", account=BOB, sender=BOB)).HasField("reuse")
+    bad = await mail(policy, "203.0.113.24", sender="not an address")
+    assert bad.action == pb.ACTION_REJECT and not bad.HasField("reuse")
+
+
+@pytest.mark.parametrize("stage", [pb.STAGE_RCPT, pb.STAGE_DATA, pb.STAGE_CONNECT])
+async def test_only_mail_verdicts_carry_reuse(policy: Policy, stage: int) -> None:
+    verdict = await policy.check(stage, ip="203.0.113.25", mail_from="x@remote.example",
+                                 recipient=BOB, message_size=10)
+    assert verdict.action == pb.ACTION_ACCEPT and not verdict.HasField("reuse")

@@ -45,6 +45,8 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
         self.stages: list[int] = []
         # Recipient -> the DATA bounds its verdict carries (issue 11); others carry none.
         self.data_bounds: dict[str, tuple[int, int]] = {}
+        # (seconds, max SIZE=) an accepted MAIL verdict may be reused for (issue 11); None: never.
+        self.mail_reuse: tuple[int, int] | None = None
 
     async def Check(self, request: policy_pb2.CheckRequest, context: object) -> policy_pb2.Verdict:
         self.stages.append(request.stage)
@@ -64,6 +66,11 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
                 return verdict
             return policy_pb2.Verdict(action=policy_pb2.ACTION_REJECT, code=550, enhanced_code="5.7.1",
                                       text=f"<{request.mail_from}>... we do not relay <{request.recipient}>")
+        if request.stage == policy_pb2.STAGE_MAIL and self.mail_reuse is not None:
+            verdict = policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250, add_headers=[
+                policy_pb2.Header(name="Received-SPF", value=f"pass (asked for {request.mail_from})")])
+            verdict.reuse.CopyFrom(policy_pb2.VerdictReuse(seconds=self.mail_reuse[0], max_size=self.mail_reuse[1]))
+            return verdict
         return policy_pb2.Verdict(action=policy_pb2.ACTION_ACCEPT, code=250)
 
     async def Session(self, requests: Any, context: object) -> AsyncIterator[policy_pb2.Verdict]:
@@ -231,6 +238,71 @@ async def test_issue_11_data_is_asked_only_beyond_the_tightest_recipient_bounds(
     assert await asyncio.to_thread(send, [(r, m) for r, m, _ in asked]) == [{}] * len(asked)
     assert edge.policy.stages.count(policy_pb2.STAGE_DATA) - before == sum(e for _, _, e in asked)
     assert len(await mailbox_bodies(edge, "big@example.org")) == 2 * len(asked)
+
+
+async def test_issue_11_a_reusable_mail_verdict_is_given_again_only_to_the_same_sender(edge: Edge) -> None:
+    """An accepted MAIL verdict with reuse is given again without a call for the same sender in
+    the same session, with its headers; a different sender, a larger SIZE=, other session facts
+    (a new EHLO name), changed settings, its expiry or a new session ask the policy again."""
+    edge.policy.mail_reuse = (30, 10_000)
+
+    def mail_calls() -> int:
+        return edge.policy.stages.count(policy_pb2.STAGE_MAIL)
+
+    def session(steps: list[tuple[str, str, list[str]]]) -> list[int]:
+        """Each step: (EHLO name, sender, MAIL options), then one message to bob; the MAIL
+        calls each step cost."""
+        costs = []
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            for helo, sender, options in steps:
+                if client.ehlo_resp is None or helo != client.ehlo_resp.split()[0].decode():
+                    client.ehlo(helo)
+                before = mail_calls()
+                assert client.sendmail(sender, ["bob@example.org"], MESSAGE, mail_options=options) == {}
+                costs.append(mail_calls() - before)
+        return costs
+
+    a, b = "a@remote.test", "b@remote.test"
+    assert await asyncio.to_thread(session, [
+        ("c.test", a, []), ("c.test", a, []), ("c.test", a, ["SIZE=10000"]),  # reused
+        ("c.test", b, []),  # another sender: asked, and now b's verdict is the one kept
+        ("c.test", a, []),  # a again: asked
+        ("c.test", a, ["SIZE=10001"]),  # over the verdict's size: asked
+        ("c.test", a, []),
+    ]) == [1, 0, 0, 1, 1, 1, 0]
+    assert await asyncio.to_thread(session, [("c.test", a, []), ("c.test", a, [])]) == [1, 0]  # per session
+
+    def new_ehlo() -> list[int]:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            client.ehlo("one.test")
+            client.sendmail(a, ["bob@example.org"], MESSAGE)
+            before = mail_calls()
+            client.ehlo("two.test")  # other session facts
+            client.sendmail(a, ["bob@example.org"], MESSAGE)
+            return [mail_calls() - before]
+
+    assert await asyncio.to_thread(new_ehlo) == [1]
+
+    def around(action: Any) -> list[int]:
+        with smtplib.SMTP("127.0.0.1", edge.port("smtp"), timeout=10) as client:
+            client.sendmail(a, ["bob@example.org"], MESSAGE)
+            action()
+            before = mail_calls()
+            client.sendmail(a, ["bob@example.org"], MESSAGE)
+            return [mail_calls() - before]
+
+    loop = asyncio.get_running_loop()
+
+    def settings_change() -> None:
+        asyncio.run_coroutine_threadsafe(set_server_settings(edge, {"smtp": {"error_budget": 9}}), loop).result(10)
+
+    assert await asyncio.to_thread(around, settings_change) == [1]
+    edge.policy.mail_reuse = (1, 10_000)
+    assert await asyncio.to_thread(around, lambda: time.sleep(1.2)) == [1]  # expired
+    # Every message, reused verdict or not, carries the verdict's header.
+    bodies = await mailbox_bodies(edge, "bob@example.org")
+    assert len(bodies) == 7 + 2 + 2 + 2 + 2
+    assert all(b"Received-SPF: pass (asked for " in body for body in bodies)
 
 
 async def test_r_tls_1_submission_refuses_mail_before_tls_and_auth(edge: Edge) -> None:

@@ -48,11 +48,15 @@ class Decision:
     rewritten_sender: str = ""
     # RCPT: (max size, max hops) the DATA stage accepts without being asked (issue 11).
     data_bounds: tuple[int, int] | None = None
+    # MAIL: (seconds, max SIZE=) the same session may reuse this verdict for the same sender.
+    reuse: tuple[int, int] | None = None
 
     def to_verdict(self) -> policy_pb2.Verdict:
-        bounds = None
+        bounds = reuse = None
         if self.data_bounds is not None:
             bounds = policy_pb2.DataBounds(max_size=self.data_bounds[0], max_hops=self.data_bounds[1])
+        if self.reuse is not None:
+            reuse = policy_pb2.VerdictReuse(seconds=self.reuse[0], max_size=self.reuse[1])
         return policy_pb2.Verdict(
             action=self.action,
             code=self.code,
@@ -66,6 +70,7 @@ class Decision:
             delay_ms=self.delay_ms,
             rewritten_sender=self.rewritten_sender,
             data_bounds=bounds,
+            reuse=reuse,
         )
 
 

@@ -106,6 +106,24 @@ async def data_bounds(ctx: CheckContext) -> tuple[int, int]:
     if block is not None:
         size = min(size, block)
     return size, ctx.settings.limits.max_hops
+
+
+# How long a session may reuse an accepted MAIL verdict for the same sender (issue 11). Every
+# MAIL rule is a function of the session's facts, the sender, SIZE= and the settings, and of DNS
+# answers (cached by the resolver anyway): no counter moves at MAIL. A client that sends message
+# after message from one sender over one session (an MTA emptying its queue) is asked once per
+# this many seconds instead of once per message; settings changes end it sooner (the edge).
+MAIL_REUSE_SECONDS = 30
+
+
+async def mail_reuse(ctx: CheckContext, decision: Decision) -> tuple[int, int] | None:
+    """(seconds, max SIZE=) for an accepted MAIL verdict that the session may reuse: none when
+    it comes with a delay (a tarpit is paid every time)."""
+    if decision.action != policy_pb2.ACTION_ACCEPT or decision.delay_ms:
+        return None
+    return MAIL_REUSE_SECONDS, await limits.message_size_limit(ctx)
+
+
 # The SMTP stages whose refusals GET /v1/stats counts by reason (a failed AUTH is a login, counted
 # by the auth service; RSET and DISCONNECT refuse nothing a client sent mail with).
 COUNTED_STAGES = frozenset({policy_pb2.STAGE_CONNECT, policy_pb2.STAGE_HELO, policy_pb2.STAGE_MAIL,
@@ -196,6 +214,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             decision = await run_pipeline(ctx, rules, default)
             if request.stage == policy_pb2.STAGE_RCPT and decision.action in PASSED:
                 decision = replace(decision, data_bounds=await data_bounds(ctx))
+            elif request.stage == policy_pb2.STAGE_MAIL:
+                decision = replace(decision, reuse=await mail_reuse(ctx, decision))
         except (aioredis.RedisError, OSError) as exc:
             log.warning("redis failed, failing closed: %s", exc, extra={"session": request.session.session_id})
             return temporary_problem("redis-unavailable")

@@ -87,6 +87,20 @@ LISTENERS = {
 }
 
 
+@dataclass(frozen=True)
+class ReusableVerdict:
+    """An accepted MAIL verdict that the policy let the session give again (Verdict.reuse,
+    issue 11): to the same sender, with the same session facts and settings, until ``until``
+    (event-loop time), for a SIZE= up to ``max_size``."""
+
+    sender: str
+    facts: policy_pb2.SessionFacts
+    settings_version: int
+    until: float
+    max_size: int
+    verdict: policy_pb2.Verdict
+
+
 @dataclass
 class SessionState:
     session_id: str = field(default_factory=lambda: os.urandom(6).hex())
@@ -114,6 +128,24 @@ class SessionState:
     # The transaction's DATA bounds (max size, max hops): the tightest of its accepted
     # recipients' verdicts; (-1, -1) when one came without any (policy asks at DATA then).
     data_bounds: tuple[int, int] | None = None
+    # The last MAIL verdict, when the policy said the session may reuse it.
+    mail_verdict: ReusableVerdict | None = None
+
+    def keep_mail_verdict(self, sender: str, facts: policy_pb2.SessionFacts, settings_version: int,
+                          now: float, verdict: policy_pb2.Verdict) -> None:
+        self.mail_verdict = None
+        if verdict.HasField("reuse") and verdict.action == policy_pb2.ACTION_ACCEPT and not verdict.delay_ms:
+            self.mail_verdict = ReusableVerdict(sender, facts, settings_version, now + verdict.reuse.seconds,
+                                                verdict.reuse.max_size, verdict)
+
+    def reusable_mail_verdict(self, sender: str, size: int, facts: policy_pb2.SessionFacts,
+                              settings_version: int, now: float) -> policy_pb2.Verdict | None:
+        """The kept MAIL verdict if it holds for this MAIL FROM (else the policy is asked)."""
+        kept = self.mail_verdict
+        if (kept is None or kept.sender != sender or size > kept.max_size or now >= kept.until
+                or kept.settings_version != settings_version or kept.facts != facts):
+            return None
+        return kept.verdict
 
     def narrow_data_bounds(self, verdict: policy_pb2.Verdict) -> None:
         """An accepted recipient's verdict: what the DATA stage lets through (issue 11)."""

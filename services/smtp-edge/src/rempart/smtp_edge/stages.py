@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 REPLIES = Counter("rempart_smtp_replies_total", "SMTP replies by listener and code class", ["listener", "class"])
 POLICY_SECONDS = Histogram("rempart_smtp_policy_seconds", "Policy call latency seen by the edge", ["stage"])
+POLICY_SKIPPED = Counter("rempart_smtp_policy_skipped_total",
+                         "Stages decided without a policy call because an earlier verdict covered them",
+                         ["stage"])
 # The rules of the verdicts the policy client makes up when policy does not answer (clients.py).
 POLICY_FAILURE_RULES = ("policy-unavailable", "policy-empty-verdict")
 UNCOUNTED_STAGES = frozenset({policy_pb2.STAGE_RSET, policy_pb2.STAGE_DISCONNECT})
@@ -141,8 +144,9 @@ class EdgeHandler:
             server.state.policy = self.policy.session()
         return server.state.policy
 
-    async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType, **fields: Any) -> policy_pb2.Verdict:
-        request = policy_pb2.CheckRequest(stage=stage, session=self._facts(server), **fields)
+    async def _check(self, server: EdgeSMTP, stage: policy_pb2.Stage.ValueType,
+                     facts: policy_pb2.SessionFacts | None = None, **fields: Any) -> policy_pb2.Verdict:
+        request = policy_pb2.CheckRequest(stage=stage, session=facts or self._facts(server), **fields)
         with metrics.timed(metrics.child(POLICY_SECONDS, policy_pb2.Stage.Name(stage))):
             verdict = await self._policy(server).check(request)
         if verdict.rule.startswith(POLICY_FAILURE_RULES) and stage not in UNCOUNTED_STAGES:
@@ -243,8 +247,13 @@ class EdgeHandler:
                 size = int(option[5:]) if option[5:].isdigit() else 0
         server.state.reset_transaction()
         server.state.dsn = dict(server.state.pending_dsn)
-        verdict = await self._check(server, policy_pb2.STAGE_MAIL, mail_from=strip_brackets(address),
-                                    message_size=size)
+        sender, facts, now = strip_brackets(address), self._facts(server), asyncio.get_running_loop().time()
+        verdict = server.state.reusable_mail_verdict(sender, size, facts, self.config.version, now)
+        if verdict is None:
+            verdict = await self._check(server, policy_pb2.STAGE_MAIL, facts, mail_from=sender, message_size=size)
+            server.state.keep_mail_verdict(sender, facts, self.config.version, now, verdict)
+        else:
+            metrics.child(POLICY_SKIPPED, "MAIL").inc()
         refusal = await server.apply_verdict("mail", verdict)
         if refusal is not None:
             return refusal
@@ -305,6 +314,7 @@ class EdgeHandler:
         if state.data_within_bounds(len(data), hops):
             # The recipients' verdicts said DATA accepts this message: no call of its own.
             verdict = DATA_WITHIN_BOUNDS
+            metrics.child(POLICY_SKIPPED, "DATA").inc()
         else:
             verdict = await self._check(
                 server,

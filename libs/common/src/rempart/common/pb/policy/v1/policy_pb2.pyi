@@ -279,6 +279,7 @@ class Verdict(_message.Message):
     IP_BLOCKED_FIELD_NUMBER: _builtins.int
     REWRITTEN_SENDER_FIELD_NUMBER: _builtins.int
     DATA_BOUNDS_FIELD_NUMBER: _builtins.int
+    REUSE_FIELD_NUMBER: _builtins.int
     action: Global___Action.ValueType
     code: _builtins.int
     """SMTP basic code, e.g. 550"""
@@ -315,6 +316,13 @@ class Verdict(_message.Message):
         transaction with a recipient whose verdict has no bounds, is asked at DATA as before.
         """
 
+    @_builtins.property
+    def reuse(self) -> Global___VerdictReuse:
+        """MAIL (accepted): this session may give the same verdict, without asking, to a later MAIL
+        FROM of the same sender while the session's facts and the settings are unchanged (issue 11).
+        Absent: every MAIL is asked.
+        """
+
     def __init__(
         self,
         *,
@@ -330,14 +338,41 @@ class Verdict(_message.Message):
         ip_blocked: _builtins.bool = ...,
         rewritten_sender: _builtins.str = ...,
         data_bounds: Global___DataBounds | None = ...,
+        reuse: Global___VerdictReuse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_bounds", b"data_bounds"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_bounds", b"data_bounds", "reuse", b"reuse"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "data_bounds", b"data_bounds", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "rewritten_sender", b"rewritten_sender", "rule", b"rule", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "add_headers", b"add_headers", "code", b"code", "data_bounds", b"data_bounds", "delay_ms", b"delay_ms", "enhanced_code", b"enhanced_code", "ip_blocked", b"ip_blocked", "local_mailboxes", b"local_mailboxes", "remote_recipients", b"remote_recipients", "reuse", b"reuse", "rewritten_sender", b"rewritten_sender", "rule", b"rule", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Verdict: _TypeAlias = Verdict  # noqa: Y015
+
+@_typing.final
+class VerdictReuse(_message.Message):
+    """How long, and for which SIZE= parameters, a MAIL verdict holds for the same sender."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_SIZE_FIELD_NUMBER: _builtins.int
+    seconds: _builtins.int
+    """after the verdict; then MAIL is asked again"""
+    max_size: _builtins.int
+    """a larger SIZE= is asked about (R-LIM-7)"""
+    def __init__(
+        self,
+        *,
+        seconds: _builtins.int = ...,
+        max_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_size", b"max_size", "seconds", b"seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictReuse: _TypeAlias = VerdictReuse  # noqa: Y015
 
 @_typing.final
 class DataBounds(_message.Message):
