@@ -307,6 +307,31 @@ def test_issue_11_data_within_the_recipients_bounds_costs_no_data_call(env: Env)
     assert policy_checks(port, "STAGE_DATA") == data_calls + 1
 
 
+def test_issue_11_the_same_sender_again_in_a_session_costs_no_mail_call(env: Env) -> None:
+    """An accepted MAIL verdict says the session may give it again to the same sender (every
+    MAIL rule depends on the session's facts, the sender, SIZE= and settings): a second message
+    from that sender in the session costs no MAIL decision and carries the same SPF result; a
+    different sender is decided."""
+    port = env.stack.ports["policy.ops"]
+    client = mx(env.stack, "127.0.0.29")
+    markers = [subject(), subject()]
+    try:
+        costs = []
+        for sender, marker in [(SENDER, markers[0]), (SENDER, markers[1]), ("bob@sender.test", subject())]:
+            before = policy_checks(port, "STAGE_MAIL")
+            assert raw_command(client, f"MAIL FROM:<{sender}>") == "250 2.1.0 Ok"
+            costs.append(policy_checks(port, "STAGE_MAIL") - before)
+            assert rcpt_reply(client, env.demo["user"]) == "250 2.1.5 Ok"
+            assert data_reply(client, message(marker, sender, env.demo["user"])).startswith("250 2.0.0 Ok")
+        assert costs == [1, 0, 1]
+    finally:
+        quit_quietly(client)
+    spf = [[line for line in header_section(wait_for_message(env.stack, env.demo["user"], env.demo["user_password"],
+                                                             marker)).splitlines() if line.startswith("Received-SPF:")]
+           for marker in markers]
+    assert spf[0] and spf[0] == spf[1], spf
+
+
 def test_r_lim_7_size(env: Env) -> None:
     limit = 20_000
     too_big = "552 5.3.4 Message size exceeds fixed maximum message size"

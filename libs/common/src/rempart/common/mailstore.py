@@ -890,13 +890,6 @@ class MailboxIndex:
                 else:
                     out[n][mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
         return out
-        for (n, mailbox, folder), (uid, uidvalidity, uidnext, modseq) in zip(
-                where, await run_scripts(self._redis, calls), strict=True):
-            if uid:
-                out[n][mailbox] = Filed(folder, int(uidvalidity), int(uid), int(modseq))
-            else:
-                out[n][mailbox] = Reservation(folder, int(uidvalidity), int(uidnext))
-        return out
 
     async def copy(self, mailbox: str, source: str, target: str, uids: list[int]
                    ) -> tuple[list[Copied], int, str] | Reservation | None:
