@@ -67,6 +67,59 @@ async def test_r_mbx_4_list_status_and_extended_selection(service) -> None:  # t
     assert not lines_of(bad_item, b"* LIST")  # refused before any output
 
 
+async def test_r_mbx_4_list_status_of_many_folders_costs_a_few_round_trips(service, redis, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """LIST RETURN (STATUS) over 300 folders gives each folder's own figures and reads them with
+    a script call a folder, a page of folders a round trip (before: three round trips a folder).
+    Round trips are counted where redis-py sends them (every client of this process)."""
+    import re
+
+    from redis.asyncio.connection import AbstractConnection
+
+    from rempart.common import keys
+
+    folders = [f"Box{n:03}" for n in range(300)]
+    for name in folders:
+        assert await service.backend.index.create_folder(BOB, name)
+    for n in range(3):
+        await service.deliver(simple_message(f"to 7 #{n}"), folder="Box007")
+    await service.deliver(simple_message("to 250"), folder="Box250")
+    await service.deliver(simple_message("inbox"))
+    port = service.ports["imap"]
+    await asyncio.to_thread(session, port, "SELECT Box007", "STORE 2 +FLAGS (\\Seen)", "CLOSE")
+
+    sent = AbstractConnection.send_packed_command
+    round_trips = 0
+
+    async def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        nonlocal round_trips
+        round_trips += 1
+        await sent(self, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    [listed] = await asyncio.to_thread(
+        session, port, 'LIST "" "*" RETURN (STATUS (MESSAGES RECENT UNSEEN UIDNEXT UIDVALIDITY HIGHESTMODSEQ))')
+    monkeypatch.undo()
+    statuses = {}
+    for line in lines_of(listed, b"* STATUS"):
+        name, items = re.fullmatch(rb'\* STATUS "([^"]+)" \((.*)\)', line).groups()  # type: ignore[union-attr]
+        pairs = items.split()
+        statuses[name.decode()] = {pairs[i].decode(): int(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+    everyone = await service.backend.index.folders(BOB)
+    assert len(everyone) > 300 and len(statuses) == len(lines_of(listed, b"* LIST")) == len(everyone)
+    seven = statuses["Box007"]
+    # Three messages, one \\Seen; the SELECT above took their \\Recent; the STORE was a change.
+    assert {k: seven[k] for k in ("MESSAGES", "RECENT", "UNSEEN", "UIDNEXT")} == {
+        "MESSAGES": 3, "RECENT": 0, "UNSEEN": 2, "UIDNEXT": 4}
+    assert seven["UIDVALIDITY"] == int(await redis.hget(keys.mailbox_meta(BOB, "Box007"), "uidvalidity"))
+    assert seven["HIGHESTMODSEQ"] > statuses["Box250"]["HIGHESTMODSEQ"] >= 1
+    for name, messages in (("Box250", 1), ("INBOX", 1), ("Box100", 0)):
+        assert {k: statuses[name][k] for k in ("MESSAGES", "RECENT", "UNSEEN", "UIDNEXT")} == {
+            "MESSAGES": messages, "RECENT": messages, "UNSEEN": messages, "UIDNEXT": messages + 1}, name
+    # Two pages of folders, plus the session's own reads (login, folder list, subscriptions,
+    # special uses): not a round trip a folder.
+    assert round_trips < 30, round_trips
+
+
 async def test_r_mbx_4_create_special_use(service) -> None:  # type: ignore[no-untyped-def]
     def run() -> tuple[str, list[bytes], str, str, list[bytes]]:
         imap = imaplib.IMAP4("127.0.0.1", service.ports["imap"])

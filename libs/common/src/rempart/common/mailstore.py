@@ -390,6 +390,15 @@ class FolderStatus:
     highestmodseq: int = 0  # the last MODSEQ of a change in it (0: none yet; RFC 7162 shows at least 1)
 
 
+@dataclass(frozen=True)
+class FolderCounts:
+    """What STATUS tells of a folder: its :class:`FolderStatus`, the messages no session has seen
+    yet (RECENT) and those without \\Seen (UNSEEN)."""
+    status: FolderStatus
+    recent: int
+    unseen: int
+
+
 # A folder's count of messages without \\Seen (its meta's 'unseen', for STATUS UNSEEN at the
 # cost of one read): kept by every script that adds, removes or flags messages, and only where
 # it is already counted (a folder from before the counter is counted once, by _UNSEEN_COUNT_LUA).
@@ -621,16 +630,31 @@ return out
 """
 
 # A folder's unseen count: its meta's, or counted once (a folder from before the counter) and kept.
-_UNSEEN_COUNT_LUA = _UNSEEN_LUA + """
-local known = redis.call('HGET', KEYS[1], 'unseen')
-if known then return tonumber(known) end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local n = 0
-for _, uid in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if unseen(redis.call('HGET', ARGV[1] .. uid, 'flags')) then n = n + 1 end
+_FOLDER_UNSEEN_LUA = _UNSEEN_LUA + """
+local function folder_unseen(meta, uids, prefix)
+  local known = redis.call('HGET', meta, 'unseen')
+  if known then return tonumber(known) end
+  if redis.call('EXISTS', meta) == 0 then return 0 end
+  local n = 0
+  for _, uid in ipairs(redis.call('ZRANGE', uids, 0, -1)) do
+    if unseen(redis.call('HGET', prefix .. uid, 'flags')) then n = n + 1 end
+  end
+  redis.call('HSET', meta, 'unseen', n)
+  return n
 end
-redis.call('HSET', KEYS[1], 'unseen', n)
-return n
+"""
+_UNSEEN_COUNT_LUA = _FOLDER_UNSEEN_LUA + """
+return folder_unseen(KEYS[1], KEYS[2], ARGV[1])
+"""
+
+# Everything STATUS tells of a folder in one call (RFC 3501 6.3.10, RFC 7162 3.1.9): UIDVALIDITY,
+# UIDNEXT, HIGHESTMODSEQ, MESSAGES, RECENT (from the first UID no session has seen) and UNSEEN;
+# an empty reply when the folder has no meta yet.
+_STATUS_LUA = _FOLDER_UNSEEN_LUA + """
+local meta = redis.call('HMGET', KEYS[1], 'uidvalidity', 'uidnext', 'highestmodseq', 'recentfrom')
+if not meta[1] then return {} end
+return {tonumber(meta[1]), tonumber(meta[2] or 1), tonumber(meta[3] or 0), redis.call('ZCARD', KEYS[2]),
+        redis.call('ZCOUNT', KEYS[2], tonumber(meta[4] or 1), '+inf'), folder_unseen(KEYS[1], KEYS[2], ARGV[1])}
 """
 
 # Some messages by UID, as _LIST_PAGE_LUA gives them (an expunged one: its UID and empty fields).
@@ -799,6 +823,10 @@ return gone
 """
 
 
+# Folders whose STATUS one round trip reads (:meth:`MailboxIndex.counts`).
+STATUS_PAGE = 200
+
+
 class MailboxIndex:
     """The Redis view of mailboxes: what IMAP and POP3 list, flag and expunge."""
 
@@ -820,6 +848,7 @@ class MailboxIndex:
         self._delete_folder = redis.register_script(_DELETE_FOLDER_LUA)
         self._by_uid = redis.register_script(_BY_UID_LUA)
         self._unseen_count = redis.register_script(_UNSEEN_COUNT_LUA)
+        self._status = redis.register_script(_STATUS_LUA)
         self._first_unseen = redis.register_script(_FIRST_UNSEEN_LUA)
 
     async def file(
@@ -1027,6 +1056,27 @@ class MailboxIndex:
             await self.create_folder(mailbox, folder)
         return FolderStatus(int(raw[0] or 1), int(raw[1] or 1), int(exists), int(raw[2] or 0))
 
+    async def counts(self, mailbox: str, folders: Sequence[str]) -> dict[str, FolderCounts]:
+        """STATUS of several folders (LIST RETURN (STATUS), RFC 5819) in a round trip per
+        :data:`STATUS_PAGE` folders, one atomic script call each, instead of several round trips
+        a folder. A folder without meta yet (an INBOX never opened) is made as :meth:`status`
+        makes it."""
+        def call(folder: str) -> tuple[AsyncScript, list[Any], list[Any]]:
+            return (self._status, [keys.mailbox_meta(mailbox, folder), keys.mailbox_uids(mailbox, folder)],
+                    [keys.mailbox_message_prefix(mailbox, folder)])
+
+        out: dict[str, FolderCounts] = {}
+        for start in range(0, len(folders), STATUS_PAGE):
+            page = folders[start:start + STATUS_PAGE]
+            for folder, reply in zip(page, await run_scripts(self._redis, [call(f) for f in page]), strict=True):
+                if not reply:
+                    made = await self.status(mailbox, folder)  # makes its meta
+                    reply = (await run_scripts(self._redis, [call(folder)]))[0] or [
+                        made.uidvalidity, made.uidnext, made.highestmodseq, made.exists, 0, 0]
+                uidvalidity, uidnext, highestmodseq, exists, recent, unseen = (int(v) for v in reply)
+                out[folder] = FolderCounts(FolderStatus(uidvalidity, uidnext, exists, highestmodseq), recent, unseen)
+        return out
+
     async def vanished(self, mailbox: str, folder: str, since: int) -> tuple[list[int], bool]:
         """UIDs expunged with a MODSEQ above ``since`` (RFC 7162 3.2.5), and whether the list is
         complete (False when older removals were forgotten: the caller then reports every UID
@@ -1207,11 +1257,6 @@ class MailboxIndex:
     async def recent_from(self, mailbox: str, folder: str) -> int:
         """The first UID no session has seen yet (EXAMINE shows them as recent, taking nothing)."""
         return int(await self._redis.hget(keys.mailbox_meta(mailbox, folder), "recentfrom") or 1)
-
-    async def recent_count(self, mailbox: str, folder: str) -> int:
-        """Messages no session has seen yet (STATUS RECENT)."""
-        first = await self.recent_from(mailbox, folder)
-        return int(await self._redis.zcount(keys.mailbox_uids(mailbox, folder), first, "+inf"))
 
     async def usage(self, mailbox: str) -> tuple[int, int]:
         """What an account's mailbox holds: bytes and messages, every folder, copies counted."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from rempart.common.mailstore import INBOX
+from rempart.common.mailstore import INBOX, FolderCounts
 from rempart.common.mime import quote
 from rempart.imap_pop.imap_view import FolderView
 from rempart.imap_pop.imapproto import Atom, Command, ImapSyntaxError, ListPatterns, No, Token, text_of
@@ -135,6 +135,7 @@ class FolderCommands:
         recursive = "RECURSIVEMATCH" in selection and only_subscribed
         # Each folder's children found by bisection, not by a scan of all folders per line.
         in_order = sorted(folders)
+        lines: list[tuple[str, str | None]] = []  # a LIST line, and the folder whose STATUS follows it
         for folder in sorted(listed, key=lambda n: (n != INBOX, n)):
             if "SPECIAL-USE" in selection and folder not in uses:
                 continue
@@ -158,10 +159,17 @@ class FolderCommands:
                     attributes.append(uses[folder])
             if only_subscribed and folder not in names and command.name != "LSUB" and not extended:
                 continue  # RFC 5258: LIST (SUBSCRIBED) names only subscriptions
-            self.out(f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}{extended}')
-            if status_items is not None and folder in folders:
-                # RFC 5819: the STATUS of each selectable folder listed, right after its line.
-                self.out(f"* STATUS {quote(folder)} ({await self._status_of(folder, status_items)})")
+            lines.append((f'* {command.name} ({" ".join(attributes)}) "{DELIMITER}" {quote(folder)}{extended}',
+                          folder if status_items is not None and folder in folders else None))
+        # RFC 5819: the STATUS of each selectable folder listed, right after its line; read for
+        # all of them at once (a round trip per page of folders, not several per folder).
+        wanted = [f for _, f in lines if f is not None]
+        counts = await self.backend.index.counts(self.account, wanted) if wanted else {}
+        for line, status_of in lines:
+            self.out(line)
+            if status_of is not None:
+                assert status_items is not None
+                self.out(f"* STATUS {quote(status_of)} ({self._status_text(counts[status_of], status_items)})")
         self.ok(command)
 
     @staticmethod
@@ -179,7 +187,8 @@ class FolderCommands:
         items = self._status_items(command.args[1])
         if not await self.backend.folder_exists(self.account, folder):
             raise No("[NONEXISTENT] No such mailbox")
-        self.out(f"* STATUS {quote(folder)} ({await self._status_of(folder, items)})")
+        counts = await self.backend.index.counts(self.account, [folder])
+        self.out(f"* STATUS {quote(folder)} ({self._status_text(counts[folder], items)})")
         self.ok(command)
 
     @staticmethod
@@ -189,25 +198,15 @@ class FolderCommands:
             raise ImapSyntaxError("unknown STATUS item")
         return names
 
-    async def _status_of(self, folder: str, items: list[str]) -> str:
-        """The STATUS items of a folder (RFC 3501 6.3.10, RFC 7162 3.1.9), as STATUS and LIST
-        RETURN (STATUS) give them."""
-        status = await self.backend.index.status(self.account, folder)
-        out = []
-        for name in items:
-            if name == "MESSAGES":
-                out.append(f"MESSAGES {status.exists}")
-            elif name == "RECENT":
-                out.append(f"RECENT {await self.backend.index.recent_count(self.account, folder)}")
-            elif name == "UIDNEXT":
-                out.append(f"UIDNEXT {status.uidnext}")
-            elif name == "UIDVALIDITY":
-                out.append(f"UIDVALIDITY {status.uidvalidity}")
-            elif name == "HIGHESTMODSEQ":
-                out.append(f"HIGHESTMODSEQ {max(status.highestmodseq, 1)}")  # RFC 7162 3.1.9: at least 1
-            elif name == "UNSEEN":
-                out.append(f"UNSEEN {await self.backend.index.unseen_count(self.account, folder)}")
-        return " ".join(out)
+    @staticmethod
+    def _status_text(counts: FolderCounts, items: list[str]) -> str:
+        """The STATUS items of a folder (RFC 3501 6.3.10, RFC 7162 3.1.9), in the order asked, as
+        STATUS and LIST RETURN (STATUS) give them."""
+        status = counts.status
+        values = {"MESSAGES": status.exists, "RECENT": counts.recent, "UIDNEXT": status.uidnext,
+                  "UIDVALIDITY": status.uidvalidity, "UNSEEN": counts.unseen,
+                  "HIGHESTMODSEQ": max(status.highestmodseq, 1)}  # RFC 7162 3.1.9: at least 1
+        return " ".join(f"{name} {values[name]}" for name in items)
 
     async def cmd_create(self, command: Command) -> None:
         if len(command.args) not in (1, 2):
