@@ -401,7 +401,8 @@ class FolderCounts:
 
 # A folder's count of messages without \\Seen (its meta's 'unseen', for STATUS UNSEEN at the
 # cost of one read): kept by every script that adds, removes or flags messages, and only where
-# it is already counted (a folder from before the counter is counted once, by _UNSEEN_COUNT_LUA).
+# it is already counted (a folder from before the counter is counted once, by folder_unseen in
+# _FOLDER_UNSEEN_LUA, for STATUS and for SELECT's UNSEEN alike).
 _UNSEEN_LUA = """
 local function unseen(flags)
   return not string.find(' ' .. (flags or '') .. ' ', ' \\\\Seen ', 1, true)
